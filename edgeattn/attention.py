@@ -1,0 +1,50 @@
+"""The one attention op every edgeattn layer calls, ``edgeattn::masked_attention``.
+
+In eager PyTorch it runs the reference kernel below.  Under ``torch.onnx.export`` it becomes one node of the
+``edgeattn`` ONNX domain (``MaskedAttention``, version 1) that :mod:`edgeattn.export` gives a model-local function
+body made of standard ops.
+
+Semantics: ``softmax(q k^T * scale + bias, masked to the table) v``; a query whose row of the mask allows no key
+returns zeros (what torch's SDPA does), never NaN.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+ONNX_DOMAIN = "edgeattn"
+ONNX_OP = "MaskedAttention"
+ONNX_OP_VERSION = 1
+
+
+@torch.library.custom_op("edgeattn::masked_attention", mutates_args=())
+def _masked_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                         bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    return reference_attention(q, k, v, mask, bias, scale)
+
+
+@_masked_attention_op.register_fake
+def _(q, k, v, mask, bias, scale):
+    return q.new_empty(q.shape[:-1] + v.shape[-1:])
+
+
+def reference_attention(q, k, v, mask, bias=None, scale=None):
+    """q (B, H, Nq, D), k/v (B, H, Nkv, D), mask bool (H or 1, Nq, Nkv), bias float (H or 1, Nq, Nkv)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    attn_mask = mask if bias is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    # SDPA already returns zeros for rows without any allowed key; the where keeps that a guarantee.
+    return torch.where(mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype))
+
+
+def masked_attention(q, k, v, mask, bias=None, scale: Optional[float] = None, mask_name: str = "") -> torch.Tensor:
+    """Masked attention over a static (or computed) table; see the module docstring for the semantics."""
+    scale = float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if torch.onnx.is_in_onnx_export():
+        attrs = {"scale": scale, "mask": mask_name}
+        return torch.onnx.ops.symbolic(f"{ONNX_DOMAIN}::{ONNX_OP}", [q, k, v, mask, bias], attrs, dtype=q.dtype,
+                                       shape=tuple(q.shape[:-1]) + tuple(v.shape[-1:]), version=ONNX_OP_VERSION)
+    return _masked_attention_op(q, k, v, mask, bias, scale)

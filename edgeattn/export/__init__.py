@@ -1,0 +1,141 @@
+"""torch -> ONNX.  ``export_onnx`` runs the dynamo exporter, then gives every ``edgeattn.MaskedAttention`` node its
+standard-op body as a model-local function (or inlines it), records metadata, checks and saves atomically."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import onnx
+import onnx.inliner
+import torch
+from onnx import numpy_helper
+
+from .. import __version__
+from ..attention import ONNX_DOMAIN
+from ..errors import EdgeAttnError
+from . import functions, metadata
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 17
+_TABLE_INPUTS = slice(3, None)   # mask and bias inputs of a MaskedAttention node
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    opset: int
+    inline: bool
+    masks: list[dict] = field(default_factory=list)   # one entry per attention node
+    table_bytes: int = 0                              # unique mask-table bytes in the file
+    file_bytes: int = 0
+
+
+def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path, *, opset: int = DEFAULT_OPSET,
+                inline: bool = False, input_names: Optional[Sequence[str]] = None,
+                output_names: Optional[Sequence[str]] = None, metadata_props: Optional[dict[str, Any]] = None
+                ) -> ExportResult:
+    """Export ``model`` at the example inputs' shapes.  By default attention stays one ``edgeattn`` node with a
+    local-function fallback; ``inline=True`` writes standard ops only.  The file is replaced only on success."""
+    if not isinstance(opset, int) or opset < MIN_OPSET:
+        raise EdgeAttnError(f"opset must be an integer >= {MIN_OPSET}, got {opset!r}")
+    model = model.eval()
+    with torch.no_grad(), _quiet():
+        try:
+            program = torch.onnx.export(model, tuple(example_inputs), dynamo=True, opset_version=opset,
+                                        input_names=input_names, output_names=output_names, verbose=False)
+        except Exception as e:  # the exporter's own errors are long; keep the cause chained for debugging
+            raise EdgeAttnError(f"torch.onnx export failed: {str(e).strip().splitlines()[0]}") from e
+    proto = program.model_proto
+    result = finalize(proto, opset=opset, inline=inline, extra=metadata_props)
+    result.path = Path(path)
+    result.file_bytes = save(proto, path)
+    return result
+
+
+def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool, extra: Optional[dict] = None) -> ExportResult:
+    """Attach function bodies, dedupe tables, write metadata, optionally inline, then run the full checker."""
+    nodes = [n for n in proto.graph.node if n.domain == ONNX_DOMAIN]
+    table_bytes = _dedupe_tables(proto, nodes)
+    masks, overloads = [], set()
+    for node in nodes:
+        node.overload = functions.overload_for(has_bias=len(node.input) >= 5 and node.input[4] != "")
+        overloads.add(node.overload)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        masks.append({"node": node.name, "mask": attrs.get("mask", b"").decode(), "lowering": node.overload,
+                      "table_bytes": sum(table_bytes.get(i, 0) for i in node.input[_TABLE_INPUTS])})
+    for overload in sorted(overloads):
+        proto.functions.append(functions.body(overload, opset))
+    unique_bytes = sum(table_bytes.values())
+    metadata.write(proto, {"version": __version__, "opset": opset, "inline": inline, "masks": masks,
+                           "table_bytes": unique_bytes, **(extra or {})})
+    if inline:
+        inlined = onnx.inliner.inline_local_functions(proto)
+        del inlined.opset_import[:]
+        inlined.opset_import.extend(op for op in proto.opset_import if op.domain != ONNX_DOMAIN)
+        proto.CopyFrom(inlined)
+    onnx.checker.check_model(proto, full_check=True)
+    return ExportResult(Path(), opset, inline, masks, unique_bytes)
+
+
+def save(proto: onnx.ModelProto, path) -> int:
+    """Write ``proto`` to ``path`` through a temporary file in the same folder, so a failure leaves the old file."""
+    path = Path(path)
+    if proto.ByteSize() >= 2**31 - 1:
+        raise EdgeAttnError(f"model is {proto.ByteSize() / 2**30:.1f} GiB, over protobuf's 2 GiB single-file limit")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(proto.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path.stat().st_size
+
+
+def _dedupe_tables(proto: onnx.ModelProto, nodes) -> dict[str, int]:
+    """Point attention nodes that carry byte-identical tables at one initializer; return name -> bytes kept."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    first_by_digest, kept, dropped = {}, {}, set()
+    for node in nodes:
+        for pos in range(3, len(node.input)):
+            name = node.input[pos]
+            if name not in inits:
+                continue
+            array = numpy_helper.to_array(inits[name])
+            digest = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+            first = first_by_digest.setdefault(digest, name)
+            if first != name:
+                node.input[pos] = first
+                dropped.add(name)
+            else:
+                kept[name] = array.nbytes
+    still_used = {i for n in proto.graph.node for i in n.input}
+    keep = [i for i in proto.graph.initializer if i.name not in dropped or i.name in still_used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    return kept
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The dynamo exporter prints progress and warnings on every call; a CLI shows its own progress instead."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)

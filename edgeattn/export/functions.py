@@ -1,0 +1,71 @@
+"""Standard-op bodies for ``edgeattn.MaskedAttention``, written as ONNX model-local functions.
+
+Each lowering is a function *overload* of the one op (ONNX IR >= 10), so a node names its body by
+``node.overload``.  onnxruntime expands the function itself; ``onnx.inliner`` expands it for runtimes that do not.
+"""
+from __future__ import annotations
+
+from onnx import FunctionProto, TensorProto, helper
+
+from ..attention import ONNX_DOMAIN, ONNX_OP
+
+# overload name -> whether the node passes an additive bias as its 5th input
+OVERLOADS = {"dense": False, "dense_bias": True}
+ATTRIBUTES = ["scale", "mask"]
+
+
+def overload_for(has_bias: bool) -> str:
+    return "dense_bias" if has_bias else "dense"
+
+
+def dense(opset: int, bias: bool) -> FunctionProto:
+    """MatMul / Add / Where / Softmax / MatMul over a dense boolean table.
+
+    Masked scores are set to -inf (exact in every float dtype); a row with no allowed key then softmaxes to NaN,
+    and the last Where turns exactly those rows to zeros, matching torch.
+    """
+    n = helper.make_node
+    scale = n("Constant", [], ["scale_f"], value_float=1.0)
+    scale.attribute[0].ref_attr_name = "scale"  # the node's `scale` attribute, substituted at expansion
+    nodes = [
+        scale,
+        n("CastLike", ["scale_f", "q"], ["scale_t"]),
+        n("Mul", ["q", "scale_t"], ["q_scaled"]),
+        n("Transpose", ["k"], ["k_t"], perm=[0, 1, 3, 2]),
+        n("MatMul", ["q_scaled", "k_t"], ["scores"]),
+    ]
+    if bias:
+        nodes += [n("CastLike", ["bias", "q"], ["bias_t"]), n("Add", ["scores", "bias_t"], ["scores_b"])]
+    logits = "scores_b" if bias else "scores"
+    nodes += [
+        n("Constant", [], ["neg_inf_f"], value_float=float("-inf")),
+        n("CastLike", ["neg_inf_f", "q"], ["neg_inf"]),
+        n("Where", ["mask", logits, "neg_inf"], ["masked"]),
+        n("Softmax", ["masked"], ["probs"], axis=-1),
+        n("MatMul", ["probs", "v"], ["attended"]),
+        n("Cast", ["mask"], ["mask_i"], to=TensorProto.INT32),
+        *_reduce_max(opset, "mask_i", "row_any_i"),
+        n("Cast", ["row_any_i"], ["row_any"], to=TensorProto.BOOL),
+        n("Constant", [], ["zero_f"], value_float=0.0),
+        n("CastLike", ["zero_f", "q"], ["zero"]),
+        n("Where", ["row_any", "attended", "zero"], ["out"]),
+    ]
+    inputs = ["q", "k", "v", "mask"] + (["bias"] if bias else [])
+    fn = helper.make_function(ONNX_DOMAIN, ONNX_OP, inputs, ["out"], nodes, [helper.make_opsetid("", opset)],
+                              attributes=ATTRIBUTES, doc_string=dense.__doc__.splitlines()[0])
+    fn.overload = "dense_bias" if bias else "dense"
+    return fn
+
+
+def body(overload: str, opset: int) -> FunctionProto:
+    if overload not in OVERLOADS:
+        raise ValueError(f"unknown lowering {overload!r}; known: {', '.join(OVERLOADS)}")
+    return dense(opset, OVERLOADS[overload])
+
+
+def _reduce_max(opset: int, x: str, out: str):
+    """ReduceMax over the last axis, keepdims; axes moved from attribute to input at opset 18."""
+    if opset >= 18:
+        return [helper.make_node("Constant", [], ["last_axis"], value_ints=[-1]),
+                helper.make_node("ReduceMax", [x, "last_axis"], [out], keepdims=1)]
+    return [helper.make_node("ReduceMax", [x], [out], axes=[-1], keepdims=1)]

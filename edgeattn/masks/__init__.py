@@ -1,0 +1,18 @@
+"""Mask families.  Each factory returns a :class:`Mask`; ``FAMILIES`` lists them for the CLI and the tests."""
+from .base import Mask, Shape, and_masks, as_mask, custom, materialize, or_masks
+from .neighborhood import neighborhood
+from .sequence import causal, segments, sinks, sliding_window
+from .window import window
+
+# name -> (factory, one-line description); what `edgeattn masks` prints
+FAMILIES = {
+    "causal": (causal, "key not after the query"),
+    "sliding_window": (sliding_window, "0 <= q-k <= window (causal) or |q-k| <= window"),
+    "sinks": (sinks, "causal; first n_sink keys plus a window back (StreamingLLM)"),
+    "segments": (segments, "prefill: bidirectional inside a segment, causal across"),
+    "neighborhood": (neighborhood, "NATTEN neighborhood on 1-3D grids: kernel, dilation, stride, causal"),
+    "window": (window, "Swin windows and shifted windows on a 2-D grid"),
+}
+
+__all__ = ["Mask", "Shape", "and_masks", "or_masks", "as_mask", "custom", "materialize", "FAMILIES",
+           "causal", "sliding_window", "sinks", "segments", "neighborhood", "window"]

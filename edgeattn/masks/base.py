@@ -1,0 +1,181 @@
+"""The mask language: a Mask is a named pair of pure functions over attention indices.
+
+``mask_mod(b, h, q_idx, kv_idx) -> bool`` and ``bias_mod(b, h, q_idx, kv_idx) -> float`` use FlexAttention's
+signature, so a user's FlexAttention mask_mod works unchanged.  They must evaluate with plain broadcasting over
+index tensors: ``materialize`` calls them once with ``q_idx`` shaped (1, 1, Nq, 1) and ``kv_idx`` (1, 1, 1, Nkv).
+
+Masks on token grids (neighborhood, windows) need the grid to turn flat indices into coordinates, so a Mask holds
+a factory ``mods(shape) -> (mask_mod, bias_mod)`` that is called once the :class:`Shape` is known.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+MaskMod = Callable[..., torch.Tensor]
+BiasMod = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a mask is compiled for: query and key lengths, and the token grid when tokens are laid on one."""
+
+    q_len: int
+    kv_len: int
+    grid: Optional[tuple[int, ...]] = None
+
+    @classmethod
+    def of(cls, q_len=None, kv_len=None, grid=None) -> "Shape":
+        if grid is not None:
+            grid = tuple(_check_int("grid", g, low=1) for g in ((grid,) if isinstance(grid, int) else grid))
+            n = math.prod(grid)
+            for name, value in (("q_len", q_len), ("kv_len", kv_len)):
+                if value is not None and value != n:
+                    raise ValueError(f"{name}={value} does not match grid {grid} ({n} tokens); pass one or the other")
+            return cls(n, n, grid)
+        if q_len is None:
+            raise ValueError("give q_len (and optionally kv_len) or grid")
+        q_len = _check_int("q_len", q_len, low=1)
+        kv_len = q_len if kv_len is None else _check_int("kv_len", kv_len, low=1)
+        return cls(q_len, kv_len, None)
+
+    def require_grid(self, family: str, ndim: Sequence[int] = (1, 2, 3)) -> tuple[int, ...]:
+        if self.grid is None or len(self.grid) not in ndim:
+            dims = "/".join(f"{d}-D" for d in ndim)
+            raise ValueError(f"{family} needs a {dims} token grid, got {self.grid or 'a plain sequence'}; "
+                             f"pass grid=(...) when building tables or layers")
+        return self.grid
+
+
+@dataclass(frozen=True)
+class Mask:
+    """A named attention mask.  ``name`` encodes every parameter (``neighborhood_k7_d2``)."""
+
+    name: str
+    mods: Callable[[Shape], tuple[MaskMod, Optional[BiasMod]]] = field(repr=False, compare=False)
+    params: dict = field(default_factory=dict, compare=False)
+
+    def __and__(self, other: "Mask") -> "Mask":
+        return and_masks(self, other)
+
+    def __or__(self, other: "Mask") -> "Mask":
+        return or_masks(self, other)
+
+
+def custom(mask_mod: Optional[MaskMod] = None, bias_mod: Optional[BiasMod] = None, name: Optional[str] = None) -> Mask:
+    """Wrap a user's FlexAttention-style ``mask_mod`` (and/or ``bias_mod``) as a Mask."""
+    for label, fn in (("mask_mod", mask_mod), ("bias_mod", bias_mod)):
+        if fn is not None and (not callable(fn) or _arity(fn) not in (4, None)):
+            raise ValueError(f"{label} must be a callable (b, h, q_idx, kv_idx), got {fn!r}")
+    if mask_mod is None and bias_mod is None:
+        raise ValueError("custom() needs a mask_mod, a bias_mod or both")
+    name = name or getattr(mask_mod or bias_mod, "__name__", "custom")
+    return Mask(name, lambda shape: (mask_mod or _full, bias_mod))
+
+
+def as_mask(obj) -> Mask:
+    """Accept a Mask or a bare FlexAttention mask_mod."""
+    if isinstance(obj, Mask):
+        return obj
+    if callable(obj):
+        return custom(obj)
+    raise ValueError(f"expected an edgeattn Mask or a mask_mod(b, h, q_idx, kv_idx) callable, got {type(obj).__name__}")
+
+
+def and_masks(*masks) -> Mask:
+    """Allowed where every mask allows; biases add up."""
+    return _combine(masks, "&", torch.logical_and)
+
+
+def or_masks(*masks) -> Mask:
+    """Allowed where any mask allows; biases add up."""
+    return _combine(masks, "|", torch.logical_or)
+
+
+def _combine(masks, sep, op) -> Mask:
+    if not masks:
+        raise ValueError("combining masks needs at least one mask")
+    masks = [as_mask(m) for m in masks]
+
+    def mods(shape):
+        parts = [m.mods(shape) for m in masks]
+
+        def mask_mod(b, h, q, kv):
+            out = parts[0][0](b, h, q, kv)
+            for mm, _ in parts[1:]:
+                out = op(out, mm(b, h, q, kv))
+            return out
+
+        biases = [bm for _, bm in parts if bm is not None]
+        bias_mod = (lambda b, h, q, kv: sum(bm(b, h, q, kv) for bm in biases)) if biases else None
+        return mask_mod, bias_mod
+
+    return Mask(sep.join(f"({m.name})" if ("&" in m.name or "|" in m.name) else m.name for m in masks), mods)
+
+
+def index_grid(shape: Shape, heads: int = 1, q_rows: Optional[slice] = None):
+    """The (b, h, q_idx, kv_idx) tensors that mask functions are evaluated on, shaped to broadcast."""
+    rows = range(shape.q_len)[q_rows] if q_rows is not None else range(shape.q_len)
+    b = torch.zeros((1, 1, 1, 1), dtype=torch.long)
+    h = torch.arange(heads).view(1, heads, 1, 1)
+    q = torch.arange(rows.start, rows.stop).view(1, 1, -1, 1)
+    kv = torch.arange(shape.kv_len).view(1, 1, 1, -1)
+    return b, h, q, kv
+
+
+def materialize(mask, q_len=None, kv_len=None, grid=None, heads: int = 1) -> torch.Tensor:
+    """The full boolean mask, shaped (heads, Nq, Nkv): True where a query may attend a key."""
+    shape = Shape.of(q_len, kv_len, grid)
+    mask_mod, _ = as_mask(mask).mods(shape)
+    b, h, q, kv = index_grid(shape, heads)
+    out = torch.as_tensor(mask_mod(b, h, q, kv))
+    return out.to(torch.bool).broadcast_to((1, heads, shape.q_len, shape.kv_len))[0].clone()
+
+
+def _full(b, h, q, kv):
+    return torch.ones((), dtype=torch.bool).expand(torch.broadcast_shapes(q.shape, kv.shape))
+
+
+def _arity(fn):
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind in (p.VAR_POSITIONAL,) for p in params):
+        return None
+    return sum(1 for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _check_int(name: str, value, low: int = 0, high: Optional[int] = None) -> int:
+    """Validate an integer parameter; the error names the parameter and the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, (int,)) and not (hasattr(value, "__index__")):
+        raise ValueError(f"{name} must be an integer in {_range(low, high)}, got {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be in {_range(low, high)}, got {value}")
+    return value
+
+
+def _range(low, high):
+    return f"[{low}, {high}]" if high is not None else f"[{low}, inf)"
+
+
+def per_axis(name: str, value, ndim: int, low: int = 0) -> tuple[int, ...]:
+    """Expand an int or per-axis tuple to ``ndim`` validated ints."""
+    values = (value,) * ndim if not isinstance(value, (tuple, list)) else tuple(value)
+    if len(values) != ndim:
+        raise ValueError(f"{name} has {len(values)} entries for a {ndim}-D grid; give one int or {ndim} ints")
+    return tuple(_check_int(name, v, low=low) for v in values)
+
+
+def axis_coords(idx: torch.Tensor, grid: tuple[int, ...]) -> list[torch.Tensor]:
+    """Row-major flat index -> one coordinate tensor per axis."""
+    coords = []
+    for size in reversed(grid):
+        coords.append(idx % size)
+        idx = idx // size
+    return coords[::-1]

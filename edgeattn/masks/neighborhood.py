@@ -1,0 +1,81 @@
+"""Neighborhood attention (NAT / DiNAT) on 1-D, 2-D and 3-D token grids, with NATTEN's exact semantics.
+
+Reference: NATTEN (github.com/SHI-Labs/NATTEN), ``src/natten/backends/flex.py`` (get_na_flex_mask),
+``csrc/include/natten/cuda/reference/mask.hpp`` and ``src/natten/utils/checks.py``.
+
+Per axis of length L, with kernel k, dilation d, stride s, for query coordinate i and key coordinate j:
+- dilation splits the axis into d interleaved groups; i and j must share a group (``i % d == j % d``) and all
+  positions below are taken inside the group (``i // d``), whose length is ``ceil((L - i % d) / d)``;
+- queries are tiled into stride blocks of s; every query of a block uses the window of the block's leader;
+- non-causal: the window holds ``k // 2`` keys before its centre and ``(k - 1) // 2`` after (even k leans left);
+  the centre is clamped so the window **shifts** at borders and every query sees exactly k keys;
+- causal: keys from ``max(leader - k + 1, 0)`` up to the query itself (no shift: early queries see fewer keys).
+A key is allowed iff it is allowed on every axis.  Flat indices are row-major over the grid.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Mask, Shape, axis_coords, per_axis
+
+
+def neighborhood(kernel, dilation=1, stride=1, causal=False) -> Mask:
+    """NATTEN neighborhood attention; each argument is an int or a per-axis tuple."""
+    ndim = next((len(a) for a in (kernel, dilation, stride, causal) if isinstance(a, (tuple, list))), None)
+
+    def resolve(nd):
+        ks = per_axis("kernel", kernel, nd, low=2)
+        ds = per_axis("dilation", dilation, nd, low=1)
+        ss = per_axis("stride", stride, nd, low=1)
+        cs = tuple(causal) if isinstance(causal, (tuple, list)) else (causal,) * nd
+        if len(cs) != nd or not all(isinstance(c, bool) for c in cs):
+            raise ValueError(f"causal must be a bool or {nd} bools, got {causal!r}")
+        for k, s in zip(ks, ss):
+            if s > k:
+                raise ValueError(f"stride must be in [1, kernel={k}], got {s}")
+        return ks, ds, ss, cs
+
+    ks, ds, ss, cs = resolve(ndim or 1)  # validates types now; per-axis lengths are checked against the grid later
+    name = "neighborhood_k" + _fmt(ks)
+    name += "_d" + _fmt(ds) if any(d > 1 for d in ds) else ""
+    name += "_s" + _fmt(ss) if any(s > 1 for s in ss) else ""
+    name += "_causal" + ("" if all(cs) else "".join("1" if c else "0" for c in cs)) if any(cs) else ""
+
+    def mods(shape: Shape):
+        grid = shape.require_grid("neighborhood", (ndim,) if ndim else (1, 2, 3))
+        axes = resolve(len(grid))
+        for axis, (length, k, d) in enumerate(zip(grid, axes[0], axes[1])):
+            if k * d > length:
+                raise ValueError(f"kernel*dilation must be <= the grid axis length: axis {axis} has length {length}, "
+                                 f"kernel {k} x dilation {d} = {k * d}; lower kernel or dilation")
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            allowed = None
+            for qi, kj, length, k, d, s, c in zip(axis_coords(q_idx, grid), axis_coords(kv_idx, grid), grid, *axes):
+                ok = _axis_allowed(qi, kj, length, k, d, s, c)
+                allowed = ok if allowed is None else allowed & ok
+            return allowed
+
+        return mask_mod, None
+
+    return Mask(name, mods, dict(kernel=kernel, dilation=dilation, stride=stride, causal=causal))
+
+
+def _axis_allowed(i, j, length, k, d, s, causal):
+    group = i % d
+    group_len = (length - group + d - 1) // d
+    q, p = i // d, j // d
+    block_start = (q // s) * s
+    if causal:
+        leader = torch.minimum(block_start + s - 1, group_len - 1)
+        inside = (p >= (leader - k + 1).clamp(min=0)) & (p <= q)
+    else:
+        before, after = k // 2, (k - 1) // 2
+        leader = torch.minimum(block_start + s // 2, group_len - 1)
+        centre = torch.minimum(leader.clamp(min=before), group_len - 1 - after)
+        inside = (p >= centre - before) & (p <= centre + after)
+    return inside & (j % d == group)
+
+
+def _fmt(values) -> str:
+    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))

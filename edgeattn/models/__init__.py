@@ -1,0 +1,64 @@
+"""Reference models, registered by name so the CLI can build, export and re-check them.
+
+A model is rebuilt exactly from (name, config, seed): weights are initialised under ``torch.manual_seed(seed)``
+and example inputs are drawn from a generator seeded with the same seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import EdgeAttnError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    make: Callable[..., torch.nn.Module]          # config -> module
+    inputs: Callable[..., dict[str, tuple]]       # config -> input name -> shape (float32)
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class BuiltModel:
+    name: str
+    module: torch.nn.Module
+    inputs: dict[str, torch.Tensor]
+    config: dict
+    seed: int
+
+
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(name: str, description: str, inputs: Callable[..., dict[str, tuple]], **config):
+    def decorate(make):
+        REGISTRY[name] = ModelSpec(name, description, make, inputs, config)
+        return make
+    return decorate
+
+
+def names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def build(name: str, seed: int = 0, **overrides) -> BuiltModel:
+    if name not in REGISTRY:
+        raise EdgeAttnError(f"unknown model {name!r}; choose one of: {', '.join(names())} (see `edgeattn models`)")
+    spec = REGISTRY[name]
+    unknown = set(overrides) - set(spec.config)
+    if unknown:
+        raise EdgeAttnError(f"model {name} has no config keys {sorted(unknown)}; it takes {sorted(spec.config)}")
+    config = {**spec.config, **overrides}
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        module = spec.make(**config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {k: torch.randn(shape, generator=generator) for k, shape in spec.inputs(**config).items()}
+    return BuiltModel(name, module, inputs, config, seed)
+
+
+from . import nat, swin  # noqa: E402,F401  (registers the models)

@@ -1,0 +1,44 @@
+"""Runtime registry and ``load(path, runtime="auto")``.  Optional backends are imported only when used."""
+from __future__ import annotations
+
+from ..errors import EdgeAttnError
+from .base import Runtime, Session, TensorInfo, Tolerance
+from .openvino import OpenVinoCpu
+from .ort import OrtCpu, OrtCuda
+from .reference import TorchRuntime
+
+RUNTIMES: dict[str, Runtime] = {r.name: r for r in (TorchRuntime(), OrtCpu(), OrtCuda(), OpenVinoCpu())}
+# `auto` takes the first available of these; the torch reference only runs files of registered models.
+AUTO_ORDER = ("ort-cuda", "ort-cpu", "openvino-cpu")
+
+
+def runtime_names() -> list[str]:
+    return list(RUNTIMES)
+
+
+def get(name: str) -> Runtime:
+    if name not in RUNTIMES:
+        raise EdgeAttnError(f"unknown runtime {name!r}; choose one of: {', '.join(RUNTIMES)}")
+    return RUNTIMES[name]
+
+
+def available(names=None) -> list[str]:
+    """Names of runtimes that can run here (all ONNX runtimes when ``names`` is None)."""
+    return [n for n in (names or AUTO_ORDER) if get(n).is_available()]
+
+
+def resolve(name: str) -> Runtime:
+    if name != "auto":
+        return get(name)
+    names = available()
+    if not names:
+        raise EdgeAttnError("no ONNX runtime is available; install one: pip install 'edgeattn[all]'")
+    return get(names[0])
+
+
+def load(path, runtime: str = "auto") -> Session:
+    """Load an ONNX file on a runtime (``auto``: the first available of ort-cuda, ort-cpu, openvino-cpu)."""
+    return resolve(runtime).load(path)
+
+
+__all__ = ["RUNTIMES", "Runtime", "Session", "TensorInfo", "Tolerance", "available", "get", "load", "runtime_names"]

@@ -1,0 +1,117 @@
+"""The Runtime / Session contract every backend implements, and the checks they share."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..attention import ONNX_DOMAIN, ONNX_OP_VERSION
+from ..errors import EdgeAttnError
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple            # ints for static axes, names for symbolic ones
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Parity gate for one runtime and dtype: max |out - ref| <= atol and cosine >= min_cosine, no NaN/inf."""
+    atol: float
+    min_cosine: float
+
+
+class Session:
+    """A loaded model.  ``run`` takes and returns numpy arrays keyed by the model's input/output names."""
+
+    runtime: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._run(check_feeds(self.inputs, feeds))
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class Runtime:
+    name: str = ""
+    description: str = ""
+    tolerances: Mapping[str, Tolerance] = {}
+
+    def not_supported_reasons(self) -> list[str]:
+        """Why this runtime cannot run here; empty when it can."""
+        return []
+
+    def is_available(self) -> bool:
+        return not self.not_supported_reasons()
+
+    def tolerance(self, dtype: str = "float32") -> Tolerance:
+        return self.tolerances[dtype]
+
+    def load(self, path) -> Session:
+        reasons = self.not_supported_reasons()
+        if reasons:
+            raise EdgeAttnError(f"runtime {self.name} is not available: {'; '.join(reasons)}")
+        return self._load(Path(path))
+
+    def _load(self, path: Path) -> Session:
+        raise NotImplementedError
+
+
+def read_onnx(path) -> onnx.ModelProto:
+    """Load an ONNX file or say in one line why it cannot be used."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeAttnError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        raise EdgeAttnError(f"{path}: not an ONNX model (could not parse it as an ONNX protobuf)") from None
+    if not model.graph.node and not model.graph.output:
+        raise EdgeAttnError(f"{path}: not an ONNX model (no graph in the file)")
+    for op in model.opset_import:
+        if op.domain == ONNX_DOMAIN and op.version > ONNX_OP_VERSION:
+            raise EdgeAttnError(f"{path}: uses {ONNX_DOMAIN} opset {op.version}, this edgeattn knows up to "
+                                f"{ONNX_OP_VERSION}; upgrade edgeattn or re-export the file")
+    return model
+
+
+def io_info(values: Sequence[onnx.ValueInfoProto]) -> list[TensorInfo]:
+    out = []
+    for value in values:
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim)
+        out.append(TensorInfo(value.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))))
+    return out
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[TensorInfo]:
+    initializers = {i.name for i in model.graph.initializer}
+    return io_info([v for v in model.graph.input if v.name not in initializers])
+
+
+def check_feeds(inputs: Sequence[TensorInfo], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Same validation and wording on every runtime: names, dtype and static dimensions."""
+    expected = {i.name: i for i in inputs}
+    missing = [n for n in expected if n not in feeds]
+    extra = [n for n in feeds if n not in expected]
+    if missing or extra:
+        raise EdgeAttnError(f"feeds do not match the model inputs: missing {missing}, unexpected {extra}; "
+                            f"expected {list(expected)}")
+    out = {}
+    for name, info in expected.items():
+        array = np.asarray(feeds[name])
+        if array.dtype != info.dtype:
+            raise EdgeAttnError(f"input {name!r}: expected dtype {info.dtype}, got {array.dtype}")
+        if array.ndim != len(info.shape) or any(isinstance(d, int) and d != a for d, a in zip(info.shape, array.shape)):
+            raise EdgeAttnError(f"input {name!r}: expected shape {info.shape}, got {array.shape}")
+        out[name] = np.ascontiguousarray(array)
+    return out

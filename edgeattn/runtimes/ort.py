@@ -1,0 +1,64 @@
+"""onnxruntime: ``ort-cpu`` and ``ort-cuda``.  ORT expands the edgeattn local functions itself."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import EdgeAttnError
+from .base import Runtime, Session, Tolerance, graph_inputs, io_info, read_onnx
+
+_INSTALL = "install it with: pip install 'edgeattn[ort]' (or 'edgeattn[ort-gpu]' for CUDA)"
+
+
+class OrtSession(Session):
+    def __init__(self, runtime: str, path: Path, providers: list):
+        import onnxruntime as ort
+
+        model = read_onnx(path)
+        self.runtime, self.inputs, self.outputs = runtime, graph_inputs(model), io_info(model.graph.output)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        except Exception as e:
+            raise EdgeAttnError(f"{path}: onnxruntime could not load the model: {str(e).splitlines()[0]}") from e
+        wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+        if self._session.get_providers()[0] != wanted:  # ORT silently falls back to CPU otherwise
+            raise EdgeAttnError(f"onnxruntime did not enable {wanted} (got {self._session.get_providers()})")
+        self._names = [o.name for o in self.outputs]
+
+    def _run(self, feeds):
+        return dict(zip(self._names, self._session.run(self._names, feeds)))
+
+
+class OrtCpu(Runtime):
+    name = "ort-cpu"
+    description = "onnxruntime, CPU execution provider"
+    tolerances = {"float32": Tolerance(atol=1e-4, min_cosine=0.99999)}
+    provider = "CPUExecutionProvider"
+
+    def not_supported_reasons(self):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return [f"onnxruntime is not installed; {_INSTALL}"]
+        if self.provider not in ort.get_available_providers():
+            return [f"{self.provider} is not among onnxruntime's providers {ort.get_available_providers()}; {_INSTALL}"]
+        return []
+
+    def _providers(self):
+        return [self.provider]
+
+    def _load(self, path):
+        return OrtSession(self.name, path, self._providers())
+
+
+class OrtCuda(OrtCpu):
+    name = "ort-cuda"
+    description = "onnxruntime, CUDA execution provider"
+    # TF32 is off below, so fp32 parity stays tight; kernels still differ in summation order from the CPU.
+    tolerances = {"float32": Tolerance(atol=1e-3, min_cosine=0.9999)}
+    provider = "CUDAExecutionProvider"
+
+    def _providers(self):
+        return [(self.provider, {"device_id": 0, "use_tf32": 0}), "CPUExecutionProvider"]

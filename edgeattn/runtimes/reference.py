@@ -1,0 +1,45 @@
+"""``torch``: the PyTorch eager reference.  It rebuilds the registered model named in the file's metadata (name,
+config, seed) and runs it, so any exported reference model can be compared with its source."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import EdgeAttnError
+from ..export import metadata
+from .base import Runtime, Session, Tolerance, graph_inputs, io_info, read_onnx
+
+
+class TorchSession(Session):
+    def __init__(self, runtime: str, module: torch.nn.Module, inputs, outputs):
+        self.runtime, self.inputs, self.outputs = runtime, inputs, outputs
+        self.module = module.eval()
+
+    @classmethod
+    def from_file(cls, runtime: str, path: Path) -> "TorchSession":
+        from .. import models
+
+        model = read_onnx(path)
+        meta = metadata.read(model)
+        if "model" not in meta:
+            raise EdgeAttnError(f"{path}: was not exported from a registered reference model, so there is no torch "
+                                f"model to rebuild; compare it from Python with edgeattn.parity.compare_model")
+        built = models.build(meta["model"], seed=int(meta.get("seed", 0)), **meta.get("config", {}))
+        return cls(runtime, built.module, graph_inputs(model), io_info(model.graph.output))
+
+    def _run(self, feeds):
+        with torch.no_grad():
+            out = self.module(**{name: torch.from_numpy(array) for name, array in feeds.items()})
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return {info.name: np.asarray(t.detach().numpy()) for info, t in zip(self.outputs, out)}
+
+
+class TorchRuntime(Runtime):
+    name = "torch"
+    description = "PyTorch eager reference (rebuilds the registered model from the file's metadata)"
+    tolerances = {"float32": Tolerance(atol=0.0, min_cosine=1.0)}
+
+    def _load(self, path):
+        return TorchSession.from_file(self.name, path)
