@@ -6,8 +6,7 @@ import contextlib
 import hashlib
 import io
 import logging
-import os
-import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -18,6 +17,7 @@ import torch
 from onnx import numpy_helper
 
 from .. import __version__
+from .._files import atomic_write
 from ..attention import ONNX_DOMAIN
 from ..errors import EdgeAttnError
 from . import functions, metadata
@@ -59,6 +59,17 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
     return result
 
 
+def export_registered(name: str, path, *, seed: int = 0, opset: int = DEFAULT_OPSET, inline: bool = False,
+                      **config) -> ExportResult:
+    """Build a registered reference model and export it; the metadata lets `edgeattn check` rebuild the reference."""
+    from .. import models
+
+    built = models.build(name, seed=seed, **config)
+    return export_onnx(built.module, list(built.inputs.values()), path, opset=opset, inline=inline,
+                       input_names=list(built.inputs), output_names=list(built.outputs),
+                       metadata_props={"model": name, "config": built.config, "seed": seed})
+
+
 def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool, extra: Optional[dict] = None) -> ExportResult:
     """Attach function bodies, dedupe tables, write metadata, optionally inline, then run the full checker."""
     nodes = [n for n in proto.graph.node if n.domain == ONNX_DOMAIN]
@@ -86,22 +97,9 @@ def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool, extra: Optiona
 
 def save(proto: onnx.ModelProto, path) -> int:
     """Write ``proto`` to ``path`` through a temporary file in the same folder, so a failure leaves the old file."""
-    path = Path(path)
     if proto.ByteSize() >= 2**31 - 1:
         raise EdgeAttnError(f"model is {proto.ByteSize() / 2**30:.1f} GiB, over protobuf's 2 GiB single-file limit")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path.stat().st_size
+    return atomic_write(path, proto.SerializeToString())
 
 
 def _dedupe_tables(proto: onnx.ModelProto, nodes) -> dict[str, int]:
@@ -135,7 +133,8 @@ def _quiet():
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             yield
     finally:
         logger.setLevel(level)

@@ -19,6 +19,7 @@ class ModelSpec:
     description: str
     make: Callable[..., torch.nn.Module]          # config -> module
     inputs: Callable[..., dict[str, tuple]]       # config -> input name -> shape (float32)
+    outputs: tuple[str, ...]                      # output names in the exported file
     config: dict = field(default_factory=dict)
 
 
@@ -27,6 +28,7 @@ class BuiltModel:
     name: str
     module: torch.nn.Module
     inputs: dict[str, torch.Tensor]
+    outputs: tuple[str, ...]
     config: dict
     seed: int
 
@@ -34,9 +36,9 @@ class BuiltModel:
 REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register(name: str, description: str, inputs: Callable[..., dict[str, tuple]], **config):
+def register(name: str, description: str, inputs: Callable[..., dict[str, tuple]], outputs=("output",), **config):
     def decorate(make):
-        REGISTRY[name] = ModelSpec(name, description, make, inputs, config)
+        REGISTRY[name] = ModelSpec(name, description, make, inputs, tuple(outputs), config)
         return make
     return decorate
 
@@ -58,7 +60,7 @@ def build(name: str, seed: int = 0, **overrides) -> BuiltModel:
         module = spec.make(**config).eval()
     generator = torch.Generator().manual_seed(seed)
     inputs = {k: torch.randn(shape, generator=generator) for k, shape in spec.inputs(**config).items()}
-    return BuiltModel(name, module, inputs, config, seed)
+    return BuiltModel(name, module, inputs, spec.outputs, config, seed)
 
 
 from . import nat, swin  # noqa: E402,F401  (registers the models)

@@ -64,6 +64,6 @@ def _inputs(image_size, **_):
 
 
 @register("nat-tiny", "NAT, 2 stages (56x56 k7, 28x28 k7 dilation 2), 224x224 image -> 10 logits", _inputs,
-          image_size=224, embed_dim=32, depths=[2, 2], heads=[2, 4], kernel=7, dilations=[1, 2], num_classes=10)
+          outputs=("logits",), image_size=224, embed_dim=32, depths=[2, 2], heads=[2, 4], kernel=7, dilations=[1, 2], num_classes=10)
 def nat_tiny(**config) -> NAT:
     return NAT(**config)

@@ -1,0 +1,128 @@
+"""``edgeattn`` command line: parses arguments and calls one library function per command.
+
+Exit codes: 0 success, 1 parity gate failed (the table shows the numbers), 2 bad input (one line on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+from . import __version__, masks, models, parity, runtimes
+from .errors import EdgeAttnError
+from .export import DEFAULT_OPSET, export_registered
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (EdgeAttnError, ValueError) as e:
+        print(f"edgeattn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgeattn: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_models(args) -> int:
+    for name in models.names():
+        print(f"{name:18s} {models.REGISTRY[name].description}")
+    return 0
+
+
+def cmd_masks(args) -> int:
+    for name, (_, description) in masks.FAMILIES.items():
+        print(f"{name:16s} {description}")
+    return 0
+
+
+def cmd_runtimes(args) -> int:
+    for name, runtime in runtimes.RUNTIMES.items():
+        reasons = runtime.not_supported_reasons()
+        print(f"{name:14s} {'available' if not reasons else 'unavailable'}  {runtime.description}"
+              + (f" ({'; '.join(reasons)})" if reasons else ""))
+    return 0
+
+
+def cmd_export(args) -> int:
+    names = _runtimes(args.runtime) if args.check else []
+    _log(f"exporting {args.model} -> {args.output} (opset {args.opset}{', inlined' if args.inline else ''})")
+    result = export_registered(args.model, args.output, seed=args.seed, opset=args.opset, inline=args.inline)
+    counts = Counter(m["mask"] for m in result.masks)
+    _log(f"wrote {result.path}: {_mb(result.file_bytes)}, {len(result.masks)} attention nodes "
+         f"({', '.join(f'{k} x{v}' for k, v in counts.items())}), mask tables {_mb(result.table_bytes)}")
+    return _check(result.path, names, args) if args.check else 0
+
+
+def cmd_check(args) -> int:
+    return _check(args.file, _runtimes(args.runtime), args)
+
+
+def _check(path, names, args) -> int:
+    results = parity.check_file(path, names, runs=args.runs, progress=lambda n: _log(f"checking on {n} ..."))
+    print(parity.describe(path))
+    print(parity.format_table(results))
+    if args.json:
+        parity.write_json(results, args.json)
+    failed = [r.runtime for r in results if not r.ok]
+    if failed:
+        print(f"parity gate FAILED on: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _runtimes(requested) -> list[str]:
+    """Explicit runtimes must all be available; the default is torch plus every available ONNX runtime."""
+    if not requested:
+        return ["torch"] + runtimes.available()
+    for name in requested:
+        reasons = runtimes.get(name).not_supported_reasons()
+        if reasons:
+            raise EdgeAttnError(f"runtime {name} is not available: {'; '.join(reasons)}")
+    return list(dict.fromkeys(requested))
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeattn", description="Export masked-attention models to ONNX and check them "
+                                "on onnxruntime and OpenVINO against PyTorch.")
+    p.add_argument("--version", action="version", version=f"edgeattn {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("models", help="list reference models").set_defaults(func=cmd_models)
+    sub.add_parser("masks", help="list mask families").set_defaults(func=cmd_masks)
+    sub.add_parser("runtimes", help="list runtimes and whether they can run here").set_defaults(func=cmd_runtimes)
+
+    def gate_options(cmd):
+        cmd.add_argument("--runtime", action="append", metavar="NAME",
+                         help=f"runtime to check on, repeatable ({', '.join(runtimes.runtime_names())}); "
+                              "default: torch and every available ONNX runtime")
+        cmd.add_argument("--runs", type=int, default=20, help="timed runs per runtime after 3 warm-ups (default 20)")
+        cmd.add_argument("--json", metavar="FILE", help="write the parity results as a JSON list")
+
+    e = sub.add_parser("export", help="export a reference model to ONNX")
+    e.add_argument("model", help="registered model name (see `edgeattn models`)")
+    e.add_argument("-o", "--output", required=True, help="output .onnx path")
+    e.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    e.add_argument("--inline", action="store_true", help="standard ONNX ops only (no edgeattn-domain nodes)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the random weights and example inputs (default 0)")
+    e.add_argument("--check", action="store_true", help="run the parity gate on each runtime; exit 1 if out of tolerance")
+    gate_options(e)
+    e.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("check", help="compare an exported file with its PyTorch reference on runtimes")
+    c.add_argument("file", help="an .onnx file written by `edgeattn export`")
+    gate_options(c)
+    c.set_defaults(func=cmd_check)
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())

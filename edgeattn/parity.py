@@ -1,0 +1,173 @@
+"""Accuracy and latency of runtimes against the PyTorch reference: the gate behind ``--check`` and ``edgeattn check``.
+
+Metrics per output, worst over outputs: max |out - ref|; the same relative to the largest |ref| (``max_rel_err``);
+cosine similarity of the flattened tensors.  A runtime passes when no output has NaN/inf that the reference lacks,
+``max_abs_err <= atol`` and ``cosine >= min_cosine`` (tolerances live with each runtime).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import runtimes
+from ._files import atomic_write
+from .errors import EdgeAttnError
+from .export import metadata
+from .runtimes.base import graph_inputs, read_onnx
+
+
+@dataclass
+class ParityResult:
+    runtime: str
+    status: str                      # ok | fail | unavailable | error
+    ok: bool
+    max_abs_err: Optional[float] = None
+    max_rel_err: Optional[float] = None
+    cosine: Optional[float] = None
+    atol: Optional[float] = None
+    p50_ms: Optional[float] = None
+    p90_ms: Optional[float] = None
+    detail: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> dict:
+    """Worst-case error metrics over the reference's outputs."""
+    worst = {"max_abs_err": 0.0, "max_rel_err": 0.0, "cosine": 1.0, "nonfinite": False}
+    for name, ref in reference.items():
+        ref = np.asarray(ref, dtype=np.float64)
+        out = np.asarray(outputs[name], dtype=np.float64)
+        if out.shape != ref.shape:
+            raise EdgeAttnError(f"output {name!r}: runtime gave shape {out.shape}, reference {ref.shape}")
+        if (~np.isfinite(out) & np.isfinite(ref)).any():
+            worst["nonfinite"] = True
+            continue
+        err = float(np.abs(out - ref).max()) if ref.size else 0.0
+        scale = float(np.abs(ref).max()) if ref.size else 0.0
+        norms = np.linalg.norm(out) * np.linalg.norm(ref)
+        cosine = float((out.ravel() @ ref.ravel()) / norms) if norms > 0 else float(np.array_equal(out, ref))
+        worst["max_abs_err"] = max(worst["max_abs_err"], err)
+        worst["max_rel_err"] = max(worst["max_rel_err"], err / scale if scale > 0 else err)
+        worst["cosine"] = min(worst["cosine"], cosine)
+    return worst
+
+
+def latency(run: Callable[[], object], warmup: int = 3, runs: int = 20) -> tuple[float, float]:
+    """Median and 90th-percentile wall time in ms of ``run()`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(max(1, runs)):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times)), float(np.percentile(times, 90))
+
+
+def check_sessions(reference: Mapping[str, np.ndarray], feeds: Mapping[str, np.ndarray], path,
+                   runtime_names: Sequence[str], runs: int = 20, dtype: str = "float32",
+                   progress: Optional[Callable[[str], None]] = None) -> list[ParityResult]:
+    """Load ``path`` on each runtime, compare with ``reference`` and time it.  Never raises for one runtime."""
+    results = []
+    for name in runtime_names:
+        runtime = runtimes.get(name)
+        if progress:
+            progress(name)
+        reasons = runtime.not_supported_reasons()
+        if reasons:
+            results.append(ParityResult(name, "unavailable", False, detail="; ".join(reasons)))
+            continue
+        tol = runtime.tolerance(dtype)
+        try:
+            session = runtime.load(path)
+            metrics = compare(reference, session.run(feeds))
+            p50, p90 = latency(lambda: session.run(feeds), runs=runs)
+        except EdgeAttnError as e:
+            results.append(ParityResult(name, "error", False, detail=str(e)))
+            continue
+        ok = not metrics["nonfinite"] and metrics["max_abs_err"] <= tol.atol and metrics["cosine"] >= tol.min_cosine
+        detail = "NaN/inf where the reference is finite" if metrics["nonfinite"] else ""
+        results.append(ParityResult(name, "ok" if ok else "fail", ok, metrics["max_abs_err"], metrics["max_rel_err"],
+                                    metrics["cosine"], tol.atol, p50, p90, detail))
+    return results
+
+
+def check_file(path, runtime_names: Optional[Sequence[str]] = None, runs: int = 20,
+               progress: Optional[Callable[[str], None]] = None) -> list[ParityResult]:
+    """Rebuild the registered reference model named in the file's metadata and compare every runtime with it.
+
+    The torch row times eager PyTorch on the same inputs (its error is 0 by construction)."""
+    from . import models
+
+    model = read_onnx(path)
+    meta = metadata.read(model)
+    if "model" not in meta:
+        raise EdgeAttnError(f"{path}: has no edgeattn reference-model metadata (it was not exported by `edgeattn "
+                            f"export`); compare it from Python with edgeattn.parity.compare_model")
+    built = models.build(meta["model"], seed=int(meta.get("seed", 0)), **meta.get("config", {}))
+    return compare_model(built.module, list(built.inputs.values()), path, runtime_names, runs, progress)
+
+
+def compare_model(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path,
+                  runtime_names: Optional[Sequence[str]] = None, runs: int = 20,
+                  progress: Optional[Callable[[str], None]] = None) -> list[ParityResult]:
+    """Compare an exported file with the module it came from, on the given inputs (Python API for any model)."""
+    model = read_onnx(path)
+    input_infos, outputs = graph_inputs(model), [o.name for o in model.graph.output]
+    if len(input_infos) != len(example_inputs):
+        raise EdgeAttnError(f"{path} has {len(input_infos)} inputs, {len(example_inputs)} example inputs given")
+    feeds = {info.name: t.detach().numpy() for info, t in zip(input_infos, example_inputs)}
+    module = module.eval()
+    with torch.no_grad():
+        out = module(*example_inputs)
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    reference = {name: t.detach().numpy() for name, t in zip(outputs, out)}
+    names = list(runtime_names) if runtime_names else runtimes.available()
+    results = check_sessions(reference, feeds, path, [n for n in names if n != "torch"], runs, progress=progress)
+    if "torch" in names or not runtime_names:
+        p50, p90 = latency(lambda: _eager(module, example_inputs), runs=runs)
+        results.insert(0, ParityResult("torch", "ok", True, 0.0, 0.0, 1.0, 0.0, p50, p90, "reference (eager)"))
+    return results
+
+
+def _eager(module, inputs):
+    with torch.no_grad():
+        return module(*inputs)
+
+
+def describe(path) -> str:
+    """One line about an exported file, from its metadata."""
+    meta = metadata.read(read_onnx(path))
+    lowerings = sorted({m.get("lowering", "?") for m in meta.get("masks", [])})
+    return (f"{path}: model {meta.get('model', '(not a registered model)')}, opset {meta.get('opset', '?')}, "
+            f"{len(meta.get('masks', []))} attention nodes, lowering {'/'.join(lowerings) or '-'}"
+            f"{' (inlined)' if meta.get('inline') else ''}, mask tables {meta.get('table_bytes', 0) / 1e6:.1f} MB")
+
+
+def format_table(results: Sequence[ParityResult]) -> str:
+    """A plain-text table: one row per runtime."""
+    header = ("runtime", "status", "max_abs_err", "max_rel_err", "cosine", "atol", "p50_ms", "p90_ms")
+    rows = [header]
+    for r in results:
+        rows.append((r.runtime, r.status, _num(r.max_abs_err, "{:.2e}"), _num(r.max_rel_err, "{:.2e}"),
+                     _num(r.cosine, "{:.7f}"), _num(r.atol, "{:.0e}"), _num(r.p50_ms, "{:.2f}"), _num(r.p90_ms, "{:.2f}")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    notes = [f"  {r.runtime}: {r.detail}" for r in results if r.detail and r.status != "ok"]
+    return "\n".join(lines + notes)
+
+
+def _num(value, fmt):
+    return "-" if value is None else fmt.format(value)
+
+
+def write_json(results: Sequence[ParityResult], path) -> None:
+    text = json.dumps([r.as_dict() for r in results], indent=2) + "\n"
+    atomic_write(path, text.encode())
