@@ -1,0 +1,250 @@
+"""Mask families against independent brute-force references written from the spec (plain Python, no torch)."""
+import math
+
+import pytest
+import torch
+
+from edgeattn import tables
+from edgeattn.masks import (FAMILIES, causal, materialize, neighborhood, segments, sinks, sliding_window,
+                            window)
+
+
+# ----------------------------------------------------------------------------- references (scalar logic only)
+def _tup(v, nd):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
+
+
+def _coords(idx, grid):
+    out = []
+    for length in reversed(grid):
+        out.append(idx % length)
+        idx //= length
+    return out[::-1]
+
+
+def natten_axis(i, j, L, k, d, s, c):
+    if i % d != j % d:
+        return False
+    g = i % d
+    Lg = -(-(L - g) // d)
+    q, p = i // d, j // d
+    if c:
+        leader = min((q // s) * s + s - 1, Lg - 1)
+        return max(leader - k + 1, 0) <= p <= q
+    left, right = k // 2, k // 2 + k % 2 - 1
+    leader = min((q // s) * s + s // 2, Lg - 1)
+    centre = min(max(leader, left), Lg - 1 - right)
+    return centre - left <= p <= centre + right
+
+
+def ref_neighborhood(grid, k, d=1, s=1, c=False):
+    nd, n = len(grid), math.prod(grid)
+    axes = list(zip(grid, _tup(k, nd), _tup(d, nd), _tup(s, nd), _tup(c, nd)))
+    co = [_coords(x, grid) for x in range(n)]
+    return [[all(natten_axis(qi, kj, *ax) for qi, kj, ax in zip(co[q], co[kv], axes)) for kv in range(n)]
+            for q in range(n)]
+
+
+def swin_labels(coord, L, size, shift):
+    rolled = (coord - shift) % L
+    region = 0 if shift == 0 else (0 if rolled < L - size else 1 if rolled < L - shift else 2)
+    return rolled // size, region
+
+
+def ref_window(grid, size, shift):
+    sizes, shifts, n = _tup(size, 2), _tup(shift, 2), math.prod(grid)
+    lab = [[swin_labels(c, *a) for c, a in zip(_coords(x, grid), zip(grid, sizes, shifts))] for x in range(n)]
+    return [[lab[q] == lab[kv] for kv in range(n)] for q in range(n)]
+
+
+def swin_literal(grid, size, shift):
+    """What Swin does: roll tokens by -shift, label the 3x3 regions, partition into windows, map back."""
+    (H, W), (sh, sw), (th, tw) = grid, _tup(size, 2), _tup(shift, 2)
+    img = torch.zeros(H, W, dtype=torch.long)
+    sl = lambda w, t: (slice(0, -w), slice(-w, -t), slice(-t, None)) if t else (slice(None),)  # noqa: E731
+    cnt = 0
+    for hs in sl(sh, th):
+        for ws in sl(sw, tw):
+            img[hs, ws] = cnt
+            cnt += 1
+    tok = torch.roll(torch.arange(H * W).view(H, W), shifts=(-th, -tw), dims=(0, 1))
+    out = torch.zeros(H * W, H * W, dtype=torch.bool)
+    for a in range(0, H, sh):
+        for b in range(0, W, sw):
+            t, lab = tok[a:a + sh, b:b + sw].reshape(-1), img[a:a + sh, b:b + sw].reshape(-1)
+            out[t[:, None], t[None, :]] = lab[:, None] == lab[None, :]
+    return out
+
+
+def ref_seq(pred, q_len, kv_len):
+    off = kv_len - q_len
+    return [[pred(i + off, k) for k in range(kv_len)] for i in range(q_len)]
+
+
+def check(mask, ref, heads=1, **shape):
+    got = materialize(mask, heads=heads, **shape)
+    want = torch.tensor(ref, dtype=torch.bool)
+    assert got.dtype == torch.bool and got.shape == (heads,) + tuple(want.shape)
+    assert torch.equal(got, want.expand_as(got)), f"{mask.name}: {(got != want).nonzero()[:8].tolist()}"
+    t = tables.build(mask, heads=heads, **shape)
+    assert t.mask.dtype == torch.bool and t.mask.shape[0] in (1, heads) and t.bias is None
+    assert torch.equal(t.mask.broadcast_to(got.shape), got)
+    return got[0]
+
+
+# ----------------------------------------------------------------------------- neighborhood
+def rows(L, k, d=1, s=1, c=False):
+    m = check(neighborhood(k, d, s, c), ref_neighborhood((L,), k, d, s, c), grid=(L,))
+    return {q: set(m[q].nonzero().flatten().tolist()) for q in range(L)}
+
+
+R = lambda a, b: set(range(a, b + 1))  # noqa: E731
+WORKED = [
+    ((7, 3), [{0, 1, 2}, {0, 1, 2}, {1, 2, 3}, {2, 3, 4}, {3, 4, 5}, {4, 5, 6}, {4, 5, 6}]),
+    ((8, 4), [R(0, 3)] * 3 + [R(1, 4), R(2, 5), R(3, 6), R(4, 7), R(4, 7)]),
+    ((9, 3, 2), [{0, 2, 4}, {1, 3, 5}, {0, 2, 4}, {1, 3, 5}, {2, 4, 6}, {3, 5, 7}, {4, 6, 8}, {3, 5, 7},
+                 {4, 6, 8}]),
+    ((6, 3, 1, 1, True), [{0}, {0, 1}, {0, 1, 2}, {1, 2, 3}, {2, 3, 4}, {3, 4, 5}]),
+    ((8, 4, 1, 2), [R(0, 3)] * 2 + [R(1, 4)] * 2 + [R(3, 6)] * 2 + [R(4, 7)] * 2),
+    ((8, 4, 1, 2, True), [{0}, {0, 1}, R(0, 2), R(0, 3), R(2, 4), R(2, 5), R(4, 6), R(4, 7)]),
+]
+
+
+@pytest.mark.parametrize("args,expected", WORKED, ids=[str(a) for a, _ in WORKED])
+def test_neighborhood_worked_examples(args, expected):
+    assert rows(*args) == dict(enumerate(expected))
+    ref = ref_neighborhood((args[0],), *args[1:])  # the reference itself agrees with the spec's examples
+    assert [{j for j, ok in enumerate(r) if ok} for r in ref] == expected
+
+
+NA_1D = [(7, 3, 1, 1, False), (10, 3, 3, 1, False), (11, 4, 2, 1, False), (11, 4, 2, 3, True), (13, 5, 2, 2, False),
+         (9, 5, 1, 5, False), (10, 4, 1, 3, False), (10, 4, 1, 3, True), (7, 7, 1, 1, False), (7, 7, 1, 7, True),
+         (12, 2, 1, 1, False), (12, 2, 3, 2, True), (14, 3, 4, 2, False), (14, 3, 4, 3, True), (5, 2, 2, 1, False)]
+NA_ND = [((6, 7), 3, 1, 1, False), ((6, 7), (3, 4), 1, 1, False), ((8, 6), (3, 2), (2, 1), (1, 2), (True, False)),
+         ((9, 10), (4, 3), (2, 3), (2, 3), (False, True)), ((5, 5), 5, 1, 1, False), ((7, 8), 3, 1, 1, True),
+         ((7, 5), (5, 2), (1, 2), (4, 1), False), ((4, 5, 6), (3, 2, 4), 1, 1, False),
+         ((4, 6, 5), 3, (1, 2, 1), (1, 2, 3), (True, False, True)), ((5, 4, 6), (2, 2, 3), (2, 1, 2), 1, False),
+         ((3, 4, 5), 3, 1, (1, 2, 3), True)]
+
+
+@pytest.mark.parametrize("grid,k,d,s,c", [((L,), k, d, s, c) for L, k, d, s, c in NA_1D] + NA_ND)
+def test_neighborhood_matches_reference(grid, k, d, s, c):
+    m = check(neighborhood(k, d, s, c), ref_neighborhood(grid, k, d, s, c), grid=grid)
+    if not any(_tup(c, len(grid))):  # non-causal: every query sees exactly prod(kernel) keys
+        assert (m.sum(-1) == math.prod(_tup(k, len(grid)))).all()
+
+
+def test_neighborhood_heads_and_int_grid():
+    check(neighborhood(3, 2), ref_neighborhood((9,), 3, 2), heads=3, grid=9)
+
+
+# ----------------------------------------------------------------------------- Swin windows
+SWIN = [((8, 8), 4, 0), ((8, 8), 4, 2), ((8, 8), 4, 1), ((8, 8), 4, 3), ((12, 8), (4, 2), (2, 1)), ((6, 9), 3, 1),
+        ((12, 12), (3, 4), (1, 2)), ((8, 6), (4, 3), (2, 0)), ((8, 8), 2, 1), ((4, 4), 4, 2), ((6, 4), (2, 4), 0)]
+
+
+@pytest.mark.parametrize("grid,size,shift", SWIN)
+def test_window_matches_references(grid, size, shift):
+    m = check(window(size, shift), ref_window(grid, size, shift), grid=grid)
+    assert torch.equal(m, swin_literal(grid, size, shift))
+    if not any(_tup(shift, 2)):
+        assert (m.sum(-1) == math.prod(_tup(size, 2))).all()
+
+
+# ----------------------------------------------------------------------------- sequence masks
+QKV = [(8, 8), (3, 8), (1, 5), (5, 6)]
+
+
+@pytest.mark.parametrize("q_len,kv_len", QKV)
+def test_causal(q_len, kv_len):
+    check(causal(), ref_seq(lambda q, k: k <= q, q_len, kv_len), q_len=q_len, kv_len=kv_len)
+
+
+@pytest.mark.parametrize("q_len,kv_len", QKV)
+@pytest.mark.parametrize("w", [1, 2, 5, 20])
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_sliding_window(q_len, kv_len, w, is_causal):
+    pred = (lambda q, k: 0 <= q - k <= w) if is_causal else (lambda q, k: abs(q - k) <= w)
+    check(sliding_window(w, causal=is_causal), ref_seq(pred, q_len, kv_len), q_len=q_len, kv_len=kv_len)
+
+
+def test_query_alignment_literal():
+    # 2 queries at the end of 5 keys sit at positions 3 and 4
+    assert materialize(causal(), q_len=2, kv_len=5)[0].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert materialize(sliding_window(1), q_len=2, kv_len=5)[0].tolist() == [[0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(8, 8), (4, 10), (1, 7)])
+@pytest.mark.parametrize("n,w", [(0, 2), (2, 1), (3, 0), (1, 10), (12, 0)])
+def test_sinks(q_len, kv_len, n, w):
+    check(sinks(n, w), ref_seq(lambda q, k: k <= q and (k < n or q - k <= w), q_len, kv_len), q_len=q_len,
+          kv_len=kv_len)
+
+
+@pytest.mark.parametrize("ids,q_len", [([0, 0, 1, 1, 1, 2], None), ([0] * 5, None), ([0, 1, 2, 3], None),
+                                       ([3, 3, 5, 5, 5, 9, 9], None), ([0, 0, 1, 1, 1, 2, 2], 3),
+                                       ([0, 0, 0, 1, 1], 1), (torch.tensor([1, 1, 2, 2, 2, 2]), 4)])
+def test_segments(ids, q_len):
+    seg = [int(x) for x in ids]
+    kv_len = len(seg)
+    q_len = q_len or kv_len
+    pred = lambda q, k: seg[k] == seg[q] or (seg[k] < seg[q] and k <= q)  # noqa: E731
+    check(segments(ids), ref_seq(pred, q_len, kv_len), q_len=q_len, kv_len=kv_len)
+
+
+def test_families_registry():
+    assert set(FAMILIES) == {"causal", "sliding_window", "sinks", "segments", "neighborhood", "window"}
+    assert all(callable(f) and isinstance(doc, str) for f, doc in FAMILIES.values())
+
+
+# ----------------------------------------------------------------------------- bad parameters
+def _shape_err(mask, match, **shape):
+    with pytest.raises(ValueError, match=match):
+        materialize(mask, **shape)
+    with pytest.raises(ValueError, match=match):
+        tables.build(mask, **shape)
+
+
+@pytest.mark.parametrize("mask,shape,match", [
+    (lambda: neighborhood(7), dict(grid=(5, 5)), "kernel"),
+    (lambda: neighborhood((3, 7)), dict(grid=(8, 6)), "kernel"),
+    (lambda: neighborhood(3, dilation=3), dict(grid=(8,)), "dilation"),
+    (lambda: neighborhood(3), dict(q_len=16), "grid"),
+    (lambda: neighborhood((3, 3)), dict(grid=(8,)), "grid"),
+    (lambda: neighborhood(3), dict(grid=(3, 3, 3, 3)), "grid"),
+    (lambda: window(3), dict(grid=(8, 9)), "size"),
+    (lambda: window((4, 3), 1), dict(grid=(8, 8)), "size"),
+    (lambda: window(2), dict(grid=(8,)), "grid"),
+    (lambda: segments([0, 0, 1]), dict(q_len=4), "segment_ids"),
+    (lambda: segments([0, 0, 1, 1]), dict(q_len=2, kv_len=5), "segment_ids"),
+])
+def test_bad_shape_raises(mask, shape, match):
+    _shape_err(mask(), match, **shape)
+
+
+@pytest.mark.parametrize("factory,match", [
+    (lambda: neighborhood(1), "kernel"), (lambda: neighborhood(3.5), "kernel"), (lambda: neighborhood("3"), "kernel"),
+    (lambda: neighborhood(True), "kernel"), (lambda: neighborhood(3, dilation=0), "dilation"),
+    (lambda: neighborhood(3, dilation=1.5), "dilation"), (lambda: neighborhood(3, stride=4), "stride"),
+    (lambda: neighborhood(3, stride=0), "stride"), (lambda: neighborhood((3, 3), stride=(1, 4)), "stride"),
+    (lambda: neighborhood((3, 3), dilation=(1, 1, 1)), "dilation"),
+    (lambda: neighborhood((3, 3), causal=(True,)), "causal"), (lambda: neighborhood(3, causal=1), "causal"),
+    (lambda: window(2.0), "size"), (lambda: window(0), "size"), (lambda: window(4, 4), "shift"),
+    (lambda: window(4, 5), "shift"), (lambda: window((4, 2), (1, 2)), "shift"), (lambda: window(4, -1), "shift"),
+    (lambda: window((4, 4, 4)), "size"), (lambda: window(4, (1, 1, 1)), "shift"),
+    (lambda: sliding_window(0), "window"), (lambda: sliding_window(2.5), "window"),
+    (lambda: sliding_window(2, causal="yes"), "causal"), (lambda: sinks(-1, 2), "n_sink"),
+    (lambda: sinks(1, -2), "window"), (lambda: segments([0, 1, 1, 0]), "segment_ids"),
+    (lambda: segments([2, 1]), "segment_ids"), (lambda: segments([-1, 0]), "segment_ids"),
+    (lambda: segments([]), "segment_ids"), (lambda: segments([0.0, 1.0]), "segment_ids"),
+])
+def test_bad_parameters_raise(factory, match):
+    with pytest.raises(ValueError, match=match):
+        factory()
+
+
+@pytest.mark.parametrize("shape,match", [(dict(q_len=0), "q_len"), (dict(q_len=4, kv_len=0), "kv_len"),
+                                         (dict(grid=(4, 0)), "grid"), (dict(grid=(4, 4), q_len=8), "q_len"),
+                                         (dict(), "q_len")])
+def test_bad_shapes(shape, match):
+    _shape_err(causal(), match, **shape)
