@@ -1,0 +1,51 @@
+import math
+
+import pytest
+import torch
+
+from edgeattn.attention import masked_attention, reference_attention
+
+
+def naive(q, k, v, mask, bias, scale):
+    """Row-by-row softmax over the allowed keys only; rows without keys are zeros."""
+    B, H, N, D = q.shape
+    out = torch.zeros(B, H, N, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for i in range(N):
+                keys = mask[h % mask.shape[0], i].nonzero().flatten()
+                if len(keys) == 0:
+                    continue
+                s = (q[b, h, i].double() @ k[b, h, keys].double().T) * scale
+                if bias is not None:
+                    s = s + bias[h % bias.shape[0], i, keys].double()
+                out[b, h, i] = torch.softmax(s, -1) @ v[b, h, keys].double()
+    return out
+
+
+@pytest.mark.parametrize("heads_in_table", [1, 3])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_reference_matches_rowwise_softmax(heads_in_table, with_bias):
+    q, k, v = (torch.randn(2, 3, 10, 4) for _ in range(3))
+    mask = torch.rand(heads_in_table, 10, 10) > 0.6
+    mask[0, 4] = False  # a query with no key
+    bias = torch.randn(heads_in_table, 10, 10) if with_bias else None
+    scale = 1 / math.sqrt(4)
+    got = reference_attention(q, k, v, mask, bias, scale)
+    torch.testing.assert_close(got.double(), naive(q, k, v, mask, bias, scale), atol=1e-5, rtol=1e-5)
+    assert torch.all(got[:, :, 4] == 0) if heads_in_table == 1 else torch.all(got[:, 0, 4] == 0)
+    assert not got.isnan().any()
+
+
+def test_custom_op_is_registered_and_consistent():
+    q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
+    mask = torch.tril(torch.ones(1, 6, 6, dtype=torch.bool))
+    torch.library.opcheck(torch.ops.edgeattn.masked_attention.default, (q, k, v, mask, None, 0.5))
+    torch.testing.assert_close(masked_attention(q, k, v, mask, scale=0.5), reference_attention(q, k, v, mask, None, 0.5))
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v = (torch.randn(1, 1, 5, 16) for _ in range(3))
+    mask = torch.ones(1, 5, 5, dtype=torch.bool)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(masked_attention(q, k, v, mask), expected)

@@ -1,0 +1,125 @@
+import onnx
+import pytest
+import torch
+
+from edgeattn import EdgeAttnError, export_onnx, masks, parity
+from edgeattn.attention import ONNX_DOMAIN
+from edgeattn.export import metadata
+from edgeattn.layers import MaskedSelfAttention
+
+from conftest import CPU_RUNTIMES
+
+# One small one-layer case per mask family: (mask, layer shape kwargs).  Every family must have one.
+FAMILY_CASES = {
+    "causal": (masks.causal(), dict(seq_len=20)),
+    "sliding_window": (masks.sliding_window(4, causal=False), dict(seq_len=20)),
+    "sinks": (masks.sinks(2, 5), dict(seq_len=24)),
+    "segments": (masks.segments([0] * 5 + [1] * 7 + [2] * 4), dict(seq_len=16)),
+    "neighborhood": (masks.neighborhood((3, 4), dilation=(2, 1)), dict(grid=(7, 8))),
+    "window": (masks.window(4, shift=2), dict(grid=(8, 8))),
+}
+
+
+def test_every_family_has_an_export_case():
+    assert set(FAMILY_CASES) == set(masks.FAMILIES)
+
+
+def _export(tmp_path, layer, x, inline, name="m.onnx"):
+    return export_onnx(layer, [x], tmp_path / name, inline=inline, input_names=["x"], output_names=["y"])
+
+
+def _assert_parity(layer, x, path):
+    results = parity.compare_model(layer, [x], path, CPU_RUNTIMES, runs=1)
+    for r in results:
+        assert r.ok, parity.format_table(results)
+        assert r.max_abs_err <= 1e-4
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["custom-op", "inline"])
+@pytest.mark.parametrize("family", sorted(FAMILY_CASES))
+def test_family_exports_and_matches_torch(tmp_path, family, inline):
+    mask, shape = FAMILY_CASES[family]
+    layer = MaskedSelfAttention(32, 2, mask, **shape).eval()
+    x = torch.randn(2, layer.seq_len, 32)
+    result = _export(tmp_path, layer, x, inline)
+    model = onnx.load(result.path)
+    domains = {n.domain for n in model.graph.node}
+    if inline:
+        assert ONNX_DOMAIN not in domains and not model.functions
+        assert all(op.domain != ONNX_DOMAIN for op in model.opset_import)
+    else:
+        assert ONNX_DOMAIN in domains
+        assert [(f.domain, f.name, f.overload) for f in model.functions] == [(ONNX_DOMAIN, "MaskedAttention", "dense")]
+    onnx.checker.check_model(model, full_check=True)
+    _assert_parity(layer, x, result.path)
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["custom-op", "inline"])
+def test_fully_masked_rows_are_zeros_on_every_runtime(tmp_path, inline):
+    blocked = masks.custom(lambda b, h, q, kv: (q % 4 != 1) & (kv <= q), name="causal_rows1mod4_blocked")
+    layer = MaskedSelfAttention(16, 2, blocked, seq_len=12, proj=False).eval()
+    assert layer.attn_mask.any(-1).logical_not().sum() == 3
+    x = torch.randn(1, 12, 16)
+    path = _export(tmp_path, layer, x, inline).path
+    from edgeattn import load
+    for name in CPU_RUNTIMES:
+        y = load(path, name).run({"x": x.numpy()})["y"]
+        assert not (y != y).any(), f"NaN on {name}"
+        assert (y[0, 1::4] == 0).all(), f"{name} did not return zeros for fully-masked rows"
+    _assert_parity(layer, x, path)
+
+
+def test_bias_mod_exports_with_its_own_overload(tmp_path):
+    alibi = masks.custom(lambda b, h, q, kv: kv <= q, bias_mod=lambda b, h, q, kv: -(h + 1) * 0.1 * (q - kv).abs(),
+                         name="alibi")
+    layer = MaskedSelfAttention(16, 2, alibi, seq_len=10).eval()
+    assert layer.attn_bias.shape == (2, 10, 10)
+    x = torch.randn(1, 10, 16)
+    result = _export(tmp_path, layer, x, inline=False)
+    assert [f.overload for f in onnx.load(result.path).functions] == ["dense_bias"]
+    assert result.table_bytes == 10 * 10 + 2 * 10 * 10 * 4
+    _assert_parity(layer, x, result.path)
+
+
+def test_metadata_and_deduplicated_tables(tmp_path):
+    mask = masks.neighborhood(3)
+    model = torch.nn.Sequential(MaskedSelfAttention(16, 2, mask, grid=(6, 6)),
+                                MaskedSelfAttention(16, 2, mask, grid=(6, 6))).eval()
+    x = torch.randn(1, 36, 16)
+    result = _export(tmp_path, model, x, inline=False)
+    proto = onnx.load(result.path)
+    meta = metadata.read(proto)
+    assert meta["version"] and meta["opset"] == 18 and meta["inline"] is False
+    assert [m["mask"] for m in meta["masks"]] == ["neighborhood_k3", "neighborhood_k3"]
+    assert meta["table_bytes"] == result.table_bytes == 36 * 36  # both layers share one table
+    tables = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.BOOL]
+    assert len(tables) == 1
+
+
+def test_opset_17_exports_and_runs(tmp_path):
+    layer = MaskedSelfAttention(16, 2, masks.causal(), seq_len=8).eval()
+    x = torch.randn(1, 8, 16)
+    result = export_onnx(layer, [x], tmp_path / "m.onnx", opset=17, input_names=["x"])
+    assert {op.domain: op.version for op in onnx.load(result.path).opset_import}[""] == 17
+    _assert_parity(layer, x, result.path)
+
+
+class _DataDependent(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.export refuses it
+            return x + 1
+        return x - 1
+
+
+def test_failed_export_leaves_previous_file_untouched(tmp_path):
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"previous")
+    with pytest.raises(EdgeAttnError, match="export failed"):
+        export_onnx(_DataDependent(), [torch.randn(3)], target)
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_bad_opset_is_rejected(tmp_path):
+    with pytest.raises(EdgeAttnError, match="opset"):
+        export_onnx(torch.nn.Identity(), [torch.randn(2)], tmp_path / "m.onnx", opset=11)
