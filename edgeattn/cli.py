@@ -47,8 +47,8 @@ def cmd_runtimes(args) -> int:
 
 def cmd_export(args) -> int:
     names = _runtimes(args.runtime) if args.check else []
-    _log(f"exporting {args.model} -> {args.output} (opset {args.opset}{', inlined' if args.inline else ''})")
-    result = export_registered(args.model, args.output, seed=args.seed, opset=args.opset, inline=args.inline)
+    result = export_registered(args.model, args.output, seed=args.seed, opset=args.opset, inline=args.inline,
+                               progress=_log)
     counts = Counter(m["mask"] for m in result.masks)
     _log(f"wrote {result.path}: {_mb(result.file_bytes)}, {len(result.masks)} attention nodes "
          f"({', '.join(f'{k} x{v}' for k, v in counts.items())}), mask tables {_mb(result.table_bytes)}")

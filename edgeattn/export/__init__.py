@@ -9,7 +9,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import onnx
 import onnx.inliner
@@ -43,8 +43,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
                 ) -> ExportResult:
     """Export ``model`` at the example inputs' shapes.  By default attention stays one ``edgeattn`` node with a
     local-function fallback; ``inline=True`` writes standard ops only.  The file is replaced only on success."""
-    if not isinstance(opset, int) or opset < MIN_OPSET:
-        raise EdgeAttnError(f"opset must be an integer >= {MIN_OPSET}, got {opset!r}")
+    _check_opset(opset)
     model = model.eval()
     with torch.no_grad(), _quiet():
         try:
@@ -60,14 +59,22 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
 
 
 def export_registered(name: str, path, *, seed: int = 0, opset: int = DEFAULT_OPSET, inline: bool = False,
-                      **config) -> ExportResult:
+                      progress: Optional[Callable[[str], None]] = None, **config) -> ExportResult:
     """Build a registered reference model and export it; the metadata lets `edgeattn check` rebuild the reference."""
     from .. import models
 
+    _check_opset(opset)
     built = models.build(name, seed=seed, **config)
+    if progress:
+        progress(f"exporting {name} -> {path} (opset {opset}{', inlined' if inline else ''})")
     return export_onnx(built.module, list(built.inputs.values()), path, opset=opset, inline=inline,
                        input_names=list(built.inputs), output_names=list(built.outputs),
                        metadata_props={"model": name, "config": built.config, "seed": seed})
+
+
+def _check_opset(opset) -> None:
+    if not isinstance(opset, int) or opset < MIN_OPSET:
+        raise EdgeAttnError(f"opset must be an integer >= {MIN_OPSET}, got {opset!r}")
 
 
 def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool, extra: Optional[dict] = None) -> ExportResult:

@@ -1,0 +1,101 @@
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edgeattn import runtimes
+from edgeattn.cli import main
+
+from conftest import CPU_RUNTIMES
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def nat_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "nat.onnx"
+    assert main(["export", "nat-tiny", "-o", str(path)]) == 0
+    return path
+
+
+def test_lists(capsys):
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0 and "nat-tiny" in out and "swin-tiny-block" in out
+    code, out, _ = run_cli(capsys, "masks")
+    assert code == 0 and all(f in out for f in ("neighborhood", "window", "segments", "sinks"))
+    code, out, _ = run_cli(capsys, "runtimes")
+    assert code == 0 and "ort-cpu" in out and "openvino-cpu" in out
+
+
+def test_export_with_check_prints_both_cpu_runtimes(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "export", "nat-tiny", "-o", tmp_path / "n.onnx", "--check", "--runs", "2",
+                             "--json", tmp_path / "r.json")
+    assert code == 0, out + err
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:] if line.strip()}
+    assert rows == {"torch": "ok", "ort-cpu": "ok", "openvino-cpu": "ok"}
+    assert "mask tables" in err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert {r["runtime"] for r in report} == {"torch", *CPU_RUNTIMES}
+    for r in report:
+        assert {"runtime", "max_abs_err", "cosine", "p50_ms", "ok"} <= set(r) and r["ok"] is True
+
+
+def test_check_on_inline_swin(capsys, tmp_path):
+    path = tmp_path / "swin.onnx"
+    assert run_cli(capsys, "export", "swin-tiny-block", "-o", path, "--inline")[0] == 0
+    code, out, _ = run_cli(capsys, "check", path, "--runtime", "openvino-cpu", "--runs", "1")
+    assert code == 0 and "openvino-cpu  ok" in out and "(inlined)" in out
+
+
+def test_check_fails_with_numbers_when_the_file_is_off(capsys, nat_file, tmp_path):
+    model = onnx.load(nat_file)
+    weight = next(i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2)
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(model, tampered)
+    code, out, err = run_cli(capsys, "check", tampered, "--runtime", "ort-cpu", "--runs", "1")
+    assert code == 1
+    assert "ort-cpu  fail" in out and "parity gate FAILED on: ort-cpu" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["export", "resnet", "-o", "x.onnx"], "unknown model 'resnet'"),
+    (["check", "missing.onnx"], "missing.onnx: no such file"),
+    (["check", "README.md"], "README.md: not an ONNX model"),
+    (["export", "nat-tiny", "-o", "x.onnx", "--opset", "9"], "opset must be an integer >= 17"),
+    (["check", "x.onnx", "--runtime", "tpu"], "unknown runtime 'tpu'"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("edgeattn: error: ") and message in err and err.count("\n") == 1
+
+
+def test_unavailable_runtime_exits_2(capsys, nat_file):
+    if runtimes.get("ort-cuda").is_available():
+        pytest.skip("CUDA EP available here")
+    code, _, err = run_cli(capsys, "check", nat_file, "--runtime", "ort-cuda")
+    assert code == 2 and "runtime ort-cuda is not available" in err
+
+
+def test_check_refuses_files_without_reference_metadata(capsys, tmp_path, nat_file):
+    model = onnx.load(nat_file)
+    keep = [p for p in model.metadata_props if p.key != "edgeattn.model"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    path = tmp_path / "anon.onnx"
+    onnx.save(model, path)
+    code, _, err = run_cli(capsys, "check", path)
+    assert code == 2 and "no edgeattn reference-model metadata" in err
+
+
+def test_console_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "edgeattn", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("edgeattn ")

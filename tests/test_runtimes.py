@@ -1,0 +1,109 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import edgeattn
+from edgeattn import EdgeAttnError, export_onnx, masks, runtimes
+from edgeattn.layers import MaskedSelfAttention
+
+from conftest import CPU_RUNTIMES, require
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    torch.manual_seed(0)
+    layer = MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(4, 4)).eval()
+    x = torch.randn(1, 16, 16)
+    path = tmp_path_factory.mktemp("rt") / "m.onnx"
+    export_onnx(layer, [x], path, input_names=["x"], output_names=["y"])
+    with torch.no_grad():
+        return path, x.numpy(), layer(x).numpy()
+
+
+def test_registry_names_and_reasons():
+    assert runtimes.runtime_names() == ["torch", "ort-cpu", "ort-cuda", "openvino-cpu"]
+    for runtime in runtimes.RUNTIMES.values():
+        assert runtime.is_available() == (runtime.not_supported_reasons() == [])
+        assert runtime.tolerance("float32").atol >= 0
+    with pytest.raises(EdgeAttnError, match="unknown runtime 'tensorrt'; choose one of"):
+        runtimes.get("tensorrt")
+
+
+def test_ort_cuda_explains_why_not(small_model):
+    cuda = runtimes.get("ort-cuda")
+    if cuda.is_available():
+        pytest.skip("CUDA EP present; covered by the gpu test")
+    assert "CUDAExecutionProvider" in cuda.not_supported_reasons()[0]
+    with pytest.raises(EdgeAttnError, match="runtime ort-cuda is not available"):
+        edgeattn.load(small_model[0], "ort-cuda")
+
+
+@pytest.mark.parametrize("name", CPU_RUNTIMES)
+def test_session_runs_and_describes_io(small_model, name):
+    require(name)
+    path, x, expected = small_model
+    session = edgeattn.load(path, name)
+    assert session.runtime == name
+    assert [(i.name, i.shape, i.dtype) for i in session.inputs] == [("x", (1, 16, 16), np.dtype("float32"))]
+    assert [o.name for o in session.outputs] == ["y"]
+    np.testing.assert_allclose(session.run({"x": x})["y"], expected, atol=1e-5)
+    # a non-contiguous view is accepted
+    wide = np.repeat(x, 2, axis=2)[:, :, ::2]
+    np.testing.assert_allclose(session.run({"x": wide})["y"], expected, atol=1e-5)
+
+
+def test_auto_prefers_onnxruntime(small_model):
+    require("ort-cpu")
+    if runtimes.get("ort-cuda").is_available():
+        pytest.skip("auto picks CUDA here")
+    assert edgeattn.load(small_model[0]).runtime == "ort-cpu"
+
+
+@pytest.mark.parametrize("name", CPU_RUNTIMES)
+@pytest.mark.parametrize("feeds, message", [
+    ({}, r"missing \['x'\]"),
+    ({"x": np.zeros((1, 16, 16), np.float32), "z": np.zeros(1)}, r"unexpected \['z'\]"),
+    ({"x": np.zeros((1, 16, 16), np.float64)}, "input 'x': expected dtype float32, got float64"),
+    ({"x": np.zeros((1, 15, 16), np.float32)}, r"input 'x': expected shape \(1, 16, 16\), got \(1, 15, 16\)"),
+    ({"x": np.zeros((16, 16), np.float32)}, r"input 'x': expected shape"),
+])
+def test_bad_feeds_get_the_same_clear_error(small_model, name, feeds, message):
+    require(name)
+    with pytest.raises(EdgeAttnError, match=message):
+        edgeattn.load(small_model[0], name).run(feeds)
+
+
+@pytest.mark.parametrize("name", CPU_RUNTIMES)
+def test_bad_files_are_refused_clearly(tmp_path, name):
+    require(name)
+    with pytest.raises(EdgeAttnError, match="no such file"):
+        edgeattn.load(tmp_path / "missing.onnx", name)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00\xffnot a protobuf" * 10)
+    with pytest.raises(EdgeAttnError, match="not an ONNX model"):
+        edgeattn.load(junk, name)
+
+
+def test_unknown_edgeattn_op_version_is_refused(small_model, tmp_path):
+    model = onnx.load(small_model[0])
+    for op in model.opset_import:
+        if op.domain == "edgeattn":
+            op.version = 99
+    future = tmp_path / "future.onnx"
+    onnx.save(model, future)
+    with pytest.raises(EdgeAttnError, match="edgeattn opset 99"):
+        edgeattn.load(future, "ort-cpu")
+
+
+def test_torch_runtime_needs_a_registered_model(small_model):
+    with pytest.raises(EdgeAttnError, match="not exported from a registered reference model"):
+        edgeattn.load(small_model[0], "torch")
+
+
+@pytest.mark.gpu
+def test_ort_cuda_parity(small_model):
+    require("ort-cuda")
+    path, x, expected = small_model
+    y = edgeattn.load(path, "ort-cuda").run({"x": x})["y"]
+    np.testing.assert_allclose(y, expected, atol=runtimes.get("ort-cuda").tolerance().atol)
