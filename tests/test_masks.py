@@ -129,13 +129,11 @@ NA_ND = [((6, 7), 3, 1, 1, False), ((6, 7), (3, 4), 1, 1, False), ((8, 6), (3, 2
 
 @pytest.mark.parametrize("grid,k,d,s,c", [((L,), k, d, s, c) for L, k, d, s, c in NA_1D] + NA_ND)
 def test_neighborhood_matches_reference(grid, k, d, s, c):
-    m = check(neighborhood(k, d, s, c), ref_neighborhood(grid, k, d, s, c), grid=grid)
+    m = check(neighborhood(k, d, s, c), ref_neighborhood(grid, k, d, s, c), grid=grid, heads=1 + len(grid) % 2)
+    if len(grid) == 1:  # a 1-D grid may be given as a bare int
+        check(neighborhood(k, d, s, c), ref_neighborhood(grid, k, d, s, c), grid=grid[0])
     if not any(_tup(c, len(grid))):  # non-causal: every query sees exactly prod(kernel) keys
         assert (m.sum(-1) == math.prod(_tup(k, len(grid)))).all()
-
-
-def test_neighborhood_heads_and_int_grid():
-    check(neighborhood(3, 2), ref_neighborhood((9,), 3, 2), heads=3, grid=9)
 
 
 # ----------------------------------------------------------------------------- Swin windows
@@ -190,6 +188,19 @@ def test_segments(ids, q_len):
     q_len = q_len or kv_len
     pred = lambda q, k: seg[k] == seg[q] or (seg[k] < seg[q] and k <= q)  # noqa: E731
     check(segments(ids), ref_seq(pred, q_len, kv_len), q_len=q_len, kv_len=kv_len)
+
+
+@pytest.mark.parametrize("q_len", [6, 9])
+def test_segments_more_queries_than_keys(q_len):
+    with pytest.raises(ValueError, match="q_len <= kv_len"):
+        materialize(segments([0, 0, 1, 1]), q_len=q_len, kv_len=4)
+
+
+@pytest.mark.parametrize("factory", [lambda: neighborhood(torch.tensor(3.5)), lambda: window(torch.tensor(2.5)),
+                                     lambda: sliding_window(torch.tensor(2.7))])
+def test_float_tensor_sizes_rejected(factory):
+    with pytest.raises(ValueError):
+        factory()
 
 
 def test_families_registry():
@@ -248,3 +259,10 @@ def test_bad_parameters_raise(factory, match):
                                          (dict(), "q_len")])
 def test_bad_shapes(shape, match):
     _shape_err(causal(), match, **shape)
+
+
+def test_bare_mask_mod_on_the_left_of_a_mask():
+    combined = (lambda b, h, q, kv: q % 2 == kv % 2) & causal()
+    expected = torch.tensor([[q >= k and q % 2 == k % 2 for k in range(6)] for q in range(6)])
+    assert torch.equal(materialize(combined, q_len=6)[0], expected)
+    assert materialize((lambda b, h, q, kv: q == kv) | causal(), q_len=5)[0].sum() == 15

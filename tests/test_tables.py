@@ -78,6 +78,13 @@ def test_flex_and_edgeattn_masks_compose():
     assert t.mask.shape[0] == H and torch.equal(t.mask, flex[0])
 
 
+def test_flex_library_combinators():
+    from torch.nn.attention.flex_attention import and_masks as flex_and, noop_mask, or_masks as flex_or
+    for mod in (flex_and(causal_mod, doc_mod), flex_or(doc_mod, head_mod), noop_mask):
+        flex = create_mask(mod, 1, H, Q, KV, device="cpu")[0]
+        assert torch.equal(tables.build(mod, q_len=Q, heads=H).mask.broadcast_to(flex.shape), flex)
+
+
 # ----------------------------------------------------------------------------- composition
 PAIRS = [(causal(), sliding_window(2, causal=False), dict(q_len=9)),
          (sinks(1, 2), custom(doc_mod), dict(q_len=Q)),

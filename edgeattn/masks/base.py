@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -64,6 +65,12 @@ class Mask:
 
     def __or__(self, other: "Mask") -> "Mask":
         return or_masks(self, other)
+
+    def __rand__(self, other) -> "Mask":   # mask_mod & Mask
+        return and_masks(other, self)
+
+    def __ror__(self, other) -> "Mask":
+        return or_masks(other, self)
 
 
 def custom(mask_mod: Optional[MaskMod] = None, bias_mod: Optional[BiasMod] = None, name: Optional[str] = None) -> Mask:
@@ -152,7 +159,8 @@ def _arity(fn):
 
 def _check_int(name: str, value, low: int = 0, high: Optional[int] = None) -> int:
     """Validate an integer parameter; the error names the parameter and the allowed range."""
-    if isinstance(value, bool) or not isinstance(value, (int,)) and not (hasattr(value, "__index__")):
+    integer_tensor = isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point()
+    if isinstance(value, bool) or not (isinstance(value, numbers.Integral) or integer_tensor):
         raise ValueError(f"{name} must be an integer in {_range(low, high)}, got {value!r}")
     value = int(value)
     if value < low or (high is not None and value > high):

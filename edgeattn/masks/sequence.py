@@ -70,6 +70,9 @@ def segments(segment_ids) -> Mask:
     lengths = torch.unique_consecutive(ids, return_counts=True)[1].tolist()
 
     def mods(shape):
+        if shape.q_len > shape.kv_len:
+            raise ValueError(f"segments needs q_len <= kv_len (queries are the tail of the keys), "
+                             f"got q_len={shape.q_len}, kv_len={shape.kv_len}")
         if ids.numel() != shape.kv_len:
             raise ValueError(f"segment_ids has {ids.numel()} entries but the sequence has {shape.kv_len} keys; "
                              f"give one id per key position")
