@@ -34,20 +34,24 @@ def dense(opset: int, bias: bool) -> FunctionProto:
         n("Transpose", ["k"], ["k_t"], perm=[0, 1, 3, 2]),
         n("MatMul", ["q_scaled", "k_t"], ["scores"]),
     ]
-    if bias:
-        nodes += [n("CastLike", ["bias", "q"], ["bias_t"]), n("Add", ["scores", "bias_t"], ["scores_b"])]
-    logits = "scores_b" if bias else "scores"
     nodes += [
         n("Constant", [], ["neg_inf_f"], value_float=float("-inf")),
         n("CastLike", ["neg_inf_f", "q"], ["neg_inf"]),
-        n("Where", ["mask", logits, "neg_inf"], ["masked"]),
+        n("Constant", [], ["zero_f"], value_float=0.0),
+        n("CastLike", ["zero_f", "q"], ["zero"]),
+        # The additive mask is computed on the (heads or 1, Nq, Nkv) table, not on the (B, H, Nq, Nkv) scores:
+        # runtimes constant-fold it for static tables, and one broadcast Add is much faster than a broadcast Where.
+        n("Where", ["mask", "zero", "neg_inf"], ["mask_add"]),
+    ]
+    if bias:
+        nodes += [n("CastLike", ["bias", "q"], ["bias_t"]), n("Add", ["bias_t", "mask_add"], ["bias_add"])]
+    nodes += [
+        n("Add", ["scores", "bias_add" if bias else "mask_add"], ["masked"]),
         n("Softmax", ["masked"], ["probs"], axis=-1),
         n("MatMul", ["probs", "v"], ["attended"]),
         n("Cast", ["mask"], ["mask_i"], to=TensorProto.INT32),
         *_reduce_max(opset, "mask_i", "row_any_i"),
         n("Cast", ["row_any_i"], ["row_any"], to=TensorProto.BOOL),
-        n("Constant", [], ["zero_f"], value_float=0.0),
-        n("CastLike", ["zero_f", "q"], ["zero"]),
         n("Where", ["row_any", "attended", "zero"], ["out"]),
     ]
     inputs = ["q", "k", "v", "mask"] + (["bias"] if bias else [])
