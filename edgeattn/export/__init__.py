@@ -24,7 +24,7 @@ from . import functions, metadata
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
-_TABLE_INPUTS = slice(3, None)   # mask and bias inputs of a MaskedAttention node
+_FIRST_TABLE_INPUT = 3   # MaskedAttention inputs: q, k, v, then the mask table and the optional bias table
 
 
 @dataclass
@@ -52,10 +52,8 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
         except Exception as e:  # the exporter's own errors are long; keep the cause chained for debugging
             raise EdgeAttnError(f"torch.onnx export failed: {str(e).strip().splitlines()[0]}") from e
     proto = program.model_proto
-    result = finalize(proto, opset=opset, inline=inline, extra=metadata_props)
-    result.path = Path(path)
-    result.file_bytes = save(proto, path)
-    return result
+    masks, table_bytes = finalize(proto, opset=opset, inline=inline, extra=metadata_props)
+    return ExportResult(Path(path), opset, inline, masks, table_bytes, file_bytes=save(proto, path))
 
 
 def export_registered(name: str, path, *, seed: int = 0, opset: int = DEFAULT_OPSET, inline: bool = False,
@@ -77,8 +75,10 @@ def _check_opset(opset) -> None:
         raise EdgeAttnError(f"opset must be an integer >= {MIN_OPSET}, got {opset!r}")
 
 
-def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool, extra: Optional[dict] = None) -> ExportResult:
-    """Attach function bodies, dedupe tables, write metadata, optionally inline, then run the full checker."""
+def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool,
+             extra: Optional[dict] = None) -> tuple[list[dict], int]:
+    """Attach function bodies, dedupe tables, write metadata, optionally inline, then run the full checker.
+    Returns one description per attention node and the bytes of the unique mask tables."""
     nodes = [n for n in proto.graph.node if n.domain == ONNX_DOMAIN]
     table_bytes = _dedupe_tables(proto, nodes)
     masks, overloads = [], set()
@@ -87,7 +87,7 @@ def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool, extra: Optiona
         overloads.add(node.overload)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         masks.append({"node": node.name, "mask": attrs.get("mask", b"").decode(), "lowering": node.overload,
-                      "table_bytes": sum(table_bytes.get(i, 0) for i in node.input[_TABLE_INPUTS])})
+                      "table_bytes": sum(table_bytes.get(i, 0) for i in node.input[_FIRST_TABLE_INPUT:])})
     for overload in sorted(overloads):
         proto.functions.append(functions.body(overload, opset))
     unique_bytes = sum(table_bytes.values())
@@ -99,7 +99,7 @@ def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool, extra: Optiona
         inlined.opset_import.extend(op for op in proto.opset_import if op.domain != ONNX_DOMAIN)
         proto.CopyFrom(inlined)
     onnx.checker.check_model(proto, full_check=True)
-    return ExportResult(Path(), opset, inline, masks, unique_bytes)
+    return masks, unique_bytes
 
 
 def save(proto: onnx.ModelProto, path) -> int:
@@ -114,7 +114,7 @@ def _dedupe_tables(proto: onnx.ModelProto, nodes) -> dict[str, int]:
     inits = {i.name: i for i in proto.graph.initializer}
     first_by_digest, kept, dropped = {}, {}, set()
     for node in nodes:
-        for pos in range(3, len(node.input)):
+        for pos in range(_FIRST_TABLE_INPUT, len(node.input)):
             name = node.input[pos]
             if name not in inits:
                 continue

@@ -58,7 +58,6 @@ class Mask:
 
     name: str
     mods: Callable[[Shape], tuple[MaskMod, Optional[BiasMod]]] = field(repr=False, compare=False)
-    params: dict = field(default_factory=dict, compare=False)
 
     def __and__(self, other: "Mask") -> "Mask":
         return and_masks(self, other)
@@ -80,7 +79,7 @@ def custom(mask_mod: Optional[MaskMod] = None, bias_mod: Optional[BiasMod] = Non
             raise ValueError(f"{label} must be a callable (b, h, q_idx, kv_idx), got {fn!r}")
     if mask_mod is None and bias_mod is None:
         raise ValueError("custom() needs a mask_mod, a bias_mod or both")
-    name = name or getattr(mask_mod or bias_mod, "__name__", "custom")
+    name = name or getattr(mask_mod or bias_mod, "__name__", "custom").replace("<lambda>", "custom")
     return Mask(name, lambda shape: (mask_mod or _full, bias_mod))
 
 

@@ -58,7 +58,7 @@ def neighborhood(kernel, dilation=1, stride=1, causal=False) -> Mask:
 
         return mask_mod, None
 
-    return Mask(name, mods, dict(kernel=kernel, dilation=dilation, stride=stride, causal=causal))
+    return Mask(name, mods)
 
 
 def _axis_allowed(i, j, length, k, d, s, causal):

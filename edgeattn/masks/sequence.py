@@ -36,7 +36,7 @@ def sliding_window(window: int, causal: bool = True) -> Mask:
 
         return mask_mod, None
 
-    return Mask(f"sliding_window_w{window}" + ("" if causal else "_bidirectional"), mods, dict(window=window, causal=causal))
+    return Mask(f"sliding_window_w{window}" + ("" if causal else "_bidirectional"), mods)
 
 
 def sinks(n_sink: int, window: int) -> Mask:
@@ -51,7 +51,7 @@ def sinks(n_sink: int, window: int) -> Mask:
 
         return mask_mod, None
 
-    return Mask(f"sinks_s{n_sink}_w{window}", mods, dict(n_sink=n_sink, window=window))
+    return Mask(f"sinks_s{n_sink}_w{window}", mods)
 
 
 def segments(segment_ids) -> Mask:
@@ -84,4 +84,4 @@ def segments(segment_ids) -> Mask:
 
         return mask_mod, None
 
-    return Mask("segments_" + "-".join(map(str, lengths)), mods, dict(segment_lengths=lengths))
+    return Mask("segments_" + "-".join(map(str, lengths)), mods)

@@ -45,7 +45,7 @@ def window(size, shift=0) -> Mask:
 
         return mask_mod, None
 
-    return Mask(name, mods, dict(size=size, shift=shift))
+    return Mask(name, mods)
 
 
 def _fmt(values) -> str:

@@ -2,6 +2,7 @@
 edgeattn functions are inlined into standard ops in memory before OpenVINO reads the model."""
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 
@@ -34,7 +35,10 @@ class OpenVinoSession(Session):
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()
-        results = request.infer(feeds)
+        try:
+            results = request.infer(feeds)
+        except Exception as e:
+            raise EdgeAttnError(f"OpenVINO ({self.runtime}) failed to run: {str(e).strip().splitlines()[0]}") from e
         return {info.name: results[port].copy() for info, port in zip(self.outputs, self._ports)}
 
 
@@ -43,6 +47,7 @@ class OpenVinoCpu(Runtime):
     description = "OpenVINO, CPU plugin"
     tolerances = {"float32": Tolerance(atol=1e-4, min_cosine=0.99999)}
 
+    @functools.cache  # noqa: B019  (one instance per process; asking OpenVINO for its devices is slow)
     def not_supported_reasons(self):
         try:
             import openvino as ov

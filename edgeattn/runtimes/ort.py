@@ -28,7 +28,10 @@ class OrtSession(Session):
         self._names = [o.name for o in self.outputs]
 
     def _run(self, feeds):
-        return dict(zip(self._names, self._session.run(self._names, feeds)))
+        try:
+            return dict(zip(self._names, self._session.run(self._names, feeds)))
+        except Exception as e:
+            raise EdgeAttnError(f"onnxruntime ({self.runtime}) failed to run: {str(e).strip().splitlines()[0]}") from e
 
 
 class OrtCpu(Runtime):
