@@ -106,12 +106,7 @@ def check_file(path, runtime_names: Optional[Sequence[str]] = None, runs: int = 
     The torch row times eager PyTorch on the same inputs (its error is 0 by construction)."""
     from . import models
 
-    model = read_onnx(path)
-    meta = metadata.read(model)
-    if "model" not in meta:
-        raise EdgeAttnError(f"{path}: has no edgeattn reference-model metadata (it was not exported by `edgeattn "
-                            f"export`); compare it from Python with edgeattn.parity.compare_model")
-    built = models.build(meta["model"], seed=int(meta.get("seed", 0)), **meta.get("config", {}))
+    built = models.from_metadata(read_onnx(path), path)
     return compare_model(built.module, list(built.inputs.values()), path, runtime_names, runs, progress)
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .masks.base import Mask, Shape, as_mask, index_grid
+from .masks.base import Shape, as_mask, index_grid
 
 # Rows evaluated per step: bounds the broadcast temporaries (int64 indices) to ~64 MB on large grids.
 _ROW_CHUNK_ELEMS = 8 * 1024 * 1024

@@ -97,7 +97,7 @@ def test_unknown_edgeattn_op_version_is_refused(small_model, tmp_path):
 
 
 def test_torch_runtime_needs_a_registered_model(small_model):
-    with pytest.raises(EdgeAttnError, match="not exported from a registered reference model"):
+    with pytest.raises(EdgeAttnError, match="no edgeattn reference-model metadata"):
         edgeattn.load(small_model[0], "torch")
 
 

@@ -63,4 +63,16 @@ def build(name: str, seed: int = 0, **overrides) -> BuiltModel:
     return BuiltModel(name, module, inputs, spec.outputs, config, seed)
 
 
+def from_metadata(model, path) -> BuiltModel:
+    """Rebuild the registered model an exported file came from, using its ``edgeattn.*`` metadata."""
+    from ..export import metadata
+
+    meta = metadata.read(model)
+    if "model" not in meta:
+        raise EdgeAttnError(f"{path}: has no edgeattn reference-model metadata (it was not exported by `edgeattn "
+                            f"export`), so there is no torch model to rebuild; compare it from Python with "
+                            f"edgeattn.parity.compare_model")
+    return build(meta["model"], seed=int(meta.get("seed", 0)), **meta.get("config", {}))
+
+
 from . import nat, swin  # noqa: E402,F401  (registers the models)

@@ -1,6 +1,7 @@
 """onnxruntime: ``ort-cpu`` and ``ort-cuda``.  ORT expands the edgeattn local functions itself."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from ..errors import EdgeAttnError
@@ -65,3 +66,23 @@ class OrtCuda(OrtCpu):
 
     def _providers(self):
         return [(self.provider, {"device_id": 0, "use_tf32": 0}), "CPUExecutionProvider"]
+
+    @functools.cache  # noqa: B019  (one instance per process; the probe starts CUDA once)
+    def not_supported_reasons(self):
+        reasons = super().not_supported_reasons()
+        if reasons:
+            return reasons
+        # onnxruntime-gpu lists the CUDA EP even without a GPU or CUDA libraries; only a session tells.
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+        probe = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x],
+                                                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
+        try:
+            session = ort.InferenceSession(probe.SerializeToString(), providers=self._providers())
+        except Exception as e:
+            return [f"the CUDA execution provider could not start: {str(e).strip().splitlines()[0]}"]
+        if session.get_providers()[0] != self.provider:
+            return ["the CUDA execution provider could not start (no GPU, or CUDA/cuDNN libraries missing)"]
+        return []

@@ -7,8 +7,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import EdgeAttnError
-from ..export import metadata
 from .base import Runtime, Session, Tolerance, graph_inputs, io_info, read_onnx
 
 
@@ -22,11 +20,7 @@ class TorchSession(Session):
         from .. import models
 
         model = read_onnx(path)
-        meta = metadata.read(model)
-        if "model" not in meta:
-            raise EdgeAttnError(f"{path}: was not exported from a registered reference model, so there is no torch "
-                                f"model to rebuild; compare it from Python with edgeattn.parity.compare_model")
-        built = models.build(meta["model"], seed=int(meta.get("seed", 0)), **meta.get("config", {}))
+        built = models.from_metadata(model, path)
         return cls(runtime, built.module, graph_inputs(model), io_info(model.graph.output))
 
     def _run(self, feeds):
