@@ -10,7 +10,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from edgeattn import models, parity, runtimes
+from edgeattn import models, parity
 from edgeattn.export import export_registered
 
 
@@ -20,7 +20,7 @@ def main():
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--json")
     args = p.parse_args()
-    names = ["torch"] + runtimes.available()
+    names = parity.default_runtimes()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
@@ -36,6 +36,9 @@ def main():
     for row in rows:
         eager = next(r["p50_ms"] for r in rows if r["model"] == row["model"] and r["runtime"] == "torch"
                      and r["export"] == row["export"])
+        if row["p50_ms"] is None:  # the runtime failed to load or run: the ok column says so
+            print(f"{row['model']:16s} {row['export']:9s} {row['runtime']:13s} NO  {'-':>11s}")
+            continue
         print(f"{row['model']:16s} {row['export']:9s} {row['runtime']:13s} {'yes' if row['ok'] else 'NO':3s} "
               f"{row['max_abs_err']:11.2e} {row['p50_ms']:8.2f} {row['p90_ms']:8.2f} {eager / row['p50_ms']:7.2f}x "
               f"{row['file_mb']:7.1f}")

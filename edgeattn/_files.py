@@ -1,25 +1,58 @@
-"""Atomic file replacement: write a temporary file in the target's folder, fsync, then rename over the target."""
+"""Output files: checked before the work starts, replaced atomically when it is done."""
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
+from .errors import EdgeAttnError
+
+
+def check_writable(path) -> Path:
+    """Fail early, in one line, when ``path`` cannot become a file (before minutes of export are spent)."""
+    path = Path(path)
+    if not str(path).strip():
+        raise EdgeAttnError("output path is empty")
+    if path.is_dir():
+        raise EdgeAttnError(f"{path}: is a directory; give a file path such as {path / 'model.onnx'}")
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise EdgeAttnError(f"{path}: cannot create it, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EdgeAttnError(f"{path}: no permission to write in {parent}")
+    return path
+
 
 def atomic_write(path, data: bytes) -> int:
-    """Replace ``path`` with ``data``; on any failure (including KeyboardInterrupt) the old file stays."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Replace ``path`` with ``data``; on any failure (including KeyboardInterrupt) the old file stays.
+
+    The new file keeps the old file's permissions, or gets the usual ones (0666 less the umask)."""
+    path = check_writable(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise EdgeAttnError(f"{path}: cannot write: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), mode)  # mkstemp creates 0600
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise EdgeAttnError(f"{path}: cannot write: {e.strerror or e}") from e
         raise
     return len(data)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

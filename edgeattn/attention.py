@@ -31,9 +31,29 @@ def _(q, k, v, mask, bias, scale):
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
 
-def reference_attention(q, k, v, mask, bias=None, scale=None):
-    """q (B, H, Nq, D), k/v (B, H, Nkv, D), mask bool (H or 1, Nq, Nkv), bias float (H or 1, Nq, Nkv)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, bias, scale = inputs
+    ctx.save_for_backward(q, k, v, mask, bias)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad):
+    """Gradients by differentiating the reference kernel: layers stay trainable (fine-tune, then export)."""
+    q, k, v, mask, bias = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        bias_leaf = bias.detach().requires_grad_() if bias is not None else None
+        out = reference_attention(*leaves, mask, bias_leaf, ctx.scale)
+        wrt = leaves + ([bias_leaf] if bias_leaf is not None else [])
+        grads = torch.autograd.grad(out, wrt, grad)
+    return grads[0], grads[1], grads[2], None, grads[3] if bias is not None else None, None
+
+
+_masked_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def reference_attention(q, k, v, mask, bias, scale: float):
+    """q (B, H, Nq, D), k/v (B, H, Nkv, D), mask bool (H or 1, Nq, Nkv), bias float (H or 1, Nq, Nkv) or None."""
     attn_mask = mask if bias is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     # SDPA already returns zeros for rows without any allowed key; the where keeps that a guarantee.
@@ -41,7 +61,10 @@ def reference_attention(q, k, v, mask, bias=None, scale=None):
 
 
 def masked_attention(q, k, v, mask, bias=None, scale: Optional[float] = None, mask_name: str = "") -> torch.Tensor:
-    """Masked attention over a static (or computed) table; see the module docstring for the semantics."""
+    """Masked attention over a boolean table (True = may attend); see the module docstring for the semantics."""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True where a query may attend a key), got {mask.dtype}; "
+                         f"pass additive float biases as bias=")
     scale = float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     if torch.onnx.is_in_onnx_export():
         attrs = {"scale": scale, "mask": mask_name}

@@ -12,12 +12,14 @@ from . import __version__, masks, models, parity, runtimes
 from .errors import EdgeAttnError
 from .export import DEFAULT_OPSET, export_registered
 
+DEFAULT_RUNS = 20
+
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (EdgeAttnError, ValueError) as e:
+    except (EdgeAttnError, ValueError, OSError) as e:
         print(f"edgeattn: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -46,6 +48,8 @@ def cmd_runtimes(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if not args.check and (args.runtime or args.json or args.runs != DEFAULT_RUNS):
+        raise EdgeAttnError("--runtime, --runs and --json apply to the parity check; add --check")
     names = _runtimes(args.runtime) if args.check else []
     result = export_registered(args.model, args.output, seed=args.seed, opset=args.opset, inline=args.inline,
                                progress=_log)
@@ -75,12 +79,22 @@ def _check(path, names, args) -> int:
 def _runtimes(requested) -> list[str]:
     """Explicit runtimes must all be available; the default is torch plus every available ONNX runtime."""
     if not requested:
-        return ["torch"] + runtimes.available()
+        return parity.default_runtimes()
     for name in requested:
         reasons = runtimes.get(name).not_supported_reasons()
         if reasons:
             raise EdgeAttnError(f"runtime {name} is not available: {'; '.join(reasons)}")
     return list(dict.fromkeys(requested))
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _log(message: str) -> None:
@@ -104,7 +118,8 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--runtime", action="append", metavar="NAME",
                          help=f"runtime to check on, repeatable ({', '.join(runtimes.runtime_names())}); "
                               "default: torch and every available ONNX runtime")
-        cmd.add_argument("--runs", type=int, default=20, help="timed runs per runtime after 3 warm-ups (default 20)")
+        cmd.add_argument("--runs", type=_positive, default=DEFAULT_RUNS,
+                         help=f"timed runs per runtime after 3 warm-ups (default {DEFAULT_RUNS})")
         cmd.add_argument("--json", metavar="FILE", help="write the parity results as a JSON list")
 
     e = sub.add_parser("export", help="export a reference model to ONNX")

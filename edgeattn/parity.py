@@ -46,9 +46,10 @@ def compare(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarra
         out = np.asarray(outputs[name], dtype=np.float64)
         if out.shape != ref.shape:
             raise EdgeAttnError(f"output {name!r}: runtime gave shape {out.shape}, reference {ref.shape}")
-        if (~np.isfinite(out) & np.isfinite(ref)).any():
-            worst["nonfinite"] = True
-            continue
+        finite = np.isfinite(ref)
+        if (np.isfinite(out) != finite).any() or (out[~finite] != ref[~finite]).any():
+            worst["nonfinite"] = True  # NaN/inf in one and not the other (equal infs are fine)
+        out, ref = np.where(finite, out, 0.0), np.where(finite, ref, 0.0)
         err = float(np.abs(out - ref).max()) if ref.size else 0.0
         scale = float(np.abs(ref).max()) if ref.size else 0.0
         norms = np.linalg.norm(out) * np.linalg.norm(ref)
@@ -84,8 +85,8 @@ def check_sessions(reference: Mapping[str, np.ndarray], feeds: Mapping[str, np.n
         if reasons:
             results.append(ParityResult(name, "unavailable", False, detail="; ".join(reasons)))
             continue
-        tol = runtime.tolerance(dtype)
         try:
+            tol = runtime.tolerance(dtype)
             session = runtime.load(path)
             metrics = compare(reference, session.run(feeds))
             p50, p90 = latency(lambda: session.run(feeds), runs=runs)
@@ -93,7 +94,7 @@ def check_sessions(reference: Mapping[str, np.ndarray], feeds: Mapping[str, np.n
             results.append(ParityResult(name, "error", False, detail=str(e)))
             continue
         ok = not metrics["nonfinite"] and metrics["max_abs_err"] <= tol.atol and metrics["cosine"] >= tol.min_cosine
-        detail = "NaN/inf where the reference is finite" if metrics["nonfinite"] else ""
+        detail = "NaN/inf do not match the reference" if metrics["nonfinite"] else ""
         results.append(ParityResult(name, "ok" if ok else "fail", ok, metrics["max_abs_err"], metrics["max_rel_err"],
                                     metrics["cosine"], tol.atol, p50, p90, detail))
     return results
@@ -116,26 +117,41 @@ def compare_model(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor
     """Compare an exported file with the module it came from, on the given inputs (Python API for any model)."""
     model = read_onnx(path)
     input_infos, outputs = graph_inputs(model), [o.name for o in model.graph.output]
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = [example_inputs]
     if len(input_infos) != len(example_inputs):
         raise EdgeAttnError(f"{path} has {len(input_infos)} inputs, {len(example_inputs)} example inputs given")
-    feeds = {info.name: t.detach().numpy() for info, t in zip(input_infos, example_inputs)}
-    module = module.eval()
-    with torch.no_grad():
-        out = module(*example_inputs)
-    out = out if isinstance(out, (tuple, list)) else (out,)
-    reference = {name: t.detach().numpy() for name, t in zip(outputs, out)}
-    names = list(runtime_names) if runtime_names else ["torch"] + runtimes.available()
+    feeds = {info.name: _numpy(t) for info, t in zip(input_infos, example_inputs)}
+    flat = torch.utils._pytree.tree_leaves(_eager(module, example_inputs))  # the exporter flattens outputs the same way
+    if len(flat) != len(outputs):
+        raise EdgeAttnError(f"{path} has {len(outputs)} outputs, the model returns {len(flat)} tensors")
+    reference = {name: _numpy(t) for name, t in zip(outputs, flat)}
+    dtype = str(next(iter(reference.values())).dtype) if reference else "float32"
+    names = list(runtime_names) if runtime_names else default_runtimes()
     results = []
     if "torch" in names:  # timed first: idle runtime thread pools left spinning would slow eager torch down
         p50, p90 = latency(lambda: _eager(module, example_inputs), runs=runs)
         results.append(ParityResult("torch", "ok", True, 0.0, 0.0, 1.0, 0.0, p50, p90, "reference (eager)"))
-    return results + check_sessions(reference, feeds, path, [n for n in names if n != "torch"], runs,
+    return results + check_sessions(reference, feeds, path, [n for n in names if n != "torch"], runs, dtype,
                                     progress=progress)
 
 
+def default_runtimes() -> list[str]:
+    """What a check covers when no runtime is named: the torch reference and every available ONNX runtime."""
+    return ["torch"] + runtimes.available()
+
+
 def _eager(module, inputs):
-    with torch.no_grad():
-        return module(*inputs)
+    was_training = module.training
+    try:
+        with torch.no_grad():
+            return module.eval()(*inputs)
+    finally:
+        module.train(was_training)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
 
 
 def describe(path) -> str:

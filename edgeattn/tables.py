@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .masks.base import Shape, as_mask, index_grid
+from .masks.base import Shape, as_mask, evaluate, index_grid
 
 # Rows evaluated per step: bounds the broadcast temporaries (int64 indices) to ~64 MB on large grids.
 _ROW_CHUNK_ELEMS = 8 * 1024 * 1024
@@ -52,26 +52,12 @@ def build(mask, q_len=None, kv_len=None, grid=None, heads: int = 1, layout: str 
     rows = max(1, _ROW_CHUNK_ELEMS // shape.kv_len)
     masks, biases = [], []
     for start in range(0, shape.q_len, rows):
-        b, h, q, kv = index_grid(shape, heads, slice(start, min(start + rows, shape.q_len)))
-        masks.append(_evaluate(mask_mod, (b, h, q, kv), "mask_mod", heads).to(torch.bool))
+        index = index_grid(shape, heads, slice(start, min(start + rows, shape.q_len)))
+        masks.append(evaluate(mask_mod, index, heads))
         if bias_mod is not None:
-            biases.append(_evaluate(bias_mod, (b, h, q, kv), "bias_mod", heads).to(torch.float32))
+            biases.append(evaluate(bias_mod, index, heads, "bias_mod").to(torch.float32))
     return DenseTable(mask.name, shape, _squeeze_heads(torch.cat(masks, 1)),
                       _squeeze_heads(torch.cat(biases, 1)) if biases else None)
-
-
-def _evaluate(fn, args, label, heads):
-    """Call a mask/bias function once; keep a head axis of 1 when it does not depend on the head."""
-    b, h, q, kv = args
-    out = torch.as_tensor(fn(*args))
-    per_head = out.ndim >= 3 and out.shape[-3] != 1
-    full = (heads if per_head else 1, q.shape[2], kv.shape[3])
-    try:
-        out = out.broadcast_to((1,) + full)[0]
-    except RuntimeError as e:
-        raise ValueError(f"{label} must broadcast over (b, h, q_idx, kv_idx) index tensors to {full}; "
-                         f"it returned shape {tuple(out.shape)} ({e})") from None
-    return out
 
 
 def _squeeze_heads(t: torch.Tensor) -> torch.Tensor:

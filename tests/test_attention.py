@@ -49,3 +49,16 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     mask = torch.ones(1, 5, 5, dtype=torch.bool)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(masked_attention(q, k, v, mask), expected)
+
+
+def test_gradients_match_sdpa():
+    q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 6, 6, dtype=torch.float64, requires_grad=True)
+    mask = torch.tril(torch.ones(1, 6, 6, dtype=torch.bool))
+    torch.autograd.gradcheck(lambda q, k, v, b: masked_attention(q, k, v, mask, b), (q, k, v, bias))
+
+
+def test_float_masks_are_refused():
+    q = torch.randn(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        masked_attention(q, q, q, torch.zeros(1, 4, 4))

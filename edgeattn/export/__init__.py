@@ -17,13 +17,14 @@ import torch
 from onnx import numpy_helper
 
 from .. import __version__
-from .._files import atomic_write
+from .._files import atomic_write, check_writable
 from ..attention import ONNX_DOMAIN
 from ..errors import EdgeAttnError
 from . import functions, metadata
 
 DEFAULT_OPSET = 18
-MIN_OPSET = 17
+MIN_OPSET, MAX_OPSET = 17, 25   # the range exported and run on onnxruntime and OpenVINO here
+RESERVED_METADATA = ("version", "opset", "inline", "masks", "table_bytes")
 _FIRST_TABLE_INPUT = 3   # MaskedAttention inputs: q, k, v, then the mask table and the optional bias table
 
 
@@ -44,13 +45,21 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
     """Export ``model`` at the example inputs' shapes.  By default attention stays one ``edgeattn`` node with a
     local-function fallback; ``inline=True`` writes standard ops only.  The file is replaced only on success."""
     _check_opset(opset)
-    model = model.eval()
-    with torch.no_grad(), _quiet():
-        try:
-            program = torch.onnx.export(model, tuple(example_inputs), dynamo=True, opset_version=opset,
+    check_writable(path)
+    clash = sorted(set(metadata_props or {}) & set(RESERVED_METADATA))
+    if clash:
+        raise EdgeAttnError(f"metadata_props may not set {clash}: edgeattn writes those keys itself")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = [example_inputs]
+    was_training = model.training
+    try:
+        with torch.no_grad(), _quiet():
+            program = torch.onnx.export(model.eval(), tuple(example_inputs), dynamo=True, opset_version=opset,
                                         input_names=input_names, output_names=output_names, verbose=False)
-        except Exception as e:  # the exporter's own errors are long; keep the cause chained for debugging
-            raise EdgeAttnError(f"torch.onnx export failed: {str(e).strip().splitlines()[0]}") from e
+    except Exception as e:  # the exporter's own errors are long; keep the cause chained for debugging
+        raise EdgeAttnError(f"torch.onnx export failed: {str(e).strip().splitlines()[0]}") from e
+    finally:
+        model.train(was_training)
     proto = program.model_proto
     masks, table_bytes = finalize(proto, opset=opset, inline=inline, extra=metadata_props)
     return ExportResult(Path(path), opset, inline, masks, table_bytes, file_bytes=save(proto, path))
@@ -62,6 +71,7 @@ def export_registered(name: str, path, *, seed: int = 0, opset: int = DEFAULT_OP
     from .. import models
 
     _check_opset(opset)
+    check_writable(path)
     built = models.build(name, seed=seed, **config)
     if progress:
         progress(f"exporting {name} -> {path} (opset {opset}{', inlined' if inline else ''})")
@@ -71,8 +81,8 @@ def export_registered(name: str, path, *, seed: int = 0, opset: int = DEFAULT_OP
 
 
 def _check_opset(opset) -> None:
-    if not isinstance(opset, int) or opset < MIN_OPSET:
-        raise EdgeAttnError(f"opset must be an integer >= {MIN_OPSET}, got {opset!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise EdgeAttnError(f"opset must be an integer in [{MIN_OPSET}, {MAX_OPSET}], got {opset!r}")
 
 
 def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool,
@@ -98,7 +108,10 @@ def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool,
         del inlined.opset_import[:]
         inlined.opset_import.extend(op for op in proto.opset_import if op.domain != ONNX_DOMAIN)
         proto.CopyFrom(inlined)
-    onnx.checker.check_model(proto, full_check=True)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise EdgeAttnError(f"the exported model fails onnx.checker: {str(e).strip().splitlines()[0]}") from e
     return masks, unique_bytes
 
 
@@ -140,7 +153,8 @@ def _quiet():
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        sink = io.StringIO()  # errors still surface as exceptions
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:

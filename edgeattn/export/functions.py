@@ -18,11 +18,11 @@ def overload_for(has_bias: bool) -> str:
     return "dense_bias" if has_bias else "dense"
 
 
-def dense(opset: int, bias: bool) -> FunctionProto:
-    """MatMul / Add / Where / Softmax / MatMul over a dense boolean table.
+def dense(opset: int, bias: bool, overload: str) -> FunctionProto:
+    """MatMul / Add / Softmax / MatMul over a dense boolean table.
 
-    Masked scores are set to -inf (exact in every float dtype); a row with no allowed key then softmaxes to NaN,
-    and the last Where turns exactly those rows to zeros, matching torch.
+    The table becomes an additive 0 / -inf mask (exact in every float dtype); a row with no allowed key then
+    softmaxes to NaN, and the last Where turns exactly those rows to zeros, matching torch.
     """
     n = helper.make_node
     scale = n("Constant", [], ["scale_f"], value_float=1.0)
@@ -57,14 +57,14 @@ def dense(opset: int, bias: bool) -> FunctionProto:
     inputs = ["q", "k", "v", "mask"] + (["bias"] if bias else [])
     fn = helper.make_function(ONNX_DOMAIN, ONNX_OP, inputs, ["out"], nodes, [helper.make_opsetid("", opset)],
                               attributes=ATTRIBUTES, doc_string=dense.__doc__.splitlines()[0])
-    fn.overload = "dense_bias" if bias else "dense"
+    fn.overload = overload
     return fn
 
 
 def body(overload: str, opset: int) -> FunctionProto:
     if overload not in OVERLOADS:
         raise ValueError(f"unknown lowering {overload!r}; known: {', '.join(OVERLOADS)}")
-    return dense(opset, OVERLOADS[overload])
+    return dense(opset, OVERLOADS[overload], overload)
 
 
 def _reduce_max(opset: int, x: str, out: str):

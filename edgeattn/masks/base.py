@@ -124,7 +124,11 @@ def _combine(masks, sep, op) -> Mask:
 
 
 def index_grid(shape: Shape, heads: int = 1, q_rows: Optional[slice] = None):
-    """The (b, h, q_idx, kv_idx) tensors that mask functions are evaluated on, shaped to broadcast."""
+    """The (b, h, q_idx, kv_idx) tensors that mask functions are evaluated on, shaped to broadcast.
+
+    Tables are shared by every batch element, so ``b`` is always 0: masks that depend on the batch index are
+    data, not static tables."""
+    _check_int("heads", heads, low=1)
     rows = range(shape.q_len)[q_rows] if q_rows is not None else range(shape.q_len)
     b = torch.zeros((1, 1, 1, 1), dtype=torch.long)
     h = torch.arange(heads).view(1, heads, 1, 1)
@@ -133,13 +137,31 @@ def index_grid(shape: Shape, heads: int = 1, q_rows: Optional[slice] = None):
     return b, h, q, kv
 
 
+def evaluate(fn, index, heads: int, label: str = "mask_mod") -> torch.Tensor:
+    """Call a mask_mod (bool) or bias_mod (numbers) once on ``index_grid`` tensors -> (heads or 1, Nq, Nkv).
+
+    The head axis stays 1 when the function does not depend on the head."""
+    b, h, q, kv = index
+    out = fn(b, h, q, kv)
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"{label} must return a tensor computed from its index arguments, got {type(out).__name__}")
+    if label == "mask_mod" and out.dtype != torch.bool:
+        raise ValueError(f"mask_mod must return a bool tensor (True = may attend), got {out.dtype}")
+    if label == "bias_mod" and (out.dtype == torch.bool or out.is_complex()):
+        raise ValueError(f"bias_mod must return a real-valued tensor, got {out.dtype}")
+    full = (heads if out.ndim >= 3 and out.shape[-3] != 1 else 1, q.shape[2], kv.shape[3])
+    try:
+        return out.broadcast_to((1,) + full)[0]
+    except RuntimeError:
+        raise ValueError(f"{label} must broadcast over (b, h, q_idx, kv_idx) index tensors to {full}; "
+                         f"it returned shape {tuple(out.shape)}") from None
+
+
 def materialize(mask, q_len=None, kv_len=None, grid=None, heads: int = 1) -> torch.Tensor:
     """The full boolean mask, shaped (heads, Nq, Nkv): True where a query may attend a key."""
     shape = Shape.of(q_len, kv_len, grid)
     mask_mod, _ = as_mask(mask).mods(shape)
-    b, h, q, kv = index_grid(shape, heads)
-    out = torch.as_tensor(mask_mod(b, h, q, kv))
-    return out.to(torch.bool).broadcast_to((1, heads, shape.q_len, shape.kv_len))[0].clone()
+    return evaluate(mask_mod, index_grid(shape, heads), heads).expand(heads, -1, -1).clone()
 
 
 def _full(b, h, q, kv):
@@ -177,6 +199,11 @@ def per_axis(name: str, value, ndim: int, low: int = 0) -> tuple[int, ...]:
     if len(values) != ndim:
         raise ValueError(f"{name} has {len(values)} entries for a {ndim}-D grid; give one int or {ndim} ints")
     return tuple(_check_int(name, v, low=low) for v in values)
+
+
+def fmt_axes(values) -> str:
+    """Per-axis values for a mask name: ``7`` when all axes agree, else ``3x5``."""
+    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
 
 
 def axis_coords(idx: torch.Tensor, grid: tuple[int, ...]) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Mask, Shape, axis_coords, per_axis
+from .base import Mask, Shape, axis_coords, fmt_axes, per_axis
 
 
 def neighborhood(kernel, dilation=1, stride=1, causal=False) -> Mask:
@@ -36,9 +36,9 @@ def neighborhood(kernel, dilation=1, stride=1, causal=False) -> Mask:
         return ks, ds, ss, cs
 
     ks, ds, ss, cs = resolve(ndim or 1)  # validates types now; per-axis lengths are checked against the grid later
-    name = "neighborhood_k" + _fmt(ks)
-    name += "_d" + _fmt(ds) if any(d > 1 for d in ds) else ""
-    name += "_s" + _fmt(ss) if any(s > 1 for s in ss) else ""
+    name = "neighborhood_k" + fmt_axes(ks)
+    name += "_d" + fmt_axes(ds) if any(d > 1 for d in ds) else ""
+    name += "_s" + fmt_axes(ss) if any(s > 1 for s in ss) else ""
     name += "_causal" + ("" if all(cs) else "".join("1" if c else "0" for c in cs)) if any(cs) else ""
 
     def mods(shape: Shape):
@@ -75,7 +75,3 @@ def _axis_allowed(i, j, length, k, d, s, causal):
         centre = torch.minimum(leader.clamp(min=before), group_len - 1 - after)
         inside = (p >= centre - before) & (p <= centre + after)
     return inside & (j % d == group)
-
-
-def _fmt(values) -> str:
-    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))

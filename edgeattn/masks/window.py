@@ -9,7 +9,7 @@ scores of other regions; we mask them, which differs by at most exp(-100).
 """
 from __future__ import annotations
 
-from .base import Mask, Shape, axis_coords, per_axis
+from .base import Mask, Shape, axis_coords, fmt_axes, per_axis
 
 
 def window(size, shift=0) -> Mask:
@@ -19,7 +19,7 @@ def window(size, shift=0) -> Mask:
     for s, w in zip(shifts, sizes):
         if s >= w:
             raise ValueError(f"shift must be in [0, size-1={w - 1}], got {s}")
-    name = f"window_{_fmt(sizes)}" + (f"_shift{_fmt(shifts)}" if any(shifts) else "")
+    name = f"window_{fmt_axes(sizes)}" + (f"_shift{fmt_axes(shifts)}" if any(shifts) else "")
 
     def mods(shape: Shape):
         grid = shape.require_grid("window", (2,))
@@ -46,7 +46,3 @@ def window(size, shift=0) -> Mask:
         return mask_mod, None
 
     return Mask(name, mods)
-
-
-def _fmt(values) -> str:
-    return str(values[0]) if values[0] == values[1] else f"{values[0]}x{values[1]}"

@@ -50,6 +50,8 @@ def names() -> list[str]:
 def build(name: str, seed: int = 0, **overrides) -> BuiltModel:
     if name not in REGISTRY:
         raise EdgeAttnError(f"unknown model {name!r}; choose one of: {', '.join(names())} (see `edgeattn models`)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise EdgeAttnError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     spec = REGISTRY[name]
     unknown = set(overrides) - set(spec.config)
     if unknown:

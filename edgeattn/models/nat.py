@@ -34,7 +34,7 @@ class NAT(nn.Module):
         dims = [embed_dim * 2**i for i in range(len(depths))]
         self.patch_embed = ConvNorm(nn.Sequential(nn.Conv2d(3, dims[0] // 2, 3, 2, 1),
                                                   nn.Conv2d(dims[0] // 2, dims[0], 3, 2, 1)), dims[0])
-        side = image_size // 4
+        side = -(-image_size // 4)  # two stride-2, padding-1, 3x3 convs: ceil(ceil(n / 2) / 2)
         self.stages, self.downsamples = nn.ModuleList(), nn.ModuleList()
         for i, (dim, depth, head, dilation) in enumerate(zip(dims, depths, heads, dilations)):
             mask = neighborhood(kernel, dilation=dilation)

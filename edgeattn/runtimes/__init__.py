@@ -22,9 +22,9 @@ def get(name: str) -> Runtime:
     return RUNTIMES[name]
 
 
-def available(names=None) -> list[str]:
-    """Names of runtimes that can run here (all ONNX runtimes when ``names`` is None)."""
-    return [n for n in (names or AUTO_ORDER) if get(n).is_available()]
+def available() -> list[str]:
+    """Names of the ONNX runtimes that can run here, in ``auto`` preference order."""
+    return [n for n in AUTO_ORDER if get(n).is_available()]
 
 
 def resolve(name: str) -> Runtime:

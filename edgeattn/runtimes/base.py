@@ -54,6 +54,9 @@ class Runtime:
         return not self.not_supported_reasons()
 
     def tolerance(self, dtype: str = "float32") -> Tolerance:
+        if dtype not in self.tolerances:
+            raise EdgeAttnError(f"{self.name} has no parity tolerance for {dtype} outputs yet "
+                                f"(known: {', '.join(self.tolerances)})")
         return self.tolerances[dtype]
 
     def load(self, path) -> Session:
