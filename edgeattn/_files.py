@@ -12,9 +12,9 @@ from .errors import EdgeAttnError
 
 def check_writable(path) -> Path:
     """Fail early, in one line, when ``path`` cannot become a file (before minutes of export are spent)."""
-    path = Path(path)
     if not str(path).strip():
         raise EdgeAttnError("output path is empty")
+    path = Path(path)
     if path.is_dir():
         raise EdgeAttnError(f"{path}: is a directory; give a file path such as {path / 'model.onnx'}")
     parent = next((p for p in path.parents if p.exists()), Path("."))

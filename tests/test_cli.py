@@ -71,11 +71,21 @@ def test_check_fails_with_numbers_when_the_file_is_off(capsys, nat_file, tmp_pat
     (["check", "README.md"], "README.md: not an ONNX model"),
     (["export", "nat-tiny", "-o", "x.onnx", "--opset", "9"], "opset must be an integer in [17, 25]"),
     (["check", "x.onnx", "--runtime", "tpu"], "unknown runtime 'tpu'"),
+    (["export", "nat-tiny", "-o", "x.onnx", "--opset", "26"], "opset must be an integer in [17, 25]"),
+    (["export", "nat-tiny", "-o", "x.onnx", "--json", "r.json"], "add --check"),
+    (["export", "nat-tiny", "-o", "x.onnx", "--seed", "-1"], "seed must be an integer in [0, 2**63)"),
+    (["export", "nat-tiny", "-o", "."], "is a directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == ""
     assert err.startswith("edgeattn: error: ") and message in err and err.count("\n") == 1
+
+
+def test_runs_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", "x.onnx", "--runs", "0"])
+    assert exit_info.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
 
 
 def test_unavailable_runtime_exits_2(capsys, nat_file):

@@ -1,3 +1,6 @@
+import os
+import stat
+
 import onnx
 import pytest
 import torch
@@ -123,3 +126,56 @@ def test_failed_export_leaves_previous_file_untouched(tmp_path):
 def test_bad_opset_is_rejected(tmp_path):
     with pytest.raises(EdgeAttnError, match="opset"):
         export_onnx(torch.nn.Identity(), [torch.randn(2)], tmp_path / "m.onnx", opset=11)
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    layer = MaskedSelfAttention(16, 2, masks.causal(), seq_len=4).eval()
+    umask = os.umask(0o022)
+    try:
+        path = _export(tmp_path, layer, torch.randn(1, 4, 16), inline=False).path
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    path.chmod(0o640)
+    _export(tmp_path, layer, torch.randn(1, 4, 16), inline=True)  # replacing keeps the old mode
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+@pytest.mark.parametrize("target, message", [
+    (".", "is a directory"),
+    ("afile/m.onnx", "afile is a file"),
+    ("", "output path is empty"),
+])
+def test_bad_output_paths_fail_before_exporting(tmp_path, monkeypatch, target, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(EdgeAttnError, match=message):
+        export_onnx(torch.nn.Identity(), [torch.randn(2)], target)
+
+
+def test_export_restores_training_mode_and_takes_a_single_tensor(tmp_path):
+    layer = MaskedSelfAttention(16, 2, masks.causal(), seq_len=4).train()
+    export_onnx(layer, torch.randn(1, 4, 16), tmp_path / "m.onnx")
+    assert layer.training
+
+
+def test_reserved_metadata_keys_are_refused(tmp_path):
+    with pytest.raises(EdgeAttnError, match=r"may not set \['masks'\]"):
+        export_onnx(torch.nn.Identity(), [torch.randn(2)], tmp_path / "m.onnx", metadata_props={"masks": 1})
+
+
+class _TwoOutputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = MaskedSelfAttention(16, 2, masks.sliding_window(2), seq_len=6)
+
+    def forward(self, x):
+        y = self.attn(x)
+        return {"y": y, "stats": (y.mean(-1), y.amax(-1))}
+
+
+def test_parity_flattens_nested_outputs(tmp_path):
+    model, x = _TwoOutputs().eval(), torch.randn(1, 6, 16)
+    path = export_onnx(model, [x], tmp_path / "m.onnx").path
+    assert len(onnx.load(path).graph.output) == 3
+    _assert_parity(model, x, path)

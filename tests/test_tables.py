@@ -186,3 +186,20 @@ def test_large_neighborhood_table():
         keys = set(t.mask[0, row].nonzero().flatten().tolist())
         cr, cc = min(max(r, 3), 52), min(max(c, 3), 52)
         assert keys == {y * 56 + x for y in range(cr - 3, cr + 4) for x in range(cc - 3, cc + 4)}
+
+
+@pytest.mark.parametrize("fn, message", [
+    (lambda b, h, q, kv: (q - kv).float(), "must return a bool tensor"),
+    (lambda b, h, q, kv: None, "must return a tensor"),
+    (lambda b, h, q, kv: torch.ones(3, 3, dtype=torch.bool), "must broadcast"),
+])
+def test_bad_mask_mods_are_clear_errors(fn, message):
+    with pytest.raises(ValueError, match=message):
+        tables.build(fn, q_len=5)
+    with pytest.raises(ValueError, match=message):
+        materialize(fn, q_len=5)
+
+
+def test_heads_must_be_positive():
+    with pytest.raises(ValueError, match="heads must be in"):
+        tables.build(causal(), q_len=4, heads=0)
