@@ -21,8 +21,8 @@ class MaskedSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, mask, grid=None, seq_len: Optional[int] = None,
                  qkv_bias: bool = True, proj: bool = True):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        if heads < 1 or dim % heads:
+            raise ValueError(f"heads must be a positive divisor of dim={dim}, got {heads}")
         self.heads, self.head_dim = heads, dim // heads
         self.mask = as_mask(mask)
         table = tables.build(self.mask, q_len=seq_len, grid=grid, heads=heads)

@@ -30,5 +30,5 @@ def test_wrong_token_count_is_a_clear_error():
 
 
 def test_dim_must_split_into_heads():
-    with pytest.raises(ValueError, match="divisible by heads"):
+    with pytest.raises(ValueError, match="heads must be a positive divisor of dim=10"):
         MaskedSelfAttention(10, 3, masks.causal(), seq_len=4)

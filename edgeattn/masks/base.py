@@ -173,7 +173,7 @@ def _arity(fn):
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return None
-    if any(p.kind in (p.VAR_POSITIONAL,) for p in params):
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
         return None
     return sum(1 for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
