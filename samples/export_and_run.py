@@ -17,6 +17,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=tempfile.mkdtemp(prefix="edgeattn-sample-"), help="output folder")
     out = Path(parser.parse_args().out)
+    torch.manual_seed(0)
 
     # 1. Masks are pure functions: a built-in family, and a FlexAttention-style mask_mod of your own.
     grid = (16, 16)
