@@ -18,6 +18,8 @@ import torch.nn.functional as F
 ONNX_DOMAIN = "edgeattn"
 ONNX_OP = "MaskedAttention"
 ONNX_OP_VERSION = 1
+# torch dtype -> ONNX TensorProto element type, passed to the node so its body can type constants statically
+ONNX_DTYPES = {torch.float32: 1, torch.float16: 10, torch.float64: 11, torch.bfloat16: 16}
 
 
 @torch.library.custom_op("edgeattn::masked_attention", mutates_args=())
@@ -67,7 +69,9 @@ def masked_attention(q, k, v, mask, bias=None, scale: Optional[float] = None, ma
                          f"pass additive float biases as bias=")
     scale = float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     if torch.onnx.is_in_onnx_export():
-        attrs = {"scale": scale, "mask": mask_name}
+        if q.dtype not in ONNX_DTYPES:
+            raise ValueError(f"masked_attention exports float32/float16/bfloat16/float64 inputs, got {q.dtype}")
+        attrs = {"scale": scale, "mask": mask_name, "dtype": ONNX_DTYPES[q.dtype]}
         return torch.onnx.ops.symbolic(f"{ONNX_DOMAIN}::{ONNX_OP}", [q, k, v, mask, bias], attrs, dtype=q.dtype,
                                        shape=tuple(q.shape[:-1]) + tuple(v.shape[-1:]), version=ONNX_OP_VERSION)
     return _masked_attention_op(q, k, v, mask, bias, scale)

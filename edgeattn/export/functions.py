@@ -11,7 +11,7 @@ from ..attention import ONNX_DOMAIN, ONNX_OP
 
 # overload name -> whether the node passes an additive bias as its 5th input
 OVERLOADS = {"dense": False, "dense_bias": True}
-ATTRIBUTES = ["scale", "mask"]
+ATTRIBUTES = ["scale", "mask", "dtype"]   # dtype: ONNX element type of q, so constants are typed statically
 
 
 def overload_for(has_bias: bool) -> str:
@@ -25,26 +25,24 @@ def dense(opset: int, bias: bool, overload: str) -> FunctionProto:
     softmaxes to NaN, and the last Where turns exactly those rows to zeros, matching torch.
     """
     n = helper.make_node
-    scale = n("Constant", [], ["scale_f"], value_float=1.0)
-    scale.attribute[0].ref_attr_name = "scale"  # the node's `scale` attribute, substituted at expansion
     nodes = [
-        scale,
-        n("CastLike", ["scale_f", "q"], ["scale_t"]),
+        _from_attribute(n("Constant", [], ["scale_f"], value_float=1.0), "scale"),
+        _cast("scale_f", "scale_t"),
         n("Mul", ["q", "scale_t"], ["q_scaled"]),
         n("Transpose", ["k"], ["k_t"], perm=[0, 1, 3, 2]),
         n("MatMul", ["q_scaled", "k_t"], ["scores"]),
     ]
     nodes += [
         n("Constant", [], ["neg_inf_f"], value_float=float("-inf")),
-        n("CastLike", ["neg_inf_f", "q"], ["neg_inf"]),
+        _cast("neg_inf_f", "neg_inf"),
         n("Constant", [], ["zero_f"], value_float=0.0),
-        n("CastLike", ["zero_f", "q"], ["zero"]),
+        _cast("zero_f", "zero"),
         # The additive mask is computed on the (heads or 1, Nq, Nkv) table, not on the (B, H, Nq, Nkv) scores:
         # runtimes constant-fold it for static tables, and one broadcast Add is much faster than a broadcast Where.
         n("Where", ["mask", "zero", "neg_inf"], ["mask_add"]),
     ]
     if bias:
-        nodes += [n("CastLike", ["bias", "q"], ["bias_t"]), n("Add", ["bias_t", "mask_add"], ["bias_add"])]
+        nodes += [_cast("bias", "bias_t"), n("Add", ["bias_t", "mask_add"], ["bias_add"])]
     nodes += [
         n("Add", ["scores", "bias_add" if bias else "mask_add"], ["masked"]),
         n("Softmax", ["masked"], ["probs"], axis=-1),
@@ -65,6 +63,18 @@ def body(overload: str, opset: int) -> FunctionProto:
     if overload not in OVERLOADS:
         raise ValueError(f"unknown lowering {overload!r}; known: {', '.join(OVERLOADS)}")
     return dense(opset, OVERLOADS[overload], overload)
+
+
+def _from_attribute(node, attribute: str):
+    """Make the node's first attribute a reference to the calling node's ``attribute``, substituted at expansion."""
+    node.attribute[0].ref_attr_name = attribute
+    return node
+
+
+def _cast(src: str, dst: str):
+    """Cast to q's dtype.  A Cast with a static ``to`` (unlike CastLike on a runtime tensor) lets runtimes
+    constant-fold everything derived from the tables once the function is inlined."""
+    return _from_attribute(helper.make_node("Cast", [src], [dst], to=TensorProto.FLOAT), "dtype")
 
 
 def _reduce_max(opset: int, x: str, out: str):
