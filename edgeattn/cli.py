@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 
 from . import __version__, masks, models, parity, runtimes
+from ._files import check_writable
 from .errors import EdgeAttnError
 from .export import DEFAULT_OPSET, export_registered
 
@@ -48,7 +49,7 @@ def cmd_runtimes(args) -> int:
 
 
 def cmd_export(args) -> int:
-    if not args.check and (args.runtime or args.json or args.runs != DEFAULT_RUNS):
+    if not args.check and (args.runtime or args.json or args.runs):
         raise EdgeAttnError("--runtime, --runs and --json apply to the parity check; add --check")
     names = _runtimes(args.runtime) if args.check else []
     result = export_registered(args.model, args.output, seed=args.seed, opset=args.opset, inline=args.inline,
@@ -64,7 +65,10 @@ def cmd_check(args) -> int:
 
 
 def _check(path, names, args) -> int:
-    results = parity.check_file(path, names, runs=args.runs, progress=lambda n: _log(f"checking on {n} ..."))
+    if args.json:
+        check_writable(args.json)
+    results = parity.check_file(path, names, runs=args.runs or DEFAULT_RUNS,
+                                progress=lambda n: _log(f"checking on {n} ..."))
     print(parity.describe(path))
     print(parity.format_table(results))
     if args.json:
@@ -118,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--runtime", action="append", metavar="NAME",
                          help=f"runtime to check on, repeatable ({', '.join(runtimes.runtime_names())}); "
                               "default: torch and every available ONNX runtime")
-        cmd.add_argument("--runs", type=_positive, default=DEFAULT_RUNS,
+        cmd.add_argument("--runs", type=_positive,
                          help=f"timed runs per runtime after 3 warm-ups (default {DEFAULT_RUNS})")
         cmd.add_argument("--json", metavar="FILE", help="write the parity results as a JSON list")
 

@@ -75,6 +75,7 @@ def test_check_fails_with_numbers_when_the_file_is_off(capsys, nat_file, tmp_pat
     (["export", "nat-tiny", "-o", "x.onnx", "--json", "r.json"], "add --check"),
     (["export", "nat-tiny", "-o", "x.onnx", "--seed", "-1"], "seed must be an integer in [0, 2**63)"),
     (["export", "nat-tiny", "-o", "."], "is a directory"),
+    (["check", "README.md", "--json", "."], "is a directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)
