@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from .. import __version__
 from .._files import atomic_write, check_writable
 from ..attention import ONNX_DOMAIN
-from ..errors import EdgeAttnError
+from ..errors import EdgeAttnError, first_line
 from . import functions, metadata
 
 DEFAULT_OPSET = 18
@@ -57,7 +57,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
             program = torch.onnx.export(model.eval(), tuple(example_inputs), dynamo=True, opset_version=opset,
                                         input_names=input_names, output_names=output_names, verbose=False)
     except Exception as e:  # the exporter's own errors are long; keep the cause chained for debugging
-        raise EdgeAttnError(f"torch.onnx export failed: {str(e).strip().splitlines()[0]}") from e
+        raise EdgeAttnError(f"torch.onnx export failed: {first_line(e)}") from e
     finally:
         model.train(was_training)
     proto = program.model_proto
@@ -111,7 +111,7 @@ def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool,
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
-        raise EdgeAttnError(f"the exported model fails onnx.checker: {str(e).strip().splitlines()[0]}") from e
+        raise EdgeAttnError(f"the exported model fails onnx.checker: {first_line(e)}") from e
     return masks, unique_bytes
 
 

@@ -15,15 +15,16 @@ ATTRIBUTES = ["scale", "mask", "dtype"]   # dtype: ONNX element type of q, so co
 
 
 def overload_for(has_bias: bool) -> str:
-    return "dense_bias" if has_bias else "dense"
+    return next(name for name, bias in OVERLOADS.items() if bias == has_bias)
 
 
-def dense(opset: int, bias: bool, overload: str) -> FunctionProto:
+def dense(opset: int, overload: str) -> FunctionProto:
     """MatMul / Add / Softmax / MatMul over a dense boolean table.
 
     The table becomes an additive 0 / -inf mask (exact in every float dtype); a row with no allowed key then
     softmaxes to NaN, and the last Where turns exactly those rows to zeros, matching torch.
     """
+    bias = OVERLOADS[overload]
     n = helper.make_node
     nodes = [
         _from_attribute(n("Constant", [], ["scale_f"], value_float=1.0), "scale"),
@@ -62,7 +63,7 @@ def dense(opset: int, bias: bool, overload: str) -> FunctionProto:
 def body(overload: str, opset: int) -> FunctionProto:
     if overload not in OVERLOADS:
         raise ValueError(f"unknown lowering {overload!r}; known: {', '.join(OVERLOADS)}")
-    return dense(opset, OVERLOADS[overload], overload)
+    return dense(opset, overload)
 
 
 def _from_attribute(node, attribute: str):

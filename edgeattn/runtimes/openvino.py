@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx.inliner
 
 from ..attention import ONNX_DOMAIN
-from ..errors import EdgeAttnError
+from ..errors import EdgeAttnError, first_line
 from .base import Runtime, Session, Tolerance, graph_inputs, io_info, read_onnx
 
 
@@ -27,7 +27,7 @@ class OpenVinoSession(Session):
             # fp32 files run in fp32: on CPUs with bf16/AMX OpenVINO would otherwise default to bf16.
             self._compiled = core.compile_model(ov_model, device, {"INFERENCE_PRECISION_HINT": "f32"})
         except Exception as e:
-            raise EdgeAttnError(f"{path}: OpenVINO could not compile the model: {str(e).strip().splitlines()[0]}") from e
+            raise EdgeAttnError(f"{path}: OpenVINO could not compile the model: {first_line(e)}") from e
         self._ports = [self._compiled.output(i) for i in range(len(self.outputs))]
         self._local = threading.local()  # an infer request is not thread-safe: one per calling thread
 
@@ -38,7 +38,7 @@ class OpenVinoSession(Session):
         try:
             results = request.infer(feeds)
         except Exception as e:
-            raise EdgeAttnError(f"OpenVINO ({self.runtime}) failed to run: {str(e).strip().splitlines()[0]}") from e
+            raise EdgeAttnError(f"OpenVINO ({self.runtime}) failed to run: {first_line(e)}") from e
         return {info.name: results[port].copy() for info, port in zip(self.outputs, self._ports)}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from ..errors import EdgeAttnError
+from ..errors import EdgeAttnError, first_line
 from .base import Runtime, Session, Tolerance, graph_inputs, io_info, read_onnx
 
 _INSTALL = "install it with: pip install 'edgeattn[ort]' (or 'edgeattn[ort-gpu]' for CUDA)"
@@ -22,7 +22,7 @@ class OrtSession(Session):
         try:
             self._session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         except Exception as e:
-            raise EdgeAttnError(f"{path}: onnxruntime could not load the model: {str(e).splitlines()[0]}") from e
+            raise EdgeAttnError(f"{path}: onnxruntime could not load the model: {first_line(e)}") from e
         wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
         if self._session.get_providers()[0] != wanted:  # ORT silently falls back to CPU otherwise
             raise EdgeAttnError(f"onnxruntime did not enable {wanted} (got {self._session.get_providers()})")
@@ -32,7 +32,7 @@ class OrtSession(Session):
         try:
             return dict(zip(self._names, self._session.run(self._names, feeds)))
         except Exception as e:
-            raise EdgeAttnError(f"onnxruntime ({self.runtime}) failed to run: {str(e).strip().splitlines()[0]}") from e
+            raise EdgeAttnError(f"onnxruntime ({self.runtime}) failed to run: {first_line(e)}") from e
 
 
 class OrtCpu(Runtime):
@@ -82,7 +82,7 @@ class OrtCuda(OrtCpu):
         try:
             session = ort.InferenceSession(probe.SerializeToString(), providers=self._providers())
         except Exception as e:
-            return [f"the CUDA execution provider could not start: {str(e).strip().splitlines()[0]}"]
+            return [f"the CUDA execution provider could not start: {first_line(e)}"]
         if session.get_providers()[0] != self.provider:
             return ["the CUDA execution provider could not start (no GPU, or CUDA/cuDNN libraries missing)"]
         return []
