@@ -5,7 +5,8 @@ In eager PyTorch it runs the reference kernel below.  Under ``torch.onnx.export`
 body made of standard ops.
 
 Semantics: ``softmax(q k^T * scale + bias, masked to the table) v``; a query whose row of the mask allows no key
-returns zeros (what torch's SDPA does), never NaN.
+returns zeros (what torch's SDPA does), never NaN.  The table is dense (a (heads, Nq, Nkv) mask) or blocked
+(tiles of queries with gathered keys); both layouts compute the same numbers.
 """
 from __future__ import annotations
 
@@ -22,33 +23,38 @@ ONNX_OP_VERSION = 1
 ONNX_DTYPES = {torch.float32: 1, torch.float16: 10, torch.float64: 11, torch.bfloat16: 16}
 
 
+# What each layout passes as the op's ``tables`` list (see edgeattn.tables): the ONNX node's inputs after q, k, v.
+TABLE_INPUTS = {"dense": ("mask", "bias"),
+                "blocked": ("q_index", "kv_index", "q_pos", "bank", "block", "bank_bias")}
+
+
 @torch.library.custom_op("edgeattn::masked_attention", mutates_args=())
-def _masked_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                         bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    return reference_attention(q, k, v, mask, bias, scale)
+def _masked_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: list[torch.Tensor],
+                         bias: Optional[torch.Tensor], layout: str, scale: float) -> torch.Tensor:
+    return _KERNELS[layout](q, k, v, *tables, bias, scale=scale)
 
 
 @_masked_attention_op.register_fake
-def _(q, k, v, mask, bias, scale):
+def _(q, k, v, tables, bias, layout, scale):
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, bias, scale = inputs
-    ctx.save_for_backward(q, k, v, mask, bias)
-    ctx.scale = scale
+    q, k, v, tables, bias, layout, scale = inputs
+    ctx.save_for_backward(q, k, v, bias, *tables)
+    ctx.layout, ctx.scale = layout, scale
 
 
 def _backward(ctx, grad):
-    """Gradients by differentiating the reference kernel: layers stay trainable (fine-tune, then export)."""
-    q, k, v, mask, bias = ctx.saved_tensors
+    """Gradients by differentiating the kernel: layers stay trainable (fine-tune, then export)."""
+    q, k, v, bias, *tables = ctx.saved_tensors
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         bias_leaf = bias.detach().requires_grad_() if bias is not None else None
-        out = reference_attention(*leaves, mask, bias_leaf, ctx.scale)
+        out = _KERNELS[ctx.layout](*leaves, *tables, bias_leaf, scale=ctx.scale)
         wrt = leaves + ([bias_leaf] if bias_leaf is not None else [])
         grads = torch.autograd.grad(out, wrt, grad)
-    return grads[0], grads[1], grads[2], None, grads[3] if bias is not None else None, None
+    return grads[0], grads[1], grads[2], [None] * len(tables), grads[3] if bias is not None else None, None, None
 
 
 _masked_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -62,16 +68,42 @@ def reference_attention(q, k, v, mask, bias, scale: float):
     return torch.where(mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype))
 
 
+def blocked_attention(q, k, v, q_index, kv_index, q_pos, bank, block, bank_bias, scale: float):
+    """The same attention on a BlockTable: per tile, only its gathered keys are scored."""
+    blocks = bank[block].transpose(0, 1)                      # (heads or 1, T, tq, K)
+    attn_mask = blocks if bank_bias is None else \
+        bank_bias[block].transpose(0, 1).to(q.dtype).masked_fill(~blocks, float("-inf"))
+    out = F.scaled_dot_product_attention(q[:, :, q_index], k[:, :, kv_index], v[:, :, kv_index],
+                                         attn_mask=attn_mask, scale=scale)   # (B, H, T, tq, Dv)
+    out = torch.where(blocks.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype))
+    return out.flatten(2, 3)[:, :, q_pos]
+
+
+_KERNELS = {"dense": reference_attention, "blocked": blocked_attention}
+
+
 def masked_attention(q, k, v, mask, bias=None, scale: Optional[float] = None, mask_name: str = "") -> torch.Tensor:
-    """Masked attention over a boolean table (True = may attend); see the module docstring for the semantics."""
+    """Masked attention over a dense boolean table (True = may attend); see the module docstring."""
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor (True where a query may attend a key), got {mask.dtype}; "
                          f"pass additive float biases as bias=")
+    return attend(q, k, v, "dense", [mask, bias], scale, mask_name)
+
+
+def attend(q, k, v, layout: str, tables: list, scale: Optional[float] = None, mask_name: str = "",
+           lowering: Optional[str] = None, why: str = "") -> torch.Tensor:
+    """Attention over the tensors of a table of ``layout`` (``table.tensors()`` plus a None for a missing bias).
+
+    Under ONNX export this is one ``edgeattn.MaskedAttention`` node; ``lowering`` names its standard-op body and
+    ``why`` (moved into the file's metadata by export) says why it was chosen."""
+    if layout not in TABLE_INPUTS or len(tables) != len(TABLE_INPUTS[layout]):
+        raise ValueError(f"layout {layout!r} takes tables {TABLE_INPUTS.get(layout)}, got {len(tables)} tensors")
     scale = float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     if torch.onnx.is_in_onnx_export():
         if q.dtype not in ONNX_DTYPES:
             raise ValueError(f"masked_attention exports float32/float16/bfloat16/float64 inputs, got {q.dtype}")
-        attrs = {"scale": scale, "mask": mask_name, "dtype": ONNX_DTYPES[q.dtype]}
-        return torch.onnx.ops.symbolic(f"{ONNX_DOMAIN}::{ONNX_OP}", [q, k, v, mask, bias], attrs, dtype=q.dtype,
+        attrs = {"scale": scale, "mask": mask_name, "dtype": ONNX_DTYPES[q.dtype], "layout": layout,
+                 "lowering": lowering or layout, "heads": q.shape[1], "why": why}
+        return torch.onnx.ops.symbolic(f"{ONNX_DOMAIN}::{ONNX_OP}", [q, k, v, *tables], attrs, dtype=q.dtype,
                                        shape=tuple(q.shape[:-1]) + tuple(v.shape[-1:]), version=ONNX_OP_VERSION)
-    return _masked_attention_op(q, k, v, mask, bias, scale)
+    return _masked_attention_op(q, k, v, list(tables[:-1]), tables[-1], layout, scale)

@@ -1,18 +1,27 @@
 """Compile a Mask for a fixed shape into a static table: the only place index/mask arrays are produced.
 
 A table is what an attention layer carries as a non-persistent buffer and what export writes as initializers.
-``DenseTable`` keeps the whole (heads, Nq, Nkv) boolean mask (1 byte per entry, a quarter of a float mask) and,
-for masks with a ``bias_mod``, a float bias of the same shape.  Block tables (tiles with gather indices) will
-sit beside it with the same ``layout`` / ``nbytes`` / ``tensors()`` surface.
+
+- ``DenseTable`` keeps the whole (heads, Nq, Nkv) boolean mask (1 byte per entry, a quarter of a float mask)
+  and, for masks with a ``bias_mod``, a float bias of the same shape.
+- ``BlockTable`` groups the queries into tiles (2-D/3-D tiles on grids) and keeps, per tile, the keys any of its
+  queries may attend (a padded gather index) and a reference into a deduplicated bank of (tile x keys) mask
+  blocks: attention then costs what the mask allows plus the padding, and the file stays small.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .masks.base import Shape, as_mask, evaluate, index_grid
+from .masks.base import Shape, _check_int, as_mask, evaluate, index_grid, per_axis
+
+LAYOUTS = ("dense", "blocked", "auto")
+# "auto" takes the block table when it scores at most this fraction of what a dense table scores
+AUTO_BLOCKED_MAX_WORK = 0.5
+DEFAULT_TILE = {1: 64, 2: 8, 3: (2, 8, 8)}   # queries per tile per grid axis when the mask gives no tiling hint
 
 # Rows evaluated per step: bounds the broadcast temporaries (int64 indices) to ~64 MB on large grids.
 _ROW_CHUNK_ELEMS = 8 * 1024 * 1024
@@ -42,12 +51,90 @@ class DenseTable:
         return (self.mask,) if self.bias is None else (self.mask, self.bias)
 
 
-def build(mask, q_len=None, kv_len=None, grid=None, heads: int = 1, layout: str = "dense") -> DenseTable:
-    """Evaluate ``mask`` (a Mask or a bare mask_mod) for one shape by broadcasting over index tensors."""
-    if layout != "dense":
-        raise ValueError(f"layout must be 'dense' (block tables are not available yet), got {layout!r}")
+@dataclass(frozen=True)
+class BlockTable:
+    """Queries in T tiles of ``tq`` (padded by repeating a query of the tile), each with K keys (padded).
+
+    Attention on a block table: gather q at ``q_index`` and k/v at ``kv_index``, score (T, tq, K) blocks, add the
+    tile's bank block, softmax, multiply, then row ``q_pos[n]`` of the flattened (T*tq) output is query n.
+    """
+    name: str
+    shape: Shape
+    tile: tuple[int, ...]                  # queries per tile along each grid axis (one axis for sequences)
+    q_index: torch.Tensor                  # int64 (T, tq): query ids of each tile
+    kv_index: torch.Tensor                 # int64 (T, K): key ids of each tile; padding points at key 0
+    q_pos: torch.Tensor                    # int64 (Nq,): flat position of each query in the (T*tq) tile output
+    block: torch.Tensor                    # int64 (T,): which bank entry masks each tile
+    bank: torch.Tensor                     # bool (P, heads or 1, tq, K): unique blocks; padding keys are False
+    bank_bias: Optional[torch.Tensor] = None   # float32 (P, heads or 1, tq, K) for masks with a bias_mod
+    layout: str = "blocked"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    @property
+    def full(self) -> torch.Tensor:
+        """Per tile: is every (query, key) pair of its block allowed (no masking needed)?"""
+        return self.bank.flatten(1).all(1)[self.block]
+
+    @property
+    def density(self) -> float:
+        """Allowed (query, key) pairs over Nq x Nkv, like DenseTable.density (padded query rows not counted)."""
+        counts = self._rows(self.bank.sum(-1))
+        return float(counts.double().mean() / self.shape.kv_len)
+
+    @property
+    def work_fraction(self) -> float:
+        """Scores computed (tiles x tq x K) over the Nq x Nkv a dense lowering computes."""
+        return self.q_index.numel() * self.kv_index.shape[1] / (self.shape.q_len * self.shape.kv_len)
+
+    @property
+    def fully_masked_rows(self) -> int:
+        return int((~self._rows(self.bank.any(-1))).sum())
+
+    def _rows(self, per_bank_row: torch.Tensor) -> torch.Tensor:
+        """(P, heads or 1, tq) values per bank row -> (heads or 1, Nq) per query, in query order."""
+        return per_bank_row[self.block].transpose(0, 1).flatten(1)[:, self.q_pos]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        base = (self.q_index, self.kv_index, self.q_pos, self.bank, self.block)
+        return base if self.bank_bias is None else base + (self.bank_bias,)
+
+    def to_dense(self) -> DenseTable:
+        """The dense table this block table encodes (for tests and the dense lowering)."""
+        heads = self.bank.shape[1]
+        mask = torch.zeros(heads, self.shape.q_len, self.shape.kv_len, dtype=torch.bool)
+        blocks = self.bank[self.block].transpose(0, 1)  # (heads, T, tq, K)
+        q = self.q_index[:, :, None].expand(blocks.shape[1:])
+        kv = self.kv_index[:, None, :].expand(blocks.shape[1:])
+        # padding keys point at key 0 with False: scatter only the allowed pairs so they cannot overwrite key 0
+        for h in range(heads):
+            allowed = blocks[h]
+            mask[h, q[allowed], kv[allowed]] = True
+        bias = None
+        if self.bank_bias is not None:
+            bias = torch.zeros(heads, self.shape.q_len, self.shape.kv_len)
+            values = self.bank_bias[self.block].transpose(0, 1)
+            for h in range(heads):
+                allowed = blocks[h]
+                bias[h, q[allowed], kv[allowed]] = values[h][allowed]
+        return DenseTable(self.name, self.shape, mask, bias)
+
+
+def build(mask, q_len=None, kv_len=None, grid=None, heads: int = 1, layout: str = "dense", tile=None):
+    """Evaluate ``mask`` (a Mask or a bare mask_mod) for one shape by broadcasting over index tensors.
+
+    ``layout="blocked"`` returns a :class:`BlockTable`; ``tile`` (int or per-axis) overrides the mask's hint.
+    ``layout="auto"`` returns the block table when its padded work is at most half the dense work, else dense."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     mask = as_mask(mask)
     shape = Shape.of(q_len, kv_len, grid)
+    if layout in ("blocked", "auto"):
+        blocked = _build_blocked(mask, shape, heads, tile)
+        if layout == "blocked" or blocked.work_fraction <= AUTO_BLOCKED_MAX_WORK:
+            return blocked
     mask_mod, bias_mod = mask.mods(shape)
     rows = max(1, _ROW_CHUNK_ELEMS // shape.kv_len)
     masks, biases = [], []
@@ -65,3 +152,114 @@ def _squeeze_heads(t: torch.Tensor) -> torch.Tensor:
     if t.shape[0] > 1 and bool((t == t[:1]).all()):
         t = t[:1]
     return t.contiguous()
+
+
+def _axis_tiles(length: int, tile: int, groups: int, offset: int) -> torch.Tensor:
+    """(tiles, tile) coordinates along one axis: visit positions from ``offset`` on (cyclically), split them into
+    ``groups`` interleaved groups, cut each group into runs of ``tile`` and pad the last run with its last
+    position (a real query, so padded rows compute something valid and are never read back)."""
+    order = (torch.arange(length) + offset) % length
+    runs = []
+    for g in range(groups):
+        members = order[order % groups == g]
+        for start in range(0, len(members), tile):
+            run = members[start:start + tile]
+            runs.append(torch.cat([run, run[-1:].expand(tile - len(run))]))
+    return torch.stack(runs)
+
+
+def _query_tiles(mask, shape: Shape, tile) -> tuple[tuple[int, ...], torch.Tensor]:
+    """Tile shape and the (T, tq) query ids: the cartesian product of per-axis tiles on the (row-major) grid."""
+    grid = shape.grid or (shape.q_len,)
+    nd = len(grid)
+    hints = mask.tiling
+    if tile is None:
+        tile = hints.get("tile", DEFAULT_TILE.get(nd, 8))
+    tile = tuple(min(t, n) for t, n in zip(per_axis("tile", tile, nd, low=1), grid))
+    groups = per_axis("groups", hints.get("groups", 1), nd, low=1)
+    offsets = per_axis("offset", hints.get("offset", 0), nd, low=0)
+    if shape.grid is None and shape.q_len != shape.kv_len:
+        groups, offsets = (1,), (0,)
+    ids = None
+    for axis, (n, t, g, o) in enumerate(zip(grid, tile, groups, offsets)):
+        coords = _axis_tiles(n, t, min(g, n), o)                   # (tiles_a, t)
+        stride = math.prod(grid[axis + 1:])
+        part = coords * stride
+        if ids is None:
+            ids = part
+        else:   # combine: every earlier tile with every tile of this axis
+            ids = (ids[:, None, :, None] + part[None, :, None, :]).reshape(ids.shape[0] * part.shape[0], -1)
+    return tile, ids
+
+
+def _build_blocked(mask, shape: Shape, heads: int, tile) -> BlockTable:
+    _check_int("heads", heads, low=1)
+    tile, q_index = _query_tiles(mask, shape, tile)
+    mask_mod, bias_mod = mask.mods(shape)
+    n_tiles, tq = q_index.shape
+    b, h, _, kv = index_grid(shape, heads, slice(0, 1))
+    per_step = max(1, _ROW_CHUNK_ELEMS // (tq * shape.kv_len))
+    keys, blocks, biases, n_keys = [], [], [], 0
+    for start in range(0, n_tiles, per_step):
+        rows = q_index[start:start + per_step]                       # (t, tq)
+        q = rows.reshape(1, 1, -1, 1)
+        allowed = _tiles(evaluate(mask_mod, (b, h, q, kv), heads), len(rows))      # (t, hm, tq, Nkv)
+        values = None
+        if bias_mod is not None:
+            values = _tiles(evaluate(bias_mod, (b, h, q, kv), heads, "bias_mod").to(torch.float32), len(rows))
+            hm = max(allowed.shape[1], values.shape[1])
+            allowed, values = (t.expand(-1, hm, -1, -1) for t in (allowed, values))
+        union = allowed.any(2).any(1)                                  # (t, Nkv)
+        count = int(union.sum(1).max())
+        # the allowed keys of each tile first, in key order (a stable sort of "not allowed")
+        order = torch.sort((~union).to(torch.uint8), dim=1, stable=True).indices[:, :count]
+        valid = torch.gather(union, 1, order)
+        idx = order[:, None, None, :].expand(-1, allowed.shape[1], tq, -1)
+        keys.append(torch.where(valid, order, 0))
+        blocks.append(torch.gather(allowed, 3, idx) & valid[:, None, None, :])
+        if values is not None:
+            biases.append(torch.where(blocks[-1], torch.gather(values, 3, idx), 0.0))
+        n_keys = max(n_keys, count)
+    kv_index = torch.cat([_pad(k, n_keys, 0) for k in keys])
+    hm = max(bl.shape[1] for bl in blocks)
+    block_all = torch.cat([_pad(bl, n_keys, False).expand(-1, hm, -1, -1) for bl in blocks])
+    bias_all = torch.cat([_pad(bi, n_keys, 0.0).expand(-1, hm, -1, -1) for bi in biases]) if biases else None
+    bank, block, bank_bias = _dedupe(block_all, bias_all)
+    bank, bank_bias = _squeeze_bank_heads(bank, bank_bias)
+    q_pos = torch.empty(shape.q_len, dtype=torch.long)
+    # a query may appear several times (tile padding): its first appearance is where its output is read
+    flat = q_index.flatten()
+    q_pos[flat.flip(0)] = torch.arange(flat.numel() - 1, -1, -1)
+    return BlockTable(mask.name, shape, tile, q_index.contiguous(), kv_index.contiguous(), q_pos, block, bank,
+                      bank_bias)
+
+
+def _tiles(values: torch.Tensor, n_tiles: int) -> torch.Tensor:
+    """(heads or 1, t*tq, Nkv) -> (t, heads or 1, tq, Nkv)."""
+    return values.reshape(values.shape[0], n_tiles, -1, values.shape[-1]).transpose(0, 1)
+
+
+def _pad(t: torch.Tensor, size: int, value) -> torch.Tensor:
+    extra = size - t.shape[-1]
+    if not extra:
+        return t
+    return torch.cat([t, torch.full(t.shape[:-1] + (extra,), value, dtype=t.dtype)], -1)
+
+
+def _dedupe(blocks: torch.Tensor, biases: Optional[torch.Tensor]):
+    """Unique (mask, bias) blocks -> bank and per-tile bank index (border and interior tiles repeat)."""
+    key = blocks.flatten(1).to(torch.int32)
+    if biases is not None:
+        key = torch.cat([key, biases.flatten(1).contiguous().view(torch.int32)], 1)
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    first = torch.full((len(unique),), len(key), dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(len(key)), "amin")
+    return blocks[first].contiguous(), inverse, None if biases is None else biases[first].contiguous()
+
+
+def _squeeze_bank_heads(bank, bank_bias):
+    if bank.shape[1] > 1 and bool((bank == bank[:, :1]).all()) and (
+            bank_bias is None or bool((bank_bias == bank_bias[:, :1]).all())):
+        bank = bank[:, :1].contiguous()
+        bank_bias = None if bank_bias is None else bank_bias[:, :1].contiguous()
+    return bank, bank_bias

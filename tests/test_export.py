@@ -8,6 +8,7 @@ import torch
 from edgeattn import EdgeAttnError, export_onnx, masks, parity
 from edgeattn.attention import ONNX_DOMAIN
 from edgeattn.export import metadata
+from edgeattn.export.lowering import LOWERINGS
 from edgeattn.layers import MaskedSelfAttention
 
 from conftest import CPU_RUNTIMES
@@ -27,24 +28,35 @@ def test_every_family_has_an_export_case():
     assert set(FAMILY_CASES) == set(masks.FAMILIES)
 
 
-def _export(tmp_path, layer, x, inline, name="m.onnx"):
-    return export_onnx(layer, [x], tmp_path / name, inline=inline, input_names=["x"], output_names=["y"])
+# lowering -> (opset, target runtimes) it is exported and checked with
+LOWERING_CASES = {"dense": (18, None), "blocked": (18, None), "attention": (23, None), "contrib": (18, ["ort-cpu"])}
 
 
-def _assert_parity(layer, x, path):
-    results = parity.compare_model(layer, [x], path, CPU_RUNTIMES, runs=1)
+def test_every_lowering_has_a_case():
+    assert set(LOWERING_CASES) == set(LOWERINGS)
+
+
+def _export(tmp_path, layer, x, inline, name="m.onnx", **kwargs):
+    return export_onnx(layer, [x], tmp_path / name, inline=inline, input_names=["x"], output_names=["y"], **kwargs)
+
+
+def _assert_parity(layer, x, path, runtimes=CPU_RUNTIMES, atol=1e-4):
+    results = parity.compare_model(layer, [x], path, runtimes, runs=1)
     for r in results:
         assert r.ok, parity.format_table(results)
-        assert r.max_abs_err <= 1e-4
+        assert r.max_abs_err <= atol
 
 
 @pytest.mark.parametrize("inline", [False, True], ids=["custom-op", "inline"])
+@pytest.mark.parametrize("lowering", sorted(LOWERING_CASES))
 @pytest.mark.parametrize("family", sorted(FAMILY_CASES))
-def test_family_exports_and_matches_torch(tmp_path, family, inline):
+def test_family_exports_and_matches_torch(tmp_path, family, lowering, inline):
     mask, shape = FAMILY_CASES[family]
+    opset, targets = LOWERING_CASES[lowering]
     layer = MaskedSelfAttention(32, 2, mask, **shape).eval()
     x = torch.randn(2, layer.seq_len, 32)
-    result = _export(tmp_path, layer, x, inline)
+    result = _export(tmp_path, layer, x, inline, opset=opset, lowering=lowering, runtimes=targets)
+    assert [m["lowering"] for m in result.masks] == [lowering]
     model = onnx.load(result.path)
     domains = {n.domain for n in model.graph.node}
     if inline:
@@ -52,9 +64,10 @@ def test_family_exports_and_matches_torch(tmp_path, family, inline):
         assert all(op.domain != ONNX_DOMAIN for op in model.opset_import)
     else:
         assert ONNX_DOMAIN in domains
-        assert [(f.domain, f.name, f.overload) for f in model.functions] == [(ONNX_DOMAIN, "MaskedAttention", "dense")]
+        assert [(f.domain, f.name, f.overload) for f in model.functions] == [(ONNX_DOMAIN, "MaskedAttention", lowering)]
     onnx.checker.check_model(model, full_check=True)
-    _assert_parity(layer, x, result.path)
+    # every lowering is exact against the dense torch reference
+    _assert_parity(layer, x, result.path, [r for r in CPU_RUNTIMES if targets is None or r in targets], atol=1e-5)
 
 
 @pytest.mark.parametrize("inline", [False, True], ids=["custom-op", "inline"])

@@ -6,15 +6,35 @@ from edgeattn.layers import MaskedBlock, MaskedSelfAttention
 
 
 def test_tables_are_non_persistent_buffers():
-    layer = MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(5, 5))
-    assert "attn_mask" in dict(layer.named_buffers())
-    assert not any("attn_mask" in k for k in layer.state_dict())
-    assert layer.attn_mask.dtype == torch.bool and layer.attn_mask.shape == (1, 25, 25)
-    assert layer.table_bytes == 25 * 25
+    layer = MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(5, 5), layout="dense")
+    assert "table.attn_mask" in dict(layer.named_buffers())
+    assert not any("attn_" in k for k in layer.state_dict())
+    assert layer.table.attn_mask.dtype == torch.bool and layer.table.attn_mask.shape == (1, 25, 25)
+    assert layer.table.table_bytes == 25 * 25
 
 
-def test_matches_sdpa_with_the_materialized_mask():
-    layer = MaskedSelfAttention(16, 2, masks.sliding_window(3), seq_len=12).eval()
+def test_auto_layout_picks_blocks_for_sparse_masks_and_dense_for_causal():
+    sparse = MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(12, 12))
+    assert sparse.table.layout == "blocked"
+    assert {"table.attn_kv_index", "table.attn_bank"} <= set(dict(sparse.named_buffers()))
+    assert MaskedSelfAttention(16, 2, masks.causal(), seq_len=200).table.layout == "dense"
+
+
+@pytest.mark.parametrize("mask,shape", [(masks.neighborhood(5, dilation=2), dict(grid=(14, 13))),
+                                        (masks.window(4, 2), dict(grid=(8, 12))),
+                                        (masks.sliding_window(9), dict(seq_len=70))])
+def test_layouts_compute_the_same_attention(mask, shape):
+    layer = MaskedSelfAttention(16, 2, mask, layout="dense", **shape).eval()
+    x = torch.randn(2, layer.seq_len, 16)
+    dense = layer(x)
+    layer.table.use_layout("blocked")
+    assert layer.table.layout == "blocked" and not hasattr(layer.table, "attn_mask")
+    torch.testing.assert_close(layer(x), dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["dense", "blocked"])
+def test_matches_sdpa_with_the_materialized_mask(layout):
+    layer = MaskedSelfAttention(16, 2, masks.sliding_window(3), seq_len=12, layout=layout).eval()
     x = torch.randn(2, 12, 16)
     q, k, v = layer.qkv(x).reshape(2, 12, 3, 2, 8).permute(2, 0, 3, 1, 4)
     dense = masks.materialize(masks.sliding_window(3), q_len=12)

@@ -18,14 +18,14 @@ from onnx import numpy_helper
 
 from .. import __version__
 from .._files import atomic_write, check_writable
-from ..attention import ONNX_DOMAIN
+from ..attention import ONNX_DOMAIN, TABLE_INPUTS
 from ..errors import EdgeAttnError, first_line
-from . import functions, metadata
+from . import functions, lowering as lowerings, metadata
 
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 17, 25   # the range exported and run on onnxruntime and OpenVINO here
-RESERVED_METADATA = ("version", "opset", "inline", "masks", "table_bytes")
-_FIRST_TABLE_INPUT = 3   # MaskedAttention inputs: q, k, v, then the mask table and the optional bias table
+RESERVED_METADATA = ("version", "opset", "inline", "masks", "table_bytes", "lowering", "targets")
+_FIRST_TABLE_INPUT = 3   # MaskedAttention inputs: q, k, v, then the table's tensors (the optional bias last)
 
 
 @dataclass
@@ -33,18 +33,26 @@ class ExportResult:
     path: Path
     opset: int
     inline: bool
+    lowering: str
+    targets: list[str]
     masks: list[dict] = field(default_factory=list)   # one entry per attention node
     table_bytes: int = 0                              # unique mask-table bytes in the file
     file_bytes: int = 0
 
 
 def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path, *, opset: int = DEFAULT_OPSET,
-                inline: bool = False, input_names: Optional[Sequence[str]] = None,
-                output_names: Optional[Sequence[str]] = None, metadata_props: Optional[dict[str, Any]] = None
-                ) -> ExportResult:
-    """Export ``model`` at the example inputs' shapes.  By default attention stays one ``edgeattn`` node with a
-    local-function fallback; ``inline=True`` writes standard ops only.  The file is replaced only on success."""
+                inline: bool = False, lowering: str = "auto", runtimes: Optional[Sequence[str]] = None,
+                input_names: Optional[Sequence[str]] = None, output_names: Optional[Sequence[str]] = None,
+                metadata_props: Optional[dict[str, Any]] = None) -> ExportResult:
+    """Export ``model`` at the example inputs' shapes.
+
+    By default attention stays one ``edgeattn`` node whose local function is the standard-op lowering
+    (``lowering``: auto, dense, blocked, attention, contrib; see :mod:`edgeattn.export.lowering`), chosen for the
+    target ``runtimes`` (default: every ONNX runtime); ``inline=True`` writes standard ops only.
+    The file is replaced only on success."""
     _check_opset(opset)
+    targets = _check_targets(runtimes)
+    lowerings.check(lowering, opset, targets)
     check_writable(path)
     clash = sorted(set(metadata_props or {}) & set(RESERVED_METADATA))
     if clash:
@@ -53,29 +61,36 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
         example_inputs = [example_inputs]
     was_training = model.training
     try:
-        with torch.no_grad(), _quiet():
+        with torch.no_grad(), _quiet(), lowerings.applied(model, lowering, opset, targets):
             program = torch.onnx.export(model.eval(), tuple(example_inputs), dynamo=True, opset_version=opset,
                                         input_names=input_names, output_names=output_names, verbose=False)
+    except EdgeAttnError:
+        raise
     except Exception as e:  # the exporter's own errors are long; keep the cause chained for debugging
         raise EdgeAttnError(f"torch.onnx export failed: {first_line(e)}") from e
     finally:
         model.train(was_training)
     proto = program.model_proto
-    masks, table_bytes = finalize(proto, opset=opset, inline=inline, extra=metadata_props)
-    return ExportResult(Path(path), opset, inline, masks, table_bytes, file_bytes=save(proto, path))
+    extra = {"lowering": lowering, "targets": targets, **(metadata_props or {})}
+    masks, table_bytes = finalize(proto, opset=opset, inline=inline, extra=extra)
+    return ExportResult(Path(path), opset, inline, lowering, targets, masks, table_bytes,
+                        file_bytes=save(proto, path))
 
 
 def export_registered(name: str, path, *, seed: int = 0, opset: int = DEFAULT_OPSET, inline: bool = False,
+                      lowering: str = "auto", runtimes: Optional[Sequence[str]] = None,
                       progress: Optional[Callable[[str], None]] = None, **config) -> ExportResult:
     """Build a registered reference model and export it; the metadata lets `edgeattn check` rebuild the reference."""
     from .. import models
 
     _check_opset(opset)
+    lowerings.check(lowering, opset, _check_targets(runtimes))
     check_writable(path)
     built = models.build(name, seed=seed, **config)
     if progress:
-        progress(f"exporting {name} -> {path} (opset {opset}{', inlined' if inline else ''})")
+        progress(f"exporting {name} -> {path} (opset {opset}, lowering {lowering}{', inlined' if inline else ''})")
     return export_onnx(built.module, list(built.inputs.values()), path, opset=opset, inline=inline,
+                       lowering=lowering, runtimes=runtimes,
                        input_names=list(built.inputs), output_names=list(built.outputs),
                        metadata_props={"model": name, "config": built.config, "seed": seed})
 
@@ -83,6 +98,17 @@ def export_registered(name: str, path, *, seed: int = 0, opset: int = DEFAULT_OP
 def _check_opset(opset) -> None:
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise EdgeAttnError(f"opset must be an integer in [{MIN_OPSET}, {MAX_OPSET}], got {opset!r}")
+
+
+def _check_targets(runtimes) -> list[str]:
+    if runtimes is None:
+        return list(lowerings.ONNX_RUNTIMES)
+    if isinstance(runtimes, str):
+        runtimes = [runtimes]
+    unknown = [r for r in runtimes if r not in lowerings.ONNX_RUNTIMES]
+    if unknown or not runtimes:
+        raise EdgeAttnError(f"target runtimes must be among {', '.join(lowerings.ONNX_RUNTIMES)}, got {list(runtimes)}")
+    return list(dict.fromkeys(runtimes))
 
 
 def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool,
@@ -93,10 +119,19 @@ def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool,
     table_bytes = _dedupe_tables(proto, nodes)
     masks, overloads = [], set()
     for node in nodes:
-        node.overload = functions.overload_for(has_bias=len(node.input) >= 5 and node.input[4] != "")
-        overloads.add(node.overload)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        masks.append({"node": node.name, "mask": attrs.get("mask", b"").decode(), "lowering": node.overload,
+        layout, lowering = attrs["layout"].decode(), attrs["lowering"].decode()
+        bias_pos = _FIRST_TABLE_INPUT + len(TABLE_INPUTS[layout]) - 1
+        has_bias = len(node.input) > bias_pos and node.input[bias_pos] != ""
+        del node.input[bias_pos + has_bias:]   # an absent optional bias is dropped, not passed as ""
+        node.overload = functions.overload_for(lowering, has_bias)
+        overloads.add(node.overload)
+        # "why" documents the choice in metadata; it is not an attribute of the op
+        keep = [a for a in node.attribute if a.name != "why"]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+        masks.append({"node": node.name, "mask": attrs.get("mask", b"").decode(), "lowering": lowering,
+                      "why": attrs.get("why", b"").decode(), "layout": layout,
                       "table_bytes": sum(table_bytes.get(i, 0) for i in node.input[_FIRST_TABLE_INPUT:])})
     for overload in sorted(overloads):
         proto.functions.append(functions.body(overload, opset))

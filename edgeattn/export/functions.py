@@ -7,15 +7,19 @@ from __future__ import annotations
 
 from onnx import FunctionProto, TensorProto, helper
 
-from ..attention import ONNX_DOMAIN, ONNX_OP
+from ..attention import ONNX_DOMAIN, ONNX_OP, TABLE_INPUTS
 
-# overload name -> whether the node passes an additive bias as its 5th input
-OVERLOADS = {"dense": False, "dense_bias": True}
-ATTRIBUTES = ["scale", "mask", "dtype"]   # dtype: ONNX element type of q, so constants are typed statically
+# lowering -> the table layout its node carries
+LOWERINGS = {"dense": "dense", "blocked": "blocked"}
+# overload name -> (lowering, whether the node passes an additive bias as its last table input)
+OVERLOADS = {f"{lowering}{'_bias' if bias else ''}": (lowering, bias) for lowering in LOWERINGS for bias in (False, True)}
+# dtype: ONNX element type of q, so constants are typed statically; layout/lowering say what the tables are;
+# heads: q's head count (contrib's num_heads)
+ATTRIBUTES = ["scale", "mask", "dtype", "layout", "lowering", "heads"]
 
 
-def overload_for(has_bias: bool) -> str:
-    return next(name for name, bias in OVERLOADS.items() if bias == has_bias)
+def overload_for(lowering: str, has_bias: bool) -> str:
+    return f"{lowering}{'_bias' if has_bias else ''}"
 
 
 def dense(opset: int, overload: str) -> FunctionProto:
@@ -24,7 +28,7 @@ def dense(opset: int, overload: str) -> FunctionProto:
     The table becomes an additive 0 / -inf mask (exact in every float dtype); a row with no allowed key then
     softmaxes to NaN, and the last Where turns exactly those rows to zeros, matching torch.
     """
-    bias = OVERLOADS[overload]
+    bias = OVERLOADS[overload][1]
     n = helper.make_node
     nodes = [
         _from_attribute(n("Constant", [], ["scale_f"], value_float=1.0), "scale"),
@@ -53,17 +57,74 @@ def dense(opset: int, overload: str) -> FunctionProto:
         n("Cast", ["row_any_i"], ["row_any"], to=TensorProto.BOOL),
         n("Where", ["row_any", "attended", "zero"], ["out"]),
     ]
-    inputs = ["q", "k", "v", "mask"] + (["bias"] if bias else [])
-    fn = helper.make_function(ONNX_DOMAIN, ONNX_OP, inputs, ["out"], nodes, [helper.make_opsetid("", opset)],
-                              attributes=ATTRIBUTES, doc_string=dense.__doc__.splitlines()[0])
-    fn.overload = overload
-    return fn
+    return _function(overload, opset, nodes, dense.__doc__)
+
+
+def blocked(opset: int, overload: str) -> FunctionProto:
+    """Per query tile: Gather its keys, batched MatMul, add the tile's bank block, Softmax, MatMul, Gather back.
+
+    Every tile scores only the keys its block table lists (a compact region for grid masks), so the work is
+    the mask's plus the tile padding; the bank and indices are static and runtimes constant-fold the masks.
+    """
+    bias = OVERLOADS[overload][1]
+    n = helper.make_node
+    nodes = [
+        _from_attribute(n("Constant", [], ["scale_f"], value_float=1.0), "scale"),
+        _cast("scale_f", "scale_t"),
+        n("Mul", ["q", "scale_t"], ["q_scaled"]),
+        n("Gather", ["q_scaled", "q_index"], ["q_tiles"], axis=2),        # (B, H, T, tq, D)
+        n("Gather", ["k", "kv_index"], ["k_tiles"], axis=2),              # (B, H, T, K, D)
+        n("Gather", ["v", "kv_index"], ["v_tiles"], axis=2),
+        n("Transpose", ["k_tiles"], ["k_tiles_t"], perm=[0, 1, 2, 4, 3]),
+        n("MatMul", ["q_tiles", "k_tiles_t"], ["scores"]),                 # (B, H, T, tq, K)
+        n("Gather", ["bank", "block"], ["blocks_t"], axis=0),             # (T, heads or 1, tq, K)
+        n("Transpose", ["blocks_t"], ["blocks"], perm=[1, 0, 2, 3]),      # (heads or 1, T, tq, K)
+        n("Constant", [], ["neg_inf_f"], value_float=float("-inf")),
+        _cast("neg_inf_f", "neg_inf"),
+        n("Constant", [], ["zero_f"], value_float=0.0),
+        _cast("zero_f", "zero"),
+        n("Where", ["blocks", "zero", "neg_inf"], ["mask_add"]),
+    ]
+    if bias:
+        nodes += [n("Gather", ["bank_bias", "block"], ["bias_blocks_t"], axis=0),
+                  n("Transpose", ["bias_blocks_t"], ["bias_blocks"], perm=[1, 0, 2, 3]),
+                  _cast("bias_blocks", "bias_t"), n("Add", ["bias_t", "mask_add"], ["bias_add"])]
+    nodes += [
+        n("Add", ["scores", "bias_add" if bias else "mask_add"], ["masked"]),
+        n("Softmax", ["masked"], ["probs"], axis=-1),
+        n("MatMul", ["probs", "v_tiles"], ["attended"]),                   # (B, H, T, tq, Dv)
+        n("Cast", ["blocks"], ["blocks_i"], to=TensorProto.INT32),
+        *_reduce_max(opset, "blocks_i", "row_any_i"),
+        n("Cast", ["row_any_i"], ["row_any"], to=TensorProto.BOOL),
+        n("Where", ["row_any", "attended", "zero"], ["attended_0"]),
+        # (B, H, T*tq, Dv): B and H from q, Dv from v
+        n("Shape", ["q"], ["batch_heads"], start=0, end=2),
+        n("Shape", ["v"], ["head_dim"], start=3, end=4),
+        n("Constant", [], ["minus_one"], value_ints=[-1]),
+        n("Concat", ["batch_heads", "minus_one", "head_dim"], ["flat_shape"], axis=0),
+        n("Reshape", ["attended_0", "flat_shape"], ["flat"]),
+        n("Gather", ["flat", "q_pos"], ["out"], axis=2),                  # back to query order
+    ]
+    return _function(overload, opset, nodes, blocked.__doc__)
+
+
+BODIES = {"dense": dense, "blocked": blocked}
 
 
 def body(overload: str, opset: int) -> FunctionProto:
     if overload not in OVERLOADS:
         raise ValueError(f"unknown lowering {overload!r}; known: {', '.join(OVERLOADS)}")
-    return dense(opset, overload)
+    return BODIES[OVERLOADS[overload][0]](opset, overload)
+
+
+def _function(overload: str, opset: int, nodes, doc: str) -> FunctionProto:
+    lowering, bias = OVERLOADS[overload]
+    tables = list(TABLE_INPUTS[LOWERINGS[lowering]])
+    inputs = ["q", "k", "v"] + (tables if bias else tables[:-1])
+    fn = helper.make_function(ONNX_DOMAIN, ONNX_OP, inputs, ["out"], nodes, [helper.make_opsetid("", opset)],
+                              attributes=ATTRIBUTES, doc_string=doc.strip().splitlines()[0])
+    fn.overload = overload
+    return fn
 
 
 def _from_attribute(node, attribute: str):

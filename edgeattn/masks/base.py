@@ -58,6 +58,11 @@ class Mask:
 
     name: str
     mods: Callable[[Shape], tuple[MaskMod, Optional[BiasMod]]] = field(repr=False, compare=False)
+    # How block tables should tile the queries so a tile's keys form a compact region: per-axis ``tile`` sizes,
+    # ``groups`` (interleaved groups, e.g. dilation: a tile stays inside one) and ``offset`` (tiles start at
+    # this coordinate, e.g. a window shift).  Each value is an int or a per-axis tuple.  Hints never change
+    # which keys are allowed, only how much padding a block table carries.
+    tiling: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __and__(self, other: "Mask") -> "Mask":
         return and_masks(self, other)
@@ -120,7 +125,8 @@ def _combine(masks, sep, op) -> Mask:
         bias_mod = (lambda b, h, q, kv: sum(bm(b, h, q, kv) for bm in biases)) if biases else None
         return mask_mod, bias_mod
 
-    return Mask(sep.join(f"({m.name})" if ("&" in m.name or "|" in m.name) else m.name for m in masks), mods)
+    name = sep.join(f"({m.name})" if ("&" in m.name or "|" in m.name) else m.name for m in masks)
+    return Mask(name, mods, next((m.tiling for m in masks if m.tiling), {}))
 
 
 def index_grid(shape: Shape, heads: int = 1, q_rows: Optional[slice] = None):

@@ -58,7 +58,8 @@ def neighborhood(kernel, dilation=1, stride=1, causal=False) -> Mask:
 
         return mask_mod, None
 
-    return Mask(name, mods)
+    # Tiles of one kernel per axis inside one dilation group: a tile's keys span about 2 kernels per axis.
+    return Mask(name, mods, {"tile": ks if ndim else ks[0], "groups": ds if ndim else ds[0]})
 
 
 def _axis_allowed(i, j, length, k, d, s, causal):

@@ -45,4 +45,4 @@ def window(size, shift=0) -> Mask:
 
         return mask_mod, None
 
-    return Mask(name, mods)
+    return Mask(name, mods, {"tile": sizes, "offset": shifts})   # one tile per (shifted) window

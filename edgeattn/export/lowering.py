@@ -1,0 +1,99 @@
+"""Which standard-op lowering each attention layer gets, per target runtime.
+
+``dense``      MatMul / Add / Softmax over the whole (heads, Nq, Nkv) table; every runtime, every opset.
+``blocked``    per query tile, Gather its keys, batched MatMul, bank mask, Softmax, Gather back; every runtime.
+``attention``  the ONNX ``Attention`` op (opset >= 23) with the dense mask; every runtime.
+``contrib``    onnxruntime's ``com.microsoft.MultiHeadAttention`` with ``attention_bias``; onnxruntime only.
+``auto``       blocked when the block table scores at most half of what a dense table scores (sparse masks);
+               otherwise the fastest dense-table lowering all target runtimes run (measured in benchmarks/).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from .. import tables
+from ..errors import EdgeAttnError
+
+
+@dataclass(frozen=True)
+class Lowering:
+    name: str
+    layout: str                                  # the table layout its node carries
+    min_opset: int = 17
+    runtimes: Optional[frozenset] = None         # None: every runtime
+
+
+LOWERINGS = {low.name: low for low in (
+    Lowering("dense", "dense"),
+    Lowering("blocked", "blocked"),
+    Lowering("attention", "dense", min_opset=23),
+    Lowering("contrib", "dense", runtimes=frozenset({"ort-cpu", "ort-cuda"})),
+)}
+CHOICES = ("auto", *LOWERINGS)
+ONNX_RUNTIMES = ("ort-cpu", "ort-cuda", "openvino-cpu")   # what a file is for when no target is named
+
+
+@dataclass(frozen=True)
+class Choice:
+    lowering: str
+    reason: str
+
+
+def check(lowering: str, opset: int, targets: Sequence[str]) -> None:
+    """Refuse a lowering the opset or a named target runtime cannot run, saying what to change."""
+    if lowering not in CHOICES:
+        raise EdgeAttnError(f"unknown lowering {lowering!r}; choose one of: {', '.join(CHOICES)}")
+    if lowering == "auto":
+        return
+    low = LOWERINGS[lowering]
+    if opset < low.min_opset:
+        raise EdgeAttnError(f"the {lowering} lowering needs opset >= {low.min_opset} (the ONNX Attention op), "
+                            f"got opset {opset}; pass --opset {low.min_opset} or another lowering")
+    unsupported = [t for t in targets if low.runtimes is not None and t not in low.runtimes]
+    if unsupported:
+        raise EdgeAttnError(f"the {lowering} lowering runs on {', '.join(sorted(low.runtimes))} only, not on "
+                            f"{', '.join(unsupported)}; use --lowering auto, dense or blocked for those runtimes")
+
+
+def choose(table: "torch.nn.Module", requested: str, opset: int, targets: Sequence[str]) -> Choice:
+    """The lowering for one MaskTable layer."""
+    if requested != "auto":
+        return Choice(requested, "requested")
+    blocked = table.table if table.layout == "blocked" else tables.build(
+        table.mask, table.shape.q_len, table.shape.kv_len, table.shape.grid, table.heads, "blocked")
+    work = blocked.work_fraction
+    if work <= tables.AUTO_BLOCKED_MAX_WORK:
+        return Choice("blocked", f"block table scores {work:.1%} of the dense scores")
+    why = f"block table would score {work:.0%} of the dense scores"
+    if opset >= LOWERINGS["attention"].min_opset:
+        return Choice("attention", f"{why}; opset {opset} has the Attention op")
+    return Choice("dense", why)
+
+
+@contextlib.contextmanager
+def applied(model: torch.nn.Module, requested: str, opset: int, targets: Sequence[str]) -> Iterator[list[Choice]]:
+    """Give every MaskTable in ``model`` its lowering (switching its table layout if needed) for one export;
+    layouts are restored afterwards.  Yields the choices in module order."""
+    from ..layers import MaskTable
+
+    check(requested, opset, targets)
+    layers = [m for m in model.modules() if isinstance(m, MaskTable)]
+    saved = [(m, m.layout) for m in layers]
+    choices = []
+    try:
+        for m in layers:
+            choice = choose(m, requested, opset, targets)
+            if m.layout != LOWERINGS[choice.lowering].layout:
+                m.use_layout(LOWERINGS[choice.lowering].layout)
+            m.lowering, m.lowering_reason = choice.lowering, choice.reason
+            choices.append(choice)
+        yield choices
+    finally:
+        for m, layout in saved:
+            m.lowering, m.lowering_reason = None, ""
+            if m.layout != layout:
+                m.use_layout(layout)

@@ -1,0 +1,81 @@
+"""Block tables: they encode exactly the dense mask, stay small, and tile grids so a tile's keys are compact."""
+import pytest
+import torch
+
+from edgeattn import tables
+from edgeattn.masks import custom, materialize, neighborhood, sliding_window, window
+
+from test_tables import SHAPED, dist_bias, head_bias
+
+
+def check_against_materialize(t, mask, heads, **shape):
+    ref = materialize(mask, heads=heads, **shape)
+    dense = t.to_dense()
+    assert torch.equal(dense.mask.expand(ref.shape), ref)
+    # structure: every tile lists each allowed key once, padding keys are never allowed
+    T, tq = t.q_index.shape
+    assert t.kv_index.shape[0] == T and t.block.shape == (T,) and t.bank.shape[2:] == (tq, t.kv_index.shape[1])
+    assert torch.equal(t.q_index.flatten()[t.q_pos], torch.arange(t.shape.q_len))
+    return dense
+
+
+@pytest.mark.parametrize("mask,shape", SHAPED, ids=[m.name for m, _ in SHAPED])
+@pytest.mark.parametrize("heads", [1, 3])
+@pytest.mark.parametrize("chunk_tiles", [None, 1, 2])
+def test_blocked_matches_materialize(mask, shape, heads, chunk_tiles, monkeypatch):
+    if chunk_tiles is not None:  # force many tile chunks to exercise the per-chunk key padding
+        s = tables.Shape.of(**shape)
+        monkeypatch.setattr(tables, "_ROW_CHUNK_ELEMS", chunk_tiles * s.kv_len * 3)
+    t = tables.build(mask, heads=heads, layout="blocked", tile=3, **shape)
+    assert isinstance(t, tables.BlockTable) and t.layout == "blocked" and t.name == mask.name
+    dense = check_against_materialize(t, mask, heads, **shape)
+    assert t.fully_masked_rows == tables.build(mask, heads=heads, **shape).fully_masked_rows
+    assert t.density == pytest.approx(float(dense.mask.expand(heads, -1, -1).float().mean()))
+
+
+@pytest.mark.parametrize("combine", ["and", "or"])
+def test_blocked_bias_matches_dense(combine):
+    a, b = custom(lambda b_, h, q, kv: (q - kv).abs() <= 3, bias_mod=dist_bias), custom(bias_mod=head_bias)
+    m = a & b if combine == "and" else a | b
+    t = tables.build(m, q_len=20, heads=3, layout="blocked", tile=4)
+    dense, want = t.to_dense(), tables.build(m, q_len=20, heads=3)
+    assert torch.equal(dense.mask.expand(3, -1, -1), want.mask.expand(3, -1, -1))
+    allowed = want.mask.expand(3, -1, -1)
+    assert torch.equal(dense.bias.expand(3, -1, -1)[allowed], want.bias.expand(3, -1, -1)[allowed])
+    assert t.bank_bias is not None and t.tensors()[-1] is t.bank_bias
+
+
+def test_neighborhood_56x56_is_compact():
+    t = tables.build(neighborhood(7), grid=(56, 56), layout="blocked")
+    dense_fp32 = 3136 * 3136 * 4
+    assert t.nbytes <= 0.01 * dense_fp32
+    assert t.tile == (7, 7) and t.kv_index.shape == (64, 169)          # 13x13 key region per 7x7 query tile
+    assert len(t.bank) == 9                                             # 3 positions per axis: border, inner, border
+    assert t.work_fraction == pytest.approx(64 * 49 * 169 / 3136**2)
+    check_against_materialize(t, neighborhood(7), 1, grid=(56, 56))
+
+
+def test_tiling_hints_keep_dilation_groups_and_shifted_windows_compact():
+    dilated = tables.build(neighborhood(7, dilation=2), grid=(56, 56), layout="blocked")
+    assert dilated.kv_index.shape[1] == 169                             # tiles stay inside one dilation group
+    shifted = tables.build(window(7, 3), grid=(56, 56), layout="blocked")
+    assert shifted.kv_index.shape[1] == 49                              # one tile per shifted window
+    assert bool(tables.build(window(7), grid=(56, 56), layout="blocked").full.all())
+    assert not bool(shifted.full.all()) and bool(shifted.full.any())    # the last row/column's regions split
+
+
+def test_3d_grid_builds_by_broadcasting():
+    t = tables.build(neighborhood((3, 7, 7)), grid=(16, 32, 32), layout="blocked")
+    assert t.q_index.shape == (150, 147) and t.kv_index.shape[1] == 5 * 13 * 13
+    assert t.nbytes <= 0.01 * (16 * 32 * 32) ** 2 * 4
+    rows = t.bank[t.block].sum(-1)                                      # every query sees 3*7*7 keys
+    assert bool((rows == 147).all())
+
+
+def test_auto_layout_and_tile_override():
+    assert tables.build(sliding_window(16), q_len=512, layout="auto").layout == "blocked"
+    assert tables.build(sliding_window(400), q_len=512, layout="auto").layout == "dense"
+    t = tables.build(neighborhood(7), grid=(56, 56), layout="blocked", tile=(4, 8))
+    assert t.tile == (4, 8) and t.kv_index.shape[1] == 10 * 14
+    with pytest.raises(ValueError, match="tile"):
+        tables.build(neighborhood(7), grid=(56, 56), layout="blocked", tile=(4, 8, 2))
