@@ -5,7 +5,7 @@ import onnx
 import pytest
 import torch
 
-from edgeattn import EdgeAttnError, export_onnx, masks, parity
+from edgeattn import EdgeAttnError, export_onnx, masks, parity, tables
 from edgeattn.attention import ONNX_DOMAIN
 from edgeattn.export import metadata
 from edgeattn.export.lowering import LOWERINGS
@@ -30,6 +30,9 @@ def test_every_family_has_an_export_case():
 
 # lowering -> (opset, target runtimes) it is exported and checked with
 LOWERING_CASES = {"dense": (18, None), "blocked": (18, None), "attention": (23, None), "contrib": (18, ["ort-cpu"])}
+
+
+LOWERING_LIST = [(name, *case) for name, case in sorted(LOWERING_CASES.items())]
 
 
 def test_every_lowering_has_a_case():
@@ -71,45 +74,77 @@ def test_family_exports_and_matches_torch(tmp_path, family, lowering, inline):
 
 
 @pytest.mark.parametrize("inline", [False, True], ids=["custom-op", "inline"])
-def test_fully_masked_rows_are_zeros_on_every_runtime(tmp_path, inline):
+@pytest.mark.parametrize("lowering,opset,runtimes", LOWERING_LIST, ids=[c[0] for c in LOWERING_LIST])
+def test_fully_masked_rows_are_zeros_on_every_runtime(tmp_path, inline, lowering, opset, runtimes):
     blocked = masks.custom(lambda b, h, q, kv: (q % 4 != 1) & (kv <= q), name="causal_rows1mod4_blocked")
-    layer = MaskedSelfAttention(16, 2, blocked, seq_len=12, proj=False).eval()
-    assert layer.attn_mask.any(-1).logical_not().sum() == 3
+    layer = MaskedSelfAttention(16, 2, blocked, seq_len=12, proj=False, layout="dense").eval()
+    assert layer.table.attn_mask.any(-1).logical_not().sum() == 3
     x = torch.randn(1, 12, 16)
-    path = _export(tmp_path, layer, x, inline).path
+    path = _export(tmp_path, layer, x, inline, lowering=lowering, opset=opset, runtimes=runtimes).path
     from edgeattn import load
-    for name in CPU_RUNTIMES:
+    runtimes = [r for r in CPU_RUNTIMES if runtimes is None or r in runtimes]
+    for name in runtimes:
         y = load(path, name).run({"x": x.numpy()})["y"]
         assert not (y != y).any(), f"NaN on {name}"
         assert (y[0, 1::4] == 0).all(), f"{name} did not return zeros for fully-masked rows"
-    _assert_parity(layer, x, path)
+    _assert_parity(layer, x, path, runtimes)
 
 
 def test_bias_mod_exports_with_its_own_overload(tmp_path):
     alibi = masks.custom(lambda b, h, q, kv: kv <= q, bias_mod=lambda b, h, q, kv: -(h + 1) * 0.1 * (q - kv).abs(),
                          name="alibi")
-    layer = MaskedSelfAttention(16, 2, alibi, seq_len=10).eval()
-    assert layer.attn_bias.shape == (2, 10, 10)
+    layer = MaskedSelfAttention(16, 2, alibi, seq_len=10, layout="dense").eval()
+    assert layer.table.attn_bias.shape == (2, 10, 10)
     x = torch.randn(1, 10, 16)
-    result = _export(tmp_path, layer, x, inline=False)
-    assert [f.overload for f in onnx.load(result.path).functions] == ["dense_bias"]
-    assert result.table_bytes == 10 * 10 + 2 * 10 * 10 * 4
-    _assert_parity(layer, x, result.path)
+    for lowering, opset, runtimes in LOWERING_LIST:
+        result = _export(tmp_path, layer, x, inline=False, lowering=lowering, opset=opset, runtimes=runtimes)
+        assert [f.overload for f in onnx.load(result.path).functions] == [f"{lowering}_bias"]
+        if lowering != "blocked":
+            assert result.table_bytes == 10 * 10 + 2 * 10 * 10 * 4
+        _assert_parity(layer, x, result.path, [r for r in CPU_RUNTIMES if runtimes is None or r in runtimes])
 
 
-def test_metadata_and_deduplicated_tables(tmp_path):
+@pytest.mark.parametrize("lowering", ["dense", "blocked"])
+def test_metadata_and_deduplicated_tables(tmp_path, lowering):
     mask = masks.neighborhood(3)
     model = torch.nn.Sequential(MaskedSelfAttention(16, 2, mask, grid=(6, 6)),
                                 MaskedSelfAttention(16, 2, mask, grid=(6, 6))).eval()
     x = torch.randn(1, 36, 16)
-    result = _export(tmp_path, model, x, inline=False)
+    result = _export(tmp_path, model, x, inline=False, lowering=lowering)
     proto = onnx.load(result.path)
     meta = metadata.read(proto)
     assert meta["version"] and meta["opset"] == 18 and meta["inline"] is False
-    assert [m["mask"] for m in meta["masks"]] == ["neighborhood_k3", "neighborhood_k3"]
-    assert meta["table_bytes"] == result.table_bytes == 36 * 36  # both layers share one table
-    tables = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.BOOL]
-    assert len(tables) == 1
+    assert meta["lowering"] == lowering and meta["targets"] == ["ort-cpu", "ort-cuda", "openvino-cpu"]
+    assert [(m["mask"], m["lowering"], m["why"]) for m in meta["masks"]] == [("neighborhood_k3", lowering, "requested")] * 2
+    one_table = model[0].table.table if lowering == "blocked" else tables.build(mask, grid=(6, 6))
+    assert meta["table_bytes"] == result.table_bytes == one_table.nbytes   # both layers share one table
+    inputs = [list(n.input) for n in proto.graph.node if n.domain == ONNX_DOMAIN]
+    assert inputs[0][3:] == inputs[1][3:]
+    assert model[0].table.layout == "blocked"    # export restored the layers' own layout
+
+
+def test_auto_records_its_reason_per_layer(tmp_path):
+    model = torch.nn.Sequential(MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(12, 12)),
+                                MaskedSelfAttention(16, 2, masks.causal(), seq_len=144)).eval()
+    result = _export(tmp_path, model, torch.randn(1, 144, 16), inline=False)
+    first, second = metadata.read(onnx.load(result.path))["masks"]
+    assert first["lowering"] == "blocked" and "block table scores" in first["why"]
+    assert second["lowering"] == "dense" and "block table would score" in second["why"]
+    result = _export(tmp_path, model, torch.randn(1, 144, 16), inline=False, opset=23)
+    assert [m["lowering"] for m in result.masks] == ["blocked", "attention"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lowering="attention"), "needs opset >= 23"),
+    (dict(lowering="contrib"), "runs on ort-cpu, ort-cuda only, not on openvino-cpu"),
+    (dict(lowering="sparse"), "unknown lowering 'sparse'"),
+    (dict(runtimes=["tensorrt"]), "target runtimes must be among"),
+])
+def test_bad_lowering_requests_are_clear_errors(tmp_path, kwargs, message):
+    layer = MaskedSelfAttention(16, 2, masks.causal(), seq_len=4)
+    with pytest.raises(EdgeAttnError, match=message):
+        _export(tmp_path, layer, torch.randn(1, 4, 16), inline=False, **kwargs)
+    assert not list(tmp_path.iterdir())
 
 
 def test_opset_17_exports_and_runs(tmp_path):

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from edgeattn import EdgeAttnError, models
+from edgeattn.layers import MaskTable
 
 
 @pytest.mark.parametrize("name", models.names())
@@ -18,7 +19,7 @@ def test_registered_model_builds_runs_and_rebuilds_identically(name):
 
 def test_nat_tiny_uses_neighborhood_and_dilation():
     built = models.build("nat-tiny")
-    names = [m.mask.name for m in built.module.modules() if hasattr(m, "mask") and hasattr(m, "attn_mask")]
+    names = [m.mask.name for m in built.module.modules() if isinstance(m, MaskTable)]
     assert names == ["neighborhood_k7"] * 2 + ["neighborhood_k7_d2"] * 2
     assert built.module(**built.inputs).shape == (1, 10)
 

@@ -5,12 +5,14 @@ Each lowering is a function *overload* of the one op (ONNX IR >= 10), so a node 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from onnx import FunctionProto, TensorProto, helper
 
 from ..attention import ONNX_DOMAIN, ONNX_OP, TABLE_INPUTS
 
 # lowering -> the table layout its node carries
-LOWERINGS = {"dense": "dense", "blocked": "blocked"}
+LOWERINGS = {"dense": "dense", "blocked": "blocked", "attention": "dense", "contrib": "dense"}
 # overload name -> (lowering, whether the node passes an additive bias as its last table input)
 OVERLOADS = {f"{lowering}{'_bias' if bias else ''}": (lowering, bias) for lowering in LOWERINGS for bias in (False, True)}
 # dtype: ONNX element type of q, so constants are typed statically; layout/lowering say what the tables are;
@@ -37,11 +39,7 @@ def dense(opset: int, overload: str) -> FunctionProto:
         n("Transpose", ["k"], ["k_t"], perm=[0, 1, 3, 2]),
         n("MatMul", ["q_scaled", "k_t"], ["scores"]),
     ]
-    nodes += [
-        n("Constant", [], ["neg_inf_f"], value_float=float("-inf")),
-        _cast("neg_inf_f", "neg_inf"),
-        n("Constant", [], ["zero_f"], value_float=0.0),
-        _cast("zero_f", "zero"),
+    nodes += _zero_rows_prologue() + [
         # The additive mask is computed on the (heads or 1, Nq, Nkv) table, not on the (B, H, Nq, Nkv) scores:
         # runtimes constant-fold it for static tables, and one broadcast Add is much faster than a broadcast Where.
         n("Where", ["mask", "zero", "neg_inf"], ["mask_add"]),
@@ -52,10 +50,7 @@ def dense(opset: int, overload: str) -> FunctionProto:
         n("Add", ["scores", "bias_add" if bias else "mask_add"], ["masked"]),
         n("Softmax", ["masked"], ["probs"], axis=-1),
         n("MatMul", ["probs", "v"], ["attended"]),
-        n("Cast", ["mask"], ["mask_i"], to=TensorProto.INT32),
-        *_reduce_max(opset, "mask_i", "row_any_i"),
-        n("Cast", ["row_any_i"], ["row_any"], to=TensorProto.BOOL),
-        n("Where", ["row_any", "attended", "zero"], ["out"]),
+        *_zero_rows(opset, "attended", "out"),
     ]
     return _function(overload, opset, nodes, dense.__doc__)
 
@@ -78,12 +73,9 @@ def blocked(opset: int, overload: str) -> FunctionProto:
         n("Transpose", ["k_tiles"], ["k_tiles_t"], perm=[0, 1, 2, 4, 3]),
         n("MatMul", ["q_tiles", "k_tiles_t"], ["scores"]),                 # (B, H, T, tq, K)
         n("Gather", ["bank", "block"], ["blocks_t"], axis=0),             # (T, heads or 1, tq, K)
-        n("Transpose", ["blocks_t"], ["blocks"], perm=[1, 0, 2, 3]),      # (heads or 1, T, tq, K)
-        n("Constant", [], ["neg_inf_f"], value_float=float("-inf")),
-        _cast("neg_inf_f", "neg_inf"),
-        n("Constant", [], ["zero_f"], value_float=0.0),
-        _cast("zero_f", "zero"),
-        n("Where", ["blocks", "zero", "neg_inf"], ["mask_add"]),
+        n("Transpose", ["blocks_t"], ["mask"], perm=[1, 0, 2, 3]),        # (heads or 1, T, tq, K)
+        *_zero_rows_prologue(),
+        n("Where", ["mask", "zero", "neg_inf"], ["mask_add"]),
     ]
     if bias:
         nodes += [n("Gather", ["bank_bias", "block"], ["bias_blocks_t"], axis=0),
@@ -93,10 +85,7 @@ def blocked(opset: int, overload: str) -> FunctionProto:
         n("Add", ["scores", "bias_add" if bias else "mask_add"], ["masked"]),
         n("Softmax", ["masked"], ["probs"], axis=-1),
         n("MatMul", ["probs", "v_tiles"], ["attended"]),                   # (B, H, T, tq, Dv)
-        n("Cast", ["blocks"], ["blocks_i"], to=TensorProto.INT32),
-        *_reduce_max(opset, "blocks_i", "row_any_i"),
-        n("Cast", ["row_any_i"], ["row_any"], to=TensorProto.BOOL),
-        n("Where", ["row_any", "attended", "zero"], ["attended_0"]),
+        *_zero_rows(opset, "attended", "attended_0"),
         # (B, H, T*tq, Dv): B and H from q, Dv from v
         n("Shape", ["q"], ["batch_heads"], start=0, end=2),
         n("Shape", ["v"], ["head_dim"], start=3, end=4),
@@ -108,7 +97,52 @@ def blocked(opset: int, overload: str) -> FunctionProto:
     return _function(overload, opset, nodes, blocked.__doc__)
 
 
-BODIES = {"dense": dense, "blocked": blocked}
+def attention(opset: int, overload: str) -> FunctionProto:
+    """One ONNX ``Attention`` node (opset >= 23) with the boolean table (or bias and -inf) as ``attn_mask``."""
+    bias = OVERLOADS[overload][1]
+    n = helper.make_node
+    nodes = _zero_rows_prologue()
+    if bias:
+        nodes += [_cast("bias", "bias_t"), n("Where", ["mask", "bias_t", "neg_inf"], ["attn_mask"])]
+    nodes += [
+        _from_attribute(n("Attention", ["q", "k", "v", "attn_mask" if bias else "mask"], ["attended"], scale=1.0),
+                        "scale"),
+        *_zero_rows(opset, "attended", "out"),
+    ]
+    return _function(overload, opset, nodes, attention.__doc__)
+
+
+def contrib(opset: int, overload: str) -> FunctionProto:
+    """onnxruntime's ``com.microsoft.MultiHeadAttention`` with the table as an additive ``attention_bias``.
+
+    The query goes in as (B, N, H*D), keys and values stay (B, H, N, D); the output comes back as (B, H, N, Dv).
+    """
+    bias = OVERLOADS[overload][1]
+    n = helper.make_node
+    nodes = _zero_rows_prologue() + [n("Where", ["mask", "zero", "neg_inf"], ["mask_add"])]
+    if bias:
+        nodes += [_cast("bias", "bias_t"), n("Add", ["bias_t", "mask_add"], ["bias_add"])]
+    nodes += [
+        n("Constant", [], ["axis0"], value_ints=[0]),
+        n("Unsqueeze", ["bias_add" if bias else "mask_add", "axis0"], ["attention_bias"]),   # (1, H or 1, N, N)
+        n("Transpose", ["q"], ["q_bsnh"], perm=[0, 2, 1, 3]),
+        n("Constant", [], ["bsh"], value_ints=[0, 0, -1]),
+        n("Reshape", ["q_bsnh", "bsh"], ["query"]),
+        _from_attribute(_from_attribute(
+            n("MultiHeadAttention", ["query", "k", "v", "", "", "attention_bias"], ["attended_bsh"],
+              domain="com.microsoft", num_heads=1, scale=1.0), "heads"), "scale", 1),
+        n("Shape", ["q"], ["heads_dim"], start=1, end=2),
+        n("Constant", [], ["zero_zero"], value_ints=[0, 0]),
+        n("Constant", [], ["minus_one"], value_ints=[-1]),
+        n("Concat", ["zero_zero", "heads_dim", "minus_one"], ["bsnh"], axis=0),
+        n("Reshape", ["attended_bsh", "bsnh"], ["attended_bsnh"]),
+        n("Transpose", ["attended_bsnh"], ["attended"], perm=[0, 2, 1, 3]),
+        *_zero_rows(opset, "attended", "out"),
+    ]
+    return _function(overload, opset, nodes, contrib.__doc__, extra_opsets={"com.microsoft": 1})
+
+
+BODIES = {"dense": dense, "blocked": blocked, "attention": attention, "contrib": contrib}
 
 
 def body(overload: str, opset: int) -> FunctionProto:
@@ -117,20 +151,38 @@ def body(overload: str, opset: int) -> FunctionProto:
     return BODIES[OVERLOADS[overload][0]](opset, overload)
 
 
-def _function(overload: str, opset: int, nodes, doc: str) -> FunctionProto:
+def _function(overload: str, opset: int, nodes, doc: str, extra_opsets: Optional[dict] = None) -> FunctionProto:
     lowering, bias = OVERLOADS[overload]
     tables = list(TABLE_INPUTS[LOWERINGS[lowering]])
     inputs = ["q", "k", "v"] + (tables if bias else tables[:-1])
-    fn = helper.make_function(ONNX_DOMAIN, ONNX_OP, inputs, ["out"], nodes, [helper.make_opsetid("", opset)],
+    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in (extra_opsets or {}).items()]
+    fn = helper.make_function(ONNX_DOMAIN, ONNX_OP, inputs, ["out"], nodes, opsets,
                               attributes=ATTRIBUTES, doc_string=doc.strip().splitlines()[0])
     fn.overload = overload
     return fn
 
 
-def _from_attribute(node, attribute: str):
-    """Make the node's first attribute a reference to the calling node's ``attribute``, substituted at expansion."""
-    node.attribute[0].ref_attr_name = attribute
+def _from_attribute(node, attribute: str, index: int = 0):
+    """Make the node's ``index``-th attribute a reference to the calling node's ``attribute``, substituted at
+    expansion."""
+    node.attribute[index].ref_attr_name = attribute
     return node
+
+
+def _zero_rows_prologue():
+    """Typed -inf and 0 constants."""
+    n = helper.make_node
+    return [n("Constant", [], ["neg_inf_f"], value_float=float("-inf")), _cast("neg_inf_f", "neg_inf"),
+            n("Constant", [], ["zero_f"], value_float=0.0), _cast("zero_f", "zero")]
+
+
+def _zero_rows(opset: int, attended: str, out: str):
+    """Rows of the mask without any allowed key softmax to NaN; make exactly those rows zeros (as torch does)."""
+    n = helper.make_node
+    return [n("Cast", ["mask"], ["mask_i"], to=TensorProto.INT32),
+            *_reduce_max(opset, "mask_i", "row_any_i"),
+            n("Cast", ["row_any_i"], ["row_any"], to=TensorProto.BOOL),
+            n("Where", ["row_any", attended, "zero"], [out])]
 
 
 def _cast(src: str, dst: str):
