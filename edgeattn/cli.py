@@ -8,10 +8,10 @@ import argparse
 import sys
 from collections import Counter
 
-from . import __version__, masks, models, parity, runtimes
+from . import __version__, bench, masks, models, parity, runtimes
 from ._files import check_writable
 from .errors import EdgeAttnError
-from .export import DEFAULT_OPSET, export_registered
+from .export import DEFAULT_OPSET, export_registered, lowering
 
 DEFAULT_RUNS = 20
 
@@ -49,12 +49,13 @@ def cmd_runtimes(args) -> int:
 
 
 def cmd_export(args) -> int:
-    if not args.check and (args.runtime or args.json or args.runs):
-        raise EdgeAttnError("--runtime, --runs and --json apply to the parity check; add --check")
+    if not args.check and (args.json or args.runs):
+        raise EdgeAttnError("--runs and --json apply to the parity check; add --check")
     names = _runtimes(args.runtime) if args.check else []
+    targets = [n for n in args.runtime or [] if n != "torch"] or None
     result = export_registered(args.model, args.output, seed=args.seed, opset=args.opset, inline=args.inline,
-                               progress=_log)
-    counts = Counter(m["mask"] for m in result.masks)
+                               lowering=args.lowering, runtimes=targets, progress=_log)
+    counts = Counter(f"{m['mask']} ({m['lowering']})" for m in result.masks)
     _log(f"wrote {result.path}: {_mb(result.file_bytes)}, {len(result.masks)} attention nodes "
          f"({', '.join(f'{k} x{v}' for k, v in counts.items())}), mask tables {_mb(result.table_bytes)}")
     return _check(result.path, names, args) if args.check else 0
@@ -62,6 +63,25 @@ def cmd_export(args) -> int:
 
 def cmd_check(args) -> int:
     return _check(args.file, _runtimes(args.runtime), args)
+
+
+def cmd_bench(args) -> int:
+    bench.check_outputs(args.json, args.markdown, args.plot)
+    names = [n for n in _runtimes(args.runtime) if n != "torch"] if args.runtime else None
+    rows = bench.run(args.target, names, args.lowering, runs=args.runs or DEFAULT_RUNS, seed=args.seed,
+                     progress=bench.progress_bar())
+    print(bench.format_table(rows))
+    if args.json:
+        bench.write_json(rows, args.json)
+    if args.markdown:
+        bench.write_markdown(rows, args.markdown)
+    if args.plot:
+        bench.write_plot(rows, args.plot, title=f"edgeattn bench {args.target}")
+    failed = [f"{r.runtime} {r.lowering}" for r in rows if r.status not in ("ok", "n/a")]
+    if failed:
+        print(f"bench: out of tolerance or failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _check(path, names, args) -> int:
@@ -118,9 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("masks", help="list mask families").set_defaults(func=cmd_masks)
     sub.add_parser("runtimes", help="list runtimes and whether they can run here").set_defaults(func=cmd_runtimes)
 
-    def gate_options(cmd):
+    def gate_options(cmd, targets=""):
         cmd.add_argument("--runtime", action="append", metavar="NAME",
-                         help=f"runtime to check on, repeatable ({', '.join(runtimes.runtime_names())}); "
+                         help=f"runtime {targets}to check on, repeatable ({', '.join(runtimes.runtime_names())}); "
                               "default: torch and every available ONNX runtime")
         cmd.add_argument("--runs", type=_positive,
                          help=f"timed runs per runtime after 3 warm-ups (default {DEFAULT_RUNS})")
@@ -131,10 +151,26 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True, help="output .onnx path")
     e.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     e.add_argument("--inline", action="store_true", help="standard ONNX ops only (no edgeattn-domain nodes)")
+    e.add_argument("--lowering", choices=lowering.CHOICES, default="auto",
+                   help="attention body: auto (per layer, from the mask's sparsity and the target runtimes), dense, "
+                        "blocked, attention (opset >= 23) or contrib (onnxruntime only); default auto")
     e.add_argument("--seed", type=int, default=0, help="seed of the random weights and example inputs (default 0)")
     e.add_argument("--check", action="store_true", help="run the parity gate on each runtime; exit 1 if out of tolerance")
-    gate_options(e)
+    gate_options(e, targets="the file is for (auto picks lowerings they all run) and ")
     e.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="time a model with every lowering (or a file) on each runtime, in one table")
+    b.add_argument("target", metavar="MODEL_OR_FILE", help="registered model name or an .onnx file from `edgeattn export`")
+    b.add_argument("--runtime", action="append", metavar="NAME",
+                   help="ONNX runtime to time, repeatable; default: every available one")
+    b.add_argument("--lowering", action="append", choices=lowering.CHOICES,
+                   help="lowering to export and time, repeatable (models only); default: all")
+    b.add_argument("--runs", type=_positive, help=f"timed runs per row after 3 warm-ups (default {DEFAULT_RUNS})")
+    b.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
+    b.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
+    b.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
+    b.add_argument("--plot", metavar="FILE.png", help="write a latency bar chart (needs matplotlib)")
+    b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("check", help="compare an exported file with its PyTorch reference on runtimes")
     c.add_argument("file", help="an .onnx file written by `edgeattn export`")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -115,25 +116,34 @@ def compare_model(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor
                   runtime_names: Optional[Sequence[str]] = None, runs: int = 20,
                   progress: Optional[Callable[[str], None]] = None) -> list[ParityResult]:
     """Compare an exported file with the module it came from, on the given inputs (Python API for any model)."""
-    model = read_onnx(path)
-    input_infos, outputs = graph_inputs(model), [o.name for o in model.graph.output]
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = [example_inputs]
+    feeds, reference = reference_outputs(module, example_inputs, path)
+    dtype = str(next(iter(reference.values())).dtype) if reference else "float32"
+    names = list(runtime_names) if runtime_names else default_runtimes()
+    results = []
+    if "torch" in names:  # timed first: idle runtime thread pools left spinning would slow eager torch down
+        results.append(time_eager(module, example_inputs, runs))
+    return results + check_sessions(reference, feeds, path, [n for n in names if n != "torch"], runs, dtype,
+                                    progress=progress)
+
+
+def reference_outputs(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path):
+    """The file's feeds for ``example_inputs`` and eager torch's outputs under the file's output names."""
+    model = read_onnx(path)
+    input_infos, outputs = graph_inputs(model), [o.name for o in model.graph.output]
     if len(input_infos) != len(example_inputs):
         raise EdgeAttnError(f"{path} has {len(input_infos)} inputs, {len(example_inputs)} example inputs given")
     feeds = {info.name: _numpy(t) for info, t in zip(input_infos, example_inputs)}
     flat = torch.utils._pytree.tree_leaves(_eager(module, example_inputs))  # the exporter flattens outputs the same way
     if len(flat) != len(outputs):
         raise EdgeAttnError(f"{path} has {len(outputs)} outputs, the model returns {len(flat)} tensors")
-    reference = {name: _numpy(t) for name, t in zip(outputs, flat)}
-    dtype = str(next(iter(reference.values())).dtype) if reference else "float32"
-    names = list(runtime_names) if runtime_names else default_runtimes()
-    results = []
-    if "torch" in names:  # timed first: idle runtime thread pools left spinning would slow eager torch down
-        p50, p90 = latency(lambda: _eager(module, example_inputs), runs=runs)
-        results.append(ParityResult("torch", "ok", True, 0.0, 0.0, 1.0, 0.0, p50, p90, "reference (eager)"))
-    return results + check_sessions(reference, feeds, path, [n for n in names if n != "torch"], runs, dtype,
-                                    progress=progress)
+    return feeds, {name: _numpy(t) for name, t in zip(outputs, flat)}
+
+
+def time_eager(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], runs: int = 20) -> ParityResult:
+    p50, p90 = latency(lambda: _eager(module, example_inputs), runs=runs)
+    return ParityResult("torch", "ok", True, 0.0, 0.0, 1.0, 0.0, p50, p90, "reference (eager)")
 
 
 def default_runtimes() -> list[str]:
@@ -155,12 +165,18 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def describe(path) -> str:
-    """One line about an exported file, from its metadata."""
+    """About an exported file, from its metadata: one line, then one line per distinct (mask, lowering)."""
     meta = metadata.read(read_onnx(path))
-    lowerings = sorted({m.get("lowering", "?") for m in meta.get("masks", [])})
-    return (f"{path}: model {meta.get('model', '(not a registered model)')}, opset {meta.get('opset', '?')}, "
-            f"{len(meta.get('masks', []))} attention nodes, lowering {'/'.join(lowerings) or '-'}"
-            f"{' (inlined)' if meta.get('inline') else ''}, mask tables {meta.get('table_bytes', 0) / 1e6:.1f} MB")
+    nodes = meta.get("masks", [])
+    lowerings = sorted({m.get("lowering", "?") for m in nodes})
+    targets = meta.get("targets")
+    lines = [f"{path}: model {meta.get('model', '(not a registered model)')}, opset {meta.get('opset', '?')}, "
+             f"{len(nodes)} attention nodes, lowering {meta.get('lowering', '?')} -> {'/'.join(lowerings) or '-'}"
+             f"{' (inlined)' if meta.get('inline') else ''}"
+             f"{' for ' + ', '.join(targets) if targets else ''}, mask tables {meta.get('table_bytes', 0) / 1e6:.2f} MB"]
+    counts = Counter((m.get("mask", "?"), m.get("lowering", "?"), m.get("why", "")) for m in nodes)
+    lines += [f"  {mask} x{n}: {low}" + (f" ({why})" if why else "") for (mask, low, why), n in counts.items()]
+    return "\n".join(lines)
 
 
 def format_table(results: Sequence[ParityResult]) -> str:

@@ -77,4 +77,4 @@ def from_metadata(model, path) -> BuiltModel:
     return build(meta["model"], seed=int(meta.get("seed", 0)), **meta.get("config", {}))
 
 
-from . import nat, swin  # noqa: E402,F401  (registers the models)
+from . import blocks, nat, swin  # noqa: E402,F401  (registers the models)

@@ -1,0 +1,197 @@
+"""``edgeattn bench``: export a model with each lowering and time it on each runtime, in one table.
+
+Rows look like ``yolo benchmark``'s: runtime, lowering, status, file size, accuracy against eager PyTorch, median
+and p90 latency, and the speedup over eager PyTorch (the first row).  A file argument benchmarks that file as is.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from . import models, parity, runtimes
+from ._files import atomic_write, check_writable
+from .errors import EdgeAttnError
+from .export import DEFAULT_OPSET, export_onnx, metadata
+from .export.lowering import CHOICES, LOWERINGS
+from .runtimes.base import read_onnx
+
+# the opset each lowering is exported at when benchmarking a model (attention needs the Attention op)
+BENCH_OPSET = {"attention": 23}
+
+
+@dataclass
+class BenchRow:
+    runtime: str
+    lowering: str
+    status: str
+    file_mb: Optional[float] = None
+    max_abs_err: Optional[float] = None
+    cosine: Optional[float] = None
+    p50_ms: Optional[float] = None
+    p90_ms: Optional[float] = None
+    speedup: Optional[float] = None      # eager torch p50 / this p50
+    opset: Optional[int] = None
+    detail: str = ""
+
+
+def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: Optional[Sequence[str]] = None,
+        runs: int = 20, seed: int = 0, progress: Optional[Callable[[int, int, str], None]] = None) -> list[BenchRow]:
+    """Benchmark a registered model (every lowering) or an exported file (as is) on each ONNX runtime."""
+    names = [n for n in (runtime_names or runtimes.available()) if n != "torch"]
+    is_file = target not in models.REGISTRY
+    if is_file and not Path(target).exists():
+        raise EdgeAttnError(f"{target!r} is neither a registered model ({', '.join(models.names())}) nor a file")
+    if is_file and lowerings:
+        raise EdgeAttnError("--lowering applies when benchmarking a model; a file keeps the lowering it was exported with")
+    with tempfile.TemporaryDirectory(prefix="edgeattn-bench-") as tmp:
+        if is_file:
+            built = models.from_metadata(read_onnx(target), target)
+            meta = metadata.read(read_onnx(target))
+            files = [(meta.get("lowering", "?"), int(meta.get("opset", 0)), Path(target))]
+        else:
+            built = models.build(target, seed=seed)
+            files = None
+        inputs = list(built.inputs.values())
+        plan = lowerings or [c for c in CHOICES]
+        total = 1 + (len(files) if files else len(plan)) * len(names)
+        step = _stepper(progress, total)
+        step("torch eager")
+        eager = parity.time_eager(built.module, inputs, runs)
+        rows = [BenchRow("torch", "eager", "ok", None, 0.0, 1.0, eager.p50_ms, eager.p90_ms, 1.0)]
+        for lowering in ([f[0] for f in files] if files else plan):
+            if files:
+                _, opset, path = files[0]
+            else:
+                opset = BENCH_OPSET.get(lowering, DEFAULT_OPSET)
+                path = Path(tmp) / f"{target}-{lowering}.onnx"
+                step(f"exporting {lowering}", advance=False)
+                export_onnx(built.module, inputs, path, opset=opset, lowering=lowering,
+                            runtimes=_targets(lowering, names), input_names=list(built.inputs),
+                            output_names=list(built.outputs),
+                            metadata_props={"model": built.name, "config": built.config, "seed": built.seed})
+            label = _label(lowering, path)
+            feeds, reference = parity.reference_outputs(built.module, inputs, path)
+            for name in names:
+                step(f"{name} {label}")
+                supported = LOWERINGS.get(lowering)
+                if supported is not None and supported.runtimes is not None and name not in supported.runtimes:
+                    rows.append(BenchRow(name, label, "n/a", opset=opset,
+                                         detail=f"the {lowering} lowering runs on {', '.join(sorted(supported.runtimes))} only"))
+                    continue
+                (r,) = parity.check_sessions(reference, feeds, path, [name], runs)
+                rows.append(BenchRow(name, label, r.status, path.stat().st_size / 1e6, r.max_abs_err, r.cosine,
+                                     r.p50_ms, r.p90_ms, eager.p50_ms / r.p50_ms if r.p50_ms else None, opset,
+                                     r.detail))
+    return rows
+
+
+def _targets(lowering: str, names: Sequence[str]) -> Optional[list[str]]:
+    low = LOWERINGS.get(lowering)
+    if low is not None and low.runtimes is not None:
+        return sorted(low.runtimes)
+    return None
+
+
+def _label(lowering: str, path: Path) -> str:
+    """``auto`` shows what it chose: ``auto:blocked``."""
+    if lowering != "auto":
+        return lowering
+    chosen = sorted({m["lowering"] for m in metadata.read(read_onnx(path)).get("masks", [])})
+    return f"auto:{'/'.join(chosen)}"
+
+
+def _stepper(progress, total):
+    done = [0]
+
+    def step(label: str, advance: bool = True):
+        if advance:
+            done[0] += 1
+        if progress:
+            progress(done[0], total, label)
+    return step
+
+
+HEADER = ("runtime", "lowering", "status", "size_MB", "max_abs_err", "cosine", "p50_ms", "p90_ms", "speedup")
+
+
+def _cells(r: BenchRow) -> tuple[str, ...]:
+    def num(v, fmt):
+        return "-" if v is None else fmt.format(v)
+    return (r.runtime, r.lowering, r.status, num(r.file_mb, "{:.2f}"), num(r.max_abs_err, "{:.2e}"),
+            num(r.cosine, "{:.6f}"), num(r.p50_ms, "{:.2f}"), num(r.p90_ms, "{:.2f}"), num(r.speedup, "{:.1f}x"))
+
+
+def format_table(rows: Sequence[BenchRow]) -> str:
+    table = [HEADER] + [_cells(r) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(HEADER))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    return "\n".join(lines + [f"  {r.runtime} {r.lowering}: {r.detail}" for r in rows
+                              if r.detail and r.status not in ("ok", "n/a")])
+
+
+def format_markdown(rows: Sequence[BenchRow]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    return "\n".join(lines + ["| " + " | ".join(_cells(r)) + " |" for r in rows]) + "\n"
+
+
+def write_json(rows: Sequence[BenchRow], path) -> None:
+    atomic_write(path, (json.dumps([asdict(r) for r in rows], indent=2) + "\n").encode())
+
+
+def write_markdown(rows: Sequence[BenchRow], path) -> None:
+    atomic_write(path, format_markdown(rows).encode())
+
+
+def check_plot_available() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise EdgeAttnError("--plot needs matplotlib; install it with: pip install matplotlib") from None
+
+
+def write_plot(rows: Sequence[BenchRow], path, title: str) -> None:
+    """A horizontal bar chart of p50 latency per (runtime, lowering), written atomically as PNG."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r.p50_ms is not None]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(timed) + 1.2))
+    ax.barh([f"{r.runtime} {r.lowering}" for r in timed], [r.p50_ms for r in timed], color="tab:blue")
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("p50 latency (ms, log scale)")
+    ax.set_title(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, buffer.getvalue())
+
+
+def progress_bar(stream=sys.stderr, width: int = 24):
+    """A one-line progress bar on a terminal (one line per step otherwise, so logs stay readable)."""
+    def show(done: int, total: int, label: str):
+        filled = width * done // max(total, 1)
+        text = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label}"
+        if stream.isatty():
+            stream.write("\r" + text.ljust(80) + ("\n" if done == total else ""))
+        else:
+            stream.write(text + "\n")
+        stream.flush()
+    return show
+
+
+def check_outputs(json_path=None, markdown_path=None, plot_path=None) -> None:
+    """Fail before a long run, not after it: every output path must be writable (and --plot's library present)."""
+    for p in (json_path, markdown_path, plot_path):
+        if p:
+            check_writable(p)
+    if plot_path:
+        check_plot_available()
