@@ -150,7 +150,7 @@ def check_plot_available() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise EdgeAttnError("--plot needs matplotlib; install it with: pip install matplotlib") from None
+        raise EdgeAttnError("--plot needs matplotlib; install it with: pip install 'edgeattn[plot]'") from None
 
 
 def write_plot(rows: Sequence[BenchRow], path, title: str) -> None:
@@ -175,9 +175,10 @@ def write_plot(rows: Sequence[BenchRow], path, title: str) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def progress_bar(stream=sys.stderr, width: int = 24):
-    """A one-line progress bar on a terminal (one line per step otherwise, so logs stay readable)."""
+def progress_bar(width: int = 24):
+    """A one-line progress bar on stderr when it is a terminal (one line per step otherwise, so logs stay readable)."""
     def show(done: int, total: int, label: str):
+        stream = sys.stderr
         filled = width * done // max(total, 1)
         text = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label}"
         if stream.isatty():

@@ -51,10 +51,14 @@ def cmd_runtimes(args) -> int:
 def cmd_export(args) -> int:
     if not args.check and (args.json or args.runs):
         raise EdgeAttnError("--runs and --json apply to the parity check; add --check")
-    names = _runtimes(args.runtime) if args.check else []
+    if args.json:
+        check_writable(args.json)
+    if args.check and args.runtime:
+        _runtimes(args.runtime)   # an unavailable runtime fails before the export, not after
     targets = [n for n in args.runtime or [] if n != "torch"] or None
     result = export_registered(args.model, args.output, seed=args.seed, opset=args.opset, inline=args.inline,
                                lowering=args.lowering, runtimes=targets, progress=_log)
+    names = _runtimes(args.runtime, result.path) if args.check else []
     counts = Counter(f"{m['mask']} ({m['lowering']})" for m in result.masks)
     _log(f"wrote {result.path}: {_mb(result.file_bytes)}, {len(result.masks)} attention nodes "
          f"({', '.join(f'{k} x{v}' for k, v in counts.items())}), mask tables {_mb(result.table_bytes)}")
@@ -62,7 +66,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_check(args) -> int:
-    return _check(args.file, _runtimes(args.runtime), args)
+    if args.json:
+        check_writable(args.json)
+    return _check(args.file, _runtimes(args.runtime, args.file), args)
 
 
 def cmd_bench(args) -> int:
@@ -100,10 +106,11 @@ def _check(path, names, args) -> int:
     return 0
 
 
-def _runtimes(requested) -> list[str]:
-    """Explicit runtimes must all be available; the default is torch plus every available ONNX runtime."""
+def _runtimes(requested, path=None) -> list[str]:
+    """Explicit runtimes must all be available; the default is torch plus every available ONNX runtime (that the
+    file at ``path`` was exported for)."""
     if not requested:
-        return parity.default_runtimes()
+        return parity.default_runtimes(path)
     for name in requested:
         reasons = runtimes.get(name).not_supported_reasons()
         if reasons:

@@ -120,7 +120,7 @@ def compare_model(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor
         example_inputs = [example_inputs]
     feeds, reference = reference_outputs(module, example_inputs, path)
     dtype = str(next(iter(reference.values())).dtype) if reference else "float32"
-    names = list(runtime_names) if runtime_names else default_runtimes()
+    names = list(runtime_names) if runtime_names else default_runtimes(path)
     results = []
     if "torch" in names:  # timed first: idle runtime thread pools left spinning would slow eager torch down
         results.append(time_eager(module, example_inputs, runs))
@@ -146,9 +146,11 @@ def time_eager(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
     return ParityResult("torch", "ok", True, 0.0, 0.0, 1.0, 0.0, p50, p90, "reference (eager)")
 
 
-def default_runtimes() -> list[str]:
-    """What a check covers when no runtime is named: the torch reference and every available ONNX runtime."""
-    return ["torch"] + runtimes.available()
+def default_runtimes(path=None) -> list[str]:
+    """What a check covers when no runtime is named: the torch reference and every available ONNX runtime the
+    file was exported for (its ``targets`` metadata: a contrib-lowered file is for onnxruntime only)."""
+    targets = metadata.read(read_onnx(path)).get("targets") if path is not None else None
+    return ["torch"] + [n for n in runtimes.available() if not targets or n in targets]
 
 
 def _eager(module, inputs):

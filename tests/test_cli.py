@@ -38,7 +38,9 @@ def test_export_with_check_prints_both_cpu_runtimes(capsys, tmp_path):
     code, out, err = run_cli(capsys, "export", "nat-tiny", "-o", tmp_path / "n.onnx", "--check", "--runs", "2",
                              "--json", tmp_path / "r.json")
     assert code == 0, out + err
-    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:] if line.strip()}
+    lines = out.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("runtime")) + 1:]
+    rows = {line.split()[0]: line.split()[1] for line in table if line.strip()}
     assert rows == {"torch": "ok", "ort-cpu": "ok", "openvino-cpu": "ok"}
     assert "mask tables" in err
     report = json.loads((tmp_path / "r.json").read_text())
@@ -110,3 +112,57 @@ def test_check_refuses_files_without_reference_metadata(capsys, tmp_path, nat_fi
 def test_console_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "edgeattn", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("edgeattn ")
+
+
+def test_export_lowering_and_targets(capsys, tmp_path):
+    path = tmp_path / "sw.onnx"
+    code, _, err = run_cli(capsys, "export", "swin-tiny-block", "-o", path, "--lowering", "contrib",
+                           "--runtime", "ort-cpu", "--check", "--runs", "1")
+    assert code == 0 and "(contrib)" in err
+    code, out, _ = run_cli(capsys, "check", path, "--runtime", "ort-cpu", "--runs", "1")
+    assert code == 0 and "lowering contrib -> contrib for ort-cpu" in out and "window_7 x1: contrib (requested)" in out
+    code, out, _ = run_cli(capsys, "export", "swin-tiny-block", "-o", path, "--lowering", "contrib")
+    assert code == 2
+
+
+def test_bench_model_writes_table_json_markdown_and_plot(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "bench", "na2d-block", "--lowering", "auto", "--lowering", "contrib",
+                             "--runs", "1", "--json", tmp_path / "b.json", "--markdown", tmp_path / "b.md",
+                             "--plot", tmp_path / "b.png")
+    assert code == 0, out + err
+    header, *rows = out.splitlines()
+    assert header.split() == ["runtime", "lowering", "status", "size_MB", "max_abs_err", "cosine", "p50_ms", "p90_ms",
+                              "speedup"]
+    table = {(r.split()[0], r.split()[1]): r.split()[2] for r in rows}
+    assert table == {("torch", "eager"): "ok", ("ort-cpu", "auto:blocked"): "ok", ("openvino-cpu", "auto:blocked"): "ok",
+                     ("ort-cpu", "contrib"): "ok", ("openvino-cpu", "contrib"): "n/a"}
+    assert "11/11" not in err and "5/5" in err        # the progress bar counts torch + 2 lowerings x 2 runtimes
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert [r["lowering"] for r in report][:2] == ["eager", "auto:blocked"]
+    assert all(r["max_abs_err"] < 1e-5 for r in report if r["status"] == "ok")
+    assert (tmp_path / "b.md").read_text().startswith("| runtime | lowering |")
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_file_keeps_its_lowering(capsys, nat_file):
+    code, out, _ = run_cli(capsys, "bench", nat_file, "--runtime", "ort-cpu", "--runs", "1")
+    assert code == 0
+    assert [line.split()[:3] for line in out.splitlines()[1:]] == [["torch", "eager", "ok"],
+                                                                   ["ort-cpu", "auto:blocked", "ok"]]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "nope"], "neither a registered model"),
+    (["bench", "na2d-block", "--json", "."], "is a directory"),
+    (["export", "nat-tiny", "-o", "x.onnx", "--lowering", "attention"], "needs opset >= 23"),
+])
+def test_bench_and_lowering_bad_input(capsys, argv, message):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_check_defaults_to_the_runtimes_a_file_is_for(capsys, tmp_path):
+    path = tmp_path / "c.onnx"
+    assert run_cli(capsys, "export", "swin-tiny-block", "-o", path, "--lowering", "contrib", "--runtime", "ort-cpu")[0] == 0
+    code, out, _ = run_cli(capsys, "check", path, "--runs", "1")
+    assert code == 0 and "openvino-cpu" not in out.split("runtime", 1)[1] and "ort-cpu  ok" in out
