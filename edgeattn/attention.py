@@ -73,10 +73,16 @@ def blocked_attention(q, k, v, q_index, kv_index, q_pos, bank, block, bank_bias,
     blocks = bank[block].transpose(0, 1)                      # (heads or 1, T, tq, K)
     attn_mask = blocks if bank_bias is None else \
         bank_bias[block].transpose(0, 1).to(q.dtype).masked_fill(~blocks, float("-inf"))
-    out = F.scaled_dot_product_attention(q[:, :, q_index], k[:, :, kv_index], v[:, :, kv_index],
+    out = F.scaled_dot_product_attention(_gather(q, q_index), _gather(k, kv_index), _gather(v, kv_index),
                                          attn_mask=attn_mask, scale=scale)   # (B, H, T, tq, Dv)
     out = torch.where(blocks.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype))
-    return out.flatten(2, 3)[:, :, q_pos]
+    return out.flatten(2, 3).index_select(2, q_pos)
+
+
+def _gather(x, index):
+    """x[:, :, index] for a (T, n) index -> (B, H, T, n, D).  index_select on a contiguous tensor: indexing the
+    strided q/k/v views a qkv projection produces is an order of magnitude slower."""
+    return x.contiguous().index_select(2, index.flatten()).unflatten(2, index.shape)
 
 
 _KERNELS = {"dense": reference_attention, "blocked": blocked_attention}
