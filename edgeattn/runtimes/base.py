@@ -10,7 +10,7 @@ import onnx
 from onnx import helper
 
 from ..attention import ONNX_DOMAIN, ONNX_OP_VERSION
-from ..errors import EdgeAttnError
+from ..errors import EdgeAttnError, first_line
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,11 @@ class Runtime:
         raise NotImplementedError
 
 
-def read_onnx(path) -> onnx.ModelProto:
-    """Load an ONNX file or say in one line why it cannot be used."""
+def read_onnx(path, weights: bool = False) -> onnx.ModelProto:
+    """Load an ONNX file or say in one line why it cannot be used.
+
+    ``weights=True`` also loads tensors stored as external data (``torch.onnx.export`` writes ``model.onnx.data``
+    beside the file); their locations must be files inside the model's folder."""
     path = Path(path)
     if not path.is_file():
         raise EdgeAttnError(f"{path}: no such file")
@@ -84,7 +87,25 @@ def read_onnx(path) -> onnx.ModelProto:
         if op.domain == ONNX_DOMAIN and op.version > ONNX_OP_VERSION:
             raise EdgeAttnError(f"{path}: uses {ONNX_DOMAIN} opset {op.version}, this edgeattn knows up to "
                                 f"{ONNX_OP_VERSION}; upgrade edgeattn or re-export the file")
+    if weights:
+        _load_external_data(model, path)
     return model
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    folder = path.resolve().parent
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or folder not in target.parents or not target.is_file():
+            raise EdgeAttnError(f"{path}: tensor {tensor.name!r} points at external data {location!r}, which is not "
+                                f"a file inside {folder}; keep the .onnx and its data file together")
+    try:
+        onnx.load_external_data_for_model(model, str(folder))
+    except Exception as e:
+        raise EdgeAttnError(f"{path}: could not read its external data: {first_line(e)}") from e
 
 
 def io_info(values: Sequence[onnx.ValueInfoProto]) -> list[TensorInfo]:

@@ -1,32 +1,60 @@
-"""OpenVINO CPU.  OpenVINO 2026.4 has no conversion rule for custom-domain nodes, even with a local function, so the
-edgeattn functions are inlined into standard ops in memory before OpenVINO reads the model."""
+"""OpenVINO CPU.  OpenVINO has no conversion rule for custom-domain nodes (it ignores model-local functions), so before
+it reads a model, each ``edgeattn.MaskedAttention`` node is prepared one of two ways:
+
+- dense-table nodes (lowerings dense and attention) stay edgeattn nodes, and a ConversionExtension turns each one
+  into OpenVINO's own ``ScaledDotProductAttention`` op, so each device plugin picks its attention kernel (the CPU
+  plugin currently lowers it to the same fused MHA kernel it builds for the standard-op body);
+- every other node (blocked tables; contrib, which OpenVINO cannot run) is inlined into its standard-op function body.
+"""
 from __future__ import annotations
 
 import functools
 import threading
 from pathlib import Path
 
+import numpy as np
+import onnx
 import onnx.inliner
 
-from ..attention import ONNX_DOMAIN
+from ..attention import ONNX_DOMAIN, ONNX_OP
 from ..errors import EdgeAttnError, first_line
 from .base import Runtime, Session, Tolerance, graph_inputs, io_info, read_onnx
 
+SDPA_LOWERINGS = (b"dense", b"attention")   # lowerings whose node the extension converts to ScaledDotProductAttention
+_BIAS = 4                                    # dense-table node inputs: q, k, v, mask, then the optional bias
+
 
 class OpenVinoSession(Session):
+    fused_sdpa: int   # how many edgeattn nodes became OpenVINO ScaledDotProductAttention ops (the rest were inlined)
+
     def __init__(self, runtime: str, path: Path, device: str):
         import openvino as ov
+        from openvino.frontend.onnx import ConversionExtension
 
-        model = read_onnx(path)
+        model = read_onnx(path, weights=True)
         self.runtime, self.inputs, self.outputs = runtime, graph_inputs(model), io_info(model.graph.output)
-        if any(n.domain == ONNX_DOMAIN for n in model.graph.node):
-            model = onnx.inliner.inline_local_functions(model)
+        model = _inline_all_but_sdpa(model)
+        errors = []
+
+        def convert(context):  # OpenVINO reports a converter's exception inside a long log: keep it to report
+            try:
+                return _to_sdpa(context)
+            except Exception as e:
+                errors.append(e)
+                raise
+
         core = ov.Core()
+        core.add_extension(ConversionExtension(ONNX_OP, ONNX_DOMAIN, convert))   # only applies to later reads
         try:
             ov_model = core.read_model(model.SerializeToString(), b"")
+            ops = ov_model.get_ordered_ops()
+            self.fused_sdpa = sum(op.get_type_name() == "ScaledDotProductAttention" for op in ops)
             # fp32 files run in fp32: on CPUs with bf16/AMX OpenVINO would otherwise default to bf16.
             self._compiled = core.compile_model(ov_model, device, {"INFERENCE_PRECISION_HINT": "f32"})
         except Exception as e:
+            if errors:
+                raise EdgeAttnError(f"{path}: OpenVINO could not convert {ONNX_DOMAIN}.{ONNX_OP} to "
+                                    f"ScaledDotProductAttention: {first_line(errors[0])}") from errors[0]
             raise EdgeAttnError(f"{path}: OpenVINO could not compile the model: {first_line(e)}") from e
         self._ports = [self._compiled.output(i) for i in range(len(self.outputs))]
         self._local = threading.local()  # an infer request is not thread-safe: one per calling thread
@@ -40,6 +68,56 @@ class OpenVinoSession(Session):
         except Exception as e:
             raise EdgeAttnError(f"OpenVINO ({self.runtime}) failed to run: {first_line(e)}") from e
         return {info.name: results[port].copy() for info, port in zip(self.outputs, self._ports)}
+
+
+def _converts_to_sdpa(node: onnx.NodeProto) -> bool:
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return attributes.get("layout") == b"dense" and attributes.get("lowering") in SDPA_LOWERINGS
+
+
+def _inline_all_but_sdpa(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Inline the function bodies of the edgeattn nodes the extension does not convert.
+
+    Bodies are model-local function overloads (one per lowering, with and without bias): dropping the overloads of
+    the converted nodes leaves exactly those nodes in place when the inliner expands the rest."""
+    nodes = [n for n in model.graph.node if n.domain == ONNX_DOMAIN]
+    kept = {n.overload for n in nodes if _converts_to_sdpa(n)}
+    if all(n.overload in kept for n in nodes):
+        return model
+    functions = [f for f in model.functions if not (f.domain == ONNX_DOMAIN and f.overload in kept)]
+    del model.functions[:]
+    model.functions.extend(functions)
+    return onnx.inliner.inline_local_functions(model)
+
+
+def _to_sdpa(context):
+    """ConversionExtension body: one dense-table ``MaskedAttention`` node -> ``ScaledDotProductAttention``.
+
+    q, k, v (B, H, N, D); mask bool (H or 1, Nq, Nkv), True = attend, as SDPA takes it; optional float bias."""
+    import openvino.opset13 as ops   # the newest opset with SDPA; later opsets do not redefine it
+
+    layout = context.get_attribute("layout")
+    if layout != "dense":
+        raise ValueError(f"only dense-table nodes convert to ScaledDotProductAttention, this one has layout {layout!r}")
+    q, k, v, mask = (context.get_input(i) for i in range(_BIAS))
+
+    def like_q(value):   # constants in q's element type, which SDPA requires for scale and a float mask
+        return ops.convert_like(ops.constant(np.array(value, np.float32)), q)
+
+    # An absent optional input is not a shorter input list: it arrives as the output of a "NullNode".
+    has_bias = (context.get_input_size() > _BIAS
+                and context.get_input(_BIAS).get_node().get_type_name() != "NullNode")
+    attn_mask = mask
+    if has_bias:   # SDPA has one mask input, added to the scores when float: bias where allowed, -inf elsewhere
+        attn_mask = ops.select(mask, ops.convert_like(context.get_input(_BIAS), q), like_q(-np.inf))
+    out = ops.scaled_dot_product_attention(q, k, v, attn_mask, like_q(context.get_attribute("scale")), causal=False)
+    # SDPA gives NaN on a query row with no allowed key, edgeattn gives zeros; a constant mask without such rows
+    # (the usual case: tables are initializers) needs no Select.
+    source = mask.get_node()
+    if source.get_type_name() == "Constant" and source.get_data().any(axis=-1).all():
+        return [out.output(0)]
+    row_any = ops.reduce_logical_or(mask, np.array([-1], np.int64), keep_dims=True)
+    return [ops.select(row_any, out, like_q(0.0)).output(0)]
 
 
 class OpenVinoCpu(Runtime):

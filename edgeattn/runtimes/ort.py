@@ -14,7 +14,7 @@ class OrtSession(Session):
     def __init__(self, runtime: str, path: Path, providers: list):
         import onnxruntime as ort
 
-        model = read_onnx(path)
+        model = read_onnx(path, weights=True)
         self.runtime, self.inputs, self.outputs = runtime, graph_inputs(model), io_info(model.graph.output)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
