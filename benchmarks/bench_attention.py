@@ -1,0 +1,240 @@
+"""One attention block per mask, side by side in one process: torch eager, compiled FlexAttention, the naive dense
+ONNX export and edgeattn's exports (every lowering) on onnxruntime and OpenVINO CPU.
+
+    python benchmarks/bench_attention.py --json results.json
+    python benchmarks/bench_attention.py --cases na2d-block swin-block --runs 10 --no-flex
+
+Every row runs the same function (qkv linear -> masked attention -> output projection, the registered block's
+weights) on the same input, and is checked against eager.  Columns: median ms over --runs after 3 warm-ups;
+"vs naive" = the naive dense version on the same runtime / this row (for torch rows the naive version is eager
+SDPA with the dense mask); "vs flex" = compiled FlexAttention / this row; "x roofline" = this row / the time the
+exact FLOPs (linears + only the allowed query-key pairs) take at the measured fp32 GEMM peak.
+"""
+import argparse
+import contextlib
+import io
+import json
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import edgeattn
+from edgeattn import models
+from edgeattn.errors import first_line
+from edgeattn.export import export_registered
+from edgeattn.masks import Shape
+
+CASES = ["na2d-block", "na2d-dilated-block", "swin-block", "sliding-block", "causal-block", "na3d-block"]
+LOWERINGS = ["auto", "dense", "blocked", "attention", "contrib"]
+RUNTIMES = ["ort-cpu", "openvino-cpu"]
+WARMUP = 3
+
+
+def median_ms(fn, runs):
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def peak_gflops(n=2048, tries=5):
+    """Best fp32 GEMM rate: the denominator of every roofline, so measure it on this machine, once."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(tries):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+class Block(nn.Module):
+    """qkv -> attention -> proj around any attention function, sharing the registered block's Linear layers so
+    every torch row and the naive export compute exactly what edgeattn's exports compute."""
+
+    def __init__(self, attn, attend):
+        super().__init__()
+        self.qkv, self.proj, self.heads, self.head_dim, self.attend = attn.qkv, attn.proj, attn.heads, attn.head_dim, attend
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.proj(self.attend(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+class NaiveDense(Block):
+    """What users export today: an N x N float additive mask (0 / -inf) as a buffer, shipped in the file."""
+
+    def __init__(self, attn, dense):
+        super().__init__(attn, None)
+        self.register_buffer("bias", torch.zeros(dense.shape).masked_fill(~dense, float("-inf")))
+        self.attend = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+
+
+def run_onnx(rows, name, runtime, path, x, ref, runs, **extra):
+    """Load one file on one runtime, time it and check it; a failure becomes the row's error, not the script's."""
+    row = dict(row=name, runtime=runtime, **extra)
+    try:
+        session = edgeattn.load(path, runtime)
+        feeds = {session.inputs[0].name: x.numpy()}
+        out = next(iter(session.run(feeds).values()))
+        row["max_abs_err"] = float(abs(torch.from_numpy(out) - ref).max())
+        row["ms"] = median_ms(lambda: session.run(feeds), runs)
+    except Exception as e:
+        row["error"] = first_line(e)
+    rows.append(row)
+
+
+def bench_case(name, args, peak, tmp):
+    built = models.build(name, seed=0)
+    attn, x, cfg = built.module.attn, built.inputs["tokens"], built.config
+    grid = tuple(cfg["grid"]) if cfg.get("grid") else None
+    n = x.shape[1]
+    dense = edgeattn.materialize(attn.mask, grid=grid) if grid else edgeattn.materialize(attn.mask, q_len=n)
+    allowed = int(dense.sum())
+    dim = x.shape[-1]
+    flops = 2 * n * dim * 3 * dim + 2 * n * dim * dim + 4 * attn.heads * attn.head_dim * allowed
+    case = dict(case=name, tokens=n, dim=dim, heads=attn.heads, mask=attn.mask.name, allowed_pairs=allowed,
+                density=allowed / n**2, flops=flops, roofline_ms=flops / (peak * 1e9) * 1e3, rows=[])
+    rows = case["rows"]
+
+    # 1. eager with the dense bool mask: the reference every other row is checked against
+    eager = Block(attn, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)).eval()
+    with torch.inference_mode():
+        ref = eager(x)
+        rows.append(dict(row="eager dense", runtime="torch", max_abs_err=0.0, ms=median_ms(lambda: eager(x), args.runs)))
+
+    # 2. FlexAttention, compiled: the block mask skips empty 128x128 tiles, the kernel masks inside the rest
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        row = dict(row="flex compiled", runtime="torch")
+        try:
+            mask_mod, _ = attn.mask.mods(Shape.of(grid=grid) if grid else Shape.of(q_len=n))
+            block_mask = create_block_mask(mask_mod, None, None, n, n, device="cpu")
+            flex = torch.compile(Block(attn, lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask)).eval())
+            with torch.inference_mode():
+                start = time.perf_counter()
+                out = flex(x)   # the first call compiles; its time is reported apart from the medians
+                row["compile_s"] = time.perf_counter() - start
+                row["max_abs_err"] = float((out - ref).abs().max())
+                row["ms"] = median_ms(lambda: flex(x), args.runs)
+        except Exception as e:
+            row["error"] = first_line(e)
+        rows.append(row)
+
+    # 3. the naive dense export (one self-contained file, so its size is the whole cost of shipping the table)
+    path = Path(tmp) / f"{name}-naive.onnx"
+    try:
+        # the exporter reports progress and optional-package notes; only its errors matter here
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(NaiveDense(attn, dense).eval(), (x,), str(path), dynamo=True, opset_version=18,
+                              external_data=False)
+        for runtime in RUNTIMES:
+            run_onnx(rows, "naive export", runtime, path, x, ref, args.runs, file_mb=path.stat().st_size / 1e6)
+    except Exception as e:
+        rows.append(dict(row="naive export", runtime="-", error=f"export failed: {first_line(e)}"))
+
+    # 4. edgeattn's export of the registered block, each lowering; contrib is an onnxruntime-only op
+    for lowering in LOWERINGS:
+        path = Path(tmp) / f"{name}-{lowering}.onnx"
+        targets = ["ort-cpu"] if lowering == "contrib" else None
+        try:
+            result = export_registered(name, path, lowering=lowering, opset=23 if lowering == "attention" else 18,
+                                       runtimes=targets)
+        except Exception as e:
+            rows.append(dict(row=lowering, runtime="-", error=f"export failed: {first_line(e)}"))
+            continue
+        chosen = ",".join(sorted({m["lowering"] for m in result.masks}))
+        for runtime in targets or RUNTIMES:
+            run_onnx(rows, lowering if lowering != "auto" else f"auto ({chosen})", runtime, path, x, ref, args.runs,
+                     lowering=chosen, file_mb=result.file_bytes / 1e6, table_mb=result.table_bytes / 1e6)
+
+    add_ratios(case)
+    return case
+
+
+def add_ratios(case):
+    """Each runtime's naive baseline: eager with the dense mask on torch, the naive export on an ONNX runtime."""
+    def ms_of(row, runtime):
+        return next((r.get("ms") for r in case["rows"] if r["row"] == row and r["runtime"] == runtime), None)
+
+    flex = ms_of("flex compiled", "torch")
+    for r in case["rows"]:
+        if r.get("ms") is None:
+            continue
+        naive = ms_of("eager dense" if r["runtime"] == "torch" else "naive export", r["runtime"])
+        r["vs_naive"] = naive / r["ms"] if naive else None
+        r["vs_flex"] = flex / r["ms"] if flex else None
+        r["x_roofline"] = r["ms"] / case["roofline_ms"]
+
+
+def fmt(value, spec, suffix=""):
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def report(case):
+    print(f"\n{case['case']}: {case['mask']}, {case['tokens']} tokens, dim {case['dim']}, {case['heads']} heads, "
+          f"{case['density']:.1%} of pairs allowed, roofline {case['roofline_ms']:.3f} ms")
+    print(f"  {'row':22s} {'runtime':13s} {'ms':>9s} {'vs naive':>9s} {'vs flex':>8s} {'x roofline':>10s} "
+          f"{'max_abs_err':>11s}")
+    for r in case["rows"]:
+        if "error" in r:
+            print(f"  {r['row']:22s} {r['runtime']:13s} FAILED: {r['error'][:120]}")
+            continue
+        compile_note = f"  (compile {r['compile_s']:.1f} s)" if "compile_s" in r else ""
+        print(f"  {r['row']:22s} {r['runtime']:13s} {r['ms']:9.3f} {fmt(r['vs_naive'], '8.2f', 'x')} "
+              f"{fmt(r['vs_flex'], '7.2f', 'x')} {r['x_roofline']:9.1f}x {r['max_abs_err']:11.2e}{compile_note}")
+
+
+def summary(case):
+    lines = []
+    for runtime in RUNTIMES:
+        auto = next((r for r in case["rows"] if r["row"].startswith("auto") and r["runtime"] == runtime), None)
+        if auto is None or auto.get("ms") is None:
+            lines.append(f"{case['case']}: auto on {runtime} failed: {auto.get('error') if auto else 'not run'}")
+            continue
+        lines.append(f"{case['case']}: {auto['row']} on {runtime}: {auto['ms']:.2f} ms, "
+                     f"{fmt(auto['vs_naive'], '.1f', 'x')} vs naive {runtime}, {fmt(auto['vs_flex'], '.1f', 'x')} vs flex, "
+                     f"{auto['x_roofline']:.1f}x roofline")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    p.add_argument("--runs", type=int, default=20, help="timed runs per row (median), after 3 warm-ups")
+    p.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention (each compile takes ~20 s)")
+    p.add_argument("--json", help="also write every number to this file")
+    args = p.parse_args()
+
+    peak = peak_gflops()
+    print(f"fp32 GEMM peak (2048^3 matmul, best of 5): {peak:.1f} GFLOP/s, torch threads {torch.get_num_threads()}")
+    cases = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.cases:
+            cases.append(bench_case(name, args, peak, tmp))
+            report(cases[-1])
+    print()
+    for case in cases:
+        print(summary(case))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(peak_gflops=peak, threads=torch.get_num_threads(), runs=args.runs,
+                                                   warmup=WARMUP, torch=torch.__version__, cases=cases), indent=2))
+
+
+if __name__ == "__main__":
+    main()
