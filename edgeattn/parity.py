@@ -176,8 +176,10 @@ def describe(path) -> str:
              f"{len(nodes)} attention nodes, lowering {meta.get('lowering', '?')} -> {'/'.join(lowerings) or '-'}"
              f"{' (inlined)' if meta.get('inline') else ''}"
              f"{' for ' + ', '.join(targets) if targets else ''}, mask tables {meta.get('table_bytes', 0) / 1e6:.2f} MB"]
-    counts = Counter((m.get("mask", "?"), m.get("lowering", "?"), m.get("why", "")) for m in nodes)
-    lines += [f"  {mask} x{n}: {low}" + (f" ({why})" if why else "") for (mask, low, why), n in counts.items()]
+    counts = Counter((m.get("mask", "?"), m.get("lowering", "?"), m.get("why", ""),
+                      ", ".join(f"{rt} runs {how}" for rt, how in m.get("runs_as", {}).items())) for m in nodes)
+    lines += [f"  {mask} x{n}: {low}" + (f" ({why})" if why else "") + (f"; {runs}" if runs else "")
+              for (mask, low, why, runs), n in counts.items()]
     return "\n".join(lines)
 
 

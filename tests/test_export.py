@@ -227,3 +227,22 @@ def test_parity_flattens_nested_outputs(tmp_path):
     path = export_onnx(model, [x], tmp_path / "m.onnx").path
     assert len(onnx.load(path).graph.output) == 3
     _assert_parity(model, x, path)
+
+
+def test_auto_dense_nodes_run_their_fastest_way_per_runtime(tmp_path):
+    from edgeattn.export import lowering
+    layer = MaskedSelfAttention(16, 2, masks.causal(), seq_len=64).eval()
+    x = torch.randn(1, 64, 16)
+    result = _export(tmp_path, layer, x, inline=False)
+    (node,) = result.masks
+    assert node["lowering"] == "dense"
+    assert node["runs_as"] == {"ort-cpu": "contrib", "openvino-cpu": "sdpa"}
+    swapped = lowering.for_runtime(onnx.load(result.path), "ort-cpu")
+    assert [n.overload for n in swapped.graph.node if n.domain == ONNX_DOMAIN] == ["contrib"]
+    onnx.checker.check_model(swapped, full_check=True)
+    assert "contrib" not in str(lowering.for_runtime(onnx.load(result.path), "ort-cuda").graph.node)
+    _assert_parity(layer, x, result.path, atol=1e-5)
+    # an explicitly requested lowering is what onnxruntime runs
+    explicit = _export(tmp_path, layer, x, inline=False, lowering="dense", name="d.onnx")
+    assert explicit.masks[0]["runs_as"] == {"openvino-cpu": "sdpa"}
+    assert "contrib" not in str(lowering.for_runtime(onnx.load(explicit.path), "ort-cpu").graph.node)

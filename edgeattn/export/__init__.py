@@ -72,7 +72,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
         model.train(was_training)
     proto = program.model_proto
     extra = {"lowering": lowering, "targets": targets, **(metadata_props or {})}
-    masks, table_bytes = finalize(proto, opset=opset, inline=inline, extra=extra)
+    masks, table_bytes = finalize(proto, opset=opset, inline=inline, requested=lowering, targets=targets, extra=extra)
     return ExportResult(Path(path), opset, inline, lowering, targets, masks, table_bytes,
                         file_bytes=save(proto, path))
 
@@ -111,8 +111,8 @@ def _check_targets(runtimes) -> list[str]:
     return list(dict.fromkeys(runtimes))
 
 
-def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool,
-             extra: Optional[dict] = None) -> tuple[list[dict], int]:
+def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool, requested: str = "auto",
+             targets: Sequence[str] = (), extra: Optional[dict] = None) -> tuple[list[dict], int]:
     """Attach function bodies, dedupe tables, write metadata, optionally inline, then run the full checker.
     Returns one description per attention node and the bytes of the unique mask tables."""
     nodes = [n for n in proto.graph.node if n.domain == ONNX_DOMAIN]
@@ -130,8 +130,10 @@ def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool,
         keep = [a for a in node.attribute if a.name != "why"]
         del node.attribute[:]
         node.attribute.extend(keep)
+        runs = {t: lowerings.runs_as(t, lowering, requested) for t in targets}
         masks.append({"node": node.name, "mask": attrs.get("mask", b"").decode(), "lowering": lowering,
                       "why": attrs.get("why", b"").decode(), "layout": layout,
+                      "runs_as": {t: r for t, r in runs.items() if r != lowering and not inline},
                       "table_bytes": sum(table_bytes.get(i, 0) for i in node.input[_FIRST_TABLE_INPUT:])})
     for overload in sorted(overloads):
         proto.functions.append(functions.body(overload, opset))

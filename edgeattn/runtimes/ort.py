@@ -5,6 +5,7 @@ import functools
 from pathlib import Path
 
 from ..errors import EdgeAttnError, first_line
+from ..export import lowering
 from .base import Runtime, Session, Tolerance, graph_inputs, io_info, read_onnx
 
 _INSTALL = "install it with: pip install 'edgeattn[ort]' (or 'edgeattn[ort-gpu]' for CUDA)"
@@ -14,7 +15,7 @@ class OrtSession(Session):
     def __init__(self, runtime: str, path: Path, providers: list):
         import onnxruntime as ort
 
-        model = read_onnx(path, weights=True)
+        model = lowering.for_runtime(read_onnx(path, weights=True), runtime)
         self.runtime, self.inputs, self.outputs = runtime, graph_inputs(model), io_info(model.graph.output)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
