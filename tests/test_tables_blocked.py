@@ -66,7 +66,7 @@ def test_tiling_hints_keep_dilation_groups_and_shifted_windows_compact():
 
 def test_3d_grid_builds_by_broadcasting():
     t = tables.build(neighborhood((3, 7, 7)), grid=(16, 32, 32), layout="blocked")
-    assert t.q_index.shape == (150, 147) and t.kv_index.shape[1] == 5 * 13 * 13
+    assert t.tile == (1, 7, 7) and t.q_index.shape == (16 * 25, 49) and t.kv_index.shape[1] == 3 * 13 * 13
     assert t.nbytes <= 0.01 * (16 * 32 * 32) ** 2 * 4
     rows = t.bank[t.block].sum(-1)                                      # every query sees 3*7*7 keys
     assert bool((rows == 147).all())
