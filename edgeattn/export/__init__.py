@@ -137,8 +137,7 @@ def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool, requested: str
                       "table_bytes": sum(table_bytes.get(i, 0) for i in node.input[_FIRST_TABLE_INPUT:])})
     for overload in sorted(overloads):
         proto.functions.append(functions.body(overload, opset))
-    used = {op.domain for f in proto.functions for op in f.opset_import}
-    proto.opset_import.extend(onnx.helper.make_opsetid(d, 1) for d in sorted(used - {op.domain for op in proto.opset_import}))
+    functions.import_domains(proto)
     unique_bytes = sum(table_bytes.values())
     metadata.write(proto, {"version": __version__, "opset": opset, "inline": inline, "masks": masks,
                            "table_bytes": unique_bytes, **(extra or {})})

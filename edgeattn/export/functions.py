@@ -151,6 +151,13 @@ def body(overload: str, opset: int) -> FunctionProto:
     return BODIES[OVERLOADS[overload][0]](opset, overload)
 
 
+def import_domains(model) -> None:
+    """Add the opset imports the model's functions use (contrib bodies use ``com.microsoft``)."""
+    used = {op.domain for f in model.functions for op in f.opset_import}
+    have = {op.domain for op in model.opset_import}
+    model.opset_import.extend(helper.make_opsetid(d, 1) for d in sorted(used - have))
+
+
 def _function(overload: str, opset: int, nodes, doc: str, extra_opsets: Optional[dict] = None) -> FunctionProto:
     lowering, bias = OVERLOADS[overload]
     tables = list(TABLE_INPUTS[LOWERINGS[lowering]])

@@ -60,21 +60,20 @@ def for_runtime(model: onnx.ModelProto, runtime: str) -> onnx.ModelProto:
     """Swap the bodies of ``auto`` dense-table nodes for the ones ``runtime`` runs fastest (in memory)."""
     meta = metadata.read(model)
     opset = meta.get("opset")
-    swaps = {}
+    swapped = set()
     for node in model.graph.node:
-        if node.domain != ONNX_DOMAIN:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.domain != ONNX_DOMAIN or "lowering" not in attrs:
             continue
-        lowering = onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "lowering")).decode()
+        lowering = attrs["lowering"].decode()
         target = runs_as(runtime, lowering, meta.get("lowering", ""))
         if target != lowering and target in LOWERINGS:
             node.overload = node.overload.replace(lowering, target, 1)
-            swaps[node.overload] = True
+            swapped.add(node.overload)
     have = {f.overload for f in model.functions if f.domain == ONNX_DOMAIN}
-    for overload in sorted(set(swaps) - have):
+    for overload in sorted(swapped - have):
         model.functions.append(functions.body(overload, opset))
-    used = {op.domain for f in model.functions for op in f.opset_import}
-    model.opset_import.extend(onnx.helper.make_opsetid(d, 1)
-                              for d in sorted(used - {op.domain for op in model.opset_import}))
+    functions.import_domains(model)
     return model
 
 
@@ -100,8 +99,8 @@ def check(lowering: str, opset: int, targets: Sequence[str]) -> None:
                             f"{', '.join(unsupported)}; use --lowering auto, dense or blocked for those runtimes")
 
 
-def choose(table: "torch.nn.Module", requested: str, opset: int, targets: Sequence[str]) -> Choice:
-    """The lowering for one MaskTable layer."""
+def choose(table: "torch.nn.Module", requested: str, opset: int) -> Choice:
+    """The lowering for one MaskTable layer (the target runtimes only matter through ``RUNS_AS``)."""
     if requested != "auto":
         return Choice(requested, "requested")
     blocked = table.table if table.layout == "blocked" else tables.build(
@@ -127,7 +126,7 @@ def applied(model: torch.nn.Module, requested: str, opset: int, targets: Sequenc
     choices = []
     try:
         for m in layers:
-            choice = choose(m, requested, opset, targets)
+            choice = choose(m, requested, opset)
             if m.layout != LOWERINGS[choice.lowering].layout:
                 m.use_layout(LOWERINGS[choice.lowering].layout)
             m.lowering, m.lowering_reason = choice.lowering, choice.reason
