@@ -3,7 +3,7 @@
     python benchmarks/bench_models.py [--models nat-tiny swin-tiny-block] [--runs 30] [--json out.json]
 
 Prints medians (ms) and the ratio to torch eager for the default (custom-op) and the inlined export, from one run
-on the same inputs.  The dense lowering computes all N^2 scores; sparse lowerings come with block tables.
+on the same inputs, with the default `auto` lowering (block tables for sparse masks; `bench_attention.py` compares lowerings).
 """
 import argparse
 import json
