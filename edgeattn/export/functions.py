@@ -11,7 +11,7 @@ from onnx import FunctionProto, TensorProto, helper
 
 from ..attention import ONNX_DOMAIN, ONNX_OP, TABLE_INPUTS
 
-# lowering -> the table layout its node carries
+# lowering -> the table layout its node carries (edgeattn.export.lowering says which opsets and runtimes run it)
 LOWERINGS = {"dense": "dense", "blocked": "blocked", "attention": "dense", "contrib": "dense"}
 # overload name -> (lowering, whether the node passes an additive bias as its last table input)
 OVERLOADS = {f"{lowering}{'_bias' if bias else ''}": (lowering, bias) for lowering in LOWERINGS for bias in (False, True)}

@@ -32,10 +32,10 @@ class Lowering:
 
 
 LOWERINGS = {low.name: low for low in (
-    Lowering("dense", "dense"),
-    Lowering("blocked", "blocked"),
-    Lowering("attention", "dense", min_opset=23),
-    Lowering("contrib", "dense", runtimes=frozenset({"ort-cpu", "ort-cuda"})),
+    Lowering("dense", functions.LOWERINGS["dense"]),
+    Lowering("blocked", functions.LOWERINGS["blocked"]),
+    Lowering("attention", functions.LOWERINGS["attention"], min_opset=23),
+    Lowering("contrib", functions.LOWERINGS["contrib"], runtimes=frozenset({"ort-cpu", "ort-cuda"})),
 )}
 CHOICES = ("auto", *LOWERINGS)
 ONNX_RUNTIMES = ("ort-cpu", "ort-cuda", "openvino-cpu")   # what a file is for when no target is named
