@@ -228,6 +228,7 @@ def _build_blocked(mask, shape: Shape, heads: int, tile) -> BlockTable:
         if values is not None:
             biases.append(torch.where(blocks[-1], torch.gather(values, 3, idx), 0.0))
         n_keys = max(n_keys, count)
+    n_keys = max(n_keys, 1)   # a mask that allows nothing still gets one (masked) key per tile, not empty blocks
     kv_index = torch.cat([_pad(k, n_keys, 0) for k in keys])
     hm = max(bl.shape[1] for bl in blocks)
     block_all = torch.cat([_pad(bl, n_keys, False).expand(-1, hm, -1, -1) for bl in blocks])

@@ -79,3 +79,8 @@ def test_auto_layout_and_tile_override():
     assert t.tile == (4, 8) and t.kv_index.shape[1] == 10 * 14
     with pytest.raises(ValueError, match="tile"):
         tables.build(neighborhood(7), grid=(56, 56), layout="blocked", tile=(4, 8, 2))
+
+
+def test_a_mask_that_allows_nothing_still_builds():   # found by the fuzz tests: empty blocks broke the dedupe
+    t = tables.build(custom(lambda b, h, q, kv: q < 0), q_len=6, layout="blocked", tile=4)
+    assert t.kv_index.shape == (2, 1) and t.fully_masked_rows == 6 and not t.to_dense().mask.any()
