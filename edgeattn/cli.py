@@ -5,11 +5,12 @@ Exit codes: 0 success, 1 parity gate failed (the table shows the numbers), 2 bad
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter
 
-from . import __version__, bench, masks, models, parity, runtimes
-from ._files import check_writable
+from . import __version__, bench, inspection, masks, models, parity, runtimes
+from ._files import atomic_write, check_writable
 from .errors import EdgeAttnError
 from .export import DEFAULT_OPSET, export_registered, lowering
 
@@ -87,6 +88,16 @@ def cmd_bench(args) -> int:
     if failed:
         print(f"bench: out of tolerance or failed: {', '.join(failed)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    if args.json:
+        check_writable(args.json)
+    info = inspection.inspect_file(args.file)
+    print(inspection.format_report(info))
+    if args.json:
+        atomic_write(args.json, (json.dumps(info, indent=2) + "\n").encode())
     return 0
 
 
@@ -178,6 +189,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
     b.add_argument("--plot", metavar="FILE.png", help="write a latency bar chart (needs matplotlib)")
     b.set_defaults(func=cmd_bench)
+
+    i = sub.add_parser("inspect", help="list a file's ops, opsets, custom domains, initializer and mask-table bytes")
+    i.add_argument("file", help="an .onnx file")
+    i.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    i.set_defaults(func=cmd_inspect)
 
     c = sub.add_parser("check", help="compare an exported file with its PyTorch reference on runtimes")
     c.add_argument("file", help="an .onnx file written by `edgeattn export`")

@@ -80,19 +80,26 @@ def read_onnx(path, weights: bool = False) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:
-        raise EdgeAttnError(f"{path}: not an ONNX model (could not parse it as an ONNX protobuf)") from None
+        raise EdgeAttnError(f"{path}: not an ONNX model, or truncated/corrupted (could not parse it as an ONNX "
+                            f"protobuf)") from None
     if not model.graph.node and not model.graph.output:
         raise EdgeAttnError(f"{path}: not an ONNX model (no graph in the file)")
     for op in model.opset_import:
         if op.domain == ONNX_DOMAIN and op.version > ONNX_OP_VERSION:
             raise EdgeAttnError(f"{path}: uses {ONNX_DOMAIN} opset {op.version}, this edgeattn knows up to "
                                 f"{ONNX_OP_VERSION}; upgrade edgeattn or re-export the file")
+    _check_external_data(model, path)   # even when not loading it: a file pointing elsewhere is refused everywhere
     if weights:
-        _load_external_data(model, path)
+        try:
+            onnx.load_external_data_for_model(model, str(path.resolve().parent))
+        except Exception as e:
+            raise EdgeAttnError(f"{path}: could not read its external data: {first_line(e)}") from e
     return model
 
 
-def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Every external-data location must be a relative path to an existing file inside the model's folder
+    (after resolving ``..`` and symlinks): a model from elsewhere must not make us read other files."""
     folder = path.resolve().parent
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if not onnx.external_data_helper.uses_external_data(tensor):
@@ -102,10 +109,6 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         if not location or Path(location).is_absolute() or folder not in target.parents or not target.is_file():
             raise EdgeAttnError(f"{path}: tensor {tensor.name!r} points at external data {location!r}, which is not "
                                 f"a file inside {folder}; keep the .onnx and its data file together")
-    try:
-        onnx.load_external_data_for_model(model, str(folder))
-    except Exception as e:
-        raise EdgeAttnError(f"{path}: could not read its external data: {first_line(e)}") from e
 
 
 def io_info(values: Sequence[onnx.ValueInfoProto]) -> list[TensorInfo]:

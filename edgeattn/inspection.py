@@ -1,0 +1,69 @@
+"""``edgeattn inspect FILE``: what an ONNX file contains, read without running it (or loading external weights).
+
+Op types per domain, opsets, custom domains and their model-local functions, initializer bytes (inline and
+external), the edgeattn mask-table bytes and metadata.  An ``--inline`` export shows no custom domain."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import onnx
+
+from .export import metadata
+from .runtimes.base import read_onnx
+
+
+def inspect_file(path) -> dict:
+    model = read_onnx(path)
+    ops = Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in _all_nodes(model.graph))
+    opsets = {op.domain or "ai.onnx": op.version for op in model.opset_import}
+    inline_bytes, external_bytes, external_files = 0, 0, set()
+    for tensor in model.graph.initializer:
+        if onnx.external_data_helper.uses_external_data(tensor):
+            info = {e.key: e.value for e in tensor.external_data}
+            external_bytes += int(info.get("length", 0))
+            external_files.add(info.get("location", "?"))
+        else:
+            inline_bytes += len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
+    meta = metadata.read(model)
+    return {
+        "file": str(path),
+        "file_bytes": Path(path).stat().st_size,
+        "ir_version": model.ir_version,
+        "opsets": opsets,
+        "custom_domains": sorted(d for d in opsets if d not in ("ai.onnx", "ai.onnx.ml")),
+        "functions": sorted(f"{f.domain}::{f.name}" + (f":{f.overload}" if f.overload else "") for f in model.functions),
+        "ops": dict(sorted(ops.items())),
+        "initializer_bytes": inline_bytes,
+        "external_data_bytes": external_bytes,
+        "external_data_files": sorted(external_files),
+        "mask_table_bytes": meta.get("table_bytes"),
+        "metadata": meta,
+    }
+
+
+def format_report(info: dict) -> str:
+    lines = [f"{info['file']}: {info['file_bytes'] / 1e6:.2f} MB, IR {info['ir_version']}",
+             "opsets: " + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()),
+             "custom domains: " + (", ".join(info["custom_domains"]) or "none (standard ONNX ops only)")]
+    if info["functions"]:
+        lines.append("functions: " + ", ".join(info["functions"]))
+    lines.append(f"initializers: {info['initializer_bytes'] / 1e6:.2f} MB in the file"
+                 + (f", {info['external_data_bytes'] / 1e6:.2f} MB in {', '.join(info['external_data_files'])}"
+                    if info["external_data_files"] else ""))
+    if info["mask_table_bytes"] is not None:
+        lines.append(f"mask tables: {info['mask_table_bytes'] / 1e6:.2f} MB")
+    lines.append("ops:")
+    lines += [f"  {name:40s} {count}" for name, count in info["ops"].items()]
+    meta = {k: v for k, v in info["metadata"].items() if k not in ("masks", "config")}
+    if meta:
+        lines.append("metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(meta.items())))
+    return "\n".join(lines)
+
+
+def _all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:   # If/Loop/Scan bodies
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_nodes(sub)

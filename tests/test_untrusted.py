@@ -1,0 +1,133 @@
+"""Files from elsewhere: every bad file gets one EdgeAttnError from load (each runtime), inspect and check; never
+another exception, never a read outside the model's folder."""
+import os
+import shutil
+
+import onnx
+import pytest
+import torch
+
+import edgeattn
+from edgeattn import EdgeAttnError, export_onnx, masks
+from edgeattn.cli import main
+from edgeattn.inspection import inspect_file
+from edgeattn.layers import MaskedSelfAttention
+
+from conftest import CPU_RUNTIMES
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("good")
+    layer = MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(6, 6)).eval()
+    path = folder / "m.onnx"
+    export_onnx(layer, [torch.randn(1, 36, 16)], path, input_names=["x"], output_names=["y"])
+    return path
+
+
+def _external(folder):
+    """A torch.onnx.export file with its weight in model.onnx.data beside it."""
+    path = folder / "model.onnx"
+    torch.onnx.export(torch.nn.Linear(512, 256).eval(), (torch.randn(2, 512),), str(path), dynamo=True,
+                      external_data=True, input_names=["x"])
+    return path
+
+
+def _relocate(path, location):
+    proto = onnx.load(str(path), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(proto, str(path))
+
+
+def bad_files(good, folder):
+    """(label, path, expected message) for each kind of bad file."""
+    data = good.read_bytes()
+    out = []
+
+    def write(name, blob):
+        p = folder / name
+        p.write_bytes(blob)
+        return p
+
+    out.append(("text", write("text.onnx", b"hello, not a model\n" * 20), "not an ONNX model"))
+    out.append(("empty", write("empty.onnx", b""), "not an ONNX model"))
+    for i, cut in enumerate((1, 10, 100, len(data) // 3, len(data) // 2, len(data) - 200, len(data) - 1)):
+        out.append((f"truncated@{cut}", write(f"trunc{i}.onnx", data[:cut]), "not an ONNX model"))
+    # flipped bytes: refused when the structure breaks; inside tensor data the file stays a valid model with other
+    # weights (only a parity check can tell), so for those either outcome is fine, but never another exception
+    for i, at in enumerate((0, 4, 20, 64, 300, 1000, len(data) // 2, len(data) - 500, len(data) - 40, len(data) - 8)):
+        flipped = data[:at] + bytes(b ^ 0xFF for b in data[at:at + 16]) + data[at + 16:]
+        out.append((f"corrupted@{at}", write(f"flip{i}.onnx", flipped), None))
+    out.append(("missing", folder / "nope.onnx", "no such file"))
+    out.append(("directory", folder, "no such file"))
+
+    future = onnx.load(str(good))
+    for op in future.opset_import:
+        if op.domain == "edgeattn":
+            op.version = 2
+    onnx.save(future, str(folder / "future.onnx"))
+    out.append(("edgeattn op version 2", folder / "future.onnx", "edgeattn opset 2"))
+
+    secret = folder.parent / f"{folder.name}-secret.data"
+    secret.write_bytes(b"\0" * 600_000)
+    for label, location in (("absolute location", str(secret)), ("'..' location", f"../{secret.name}"),
+                            ("missing data file", "gone.data"), ("symlink out", "link.data")):
+        sub = folder / label.replace(" ", "_").replace("'", "")
+        sub.mkdir()
+        path = _external(sub)
+        if label == "symlink out":
+            os.symlink(secret, sub / "link.data")
+        _relocate(path, location)
+        out.append((label, path, "not a file inside"))
+    return out
+
+
+def test_bad_files_get_one_clear_error_everywhere(good, tmp_path, capsys):
+    cases = bad_files(good, tmp_path)
+    tried = refused = 0
+    for label, path, message in cases:
+        for attempt in [lambda r=r: edgeattn.load(path, r) for r in CPU_RUNTIMES] + [lambda: inspect_file(path)]:
+            tried += 1
+            try:
+                attempt()
+            except EdgeAttnError as e:
+                refused += 1
+                assert message is None or message in str(e), (label, str(e))
+                assert "\n" not in str(e)
+            else:
+                assert message is None, f"{label}: loaded"
+        for command in ("check", "inspect"):
+            tried += 1
+            code = main([command, str(path)])
+            out, err = capsys.readouterr()
+            if message is not None or code == 2:
+                refused += 1
+                assert code == 2 and err.startswith("edgeattn: error: ") and err.count("\n") == 1, (label, err)
+                assert message is None or message in err, (label, err)
+    assert len(cases) >= 25 and tried >= 125 and refused >= 100
+
+
+def test_inspect_an_inline_file_shows_only_standard_ops(good, tmp_path, capsys):
+    layer = MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(6, 6)).eval()
+    path = tmp_path / "inline.onnx"
+    export_onnx(layer, [torch.randn(1, 36, 16)], path, inline=True, input_names=["x"])
+    info = inspect_file(path)
+    assert info["custom_domains"] == [] and not info["functions"]
+    assert all(op.startswith("ai.onnx::") for op in info["ops"])
+    assert info["mask_table_bytes"] == layer.table.table_bytes
+    custom = inspect_file(good)
+    assert custom["custom_domains"] == ["edgeattn"] and custom["ops"]["edgeattn::MaskedAttention"] == 1
+    assert main(["inspect", str(path), "--json", str(tmp_path / "i.json")]) == 0
+    out = capsys.readouterr().out
+    assert "custom domains: none (standard ONNX ops only)" in out and (tmp_path / "i.json").is_file()
+
+
+def test_external_data_inside_the_folder_is_fine(tmp_path):
+    path = _external(tmp_path)
+    assert inspect_file(path)["external_data_files"] == ["model.onnx.data"]
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path, moved, ignore=shutil.ignore_patterns("moved"))
+    edgeattn.load(moved / "model.onnx", "ort-cpu")   # the pair travels together
