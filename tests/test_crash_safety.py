@@ -1,0 +1,57 @@
+"""An export that fails at any point leaves the previous file (or none) and no temporary files; exports are
+byte-for-byte reproducible."""
+import errno
+
+import pytest
+import torch
+
+from edgeattn import EdgeAttnError, export_onnx, masks
+from edgeattn.layers import MaskedSelfAttention
+
+from test_export import LOWERING_LIST
+
+
+def _layer():
+    torch.manual_seed(0)
+    return MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(6, 6)).eval(), torch.randn(1, 36, 16)
+
+
+@pytest.mark.parametrize("target,error", [
+    ("torch.onnx.export", RuntimeError("exporter exploded")),
+    ("torch.onnx.export", KeyboardInterrupt()),
+    ("edgeattn.export.finalize", KeyboardInterrupt()),
+    ("onnx.ModelProto.SerializeToString", MemoryError()),
+    ("os.fsync", OSError(errno.ENOSPC, "No space left on device")),
+    ("os.replace", KeyboardInterrupt()),
+    ("os.fchmod", OSError(errno.EDQUOT, "Disk quota exceeded")),
+], ids=["exporter-error", "sigint-in-exporter", "sigint-in-finalize", "out-of-memory", "disk-full", "sigint-at-rename",
+        "quota"])
+@pytest.mark.parametrize("previous", [True, False], ids=["over-old-file", "new-file"])
+def test_interrupted_export_leaves_old_file_or_none(tmp_path, monkeypatch, target, error, previous):
+    layer, x = _layer()
+    path = tmp_path / "m.onnx"
+    if previous:
+        path.write_bytes(b"previous model")
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(target, fail)
+    with pytest.raises((EdgeAttnError, KeyboardInterrupt, MemoryError)):
+        export_onnx(layer, [x], path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["m.onnx"] if previous else [])
+    if previous:
+        assert path.read_bytes() == b"previous model"
+    export_onnx(layer, [x], path)        # and the next export works
+    assert path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("lowering,opset,runtimes", LOWERING_LIST, ids=[c[0] for c in LOWERING_LIST])
+@pytest.mark.parametrize("inline", [False, True], ids=["custom-op", "inline"])
+def test_exports_are_byte_identical(tmp_path, lowering, opset, runtimes, inline):
+    layer, x = _layer()
+    a = export_onnx(layer, [x], tmp_path / "a.onnx", lowering=lowering, opset=opset, runtimes=runtimes, inline=inline)
+    layer2, x2 = _layer()
+    b = export_onnx(layer2, [x2], tmp_path / "b.onnx", lowering=lowering, opset=opset, runtimes=runtimes, inline=inline)
+    assert a.path.read_bytes() == b.path.read_bytes()
