@@ -19,7 +19,7 @@ from . import runtimes
 from ._files import atomic_write
 from .errors import EdgeAttnError
 from .export import metadata
-from .runtimes.base import graph_inputs, read_onnx
+from .runtimes.base import graph_inputs, nonfinite_inputs, read_onnx
 
 
 @dataclass
@@ -95,7 +95,10 @@ def check_sessions(reference: Mapping[str, np.ndarray], feeds: Mapping[str, np.n
             results.append(ParityResult(name, "error", False, detail=str(e)))
             continue
         ok = not metrics["nonfinite"] and metrics["max_abs_err"] <= tol.atol and metrics["cosine"] >= tol.min_cosine
-        detail = "NaN/inf do not match the reference" if metrics["nonfinite"] else ""
+        notes = ["NaN/inf do not match the reference"] if metrics["nonfinite"] else []
+        flagged = nonfinite_inputs(feeds)
+        notes += [f"inputs with NaN/inf: {', '.join(flagged)}"] if flagged else []
+        detail = "; ".join(notes)
         results.append(ParityResult(name, "ok" if ok else "fail", ok, metrics["max_abs_err"], metrics["max_rel_err"],
                                     metrics["cosine"], tol.atol, p50, p90, detail))
     return results
@@ -192,7 +195,7 @@ def format_table(results: Sequence[ParityResult]) -> str:
                      _num(r.cosine, "{:.7f}"), _num(r.atol, "{:.0e}"), _num(r.p50_ms, "{:.2f}"), _num(r.p90_ms, "{:.2f}")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    notes = [f"  {r.runtime}: {r.detail}" for r in results if r.detail and r.status != "ok"]
+    notes = [f"  {r.runtime}: {r.detail}" for r in results if r.detail and (r.status != "ok" or "NaN" in r.detail)]
     return "\n".join(lines + notes)
 
 

@@ -138,3 +138,28 @@ def test_external_data_outside_the_folder_is_refused(tmp_path, name):
     onnx.save(proto, str(path))
     with pytest.raises(EdgeAttnError, match="not a file inside"):
         load(path, name)
+
+
+@pytest.mark.parametrize("name", CPU_RUNTIMES)
+def test_non_contiguous_and_nonfinite_feeds(small_model, name):
+    require(name)
+    path, x, _ = small_model
+    session = edgeattn.load(path, name)
+    base = np.asarray(x, dtype=np.float32)
+    strided = np.asfortranarray(base)                       # same values, not C-contiguous
+    np.testing.assert_array_equal(session.run({"x": strided})["y"], session.run({"x": base})["y"])
+    bad = base.copy()
+    bad[0, 3, 1], bad[0, 15, 2] = np.nan, np.inf
+    out = session.run({"x": bad})["y"]                      # runs; NaN stays where attention reads it
+    assert np.isnan(out).any()
+    from edgeattn.runtimes.base import nonfinite_inputs
+    assert nonfinite_inputs({"x": bad}) == ["x"] and nonfinite_inputs({"x": base}) == []
+
+
+def test_parity_report_flags_nonfinite_inputs(small_model):
+    from edgeattn import parity
+    path, x = small_model[0], small_model[1].copy()
+    x[0, 0, 0] = np.nan
+    reference = edgeattn.load(path, "ort-cpu").run({"x": x})
+    (result,) = parity.check_sessions(reference, {"x": x}, path, ["ort-cpu"], runs=1)
+    assert "inputs with NaN/inf: x" in result.detail and "inputs with NaN/inf" in parity.format_table([result])

@@ -125,6 +125,12 @@ def graph_inputs(model: onnx.ModelProto) -> list[TensorInfo]:
     return io_info([v for v in model.graph.input if v.name not in initializers])
 
 
+def nonfinite_inputs(feeds: Mapping[str, np.ndarray]) -> list[str]:
+    """Names of float feeds holding NaN or inf: such feeds run, and reports flag them."""
+    return [name for name, a in feeds.items()
+            if np.issubdtype(np.asarray(a).dtype, np.floating) and not np.isfinite(a).all()]
+
+
 def check_feeds(inputs: Sequence[TensorInfo], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Same validation and wording on every runtime: names, dtype and static dimensions."""
     expected = {i.name: i for i in inputs}
