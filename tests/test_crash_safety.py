@@ -55,3 +55,30 @@ def test_exports_are_byte_identical(tmp_path, lowering, opset, runtimes, inline)
     layer2, x2 = _layer()
     b = export_onnx(layer2, [x2], tmp_path / "b.onnx", lowering=lowering, opset=opset, runtimes=runtimes, inline=inline)
     assert a.path.read_bytes() == b.path.read_bytes()
+
+
+@pytest.mark.parametrize("previous", [True, False], ids=["over-old-file", "new-file"])
+def test_real_sigint_during_cli_export(tmp_path, previous):
+    """A real Ctrl-C to `edgeattn export` while it works: exit 130, the old file or none, no temporaries."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "m.onnx"
+    if previous:
+        path.write_bytes(b"previous model")
+    proc = subprocess.Popen([sys.executable, "-m", "edgeattn", "export", "na3d-block", "-o", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while "exporting" not in (proc.stderr.readline() or "") and time.time() < deadline:   # past imports
+        pass
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the export finished before the signal arrived")
+    assert proc.returncode == 130 and "interrupted" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["m.onnx"] if previous else [])
+    if previous:
+        assert path.read_bytes() == b"previous model"
