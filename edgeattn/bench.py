@@ -48,30 +48,24 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
     if is_file and lowerings:
         raise EdgeAttnError("--lowering applies when benchmarking a model; a file keeps the lowering it was exported with")
     with tempfile.TemporaryDirectory(prefix="edgeattn-bench-") as tmp:
-        if is_file:
+        if is_file:   # (lowering, opset, file); a model's files are exported below
             built = models.from_metadata(read_onnx(target), target)
             meta = metadata.read(read_onnx(target))
-            files = [(meta.get("lowering", "?"), int(meta.get("opset", 0)), Path(target))]
+            plan = [(meta.get("lowering", "?"), int(meta.get("opset", 0)), Path(target))]
         else:
             built = models.build(target, seed=seed)
-            files = None
+            plan = [(low, BENCH_OPSET.get(low, DEFAULT_OPSET), None) for low in lowerings or CHOICES]
         inputs = list(built.inputs.values())
-        plan = lowerings or [c for c in CHOICES]
-        total = 1 + (len(files) if files else len(plan)) * len(names)
-        step = _stepper(progress, total)
+        step = _stepper(progress, 1 + len(plan) * len(names))
         step("torch eager")
         eager = parity.time_eager(built.module, inputs, runs)
         rows = [BenchRow("torch", "eager", "ok", None, 0.0, 1.0, eager.p50_ms, eager.p90_ms, 1.0)]
-        for lowering in ([f[0] for f in files] if files else plan):
-            if files:
-                _, opset, path = files[0]
-            else:
-                opset = BENCH_OPSET.get(lowering, DEFAULT_OPSET)
+        for lowering, opset, path in plan:
+            if path is None:
                 path = Path(tmp) / f"{target}-{lowering}.onnx"
                 step(f"exporting {lowering}", advance=False)
-                export_onnx(built.module, inputs, path, opset=opset, lowering=lowering,
-                            runtimes=_targets(lowering, names), input_names=list(built.inputs),
-                            output_names=list(built.outputs),
+                export_onnx(built.module, inputs, path, opset=opset, lowering=lowering, runtimes=_targets(lowering),
+                            input_names=list(built.inputs), output_names=list(built.outputs),
                             metadata_props={"model": built.name, "config": built.config, "seed": built.seed})
             label = _label(lowering, path)
             feeds, reference = parity.reference_outputs(built.module, inputs, path)
@@ -89,7 +83,8 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
     return rows
 
 
-def _targets(lowering: str, names: Sequence[str]) -> Optional[list[str]]:
+def _targets(lowering: str) -> Optional[list[str]]:
+    """The runtimes a lowering is exported for: contrib only for onnxruntime, the others for every runtime."""
     low = LOWERINGS.get(lowering)
     if low is not None and low.runtimes is not None:
         return sorted(low.runtimes)
