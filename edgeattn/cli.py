@@ -58,7 +58,8 @@ def cmd_export(args) -> int:
         _runtimes(args.runtime)   # an unavailable runtime fails before the export, not after
     targets = [n for n in args.runtime or [] if n != "torch"] or None
     result = export_registered(args.model, args.output, seed=args.seed, opset=args.opset, inline=args.inline,
-                               lowering=args.lowering, runtimes=targets, progress=_log)
+                               lowering=args.lowering, runtimes=targets, dynamic_batch=args.dynamic_batch,
+                               progress=_log)
     names = _runtimes(args.runtime, result.path) if args.check else []
     counts = Counter(f"{m['mask']} ({m['lowering']})" for m in result.masks)
     _log(f"wrote {result.path}: {_mb(result.file_bytes)}, {len(result.masks)} attention nodes "
@@ -172,6 +173,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--lowering", choices=lowering.CHOICES, default="auto",
                    help="attention body: auto (per layer, from the mask's sparsity and the target runtimes), dense, "
                         "blocked, attention (opset >= 23) or contrib (onnxruntime only); default auto")
+    e.add_argument("--dynamic-batch", action="store_true",
+                   help="make the batch axis of every input symbolic (the mask tables do not depend on it)")
     e.add_argument("--seed", type=int, default=0, help="seed of the random weights and example inputs (default 0)")
     e.add_argument("--check", action="store_true", help="run the parity gate on each runtime; exit 1 if out of tolerance")
     gate_options(e, targets="the file is for (auto picks lowerings they all run) and ")

@@ -166,3 +166,18 @@ def test_check_defaults_to_the_runtimes_a_file_is_for(capsys, tmp_path):
     assert run_cli(capsys, "export", "swin-tiny-block", "-o", path, "--lowering", "contrib", "--runtime", "ort-cpu")[0] == 0
     code, out, _ = run_cli(capsys, "check", path, "--runs", "1")
     assert code == 0 and "openvino-cpu" not in out.split("runtime", 1)[1] and "ort-cpu  ok" in out
+
+
+def test_export_dynamic_batch_reference_model(capsys, tmp_path):
+    import numpy as np
+    import torch
+    from edgeattn import models
+    path = tmp_path / "nat.onnx"
+    assert run_cli(capsys, "export", "nat-tiny", "-o", path, "--dynamic-batch")[0] == 0
+    built = models.build("nat-tiny")
+    image = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        want = built.module(image).numpy()
+    for name in CPU_RUNTIMES:
+        got = runtimes.load(path, name).run({"image": image.numpy()})["logits"]
+        np.testing.assert_allclose(got, want, atol=1e-4)

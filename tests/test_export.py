@@ -246,3 +246,21 @@ def test_auto_dense_nodes_run_their_fastest_way_per_runtime(tmp_path):
     explicit = _export(tmp_path, layer, x, inline=False, lowering="dense", name="d.onnx")
     assert explicit.masks[0]["runs_as"] == {"openvino-cpu": "sdpa"}
     assert "contrib" not in str(lowering.for_runtime(onnx.load(explicit.path), "ort-cpu").graph.node)
+
+
+@pytest.mark.parametrize("lowering,opset,runtimes", LOWERING_LIST, ids=[c[0] for c in LOWERING_LIST])
+def test_dynamic_batch_runs_at_1_3_and_8(tmp_path, lowering, opset, runtimes):
+    from edgeattn import load
+    layer = MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(6, 6)).eval()
+    result = _export(tmp_path, layer, torch.randn(1, 36, 16), inline=False, lowering=lowering, opset=opset,
+                     runtimes=runtimes, dynamic_batch=True)
+    assert metadata.read(onnx.load(result.path))["dynamic_batch"] is True
+    for name in [r for r in CPU_RUNTIMES if runtimes is None or r in runtimes]:
+        session = load(result.path, name)
+        assert session.inputs[0].shape == ("batch", 36, 16)
+        for batch in (1, 3, 8):
+            x = torch.randn(batch, 36, 16)
+            with torch.no_grad():
+                want = layer(x).numpy()
+            got = session.run({"x": x.numpy()})["y"]
+            assert got.shape == want.shape and abs(got - want).max() < 1e-5, (name, batch)

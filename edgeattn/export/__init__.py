@@ -24,7 +24,7 @@ from . import functions, lowering as lowerings, metadata
 
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 17, 25   # the range exported and run on onnxruntime and OpenVINO here
-RESERVED_METADATA = ("version", "opset", "inline", "masks", "table_bytes", "lowering", "targets")
+RESERVED_METADATA = ("version", "opset", "inline", "masks", "table_bytes", "lowering", "targets", "dynamic_batch")
 _FIRST_TABLE_INPUT = 3   # MaskedAttention inputs: q, k, v, then the table's tensors (the optional bias last)
 
 
@@ -42,13 +42,15 @@ class ExportResult:
 
 def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path, *, opset: int = DEFAULT_OPSET,
                 inline: bool = False, lowering: str = "auto", runtimes: Optional[Sequence[str]] = None,
-                input_names: Optional[Sequence[str]] = None, output_names: Optional[Sequence[str]] = None,
-                metadata_props: Optional[dict[str, Any]] = None) -> ExportResult:
+                dynamic_batch: bool = False, input_names: Optional[Sequence[str]] = None,
+                output_names: Optional[Sequence[str]] = None, metadata_props: Optional[dict[str, Any]] = None
+                ) -> ExportResult:
     """Export ``model`` at the example inputs' shapes.
 
     By default attention stays one ``edgeattn`` node whose local function is the standard-op lowering
     (``lowering``: auto, dense, blocked, attention, contrib; see :mod:`edgeattn.export.lowering`), chosen for the
     target ``runtimes`` (default: every ONNX runtime); ``inline=True`` writes standard ops only.
+    ``dynamic_batch=True`` makes axis 0 of every input symbolic (``batch``); mask tables do not depend on it.
     The file is replaced only on success."""
     _check_opset(opset)
     targets = _check_targets(runtimes)
@@ -60,10 +62,17 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = [example_inputs]
     was_training = model.training
+    dynamic = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        dynamic = tuple({0: batch} if t.ndim else None for t in example_inputs)
+        # torch.export specializes a size-1 example axis to the constant 1: trace with a batch of 2 instead
+        example_inputs = [t.expand(2, *t.shape[1:]) if t.ndim and t.shape[0] == 1 else t for t in example_inputs]
     try:
         with torch.no_grad(), _quiet(), lowerings.applied(model, lowering, opset, targets):
             program = torch.onnx.export(model.eval(), tuple(example_inputs), dynamo=True, opset_version=opset,
-                                        input_names=input_names, output_names=output_names, verbose=False)
+                                        input_names=input_names, output_names=output_names, verbose=False,
+                                        dynamic_shapes=dynamic)
     except EdgeAttnError:
         raise
     except Exception as e:  # the exporter's own errors are long; keep the cause chained for debugging
@@ -71,14 +80,14 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
     finally:
         model.train(was_training)
     proto = program.model_proto
-    extra = {"lowering": lowering, "targets": targets, **(metadata_props or {})}
+    extra = {"lowering": lowering, "targets": targets, "dynamic_batch": dynamic_batch, **(metadata_props or {})}
     masks, table_bytes = finalize(proto, opset=opset, inline=inline, requested=lowering, targets=targets, extra=extra)
     return ExportResult(Path(path), opset, inline, lowering, targets, masks, table_bytes,
                         file_bytes=save(proto, path))
 
 
 def export_registered(name: str, path, *, seed: int = 0, opset: int = DEFAULT_OPSET, inline: bool = False,
-                      lowering: str = "auto", runtimes: Optional[Sequence[str]] = None,
+                      lowering: str = "auto", runtimes: Optional[Sequence[str]] = None, dynamic_batch: bool = False,
                       progress: Optional[Callable[[str], None]] = None, **config) -> ExportResult:
     """Build a registered reference model and export it; the metadata lets `edgeattn check` rebuild the reference."""
     from .. import models
@@ -90,7 +99,7 @@ def export_registered(name: str, path, *, seed: int = 0, opset: int = DEFAULT_OP
     if progress:
         progress(f"exporting {name} -> {path} (opset {opset}, lowering {lowering}{', inlined' if inline else ''})")
     return export_onnx(built.module, list(built.inputs.values()), path, opset=opset, inline=inline,
-                       lowering=lowering, runtimes=runtimes,
+                       lowering=lowering, runtimes=runtimes, dynamic_batch=dynamic_batch,
                        input_names=list(built.inputs), output_names=list(built.outputs),
                        metadata_props={"model": name, "config": built.config, "seed": seed})
 
