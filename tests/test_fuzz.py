@@ -4,7 +4,6 @@ of test_masks.py, in both table layouts; and the attention kernels on random mas
 CI runs a modest number of examples; set EDGEATTN_FUZZ_EXAMPLES (e.g. 2000) for a long run."""
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
