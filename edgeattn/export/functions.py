@@ -33,9 +33,7 @@ def dense(opset: int, overload: str) -> FunctionProto:
     bias = OVERLOADS[overload][1]
     n = helper.make_node
     nodes = [
-        _from_attribute(n("Constant", [], ["scale_f"], value_float=1.0), "scale"),
-        _cast("scale_f", "scale_t"),
-        n("Mul", ["q", "scale_t"], ["q_scaled"]),
+        *_scaled_q(),
         n("Transpose", ["k"], ["k_t"], perm=[0, 1, 3, 2]),
         n("MatMul", ["q_scaled", "k_t"], ["scores"]),
     ]
@@ -64,9 +62,7 @@ def blocked(opset: int, overload: str) -> FunctionProto:
     bias = OVERLOADS[overload][1]
     n = helper.make_node
     nodes = [
-        _from_attribute(n("Constant", [], ["scale_f"], value_float=1.0), "scale"),
-        _cast("scale_f", "scale_t"),
-        n("Mul", ["q", "scale_t"], ["q_scaled"]),
+        *_scaled_q(),
         n("Gather", ["q_scaled", "q_index"], ["q_tiles"], axis=2),        # (B, H, T, tq, D)
         n("Gather", ["k", "kv_index"], ["k_tiles"], axis=2),              # (B, H, T, K, D)
         n("Gather", ["v", "kv_index"], ["v_tiles"], axis=2),
@@ -174,6 +170,13 @@ def _from_attribute(node, attribute: str, index: int = 0):
     expansion."""
     node.attribute[index].ref_attr_name = attribute
     return node
+
+
+def _scaled_q():
+    """q * scale, with the scale taken from the node's attribute and typed like q."""
+    return [_from_attribute(helper.make_node("Constant", [], ["scale_f"], value_float=1.0), "scale"),
+            _cast("scale_f", "scale_t"),
+            helper.make_node("Mul", ["q", "scale_t"], ["q_scaled"])]
 
 
 def _zero_rows_prologue():

@@ -18,9 +18,11 @@ import onnx.inliner
 
 from ..attention import ONNX_DOMAIN, ONNX_OP
 from ..errors import EdgeAttnError, first_line
+from ..export.lowering import RUNS_AS
 from .base import Runtime, Session, Tolerance, graph_inputs, io_info, read_onnx
 
-SDPA_LOWERINGS = (b"dense", b"attention")   # lowerings whose node the extension converts to ScaledDotProductAttention
+# lowerings whose node the extension converts to ScaledDotProductAttention (the export metadata records the same)
+SDPA_LOWERINGS = {low.encode() for low, how in RUNS_AS["openvino-cpu"].items() if how == "sdpa"}
 _BIAS = 4                                    # dense-table node inputs: q, k, v, mask, then the optional bias
 
 
