@@ -49,8 +49,8 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
         raise EdgeAttnError("--lowering applies when benchmarking a model; a file keeps the lowering it was exported with")
     with tempfile.TemporaryDirectory(prefix="edgeattn-bench-") as tmp:
         if is_file:   # (lowering, opset, file); a model's files are exported below
-            built = models.from_metadata(read_onnx(target), target)
-            meta = metadata.read(read_onnx(target))
+            proto = read_onnx(target)
+            built, meta = models.from_metadata(proto, target), metadata.read(proto)
             plan = [(meta.get("lowering", "?"), int(meta.get("opset", 0)), Path(target))]
         else:
             built = models.build(target, seed=seed)

@@ -30,8 +30,10 @@ class MaskTable(nn.Module):
         self.lowering_reason = ""
         self.use_layout(layout)
 
-    def use_layout(self, layout: str) -> None:
-        table = tables.build(self.mask, self.shape.q_len, self.shape.kv_len, self.shape.grid, self.heads, layout)
+    def use_layout(self, layout: str, table=None) -> None:
+        """Switch to a table of ``layout``; ``table`` is one already built for this mask and shape."""
+        if table is None or table.layout != layout:
+            table = tables.build(self.mask, self.shape.q_len, self.shape.kv_len, self.shape.grid, self.heads, layout)
         device = next((b.device for b in self.buffers()), None)
         for name in TABLE_INPUTS.get(getattr(self, "layout", None), ()):
             delattr(self, f"attn_{name}")

@@ -81,6 +81,7 @@ def for_runtime(model: onnx.ModelProto, runtime: str) -> onnx.ModelProto:
 class Choice:
     lowering: str
     reason: str
+    table: Optional[object] = None    # the table choose() already built for this lowering, if any
 
 
 def check(lowering: str, opset: int, targets: Sequence[str]) -> None:
@@ -107,7 +108,7 @@ def choose(table: "torch.nn.Module", requested: str, opset: int) -> Choice:
         table.mask, table.shape.q_len, table.shape.kv_len, table.shape.grid, table.heads, "blocked")
     work = blocked.work_fraction
     if work <= tables.AUTO_BLOCKED_MAX_WORK:
-        return Choice("blocked", f"block table scores {work:.1%} of the dense scores")
+        return Choice("blocked", f"block table scores {work:.1%} of the dense scores", blocked)
     why = f"block table would score {work:.0%} of the dense scores"
     if opset >= LOWERINGS["attention"].min_opset:
         return Choice("attention", f"{why}; opset {opset} has the Attention op")
@@ -122,18 +123,18 @@ def applied(model: torch.nn.Module, requested: str, opset: int, targets: Sequenc
 
     check(requested, opset, targets)
     layers = [m for m in model.modules() if isinstance(m, MaskTable)]
-    saved = [(m, m.layout) for m in layers]
+    saved = [(m, m.table) for m in layers]
     choices = []
     try:
         for m in layers:
             choice = choose(m, requested, opset)
             if m.layout != LOWERINGS[choice.lowering].layout:
-                m.use_layout(LOWERINGS[choice.lowering].layout)
+                m.use_layout(LOWERINGS[choice.lowering].layout, choice.table)
             m.lowering, m.lowering_reason = choice.lowering, choice.reason
             choices.append(choice)
         yield choices
     finally:
-        for m, layout in saved:
+        for m, table in saved:
             m.lowering, m.lowering_reason = None, ""
-            if m.layout != layout:
-                m.use_layout(layout)
+            if m.table is not table:
+                m.use_layout(table.layout, table)
