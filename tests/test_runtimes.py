@@ -7,7 +7,7 @@ import edgeattn
 from edgeattn import EdgeAttnError, export_onnx, load, masks, runtimes
 from edgeattn.layers import MaskedSelfAttention
 
-from conftest import CPU_RUNTIMES, require
+from conftest import CPU_RUNTIMES, external_data_file, relocate_external_data, require
 
 
 @pytest.fixture(scope="module")
@@ -109,19 +109,9 @@ def test_ort_cuda_parity(small_model):
     np.testing.assert_allclose(y, expected, atol=runtimes.get("ort-cuda").tolerance().atol)
 
 
-def _external_data_file(tmp_path):
-    """A plain torch.onnx.export file whose weights live in model.onnx.data beside it (the exporter's default)."""
-    model = torch.nn.Linear(512, 256).eval()   # large enough for the exporter to move its weight out
-    path = tmp_path / "model.onnx"
-    torch.onnx.export(model, (torch.randn(2, 512),), str(path), dynamo=True, external_data=True, input_names=["x"])
-    proto = onnx.load(str(path), load_external_data=False)
-    assert any(onnx.external_data_helper.uses_external_data(t) for t in proto.graph.initializer)
-    return model, path
-
-
 @pytest.mark.parametrize("name", CPU_RUNTIMES)
 def test_external_data_files_load(tmp_path, name):
-    model, path = _external_data_file(tmp_path)
+    model, path = external_data_file(tmp_path)
     x = torch.randn(2, 512)
     (y,) = load(path, name).run({"x": x.numpy()}).values()
     np.testing.assert_allclose(y, model(x).detach().numpy(), atol=1e-5)
@@ -129,13 +119,8 @@ def test_external_data_files_load(tmp_path, name):
 
 @pytest.mark.parametrize("name", CPU_RUNTIMES)
 def test_external_data_outside_the_folder_is_refused(tmp_path, name):
-    _, path = _external_data_file(tmp_path)
-    proto = onnx.load(str(path), load_external_data=False)
-    for tensor in proto.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = "../elsewhere.data"
-    onnx.save(proto, str(path))
+    _, path = external_data_file(tmp_path)
+    relocate_external_data(path, "../elsewhere.data")
     with pytest.raises(EdgeAttnError, match="not a file inside"):
         load(path, name)
 

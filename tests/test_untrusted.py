@@ -13,7 +13,7 @@ from edgeattn.cli import main
 from edgeattn.inspection import inspect_file
 from edgeattn.layers import MaskedSelfAttention
 
-from conftest import CPU_RUNTIMES
+from conftest import CPU_RUNTIMES, external_data_file, relocate_external_data
 
 
 @pytest.fixture(scope="module")
@@ -23,23 +23,6 @@ def good(tmp_path_factory):
     path = folder / "m.onnx"
     export_onnx(layer, [torch.randn(1, 36, 16)], path, input_names=["x"], output_names=["y"])
     return path
-
-
-def _external(folder):
-    """A torch.onnx.export file with its weight in model.onnx.data beside it."""
-    path = folder / "model.onnx"
-    torch.onnx.export(torch.nn.Linear(512, 256).eval(), (torch.randn(2, 512),), str(path), dynamo=True,
-                      external_data=True, input_names=["x"])
-    return path
-
-
-def _relocate(path, location):
-    proto = onnx.load(str(path), load_external_data=False)
-    for tensor in proto.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = location
-    onnx.save(proto, str(path))
 
 
 def bad_files(good, folder):
@@ -77,10 +60,10 @@ def bad_files(good, folder):
                             ("missing data file", "gone.data"), ("symlink out", "link.data")):
         sub = folder / label.replace(" ", "_").replace("'", "")
         sub.mkdir()
-        path = _external(sub)
+        _, path = external_data_file(sub)
         if label == "symlink out":
             os.symlink(secret, sub / "link.data")
-        _relocate(path, location)
+        relocate_external_data(path, location)
         out.append((label, path, "not a file inside"))
     return out
 
@@ -126,7 +109,7 @@ def test_inspect_an_inline_file_shows_only_standard_ops(good, tmp_path, capsys):
 
 
 def test_external_data_inside_the_folder_is_fine(tmp_path):
-    path = _external(tmp_path)
+    _, path = external_data_file(tmp_path)
     assert inspect_file(path)["external_data_files"] == ["model.onnx.data"]
     moved = tmp_path / "moved"
     shutil.copytree(tmp_path, moved, ignore=shutil.ignore_patterns("moved"))
