@@ -10,6 +10,7 @@ returns zeros (what torch's SDPA does), never NaN.  The table is dense (a (heads
 """
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import Optional
 
@@ -22,6 +23,11 @@ ONNX_OP_VERSION = 1
 # torch dtype -> ONNX TensorProto element type, passed to the node so its body can type constants statically
 ONNX_DTYPES = {torch.float32: 1, torch.float16: 10, torch.float64: 11, torch.bfloat16: 16}
 
+
+# The lowering (and why) of nodes whose mask is computed in the graph (``masked_attention`` with a tensor built
+# from the inputs, e.g. Mask2Former's predicted masks): export sets it from the requested lowering.
+DYNAMIC_LOWERING: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
+    "edgeattn_dynamic_lowering", default=("dense", ""))
 
 # What each layout passes as the op's ``tables`` list (see edgeattn.tables): the ONNX node's inputs after q, k, v.
 TABLE_INPUTS = {"dense": ("mask", "bias"),
@@ -89,7 +95,10 @@ _KERNELS = {"dense": reference_attention, "blocked": blocked_attention}
 
 
 def masked_attention(q, k, v, mask, bias=None, scale: Optional[float] = None, mask_name: str = "") -> torch.Tensor:
-    """Masked attention over a dense boolean table (True = may attend); see the module docstring."""
+    """Masked attention over a dense boolean table (True = may attend); see the module docstring.
+
+    ``mask`` and ``bias`` broadcast to (B, H, Nq, Nkv): a static (heads or 1, Nq, Nkv) table, or tensors computed
+    in the model from its inputs (data-dependent masks and decays), which export keeps as graph computations."""
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor (True where a query may attend a key), got {mask.dtype}; "
                          f"pass additive float biases as bias=")
@@ -106,6 +115,8 @@ def attend(q, k, v, layout: str, tables: list, scale: Optional[float] = None, ma
         raise ValueError(f"layout {layout!r} takes tables {TABLE_INPUTS.get(layout)}, got {len(tables)} tensors")
     scale = float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     if torch.onnx.is_in_onnx_export():
+        if lowering is None and layout == "dense":
+            lowering, why = DYNAMIC_LOWERING.get()
         if q.dtype not in ONNX_DTYPES:
             raise ValueError(f"masked_attention exports float32/float16/bfloat16/float64 inputs, got {q.dtype}")
         attrs = {"scale": scale, "mask": mask_name, "dtype": ONNX_DTYPES[q.dtype], "layout": layout,

@@ -119,8 +119,12 @@ def contrib(opset: int, overload: str) -> FunctionProto:
     if bias:
         nodes += [_cast("bias", "bias_t"), n("Add", ["bias_t", "mask_add"], ["bias_add"])]
     nodes += [
-        n("Constant", [], ["axis0"], value_ints=[0]),
-        n("Unsqueeze", ["bias_add" if bias else "mask_add", "axis0"], ["attention_bias"]),   # (1, H or 1, N, N)
+        # attention_bias must be 4-D (B or 1, H or 1, Nq, Nkv): a static table gets a leading 1, a mask computed
+        # in the graph may already carry the batch
+        n("Shape", ["bias_add" if bias else "mask_add"], ["bias_tail"], start=-3),
+        n("Constant", [], ["minus_one_1"], value_ints=[-1]),
+        n("Concat", ["minus_one_1", "bias_tail"], ["bias_4d"], axis=0),
+        n("Reshape", ["bias_add" if bias else "mask_add", "bias_4d"], ["attention_bias"]),
         n("Transpose", ["q"], ["q_bsnh"], perm=[0, 2, 1, 3]),
         n("Constant", [], ["bsh"], value_ints=[0, 0, -1]),
         n("Reshape", ["q_bsnh", "bsh"], ["query"]),

@@ -18,7 +18,7 @@ import onnx
 import torch
 
 from .. import tables
-from ..attention import ONNX_DOMAIN
+from ..attention import DYNAMIC_LOWERING, ONNX_DOMAIN
 from ..errors import EdgeAttnError
 from . import functions, metadata
 
@@ -115,6 +115,18 @@ def choose(table: "torch.nn.Module", requested: str, opset: int) -> Choice:
     return Choice("dense", why)
 
 
+def choose_dynamic(requested: str, opset: int) -> Choice:
+    """The lowering for attention over a mask the model computes from its inputs: a dense-table node."""
+    why = "mask computed in the graph"
+    if requested in ("dense", "attention", "contrib"):
+        return Choice(requested, "requested")
+    if requested == "blocked":
+        return Choice("dense", f"{why}: no static block table")
+    if opset >= LOWERINGS["attention"].min_opset:
+        return Choice("attention", f"{why}; opset {opset} has the Attention op")
+    return Choice("dense", why)
+
+
 @contextlib.contextmanager
 def applied(model: torch.nn.Module, requested: str, opset: int, targets: Sequence[str]) -> Iterator[list[Choice]]:
     """Give every MaskTable in ``model`` its lowering (switching its table layout if needed) for one export;
@@ -125,6 +137,8 @@ def applied(model: torch.nn.Module, requested: str, opset: int, targets: Sequenc
     layers = [m for m in model.modules() if isinstance(m, MaskTable)]
     saved = [(m, m.table) for m in layers]
     choices = []
+    dynamic = choose_dynamic(requested, opset)
+    token = DYNAMIC_LOWERING.set((dynamic.lowering, dynamic.reason))
     try:
         for m in layers:
             choice = choose(m, requested, opset)
@@ -134,6 +148,7 @@ def applied(model: torch.nn.Module, requested: str, opset: int, targets: Sequenc
             choices.append(choice)
         yield choices
     finally:
+        DYNAMIC_LOWERING.reset(token)
         for m, table in saved:
             m.lowering, m.lowering_reason = None, ""
             if m.table is not table:

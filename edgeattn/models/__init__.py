@@ -18,7 +18,8 @@ class ModelSpec:
     name: str
     description: str
     make: Callable[..., torch.nn.Module]          # config -> module
-    inputs: Callable[..., dict[str, tuple]]       # config -> input name -> shape (float32)
+    # config -> input name -> a shape (float32 normal noise) or a function of a torch.Generator returning the tensor
+    inputs: Callable[..., dict[str, object]]
     outputs: tuple[str, ...]                      # output names in the exported file
     config: dict = field(default_factory=dict)
 
@@ -36,7 +37,7 @@ class BuiltModel:
 REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register(name: str, description: str, inputs: Callable[..., dict[str, tuple]], outputs=("output",), **config):
+def register(name: str, description: str, inputs: Callable[..., dict[str, object]], outputs=("output",), **config):
     def decorate(make):
         REGISTRY[name] = ModelSpec(name, description, make, inputs, tuple(outputs), config)
         return make
@@ -61,7 +62,8 @@ def build(name: str, seed: int = 0, **overrides) -> BuiltModel:
         torch.manual_seed(seed)
         module = spec.make(**config).eval()
     generator = torch.Generator().manual_seed(seed)
-    inputs = {k: torch.randn(shape, generator=generator) for k, shape in spec.inputs(**config).items()}
+    inputs = {k: make(generator) if callable(make) else torch.randn(make, generator=generator)
+              for k, make in spec.inputs(**config).items()}
     return BuiltModel(name, module, inputs, spec.outputs, config, seed)
 
 
@@ -77,4 +79,13 @@ def from_metadata(model, path) -> BuiltModel:
     return build(meta["model"], seed=int(meta.get("seed", 0)), **meta.get("config", {}))
 
 
-from . import blocks, nat, swin  # noqa: E402,F401  (registers the models)
+def _register_all() -> None:
+    """Import every module of this package: each registers its models."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_register_all()
