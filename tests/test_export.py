@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edgeattn import EdgeAttnError, export_onnx, masks, parity, tables
-from edgeattn.attention import ONNX_DOMAIN
+from edgeattn.attention import ONNX_DOMAIN, TABLE_INPUTS
 from edgeattn.export import metadata
 from edgeattn.export.lowering import LOWERINGS
 from edgeattn.layers import MaskedSelfAttention
@@ -21,6 +21,10 @@ FAMILY_CASES = {
     "segments": (masks.segments([0] * 5 + [1] * 7 + [2] * 4), dict(seq_len=16)),
     "neighborhood": (masks.neighborhood((3, 4), dilation=(2, 1)), dict(grid=(7, 8))),
     "window": (masks.window(4, shift=2), dict(grid=(8, 8))),
+    "manhattan_decay": (masks.manhattan_decay([0.9, 0.6]), dict(grid=(5, 6))),
+    "decay_1d": (masks.decay_1d([0.8, 0.5]), dict(seq_len=12)),
+    "radial": (masks.radial(4, block_size=4, sink=True, text=3), dict(seq_len=4 * 6 + 3)),
+    "clear": (masks.clear(3, text=5, image=(5, 6)), dict(seq_len=5 + 5 * 6)),
 }
 
 
@@ -67,7 +71,11 @@ def test_family_exports_and_matches_torch(tmp_path, family, lowering, inline):
         assert all(op.domain != ONNX_DOMAIN for op in model.opset_import)
     else:
         assert ONNX_DOMAIN in domains
-        assert [(f.domain, f.name, f.overload) for f in model.functions] == [(ONNX_DOMAIN, "MaskedAttention", lowering)]
+        # masks with a bias_mod (decays, relative position biases) pass it as the last input and use the _bias body
+        [node] = [n for n in model.graph.node if n.domain == ONNX_DOMAIN]
+        has_bias = len(node.input) == 3 + len(TABLE_INPUTS[result.masks[0]["layout"]])
+        overload = lowering + ("_bias" if has_bias else "")
+        assert [(f.domain, f.name, f.overload) for f in model.functions] == [(ONNX_DOMAIN, "MaskedAttention", overload)]
     onnx.checker.check_model(model, full_check=True)
     # every lowering is exact against the dense torch reference
     _assert_parity(layer, x, result.path, [r for r in CPU_RUNTIMES if targets is None or r in targets], atol=1e-5)
