@@ -223,12 +223,14 @@ def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool, requested: str
 
 
 def _strip_trace_metadata(proto: onnx.ModelProto) -> None:
-    """The exporter stores each node's Python stack trace and FX node (``pkg.torch.onnx.*``): source paths of the
-    exporting machine, and megabytes on large models.  Keep only ``namespace`` (the module path, for profiling)."""
-    for node in proto.graph.node:
-        keep = [p for p in node.metadata_props if not p.key.startswith("pkg.torch.")]
-        del node.metadata_props[:]
-        node.metadata_props.extend(keep)
+    """The exporter annotates nodes, values and the graph with ``pkg.torch.*`` metadata: each node's Python stack
+    trace (source paths of the exporting machine, megabytes on large models), FX nodes, the export signature.  Keep
+    only the nodes' ``namespace`` (the module path, for profiling)."""
+    graph = proto.graph
+    for item in [graph, *graph.node, *graph.input, *graph.output, *graph.value_info, *graph.initializer]:
+        keep = [p for p in item.metadata_props if not p.key.startswith("pkg.torch.")]
+        del item.metadata_props[:]
+        item.metadata_props.extend(keep)
 
 
 def save(proto: onnx.ModelProto, path) -> int:
