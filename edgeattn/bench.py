@@ -1,7 +1,9 @@
 """``edgeattn bench``: export a model with each lowering and time it on each runtime, in one table.
 
-Rows look like ``yolo benchmark``'s: runtime, lowering, status, file size, accuracy against eager PyTorch, median
-and p90 latency, and the speedup over eager PyTorch (the first row).  A file argument benchmarks that file as is.
+Rows look like ``yolo benchmark``'s: runtime, lowering, precision, status, file size, accuracy against eager fp32
+PyTorch, median and p90 latency, and the speedup over eager PyTorch (the first row).  Runtimes load files as a
+deployment would (OpenVINO runs fp16/bf16 files at that precision where the CPU supports it), and each row is gated
+on the runtime's tolerance for its precision.  A file argument benchmarks that file as is.
 """
 from __future__ import annotations
 
@@ -15,12 +17,14 @@ from typing import Callable, Optional, Sequence
 from . import models, parity, runtimes
 from ._files import atomic_write, check_writable
 from .errors import EdgeAttnError
-from .export import DEFAULT_OPSET, export_onnx, metadata
+from .export import DEFAULT_OPSET, calibration_feeds, export_onnx, metadata
 from .export.lowering import CHOICES, LOWERINGS
+from .export.precision import DTYPES, QUANTIZE, default_opset, refusal
 from .runtimes.base import read_onnx
 
 # the opset each lowering is exported at when benchmarking a model (attention needs the Attention op)
 BENCH_OPSET = {"attention": 23}
+PRECISIONS = (*DTYPES, *QUANTIZE)   # fp32 fp16 bf16 int8 int8-static
 
 
 @dataclass
@@ -28,6 +32,7 @@ class BenchRow:
     runtime: str
     lowering: str
     status: str
+    precision: str = "fp32"
     file_mb: Optional[float] = None
     max_abs_err: Optional[float] = None
     cosine: Optional[float] = None
@@ -39,45 +44,60 @@ class BenchRow:
 
 
 def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: Optional[Sequence[str]] = None,
-        runs: int = 20, seed: int = 0, progress: Optional[Callable[[int, int, str], None]] = None) -> list[BenchRow]:
-    """Benchmark a registered model (every lowering) or an exported file (as is) on each ONNX runtime."""
+        runs: int = 20, seed: int = 0, progress: Optional[Callable[[int, int, str], None]] = None,
+        precisions: Optional[Sequence[str]] = None) -> list[BenchRow]:
+    """Benchmark a registered model or an exported file (as is) on each ONNX runtime.
+
+    A model is exported with each of ``lowerings`` in each of ``precisions`` (default: every lowering in fp32; with
+    precisions named, the auto lowering in each)."""
     names = [n for n in (runtime_names or runtimes.available()) if n != "torch"]
     is_file = target not in models.REGISTRY
     if is_file and not Path(target).exists():
         raise EdgeAttnError(f"{target!r} is neither a registered model ({', '.join(models.names())}) nor a file")
-    if is_file and lowerings:
-        raise EdgeAttnError("--lowering applies when benchmarking a model; a file keeps the lowering it was exported with")
+    if is_file and (lowerings or precisions):
+        raise EdgeAttnError("--lowering and --precision apply when benchmarking a model; a file is timed as exported")
+    unknown = [p for p in precisions or () if p not in PRECISIONS]
+    if unknown:
+        raise EdgeAttnError(f"unknown precision {unknown[0]!r}; choose from: {', '.join(PRECISIONS)}")
     with tempfile.TemporaryDirectory(prefix="edgeattn-bench-") as tmp:
-        if is_file:   # (lowering, opset, file); a model's files are exported below
+        if is_file:   # (lowering, precision, opset, file); a model's files are exported below
             proto = read_onnx(target)
             built, meta = models.from_metadata(proto, target), metadata.read(proto)
-            plan = [(meta.get("lowering", "?"), int(meta.get("opset", 0)), Path(target))]
+            plan = [(meta.get("lowering", "?"), meta.get("precision", "fp32"), int(meta.get("opset", 0)), Path(target))]
         else:
             built = models.build(target, seed=seed)
-            plan = [(low, BENCH_OPSET.get(low, DEFAULT_OPSET), None) for low in lowerings or CHOICES]
+            lowerings = lowerings or (["auto"] if precisions else CHOICES)
+            plan = [(low, prec, default_opset(prec, BENCH_OPSET.get(low, DEFAULT_OPSET)), None)
+                    for prec in precisions or ["fp32"] for low in lowerings]
         inputs = list(built.inputs.values())
         step = _stepper(progress, 1 + len(plan) * len(names))
         step("torch eager")
         eager = parity.time_eager(built.module, inputs, runs)
-        rows = [BenchRow("torch", "eager", "ok", None, 0.0, 1.0, eager.p50_ms, eager.p90_ms, 1.0)]
-        for lowering, opset, path in plan:
+        rows = [BenchRow("torch", "eager", "ok", "fp32", None, 0.0, 1.0, eager.p50_ms, eager.p90_ms, 1.0)]
+        for lowering, precision, opset, path in plan:
             if path is None:
-                path = Path(tmp) / f"{target}-{lowering}.onnx"
-                step(f"exporting {lowering}", advance=False)
+                path = Path(tmp) / f"{target}-{lowering}-{precision}.onnx"
+                step(f"exporting {lowering} {precision}", advance=False)
                 export_onnx(built.module, inputs, path, opset=opset, lowering=lowering, runtimes=_targets(lowering),
                             input_names=list(built.inputs), output_names=list(built.outputs),
-                            metadata_props={"model": built.name, "config": built.config, "seed": built.seed})
+                            metadata_props={"model": built.name, "config": built.config, "seed": built.seed},
+                            dtype=precision if precision in DTYPES else "fp32",
+                            quantize=precision if precision in QUANTIZE else None,
+                            calibration=calibration_feeds(built) if precision == "int8-static" else None)
             label = _label(lowering, path)
             feeds, reference = parity.reference_outputs(built.module, inputs, path)
             for name in names:
                 step(f"{name} {label}")
                 supported = LOWERINGS.get(lowering)
                 if supported is not None and supported.runtimes is not None and name not in supported.runtimes:
-                    rows.append(BenchRow(name, label, "n/a", opset=opset,
+                    rows.append(BenchRow(name, label, "n/a", precision, opset=opset,
                                          detail=f"the {lowering} lowering runs on {', '.join(sorted(supported.runtimes))} only"))
                     continue
-                (r,) = parity.check_sessions(reference, feeds, path, [name], runs)
-                rows.append(BenchRow(name, label, r.status, path.stat().st_size / 1e6, r.max_abs_err, r.cosine,
+                if refusal(name, precision):
+                    rows.append(BenchRow(name, label, "n/a", precision, opset=opset, detail=refusal(name, precision)[0]))
+                    continue
+                (r,) = parity.check_sessions(reference, feeds, path, [name], runs, precision, accuracy=False)
+                rows.append(BenchRow(name, label, r.status, precision, path.stat().st_size / 1e6, r.max_abs_err, r.cosine,
                                      r.p50_ms, r.p90_ms, eager.p50_ms / r.p50_ms if r.p50_ms else None, opset,
                                      r.detail))
     return rows
@@ -110,13 +130,13 @@ def _stepper(progress, total):
     return step
 
 
-HEADER = ("runtime", "lowering", "status", "size_MB", "max_abs_err", "cosine", "p50_ms", "p90_ms", "speedup")
+HEADER = ("runtime", "lowering", "precision", "status", "size_MB", "max_abs_err", "cosine", "p50_ms", "p90_ms", "speedup")
 
 
 def _cells(r: BenchRow) -> tuple[str, ...]:
     def num(v, fmt):
         return "-" if v is None else fmt.format(v)
-    return (r.runtime, r.lowering, r.status, num(r.file_mb, "{:.2f}"), num(r.max_abs_err, "{:.2e}"),
+    return (r.runtime, r.lowering, r.precision, r.status, num(r.file_mb, "{:.2f}"), num(r.max_abs_err, "{:.2e}"),
             num(r.cosine, "{:.6f}"), num(r.p50_ms, "{:.2f}"), num(r.p90_ms, "{:.2f}"), num(r.speedup, "{:.1f}x"))
 
 
@@ -158,7 +178,7 @@ def write_plot(rows: Sequence[BenchRow], path, title: str) -> None:
 
     timed = [r for r in rows if r.p50_ms is not None]
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(timed) + 1.2))
-    ax.barh([f"{r.runtime} {r.lowering}" for r in timed], [r.p50_ms for r in timed], color="tab:blue")
+    ax.barh([f"{r.runtime} {r.lowering} {r.precision}" for r in timed], [r.p50_ms for r in timed], color="tab:blue")
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("p50 latency (ms, log scale)")

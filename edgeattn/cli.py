@@ -12,7 +12,7 @@ from collections import Counter
 from . import __version__, bench, inspection, masks, models, parity, runtimes
 from ._files import atomic_write, check_writable
 from .errors import EdgeAttnError
-from .export import DEFAULT_OPSET, export_registered, lowering
+from .export import DEFAULT_OPSET, export_registered, lowering, precision
 
 DEFAULT_RUNS = 20
 
@@ -59,7 +59,8 @@ def cmd_export(args) -> int:
     targets = [n for n in args.runtime or [] if n != "torch"] or None
     result = export_registered(args.model, args.output, seed=args.seed, opset=args.opset, inline=args.inline,
                                lowering=args.lowering, runtimes=targets, dynamic_batch=args.dynamic_batch,
-                               progress=_log)
+                               dtype=args.dtype, quantize=args.quantize, calibration=args.calibration,
+                               calibration_samples=args.calibration_samples, progress=_log)
     names = _runtimes(args.runtime, result.path) if args.check else []
     counts = Counter(f"{m['mask']} ({m['lowering']})" for m in result.masks)
     _log(f"wrote {result.path}: {_mb(result.file_bytes)}, {len(result.masks)} attention nodes "
@@ -77,7 +78,7 @@ def cmd_bench(args) -> int:
     bench.check_outputs(args.json, args.markdown, args.plot)
     names = [n for n in _runtimes(args.runtime) if n != "torch"] if args.runtime else None
     rows = bench.run(args.target, names, args.lowering, runs=args.runs or DEFAULT_RUNS, seed=args.seed,
-                     progress=bench.progress_bar())
+                     progress=bench.progress_bar(), precisions=args.precision)
     print(bench.format_table(rows))
     if args.json:
         bench.write_json(rows, args.json)
@@ -168,13 +169,23 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a reference model to ONNX")
     e.add_argument("model", help="registered model name (see `edgeattn models`)")
     e.add_argument("-o", "--output", required=True, help="output .onnx path")
-    e.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    e.add_argument("--opset", type=int, help=f"ONNX opset (default {DEFAULT_OPSET}; 22 for --dtype bf16)")
     e.add_argument("--inline", action="store_true", help="standard ONNX ops only (no edgeattn-domain nodes)")
     e.add_argument("--lowering", choices=lowering.CHOICES, default="auto",
                    help="attention body: auto (per layer, from the mask's sparsity and the target runtimes), dense, "
                         "blocked, attention (opset >= 23) or contrib (onnxruntime only); default auto")
     e.add_argument("--dynamic-batch", action="store_true",
                    help="make the batch axis of every input symbolic (the mask tables do not depend on it)")
+    e.add_argument("--dtype", choices=list(precision.DTYPES), default="fp32",
+                   help="precision of weights and compute; inputs and outputs stay float32 (default fp32)")
+    e.add_argument("--quantize", choices=precision.QUANTIZE,
+                   help="int8 linear layers with onnxruntime (attention stays float): int8 = dynamic, "
+                        "int8-static = QDQ calibrated on --calibration or generated inputs")
+    e.add_argument("--calibration", metavar="FILE.npz",
+                   help="int8-static calibration inputs: one array per model input, samples stacked on a new "
+                        "leading axis (default: --calibration-samples inputs drawn like the example inputs)")
+    e.add_argument("--calibration-samples", type=_positive, default=precision.DEFAULT_CALIBRATION_SAMPLES,
+                   help=f"generated calibration samples (default {precision.DEFAULT_CALIBRATION_SAMPLES})")
     e.add_argument("--seed", type=int, default=0, help="seed of the random weights and example inputs (default 0)")
     e.add_argument("--check", action="store_true", help="run the parity gate on each runtime; exit 1 if out of tolerance")
     gate_options(e, targets="the file is for (auto picks lowerings they all run) and ")
@@ -186,6 +197,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="ONNX runtime to time, repeatable; default: every available one")
     b.add_argument("--lowering", action="append", choices=lowering.CHOICES,
                    help="lowering to export and time, repeatable (models only); default: all")
+    b.add_argument("--precision", action="append", choices=bench.PRECISIONS,
+                   help="precision to export and time, repeatable (models only): fp32, fp16, bf16, int8 (dynamic), "
+                        "int8-static; default fp32 (with a precision named, lowerings default to auto)")
     b.add_argument("--runs", type=_positive, help=f"timed runs per row after 3 warm-ups (default {DEFAULT_RUNS})")
     b.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
     b.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")

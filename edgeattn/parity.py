@@ -1,8 +1,10 @@
 """Accuracy and latency of runtimes against the PyTorch reference: the gate behind ``--check`` and ``edgeattn check``.
 
 Metrics per output, worst over outputs: max |out - ref|; the same relative to the largest |ref| (``max_rel_err``);
-cosine similarity of the flattened tensors.  A runtime passes when no output has NaN/inf that the reference lacks,
-``max_abs_err <= atol`` and ``cosine >= min_cosine`` (tolerances live with each runtime).
+cosine similarity of the flattened tensors.  A runtime passes when no output has NaN/inf that the reference lacks and
+the metrics are within the runtime's tolerance for the file's precision (``Tolerance``: abs or rel bound, cosine).
+Reduced-precision files (fp16, bf16, int8) are compared with the fp32 PyTorch model they were exported from, with
+runtimes in accuracy mode.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 from . import runtimes
 from ._files import atomic_write
 from .errors import EdgeAttnError
-from .export import metadata
+from .export import metadata, precision as precisions
 from .runtimes.base import graph_inputs, nonfinite_inputs, read_onnx
 
 
@@ -30,7 +32,7 @@ class ParityResult:
     max_abs_err: Optional[float] = None
     max_rel_err: Optional[float] = None
     cosine: Optional[float] = None
-    atol: Optional[float] = None
+    tolerance: str = ""
     p50_ms: Optional[float] = None
     p90_ms: Optional[float] = None
     detail: str = ""
@@ -74,33 +76,35 @@ def latency(run: Callable[[], object], warmup: int = 3, runs: int = 20) -> tuple
 
 
 def check_sessions(reference: Mapping[str, np.ndarray], feeds: Mapping[str, np.ndarray], path,
-                   runtime_names: Sequence[str], runs: int = 20, dtype: str = "float32",
-                   progress: Optional[Callable[[str], None]] = None) -> list[ParityResult]:
-    """Load ``path`` on each runtime, compare with ``reference`` and time it.  Never raises for one runtime."""
+                   runtime_names: Sequence[str], runs: int = 20, precision: str = "fp32",
+                   progress: Optional[Callable[[str], None]] = None, accuracy: bool = True) -> list[ParityResult]:
+    """Load ``path`` on each runtime, compare with ``reference`` and time it.  Never raises for one runtime.
+
+    ``accuracy`` loads runtimes in accuracy mode (the parity gate); bench loads them as a deployment would."""
     results = []
     for name in runtime_names:
         runtime = runtimes.get(name)
         if progress:
             progress(name)
-        reasons = runtime.not_supported_reasons()
+        reasons = runtime.not_supported_reasons() or precisions.refusal(name, precision)
         if reasons:
             results.append(ParityResult(name, "unavailable", False, detail="; ".join(reasons)))
             continue
         try:
-            tol = runtime.tolerance(dtype)
-            session = runtime.load(path)
+            tol = runtime.tolerance(precision)
+            session = runtime.load(path, accuracy=accuracy)
             metrics = compare(reference, session.run(feeds))
             p50, p90 = latency(lambda: session.run(feeds), runs=runs)
         except EdgeAttnError as e:
             results.append(ParityResult(name, "error", False, detail=str(e)))
             continue
-        ok = not metrics["nonfinite"] and metrics["max_abs_err"] <= tol.atol and metrics["cosine"] >= tol.min_cosine
+        ok = not metrics["nonfinite"] and tol.passes(metrics["max_abs_err"], metrics["max_rel_err"], metrics["cosine"])
         notes = ["NaN/inf do not match the reference"] if metrics["nonfinite"] else []
         flagged = nonfinite_inputs(feeds)
         notes += [f"inputs with NaN/inf: {', '.join(flagged)}"] if flagged else []
         detail = "; ".join(notes)
         results.append(ParityResult(name, "ok" if ok else "fail", ok, metrics["max_abs_err"], metrics["max_rel_err"],
-                                    metrics["cosine"], tol.atol, p50, p90, detail))
+                                    metrics["cosine"], tol.describe(), p50, p90, detail))
     return results
 
 
@@ -122,12 +126,12 @@ def compare_model(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = [example_inputs]
     feeds, reference = reference_outputs(module, example_inputs, path)
-    dtype = str(next(iter(reference.values())).dtype) if reference else "float32"
+    precision = metadata.read(read_onnx(path)).get("precision", "fp32")
     names = list(runtime_names) if runtime_names else default_runtimes(path)
     results = []
     if "torch" in names:  # timed first: idle runtime thread pools left spinning would slow eager torch down
         results.append(time_eager(module, example_inputs, runs))
-    return results + check_sessions(reference, feeds, path, [n for n in names if n != "torch"], runs, dtype,
+    return results + check_sessions(reference, feeds, path, [n for n in names if n != "torch"], runs, precision,
                                     progress=progress)
 
 
@@ -146,7 +150,7 @@ def reference_outputs(module: torch.nn.Module, example_inputs: Sequence[torch.Te
 
 def time_eager(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], runs: int = 20) -> ParityResult:
     p50, p90 = latency(lambda: _eager(module, example_inputs), runs=runs)
-    return ParityResult("torch", "ok", True, 0.0, 0.0, 1.0, 0.0, p50, p90, "reference (eager)")
+    return ParityResult("torch", "ok", True, 0.0, 0.0, 1.0, "exact", p50, p90, "reference (eager)")
 
 
 def default_runtimes(path=None) -> list[str]:
@@ -188,11 +192,11 @@ def describe(path) -> str:
 
 def format_table(results: Sequence[ParityResult]) -> str:
     """A plain-text table: one row per runtime."""
-    header = ("runtime", "status", "max_abs_err", "max_rel_err", "cosine", "atol", "p50_ms", "p90_ms")
+    header = ("runtime", "status", "max_abs_err", "max_rel_err", "cosine", "tolerance", "p50_ms", "p90_ms")
     rows = [header]
     for r in results:
         rows.append((r.runtime, r.status, _num(r.max_abs_err, "{:.2e}"), _num(r.max_rel_err, "{:.2e}"),
-                     _num(r.cosine, "{:.7f}"), _num(r.atol, "{:.0e}"), _num(r.p50_ms, "{:.2f}"), _num(r.p90_ms, "{:.2f}")))
+                     _num(r.cosine, "{:.7f}"), r.tolerance or "-", _num(r.p50_ms, "{:.2f}"), _num(r.p90_ms, "{:.2f}")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     notes = [f"  {r.runtime}: {r.detail}" for r in results if r.detail and (r.status != "ok" or "NaN" in r.detail)]

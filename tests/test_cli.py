@@ -131,9 +131,9 @@ def test_bench_model_writes_table_json_markdown_and_plot(capsys, tmp_path):
                              "--plot", tmp_path / "b.png")
     assert code == 0, out + err
     header, *rows = out.splitlines()
-    assert header.split() == ["runtime", "lowering", "status", "size_MB", "max_abs_err", "cosine", "p50_ms", "p90_ms",
-                              "speedup"]
-    table = {(r.split()[0], r.split()[1]): r.split()[2] for r in rows}
+    assert header.split() == ["runtime", "lowering", "precision", "status", "size_MB", "max_abs_err", "cosine",
+                              "p50_ms", "p90_ms", "speedup"]
+    table = {(r.split()[0], r.split()[1]): r.split()[3] for r in rows}
     assert table == {("torch", "eager"): "ok", ("ort-cpu", "auto:blocked"): "ok", ("openvino-cpu", "auto:blocked"): "ok",
                      ("ort-cpu", "contrib"): "ok", ("openvino-cpu", "contrib"): "n/a"}
     assert "11/11" not in err and "5/5" in err        # the progress bar counts torch + 2 lowerings x 2 runtimes
@@ -147,8 +147,9 @@ def test_bench_model_writes_table_json_markdown_and_plot(capsys, tmp_path):
 def test_bench_file_keeps_its_lowering(capsys, nat_file):
     code, out, _ = run_cli(capsys, "bench", nat_file, "--runtime", "ort-cpu", "--runs", "1")
     assert code == 0
-    assert [line.split()[:3] for line in out.splitlines()[1:]] == [["torch", "eager", "ok"],
-                                                                   ["ort-cpu", "auto:blocked", "ok"]]
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("torch", "eager", "fp32", "ok"),
+                                                        ("ort-cpu", "auto:blocked", "fp32", "ok")]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -272,3 +272,14 @@ def test_dynamic_batch_runs_at_1_3_and_8(tmp_path, lowering, opset, runtimes):
                 want = layer(x).numpy()
             got = session.run({"x": x.numpy()})["y"]
             assert got.shape == want.shape and abs(got - want).max() < 1e-5, (name, batch)
+
+
+def test_files_carry_no_exporter_stack_traces(tmp_path):
+    """torch.onnx writes each node's Python stack trace (source paths of this machine); export keeps only the
+    module namespace."""
+    layer = MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(6, 6)).eval()
+    result = _export(tmp_path, layer, torch.randn(1, 36, 16), inline=False)
+    data = result.path.read_bytes()
+    assert b"pkg.torch" not in data and b"stack_trace" not in data and __file__.encode() not in data
+    keys = {p.key for n in onnx.load(result.path).graph.node for p in n.metadata_props}
+    assert keys == {"namespace"}

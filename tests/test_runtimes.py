@@ -25,7 +25,7 @@ def test_registry_names_and_reasons():
     assert runtimes.runtime_names() == ["torch", "ort-cpu", "ort-cuda", "openvino-cpu"]
     for runtime in runtimes.RUNTIMES.values():
         assert runtime.is_available() == (runtime.not_supported_reasons() == [])
-        assert runtime.tolerance("float32").atol >= 0
+        assert runtime.tolerance("fp32").atol >= 0
     with pytest.raises(EdgeAttnError, match="unknown runtime 'tensorrt'; choose one of"):
         runtimes.get("tensorrt")
 

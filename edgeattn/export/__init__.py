@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +21,12 @@ from .. import __version__
 from .._files import atomic_write, check_writable
 from ..attention import ONNX_DOMAIN, TABLE_INPUTS
 from ..errors import EdgeAttnError, first_line
-from . import functions, lowering as lowerings, metadata
+from . import functions, lowering as lowerings, metadata, precision as precisions
 
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 17, 25   # the range exported and run on onnxruntime and OpenVINO here
-RESERVED_METADATA = ("version", "opset", "inline", "masks", "table_bytes", "lowering", "targets", "dynamic_batch")
+RESERVED_METADATA = ("version", "opset", "inline", "masks", "table_bytes", "lowering", "targets", "dynamic_batch",
+                     "precision")
 _FIRST_TABLE_INPUT = 3   # MaskedAttention inputs: q, k, v, then the table's tensors (the optional bias last)
 
 
@@ -35,25 +37,34 @@ class ExportResult:
     inline: bool
     lowering: str
     targets: list[str]
+    precision: str = "fp32"
     masks: list[dict] = field(default_factory=list)   # one entry per attention node
     table_bytes: int = 0                              # unique mask-table bytes in the file
     file_bytes: int = 0
 
 
-def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path, *, opset: int = DEFAULT_OPSET,
+def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path, *, opset: Optional[int] = None,
                 inline: bool = False, lowering: str = "auto", runtimes: Optional[Sequence[str]] = None,
                 dynamic_batch: bool = False, input_names: Optional[Sequence[str]] = None,
-                output_names: Optional[Sequence[str]] = None, metadata_props: Optional[dict[str, Any]] = None
-                ) -> ExportResult:
+                output_names: Optional[Sequence[str]] = None, metadata_props: Optional[dict[str, Any]] = None,
+                dtype: str = "fp32", quantize: Optional[str] = None,
+                calibration: Optional[Sequence[dict]] = None) -> ExportResult:
     """Export ``model`` at the example inputs' shapes.
 
     By default attention stays one ``edgeattn`` node whose local function is the standard-op lowering
     (``lowering``: auto, dense, blocked, attention, contrib; see :mod:`edgeattn.export.lowering`), chosen for the
     target ``runtimes`` (default: every ONNX runtime); ``inline=True`` writes standard ops only.
     ``dynamic_batch=True`` makes axis 0 of every input symbolic (``batch``); mask tables do not depend on it.
-    The file is replaced only on success."""
+    ``dtype`` (fp32, fp16, bf16) is the precision of weights and compute, with float32 inputs and outputs;
+    ``quantize`` (int8: dynamic, int8-static: QDQ calibrated on ``calibration`` feeds, generated from the example
+    inputs' shapes when not given) quantizes the linear layers of an fp32 export (see
+    :mod:`edgeattn.export.precision`).  ``opset`` defaults to 18 (22 for bf16).  The file is replaced only on
+    success."""
+    precision = precisions.precision_name(dtype, quantize)
+    opset = precisions.default_opset(dtype, DEFAULT_OPSET) if opset is None else opset
     _check_opset(opset)
-    targets = _check_targets(runtimes)
+    precisions.check_opset(dtype, opset)
+    targets = precisions.targets_for(precision, _check_targets(runtimes), named=runtimes is not None)
     lowerings.check(lowering, opset, targets)
     check_writable(path)
     clash = sorted(set(metadata_props or {}) & set(RESERVED_METADATA))
@@ -70,9 +81,9 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
         example_inputs = [t.expand(2, *t.shape[1:]) if t.ndim and t.shape[0] == 1 else t for t in example_inputs]
     try:
         with torch.no_grad(), _quiet(), lowerings.applied(model, lowering, opset, targets):
-            program = torch.onnx.export(model.eval(), tuple(example_inputs), dynamo=True, opset_version=opset,
-                                        input_names=input_names, output_names=output_names, verbose=False,
-                                        dynamic_shapes=dynamic)
+            program = torch.onnx.export(precisions.in_dtype(model.eval(), dtype), tuple(example_inputs), dynamo=True,
+                                        opset_version=opset, input_names=input_names, output_names=output_names,
+                                        verbose=False, dynamic_shapes=dynamic)
     except EdgeAttnError:
         raise
     except Exception as e:  # the exporter's own errors are long; keep the cause chained for debugging
@@ -80,28 +91,76 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
     finally:
         model.train(was_training)
     proto = program.model_proto
-    extra = {"lowering": lowering, "targets": targets, "dynamic_batch": dynamic_batch, **(metadata_props or {})}
+    extra = {"lowering": lowering, "targets": targets, "dynamic_batch": dynamic_batch, "precision": precision,
+             **(metadata_props or {})}
     masks, table_bytes = finalize(proto, opset=opset, inline=inline, requested=lowering, targets=targets, extra=extra)
-    return ExportResult(Path(path), opset, inline, lowering, targets, masks, table_bytes,
+    if quantize:
+        if quantize == "int8-static" and not calibration:
+            calibration = _random_feeds(example_inputs, input_names, precisions.DEFAULT_CALIBRATION_SAMPLES)
+        proto = _quantized(proto, quantize, calibration)
+    return ExportResult(Path(path), opset, inline, lowering, targets, precision, masks, table_bytes,
                         file_bytes=save(proto, path))
 
 
-def export_registered(name: str, path, *, seed: int = 0, opset: int = DEFAULT_OPSET, inline: bool = False,
+def export_registered(name: str, path, *, seed: int = 0, opset: Optional[int] = None, inline: bool = False,
                       lowering: str = "auto", runtimes: Optional[Sequence[str]] = None, dynamic_batch: bool = False,
+                      dtype: str = "fp32", quantize: Optional[str] = None, calibration=None,
+                      calibration_samples: int = precisions.DEFAULT_CALIBRATION_SAMPLES,
                       progress: Optional[Callable[[str], None]] = None, **config) -> ExportResult:
-    """Build a registered reference model and export it; the metadata lets `edgeattn check` rebuild the reference."""
+    """Build a registered reference model and export it; the metadata lets `edgeattn check` rebuild the reference.
+
+    ``calibration`` (int8-static) is an ``.npz`` path (see :func:`precision.load_calibration`) or a list of feeds;
+    by default ``calibration_samples`` inputs are drawn like the model's example inputs, with other seeds."""
     from .. import models
 
+    precision = precisions.precision_name(dtype, quantize)
+    opset = precisions.default_opset(dtype, DEFAULT_OPSET) if opset is None else opset
     _check_opset(opset)
-    lowerings.check(lowering, opset, _check_targets(runtimes))
+    precisions.check_opset(dtype, opset)
+    lowerings.check(lowering, opset, precisions.targets_for(precision, _check_targets(runtimes), runtimes is not None))
     check_writable(path)
     built = models.build(name, seed=seed, **config)
+    if quantize == "int8-static":
+        if isinstance(calibration, (str, Path)):
+            calibration = precisions.load_calibration(calibration, list(built.inputs))
+        elif calibration is None:
+            calibration = calibration_feeds(built, calibration_samples)
     if progress:
-        progress(f"exporting {name} -> {path} (opset {opset}, lowering {lowering}{', inlined' if inline else ''})")
+        progress(f"exporting {name} -> {path} (opset {opset}, lowering {lowering}, {dtype}"
+                 f"{', ' + quantize if quantize else ''}{', inlined' if inline else ''})")
     return export_onnx(built.module, list(built.inputs.values()), path, opset=opset, inline=inline,
                        lowering=lowering, runtimes=runtimes, dynamic_batch=dynamic_batch,
                        input_names=list(built.inputs), output_names=list(built.outputs),
-                       metadata_props={"model": name, "config": built.config, "seed": seed})
+                       metadata_props={"model": name, "config": built.config, "seed": seed},
+                       dtype=dtype, quantize=quantize, calibration=calibration)
+
+
+def calibration_feeds(built, count: int = precisions.DEFAULT_CALIBRATION_SAMPLES) -> list[dict]:
+    """int8-static calibration feeds for a registered model: its example inputs drawn with the next seeds."""
+    from .. import models
+
+    return [{k: v.numpy() for k, v in models.build(built.name, seed=built.seed + 1 + i, **built.config).inputs.items()}
+            for i in range(count)]
+
+
+def _quantized(proto: onnx.ModelProto, mode: str, calibration) -> onnx.ModelProto:
+    """Run onnxruntime's quantizer on ``proto`` (it works on files) and return the quantized model."""
+    with tempfile.TemporaryDirectory(prefix="edgeattn-quantize-") as folder:
+        src, dst = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
+        onnx.save(proto, str(src))
+        precisions.quantize(src, dst, mode, calibration)
+        quantized = onnx.load(str(dst))
+    del quantized.metadata_props[:]   # the quantizer keeps them, but its own copy may lag behind: take ours
+    quantized.metadata_props.extend(proto.metadata_props)
+    return quantized
+
+
+def _random_feeds(example_inputs, names, count: int) -> list[dict]:
+    """Calibration feeds shaped like the example inputs: normal noise for float inputs, the example otherwise."""
+    generator = torch.Generator().manual_seed(0)
+    names = list(names) if names else [f"input_{i}" for i in range(len(example_inputs))]
+    return [{n: (torch.randn(t.shape, generator=generator) if t.is_floating_point() else t).numpy()
+             for n, t in zip(names, example_inputs)} for _ in range(count)]
 
 
 def _check_opset(opset) -> None:
@@ -124,6 +183,7 @@ def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool, requested: str
              targets: Sequence[str] = (), extra: Optional[dict] = None) -> tuple[list[dict], int]:
     """Attach function bodies, dedupe tables, write metadata, optionally inline, then run the full checker.
     Returns one description per attention node and the bytes of the unique mask tables."""
+    _strip_trace_metadata(proto)
     nodes = [n for n in proto.graph.node if n.domain == ONNX_DOMAIN]
     table_bytes = _dedupe_tables(proto, nodes)
     masks, overloads = [], set()
@@ -160,6 +220,17 @@ def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool, requested: str
     except Exception as e:
         raise EdgeAttnError(f"the exported model fails onnx.checker: {first_line(e)}") from e
     return masks, unique_bytes
+
+
+def _strip_trace_metadata(proto: onnx.ModelProto) -> None:
+    """The exporter annotates nodes, values and the graph with ``pkg.torch.*`` metadata: each node's Python stack
+    trace (source paths of the exporting machine, megabytes on large models), FX nodes, the export signature.  Keep
+    only the nodes' ``namespace`` (the module path, for profiling)."""
+    graph = proto.graph
+    for item in [graph, *graph.node, *graph.input, *graph.output, *graph.value_info, *graph.initializer]:
+        keep = [p for p in item.metadata_props if not p.key.startswith("pkg.torch.")]
+        del item.metadata_props[:]
+        item.metadata_props.extend(keep)
 
 
 def save(proto: onnx.ModelProto, path) -> int:

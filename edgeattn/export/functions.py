@@ -46,7 +46,7 @@ def dense(opset: int, overload: str) -> FunctionProto:
         nodes += [_cast("bias", "bias_t"), n("Add", ["bias_t", "mask_add"], ["bias_add"])]
     nodes += [
         n("Add", ["scores", "bias_add" if bias else "mask_add"], ["masked"]),
-        n("Softmax", ["masked"], ["probs"], axis=-1),
+        *_softmax("masked", "probs"),
         n("MatMul", ["probs", "v"], ["attended"]),
         *_zero_rows(opset, "attended", "out"),
     ]
@@ -79,7 +79,7 @@ def blocked(opset: int, overload: str) -> FunctionProto:
                   _cast("bias_blocks", "bias_t"), n("Add", ["bias_t", "mask_add"], ["bias_add"])]
     nodes += [
         n("Add", ["scores", "bias_add" if bias else "mask_add"], ["masked"]),
-        n("Softmax", ["masked"], ["probs"], axis=-1),
+        *_softmax("masked", "probs"),
         n("MatMul", ["probs", "v_tiles"], ["attended"]),                   # (B, H, T, tq, Dv)
         *_zero_rows(opset, "attended", "attended_0"),
         # (B, H, T*tq, Dv): B and H from q, Dv from v
@@ -101,8 +101,8 @@ def attention(opset: int, overload: str) -> FunctionProto:
     if bias:
         nodes += [_cast("bias", "bias_t"), n("Where", ["mask", "bias_t", "neg_inf"], ["attn_mask"])]
     nodes += [
-        _from_attribute(n("Attention", ["q", "k", "v", "attn_mask" if bias else "mask"], ["attended"], scale=1.0),
-                        "scale"),
+        _from_attribute(n("Attention", ["q", "k", "v", "attn_mask" if bias else "mask"], ["attended"], scale=1.0,
+                          softmax_precision=TensorProto.FLOAT), "scale"),
         *_zero_rows(opset, "attended", "out"),
     ]
     return _function(overload, opset, nodes, attention.__doc__)
@@ -197,6 +197,15 @@ def _zero_rows(opset: int, attended: str, out: str):
             *_reduce_max(opset, "mask_i", "row_any_i"),
             n("Cast", ["row_any_i"], ["row_any"], to=TensorProto.BOOL),
             n("Where", ["row_any", attended, "zero"], [out])]
+
+
+def _softmax(src: str, dst: str):
+    """Softmax over keys computed in float32 whatever q's dtype (fp16/bf16 exponent sums stay exact enough); the
+    casts are no-ops that runtimes drop in float32 models."""
+    n = helper.make_node
+    return [n("Cast", [src], [f"{src}_f32"], to=TensorProto.FLOAT),
+            n("Softmax", [f"{src}_f32"], [f"{dst}_f32"], axis=-1),
+            _cast(f"{dst}_f32", dst)]
 
 
 def _cast(src: str, dst: str):

@@ -36,9 +36,11 @@ def resolve(name: str) -> Runtime:
     return get(names[0])
 
 
-def load(path, runtime: str = "auto") -> Session:
-    """Load an ONNX file on a runtime (``auto``: the first available of ort-cuda, ort-cpu, openvino-cpu)."""
-    return resolve(runtime).load(path)
+def load(path, runtime: str = "auto", accuracy: bool = False) -> Session:
+    """Load an ONNX file on a runtime (``auto``: the first available of ort-cuda, ort-cpu, openvino-cpu).
+
+    ``accuracy=True`` keeps the runtime from computing below the file's precision (what parity checks use)."""
+    return resolve(runtime).load(path, accuracy)
 
 
 __all__ = ["RUNTIMES", "Runtime", "Session", "TensorInfo", "Tolerance", "available", "get", "load", "runtime_names"]

@@ -18,8 +18,9 @@ import onnx.inliner
 
 from ..attention import ONNX_DOMAIN, ONNX_OP
 from ..errors import EdgeAttnError, first_line
+from ..export import metadata
 from ..export.lowering import RUNS_AS
-from .base import Runtime, Session, Tolerance, graph_inputs, io_info, read_onnx
+from .base import REDUCED_PRECISION, Runtime, Session, Tolerance, graph_inputs, io_info, read_onnx
 
 # lowerings whose node the extension converts to ScaledDotProductAttention (the export metadata records the same)
 SDPA_LOWERINGS = {low.encode() for low, how in RUNS_AS["openvino-cpu"].items() if how == "sdpa"}
@@ -29,11 +30,12 @@ _BIAS = 4                                    # dense-table node inputs: q, k, v,
 class OpenVinoSession(Session):
     fused_sdpa: int   # how many edgeattn nodes became OpenVINO ScaledDotProductAttention ops (the rest were inlined)
 
-    def __init__(self, runtime: str, path: Path, device: str):
+    def __init__(self, runtime: str, path: Path, device: str, accuracy: bool = False):
         import openvino as ov
         from openvino.frontend.onnx import ConversionExtension
 
         model = read_onnx(path, weights=True)
+        file_precision = metadata.read(model).get("precision", "fp32")
         self.runtime, self.inputs, self.outputs = runtime, graph_inputs(model), io_info(model.graph.output)
         model = _inline_all_but_sdpa(model)
         errors = []
@@ -51,8 +53,8 @@ class OpenVinoSession(Session):
             ov_model = core.read_model(model.SerializeToString(), b"")
             ops = ov_model.get_ordered_ops()
             self.fused_sdpa = sum(op.get_type_name() == "ScaledDotProductAttention" for op in ops)
-            # fp32 files run in fp32: on CPUs with bf16/AMX OpenVINO would otherwise default to bf16.
-            self._compiled = core.compile_model(ov_model, device, {"INFERENCE_PRECISION_HINT": "f32"})
+            self.config = _config(core, device, file_precision, accuracy)
+            self._compiled = core.compile_model(ov_model, device, self.config)
         except Exception as e:
             if errors:
                 raise EdgeAttnError(f"{path}: OpenVINO could not convert {ONNX_DOMAIN}.{ONNX_OP} to "
@@ -70,6 +72,22 @@ class OpenVinoSession(Session):
         except Exception as e:
             raise EdgeAttnError(f"OpenVINO ({self.runtime}) failed to run: {first_line(e)}") from e
         return {info.name: results[port].copy() for info, port in zip(self.outputs, self._ports)}
+
+
+# the inference precision a file of each precision runs at when the device can (OPTIMIZATION_CAPABILITIES)
+_INFERENCE_PRECISION = {"fp16": ("f16", "FP16"), "bf16": ("bf16", "BF16")}
+
+
+def _config(core, device: str, precision: str, accuracy: bool) -> dict:
+    """Compile options.  Parity runs (``accuracy``) ask for ACCURACY mode: no precision lowered below the file's.
+    Otherwise fp16/bf16 files run at their precision where the device supports it, and everything else in f32
+    (on CPUs with bf16 OpenVINO would by default run fp32 files in bf16 too)."""
+    if accuracy:
+        return {"EXECUTION_MODE_HINT": "ACCURACY"}
+    hint, capability = _INFERENCE_PRECISION.get(precision, ("f32", "FP32"))
+    if capability not in core.get_property(device, "OPTIMIZATION_CAPABILITIES"):
+        hint = "f32"
+    return {"INFERENCE_PRECISION_HINT": hint}
 
 
 def _converts_to_sdpa(node: onnx.NodeProto) -> bool:
@@ -125,7 +143,7 @@ def _to_sdpa(context):
 class OpenVinoCpu(Runtime):
     name = "openvino-cpu"
     description = "OpenVINO, CPU plugin"
-    tolerances = {"float32": Tolerance(atol=1e-4, min_cosine=0.99999)}
+    tolerances = {"fp32": Tolerance(atol=1e-4, min_cosine=0.99999), **REDUCED_PRECISION}
 
     @functools.cache  # noqa: B019  (one instance per process; asking OpenVINO for its devices is slow)
     def not_supported_reasons(self):
@@ -137,5 +155,5 @@ class OpenVinoCpu(Runtime):
             return ["OpenVINO reports no CPU device"]
         return []
 
-    def _load(self, path):
-        return OpenVinoSession(self.name, path, "CPU")
+    def _load(self, path, accuracy):
+        return OpenVinoSession(self.name, path, "CPU", accuracy)

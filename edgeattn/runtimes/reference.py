@@ -26,14 +26,15 @@ class TorchSession(Session):
     def _run(self, feeds):
         with torch.no_grad():
             out = self.module(**{name: torch.from_numpy(array) for name, array in feeds.items()})
-        out = out if isinstance(out, (tuple, list)) else (out,)
+        out = torch.utils._pytree.tree_leaves(out)   # the exporter flattens nested outputs the same way
         return {info.name: np.asarray(t.detach().numpy()) for info, t in zip(self.outputs, out)}
 
 
 class TorchRuntime(Runtime):
     name = "torch"
     description = "PyTorch eager reference (rebuilds the registered model from the file's metadata)"
-    tolerances = {"float32": Tolerance(atol=0.0, min_cosine=1.0)}
+    # the reference: it runs the fp32 model a file of any precision was exported from
+    tolerances = dict.fromkeys(("fp32", "fp16", "bf16", "int8", "int8-static"), Tolerance(atol=0.0, min_cosine=1.0))
 
-    def _load(self, path):
+    def _load(self, path, accuracy):
         return TorchSession.from_file(self.name, path)
