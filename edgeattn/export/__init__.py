@@ -45,7 +45,8 @@ class ExportResult:
 
 def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path, *, opset: Optional[int] = None,
                 inline: bool = False, lowering: str = "auto", runtimes: Optional[Sequence[str]] = None,
-                dynamic_batch: bool = False, input_names: Optional[Sequence[str]] = None,
+                dynamic_batch: bool = False, batch_axes: Optional[Sequence[Optional[int]]] = None,
+                input_names: Optional[Sequence[str]] = None,
                 output_names: Optional[Sequence[str]] = None, metadata_props: Optional[dict[str, Any]] = None,
                 dtype: str = "fp32", quantize: Optional[str] = None,
                 calibration: Optional[Sequence[dict]] = None) -> ExportResult:
@@ -54,7 +55,9 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
     By default attention stays one ``edgeattn`` node whose local function is the standard-op lowering
     (``lowering``: auto, dense, blocked, attention, contrib; see :mod:`edgeattn.export.lowering`), chosen for the
     target ``runtimes`` (default: every ONNX runtime); ``inline=True`` writes standard ops only.
-    ``dynamic_batch=True`` makes axis 0 of every input symbolic (``batch``); mask tables do not depend on it.
+    ``dynamic_batch=True`` makes the batch axis of every input symbolic (``batch``): axis 0, or per input
+    ``batch_axes`` (None for an input without one, e.g. a KV cache is (layers, batch, ...)); mask tables do not
+    depend on it.
     ``dtype`` (fp32, fp16, bf16) is the precision of weights and compute, with float32 inputs and outputs;
     ``quantize`` (int8: dynamic, int8-static: QDQ calibrated on ``calibration`` feeds, generated from the example
     inputs' shapes when not given) quantizes the linear layers of an fp32 export (see
@@ -76,9 +79,13 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
     dynamic = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=65536)
-        dynamic = tuple({0: batch} if t.ndim else None for t in example_inputs)
+        axes = list(batch_axes) if batch_axes is not None else [0 if t.ndim else None for t in example_inputs]
+        if len(axes) != len(example_inputs):
+            raise EdgeAttnError(f"batch_axes has {len(axes)} entries for {len(example_inputs)} inputs")
+        dynamic = tuple(None if a is None else {a: batch} for a in axes)
         # torch.export specializes a size-1 example axis to the constant 1: trace with a batch of 2 instead
-        example_inputs = [t.expand(2, *t.shape[1:]) if t.ndim and t.shape[0] == 1 else t for t in example_inputs]
+        example_inputs = [t if a is None or t.shape[a] != 1 else t.expand(*t.shape[:a], 2, *t.shape[a + 1:])
+                          for t, a in zip(example_inputs, axes)]
     try:
         with torch.no_grad(), _quiet(), lowerings.applied(model, lowering, opset, targets):
             program = torch.onnx.export(precisions.in_dtype(model.eval(), dtype), tuple(example_inputs), dynamo=True,
@@ -130,6 +137,7 @@ def export_registered(name: str, path, *, seed: int = 0, opset: Optional[int] = 
                  f"{', ' + quantize if quantize else ''}{', inlined' if inline else ''})")
     return export_onnx(built.module, list(built.inputs.values()), path, opset=opset, inline=inline,
                        lowering=lowering, runtimes=runtimes, dynamic_batch=dynamic_batch,
+                       batch_axes=[built.batch_axes.get(k, 0) for k in built.inputs] if dynamic_batch else None,
                        input_names=list(built.inputs), output_names=list(built.outputs),
                        metadata_props={"model": name, "config": built.config, "seed": seed},
                        dtype=dtype, quantize=quantize, calibration=calibration)

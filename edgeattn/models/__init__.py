@@ -6,7 +6,7 @@ and example inputs are drawn from a generator seeded with the same seed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -22,6 +22,7 @@ class ModelSpec:
     inputs: Callable[..., dict[str, object]]
     outputs: tuple[str, ...]                      # output names in the exported file
     config: dict = field(default_factory=dict)
+    batch_axes: dict = field(default_factory=dict)   # input name -> its batch axis (None: none); default 0
 
 
 @dataclass
@@ -32,14 +33,16 @@ class BuiltModel:
     outputs: tuple[str, ...]
     config: dict
     seed: int
+    batch_axes: dict = field(default_factory=dict)
 
 
 REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register(name: str, description: str, inputs: Callable[..., dict[str, object]], outputs=("output",), **config):
+def register(name: str, description: str, inputs: Callable[..., dict[str, object]], outputs=("output",),
+             batch_axes: Optional[dict] = None, **config):
     def decorate(make):
-        REGISTRY[name] = ModelSpec(name, description, make, inputs, tuple(outputs), config)
+        REGISTRY[name] = ModelSpec(name, description, make, inputs, tuple(outputs), config, dict(batch_axes or {}))
         return make
     return decorate
 
@@ -61,10 +64,15 @@ def build(name: str, seed: int = 0, **overrides) -> BuiltModel:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         module = spec.make(**config).eval()
+    return BuiltModel(name, module, example_inputs(name, seed, **config), spec.outputs, config, seed, spec.batch_axes)
+
+
+def example_inputs(name: str, seed: int = 0, **config) -> dict[str, torch.Tensor]:
+    """The registered model's example inputs for ``seed`` (without building the model)."""
+    spec = REGISTRY[name]
     generator = torch.Generator().manual_seed(seed)
-    inputs = {k: make(generator) if callable(make) else torch.randn(make, generator=generator)
-              for k, make in spec.inputs(**config).items()}
-    return BuiltModel(name, module, inputs, spec.outputs, config, seed)
+    return {k: make(generator) if callable(make) else torch.randn(make, generator=generator)
+            for k, make in spec.inputs(**{**spec.config, **config}).items()}
 
 
 def from_metadata(model, path) -> BuiltModel:

@@ -233,7 +233,8 @@ class Mask2FormerDecoder(nn.Module):
 
     def _check(self, levels, mask_features):
         shapes = [tuple(x.shape) for x in (*levels, mask_features)]
-        if any(len(s) != 4 for s in shapes) or len({s[0] for s in shapes}) != 1:
+        # compared, not put in a set: under a dynamic-batch export the batch sizes are unhashable symbols
+        if any(len(s) != 4 for s in shapes) or any(s[0] != shapes[0][0] for s in shapes):
             raise ValueError(f"expected 4 maps (B, C, H, W) with one batch size: 3 feature maps at strides "
                              f"{STRIDES} and the mask features, got shapes {shapes}")
         if any(s[1] != self.in_channels for s in shapes[:3]) or shapes[3][1] != self.mask_dim:

@@ -290,6 +290,7 @@ def segment_lm(**config) -> Prefill:
 
 
 @register("segment-lm-decode", "segment-lm decode step: one token at `position` over the static 128-slot KV cache, "
-          "sinks + window mask computed in the graph", _decode_inputs, outputs=OUTPUTS, **CONFIG)
+          "sinks + window mask computed in the graph", _decode_inputs, outputs=OUTPUTS,
+          batch_axes={"past_key": 1, "past_value": 1}, **CONFIG)
 def segment_lm_decode(**config) -> Decode:
     return Decode(**config)

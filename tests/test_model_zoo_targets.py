@@ -1,0 +1,65 @@
+"""Every registered model on the edge targets: dynamic batch at 1, 3 and 8, fp16, and int8 (smaller, within cosine),
+on onnxruntime CPU and OpenVINO CPU."""
+import numpy as np
+import pytest
+import torch
+
+from edgeattn import load, models, parity
+from edgeattn.export import export_registered
+
+from conftest import CPU_RUNTIMES
+
+# Mask2Former thresholds sigmoid(mask logits) < 0.5: a logit within rounding of 0 can land on the other side on
+# another runtime and move that query's outputs by ~1e-3 (see edgeattn/models/mask2former.py)
+ATOL = {"mask2former-decoder": 2e-3}
+
+
+def batched_inputs(name, size):
+    """``size`` different example inputs of the model (seeds 100...) stacked along each input's batch axis."""
+    parts = [models.example_inputs(name, seed=100 + i) for i in range(size)]
+    axes = models.REGISTRY[name].batch_axes
+    return {k: torch.cat([p[k] for p in parts], dim=axes.get(k, 0)) for k in parts[0]}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """name -> {precision: path}, exported once per model (fp32 with a dynamic batch axis, fp16, int8)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            folder = tmp_path_factory.mktemp(name)
+            cache[name] = {"fp32": folder / "fp32.onnx", "fp16": folder / "fp16.onnx", "int8": folder / "int8.onnx"}
+            export_registered(name, cache[name]["fp32"], dynamic_batch=True)
+            export_registered(name, cache[name]["fp16"], dtype="fp16")
+            export_registered(name, cache[name]["int8"], quantize="int8")
+        return cache[name]
+    return get
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_dynamic_batch_1_3_8(exported, name):
+    path = exported(name)["fp32"]
+    built = models.build(name)
+    for runtime in CPU_RUNTIMES:
+        session = load(path, runtime)
+        for size in (1, 3, 8):
+            inputs = batched_inputs(name, size)
+            with torch.no_grad():
+                want = torch.utils._pytree.tree_leaves(built.module(**inputs))
+            got = session.run({k: v.numpy() for k, v in inputs.items()})
+            for output, expected in zip(built.outputs, want):
+                assert got[output].shape == tuple(expected.shape), (runtime, size, output)
+                np.testing.assert_allclose(got[output], expected.numpy(), atol=ATOL.get(name, 1e-4), rtol=0,
+                                           err_msg=f"{runtime} batch {size} {output}")
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.parametrize("name", models.names())
+def test_reduced_precision_within_tolerance(exported, name, precision):
+    files = exported(name)
+    results = parity.check_file(files[precision], CPU_RUNTIMES, runs=1)
+    assert [r.runtime for r in results] == CPU_RUNTIMES
+    assert all(r.ok for r in results), f"{name} {precision}\n" + parity.format_table(results)
+    if precision == "int8":
+        assert files["int8"].stat().st_size < files["fp32"].stat().st_size
