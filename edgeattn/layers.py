@@ -1,6 +1,8 @@
 """nn.Modules built on the masked-attention op.  Tables are non-persistent buffers: derived, never saved."""
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -18,6 +20,12 @@ class MaskTable(nn.Module):
     they move with ``.to()`` but are never saved, since they are derived from the mask.  ``layout`` is
     ``"dense"``, ``"blocked"`` or ``"auto"`` (blocked when it computes at most half of the dense scores).
     Export switches the layout to what the chosen lowering needs (:meth:`use_layout`) and sets ``lowering``.
+
+    A mask with a learned relative position bias adds the buffer ``attn_rpb_index`` (the table's int32 positions,
+    see :mod:`edgeattn.tables`); the module owning the weight passes it to :meth:`forward` as ``rpb``, shaped
+    (heads, *rpb_shape), and the bias is gathered from it on every call, so it stays a trainable weight and the
+    exported graph holds the weight and a static index (runtimes fold the Gather into a constant; the exporter
+    already folds it when the index is small).
     """
 
     def __init__(self, mask, heads: int, grid=None, q_len: Optional[int] = None, kv_len: Optional[int] = None,
@@ -38,14 +46,34 @@ class MaskTable(nn.Module):
         for name in TABLE_INPUTS.get(getattr(self, "layout", None), ()):
             delattr(self, f"attn_{name}")
         self.table, self.layout, self.table_bytes = table, table.layout, table.nbytes
-        for name in TABLE_INPUTS[table.layout]:
-            value = getattr(table, name)
-            self.register_buffer(f"attn_{name}", value if value is None or device is None else value.to(device),
+        self.rpb_shape = table.rpb_shape
+        rpb_index = table.bias_index if table.layout == "dense" else table.bank_bias_index
+        for name, value in [(f"attn_{name}", getattr(table, name)) for name in TABLE_INPUTS[table.layout]] + [
+                ("attn_rpb_index", rpb_index)]:
+            self.register_buffer(name, value if value is None or device is None else value.to(device),
                                  persistent=False)
 
-    def forward(self, q, k, v, scale: Optional[float] = None) -> torch.Tensor:
+    def forward(self, q, k, v, scale: Optional[float] = None, rpb: Optional[torch.Tensor] = None) -> torch.Tensor:
         tensors = [getattr(self, f"attn_{name}") for name in TABLE_INPUTS[self.layout]]
+        if self.attn_rpb_index is not None:
+            learned = self.gather_rpb(rpb, q.shape[1])
+            tensors[-1] = learned if tensors[-1] is None else tensors[-1] + learned
+        elif rpb is not None:
+            raise ValueError(f"mask {self.mask.name} has no relative position bias table, but rpb was given; build "
+                             f"the mask with rpb=True")
         return attend(q, k, v, self.layout, tensors, scale, self.mask.name, self.lowering, self.lowering_reason)
+
+    def gather_rpb(self, rpb: Optional[torch.Tensor], heads: int) -> torch.Tensor:
+        """The learned table (heads, *rpb_shape) -> the bias tensor of this layout: (heads, Nq, Nkv) for dense
+        tables, (P, heads, tq, K) next to the bank of block tables."""
+        want = (heads, *self.rpb_shape)
+        if rpb is None or rpb.shape[0] != heads or rpb[0].numel() != math.prod(self.rpb_shape):
+            got = "nothing" if rpb is None else f"shape {tuple(rpb.shape)}"
+            raise ValueError(f"mask {self.mask.name} takes its learned relative position bias as rpb= with shape "
+                             f"{want} (or (heads, {math.prod(self.rpb_shape)})), got {got}")
+        index = self.attn_rpb_index
+        values = rpb.reshape(heads, -1).index_select(1, index.flatten()).unflatten(1, index.shape)
+        return values[:, 0] if self.layout == "dense" else values[:, :, 0].transpose(0, 1)
 
     def extra_repr(self) -> str:
         return f"mask={self.mask.name}, layout={self.layout}, tokens={self.shape.q_len}x{self.shape.kv_len}"
@@ -56,10 +84,14 @@ class MaskedSelfAttention(nn.Module):
 
     ``grid`` lays the tokens on a 1-3D grid (row-major) for grid masks; ``seq_len`` gives N for sequence masks.
     Input and output are (B, N, dim).
+
+    A mask with a learned relative position bias (``neighborhood(7, rpb=True)``) gets its table as the parameter
+    ``rpb``, (heads, *table shape), initialised as NAT does (truncated normal, std 0.02).  ``rpb=False`` leaves
+    it to a subclass that owns a reference's own parameter and overrides :meth:`relative_bias`.
     """
 
     def __init__(self, dim: int, heads: int, mask, grid=None, seq_len: Optional[int] = None,
-                 qkv_bias: bool = True, proj: bool = True, layout: str = "auto"):
+                 qkv_bias: bool = True, proj: bool = True, layout: str = "auto", rpb: bool = True):
         super().__init__()
         if heads < 1 or dim % heads:
             raise ValueError(f"heads must be a positive divisor of dim={dim}, got {heads}")
@@ -67,7 +99,13 @@ class MaskedSelfAttention(nn.Module):
         self.table = MaskTable(mask, heads, grid=grid, q_len=seq_len, layout=layout)
         self.mask, self.seq_len = self.table.mask, self.table.shape.q_len
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        if rpb and self.mask.rpb is not None:
+            self.rpb = nn.Parameter(nn.init.trunc_normal_(torch.empty(heads, *self.table.rpb_shape), std=0.02))
         self.proj = nn.Linear(dim, dim) if proj else nn.Identity()
+
+    def relative_bias(self) -> Optional[torch.Tensor]:
+        """The learned relative position bias table, (heads, ...), or None for masks without one."""
+        return getattr(self, "rpb", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -75,7 +113,7 @@ class MaskedSelfAttention(nn.Module):
             raise ValueError(f"{type(self).__name__} was built for {self.seq_len} tokens, got {N}: the mask tables are "
                              f"static, build the layer for this shape")
         q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = self.table(q, k, v)
+        out = self.table(q, k, v, rpb=self.relative_bias())
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
     def extra_repr(self) -> str:
@@ -83,21 +121,31 @@ class MaskedSelfAttention(nn.Module):
 
 
 class Mlp(nn.Sequential):
-    def __init__(self, dim: int, ratio: float = 4.0):
+    """Linear, GELU, Linear.  ``named=True`` names them fc1 / act / fc2 as timm-style references (NAT, Swin) do,
+    so their checkpoints load; the default keeps positional names (``mlp.0``, ``mlp.2``)."""
+
+    def __init__(self, dim: int, ratio: float = 4.0, named: bool = False):
         hidden = int(dim * ratio)
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        layers = [nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)]
+        if named:
+            super().__init__(OrderedDict(zip(("fc1", "act", "fc2"), layers)))
+        else:
+            super().__init__(*layers)
 
 
 class MaskedBlock(nn.Module):
-    """Pre-norm transformer block (NAT / Swin / ViT style): x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block (NAT / Swin / ViT style): x + attn(norm(x)), then x + mlp(norm(x)).
+
+    ``attention`` is the attention class (a MaskedSelfAttention subclass for a reference's own parameter names);
+    ``named_mlp`` names the MLP's layers fc1 / fc2."""
 
     def __init__(self, dim: int, heads: int, mask, grid=None, seq_len: Optional[int] = None, mlp_ratio: float = 4.0,
-                 layout: str = "auto"):
+                 layout: str = "auto", attention: type = MaskedSelfAttention, named_mlp: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = MaskedSelfAttention(dim, heads, mask, grid=grid, seq_len=seq_len, layout=layout)
+        self.attn = attention(dim, heads, mask, grid=grid, seq_len=seq_len, layout=layout)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, mlp_ratio)
+        self.mlp = Mlp(dim, mlp_ratio, named=named_mlp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))

@@ -7,12 +7,19 @@ A table is what an attention layer carries as a non-persistent buffer and what e
 - ``BlockTable`` groups the queries into tiles (2-D/3-D tiles on grids) and keeps, per tile, the keys any of its
   queries may attend (a padded gather index) and a reference into a deduplicated bank of (tile x keys) mask
   blocks: attention then costs what the mask allows plus the padding, and the file stays small.
+
+Masks with a learned relative position bias (``Mask.rpb``) add an int32 index table instead of float values, since
+the values are weights: ``bias_index`` (1, Nq, Nkv) for dense tables, ``bank_bias_index`` (P, 1, tq, K) next to the
+bank of block tables (deduplicated with it).  Positions the mask does not allow hold 0.  The layer owning the
+weight gathers ``weight[:, index]`` at run time (:class:`edgeattn.layers.MaskTable`).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -26,6 +33,10 @@ DEFAULT_TILE = {1: 64, 2: 8, 3: (1, 8, 8)}   # queries per tile per grid axis wh
 # runs fastest with 1x7x7 tiles (ORT 8.2 ms against 11.2 ms for 3x7x7 tiles; benchmarks/bench_attention.py).
 MAX_HINTED_TILE = 64
 
+# The tables reuse() has built, by (id(mask), shape, heads, layout, tile); each entry keeps its mask alive so the
+# id cannot be taken by another object while the memo exists.
+_MEMO: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("edgeattn_tables_memo", default=None)
+
 # Rows evaluated per step: bounds the broadcast temporaries (int64 indices) to ~64 MB on large grids.
 _ROW_CHUNK_ELEMS = 8 * 1024 * 1024
 
@@ -37,10 +48,12 @@ class DenseTable:
     mask: torch.Tensor                    # bool (heads or 1, Nq, Nkv)
     bias: Optional[torch.Tensor] = None   # float32 (heads or 1, Nq, Nkv)
     layout: str = "dense"
+    bias_index: Optional[torch.Tensor] = None   # int32 (1, Nq, Nkv): position in the per-head rpb table
+    rpb_shape: tuple[int, ...] = ()             # the per-head rpb table's shape (empty: no rpb)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        return _nbytes(self.tensors() + ((self.bias_index,) if self.bias_index is not None else ()))
 
     @property
     def density(self) -> float:
@@ -71,10 +84,12 @@ class BlockTable:
     bank: torch.Tensor                     # bool (P, heads or 1, tq, K): unique blocks; padding keys are False
     bank_bias: Optional[torch.Tensor] = None   # float32 (P, heads or 1, tq, K) for masks with a bias_mod
     layout: str = "blocked"
+    bank_bias_index: Optional[torch.Tensor] = None   # int32 (P, 1, tq, K): position in the per-head rpb table
+    rpb_shape: tuple[int, ...] = ()
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        return _nbytes(self.tensors() + ((self.bank_bias_index,) if self.bank_bias_index is not None else ()))
 
     @property
     def full(self) -> torch.Tensor:
@@ -122,7 +137,23 @@ class BlockTable:
             for h in range(heads):
                 allowed = blocks[h]
                 bias[h, q[allowed], kv[allowed]] = values[h][allowed]
-        return DenseTable(self.name, self.shape, mask, bias)
+        bias_index = None
+        if self.bank_bias_index is not None:
+            bias_index = torch.zeros(1, self.shape.q_len, self.shape.kv_len, dtype=torch.int32)
+            allowed = blocks.any(0)
+            bias_index[0, q[allowed], kv[allowed]] = self.bank_bias_index[self.block][:, 0][allowed]
+        return DenseTable(self.name, self.shape, mask, bias, bias_index=bias_index, rpb_shape=self.rpb_shape)
+
+
+@contextlib.contextmanager
+def reuse() -> Iterator[None]:
+    """Inside the block, :func:`build` returns the table it already built for the same Mask object, shape, heads,
+    layout and tile: a model whose layers share one Mask (NAT's blocks of one level) evaluates it once."""
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
 
 
 def build(mask, q_len=None, kv_len=None, grid=None, heads: int = 1, layout: str = "dense", tile=None):
@@ -134,20 +165,54 @@ def build(mask, q_len=None, kv_len=None, grid=None, heads: int = 1, layout: str 
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     mask = as_mask(mask)
     shape = Shape.of(q_len, kv_len, grid)
-    if layout in ("blocked", "auto"):
-        blocked = _build_blocked(mask, shape, heads, tile)
-        if layout == "blocked" or blocked.work_fraction <= AUTO_BLOCKED_MAX_WORK:
-            return blocked
+    if layout == "auto":
+        blocked = _memoized(mask, shape, heads, "blocked", tile)
+        return blocked if blocked.work_fraction <= AUTO_BLOCKED_MAX_WORK else _memoized(mask, shape, heads, "dense")
+    return _memoized(mask, shape, heads, layout, tile)
+
+
+def _memoized(mask, shape: Shape, heads: int, layout: str, tile=None):
+    build_one = _build_blocked if layout == "blocked" else _build_dense
+    memo = _MEMO.get()
+    if memo is None:
+        return build_one(mask, shape, heads, tile)
+    key = (id(mask), shape, heads, layout, tuple(tile) if isinstance(tile, (list, tuple)) else tile)
+    if key not in memo:
+        memo[key] = (mask, build_one(mask, shape, heads, tile))
+    return memo[key][1]
+
+
+def _build_dense(mask, shape: Shape, heads: int, tile=None) -> DenseTable:
     mask_mod, bias_mod = mask.mods(shape)
+    rpb_shape, index_mod = mask.rpb(shape) if mask.rpb is not None else ((), None)
     rows = max(1, _ROW_CHUNK_ELEMS // shape.kv_len)
-    masks, biases = [], []
+    masks, biases, indices = [], [], []
     for start in range(0, shape.q_len, rows):
         index = index_grid(shape, heads, slice(start, min(start + rows, shape.q_len)))
         masks.append(evaluate(mask_mod, index, heads))
         if bias_mod is not None:
             biases.append(evaluate(bias_mod, index, heads, "bias_mod").to(torch.float32))
+        if index_mod is not None:
+            indices.append(_rpb_index(mask.name, index_mod, index, heads, masks[-1], rpb_shape))
     return DenseTable(mask.name, shape, _squeeze_heads(torch.cat(masks, 1)),
-                      _squeeze_heads(torch.cat(biases, 1)) if biases else None)
+                      _squeeze_heads(torch.cat(biases, 1)) if biases else None,
+                      bias_index=torch.cat(indices, 1) if indices else None, rpb_shape=tuple(rpb_shape))
+
+
+def _rpb_index(name: str, index_mod, index, heads: int, allowed: torch.Tensor, rpb_shape) -> torch.Tensor:
+    """The rpb_index_mod on ``index`` tensors -> int32 (1, rows, Nkv): the pair's table position where any head
+    allows the pair, 0 elsewhere; positions outside the table are an error."""
+    values = evaluate(index_mod, index, heads, "rpb_index_mod")
+    if values.shape[0] != 1:
+        raise ValueError(f"{name}: rpb_index_mod must not depend on the head (each head has its own row of the "
+                         f"table, indexed the same way)")
+    entries = math.prod(rpb_shape)
+    values = torch.where(allowed.any(0, keepdim=True), values, 0)
+    if values.numel() and not 0 <= int(values.min()) <= int(values.max()) < entries:
+        bad = values[(values < 0) | (values >= entries)][0]
+        raise ValueError(f"{name}: rpb_index_mod gives positions outside its table of {entries} entries per head "
+                         f"(e.g. {int(bad)}); indices must lie in [0, {entries})")
+    return values.to(torch.int32)
 
 
 def _squeeze_heads(t: torch.Tensor) -> torch.Tensor:
@@ -204,14 +269,20 @@ def _build_blocked(mask, shape: Shape, heads: int, tile) -> BlockTable:
     _check_int("heads", heads, low=1)
     tile, q_index = _query_tiles(mask, shape, tile)
     mask_mod, bias_mod = mask.mods(shape)
+    rpb_shape, index_mod = mask.rpb(shape) if mask.rpb is not None else ((), None)
     n_tiles, tq = q_index.shape
     b, h, _, kv = index_grid(shape, heads, slice(0, 1))
     per_step = max(1, _ROW_CHUNK_ELEMS // (tq * shape.kv_len))
-    keys, blocks, biases, n_keys = [], [], [], 0
+    keys, blocks, biases, indices, n_keys = [], [], [], [], 0
     for start in range(0, n_tiles, per_step):
         rows = q_index[start:start + per_step]                       # (t, tq)
         q = rows.reshape(1, 1, -1, 1)
-        allowed = _tiles(evaluate(mask_mod, (b, h, q, kv), heads), len(rows))      # (t, hm, tq, Nkv)
+        flat_allowed = evaluate(mask_mod, (b, h, q, kv), heads)
+        allowed = _tiles(flat_allowed, len(rows))                    # (t, hm, tq, Nkv)
+        positions = None
+        if index_mod is not None:
+            positions = _tiles(_rpb_index(mask.name, index_mod, (b, h, q, kv), heads, flat_allowed, rpb_shape),
+                               len(rows))                            # (t, 1, tq, Nkv)
         values = None
         if bias_mod is not None:
             values = _tiles(evaluate(bias_mod, (b, h, q, kv), heads, "bias_mod").to(torch.float32), len(rows))
@@ -227,20 +298,23 @@ def _build_blocked(mask, shape: Shape, heads: int, tile) -> BlockTable:
         blocks.append(torch.gather(allowed, 3, idx) & valid[:, None, None, :])
         if values is not None:
             biases.append(torch.where(blocks[-1], torch.gather(values, 3, idx), 0.0))
+        if positions is not None:
+            indices.append(torch.where(valid[:, None, None, :], torch.gather(positions, 3, idx[:, :1]), 0))
         n_keys = max(n_keys, count)
     n_keys = max(n_keys, 1)   # a mask that allows nothing still gets one (masked) key per tile, not empty blocks
     kv_index = torch.cat([_pad(k, n_keys, 0) for k in keys])
     hm = max(bl.shape[1] for bl in blocks)
     block_all = torch.cat([_pad(bl, n_keys, False).expand(-1, hm, -1, -1) for bl in blocks])
     bias_all = torch.cat([_pad(bi, n_keys, 0.0).expand(-1, hm, -1, -1) for bi in biases]) if biases else None
-    bank, block, bank_bias = _dedupe(block_all, bias_all)
+    index_all = torch.cat([_pad(ix, n_keys, 0) for ix in indices]) if indices else None
+    bank, block, bank_bias, bank_index = _dedupe(block_all, bias_all, index_all)
     bank, bank_bias = _squeeze_bank_heads(bank, bank_bias)
     q_pos = torch.empty(shape.q_len, dtype=torch.long)
     # a query may appear several times (tile padding): its first appearance is where its output is read
     flat = q_index.flatten()
     q_pos[flat.flip(0)] = torch.arange(flat.numel() - 1, -1, -1)
     return BlockTable(mask.name, shape, tile, q_index.contiguous(), kv_index.contiguous(), q_pos, block, bank,
-                      bank_bias)
+                      bank_bias, bank_bias_index=bank_index, rpb_shape=tuple(rpb_shape))
 
 
 def _tiles(values: torch.Tensor, n_tiles: int) -> torch.Tensor:
@@ -255,15 +329,23 @@ def _pad(t: torch.Tensor, size: int, value) -> torch.Tensor:
     return torch.cat([t, torch.full(t.shape[:-1] + (extra,), value, dtype=t.dtype)], -1)
 
 
-def _dedupe(blocks: torch.Tensor, biases: Optional[torch.Tensor]):
-    """Unique (mask, bias) blocks -> bank and per-tile bank index (border and interior tiles repeat)."""
+def _dedupe(blocks: torch.Tensor, biases: Optional[torch.Tensor], indices: Optional[torch.Tensor] = None):
+    """Unique (mask, bias, rpb index) blocks -> bank, per-tile bank index, bank biases and bank rpb indices
+    (border and interior tiles repeat)."""
     key = blocks.flatten(1).to(torch.int32)
     if biases is not None:
         key = torch.cat([key, biases.flatten(1).contiguous().view(torch.int32)], 1)
+    if indices is not None:
+        key = torch.cat([key, indices.flatten(1).to(torch.int32)], 1)
     unique, inverse = torch.unique(key, dim=0, return_inverse=True)
     first = torch.full((len(unique),), len(key), dtype=torch.long).scatter_reduce(
         0, inverse, torch.arange(len(key)), "amin")
-    return blocks[first].contiguous(), inverse, None if biases is None else biases[first].contiguous()
+    pick = [None if t is None else t[first].contiguous() for t in (biases, indices)]
+    return blocks[first].contiguous(), inverse, *pick
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _squeeze_bank_heads(bank, bank_bias):

@@ -52,3 +52,34 @@ def test_wrong_token_count_is_a_clear_error():
 def test_dim_must_split_into_heads():
     with pytest.raises(ValueError, match="heads must be a positive divisor of dim=10"):
         MaskedSelfAttention(10, 3, masks.causal(), seq_len=4)
+
+
+@pytest.mark.parametrize("mask,grid", [(masks.neighborhood(5, dilation=2, rpb=True), (14, 13)),
+                                       (masks.window(4, 2, rpb=True), (8, 12))])
+def test_rpb_layouts_compute_the_same_attention(mask, grid):
+    layer = MaskedSelfAttention(16, 2, mask, grid=grid, layout="dense").eval()
+    assert layer.rpb.shape == (2, *layer.table.rpb_shape) and "rpb" in layer.state_dict()
+    assert "table.attn_rpb_index" in dict(layer.named_buffers()) and not any("attn_" in k for k in layer.state_dict())
+    torch.nn.init.normal_(layer.rpb)
+    x = torch.randn(2, layer.seq_len, 16)
+    dense = layer(x)
+    layer.table.use_layout("blocked")
+    assert layer.table.attn_rpb_index.shape[1] == 1 and layer.table.attn_rpb_index.dtype == torch.int32
+    torch.testing.assert_close(layer(x), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_rpb_is_the_bias_sdpa_gets():
+    layer = MaskedSelfAttention(16, 2, masks.neighborhood(3, rpb=True), grid=(5, 6)).eval()
+    torch.nn.init.normal_(layer.rpb)
+    x = torch.randn(1, 30, 16)
+    q, k, v = layer.qkv(x).reshape(1, 30, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    index = masks.base.rpb_index(layer.mask, grid=(5, 6))
+    bias = layer.rpb.flatten(1)[:, index.clamp(min=0)].masked_fill(index < 0, float("-inf"))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(layer(x), layer.proj(expected.transpose(1, 2).reshape(1, 30, 16)))
+
+
+def test_named_mlp_uses_the_references_keys():
+    block = MaskedBlock(16, 2, masks.neighborhood(3), grid=(4, 4), named_mlp=True)
+    assert {"mlp.fc1.weight", "mlp.fc2.bias"} <= set(block.state_dict())
+    assert "mlp.0.weight" in MaskedBlock(16, 2, masks.neighborhood(3), grid=(4, 4)).state_dict()

@@ -204,7 +204,8 @@ def test_float_tensor_sizes_rejected(factory):
 
 
 def test_families_registry():
-    assert set(FAMILIES) == {"causal", "sliding_window", "sinks", "segments", "neighborhood", "window"}
+    # other families register next to these; the core ones must stay
+    assert set(FAMILIES) >= {"causal", "sliding_window", "sinks", "segments", "neighborhood", "window"}
     assert all(callable(f) and isinstance(doc, str) for f, doc in FAMILIES.values())
 
 

@@ -61,3 +61,14 @@ def test_neighborhood_matches_natten(grid, kernel, dilation, stride, causal):
     ours = materialize(neighborhood(kernel, dilation=dilation, stride=stride, causal=causal), grid=grid)[0]
     theirs = natten_mask(grid, kernel, dilation, stride, causal)
     assert torch.equal(ours, theirs), f"first differing query: {(ours != theirs).any(-1).nonzero()[0].item()}"
+
+
+RPB_CASES = [c for c in EDGE_CASES + random_configs(60, seed=1)
+             if all(k % 2 for k in c[1]) and all(s == 1 for s in c[3]) and not any(c[4])]
+
+
+@pytest.mark.parametrize("grid, kernel, dilation, stride, causal", RPB_CASES)
+def test_rpb_masks_allow_the_natten_pairs(grid, kernel, dilation, stride, causal):
+    # the relative position bias adds values, never pairs (its indices: tests/test_tables_rpb.py)
+    ours = materialize(neighborhood(kernel, dilation=dilation, rpb=True), grid=grid)[0]
+    assert torch.equal(ours, natten_mask(grid, kernel, dilation, stride, causal))

@@ -6,6 +6,12 @@ index tensors: ``materialize`` calls them once with ``q_idx`` shaped (1, 1, Nq, 
 
 Masks on token grids (neighborhood, windows) need the grid to turn flat indices into coordinates, so a Mask holds
 a factory ``mods(shape) -> (mask_mod, bias_mod)`` that is called once the :class:`Shape` is known.
+
+A learned relative position bias (NAT's ``rpb``, Swin's ``relative_position_bias_table``) is a weight, not a
+constant of the mask: a Mask declares it with ``rpb(shape) -> (table_shape, rpb_index_mod)``, where
+``rpb_index_mod(b, h, q_idx, kv_idx)`` returns the int64 row-major position, in a per-head table of
+``table_shape``, of the bias the pair (q_idx, kv_idx) gets.  Tables store that index; the layer that owns the
+weight gathers ``weight[h, index]`` at run time.  The index only matters where the mask allows the pair.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import torch
 
 MaskMod = Callable[..., torch.Tensor]
 BiasMod = Callable[..., torch.Tensor]
+IndexMod = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,9 @@ class Mask:
     # this coordinate, e.g. a window shift).  Each value is an int or a per-axis tuple.  Hints never change
     # which keys are allowed, only how much padding a block table carries.
     tiling: dict = field(default_factory=dict, repr=False, compare=False)
+    # Learned relative position bias: shape -> (per-head table shape, rpb_index_mod); None when the mask has none.
+    rpb: Optional[Callable[[Shape], tuple[tuple[int, ...], IndexMod]]] = field(default=None, repr=False,
+                                                                               compare=False)
 
     def __and__(self, other: "Mask") -> "Mask":
         return and_masks(self, other)
@@ -111,6 +121,12 @@ def _combine(masks, sep, op) -> Mask:
     if not masks:
         raise ValueError("combining masks needs at least one mask")
     masks = [as_mask(m) for m in masks]
+    learned = [m for m in masks if m.rpb is not None]
+    # A pair allowed by another mask of an or, or a second table of an and, has no single place in one table.
+    if len(learned) > 1 or (learned and sep == "|"):
+        raise ValueError(f"cannot combine {', '.join(m.name for m in masks)} with {'or' if sep == '|' else 'and'}: "
+                         f"a relative position bias table only covers its own mask's pairs; and_masks may hold at "
+                         f"most one mask with rpb")
 
     def mods(shape):
         parts = [m.mods(shape) for m in masks]
@@ -126,7 +142,7 @@ def _combine(masks, sep, op) -> Mask:
         return mask_mod, bias_mod
 
     name = sep.join(f"({m.name})" if ("&" in m.name or "|" in m.name) else m.name for m in masks)
-    return Mask(name, mods, next((m.tiling for m in masks if m.tiling), {}))
+    return Mask(name, mods, next((m.tiling for m in masks if m.tiling), {}), learned[0].rpb if learned else None)
 
 
 def index_grid(shape: Shape, heads: int = 1, q_rows: Optional[slice] = None):
@@ -155,6 +171,8 @@ def evaluate(fn, index, heads: int, label: str = "mask_mod") -> torch.Tensor:
         raise ValueError(f"mask_mod must return a bool tensor (True = may attend), got {out.dtype}")
     if label == "bias_mod" and (out.dtype == torch.bool or out.is_complex()):
         raise ValueError(f"bias_mod must return a real-valued tensor, got {out.dtype}")
+    if label == "rpb_index_mod" and (out.dtype == torch.bool or out.is_floating_point() or out.is_complex()):
+        raise ValueError(f"rpb_index_mod must return an integer tensor (positions in the bias table), got {out.dtype}")
     full = (heads if out.ndim >= 3 and out.shape[-3] != 1 else 1, q.shape[2], kv.shape[3])
     try:
         return out.broadcast_to((1,) + full)[0]
@@ -168,6 +186,19 @@ def materialize(mask, q_len=None, kv_len=None, grid=None, heads: int = 1) -> tor
     shape = Shape.of(q_len, kv_len, grid)
     mask_mod, _ = as_mask(mask).mods(shape)
     return evaluate(mask_mod, index_grid(shape, heads), heads).expand(heads, -1, -1).clone()
+
+
+def rpb_index(mask, q_len=None, kv_len=None, grid=None) -> torch.Tensor:
+    """The (Nq, Nkv) int64 position of each allowed pair's bias in the mask's per-head rpb table; -1 where masked."""
+    shape = Shape.of(q_len, kv_len, grid)
+    mask = as_mask(mask)
+    if mask.rpb is None:
+        raise ValueError(f"mask {mask.name} has no relative position bias; build it with rpb=True")
+    mask_mod, _ = mask.mods(shape)
+    _, index_mod = mask.rpb(shape)
+    index = index_grid(shape)
+    allowed = evaluate(mask_mod, index, 1)[0]
+    return torch.where(allowed, evaluate(index_mod, index, 1, "rpb_index_mod")[0].long(), -1)
 
 
 def _full(b, h, q, kv):

@@ -11,6 +11,12 @@ Per axis of length L, with kernel k, dilation d, stride s, for query coordinate 
   the centre is clamped so the window **shifts** at borders and every query sees exactly k keys;
 - causal: keys from ``max(leader - k + 1, 0)`` up to the query itself (no shift: early queries see fewer keys).
 A key is allowed iff it is allowed on every axis.  Flat indices are row-major over the grid.
+
+``rpb=True`` adds NAT's learned relative position bias, a per-head table of shape (2k-1, ...) per axis, indexed
+as NATTEN's kernels index it (``rel_pos_bias_*d`` / ``get_pb_start`` in ``csrc/include/natten/cpu/naive``,
+NATTEN <= 0.17): the bias of key j for query i sits at ``j // d - i // d + k - 1`` on each axis, i.e. it follows the
+key's offset from the query inside the dilation group, also where the window shifts at a border.  NATTEN defines
+it for odd kernels, stride 1 and non-causal axes only, so other combinations are refused.
 """
 from __future__ import annotations
 
@@ -19,8 +25,9 @@ import torch
 from .base import Mask, Shape, axis_coords, fmt_axes, per_axis
 
 
-def neighborhood(kernel, dilation=1, stride=1, causal=False) -> Mask:
-    """NATTEN neighborhood attention; each argument is an int or a per-axis tuple."""
+def neighborhood(kernel, dilation=1, stride=1, causal=False, rpb=False) -> Mask:
+    """NATTEN neighborhood attention; each argument is an int or a per-axis tuple.  ``rpb=True``: with NAT's
+    learned relative position bias (a per-head (2k-1, ...) table)."""
     ndim = next((len(a) for a in (kernel, dilation, stride, causal) if isinstance(a, (tuple, list))), None)
 
     def resolve(nd):
@@ -36,10 +43,16 @@ def neighborhood(kernel, dilation=1, stride=1, causal=False) -> Mask:
         return ks, ds, ss, cs
 
     ks, ds, ss, cs = resolve(ndim or 1)  # validates types now; per-axis lengths are checked against the grid later
+    if not isinstance(rpb, bool):
+        raise ValueError(f"rpb must be True or False, got {rpb!r}")
+    if rpb and (any(k % 2 == 0 for k in ks) or any(s > 1 for s in ss) or any(cs)):
+        raise ValueError(f"rpb=True needs odd kernels, stride 1 and no causal axis (where NATTEN defines relative "
+                         f"position biases), got kernel={kernel}, stride={stride}, causal={causal}")
     name = "neighborhood_k" + fmt_axes(ks)
     name += "_d" + fmt_axes(ds) if any(d > 1 for d in ds) else ""
     name += "_s" + fmt_axes(ss) if any(s > 1 for s in ss) else ""
     name += "_causal" + ("" if all(cs) else "".join("1" if c else "0" for c in cs)) if any(cs) else ""
+    name += "_rpb" if rpb else ""
 
     def mods(shape: Shape):
         grid = shape.require_grid("neighborhood", (ndim,) if ndim else (1, 2, 3))
@@ -58,8 +71,31 @@ def neighborhood(kernel, dilation=1, stride=1, causal=False) -> Mask:
 
         return mask_mod, None
 
+    def rpb_mods(shape: Shape):
+        grid = shape.require_grid("neighborhood", (ndim,) if ndim else (1, 2, 3))
+        kernels, dilations = resolve(len(grid))[:2]
+        table = tuple(2 * k - 1 for k in kernels)
+
+        def group_position(idx):   # row-major position of the token's dilation-group coordinates in the table
+            flat = 0
+            for coord, d, size in zip(axis_coords(idx, grid), dilations, table):
+                flat = flat * size + coord // d
+            return flat
+
+        centre = 0   # table position of a zero offset: (k-1, k-1, ...)
+        for k, size in zip(kernels, table):
+            centre = centre * size + k - 1
+
+        def rpb_index_mod(b, h, q_idx, kv_idx):
+            # row-major position of (j // d - i // d + k - 1) per axis, summed on the small q and kv tensors so only
+            # one full (Nq, Nkv) subtraction is computed (tables evaluate this over millions of pairs)
+            return (group_position(kv_idx) + centre) - group_position(q_idx)
+
+        return table, rpb_index_mod
+
     # Tiles of one kernel per axis inside one dilation group: a tile's keys span about 2 kernels per axis.
-    return Mask(name, mods, {"tile": ks if ndim else ks[0], "groups": ds if ndim else ds[0]})
+    return Mask(name, mods, {"tile": ks if ndim else ks[0], "groups": ds if ndim else ds[0]},
+                rpb_mods if rpb else None)
 
 
 def _axis_allowed(i, j, length, k, d, s, causal):

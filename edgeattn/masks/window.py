@@ -6,27 +6,38 @@ in the last window row/column, separates the three regions the roll glued togeth
 ``[L-size, L-shift)``, ``[L-shift, L)`` of the rolled axis).  On the original grid that is: two tokens attend iff
 their rolled coordinates fall in the same window and the same region on both axes.  Swin adds -100 to the
 scores of other regions; we mask them, which differs by at most exp(-100).
+
+``rpb=True`` adds Swin's learned relative position bias (WindowAttention's relative_position_bias_table, a per-head
+table of (2Wh-1)(2Ww-1) entries): a pair's entry is ``(dy + Wh-1)(2Ww-1) + (dx + Ww-1)`` with (dy, dx) the query's
+position minus the key's inside their (rolled) window, which is Swin's relative_position_index.
 """
 from __future__ import annotations
 
 from .base import Mask, Shape, axis_coords, fmt_axes, per_axis
 
 
-def window(size, shift=0) -> Mask:
-    """Non-overlapping ``size`` windows (int or (h, w)); ``shift`` > 0 gives Swin's shifted windows."""
+def window(size, shift=0, rpb=False) -> Mask:
+    """Non-overlapping ``size`` windows (int or (h, w)); ``shift`` > 0 gives Swin's shifted windows; ``rpb=True``
+    adds Swin's learned relative position bias."""
     sizes = per_axis("size", size, 2, low=1)
     shifts = per_axis("shift", shift, 2, low=0)
     for s, w in zip(shifts, sizes):
         if s >= w:
             raise ValueError(f"shift must be in [0, size-1={w - 1}], got {s}")
-    name = f"window_{fmt_axes(sizes)}" + (f"_shift{fmt_axes(shifts)}" if any(shifts) else "")
+    if not isinstance(rpb, bool):
+        raise ValueError(f"rpb must be True or False, got {rpb!r}")
+    name = f"window_{fmt_axes(sizes)}" + (f"_shift{fmt_axes(shifts)}" if any(shifts) else "") + ("_rpb" if rpb else "")
 
-    def mods(shape: Shape):
+    def checked_grid(shape: Shape):
         grid = shape.require_grid("window", (2,))
         for axis, (length, w) in enumerate(zip(grid, sizes)):
             if length % w:
                 raise ValueError(f"window size {w} must divide grid axis {axis} of length {length}; "
                                  f"pad the feature map to a multiple of the window (as Swin does)")
+        return grid
+
+    def mods(shape: Shape):
+        grid = checked_grid(shape)
 
         def labels(idx):
             out = []
@@ -45,4 +56,19 @@ def window(size, shift=0) -> Mask:
 
         return mask_mod, None
 
-    return Mask(name, mods, {"tile": sizes, "offset": shifts})   # one tile per (shifted) window
+    def rpb_mods(shape: Shape):
+        grid = checked_grid(shape)
+        wh, ww = sizes
+
+        def position(idx):   # (y, x) inside the window of the rolled map, as y * (2Ww-1) + x
+            y, x = ((c - s) % length % w for c, length, w, s in zip(axis_coords(idx, grid), grid, sizes, shifts))
+            return y * (2 * ww - 1) + x
+
+        def rpb_index_mod(b, h, q_idx, kv_idx):
+            # (dy + Wh-1)(2Ww-1) + (dx + Ww-1), summed on the small q and kv tensors: one full (Nq, Nkv) subtraction
+            return (position(q_idx) + (wh - 1) * (2 * ww - 1) + ww - 1) - position(kv_idx)
+
+        return ((2 * wh - 1) * (2 * ww - 1),), rpb_index_mod
+
+    # one tile per (shifted) window
+    return Mask(name, mods, {"tile": sizes, "offset": shifts}, rpb_mods if rpb else None)
