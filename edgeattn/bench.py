@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -41,6 +42,8 @@ class BenchRow:
     speedup: Optional[float] = None      # eager torch p50 / this p50
     opset: Optional[int] = None
     detail: str = ""
+    tables_mb: Optional[float] = None    # unique mask-table bytes in the file
+    export_s: Optional[float] = None     # how long the export took (None for a given file)
 
 
 def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: Optional[Sequence[str]] = None,
@@ -75,16 +78,20 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
         eager = parity.time_eager(built.module, inputs, runs)
         rows = [BenchRow("torch", "eager", "ok", "fp32", None, 0.0, 1.0, eager.p50_ms, eager.p90_ms, 1.0)]
         for lowering, precision, opset, path in plan:
+            export_s = None
             if path is None:
                 path = Path(tmp) / f"{target}-{lowering}-{precision}.onnx"
                 step(f"exporting {lowering} {precision}", advance=False)
+                start = time.perf_counter()
                 export_onnx(built.module, inputs, path, opset=opset, lowering=lowering, runtimes=_targets(lowering),
                             input_names=list(built.inputs), output_names=list(built.outputs),
                             metadata_props={"model": built.name, "config": built.config, "seed": built.seed},
                             dtype=precision if precision in DTYPES else "fp32",
                             quantize=precision if precision in QUANTIZE else None,
                             calibration=calibration_feeds(built) if precision == "int8-static" else None)
+                export_s = time.perf_counter() - start
             label = _label(lowering, path)
+            tables_mb = metadata.read(read_onnx(path)).get("table_bytes", 0) / 1e6
             feeds, reference = parity.reference_outputs(built.module, inputs, path)
             for name in names:
                 step(f"{name} {label}")
@@ -99,7 +106,7 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
                 (r,) = parity.check_sessions(reference, feeds, path, [name], runs, precision, accuracy=False)
                 rows.append(BenchRow(name, label, r.status, precision, path.stat().st_size / 1e6, r.max_abs_err, r.cosine,
                                      r.p50_ms, r.p90_ms, eager.p50_ms / r.p50_ms if r.p50_ms else None, opset,
-                                     r.detail))
+                                     r.detail, tables_mb, export_s))
     return rows
 
 
@@ -130,13 +137,14 @@ def _stepper(progress, total):
     return step
 
 
-HEADER = ("runtime", "lowering", "precision", "status", "size_MB", "max_abs_err", "cosine", "p50_ms", "p90_ms", "speedup")
+HEADER = ("runtime", "lowering", "precision", "status", "size_MB", "tables_MB", "export_s", "max_abs_err", "cosine", "p50_ms", "p90_ms", "speedup")
 
 
 def _cells(r: BenchRow) -> tuple[str, ...]:
     def num(v, fmt):
         return "-" if v is None else fmt.format(v)
-    return (r.runtime, r.lowering, r.precision, r.status, num(r.file_mb, "{:.2f}"), num(r.max_abs_err, "{:.2e}"),
+    return (r.runtime, r.lowering, r.precision, r.status, num(r.file_mb, "{:.2f}"), num(r.tables_mb, "{:.2f}"),
+            num(r.export_s, "{:.1f}"), num(r.max_abs_err, "{:.2e}"),
             num(r.cosine, "{:.6f}"), num(r.p50_ms, "{:.2f}"), num(r.p90_ms, "{:.2f}"), num(r.speedup, "{:.1f}x"))
 
 

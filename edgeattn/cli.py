@@ -30,14 +30,16 @@ def main(argv=None) -> int:
 
 
 def cmd_models(args) -> int:
+    width = max(map(len, models.names()))
     for name in models.names():
-        print(f"{name:18s} {models.REGISTRY[name].description}")
+        print(f"{name:{width}s}  {models.REGISTRY[name].description}")
     return 0
 
 
 def cmd_masks(args) -> int:
+    width = max(map(len, masks.FAMILIES))
     for name, (_, description) in masks.FAMILIES.items():
-        print(f"{name:16s} {description}")
+        print(f"{name:{width}s}  {description}")
     return 0
 
 

@@ -131,8 +131,8 @@ def test_bench_model_writes_table_json_markdown_and_plot(capsys, tmp_path):
                              "--plot", tmp_path / "b.png")
     assert code == 0, out + err
     header, *rows = out.splitlines()
-    assert header.split() == ["runtime", "lowering", "precision", "status", "size_MB", "max_abs_err", "cosine",
-                              "p50_ms", "p90_ms", "speedup"]
+    assert header.split() == ["runtime", "lowering", "precision", "status", "size_MB", "tables_MB", "export_s",
+                              "max_abs_err", "cosine", "p50_ms", "p90_ms", "speedup"]
     table = {(r.split()[0], r.split()[1]): r.split()[3] for r in rows}
     assert table == {("torch", "eager"): "ok", ("ort-cpu", "auto:blocked"): "ok", ("openvino-cpu", "auto:blocked"): "ok",
                      ("ort-cpu", "contrib"): "ok", ("openvino-cpu", "contrib"): "n/a"}

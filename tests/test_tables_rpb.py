@@ -17,6 +17,8 @@ from edgeattn import tables
 from edgeattn.masks import Mask, and_masks, causal, custom, neighborhood, or_masks, window
 from edgeattn.masks.base import rpb_index
 
+from test_masks import _coords
+
 
 # ----------------------------------------------------------------------------- NATTEN, scalar per-axis helpers
 def natten_window_start(i, length, k, d):
@@ -50,14 +52,6 @@ def natten_index_loop(grid, kernel, dilation):
             key = _flat([s + t * d for s, t, d in zip(starts, steps, dilation)], grid)
             out[q, key] = _flat([p + t for p, t in zip(pbs, steps)], sizes)
     return out
-
-
-def _coords(idx, grid):
-    out = []
-    for length in reversed(grid):
-        out.append(idx % length)
-        idx //= length
-    return out[::-1]
 
 
 def _flat(coords, sizes):

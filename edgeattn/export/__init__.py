@@ -215,7 +215,9 @@ def finalize(proto: onnx.ModelProto, *, opset: int, inline: bool, requested: str
     for overload in sorted(overloads):
         proto.functions.append(functions.body(overload, opset))
     functions.import_domains(proto)
-    unique_bytes = sum(table_bytes.values())
+    # learned relative position biases reach the node through a Gather on their weight: count their index tables
+    rpb_index = [i for i in proto.graph.initializer if i.name.rsplit(".", 1)[-1] == "attn_rpb_index"]
+    unique_bytes = sum(table_bytes.values()) + sum(numpy_helper.to_array(i).nbytes for i in rpb_index)
     metadata.write(proto, {"version": __version__, "opset": opset, "inline": inline, "masks": masks,
                            "table_bytes": unique_bytes, **(extra or {})})
     if inline:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .. import tables
-from ..layers import MaskedBlock, MaskedSelfAttention
+from ..layers import MaskedBlock, MaskedSelfAttention, init_linear
 from ..masks import window
 from ..masks.base import Shape, rpb_index
 from . import register
@@ -166,11 +166,7 @@ class SwinTransformer(nn.Module):
         features = embed_dim * 2 ** (len(depths) - 1)
         self.norm = nn.LayerNorm(features)
         self.head = nn.Linear(features, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linear(self)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(image)
