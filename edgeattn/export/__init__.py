@@ -87,10 +87,12 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
         example_inputs = [t if a is None or t.shape[a] != 1 else t.expand(*t.shape[:a], 2, *t.shape[a + 1:])
                           for t, a in zip(example_inputs, axes)]
     try:
+        # bf16 skips the exporter's optimizer: its constant folding goes through numpy (no bfloat16) and left
+        # float32 Conv weights in bf16 graphs; the runtimes optimize the graph themselves
         with torch.no_grad(), _quiet(), lowerings.applied(model, lowering, opset, targets):
             program = torch.onnx.export(precisions.in_dtype(model.eval(), dtype), tuple(example_inputs), dynamo=True,
                                         opset_version=opset, input_names=input_names, output_names=output_names,
-                                        verbose=False, dynamic_shapes=dynamic)
+                                        verbose=False, dynamic_shapes=dynamic, optimize=dtype != "bf16")
     except EdgeAttnError:
         raise
     except Exception as e:  # the exporter's own errors are long; keep the cause chained for debugging
