@@ -40,8 +40,8 @@ class Tolerance:
 
 
 # What a file's precision (export metadata) is checked against on the CPU runtimes, from the fp32 PyTorch model.
-# Reduced precision is gated on error relative to the largest output and on cosine; the bounds hold for every
-# reference model with margin (measured figures in the README).
+# Reduced precision is gated on error relative to the largest output and on cosine; tests/test_model_zoo_targets.py
+# checks every registered model against them (the worst measured: ppma-t int8 cosine 0.99987, bf16 rel 6e-3).
 REDUCED_PRECISION = {"fp16": Tolerance(min_cosine=0.9995, rtol=2e-2),
                      "bf16": Tolerance(min_cosine=0.995, rtol=8e-2),
                      "int8": Tolerance(min_cosine=0.995),
