@@ -63,9 +63,10 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
     if unknown:
         raise EdgeAttnError(f"unknown precision {unknown[0]!r}; choose from: {', '.join(PRECISIONS)}")
     with tempfile.TemporaryDirectory(prefix="edgeattn-bench-") as tmp:
-        if is_file:   # (lowering, precision, opset, file); a model's files are exported below
-            proto = read_onnx(target)
-            built, meta = models.from_metadata(proto, target), metadata.read(proto)
+        parsed = None   # a given file is parsed once, here; a model's files are exported (and parsed) below
+        if is_file:   # (lowering, precision, opset, file)
+            parsed = read_onnx(target)
+            built, meta = models.from_metadata(parsed, target), metadata.read(parsed)
             plan = [(meta.get("lowering", "?"), meta.get("precision", "fp32"), int(meta.get("opset", 0)), Path(target))]
         else:
             built = models.build(target, seed=seed)
@@ -90,9 +91,10 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
                             quantize=precision if precision in QUANTIZE else None,
                             calibration=calibration_feeds(built) if precision == "int8-static" else None)
                 export_s = time.perf_counter() - start
-            label = _label(lowering, path)
-            tables_mb = metadata.read(read_onnx(path)).get("table_bytes", 0) / 1e6
-            feeds, reference = parity.reference_outputs(built.module, inputs, path)
+            proto = parsed or read_onnx(path)
+            meta = metadata.read(proto)
+            label, tables_mb = _label(lowering, meta), meta.get("table_bytes", 0) / 1e6
+            feeds, reference = parity.reference_outputs(built.module, inputs, path, proto)
             for name in names:
                 step(f"{name} {label}")
                 supported = LOWERINGS.get(lowering)
@@ -118,11 +120,11 @@ def _targets(lowering: str) -> Optional[list[str]]:
     return None
 
 
-def _label(lowering: str, path: Path) -> str:
-    """``auto`` shows what it chose: ``auto:blocked``."""
+def _label(lowering: str, meta: dict) -> str:
+    """``auto`` shows what it chose (from the file's metadata): ``auto:blocked``."""
     if lowering != "auto":
         return lowering
-    chosen = sorted({m["lowering"] for m in metadata.read(read_onnx(path)).get("masks", [])})
+    chosen = sorted({m["lowering"] for m in meta.get("masks", [])})
     return f"auto:{'/'.join(chosen)}"
 
 

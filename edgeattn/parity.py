@@ -115,8 +115,9 @@ def check_file(path, runtime_names: Optional[Sequence[str]] = None, runs: int = 
     The torch row times eager PyTorch on the same inputs (its error is 0 by construction)."""
     from . import models
 
-    built = models.from_metadata(read_onnx(path), path)
-    return compare_model(built.module, list(built.inputs.values()), path, runtime_names, runs, progress)
+    model = read_onnx(path)
+    built = models.from_metadata(model, path)
+    return _compare(built.module, list(built.inputs.values()), path, model, runtime_names, runs, progress)
 
 
 def compare_model(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path,
@@ -125,9 +126,15 @@ def compare_model(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor
     """Compare an exported file with the module it came from, on the given inputs (Python API for any model)."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = [example_inputs]
-    feeds, reference = reference_outputs(module, example_inputs, path)
-    precision = metadata.read(read_onnx(path)).get("precision", "fp32")
-    names = list(runtime_names) if runtime_names else default_runtimes(path)
+    return _compare(module, example_inputs, path, read_onnx(path), runtime_names, runs, progress)
+
+
+def _compare(module, example_inputs, path, model, runtime_names, runs, progress) -> list[ParityResult]:
+    """compare_model on the file's already parsed ``model`` (the runtimes load the file themselves)."""
+    feeds, reference = reference_outputs(module, example_inputs, path, model)
+    meta = metadata.read(model)
+    precision = meta.get("precision", "fp32")
+    names = list(runtime_names) if runtime_names else _runtimes_for(meta.get("targets"))
     results = []
     if "torch" in names:  # timed first: idle runtime thread pools left spinning would slow eager torch down
         results.append(time_eager(module, example_inputs, runs))
@@ -135,9 +142,10 @@ def compare_model(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor
                                     progress=progress)
 
 
-def reference_outputs(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path):
-    """The file's feeds for ``example_inputs`` and eager torch's outputs under the file's output names."""
-    model = read_onnx(path)
+def reference_outputs(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path, model=None):
+    """The file's feeds for ``example_inputs`` and eager torch's outputs under the file's output names
+    (``model``: the file already parsed)."""
+    model = read_onnx(path) if model is None else model
     input_infos, outputs = graph_inputs(model), [o.name for o in model.graph.output]
     if len(input_infos) != len(example_inputs):
         raise EdgeAttnError(f"{path} has {len(input_infos)} inputs, {len(example_inputs)} example inputs given")
@@ -156,7 +164,10 @@ def time_eager(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
 def default_runtimes(path=None) -> list[str]:
     """What a check covers when no runtime is named: the torch reference and every available ONNX runtime the
     file was exported for (its ``targets`` metadata: a contrib-lowered file is for onnxruntime only)."""
-    targets = metadata.read(read_onnx(path)).get("targets") if path is not None else None
+    return _runtimes_for(metadata.read(read_onnx(path)).get("targets") if path is not None else None)
+
+
+def _runtimes_for(targets) -> list[str]:
     return ["torch"] + [n for n in runtimes.available() if not targets or n in targets]
 
 

@@ -146,7 +146,8 @@ def load_calibration(path, input_names: list[str]) -> list[dict[str, np.ndarray]
     missing = [n for n in input_names if n not in data.files]
     if missing:
         raise EdgeAttnError(f"{path}: calibration data lacks inputs {missing}; it has {data.files}")
-    counts = {len(data[n]) for n in input_names}
+    arrays = {n: data[n] for n in input_names}   # each data[n] reads and decompresses the array again
+    counts = {len(a) for a in arrays.values()}
     if len(counts) != 1:
         raise EdgeAttnError(f"{path}: calibration inputs have different sample counts {sorted(counts)}")
-    return [{n: np.ascontiguousarray(data[n][i]) for n in input_names} for i in range(counts.pop())]
+    return [{n: np.ascontiguousarray(a[i]) for n, a in arrays.items()} for i in range(counts.pop())]
