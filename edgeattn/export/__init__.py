@@ -63,12 +63,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
     inputs' shapes when not given) quantizes the linear layers of an fp32 export (see
     :mod:`edgeattn.export.precision`).  ``opset`` defaults to 18 (22 for bf16).  The file is replaced only on
     success."""
-    precision = precisions.precision_name(dtype, quantize)
-    opset = precisions.default_opset(dtype, DEFAULT_OPSET) if opset is None else opset
-    _check_opset(opset)
-    precisions.check_opset(dtype, opset)
-    targets = precisions.targets_for(precision, _check_targets(runtimes), named=runtimes is not None)
-    lowerings.check(lowering, opset, targets)
+    precision, opset, targets = _check_request(dtype, quantize, opset, runtimes, lowering)
     check_writable(path)
     clash = sorted(set(metadata_props or {}) & set(RESERVED_METADATA))
     if clash:
@@ -122,11 +117,7 @@ def export_registered(name: str, path, *, seed: int = 0, opset: Optional[int] = 
     by default ``calibration_samples`` inputs are drawn like the model's example inputs, with other seeds."""
     from .. import models
 
-    precision = precisions.precision_name(dtype, quantize)
-    opset = precisions.default_opset(dtype, DEFAULT_OPSET) if opset is None else opset
-    _check_opset(opset)
-    precisions.check_opset(dtype, opset)
-    lowerings.check(lowering, opset, precisions.targets_for(precision, _check_targets(runtimes), runtimes is not None))
+    _, opset, _ = _check_request(dtype, quantize, opset, runtimes, lowering)   # before the model is built
     check_writable(path)
     built = models.build(name, seed=seed, **config)
     if quantize == "int8-static":
@@ -149,7 +140,7 @@ def calibration_feeds(built, count: int = precisions.DEFAULT_CALIBRATION_SAMPLES
     """int8-static calibration feeds for a registered model: its example inputs drawn with the next seeds."""
     from .. import models
 
-    return [{k: v.numpy() for k, v in models.build(built.name, seed=built.seed + 1 + i, **built.config).inputs.items()}
+    return [{k: v.numpy() for k, v in models.example_inputs(built.name, built.seed + 1 + i, **built.config).items()}
             for i in range(count)]
 
 
@@ -171,6 +162,19 @@ def _random_feeds(example_inputs, names, count: int) -> list[dict]:
     names = list(names) if names else [f"input_{i}" for i in range(len(example_inputs))]
     return [{n: (torch.randn(t.shape, generator=generator) if t.is_floating_point() else t).numpy()
              for n, t in zip(names, example_inputs)} for _ in range(count)]
+
+
+def _check_request(dtype: str, quantize: Optional[str], opset: Optional[int], runtimes, lowering: str
+                   ) -> tuple[str, int, list[str]]:
+    """Validate an export request; returns the file's precision, its opset (defaulted for the dtype) and its
+    target runtimes (those that can run the precision)."""
+    precision = precisions.precision_name(dtype, quantize)
+    opset = precisions.default_opset(dtype, DEFAULT_OPSET) if opset is None else opset
+    _check_opset(opset)
+    precisions.check_opset(dtype, opset)
+    targets = precisions.targets_for(precision, _check_targets(runtimes), named=runtimes is not None)
+    lowerings.check(lowering, opset, targets)
+    return precision, opset, targets
 
 
 def _check_opset(opset) -> None:
