@@ -67,7 +67,8 @@ _masked_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def reference_attention(q, k, v, mask, bias, scale: float):
-    """q (B, H, Nq, D), k/v (B, H, Nkv, D), mask bool (H or 1, Nq, Nkv), bias float (H or 1, Nq, Nkv) or None."""
+    """q (B, H, Nq, D), k/v (B, H, Nkv, D), mask bool and bias float (or None) broadcasting to (B, H, Nq, Nkv);
+    extra axes before Nq (a block table's tiles) pass through."""
     attn_mask = mask if bias is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     # SDPA already returns zeros for rows without any allowed key; the where keeps that a guarantee.
@@ -75,13 +76,11 @@ def reference_attention(q, k, v, mask, bias, scale: float):
 
 
 def blocked_attention(q, k, v, q_index, kv_index, q_pos, bank, block, bank_bias, scale: float):
-    """The same attention on a BlockTable: per tile, only its gathered keys are scored."""
-    blocks = bank[block].transpose(0, 1)                      # (heads or 1, T, tq, K)
-    attn_mask = blocks if bank_bias is None else \
-        bank_bias[block].transpose(0, 1).to(q.dtype).masked_fill(~blocks, float("-inf"))
-    out = F.scaled_dot_product_attention(_gather(q, q_index), _gather(k, kv_index), _gather(v, kv_index),
-                                         attn_mask=attn_mask, scale=scale)   # (B, H, T, tq, Dv)
-    out = torch.where(blocks.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype))
+    """The same attention on a BlockTable: per tile, only its gathered keys are scored (the reference kernel on
+    (B, H, T, tq, K) blocks), then the queries are put back in order."""
+    bias = None if bank_bias is None else bank_bias[block].transpose(0, 1)
+    out = reference_attention(_gather(q, q_index), _gather(k, kv_index), _gather(v, kv_index),
+                              bank[block].transpose(0, 1), bias, scale)      # (B, H, T, tq, Dv)
     return out.flatten(2, 3).index_select(2, q_pos)
 
 

@@ -43,15 +43,27 @@ class MaskTable(nn.Module):
         if table is None or table.layout != layout:
             table = tables.build(self.mask, self.shape.q_len, self.shape.kv_len, self.shape.grid, self.heads, layout)
         device = next((b.device for b in self.buffers()), None)
-        for name in TABLE_INPUTS.get(getattr(self, "layout", None), ()):
+        old = getattr(self, "table", None)
+        for name in TABLE_INPUTS[old.layout] if old is not None else ():
             delattr(self, f"attn_{name}")
-        self.table, self.layout, self.table_bytes = table, table.layout, table.nbytes
-        self.rpb_shape = table.rpb_shape
+        self.table = table
         rpb_index = table.bias_index if table.layout == "dense" else table.bank_bias_index
         for name, value in [(f"attn_{name}", getattr(table, name)) for name in TABLE_INPUTS[table.layout]] + [
                 ("attn_rpb_index", rpb_index)]:
             self.register_buffer(name, value if value is None or device is None else value.to(device),
                                  persistent=False)
+
+    @property
+    def layout(self) -> str:
+        return self.table.layout
+
+    @property
+    def table_bytes(self) -> int:
+        return self.table.nbytes
+
+    @property
+    def rpb_shape(self) -> tuple[int, ...]:
+        return self.table.rpb_shape
 
     def forward(self, q, k, v, scale: Optional[float] = None, rpb: Optional[torch.Tensor] = None) -> torch.Tensor:
         tensors = [getattr(self, f"attn_{name}") for name in TABLE_INPUTS[self.layout]]

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 
-from .masks.base import Shape, _check_int, as_mask, evaluate, index_grid, per_axis
+from .masks.base import Shape, as_mask, evaluate, index_grid, per_axis
 
 LAYOUTS = ("dense", "blocked", "auto")
 # "auto" takes the block table when it scores at most this fraction of what a dense table scores
@@ -50,6 +51,7 @@ class DenseTable:
     layout: str = "dense"
     bias_index: Optional[torch.Tensor] = None   # int32 (1, Nq, Nkv): position in the per-head rpb table
     rpb_shape: tuple[int, ...] = ()             # the per-head rpb table's shape (empty: no rpb)
+    blocked_work: Optional[float] = None        # layout="auto": the work_fraction of the block table it declined
 
     @property
     def nbytes(self) -> int:
@@ -120,28 +122,21 @@ class BlockTable:
         return base if self.bank_bias is None else base + (self.bank_bias,)
 
     def to_dense(self) -> DenseTable:
-        """The dense table this block table encodes (for tests and the dense lowering)."""
-        heads = self.bank.shape[1]
-        mask = torch.zeros(heads, self.shape.q_len, self.shape.kv_len, dtype=torch.bool)
+        """The dense table this block table encodes (what the tests compare with ``materialize()``)."""
+        heads, size = self.bank.shape[1], (self.shape.q_len, self.shape.kv_len)
         blocks = self.bank[self.block].transpose(0, 1)  # (heads, T, tq, K)
-        q = self.q_index[:, :, None].expand(blocks.shape[1:])
-        kv = self.kv_index[:, None, :].expand(blocks.shape[1:])
         # padding keys point at key 0 with False: scatter only the allowed pairs so they cannot overwrite key 0
-        for h in range(heads):
-            allowed = blocks[h]
-            mask[h, q[allowed], kv[allowed]] = True
-        bias = None
+        h, t, i, j = blocks.nonzero(as_tuple=True)
+        q, kv = self.q_index[t, i], self.kv_index[t, j]
+        mask = torch.zeros(heads, *size, dtype=torch.bool)
+        mask[h, q, kv] = True
+        bias = bias_index = None
         if self.bank_bias is not None:
-            bias = torch.zeros(heads, self.shape.q_len, self.shape.kv_len)
-            values = self.bank_bias[self.block].transpose(0, 1)
-            for h in range(heads):
-                allowed = blocks[h]
-                bias[h, q[allowed], kv[allowed]] = values[h][allowed]
-        bias_index = None
+            bias = torch.zeros(heads, *size)
+            bias[h, q, kv] = self.bank_bias[self.block].transpose(0, 1)[h, t, i, j]
         if self.bank_bias_index is not None:
-            bias_index = torch.zeros(1, self.shape.q_len, self.shape.kv_len, dtype=torch.int32)
-            allowed = blocks.any(0)
-            bias_index[0, q[allowed], kv[allowed]] = self.bank_bias_index[self.block][:, 0][allowed]
+            bias_index = torch.zeros(1, *size, dtype=torch.int32)
+            bias_index[0, q, kv] = self.bank_bias_index[self.block][t, 0, i, j]
         return DenseTable(self.name, self.shape, mask, bias, bias_index=bias_index, rpb_shape=self.rpb_shape)
 
 
@@ -167,7 +162,9 @@ def build(mask, q_len=None, kv_len=None, grid=None, heads: int = 1, layout: str 
     shape = Shape.of(q_len, kv_len, grid)
     if layout == "auto":
         blocked = _memoized(mask, shape, heads, "blocked", tile)
-        return blocked if blocked.work_fraction <= AUTO_BLOCKED_MAX_WORK else _memoized(mask, shape, heads, "dense")
+        if blocked.work_fraction <= AUTO_BLOCKED_MAX_WORK:
+            return blocked
+        return dataclasses.replace(_memoized(mask, shape, heads, "dense"), blocked_work=blocked.work_fraction)
     return _memoized(mask, shape, heads, layout, tile)
 
 
@@ -266,7 +263,6 @@ def _query_tiles(mask, shape: Shape, tile) -> tuple[tuple[int, ...], torch.Tenso
 
 
 def _build_blocked(mask, shape: Shape, heads: int, tile) -> BlockTable:
-    _check_int("heads", heads, low=1)
     tile, q_index = _query_tiles(mask, shape, tile)
     mask_mod, bias_mod = mask.mods(shape)
     rpb_shape, index_mod = mask.rpb(shape) if mask.rpb is not None else ((), None)

@@ -104,9 +104,14 @@ def choose(table: "torch.nn.Module", requested: str, opset: int) -> Choice:
     """The lowering for one MaskTable layer (the target runtimes only matter through ``RUNS_AS``)."""
     if requested != "auto":
         return Choice(requested, "requested")
-    blocked = table.table if table.layout == "blocked" else tables.build(
-        table.mask, table.shape.q_len, table.shape.kv_len, table.shape.grid, table.heads, "blocked")
-    work = blocked.work_fraction
+    if table.layout == "blocked":
+        blocked, work = table.table, table.table.work_fraction
+    else:   # a dense table built by layout="auto" already knows the work of the block table it declined
+        blocked, work = None, table.table.blocked_work
+    if work is None:
+        blocked = tables.build(table.mask, table.shape.q_len, table.shape.kv_len, table.shape.grid, table.heads,
+                               "blocked")
+        work = blocked.work_fraction
     if work <= tables.AUTO_BLOCKED_MAX_WORK:
         return Choice("blocked", f"block table scores {work:.1%} of the dense scores", blocked)
     why = f"block table would score {work:.0%} of the dense scores"

@@ -54,13 +54,18 @@ def neighborhood(kernel, dilation=1, stride=1, causal=False, rpb=False) -> Mask:
     name += "_causal" + ("" if all(cs) else "".join("1" if c else "0" for c in cs)) if any(cs) else ""
     name += "_rpb" if rpb else ""
 
-    def mods(shape: Shape):
+    def checked(shape: Shape):
+        """The grid and the per-axis (kernels, dilations, strides, causal) for it."""
         grid = shape.require_grid("neighborhood", (ndim,) if ndim else (1, 2, 3))
         axes = resolve(len(grid))
         for axis, (length, k, d) in enumerate(zip(grid, axes[0], axes[1])):
             if k * d > length:
                 raise ValueError(f"kernel*dilation must be <= the grid axis length: axis {axis} has length {length}, "
                                  f"kernel {k} x dilation {d} = {k * d}; lower kernel or dilation")
+        return grid, axes
+
+    def mods(shape: Shape):
+        grid, axes = checked(shape)
 
         def mask_mod(b, h, q_idx, kv_idx):
             allowed = None
@@ -72,8 +77,7 @@ def neighborhood(kernel, dilation=1, stride=1, causal=False, rpb=False) -> Mask:
         return mask_mod, None
 
     def rpb_mods(shape: Shape):
-        grid = shape.require_grid("neighborhood", (ndim,) if ndim else (1, 2, 3))
-        kernels, dilations = resolve(len(grid))[:2]
+        grid, (kernels, dilations, *_) = checked(shape)
         table = tuple(2 * k - 1 for k in kernels)
 
         def group_position(idx):   # row-major position of the token's dilation-group coordinates in the table
