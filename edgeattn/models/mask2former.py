@@ -223,13 +223,14 @@ class Mask2FormerDecoder(nn.Module):
         return self.class_embed(decoded), torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoded), mask_features)
 
     def attention_mask(self, mask_logits, size):
-        """Mask logits (B, Q, h', w') -> bool (B, heads, Q, h*w), True where a query may attend."""
+        """Mask logits (B, Q, h', w') -> bool (B, 1, Q, h*w), True where a query may attend (the same for every
+        head: attention broadcasts it, so the exported graph masks B*Q*hw scores, not heads times that)."""
         resized = F.interpolate(mask_logits.detach(), size=size, mode="bilinear", align_corners=False)
         # the reference masks sigmoid < 0.5 (computed, not compared as logits < 0: the two differ in the last bit)
         allowed = ~(resized.sigmoid().flatten(2) < 0.5)
         # a query whose mask excludes every position attends everywhere instead (the reference's rule)
         allowed = allowed | ~allowed.any(-1, keepdim=True)
-        return allowed[:, None].expand(-1, self.heads, -1, -1)
+        return allowed[:, None]
 
     def _check(self, levels, mask_features):
         shapes = [tuple(x.shape) for x in (*levels, mask_features)]

@@ -50,11 +50,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import masked_attention
+from ..layers import init_linear
 from ..masks.polyline import line_biases, polyline_bias
 from . import register
 # identical in the reference (PPMA.py keeps RMT's code for these): the stem, depthwise convs / LePE, FFN, patch
 # merging, theta shift, the block (RetBlock = PPMA's BasicBlock) and the q/k/v/LePE/out projections (Retention)
-from .rmt import PatchEmbed, PatchMerging, RetBlock, Retention, rotary_angle, rotary_sin_cos
+from .rmt import (PatchEmbed, PatchMerging, RetBlock, Retention, _cols, _inputs, _rows, rotary_angle,
+                  rotary_sin_cos)
 
 
 class RotaryPosition(nn.Module):
@@ -106,13 +108,8 @@ def _attend(q, k, v, bias, name):
     return masked_attention(q, k, v, everything, bias, scale=1.0, mask_name=name)
 
 
-def _lines(t):
-    """(b, n, L1, L2, d) -> (b*L1, n, L2, d): one attention problem per line along axis 2."""
-    return t.transpose(1, 2).flatten(0, 1)
-
-
 def _unlines(t, batch: int):
-    """Inverse of :func:`_lines`."""
+    """Inverse of rmt's :func:`_rows`: (b*L1, n, L2, d) -> (b, n, L1, L2, d)."""
     return t.unflatten(0, (batch, -1)).transpose(1, 2)
 
 
@@ -153,15 +150,14 @@ class PolylineAttention(Retention):
         """0.5 col(row(v)) + 0.5 row(col(v)): softmax along each row with its 1-D mask, along each column with its."""
         B = q.shape[0]
         rows, cols = line_biases(row_decay, col_decay)         # (b, n, h, w, w), (b, n, w, h, h)
-        q_r, k_r, bias_r = _lines(q), _lines(k), _lines(rows)  # per row: (b*h, n, w, .)
-        q_c, k_c, bias_c = _lines(q.transpose(2, 3)), _lines(k.transpose(2, 3)), _lines(cols)   # (b*w, n, h, .)
+        q_r, k_r, bias_r = _rows(q), _rows(k), _rows(rows)     # per row: (b*h, n, w, .)
+        q_c, k_c, bias_c = _cols(q), _cols(k), _rows(cols)     # per column: (b*w, n, h, .); cols is per column
 
         def along_rows(t):       # (b, n, h, w, d) -> same, each row attended with its row mask
-            return _unlines(_attend(q_r, k_r, _lines(t), bias_r, "polyline_rows"), B)
+            return _unlines(_attend(q_r, k_r, _rows(t), bias_r, "polyline_rows"), B)
 
         def along_cols(t):
-            return _unlines(_attend(q_c, k_c, _lines(t.transpose(2, 3)), bias_c, "polyline_columns"), B)\
-                .transpose(2, 3)
+            return _unlines(_attend(q_c, k_c, _cols(t), bias_c, "polyline_columns"), B).transpose(2, 3)
 
         return 0.5 * along_cols(along_rows(v)) + 0.5 * along_rows(along_cols(v))
 
@@ -205,18 +201,7 @@ class PPMAViT(nn.Module):
         self.norm = nn.BatchNorm2d(projection)
         self.swish = nn.SiLU()   # the reference's MemoryEfficientSwish: x * sigmoid(x)
         self.head = nn.Linear(projection, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        """The reference's initialisation (it overrides the attention's xavier init as well)."""
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        init_linear(self)   # the reference's initialisation (it overrides the attention's xavier init as well)
 
     def forward(self, image):
         if image.ndim != 4 or image.shape[1] != self.in_chans:
@@ -226,10 +211,6 @@ class PPMAViT(nn.Module):
             x = layer(x)
         x = self.norm(self.proj(x).permute(0, 3, 1, 2))       # (b, projection, h, w)
         return self.head(self.swish(x).mean(dim=(2, 3)))
-
-
-def _inputs(image_size, in_chans=3, **_):
-    return {"image": (1, in_chans, image_size, image_size)}
 
 
 @register("ppma-t", "PPMA-T (polyline path masked attention ViT), 224x224 image -> 1000 logits", _inputs,

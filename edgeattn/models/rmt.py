@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import tables
 from ..layers import MaskTable
 from ..masks import decay_1d, manhattan_decay
 from . import register
@@ -82,8 +83,10 @@ class RetentionRelPos2d(nn.Module):
         # exp of the float32 log-decays: the mask takes their log back exactly, so tables match the reference's
         gammas = [math.exp(d) for d in self.decay.tolist()]
         if chunkwise:
-            self.table_w = MaskTable(decay_1d(gammas), heads, q_len=self.grid[1])
-            self.table_h = MaskTable(decay_1d(gammas), heads, q_len=self.grid[0])
+            line = decay_1d(gammas)
+            with tables.reuse():   # a square map's rows and columns share one table
+                self.table_w = MaskTable(line, heads, q_len=self.grid[1])
+                self.table_h = MaskTable(line, heads, q_len=self.grid[0])
         else:
             self.table = MaskTable(manhattan_decay(gammas), heads, grid=self.grid)
 
