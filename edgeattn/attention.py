@@ -10,28 +10,16 @@ returns zeros (what torch's SDPA does), never NaN.  The table is dense (a (heads
 """
 from __future__ import annotations
 
-import contextvars
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-ONNX_DOMAIN = "edgeattn"
-ONNX_OP = "MaskedAttention"
-ONNX_OP_VERSION = 1
+from .onnxfile import DOMAIN, OP, OP_VERSION, TABLE_INPUTS
+
 # torch dtype -> ONNX TensorProto element type, passed to the node so its body can type constants statically
 ONNX_DTYPES = {torch.float32: 1, torch.float16: 10, torch.float64: 11, torch.bfloat16: 16}
-
-
-# The lowering (and why) of nodes whose mask is computed in the graph (``masked_attention`` with a tensor built
-# from the inputs, e.g. Mask2Former's predicted masks): export sets it from the requested lowering.
-DYNAMIC_LOWERING: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
-    "edgeattn_dynamic_lowering", default=("dense", ""))
-
-# What each layout passes as the op's ``tables`` list (see edgeattn.tables): the ONNX node's inputs after q, k, v.
-TABLE_INPUTS = {"dense": ("mask", "bias"),
-                "blocked": ("q_index", "kv_index", "q_pos", "bank", "block", "bank_bias")}
 
 
 @torch.library.custom_op("edgeattn::masked_attention", mutates_args=())
@@ -104,22 +92,19 @@ def masked_attention(q, k, v, mask, bias=None, scale: Optional[float] = None, ma
     return attend(q, k, v, "dense", [mask, bias], scale, mask_name)
 
 
-def attend(q, k, v, layout: str, tables: list, scale: Optional[float] = None, mask_name: str = "",
-           lowering: Optional[str] = None, why: str = "") -> torch.Tensor:
+def attend(q, k, v, layout: str, tables: list, scale: Optional[float] = None, mask_name: str = "") -> torch.Tensor:
     """Attention over the tensors of a table of ``layout`` (``table.tensors()`` plus a None for a missing bias).
 
-    Under ONNX export this is one ``edgeattn.MaskedAttention`` node; ``lowering`` names its standard-op body and
-    ``why`` (moved into the file's metadata by export) says why it was chosen."""
+    Under ONNX export this is one ``edgeattn.MaskedAttention`` node (see :mod:`edgeattn.onnxfile`); export gives
+    it the body its plan chose (:mod:`edgeattn.export.plan`)."""
     if layout not in TABLE_INPUTS or len(tables) != len(TABLE_INPUTS[layout]):
         raise ValueError(f"layout {layout!r} takes tables {TABLE_INPUTS.get(layout)}, got {len(tables)} tensors")
     scale = float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     if torch.onnx.is_in_onnx_export():
-        if lowering is None and layout == "dense":
-            lowering, why = DYNAMIC_LOWERING.get()
         if q.dtype not in ONNX_DTYPES:
             raise ValueError(f"masked_attention exports float32/float16/bfloat16/float64 inputs, got {q.dtype}")
         attrs = {"scale": scale, "mask": mask_name, "dtype": ONNX_DTYPES[q.dtype], "layout": layout,
-                 "lowering": lowering or layout, "heads": q.shape[1], "why": why}
-        return torch.onnx.ops.symbolic(f"{ONNX_DOMAIN}::{ONNX_OP}", [q, k, v, *tables], attrs, dtype=q.dtype,
-                                       shape=tuple(q.shape[:-1]) + tuple(v.shape[-1:]), version=ONNX_OP_VERSION)
+                 "heads": q.shape[1]}
+        return torch.onnx.ops.symbolic(f"{DOMAIN}::{OP}", [q, k, v, *tables], attrs, dtype=q.dtype,
+                                       shape=tuple(q.shape[:-1]) + tuple(v.shape[-1:]), version=OP_VERSION)
     return _masked_attention_op(q, k, v, list(tables[:-1]), tables[-1], layout, scale)

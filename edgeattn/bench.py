@@ -15,17 +15,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import models, parity, runtimes
-from ._files import atomic_write, check_writable
+from . import models, onnxfile, parity, runtimes
 from .errors import EdgeAttnError
-from .export import DEFAULT_OPSET, calibration_feeds, export_onnx, metadata
-from .export.lowering import CHOICES, LOWERINGS
-from .export.precision import DTYPES, QUANTIZE, default_opset, refusal
-from .runtimes.base import read_onnx
+from .export import DEFAULT_OPSET, LOWERING_CHOICES, calibration_feeds, export_onnx
+from .export.precision import DTYPES, PRECISIONS, QUANTIZE, default_opset
+from .files import atomic_write, check_writable
 
 # the opset each lowering is exported at when benchmarking a model (attention needs the Attention op)
 BENCH_OPSET = {"attention": 23}
-PRECISIONS = (*DTYPES, *QUANTIZE)   # fp32 fp16 bf16 int8 int8-static
 
 
 @dataclass
@@ -53,7 +50,8 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
 
     A model is exported with each of ``lowerings`` in each of ``precisions`` (default: every lowering in fp32; with
     precisions named, the auto lowering in each)."""
-    names = [n for n in (runtime_names or runtimes.available()) if n != "torch"]
+    names = [n for n in (runtime_names or runtimes.available()) if not runtimes.get(n).reference]
+    reference = [n for n, r in runtimes.RUNTIMES.items() if r.reference]
     is_file = target not in models.REGISTRY
     if is_file and not Path(target).exists():
         raise EdgeAttnError(f"{target!r} is neither a registered model ({', '.join(models.names())}) nor a file")
@@ -65,19 +63,17 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
     with tempfile.TemporaryDirectory(prefix="edgeattn-bench-") as tmp:
         parsed = None   # a given file is parsed once, here; a model's files are exported (and parsed) below
         if is_file:   # (lowering, precision, opset, file)
-            parsed = read_onnx(target)
-            built, meta = models.from_metadata(parsed, target), metadata.read(parsed)
+            parsed = onnxfile.read(target)
+            built, meta = models.from_metadata(parsed, target), onnxfile.read_metadata(parsed)
             plan = [(meta.get("lowering", "?"), meta.get("precision", "fp32"), int(meta.get("opset", 0)), Path(target))]
         else:
             built = models.build(target, seed=seed)
-            lowerings = lowerings or (["auto"] if precisions else CHOICES)
+            lowerings = lowerings or (["auto"] if precisions else LOWERING_CHOICES)
             plan = [(low, prec, default_opset(prec, BENCH_OPSET.get(low, DEFAULT_OPSET)), None)
                     for prec in precisions or ["fp32"] for low in lowerings]
         inputs = list(built.inputs.values())
-        step = _stepper(progress, 1 + len(plan) * len(names))
-        step("torch eager")
-        eager = parity.time_eager(built.module, inputs, runs)
-        rows = [BenchRow("torch", "eager", "ok", "fp32", None, 0.0, 1.0, eager.p50_ms, eager.p90_ms, 1.0)]
+        step = _stepper(progress, len(reference) + len(plan) * len(names))
+        rows, eager_ms = [], None
         for lowering, precision, opset, path in plan:
             export_s = None
             if path is None:
@@ -91,33 +87,37 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
                             quantize=precision if precision in QUANTIZE else None,
                             calibration=calibration_feeds(built) if precision == "int8-static" else None)
                 export_s = time.perf_counter() - start
-            proto = parsed or read_onnx(path)
-            meta = metadata.read(proto)
+            proto = parsed or onnxfile.read(path)
+            meta = onnxfile.read_metadata(proto)
             label, tables_mb = _label(lowering, meta), meta.get("table_bytes", 0) / 1e6
-            feeds, reference = parity.reference_outputs(built.module, inputs, path, proto)
-            for name in names:
-                step(f"{name} {label}")
-                supported = LOWERINGS.get(lowering)
-                if supported is not None and supported.runtimes is not None and name not in supported.runtimes:
-                    rows.append(BenchRow(name, label, "n/a", precision, opset=opset,
-                                         detail=f"the {lowering} lowering runs on {', '.join(sorted(supported.runtimes))} only"))
-                    continue
-                if refusal(name, precision):
-                    rows.append(BenchRow(name, label, "n/a", precision, opset=opset, detail=refusal(name, precision)[0]))
-                    continue
-                (r,) = parity.check_sessions(reference, feeds, path, [name], runs, precision, accuracy=False)
-                rows.append(BenchRow(name, label, r.status, precision, path.stat().st_size / 1e6, r.max_abs_err, r.cosine,
-                                     r.p50_ms, r.p90_ms, eager.p50_ms / r.p50_ms if r.p50_ms else None, opset,
-                                     r.detail, tables_mb, export_s))
+            feeds, outputs = parity.reference_outputs(built.module, inputs, path, proto)
+            # the reference (eager torch) is timed once, with the first file, before the runtimes
+            timed = reference + names if eager_ms is None else names
+            results = parity.check_sessions(outputs, feeds, path, timed, runs, accuracy=False, module=built.module,
+                                            contents=onnxfile.Contents.of(meta),
+                                            progress=lambda n: step(f"{n} {label}" if n in names else "torch eager"))
+            for r in results:
+                if runtimes.get(r.runtime).reference:
+                    eager_ms = r.p50_ms
+                    rows.append(BenchRow(r.runtime, "eager", r.status, "fp32", None, r.max_abs_err, r.cosine,
+                                         r.p50_ms, r.p90_ms, 1.0))
+                elif r.status == "unavailable":   # the runtime cannot run this lowering or precision
+                    rows.append(BenchRow(r.runtime, label, "n/a", precision, opset=opset, detail=r.detail))
+                else:
+                    rows.append(BenchRow(r.runtime, label, r.status, precision, path.stat().st_size / 1e6,
+                                         r.max_abs_err, r.cosine, r.p50_ms, r.p90_ms,
+                                         eager_ms / r.p50_ms if eager_ms and r.p50_ms else None, opset, r.detail,
+                                         tables_mb, export_s))
     return rows
 
 
 def _targets(lowering: str) -> Optional[list[str]]:
-    """The runtimes a lowering is exported for: contrib only for onnxruntime, the others for every runtime."""
-    low = LOWERINGS.get(lowering)
-    if low is not None and low.runtimes is not None:
-        return sorted(low.runtimes)
-    return None
+    """The runtimes a lowering is exported for: those that run it (contrib: onnxruntime), None when all do."""
+    if lowering not in onnxfile.LOWERINGS:
+        return None
+    contents = onnxfile.Contents(lowerings=frozenset({lowering}))
+    able = [n for n in runtimes.ONNX_RUNTIMES if not runtimes.get(n).not_supported_reasons(contents, here=False)]
+    return None if len(able) == len(runtimes.ONNX_RUNTIMES) else able
 
 
 def _label(lowering: str, meta: dict) -> str:

@@ -7,12 +7,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 
 from . import __version__, bench, inspection, masks, models, parity, runtimes
-from ._files import atomic_write, check_writable
 from .errors import EdgeAttnError
-from .export import DEFAULT_OPSET, export_registered, lowering, precision
+from .export import DEFAULT_OPSET, LOWERING_CHOICES, export_registered, precision
+from .files import atomic_write, check_writable
 
 DEFAULT_RUNS = 20
 
@@ -45,7 +44,7 @@ def cmd_masks(args) -> int:
 
 def cmd_runtimes(args) -> int:
     for name, runtime in runtimes.RUNTIMES.items():
-        reasons = runtime.not_supported_reasons()
+        reasons = runtime.machine_reasons()
         print(f"{name:14s} {'available' if not reasons else 'unavailable'}  {runtime.description}"
               + (f" ({'; '.join(reasons)})" if reasons else ""))
     return 0
@@ -54,31 +53,28 @@ def cmd_runtimes(args) -> int:
 def cmd_export(args) -> int:
     if not args.check and (args.json or args.runs):
         raise EdgeAttnError("--runs and --json apply to the parity check; add --check")
-    if args.json:
-        check_writable(args.json)
-    if args.check and args.runtime:
-        _runtimes(args.runtime)   # an unavailable runtime fails before the export, not after
-    targets = [n for n in args.runtime or [] if n != "torch"] or None
     result = export_registered(args.model, args.output, seed=args.seed, opset=args.opset, inline=args.inline,
-                               lowering=args.lowering, runtimes=targets, dynamic_batch=args.dynamic_batch,
+                               lowering=args.lowering, runtimes=args.runtime, dynamic_batch=args.dynamic_batch,
                                dtype=args.dtype, quantize=args.quantize, calibration=args.calibration,
-                               calibration_samples=args.calibration_samples, progress=_log)
-    names = _runtimes(args.runtime, result.path) if args.check else []
-    counts = Counter(f"{m['mask']} ({m['lowering']})" for m in result.masks)
-    _log(f"wrote {result.path}: {_mb(result.file_bytes)}, {len(result.masks)} attention nodes "
-         f"({', '.join(f'{k} x{v}' for k, v in counts.items())}), mask tables {_mb(result.table_bytes)}")
-    return _check(result.path, names, args) if args.check else 0
+                               calibration_samples=args.calibration_samples, check=args.check,
+                               runs=args.runs or DEFAULT_RUNS, report=args.json, progress=_log)
+    return _report(parity.describe(result.path, result.metadata), result.parity) if args.check else 0
 
 
 def cmd_check(args) -> int:
     if args.json:
         check_writable(args.json)
-    return _check(args.file, _runtimes(args.runtime, args.file), args)
+    names = parity.check_available(args.runtime) if args.runtime else None
+    results = parity.check_file(args.file, names, runs=args.runs or DEFAULT_RUNS,
+                                progress=lambda n: _log(f"checking on {n} ..."))
+    if args.json:
+        parity.write_json(results, args.json)
+    return _report(parity.describe(args.file), results)
 
 
 def cmd_bench(args) -> int:
     bench.check_outputs(args.json, args.markdown, args.plot)
-    names = [n for n in _runtimes(args.runtime) if n != "torch"] if args.runtime else None
+    names = parity.check_available(args.runtime) if args.runtime else None
     rows = bench.run(args.target, names, args.lowering, runs=args.runs or DEFAULT_RUNS, seed=args.seed,
                      progress=bench.progress_bar(), precisions=args.precision)
     print(bench.format_table(rows))
@@ -105,32 +101,14 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _check(path, names, args) -> int:
-    if args.json:
-        check_writable(args.json)
-    results = parity.check_file(path, names, runs=args.runs or DEFAULT_RUNS,
-                                progress=lambda n: _log(f"checking on {n} ..."))
-    print(parity.describe(path))
+def _report(description: str, results) -> int:
+    print(description)
     print(parity.format_table(results))
-    if args.json:
-        parity.write_json(results, args.json)
     failed = [r.runtime for r in results if not r.ok]
     if failed:
         print(f"parity gate FAILED on: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
-
-
-def _runtimes(requested, path=None) -> list[str]:
-    """Explicit runtimes must all be available; the default is torch plus every available ONNX runtime (that the
-    file at ``path`` was exported for)."""
-    if not requested:
-        return parity.default_runtimes(path)
-    for name in requested:
-        reasons = runtimes.get(name).not_supported_reasons()
-        if reasons:
-            raise EdgeAttnError(f"runtime {name} is not available: {'; '.join(reasons)}")
-    return list(dict.fromkeys(requested))
 
 
 def _positive(text: str) -> int:
@@ -145,10 +123,6 @@ def _positive(text: str) -> int:
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -173,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True, help="output .onnx path")
     e.add_argument("--opset", type=int, help=f"ONNX opset (default {DEFAULT_OPSET}; 22 for --dtype bf16)")
     e.add_argument("--inline", action="store_true", help="standard ONNX ops only (no edgeattn-domain nodes)")
-    e.add_argument("--lowering", choices=lowering.CHOICES, default="auto",
+    e.add_argument("--lowering", choices=LOWERING_CHOICES, default="auto",
                    help="attention body: auto (per layer, from the mask's sparsity and the target runtimes), dense, "
                         "blocked, attention (opset >= 23) or contrib (onnxruntime only); default auto")
     e.add_argument("--dynamic-batch", action="store_true",
@@ -197,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("target", metavar="MODEL_OR_FILE", help="registered model name or an .onnx file from `edgeattn export`")
     b.add_argument("--runtime", action="append", metavar="NAME",
                    help="ONNX runtime to time, repeatable; default: every available one")
-    b.add_argument("--lowering", action="append", choices=lowering.CHOICES,
+    b.add_argument("--lowering", action="append", choices=LOWERING_CHOICES,
                    help="lowering to export and time, repeatable (models only); default: all")
     b.add_argument("--precision", action="append", choices=bench.PRECISIONS,
                    help="precision to export and time, repeatable (models only): fp32, fp16, bf16, int8 (dynamic), "

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import onnx
 
-from .export import metadata
-from .runtimes.base import read_onnx
+from . import onnxfile
 
 
 def inspect_file(path) -> dict:
-    model = read_onnx(path)
+    model = onnxfile.read(path)
     ops = Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in _all_nodes(model.graph))
     opsets = {op.domain or "ai.onnx": op.version for op in model.opset_import}
     inline_bytes, external_bytes, external_files = 0, 0, set()
@@ -25,7 +24,7 @@ def inspect_file(path) -> dict:
             external_files.add(info.get("location", "?"))
         else:
             inline_bytes += len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
-    meta = metadata.read(model)
+    meta = onnxfile.read_metadata(model)
     return {
         "file": str(path),
         "file_bytes": Path(path).stat().st_size,

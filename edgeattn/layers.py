@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from . import tables
-from .attention import TABLE_INPUTS, attend
+from .attention import attend
 from .masks.base import Shape, as_mask
+from .onnxfile import TABLE_INPUTS
 
 
 class MaskTable(nn.Module):
@@ -19,7 +20,7 @@ class MaskTable(nn.Module):
     The table's tensors are non-persistent buffers named ``attn_<tensor>`` (``attn_mask``, ``attn_kv_index``...):
     they move with ``.to()`` but are never saved, since they are derived from the mask.  ``layout`` is
     ``"dense"``, ``"blocked"`` or ``"auto"`` (blocked when it computes at most half of the dense scores).
-    Export switches the layout to what the chosen lowering needs (:meth:`use_layout`) and sets ``lowering``.
+    Export switches the layout to what its plan's lowering needs (:meth:`use_layout`) for the time of the export.
 
     A mask with a learned relative position bias adds the buffer ``attn_rpb_index`` (the table's int32 positions,
     see :mod:`edgeattn.tables`); the module owning the weight passes it to :meth:`forward` as ``rpb``, shaped
@@ -34,8 +35,6 @@ class MaskTable(nn.Module):
         self.mask = as_mask(mask)
         self.shape = Shape.of(q_len, kv_len, grid)
         self.heads = heads
-        self.lowering: Optional[str] = None   # set by export for the duration of one export
-        self.lowering_reason = ""
         self.use_layout(layout)
 
     def use_layout(self, layout: str, table=None) -> None:
@@ -73,7 +72,7 @@ class MaskTable(nn.Module):
         elif rpb is not None:
             raise ValueError(f"mask {self.mask.name} has no relative position bias table, but rpb was given; build "
                              f"the mask with rpb=True")
-        return attend(q, k, v, self.layout, tensors, scale, self.mask.name, self.lowering, self.lowering_reason)
+        return attend(q, k, v, self.layout, tensors, scale, self.mask.name)
 
     def gather_rpb(self, rpb: Optional[torch.Tensor], heads: int) -> torch.Tensor:
         """The learned table (heads, *rpb_shape) -> the bias tensor of this layout: (heads, Nq, Nkv) for dense
@@ -91,6 +90,26 @@ class MaskTable(nn.Module):
         return f"mask={self.mask.name}, layout={self.layout}, tokens={self.shape.q_len}x{self.shape.kv_len}"
 
 
+def check_heads(dim: int, heads: int, name: str = "dim", even_width: bool = False) -> int:
+    """The width of one head, ``dim // heads``; a clear error unless ``heads`` is a positive divisor of ``dim``
+    (``name`` is what the caller calls ``dim``).  ``even_width``: heads must also be of an even width, as rotary
+    embeddings (RoPE, RMT's theta shift) rotate channel pairs."""
+    if heads < 1 or dim % heads:
+        raise ValueError(f"heads must be a positive divisor of {name}={dim}, got {heads}")
+    head_dim = dim // heads
+    if even_width and head_dim % 2:
+        raise ValueError(f"{name}={dim} must split into {heads} heads of an even width (rotary embeddings rotate "
+                         f"channel pairs), got head width {head_dim}")
+    return head_dim
+
+
+def split_qkv(qkv: torch.Tensor, heads: int, head_dim: int):
+    """A packed q/k/v projection (B, N, 3 * heads * head_dim) -> q, k, v, each (B, heads, N, head_dim)."""
+    B, N, _ = qkv.shape
+    q, k, v = qkv.reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
 class MaskedSelfAttention(nn.Module):
     """Multi-head self-attention over ``N`` tokens with a static mask compiled for one shape.
 
@@ -105,9 +124,7 @@ class MaskedSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, mask, grid=None, seq_len: Optional[int] = None,
                  qkv_bias: bool = True, proj: bool = True, layout: str = "auto", rpb: bool = True):
         super().__init__()
-        if heads < 1 or dim % heads:
-            raise ValueError(f"heads must be a positive divisor of dim={dim}, got {heads}")
-        self.heads, self.head_dim = heads, dim // heads
+        self.heads, self.head_dim = heads, check_heads(dim, heads)
         self.table = MaskTable(mask, heads, grid=grid, q_len=seq_len, layout=layout)
         self.mask, self.seq_len = self.table.mask, self.table.shape.q_len
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -124,7 +141,7 @@ class MaskedSelfAttention(nn.Module):
         if N != self.seq_len:
             raise ValueError(f"{type(self).__name__} was built for {self.seq_len} tokens, got {N}: the mask tables are "
                              f"static, build the layer for this shape")
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = split_qkv(self.qkv(x), self.heads, self.head_dim)
         out = self.table(q, k, v, rpb=self.relative_bias())
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 

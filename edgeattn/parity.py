@@ -15,20 +15,19 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
+import onnx
 import torch
 
-from . import runtimes
-from ._files import atomic_write
+from . import onnxfile, runtimes
 from .errors import EdgeAttnError
-from .export import metadata, precision as precisions
-from .runtimes.base import graph_inputs, nonfinite_inputs, read_onnx
+from .files import atomic_write
+from .runtimes.base import nonfinite_inputs
 
 
 @dataclass
 class ParityResult:
     runtime: str
     status: str                      # ok | fail | unavailable | error
-    ok: bool
     max_abs_err: Optional[float] = None
     max_rel_err: Optional[float] = None
     cosine: Optional[float] = None
@@ -37,8 +36,12 @@ class ParityResult:
     p90_ms: Optional[float] = None
     detail: str = ""
 
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "ok": self.ok}
 
 
 def compare(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> dict:
@@ -49,6 +52,8 @@ def compare(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarra
         out = np.asarray(outputs[name], dtype=np.float64)
         if out.shape != ref.shape:
             raise EdgeAttnError(f"output {name!r}: runtime gave shape {out.shape}, reference {ref.shape}")
+        if np.array_equal(out, ref, equal_nan=True):   # bit-identical (the reference itself): exact, whatever NaN
+            continue
         finite = np.isfinite(ref)
         if (np.isfinite(out) != finite).any() or (out[~finite] != ref[~finite]).any():
             worst["nonfinite"] = True  # NaN/inf in one and not the other (equal infs are fine)
@@ -77,76 +82,74 @@ def latency(run: Callable[[], object], warmup: int = 3, runs: int = 20) -> tuple
 
 def check_sessions(reference: Mapping[str, np.ndarray], feeds: Mapping[str, np.ndarray], path,
                    runtime_names: Sequence[str], runs: int = 20, precision: str = "fp32",
-                   progress: Optional[Callable[[str], None]] = None, accuracy: bool = True) -> list[ParityResult]:
+                   progress: Optional[Callable[[str], None]] = None, accuracy: bool = True,
+                   module: Optional[torch.nn.Module] = None, contents: Optional[onnxfile.Contents] = None
+                   ) -> list[ParityResult]:
     """Load ``path`` on each runtime, compare with ``reference`` and time it.  Never raises for one runtime.
 
-    ``accuracy`` loads runtimes in accuracy mode (the parity gate); bench loads them as a deployment would."""
+    ``accuracy`` loads runtimes in accuracy mode (the parity gate); bench loads them as a deployment would.
+    ``module`` is the torch module the file came from (what the reference runtime runs); ``contents`` what the file
+    holds (default: its precision), which a runtime may refuse.  Reference runtimes are timed first: idle runtime
+    thread pools left spinning would slow eager torch down."""
+    contents = contents or onnxfile.Contents(precision)
     results = []
-    for name in runtime_names:
+    for name in sorted(runtime_names, key=lambda n: not runtimes.get(n).reference):
         runtime = runtimes.get(name)
         if progress:
             progress(name)
-        reasons = runtime.not_supported_reasons() or precisions.refusal(name, precision)
+        reasons = runtime.not_supported_reasons(contents)
         if reasons:
-            results.append(ParityResult(name, "unavailable", False, detail="; ".join(reasons)))
+            results.append(ParityResult(name, "unavailable", detail="; ".join(reasons)))
             continue
         try:
-            tol = runtime.tolerance(precision)
-            session = runtime.load(path, accuracy=accuracy)
+            tol = runtime.tolerance(contents.precision)
+            session = runtime.load(path, accuracy=accuracy, module=module)
             metrics = compare(reference, session.run(feeds))
             p50, p90 = latency(lambda: session.run(feeds), runs=runs)
         except EdgeAttnError as e:
-            results.append(ParityResult(name, "error", False, detail=str(e)))
+            results.append(ParityResult(name, "error", detail=str(e)))
             continue
         ok = not metrics["nonfinite"] and tol.passes(metrics["max_abs_err"], metrics["max_rel_err"], metrics["cosine"])
         notes = ["NaN/inf do not match the reference"] if metrics["nonfinite"] else []
         flagged = nonfinite_inputs(feeds)
         notes += [f"inputs with NaN/inf: {', '.join(flagged)}"] if flagged else []
-        detail = "; ".join(notes)
-        results.append(ParityResult(name, "ok" if ok else "fail", ok, metrics["max_abs_err"], metrics["max_rel_err"],
-                                    metrics["cosine"], tol.describe(), p50, p90, detail))
+        results.append(ParityResult(name, "ok" if ok else "fail", metrics["max_abs_err"], metrics["max_rel_err"],
+                                    metrics["cosine"], tol.describe(), p50, p90, "; ".join(notes)))
     return results
 
 
 def check_file(path, runtime_names: Optional[Sequence[str]] = None, runs: int = 20,
                progress: Optional[Callable[[str], None]] = None) -> list[ParityResult]:
-    """Rebuild the registered reference model named in the file's metadata and compare every runtime with it.
-
-    The torch row times eager PyTorch on the same inputs (its error is 0 by construction)."""
+    """Rebuild the registered reference model named in the file's metadata and compare every runtime with it
+    (the torch reference runtime's row times eager PyTorch; its error is 0 by construction)."""
     from . import models
 
-    model = read_onnx(path)
+    model = onnxfile.read(path)
     built = models.from_metadata(model, path)
-    return _compare(built.module, list(built.inputs.values()), path, model, runtime_names, runs, progress)
+    return compare_model(built.module, list(built.inputs.values()), path, runtime_names, runs, progress, model=model)
 
 
 def compare_model(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path,
                   runtime_names: Optional[Sequence[str]] = None, runs: int = 20,
-                  progress: Optional[Callable[[str], None]] = None) -> list[ParityResult]:
-    """Compare an exported file with the module it came from, on the given inputs (Python API for any model)."""
+                  progress: Optional[Callable[[str], None]] = None,
+                  model: Optional[onnx.ModelProto] = None) -> list[ParityResult]:
+    """Compare an exported file with the module it came from, on the given inputs (Python API for any model).
+    ``runtime_names`` default to :func:`default_runtimes`; ``model`` is the file, if already parsed."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = [example_inputs]
-    return _compare(module, example_inputs, path, read_onnx(path), runtime_names, runs, progress)
-
-
-def _compare(module, example_inputs, path, model, runtime_names, runs, progress) -> list[ParityResult]:
-    """compare_model on the file's already parsed ``model`` (the runtimes load the file themselves)."""
+    model = onnxfile.read(path) if model is None else model
+    meta = onnxfile.read_metadata(model)
     feeds, reference = reference_outputs(module, example_inputs, path, model)
-    meta = metadata.read(model)
-    precision = meta.get("precision", "fp32")
-    names = list(runtime_names) if runtime_names else _runtimes_for(meta.get("targets"))
-    results = []
-    if "torch" in names:  # timed first: idle runtime thread pools left spinning would slow eager torch down
-        results.append(time_eager(module, example_inputs, runs))
-    return results + check_sessions(reference, feeds, path, [n for n in names if n != "torch"], runs, precision,
-                                    progress=progress)
+    names = list(runtime_names) if runtime_names else default_runtimes(meta)
+    return check_sessions(reference, feeds, path, names, runs, progress=progress, module=module,
+                          contents=onnxfile.Contents.of(meta))
 
 
 def reference_outputs(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path, model=None):
     """The file's feeds for ``example_inputs`` and eager torch's outputs under the file's output names
     (``model``: the file already parsed)."""
-    model = read_onnx(path) if model is None else model
-    input_infos, outputs = graph_inputs(model), [o.name for o in model.graph.output]
+    model = onnxfile.read(path) if model is None else model
+    input_infos, outputs = onnxfile.graph_inputs(model), [o.name for o in model.graph.output]
     if len(input_infos) != len(example_inputs):
         raise EdgeAttnError(f"{path} has {len(input_infos)} inputs, {len(example_inputs)} example inputs given")
     feeds = {info.name: _numpy(t) for info, t in zip(input_infos, example_inputs)}
@@ -156,19 +159,21 @@ def reference_outputs(module: torch.nn.Module, example_inputs: Sequence[torch.Te
     return feeds, {name: _numpy(t) for name, t in zip(outputs, flat)}
 
 
-def time_eager(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], runs: int = 20) -> ParityResult:
-    p50, p90 = latency(lambda: _eager(module, example_inputs), runs=runs)
-    return ParityResult("torch", "ok", True, 0.0, 0.0, 1.0, "exact", p50, p90, "reference (eager)")
+def default_runtimes(metadata: Optional[Mapping] = None) -> list[str]:
+    """What a check covers when no runtime is named: the reference and every available ONNX runtime the file was
+    exported for (its ``targets`` metadata: a contrib-lowered file is for onnxruntime only)."""
+    targets = (metadata or {}).get("targets")
+    reference = [n for n, r in runtimes.RUNTIMES.items() if r.reference]
+    return reference + [n for n in runtimes.available() if not targets or n in targets]
 
 
-def default_runtimes(path=None) -> list[str]:
-    """What a check covers when no runtime is named: the torch reference and every available ONNX runtime the
-    file was exported for (its ``targets`` metadata: a contrib-lowered file is for onnxruntime only)."""
-    return _runtimes_for(metadata.read(read_onnx(path)).get("targets") if path is not None else None)
-
-
-def _runtimes_for(targets) -> list[str]:
-    return ["torch"] + [n for n in runtimes.available() if not targets or n in targets]
+def check_available(names: Sequence[str]) -> list[str]:
+    """Runtimes named explicitly must all run here: one error before any work, not a row after it."""
+    for name in names:
+        reasons = runtimes.get(name).machine_reasons()
+        if reasons:
+            raise EdgeAttnError(f"runtime {name} is not available: {'; '.join(reasons)}")
+    return list(dict.fromkeys(names))
 
 
 def _eager(module, inputs):
@@ -184,9 +189,10 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def describe(path) -> str:
-    """About an exported file, from its metadata: one line, then one line per distinct (mask, lowering)."""
-    meta = metadata.read(read_onnx(path))
+def describe(path, meta: Optional[Mapping] = None) -> str:
+    """About an exported file, from its metadata (``meta``: already read): one line, then one line per distinct
+    (mask, lowering)."""
+    meta = onnxfile.read_metadata(onnxfile.read(path)) if meta is None else meta
     nodes = meta.get("masks", [])
     lowerings = sorted({m.get("lowering", "?") for m in nodes})
     targets = meta.get("targets")

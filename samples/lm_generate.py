@@ -14,7 +14,7 @@ import edgeattn
 from edgeattn import models
 from edgeattn.export import export_registered
 from edgeattn.models.segment_lm import greedy, torch_step
-from edgeattn.runtimes.base import read_onnx
+from edgeattn import onnxfile
 
 
 def timed(generate):
@@ -43,7 +43,7 @@ def main():
             paths[name] = result.path
     # the torch reference of each file, rebuilt from its metadata (model, config, seed)
     try:
-        prefill, decode = (models.from_metadata(read_onnx(paths[name]), paths[name]) for name in paths)
+        prefill, decode = (models.from_metadata(onnxfile.read(paths[name]), paths[name]) for name in paths)
     except edgeattn.EdgeAttnError as e:
         parser.error(str(e))
     if (prefill.name, decode.name) != tuple(paths) or prefill.config != decode.config:

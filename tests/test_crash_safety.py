@@ -19,7 +19,7 @@ def _layer():
 @pytest.mark.parametrize("target,error", [
     ("torch.onnx.export", RuntimeError("exporter exploded")),
     ("torch.onnx.export", KeyboardInterrupt()),
-    ("edgeattn.export.finalize", KeyboardInterrupt()),
+    ("edgeattn.export.graph.finalize", KeyboardInterrupt()),
     ("onnx.ModelProto.SerializeToString", MemoryError()),
     ("os.fsync", OSError(errno.ENOSPC, "No space left on device")),
     ("os.replace", KeyboardInterrupt()),

@@ -4,9 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from edgeattn import export_onnx, parity
+from edgeattn import export_onnx, onnxfile, parity
 from edgeattn.attention import masked_attention
-from edgeattn.export import metadata
 
 from conftest import CPU_RUNTIMES
 
@@ -44,7 +43,7 @@ def test_masks_computed_in_the_graph_export_with_every_lowering(tmp_path, loweri
     expected = {"auto": "dense", "blocked": "dense"}.get(lowering, lowering)
     assert node["lowering"] == expected and node["table_bytes"] == 0
     assert ("computed in the graph" in node["why"]) == (lowering in ("auto", "blocked"))
-    assert metadata.read(__import__("onnx").load(str(path)))["masks"][0]["lowering"] == expected
+    assert onnxfile.read_metadata(__import__("onnx").load(str(path)))["masks"][0]["lowering"] == expected
     # other inputs give other masks: the mask is not a constant of the file
     for inputs in ([q, kv], [torch.randn(2, 6, 16), torch.randn(2, 9, 16)]):
         results = parity.compare_model(model, inputs, path, targets or CPU_RUNTIMES, runs=1)

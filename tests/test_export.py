@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from edgeattn import EdgeAttnError, export_onnx, masks, parity, tables
-from edgeattn.attention import ONNX_DOMAIN, TABLE_INPUTS
-from edgeattn.export import metadata
-from edgeattn.export.lowering import LOWERINGS
+from edgeattn import onnxfile
+from edgeattn.onnxfile import DOMAIN, LOWERINGS, TABLE_INPUTS
+from edgeattn.runtimes.ort import for_runtime
 from edgeattn.layers import MaskedSelfAttention
 
 from conftest import CPU_RUNTIMES
@@ -67,15 +67,15 @@ def test_family_exports_and_matches_torch(tmp_path, family, lowering, inline):
     model = onnx.load(result.path)
     domains = {n.domain for n in model.graph.node}
     if inline:
-        assert ONNX_DOMAIN not in domains and not model.functions
-        assert all(op.domain != ONNX_DOMAIN for op in model.opset_import)
+        assert DOMAIN not in domains and not model.functions
+        assert all(op.domain != DOMAIN for op in model.opset_import)
     else:
-        assert ONNX_DOMAIN in domains
+        assert DOMAIN in domains
         # masks with a bias_mod (decays, relative position biases) pass it as the last input and use the _bias body
-        [node] = [n for n in model.graph.node if n.domain == ONNX_DOMAIN]
+        [node] = [n for n in model.graph.node if n.domain == DOMAIN]
         has_bias = len(node.input) == 3 + len(TABLE_INPUTS[result.masks[0]["layout"]])
         overload = lowering + ("_bias" if has_bias else "")
-        assert [(f.domain, f.name, f.overload) for f in model.functions] == [(ONNX_DOMAIN, "MaskedAttention", overload)]
+        assert [(f.domain, f.name, f.overload) for f in model.functions] == [(DOMAIN, "MaskedAttention", overload)]
     onnx.checker.check_model(model, full_check=True)
     # every lowering is exact against the dense torch reference
     _assert_parity(layer, x, result.path, [r for r in CPU_RUNTIMES if targets is None or r in targets], atol=1e-5)
@@ -120,13 +120,13 @@ def test_metadata_and_deduplicated_tables(tmp_path, lowering):
     x = torch.randn(1, 36, 16)
     result = _export(tmp_path, model, x, inline=False, lowering=lowering)
     proto = onnx.load(result.path)
-    meta = metadata.read(proto)
+    meta = onnxfile.read_metadata(proto)
     assert meta["version"] and meta["opset"] == 18 and meta["inline"] is False
     assert meta["lowering"] == lowering and meta["targets"] == ["ort-cpu", "ort-cuda", "openvino-cpu"]
     assert [(m["mask"], m["lowering"], m["why"]) for m in meta["masks"]] == [("neighborhood_k3", lowering, "requested")] * 2
     one_table = model[0].table.table if lowering == "blocked" else tables.build(mask, grid=(6, 6))
     assert meta["table_bytes"] == result.table_bytes == one_table.nbytes   # both layers share one table
-    inputs = [list(n.input) for n in proto.graph.node if n.domain == ONNX_DOMAIN]
+    inputs = [list(n.input) for n in proto.graph.node if n.domain == DOMAIN]
     assert inputs[0][3:] == inputs[1][3:]
     assert model[0].table.layout == "blocked"    # export restored the layers' own layout
 
@@ -135,7 +135,7 @@ def test_auto_records_its_reason_per_layer(tmp_path):
     model = torch.nn.Sequential(MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(12, 12)),
                                 MaskedSelfAttention(16, 2, masks.causal(), seq_len=144)).eval()
     result = _export(tmp_path, model, torch.randn(1, 144, 16), inline=False)
-    first, second = metadata.read(onnx.load(result.path))["masks"]
+    first, second = onnxfile.read_metadata(onnx.load(result.path))["masks"]
     assert first["lowering"] == "blocked" and "block table scores" in first["why"]
     assert second["lowering"] == "dense" and "block table would score" in second["why"]
     result = _export(tmp_path, model, torch.randn(1, 144, 16), inline=False, opset=23)
@@ -238,22 +238,22 @@ def test_parity_flattens_nested_outputs(tmp_path):
 
 
 def test_auto_dense_nodes_run_their_fastest_way_per_runtime(tmp_path):
-    from edgeattn.export import lowering
+    from edgeattn import runtimes
     layer = MaskedSelfAttention(16, 2, masks.causal(), seq_len=64).eval()
     x = torch.randn(1, 64, 16)
     result = _export(tmp_path, layer, x, inline=False)
     (node,) = result.masks
     assert node["lowering"] == "dense"
     assert node["runs_as"] == {"ort-cpu": "contrib", "openvino-cpu": "sdpa"}
-    swapped = lowering.for_runtime(onnx.load(result.path), "ort-cpu")
-    assert [n.overload for n in swapped.graph.node if n.domain == ONNX_DOMAIN] == ["contrib"]
+    swapped = for_runtime(onnx.load(result.path), runtimes.get("ort-cpu"))
+    assert [n.overload for n in swapped.graph.node if n.domain == DOMAIN] == ["contrib"]
     onnx.checker.check_model(swapped, full_check=True)
-    assert "contrib" not in str(lowering.for_runtime(onnx.load(result.path), "ort-cuda").graph.node)
+    assert "contrib" not in str(for_runtime(onnx.load(result.path), runtimes.get("ort-cuda")).graph.node)
     _assert_parity(layer, x, result.path, atol=1e-5)
     # an explicitly requested lowering is what onnxruntime runs
     explicit = _export(tmp_path, layer, x, inline=False, lowering="dense", name="d.onnx")
     assert explicit.masks[0]["runs_as"] == {"openvino-cpu": "sdpa"}
-    assert "contrib" not in str(lowering.for_runtime(onnx.load(explicit.path), "ort-cpu").graph.node)
+    assert "contrib" not in str(for_runtime(onnx.load(explicit.path), runtimes.get("ort-cpu")).graph.node)
 
 
 @pytest.mark.parametrize("lowering,opset,runtimes", LOWERING_LIST, ids=[c[0] for c in LOWERING_LIST])
@@ -262,7 +262,7 @@ def test_dynamic_batch_runs_at_1_3_and_8(tmp_path, lowering, opset, runtimes):
     layer = MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(6, 6)).eval()
     result = _export(tmp_path, layer, torch.randn(1, 36, 16), inline=False, lowering=lowering, opset=opset,
                      runtimes=runtimes, dynamic_batch=True)
-    assert metadata.read(onnx.load(result.path))["dynamic_batch"] is True
+    assert onnxfile.read_metadata(onnx.load(result.path))["dynamic_batch"] is True
     for name in [r for r in CPU_RUNTIMES if runtimes is None or r in runtimes]:
         session = load(result.path, name)
         assert session.inputs[0].shape == ("batch", 36, 16)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeattn import models, parity
-from edgeattn.export import export_registered, metadata
+from edgeattn import models, onnxfile, parity
+from edgeattn.export import export_registered
 
 from conftest import CPU_RUNTIMES
 
@@ -60,7 +60,7 @@ def test_cli_export_check_exits_0_with_parity_on_ort_and_openvino(exported):
 
 
 def test_every_layer_attends_over_a_mask_computed_in_the_graph(exported):
-    meta = metadata.read(onnx.load(str(exported[0] / "m.onnx"), load_external_data=False))
+    meta = onnxfile.read_metadata(onnx.load(str(exported[0] / "m.onnx"), load_external_data=False))
     assert meta["model"] == NAME and meta["table_bytes"] == 0          # no mask table is stored in the file
     assert len(meta["masks"]) == 9
     assert all(m["lowering"] == "dense" and "computed in the graph" in m["why"] for m in meta["masks"])

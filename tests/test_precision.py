@@ -4,10 +4,9 @@ import onnx
 import pytest
 import torch
 
-from edgeattn import EdgeAttnError, export_onnx, load, masks, parity
+from edgeattn import EdgeAttnError, export_onnx, load, masks, onnxfile, parity, runtimes
 from edgeattn.cli import main
-from edgeattn.export import export_registered, metadata
-from edgeattn.export.precision import UNSUPPORTED
+from edgeattn.export import export_registered
 from edgeattn.inspection import inspect_file
 from edgeattn.layers import MaskedSelfAttention
 from edgeattn.runtimes.base import REDUCED_PRECISION
@@ -19,7 +18,7 @@ HOLES = masks.custom(lambda b, h, q, kv: (q % 3 != 0) & ((kv - q).abs() <= 4), n
 
 
 def _runnable(precision):
-    return [r for r in CPU_RUNTIMES if (r, precision) not in UNSUPPORTED]
+    return [r for r in CPU_RUNTIMES if not runtimes.get(r).not_supported_reasons(onnxfile.Contents(precision), here=False)]
 
 
 def _layer(seq_len=24):
@@ -33,7 +32,7 @@ def test_reduced_precision_keeps_fully_masked_rows_zero(tmp_path, dtype, lowerin
     path = tmp_path / "m.onnx"
     result = export_onnx(layer, [x], path, dtype=dtype, lowering=lowering, opset=opset,
                          input_names=["x"], output_names=["y"])
-    assert result.precision == dtype and metadata.read(onnx.load(str(path)))["precision"] == dtype
+    assert result.precision == dtype and onnxfile.read_metadata(onnx.load(str(path)))["precision"] == dtype
     model = onnx.load(str(path))
     # inputs and outputs stay float32; weights (and any float table) are stored in the target dtype
     assert {i.type.tensor_type.elem_type for i in [*model.graph.input, *model.graph.output]} == {onnx.TensorProto.FLOAT}

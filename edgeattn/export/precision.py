@@ -26,34 +26,18 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 QUANTIZE = ("int8", "int8-static")
 DEFAULT_CALIBRATION_SAMPLES = 16
 # ONNX gave Conv, Pooling and others bfloat16 at opset 22; a bf16 file below it fails the checker on convolutions
-MIN_OPSET = {"bf16": 22}
-# (runtime, precision) pairs that cannot run, and why: exports do not target them and checks say so
-UNSUPPORTED = {("ort-cpu", "bf16"): "onnxruntime's CPU provider has no bfloat16 kernels (Conv, MatMul...); run bf16 "
-                                    "files on openvino-cpu or ort-cuda"}
+DTYPE_MIN_OPSET = {"bf16": 22}
+PRECISIONS = (*DTYPES, *QUANTIZE)   # what a file's metadata calls its precision
 
 
 def default_opset(dtype: str, default: int) -> int:
-    return max(default, MIN_OPSET.get(dtype, default))
+    return max(default, DTYPE_MIN_OPSET.get(dtype, default))
 
 
 def check_opset(dtype: str, opset: int) -> None:
-    if opset < MIN_OPSET.get(dtype, 0):
-        raise EdgeAttnError(f"{dtype} files need opset >= {MIN_OPSET[dtype]} (where ONNX Conv and other ops accept "
-                            f"bfloat16), got opset {opset}; pass --opset {MIN_OPSET[dtype]}")
-
-
-def targets_for(precision: str, runtimes: Sequence[str], named: bool) -> list[str]:
-    """The target runtimes that can run ``precision``: named ones that cannot are an error, defaults are dropped."""
-    refused = [r for r in runtimes if (r, precision) in UNSUPPORTED]
-    if refused and named:
-        raise EdgeAttnError(f"{refused[0]} cannot run {precision} files: {UNSUPPORTED[refused[0], precision]}")
-    return [r for r in runtimes if r not in refused]
-
-
-def refusal(runtime: str, precision: str) -> list[str]:
-    """Why ``runtime`` cannot run files of ``precision`` (empty when it can)."""
-    reason = UNSUPPORTED.get((runtime, precision))
-    return [reason] if reason else []
+    if opset < DTYPE_MIN_OPSET.get(dtype, 0):
+        raise EdgeAttnError(f"{dtype} files need opset >= {DTYPE_MIN_OPSET[dtype]} (where ONNX Conv and other ops "
+                            f"accept bfloat16), got opset {opset}; pass --opset {DTYPE_MIN_OPSET[dtype]}")
 
 
 def precision_name(dtype: str, quantize: Optional[str]) -> str:
@@ -79,6 +63,11 @@ class CastIO(nn.Module):
     def forward(self, *inputs):
         out = self.module(*(t.to(self.dtype) if t.is_floating_point() else t for t in inputs))
         return torch.utils._pytree.tree_map(lambda t: t.float() if t.is_floating_point() else t, out)
+
+
+def name_prefix(dtype: str) -> str:
+    """How the names of ``model``'s buffers start in the module :func:`in_dtype` returns."""
+    return "" if dtype == "fp32" else "module."
 
 
 def in_dtype(model: nn.Module, dtype: str) -> nn.Module:

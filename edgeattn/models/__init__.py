@@ -77,9 +77,9 @@ def example_inputs(name: str, seed: int = 0, **config) -> dict[str, torch.Tensor
 
 def from_metadata(model, path) -> BuiltModel:
     """Rebuild the registered model an exported file came from, using its ``edgeattn.*`` metadata."""
-    from ..export import metadata
+    from .. import onnxfile
 
-    meta = metadata.read(model)
+    meta = onnxfile.read_metadata(model)
     if "model" not in meta:
         raise EdgeAttnError(f"{path}: has no edgeattn reference-model metadata (it was not exported by `edgeattn "
                             f"export`), so there is no torch model to rebuild; compare it from Python with "

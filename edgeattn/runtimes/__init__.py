@@ -10,6 +10,8 @@ from .reference import TorchRuntime
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (TorchRuntime(), OrtCpu(), OrtCuda(), OpenVinoCpu())}
 # `auto` takes the first available of these; the torch reference only runs files of registered models.
 AUTO_ORDER = ("ort-cuda", "ort-cpu", "openvino-cpu")
+# what a file is for when no target is named: every runtime that runs the file itself
+ONNX_RUNTIMES = tuple(name for name, runtime in RUNTIMES.items() if not runtime.reference)
 
 
 def runtime_names() -> list[str]:
@@ -43,4 +45,5 @@ def load(path, runtime: str = "auto", accuracy: bool = False) -> Session:
     return resolve(runtime).load(path, accuracy)
 
 
-__all__ = ["RUNTIMES", "Runtime", "Session", "TensorInfo", "Tolerance", "available", "get", "load", "runtime_names"]
+__all__ = ["ONNX_RUNTIMES", "RUNTIMES", "Runtime", "Session", "TensorInfo", "Tolerance", "available", "get", "load",
+           "runtime_names"]

@@ -1,23 +1,20 @@
-"""The Runtime / Session contract every backend implements, and the checks they share."""
+"""The Runtime / Session contract every backend implements, and the checks they share.
+
+A runtime declares what it can run (xformers-style): the precisions it has a parity gate for and those it refuses,
+the node bodies (lowerings) it executes, and how it executes dense-table nodes of ``auto`` files (``runs_as``).
+:meth:`Runtime.not_supported_reasons` answers for this machine, for a file's :class:`~edgeattn.onnxfile.Contents`,
+or both; export's target check, ``auto``, parity and bench all ask it.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
-import onnx
-from onnx import helper
 
-from ..attention import ONNX_DOMAIN, ONNX_OP_VERSION
-from ..errors import EdgeAttnError, first_line
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    shape: tuple            # ints for static axes, names for symbolic ones
-    dtype: np.dtype
+from ..errors import EdgeAttnError
+from ..onnxfile import LOWERINGS, Contents, TensorInfo
 
 
 @dataclass(frozen=True)
@@ -34,6 +31,8 @@ class Tolerance:
                 and (self.rtol is None or max_rel_err <= self.rtol))
 
     def describe(self) -> str:
+        if self.atol == 0 and self.min_cosine == 1:
+            return "exact"
         bounds = ([f"abs {self.atol:.0e}"] if self.atol is not None else []) + \
                  ([f"rel {self.rtol:.0e}"] if self.rtol is not None else [])
         return " ".join(bounds + [f"cos {self.min_cosine:g}"])
@@ -65,14 +64,41 @@ class Session:
 class Runtime:
     name: str = ""
     description: str = ""
-    tolerances: Mapping[str, Tolerance] = {}
+    tolerances: Mapping[str, Tolerance] = {}    # the parity gate per file precision
+    refused_precisions: Mapping[str, str] = {}  # precision -> why files of it cannot run here
+    lowerings: frozenset = frozenset(LOWERINGS)  # the node bodies it executes
+    # how it executes a dense-table node of lowering L: runs_as.get(L, L), in files exported with lowering auto
+    # (or in every file, with runs_as_always) -- the file keeps its portable body, the runtime swaps at load
+    runs_as: Mapping[str, str] = {}
+    runs_as_always: bool = False
+    reference: bool = False                     # runs the torch model a file came from, not the file
 
-    def not_supported_reasons(self) -> list[str]:
-        """Why this runtime cannot run here; empty when it can."""
+    def machine_reasons(self) -> list[str]:
+        """Why this runtime cannot run on this machine (not installed, no device); empty when it can."""
         return []
 
+    def not_supported_reasons(self, contents: Optional[Contents] = None, here: bool = True) -> list[str]:
+        """Why this runtime cannot run a file with ``contents`` (None: any file) on this machine (``here=False``:
+        on a machine that has it, which is what an export for it asks); empty when it can."""
+        reasons = self.machine_reasons() if here else []
+        if contents is not None:
+            refused = self.refused_precisions.get(contents.precision)
+            reasons += [refused] if refused else []
+            others = sorted(contents.lowerings - self.lowerings)
+            if others:
+                runs = sorted(self.lowerings)
+                reasons.append(f"{self.name} does not run the {', '.join(others)} lowering (it runs "
+                               f"{', '.join(runs)})")
+        return reasons
+
     def is_available(self) -> bool:
-        return not self.not_supported_reasons()
+        return not self.machine_reasons()
+
+    def executes(self, lowering: str, requested: str = "auto") -> str:
+        """What this runtime runs for a node of ``lowering`` in a file exported with lowering ``requested``."""
+        if self.runs_as_always or requested == "auto":
+            return self.runs_as.get(lowering, lowering)
+        return lowering
 
     def tolerance(self, precision: str = "fp32") -> Tolerance:
         if precision not in self.tolerances:
@@ -80,72 +106,17 @@ class Runtime:
                                 f"(known: {', '.join(self.tolerances)})")
         return self.tolerances[precision]
 
-    def load(self, path, accuracy: bool = False) -> Session:
+    def load(self, path, accuracy: bool = False, module: Any = None) -> Session:
         """Load ``path``.  ``accuracy=True`` asks the runtime not to lower precision below the file's own
-        (parity runs); by default it may, for speed (OpenVINO's bf16/f16 inference precision)."""
-        reasons = self.not_supported_reasons()
+        (parity runs); by default it may, for speed (OpenVINO's bf16/f16 inference precision).  ``module`` is the
+        torch module the file came from, for the reference runtime (the others run the file)."""
+        reasons = self.machine_reasons()
         if reasons:
             raise EdgeAttnError(f"runtime {self.name} is not available: {'; '.join(reasons)}")
-        return self._load(Path(path), accuracy)
+        return self._load(Path(path), accuracy, module)
 
-    def _load(self, path: Path, accuracy: bool) -> Session:
+    def _load(self, path: Path, accuracy: bool, module: Any) -> Session:
         raise NotImplementedError
-
-
-def read_onnx(path, weights: bool = False) -> onnx.ModelProto:
-    """Load an ONNX file or say in one line why it cannot be used.
-
-    ``weights=True`` also loads tensors stored as external data (``torch.onnx.export`` writes ``model.onnx.data``
-    beside the file); their locations must be files inside the model's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise EdgeAttnError(f"{path}: no such file")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        raise EdgeAttnError(f"{path}: not an ONNX model, or truncated/corrupted (could not parse it as an ONNX "
-                            f"protobuf)") from None
-    if not model.graph.node and not model.graph.output:
-        raise EdgeAttnError(f"{path}: not an ONNX model (no graph in the file)")
-    for op in model.opset_import:
-        if op.domain == ONNX_DOMAIN and op.version > ONNX_OP_VERSION:
-            raise EdgeAttnError(f"{path}: uses {ONNX_DOMAIN} opset {op.version}, this edgeattn knows up to "
-                                f"{ONNX_OP_VERSION}; upgrade edgeattn or re-export the file")
-    _check_external_data(model, path)   # even when not loading it: a file pointing elsewhere is refused everywhere
-    if weights:
-        try:
-            onnx.load_external_data_for_model(model, str(path.resolve().parent))
-        except Exception as e:
-            raise EdgeAttnError(f"{path}: could not read its external data: {first_line(e)}") from e
-    return model
-
-
-def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
-    """Every external-data location must be a relative path to an existing file inside the model's folder
-    (after resolving ``..`` and symlinks): a model from elsewhere must not make us read other files."""
-    folder = path.resolve().parent
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if not onnx.external_data_helper.uses_external_data(tensor):
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (folder / location).resolve()
-        if not location or Path(location).is_absolute() or folder not in target.parents or not target.is_file():
-            raise EdgeAttnError(f"{path}: tensor {tensor.name!r} points at external data {location!r}, which is not "
-                                f"a file inside {folder}; keep the .onnx and its data file together")
-
-
-def io_info(values: Sequence[onnx.ValueInfoProto]) -> list[TensorInfo]:
-    out = []
-    for value in values:
-        tensor = value.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim)
-        out.append(TensorInfo(value.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))))
-    return out
-
-
-def graph_inputs(model: onnx.ModelProto) -> list[TensorInfo]:
-    initializers = {i.name for i in model.graph.initializer}
-    return io_info([v for v in model.graph.input if v.name not in initializers])
 
 
 def nonfinite_inputs(feeds: Mapping[str, np.ndarray]) -> list[str]:

@@ -16,28 +16,26 @@ import numpy as np
 import onnx
 import onnx.inliner
 
-from ..attention import ONNX_DOMAIN, ONNX_OP
+from .. import onnxfile
 from ..errors import EdgeAttnError, first_line
-from ..export import metadata
-from ..export.lowering import RUNS_AS
-from .base import REDUCED_PRECISION, Runtime, Session, Tolerance, graph_inputs, io_info, read_onnx
+from ..onnxfile import DOMAIN, OP
+from .base import REDUCED_PRECISION, Runtime, Session, Tolerance
 
-# lowerings whose node the extension converts to ScaledDotProductAttention (the export metadata records the same)
-SDPA_LOWERINGS = {low.encode() for low, how in RUNS_AS["openvino-cpu"].items() if how == "sdpa"}
-_BIAS = 4                                    # dense-table node inputs: q, k, v, mask, then the optional bias
+_BIAS = onnxfile.bias_position("dense")     # dense-table node inputs: q, k, v, mask, then the optional bias
 
 
 class OpenVinoSession(Session):
     fused_sdpa: int   # how many edgeattn nodes became OpenVINO ScaledDotProductAttention ops (the rest were inlined)
 
-    def __init__(self, runtime: str, path: Path, device: str, accuracy: bool = False):
+    def __init__(self, runtime: Runtime, path: Path, device: str, accuracy: bool = False):
         import openvino as ov
         from openvino.frontend.onnx import ConversionExtension
 
-        model = read_onnx(path, weights=True)
-        file_precision = metadata.read(model).get("precision", "fp32")
-        self.runtime, self.inputs, self.outputs = runtime, graph_inputs(model), io_info(model.graph.output)
-        model = _inline_all_but_sdpa(model)
+        model = onnxfile.read(path, weights=True)
+        file_precision = onnxfile.read_metadata(model).get("precision", "fp32")
+        self.runtime, self.inputs, self.outputs = runtime.name, onnxfile.graph_inputs(model), onnxfile.graph_outputs(
+            model)
+        model = _inline_all_but_sdpa(model, runtime)
         errors = []
 
         def convert(context):  # OpenVINO reports a converter's exception inside a long log: keep it to report
@@ -48,7 +46,7 @@ class OpenVinoSession(Session):
                 raise
 
         core = ov.Core()
-        core.add_extension(ConversionExtension(ONNX_OP, ONNX_DOMAIN, convert))   # only applies to later reads
+        core.add_extension(ConversionExtension(OP, DOMAIN, convert))   # only applies to later reads
         try:
             ov_model = core.read_model(model.SerializeToString(), b"")
             ops = ov_model.get_ordered_ops()
@@ -57,7 +55,7 @@ class OpenVinoSession(Session):
             self._compiled = core.compile_model(ov_model, device, self.config)
         except Exception as e:
             if errors:
-                raise EdgeAttnError(f"{path}: OpenVINO could not convert {ONNX_DOMAIN}.{ONNX_OP} to "
+                raise EdgeAttnError(f"{path}: OpenVINO could not convert {DOMAIN}.{OP} to "
                                     f"ScaledDotProductAttention: {first_line(errors[0])}") from errors[0]
             raise EdgeAttnError(f"{path}: OpenVINO could not compile the model: {first_line(e)}") from e
         self._ports = [self._compiled.output(i) for i in range(len(self.outputs))]
@@ -90,21 +88,21 @@ def _config(core, device: str, precision: str, accuracy: bool) -> dict:
     return {"INFERENCE_PRECISION_HINT": hint}
 
 
-def _converts_to_sdpa(node: onnx.NodeProto) -> bool:
-    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    return attributes.get("layout") == b"dense" and attributes.get("lowering") in SDPA_LOWERINGS
+def _converts_to_sdpa(node: onnx.NodeProto, runtime: Runtime) -> bool:
+    attributes = onnxfile.attributes(node)
+    return attributes.get("layout") == "dense" and runtime.executes(attributes.get("lowering", "")) == "sdpa"
 
 
-def _inline_all_but_sdpa(model: onnx.ModelProto) -> onnx.ModelProto:
+def _inline_all_but_sdpa(model: onnx.ModelProto, runtime: Runtime) -> onnx.ModelProto:
     """Inline the function bodies of the edgeattn nodes the extension does not convert.
 
     Bodies are model-local function overloads (one per lowering, with and without bias): dropping the overloads of
     the converted nodes leaves exactly those nodes in place when the inliner expands the rest."""
-    nodes = [n for n in model.graph.node if n.domain == ONNX_DOMAIN]
-    kept = {n.overload for n in nodes if _converts_to_sdpa(n)}
+    nodes = onnxfile.attention_nodes(model)
+    kept = {n.overload for n in nodes if _converts_to_sdpa(n, runtime)}
     if all(n.overload in kept for n in nodes):
         return model
-    functions = [f for f in model.functions if not (f.domain == ONNX_DOMAIN and f.overload in kept)]
+    functions = [f for f in model.functions if not (f.domain == DOMAIN and f.overload in kept)]
     del model.functions[:]
     model.functions.extend(functions)
     return onnx.inliner.inline_local_functions(model)
@@ -144,9 +142,13 @@ class OpenVinoCpu(Runtime):
     name = "openvino-cpu"
     description = "OpenVINO, CPU plugin"
     tolerances = {"fp32": Tolerance(atol=1e-4, min_cosine=0.99999), **REDUCED_PRECISION}
+    lowerings = frozenset({"dense", "blocked", "attention"})   # contrib is onnxruntime's own op
+    # every dense-table node becomes OpenVINO's ScaledDotProductAttention (see the module docstring)
+    runs_as = {"dense": "sdpa", "attention": "sdpa"}
+    runs_as_always = True
 
     @functools.cache  # noqa: B019  (one instance per process; asking OpenVINO for its devices is slow)
-    def not_supported_reasons(self):
+    def machine_reasons(self):
         try:
             import openvino as ov
         except ImportError:
@@ -155,5 +157,5 @@ class OpenVinoCpu(Runtime):
             return ["OpenVINO reports no CPU device"]
         return []
 
-    def _load(self, path, accuracy):
-        return OpenVinoSession(self.name, path, "CPU", accuracy)
+    def _load(self, path, accuracy, module):
+        return OpenVinoSession(self, path, "CPU", accuracy)

@@ -1,33 +1,29 @@
-"""``torch``: the PyTorch eager reference.  It rebuilds the registered model named in the file's metadata (name,
-config, seed) and runs it, so any exported reference model can be compared with its source."""
+"""``torch``: the PyTorch eager reference, one more runtime.  It runs the torch module a file came from: the one
+given to :meth:`Runtime.load` (``compare_model``), or the registered model named in the file's metadata (name,
+config, seed), rebuilt, so any exported reference model can be compared with its source."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .base import Runtime, Session, Tolerance, graph_inputs, io_info, read_onnx
+from .. import onnxfile
+from .base import Runtime, Session, Tolerance
 
 
 class TorchSession(Session):
     def __init__(self, runtime: str, module: torch.nn.Module, inputs, outputs):
         self.runtime, self.inputs, self.outputs = runtime, inputs, outputs
-        self.module = module.eval()
-
-    @classmethod
-    def from_file(cls, runtime: str, path: Path) -> "TorchSession":
-        from .. import models
-
-        model = read_onnx(path)
-        built = models.from_metadata(model, path)
-        return cls(runtime, built.module, graph_inputs(model), io_info(model.graph.output))
+        self.module = module
 
     def _run(self, feeds):
-        with torch.no_grad():
-            out = self.module(**{name: torch.from_numpy(array) for name, array in feeds.items()})
+        was_training = self.module.training
+        try:
+            with torch.no_grad():
+                out = self.module.eval()(*(torch.from_numpy(feeds[i.name]) for i in self.inputs))
+        finally:
+            self.module.train(was_training)
         out = torch.utils._pytree.tree_leaves(out)   # the exporter flattens nested outputs the same way
-        return {info.name: np.asarray(t.detach().numpy()) for info, t in zip(self.outputs, out)}
+        return {info.name: np.asarray(t.detach().cpu().numpy()) for info, t in zip(self.outputs, out)}
 
 
 class TorchRuntime(Runtime):
@@ -35,6 +31,12 @@ class TorchRuntime(Runtime):
     description = "PyTorch eager reference (rebuilds the registered model from the file's metadata)"
     # the reference: it runs the fp32 model a file of any precision was exported from
     tolerances = dict.fromkeys(("fp32", "fp16", "bf16", "int8", "int8-static"), Tolerance(atol=0.0, min_cosine=1.0))
+    reference = True
 
-    def _load(self, path, accuracy):
-        return TorchSession.from_file(self.name, path)
+    def _load(self, path, accuracy, module):
+        model = onnxfile.read(path)
+        if module is None:
+            from .. import models
+
+            module = models.from_metadata(model, path).module
+        return TorchSession(self.name, module, onnxfile.graph_inputs(model), onnxfile.graph_outputs(model))

@@ -1,27 +1,16 @@
-"""Standard-op bodies for ``edgeattn.MaskedAttention``, written as ONNX model-local functions.
+"""Standard-op bodies for ``edgeattn.MaskedAttention``, written as ONNX model-local functions: the op's definition.
 
 Each lowering is a function *overload* of the one op (ONNX IR >= 10), so a node names its body by
 ``node.overload``.  onnxruntime expands the function itself; ``onnx.inliner`` expands it for runtimes that do not.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
+import onnx
 from onnx import FunctionProto, TensorProto, helper
 
-from ..attention import ONNX_DOMAIN, ONNX_OP, TABLE_INPUTS
-
-# lowering -> the table layout its node carries (edgeattn.export.lowering says which opsets and runtimes run it)
-LOWERINGS = {"dense": "dense", "blocked": "blocked", "attention": "dense", "contrib": "dense"}
-# overload name -> (lowering, whether the node passes an additive bias as its last table input)
-OVERLOADS = {f"{lowering}{'_bias' if bias else ''}": (lowering, bias) for lowering in LOWERINGS for bias in (False, True)}
-# dtype: ONNX element type of q, so constants are typed statically; layout/lowering say what the tables are;
-# heads: q's head count (contrib's num_heads)
-ATTRIBUTES = ["scale", "mask", "dtype", "layout", "lowering", "heads"]
-
-
-def overload_for(lowering: str, has_bias: bool) -> str:
-    return f"{lowering}{'_bias' if has_bias else ''}"
+from . import ATTRIBUTES, DOMAIN, LOWERINGS, OP, OVERLOADS, QKV, TABLE_INPUTS, attention_nodes, attributes
 
 
 def dense(opset: int, overload: str) -> FunctionProto:
@@ -151,6 +140,22 @@ def body(overload: str, opset: int) -> FunctionProto:
     return BODIES[OVERLOADS[overload][0]](opset, overload)
 
 
+def swap(model: onnx.ModelProto, runs_as: Callable[[str], str], opset: int) -> onnx.ModelProto:
+    """Give each attention node the body ``runs_as(its lowering)`` names (in memory), adding missing bodies."""
+    swapped = set()
+    for node in attention_nodes(model):
+        lowering = attributes(node).get("lowering")
+        target = runs_as(lowering) if lowering else None
+        if target and target != lowering and target in LOWERINGS:
+            node.overload = node.overload.replace(lowering, target, 1)
+            swapped.add(node.overload)
+    have = {f.overload for f in model.functions if f.domain == DOMAIN}
+    for name in sorted(swapped - have):
+        model.functions.append(body(name, opset))
+    import_domains(model)
+    return model
+
+
 def import_domains(model) -> None:
     """Add the opset imports the model's functions use (contrib bodies use ``com.microsoft``)."""
     used = {op.domain for f in model.functions for op in f.opset_import}
@@ -160,11 +165,11 @@ def import_domains(model) -> None:
 
 def _function(overload: str, opset: int, nodes, doc: str, extra_opsets: Optional[dict] = None) -> FunctionProto:
     lowering, bias = OVERLOADS[overload]
-    tables = list(TABLE_INPUTS[LOWERINGS[lowering]])
-    inputs = ["q", "k", "v"] + (tables if bias else tables[:-1])
+    tables = list(TABLE_INPUTS[LOWERINGS[lowering].layout])
+    inputs = list(QKV) + (tables if bias else tables[:-1])
     opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in (extra_opsets or {}).items()]
-    fn = helper.make_function(ONNX_DOMAIN, ONNX_OP, inputs, ["out"], nodes, opsets,
-                              attributes=ATTRIBUTES, doc_string=doc.strip().splitlines()[0])
+    fn = helper.make_function(DOMAIN, OP, inputs, ["out"], nodes, opsets, attributes=list(ATTRIBUTES),
+                              doc_string=doc.strip().splitlines()[0])
     fn.overload = overload
     return fn
 

@@ -1,0 +1,145 @@
+"""torch -> ONNX: trace the model under its lowering plan with the dynamo exporter, finalize the graph, quantize if
+asked, save atomically."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import onnx
+import torch
+
+from .. import onnxfile
+from ..errors import EdgeAttnError, first_line
+from ..files import check_writable
+from . import graph, plan as plans, precision as precisions
+from .request import ExportRequest, check_request
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    opset: int
+    inline: bool
+    lowering: str
+    targets: list[str]
+    precision: str = "fp32"
+    masks: list[dict] = field(default_factory=list)   # one entry per attention node
+    table_bytes: int = 0                              # unique mask-table bytes in the file
+    file_bytes: int = 0
+    metadata: dict = field(default_factory=dict, repr=False)   # the file's edgeattn.* metadata
+    parity: list = field(default_factory=list)        # ParityResults, when the export was checked
+
+
+def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path, *, opset: Optional[int] = None,
+                inline: bool = False, lowering: str = "auto", runtimes: Optional[Sequence[str]] = None,
+                dynamic_batch: bool = False, batch_axes: Optional[Sequence[Optional[int]]] = None,
+                input_names: Optional[Sequence[str]] = None,
+                output_names: Optional[Sequence[str]] = None, metadata_props: Optional[dict[str, Any]] = None,
+                dtype: str = "fp32", quantize: Optional[str] = None,
+                calibration: Optional[Sequence[dict]] = None) -> ExportResult:
+    """Export ``model`` at the example inputs' shapes.
+
+    By default attention stays one ``edgeattn`` node whose local function is the standard-op lowering
+    (``lowering``: auto, dense, blocked, attention, contrib; see :mod:`edgeattn.export.plan`), chosen for the
+    target ``runtimes`` (default: every ONNX runtime); ``inline=True`` writes standard ops only.
+    ``dynamic_batch=True`` makes the batch axis of every input symbolic (``batch``): axis 0, or per input
+    ``batch_axes`` (None for an input without one, e.g. a KV cache is (layers, batch, ...)); mask tables do not
+    depend on it.
+    ``dtype`` (fp32, fp16, bf16) is the precision of weights and compute, with float32 inputs and outputs;
+    ``quantize`` (int8: dynamic, int8-static: QDQ calibrated on ``calibration`` feeds, generated from the example
+    inputs' shapes when not given) quantizes the linear layers of an fp32 export (see
+    :mod:`edgeattn.export.precision`).  ``opset`` defaults to 18 (22 for bf16).  The file is replaced only on
+    success."""
+    request = check_request(dtype=dtype, quantize=quantize, opset=opset, lowering=lowering, runtimes=runtimes,
+                            inline=inline, dynamic_batch=dynamic_batch)
+    check_writable(path)
+    return export_checked(model, example_inputs, path, request, batch_axes=batch_axes, input_names=input_names,
+                          output_names=output_names, metadata_props=metadata_props, calibration=calibration)
+
+
+def export_checked(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path, request: ExportRequest, *,
+                   batch_axes=None, input_names=None, output_names=None, metadata_props=None,
+                   calibration=None) -> ExportResult:
+    """:func:`export_onnx` for a request already checked (and a writable ``path``)."""
+    clash = sorted(set(metadata_props or {}) & set(onnxfile.RESERVED_METADATA))
+    if clash:
+        raise EdgeAttnError(f"metadata_props may not set {clash}: edgeattn writes those keys itself")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = [example_inputs]
+    was_training = model.training
+    dynamic = None
+    if request.dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        axes = list(batch_axes) if batch_axes is not None else [0 if t.ndim else None for t in example_inputs]
+        if len(axes) != len(example_inputs):
+            raise EdgeAttnError(f"batch_axes has {len(axes)} entries for {len(example_inputs)} inputs")
+        dynamic = tuple(None if a is None else {a: batch} for a in axes)
+        # torch.export specializes a size-1 example axis to the constant 1: trace with a batch of 2 instead
+        example_inputs = [t if a is None or t.shape[a] != 1 else t.expand(*t.shape[:a], 2, *t.shape[a + 1:])
+                          for t, a in zip(example_inputs, axes)]
+    try:
+        # the plan switches the model's table layouts; a reduced-precision copy is made of the switched model
+        with torch.no_grad(), _quiet(), plans.applied(model.eval(), request.lowering, request.opset,
+                                                      precisions.name_prefix(request.dtype)) as plan:
+            traced = precisions.in_dtype(model, request.dtype)
+            # bf16 skips the exporter's optimizer: its constant folding goes through numpy (no bfloat16) and left
+            # float32 Conv weights in bf16 graphs; the runtimes optimize the graph themselves
+            program = torch.onnx.export(traced, tuple(example_inputs), dynamo=True, opset_version=request.opset,
+                                        input_names=input_names, output_names=output_names, verbose=False,
+                                        dynamic_shapes=dynamic, optimize=request.dtype != "bf16")
+    except EdgeAttnError:
+        raise
+    except Exception as e:  # the exporter's own errors are long; keep the cause chained for debugging
+        raise EdgeAttnError(f"torch.onnx export failed: {first_line(e)}") from e
+    finally:
+        model.train(was_training)
+    proto = program.model_proto
+    masks, table_bytes = graph.finalize(proto, request, plan, extra=metadata_props)
+    if request.quantize:
+        if request.quantize == "int8-static" and not calibration:
+            calibration = _random_feeds(example_inputs, input_names, precisions.DEFAULT_CALIBRATION_SAMPLES)
+        proto = _quantized(proto, request.quantize, calibration)
+    return ExportResult(Path(path), request.opset, request.inline, request.lowering, list(request.targets),
+                        request.precision, masks, table_bytes, file_bytes=onnxfile.save(proto, path),
+                        metadata=onnxfile.read_metadata(proto))
+
+
+def _quantized(proto: onnx.ModelProto, mode: str, calibration) -> onnx.ModelProto:
+    """Run onnxruntime's quantizer on ``proto`` (it works on files) and return the quantized model."""
+    with tempfile.TemporaryDirectory(prefix="edgeattn-quantize-") as folder:
+        src, dst = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
+        onnx.save(proto, str(src))
+        precisions.quantize(src, dst, mode, calibration)
+        quantized = onnx.load(str(dst))
+    del quantized.metadata_props[:]   # the quantizer keeps them, but its own copy may lag behind: take ours
+    quantized.metadata_props.extend(proto.metadata_props)
+    return quantized
+
+
+def _random_feeds(example_inputs, names, count: int) -> list[dict]:
+    """Calibration feeds shaped like the example inputs: normal noise for float inputs, the example otherwise."""
+    generator = torch.Generator().manual_seed(0)
+    names = list(names) if names else [f"input_{i}" for i in range(len(example_inputs))]
+    return [{n: (torch.randn(t.shape, generator=generator) if t.is_floating_point() else t).numpy()
+             for n, t in zip(names, example_inputs)} for _ in range(count)]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The dynamo exporter prints progress and warnings on every call; a CLI shows its own progress instead."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        sink = io.StringIO()  # errors still surface as exceptions
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)

@@ -1,0 +1,100 @@
+"""The traced graph -> the file's graph: each attention node gets its planned body as a model-local function (or is
+inlined), identical tables are stored once, the exporter's trace metadata goes, edgeattn's metadata comes in, and
+the result passes onnx's full checker."""
+from __future__ import annotations
+
+import hashlib
+from typing import Optional
+
+import onnx
+import onnx.inliner
+from onnx import helper, numpy_helper
+
+from .. import __version__, onnxfile, runtimes
+from ..errors import EdgeAttnError, first_line
+from ..onnxfile import DOMAIN, LOWERINGS, bodies
+from .plan import Plan
+from .request import ExportRequest
+
+
+def finalize(proto: onnx.ModelProto, request: ExportRequest, plan: Plan, extra: Optional[dict] = None
+             ) -> tuple[list[dict], int]:
+    """Give every attention node its planned body, dedupe tables, write metadata, optionally inline, then run the
+    full checker.  Returns one description per attention node and the bytes of the unique mask tables."""
+    _strip_trace_metadata(proto)
+    nodes = onnxfile.attention_nodes(proto)
+    choices = [plan.choice_for(node) for node in nodes]   # by table names, before dedupe renames them
+    table_bytes = _dedupe_tables(proto, nodes)
+    masks, overloads = [], set()
+    for node, choice in zip(nodes, choices):
+        attrs = onnxfile.attributes(node)
+        layout = attrs["layout"]
+        if LOWERINGS[choice.lowering].layout != layout:   # a plan that does not fit its node is our bug
+            raise EdgeAttnError(f"internal error: node {node.name} has a {layout} table, its plan says "
+                                f"{choice.lowering}; please report this")
+        bias = onnxfile.has_bias(node, layout)
+        del node.input[onnxfile.bias_position(layout) + bias:]   # an absent optional bias is dropped, not ""
+        node.attribute.append(helper.make_attribute("lowering", choice.lowering))
+        node.overload = onnxfile.overload(choice.lowering, bias)
+        overloads.add(node.overload)
+        runs = {t: runtimes.get(t).executes(choice.lowering, request.lowering) for t in request.targets}
+        masks.append({"node": node.name, "mask": attrs.get("mask", ""), "lowering": choice.lowering,
+                      "why": choice.reason, "layout": layout,
+                      "runs_as": {t: r for t, r in runs.items() if r != choice.lowering and not request.inline},
+                      "table_bytes": sum(table_bytes.get(i, 0) for i in onnxfile.table_inputs(node))})
+    for name in sorted(overloads):
+        proto.functions.append(bodies.body(name, request.opset))
+    bodies.import_domains(proto)
+    # learned relative position biases reach the node through a Gather on their weight: count their index tables
+    rpb_index = [i for i in proto.graph.initializer if i.name.rsplit(".", 1)[-1] == "attn_rpb_index"]
+    unique_bytes = sum(table_bytes.values()) + sum(numpy_helper.to_array(i).nbytes for i in rpb_index)
+    onnxfile.write_metadata(proto, {
+        "version": __version__, "opset": request.opset, "inline": request.inline, "masks": masks,
+        "table_bytes": unique_bytes, "lowering": request.lowering, "targets": list(request.targets),
+        "dynamic_batch": request.dynamic_batch, "precision": request.precision, **(extra or {})})
+    if request.inline:
+        inlined = onnx.inliner.inline_local_functions(proto)
+        del inlined.opset_import[:]
+        inlined.opset_import.extend(op for op in proto.opset_import if op.domain != DOMAIN)
+        proto.CopyFrom(inlined)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise EdgeAttnError(f"the exported model fails onnx.checker: {first_line(e)}") from e
+    return masks, unique_bytes
+
+
+def _strip_trace_metadata(proto: onnx.ModelProto) -> None:
+    """The exporter annotates nodes, values and the graph with ``pkg.torch.*`` metadata: each node's Python stack
+    trace (source paths of the exporting machine, megabytes on large models), FX nodes, the export signature.  Keep
+    only the nodes' ``namespace`` (the module path, for profiling)."""
+    graph = proto.graph
+    for item in [graph, *graph.node, *graph.input, *graph.output, *graph.value_info, *graph.initializer]:
+        keep = [p for p in item.metadata_props if not p.key.startswith("pkg.torch.")]
+        del item.metadata_props[:]
+        item.metadata_props.extend(keep)
+
+
+def _dedupe_tables(proto: onnx.ModelProto, nodes) -> dict[str, int]:
+    """Point attention nodes that carry byte-identical tables at one initializer; return name -> bytes kept."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    first_by_digest, kept, dropped = {}, {}, set()
+    first_table = len(onnxfile.QKV)
+    for node in nodes:
+        for pos in range(first_table, len(node.input)):
+            name = node.input[pos]
+            if name not in inits:
+                continue
+            array = numpy_helper.to_array(inits[name])
+            digest = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+            first = first_by_digest.setdefault(digest, name)
+            if first != name:
+                node.input[pos] = first
+                dropped.add(name)
+            else:
+                kept[name] = array.nbytes
+    still_used = {i for n in proto.graph.node for i in n.input}
+    keep = [i for i in proto.graph.initializer if i.name not in dropped or i.name in still_used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    return kept

@@ -1,0 +1,74 @@
+"""The registered-model workflow behind ``edgeattn export``: build a reference model, export it, optionally check
+it on runtimes against the model just built, in one call (what the CLI calls)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from ..files import check_writable
+from . import precision as precisions
+from .exporter import ExportResult, export_checked
+from .request import check_request
+
+
+def export_registered(name: str, path, *, seed: int = 0, opset: Optional[int] = None, inline: bool = False,
+                      lowering: str = "auto", runtimes: Optional[Sequence[str]] = None, dynamic_batch: bool = False,
+                      dtype: str = "fp32", quantize: Optional[str] = None, calibration=None,
+                      calibration_samples: int = precisions.DEFAULT_CALIBRATION_SAMPLES, check: bool = False,
+                      runs: int = 20, report=None, progress: Optional[Callable[[str], None]] = None,
+                      **config) -> ExportResult:
+    """Build a registered reference model and export it; the metadata lets `edgeattn check` rebuild the reference.
+
+    ``runtimes`` name the ONNX runtimes the file is for (default: all) and, with ``check=True``, the runtimes the
+    parity gate runs on (``torch``, the reference, may be among them; default: torch and every available target).
+    The check compares with the model just built and writes its results to ``report`` (a JSON path) when given:
+    ``result.parity``.  ``calibration`` (int8-static) is an ``.npz`` path (see
+    :func:`precision.load_calibration`) or a list of feeds; by default ``calibration_samples`` inputs are drawn like
+    the model's example inputs, with other seeds.  Everything is validated before the model is built."""
+    from .. import models, parity
+
+    request = check_request(dtype=dtype, quantize=quantize, opset=opset, lowering=lowering, runtimes=runtimes,
+                            inline=inline, dynamic_batch=dynamic_batch)
+    check_writable(path)
+    if report is not None:
+        check_writable(report)
+    check_on = parity.check_available(runtimes) if check and runtimes else None
+    built = models.build(name, seed=seed, **config)
+    if request.quantize == "int8-static":
+        if isinstance(calibration, (str, Path)):
+            calibration = precisions.load_calibration(calibration, list(built.inputs))
+        elif calibration is None:
+            calibration = calibration_feeds(built, calibration_samples)
+    if progress:
+        progress(f"exporting {name} -> {path} (opset {request.opset}, lowering {lowering}, {dtype}"
+                 f"{', ' + quantize if quantize else ''}{', inlined' if inline else ''})")
+    result = export_checked(built.module, list(built.inputs.values()), path, request,
+                            batch_axes=[built.batch_axes.get(k, 0) for k in built.inputs] if dynamic_batch else None,
+                            input_names=list(built.inputs), output_names=list(built.outputs),
+                            metadata_props={"model": name, "config": built.config, "seed": seed},
+                            calibration=calibration)
+    if progress:
+        progress(_summary(result))
+    if check:
+        result.parity = parity.compare_model(built.module, list(built.inputs.values()), result.path, check_on, runs,
+                                             progress=lambda n: progress(f"checking on {n} ...") if progress else None)
+        if report is not None:
+            parity.write_json(result.parity, report)
+    return result
+
+
+def calibration_feeds(built, count: int = precisions.DEFAULT_CALIBRATION_SAMPLES) -> list[dict]:
+    """int8-static calibration feeds for a registered model: its example inputs drawn with the next seeds."""
+    from .. import models
+
+    return [{k: v.numpy() for k, v in models.example_inputs(built.name, built.seed + 1 + i, **built.config).items()}
+            for i in range(count)]
+
+
+def _summary(result: ExportResult) -> str:
+    counts: dict[str, int] = {}
+    for m in result.masks:
+        key = f"{m['mask']} ({m['lowering']})"
+        counts[key] = counts.get(key, 0) + 1
+    return (f"wrote {result.path}: {result.file_bytes / 1e6:.1f} MB, {len(result.masks)} attention nodes "
+            f"({', '.join(f'{k} x{v}' for k, v in counts.items())}), mask tables {result.table_bytes / 1e6:.1f} MB")

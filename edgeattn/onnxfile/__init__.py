@@ -1,0 +1,208 @@
+"""The edgeattn ONNX file format, in one place: the ``edgeattn.MaskedAttention`` node (inputs, attributes, the
+lowerings its body can be), the file's ``edgeattn.*`` metadata, and reading and writing files safely.
+
+Export writes through this module; runtimes, parity, inspection and bench read through it.  It imports neither torch
+nor the exporter, so a runtime that only runs files depends on nothing else of edgeattn.
+
+The node: ``MaskedAttention(q, k, v, *table)`` in domain ``edgeattn``, version 1.  q, k, v are (B, H, N, D); the
+table's tensors follow in the order :data:`TABLE_INPUTS` gives for its ``layout`` attribute, the optional additive
+bias last (an absent bias is dropped, not passed as "").  Its body is a model-local function overload named after
+its ``lowering`` (``dense``, ``dense_bias``, ``blocked``...), see :mod:`edgeattn.onnxfile.bodies`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import EdgeAttnError, first_line
+from ..files import atomic_write
+
+DOMAIN = "edgeattn"
+OP = "MaskedAttention"
+OP_VERSION = 1
+
+QKV = ("q", "k", "v")
+# What each table layout passes after q, k, v (see edgeattn.tables); the optional bias is always last
+TABLE_INPUTS = {"dense": ("mask", "bias"),
+                "blocked": ("q_index", "kv_index", "q_pos", "bank", "block", "bank_bias")}
+# scale: softmax scale; mask: the mask's name; dtype: ONNX element type of q, so a body types its constants
+# statically; layout: which TABLE_INPUTS follow q, k, v; lowering: the body; heads: q's head count (contrib's num_heads)
+ATTRIBUTES = ("scale", "mask", "dtype", "layout", "lowering", "heads")
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """A body an attention node can have: the table layout it reads and the opset it needs."""
+    name: str
+    layout: str
+    min_opset: int = 17
+    doc: str = ""
+
+
+LOWERINGS = {low.name: low for low in (
+    Lowering("dense", "dense", doc="MatMul / Add / Softmax / MatMul over the whole table"),
+    Lowering("blocked", "blocked", doc="per query tile: Gather its keys, batched MatMul, bank mask, Softmax"),
+    Lowering("attention", "dense", min_opset=23, doc="the ONNX Attention op with the dense mask"),
+    Lowering("contrib", "dense", doc="onnxruntime's com.microsoft.MultiHeadAttention with attention_bias"),
+)}
+
+
+def overload(lowering: str, has_bias: bool) -> str:
+    """The function overload a node of ``lowering`` names: ``dense``, ``dense_bias``..."""
+    return f"{lowering}{'_bias' if has_bias else ''}"
+
+
+OVERLOADS = {overload(low, bias): (low, bias) for low in LOWERINGS for bias in (False, True)}
+
+
+def attention_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.domain == DOMAIN]
+
+
+def attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    """The node's attributes as Python values (strings decoded)."""
+    values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}
+
+
+def bias_position(layout: str) -> int:
+    """Input position of the optional bias of a node with a table of ``layout``."""
+    return len(QKV) + len(TABLE_INPUTS[layout]) - 1
+
+
+def has_bias(node: onnx.NodeProto, layout: Optional[str] = None) -> bool:
+    position = bias_position(layout or attributes(node)["layout"])
+    return len(node.input) > position and node.input[position] != ""
+
+
+def table_inputs(node: onnx.NodeProto) -> list[str]:
+    """Names of the node's table tensors (and bias), after q, k, v."""
+    return list(node.input[len(QKV):])
+
+
+# ---- metadata: what a file says about itself, in metadata_props under edgeattn.* keys ----
+
+METADATA_PREFIX = "edgeattn."
+# written by export itself; a user's metadata_props may not set them
+RESERVED_METADATA = ("version", "opset", "inline", "masks", "table_bytes", "lowering", "targets", "dynamic_batch",
+                     "precision")
+
+
+def write_metadata(model: onnx.ModelProto, values: Mapping[str, Any]) -> None:
+    """Set ``edgeattn.<key>`` entries; non-strings are stored as JSON, sorted so exports are reproducible."""
+    existing = {p.key: p for p in model.metadata_props}
+    for key in sorted(values):
+        text = values[key] if isinstance(values[key], str) else json.dumps(values[key], sort_keys=True)
+        prop = existing.get(METADATA_PREFIX + key) or model.metadata_props.add()
+        prop.key, prop.value = METADATA_PREFIX + key, text
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
+    """The ``edgeattn.*`` entries, JSON-decoded where they are JSON."""
+    out = {}
+    for prop in model.metadata_props:
+        if prop.key.startswith(METADATA_PREFIX):
+            try:
+                out[prop.key[len(METADATA_PREFIX):]] = json.loads(prop.value)
+            except json.JSONDecodeError:
+                out[prop.key[len(METADATA_PREFIX):]] = prop.value
+    return out
+
+
+@dataclass(frozen=True)
+class Contents:
+    """What a runtime must support to run a file (or a file an export will write): its precision, the lowerings its
+    nodes have, and the lowering asked for at export (``auto`` lets a runtime swap dense-table bodies)."""
+    precision: str = "fp32"
+    lowerings: frozenset = frozenset()
+    requested: str = "auto"
+
+    @classmethod
+    def of(cls, metadata: Mapping[str, Any]) -> "Contents":
+        return cls(metadata.get("precision", "fp32"),
+                   frozenset(m.get("lowering", "") for m in metadata.get("masks", [])) - {""},
+                   metadata.get("lowering", "auto"))
+
+
+# ---- reading and writing files ----
+
+def read(path, weights: bool = False) -> onnx.ModelProto:
+    """Load an ONNX file or say in one line why it cannot be used.
+
+    ``weights=True`` also loads tensors stored as external data (``torch.onnx.export`` writes ``model.onnx.data``
+    beside the file); their locations must be files inside the model's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeAttnError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        raise EdgeAttnError(f"{path}: not an ONNX model, or truncated/corrupted (could not parse it as an ONNX "
+                            f"protobuf)") from None
+    if not model.graph.node and not model.graph.output:
+        raise EdgeAttnError(f"{path}: not an ONNX model (no graph in the file)")
+    for op in model.opset_import:
+        if op.domain == DOMAIN and op.version > OP_VERSION:
+            raise EdgeAttnError(f"{path}: uses {DOMAIN} opset {op.version}, this edgeattn knows up to "
+                                f"{OP_VERSION}; upgrade edgeattn or re-export the file")
+    check_external_data(model, path)   # even when not loading it: a file pointing elsewhere is refused everywhere
+    if weights:
+        try:
+            onnx.load_external_data_for_model(model, str(path.resolve().parent))
+        except Exception as e:
+            raise EdgeAttnError(f"{path}: could not read its external data: {first_line(e)}") from e
+    return model
+
+
+def check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Every external-data location must be a relative path to an existing file inside the model's folder
+    (after resolving ``..`` and symlinks): a model from elsewhere must not make us read other files."""
+    folder = Path(path).resolve().parent
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or folder not in target.parents or not target.is_file():
+            raise EdgeAttnError(f"{path}: tensor {tensor.name!r} points at external data {location!r}, which is not "
+                                f"a file inside {folder}; keep the .onnx and its data file together")
+
+
+def save(model: onnx.ModelProto, path) -> int:
+    """Write ``model`` to ``path`` through a temporary file in the same folder, so a failure leaves the old file.
+    Returns the bytes written."""
+    if model.ByteSize() >= 2**31 - 1:
+        raise EdgeAttnError(f"model is {model.ByteSize() / 2**30:.1f} GiB, over protobuf's 2 GiB single-file limit")
+    return atomic_write(path, model.SerializeToString())
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple            # ints for static axes, names for symbolic ones
+    dtype: np.dtype
+
+
+def io_info(values: Sequence[onnx.ValueInfoProto]) -> list[TensorInfo]:
+    out = []
+    for value in values:
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim)
+        out.append(TensorInfo(value.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))))
+    return out
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[TensorInfo]:
+    """The model's inputs a caller feeds (initializers listed as graph inputs excluded)."""
+    initializers = {i.name for i in model.graph.initializer}
+    return io_info([v for v in model.graph.input if v.name not in initializers])
+
+
+def graph_outputs(model: onnx.ModelProto) -> list[TensorInfo]:
+    return io_info(model.graph.output)
