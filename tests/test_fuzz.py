@@ -1,6 +1,6 @@
 """Property tests: random parameters and shapes for every mask family, checked against the brute-force references
-of the test_masks*.py modules (masks and decay biases), in both table layouts; and the attention kernels on random
-masks (fully-masked rows, fp16).
+in reference/ (masks and decay biases, the ones the test_masks*.py modules use), in both table layouts; and the
+attention kernels on random masks (fully-masked rows, fp16).
 
 CI runs a modest number of examples; set EDGEATTN_FUZZ_EXAMPLES (e.g. 2000) for a long run."""
 import os
@@ -14,9 +14,8 @@ from edgeattn.attention import attend
 from edgeattn.masks import (FAMILIES, causal, clear, custom, decay_1d, manhattan_decay, neighborhood, radial,
                              segments, sinks, sliding_window, window)
 
-from test_masks import ref_neighborhood, ref_seq, ref_window
-from test_masks_decay import brute_1d, brute_manhattan
-from test_masks_radial_clear import ref_clear, ref_radial
+from reference.decay import brute_1d, brute_manhattan
+from reference.masks import ref_clear, ref_neighborhood, ref_radial, ref_seq, ref_window
 
 EXAMPLES = int(os.environ.get("EDGEATTN_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])

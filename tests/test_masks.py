@@ -1,4 +1,5 @@
-"""Mask families against independent brute-force references written from the spec (plain Python, no torch)."""
+"""Mask families against independent brute-force references written from the spec (plain Python, no torch; in
+reference/masks.py)."""
 import math
 
 import pytest
@@ -8,77 +9,7 @@ from edgeattn import tables
 from edgeattn.masks import (FAMILIES, causal, materialize, neighborhood, segments, sinks, sliding_window,
                             window)
 
-
-# ----------------------------------------------------------------------------- references (scalar logic only)
-def _tup(v, nd):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
-
-
-def _coords(idx, grid):
-    out = []
-    for length in reversed(grid):
-        out.append(idx % length)
-        idx //= length
-    return out[::-1]
-
-
-def natten_axis(i, j, L, k, d, s, c):
-    if i % d != j % d:
-        return False
-    g = i % d
-    Lg = -(-(L - g) // d)
-    q, p = i // d, j // d
-    if c:
-        leader = min((q // s) * s + s - 1, Lg - 1)
-        return max(leader - k + 1, 0) <= p <= q
-    left, right = k // 2, k // 2 + k % 2 - 1
-    leader = min((q // s) * s + s // 2, Lg - 1)
-    centre = min(max(leader, left), Lg - 1 - right)
-    return centre - left <= p <= centre + right
-
-
-def ref_neighborhood(grid, k, d=1, s=1, c=False):
-    nd, n = len(grid), math.prod(grid)
-    axes = list(zip(grid, _tup(k, nd), _tup(d, nd), _tup(s, nd), _tup(c, nd)))
-    co = [_coords(x, grid) for x in range(n)]
-    return [[all(natten_axis(qi, kj, *ax) for qi, kj, ax in zip(co[q], co[kv], axes)) for kv in range(n)]
-            for q in range(n)]
-
-
-def swin_labels(coord, L, size, shift):
-    rolled = (coord - shift) % L
-    region = 0 if shift == 0 else (0 if rolled < L - size else 1 if rolled < L - shift else 2)
-    return rolled // size, region
-
-
-def ref_window(grid, size, shift):
-    sizes, shifts, n = _tup(size, 2), _tup(shift, 2), math.prod(grid)
-    lab = [[swin_labels(c, *a) for c, a in zip(_coords(x, grid), zip(grid, sizes, shifts))] for x in range(n)]
-    return [[lab[q] == lab[kv] for kv in range(n)] for q in range(n)]
-
-
-def swin_literal(grid, size, shift):
-    """What Swin does: roll tokens by -shift, label the 3x3 regions, partition into windows, map back."""
-    (H, W), (sh, sw), (th, tw) = grid, _tup(size, 2), _tup(shift, 2)
-    img = torch.zeros(H, W, dtype=torch.long)
-    sl = lambda w, t: (slice(0, -w), slice(-w, -t), slice(-t, None)) if t else (slice(None),)  # noqa: E731
-    cnt = 0
-    for hs in sl(sh, th):
-        for ws in sl(sw, tw):
-            img[hs, ws] = cnt
-            cnt += 1
-    tok = torch.roll(torch.arange(H * W).view(H, W), shifts=(-th, -tw), dims=(0, 1))
-    out = torch.zeros(H * W, H * W, dtype=torch.bool)
-    for a in range(0, H, sh):
-        for b in range(0, W, sw):
-            t, lab = tok[a:a + sh, b:b + sw].reshape(-1), img[a:a + sh, b:b + sw].reshape(-1)
-            out[t[:, None], t[None, :]] = lab[:, None] == lab[None, :]
-    return out
-
-
-def ref_seq(pred, q_len, kv_len):
-    off = kv_len - q_len
-    return [[pred(i + off, k) for k in range(kv_len)] for i in range(q_len)]
+from reference.masks import axis_tuple, ref_neighborhood, ref_seq, ref_window, swin_literal
 
 
 def check(mask, ref, heads=1, **shape):
@@ -132,8 +63,8 @@ def test_neighborhood_matches_reference(grid, k, d, s, c):
     m = check(neighborhood(k, d, s, c), ref_neighborhood(grid, k, d, s, c), grid=grid, heads=1 + len(grid) % 2)
     if len(grid) == 1:  # a 1-D grid may be given as a bare int
         check(neighborhood(k, d, s, c), ref_neighborhood(grid, k, d, s, c), grid=grid[0])
-    if not any(_tup(c, len(grid))):  # non-causal: every query sees exactly prod(kernel) keys
-        assert (m.sum(-1) == math.prod(_tup(k, len(grid)))).all()
+    if not any(axis_tuple(c, len(grid))):  # non-causal: every query sees exactly prod(kernel) keys
+        assert (m.sum(-1) == math.prod(axis_tuple(k, len(grid)))).all()
 
 
 # ----------------------------------------------------------------------------- Swin windows
@@ -145,8 +76,8 @@ SWIN = [((8, 8), 4, 0), ((8, 8), 4, 2), ((8, 8), 4, 1), ((8, 8), 4, 3), ((12, 8)
 def test_window_matches_references(grid, size, shift):
     m = check(window(size, shift), ref_window(grid, size, shift), grid=grid)
     assert torch.equal(m, swin_literal(grid, size, shift))
-    if not any(_tup(shift, 2)):
-        assert (m.sum(-1) == math.prod(_tup(size, 2))).all()
+    if not any(axis_tuple(shift, 2)):
+        assert (m.sum(-1) == math.prod(axis_tuple(size, 2))).all()
 
 
 # ----------------------------------------------------------------------------- sequence masks

@@ -1,5 +1,4 @@
 """Retention decay masks (RMT): tables against brute-force loops, in both layouts; names; bad parameters."""
-import itertools
 import math
 
 import pytest
@@ -8,24 +7,7 @@ import torch
 from edgeattn import tables
 from edgeattn.masks import decay_1d, manhattan_decay, materialize
 
-
-def brute_manhattan(grid, gammas):
-    cells = list(itertools.product(*[range(n) for n in grid]))   # row-major, like the flat token index
-    out = torch.empty(len(gammas), len(cells), len(cells), dtype=torch.float64)
-    for h, g in enumerate(gammas):
-        for i, a in enumerate(cells):
-            for j, b in enumerate(cells):
-                out[h, i, j] = math.log(g) * sum(abs(x - y) for x, y in zip(a, b))
-    return out
-
-
-def brute_1d(q_len, kv_len, gammas):
-    out = torch.empty(len(gammas), q_len, kv_len, dtype=torch.float64)
-    for h, g in enumerate(gammas):
-        for i in range(q_len):
-            for j in range(kv_len):
-                out[h, i, j] = math.log(g) * abs(i + kv_len - q_len - j)
-    return out
+from reference.decay import brute_1d, brute_manhattan
 
 
 def check_layouts(mask, want, **shape):

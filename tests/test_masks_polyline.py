@@ -1,42 +1,11 @@
-"""Polyline path masks (PPMA) against naive sums over the path, written from the definition with plain loops."""
+"""Polyline path masks (PPMA) against naive sums over the path, written from the definition with plain loops
+(reference/polyline.py)."""
 import pytest
 import torch
 
 from edgeattn.masks.polyline import line_biases, path_sums, polyline_bias
 
-
-def _segment(values, i, j):
-    """Sum of values[k] for min(i, j) < k <= max(i, j): walk one step at a time from i to j; going up add the
-    position stepped onto, going down the position left (so the lower end is never counted)."""
-    total, pos = 0.0, i
-    while pos < j:
-        pos += 1
-        total += values[pos]
-    while pos > j:
-        total += values[pos]
-        pos -= 1
-    return total
-
-
-def _naive_1d(decay):
-    L = len(decay)
-    return [[_segment(decay, i, j) for j in range(L)] for i in range(L)]
-
-
-def _naive_2d(row_decay, col_decay, first):
-    """Walk the polyline from query (a, p) to key (b, q), summing each leg with the 1-D rule of its line."""
-    H, W = len(row_decay), len(row_decay[0])
-    out = [[0.0] * (H * W) for _ in range(H * W)]
-    for a in range(H):
-        for p in range(W):
-            for b in range(H):
-                for q in range(W):
-                    if first == "row":   # along row a from column p to q, then along column q from row a to b
-                        total = _segment(row_decay[a], p, q) + _segment([r[q] for r in col_decay], a, b)
-                    else:                # along column p from row a to b, then along row b from column p to q
-                        total = _segment([r[p] for r in col_decay], a, b) + _segment(row_decay[b], p, q)
-                    out[a * W + p][b * W + q] = total
-    return out
+from reference.polyline import naive_1d, naive_2d, segment
 
 
 def _decays(*shape, seed=0):
@@ -47,15 +16,15 @@ def _decays(*shape, seed=0):
 
 def test_segment_helper_is_the_half_open_interval():
     values = [1.0, 10.0, 100.0, 1000.0]
-    assert _segment(values, 0, 2) == 110.0 and _segment(values, 2, 0) == 110.0      # (0, 2] = 1, 2
-    assert _segment(values, 3, 3) == 0.0 and _segment(values, 0, 3) == 1110.0
+    assert segment(values, 0, 2) == 110.0 and segment(values, 2, 0) == 110.0      # (0, 2] = 1, 2
+    assert segment(values, 3, 3) == 0.0 and segment(values, 0, 3) == 1110.0
 
 
 @pytest.mark.parametrize("length", [1, 2, 7])
 def test_1d_mask_matches_the_path_sum(length):
     for decay in _decays(3, length):
         fast = path_sums(decay[None])[0]
-        naive = torch.tensor([_naive_1d(row.tolist()) for row in decay], dtype=torch.float64)
+        naive = torch.tensor([naive_1d(row.tolist()) for row in decay], dtype=torch.float64)
         torch.testing.assert_close(fast, naive, rtol=0, atol=1e-12)
 
 
@@ -74,7 +43,7 @@ def test_2d_mask_matches_the_polyline_path_sum(grid, first):
             assert fast.shape == (2, 3, grid[0] * grid[1], grid[0] * grid[1])
             for b in range(2):
                 for h in range(3):
-                    naive = _naive_2d(row_decay[b, h].tolist(), col_decay[b, h].tolist(), first)
+                    naive = naive_2d(row_decay[b, h].tolist(), col_decay[b, h].tolist(), first)
                     torch.testing.assert_close(fast[b, h], torch.tensor(naive, dtype=torch.float64),
                                                rtol=0, atol=1e-12)
 
@@ -92,10 +61,10 @@ def test_line_biases_are_the_1d_masks_of_each_row_and_column():
     assert rows.shape == (2, 3, 4, 4) and cols.shape == (2, 4, 3, 3)
     for b in range(2):
         for r in range(3):
-            torch.testing.assert_close(rows[b, r], torch.tensor(_naive_1d(row_decay[b, r].tolist()),
+            torch.testing.assert_close(rows[b, r], torch.tensor(naive_1d(row_decay[b, r].tolist()),
                                                                 dtype=torch.float64), rtol=0, atol=1e-12)
         for c in range(4):
-            torch.testing.assert_close(cols[b, c], torch.tensor(_naive_1d(col_decay[b, :, c].tolist()),
+            torch.testing.assert_close(cols[b, c], torch.tensor(naive_1d(col_decay[b, :, c].tolist()),
                                                                 dtype=torch.float64), rtol=0, atol=1e-12)
 
 

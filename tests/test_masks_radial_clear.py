@@ -1,61 +1,13 @@
 """Radial and CLEAR masks: dense and block tables against materialize() and brute-force loops written from the
-references' rules (Radial Attention's gen_log_mask_shrinked, CLEAR's local_mask), plus worked examples."""
+references' rules (Radial Attention's gen_log_mask_shrinked, CLEAR's local_mask; in reference/masks.py), plus worked
+examples."""
 import pytest
 import torch
 
 from edgeattn import tables
 from edgeattn.masks import FAMILIES, clear, materialize, radial
 
-
-# ----------------------------------------------------------------------------- brute-force references (plain Python)
-def ref_radial(frames, per_frame, block, decay=1.0, sink=False, text=0):
-    """Per frame pair: token mask, placed at its block offset on a padded canvas, cut to ceil(T/B) blocks, each
-    block kept when > 60% of its non-empty columns are > 1/3 full (float tests, as the reference writes them)."""
-    video = frames * per_frame
-    nb, span = video // block, (per_frame - 1) // block + 1
-    keep = [[False] * nb for _ in range(nb)]
-    for i in range(frames):
-        for j in range(frames):
-            d = abs(i - j)
-            if sink and j == 0:
-                def local(r, c):
-                    return True
-            else:
-                base = 2 ** per_frame.bit_length() / 2 ** d.bit_length()
-                width = per_frame if d <= 1 else (base * decay if base * decay >= block else block)
-                split = base >= 128 or d % int(128 / base) == 0
-
-                def local(r, c, width=width, split=split):
-                    return split and abs(c - r) <= width
-            ro, co = i * per_frame % block, j * per_frame % block
-            for a in range(span):
-                for b in range(span):
-                    dens = []
-                    for col in range(block):
-                        c = b * block + col - co
-                        count = sum(1 for row in range(block) if 0 <= a * block + row - ro < per_frame
-                                    and 0 <= c < per_frame and local(a * block + row - ro, c))
-                        dens.append(count / block)
-                    nonzero, high = sum(x > 0 for x in dens), sum(x > 1 / 3 for x in dens)
-                    if high / (nonzero + 1e-9) > 0.6:
-                        keep[i * per_frame // block + a][j * per_frame // block + b] = True
-    n = video + text
-    return torch.tensor([[q >= video or k >= video or keep[q // block][k // block] for k in range(n)]
-                         for q in range(n)])
-
-
-def ref_clear(radius, text, height, width, q_len=None):
-    """CLEAR's local_mask over text + H*W tokens; with q_len, the last q_len query rows."""
-    n = text + height * width
-
-    def allowed(q, k):
-        if q < text or k < text:
-            return True
-        (qy, qx), (ky, kx) = divmod(q - text, width), divmod(k - text, width)
-        return (qy - ky) ** 2 + (qx - kx) ** 2 < radius ** 2
-
-    rows = range(n - (q_len or n), n)
-    return torch.tensor([[allowed(q, k) for k in range(n)] for q in rows])
+from reference.masks import ref_clear, ref_radial
 
 
 def check_tables(mask, expected, **shape):

@@ -1,6 +1,6 @@
 """ppma-t: the official checkpoint's keys load strictly, the decays and both attention forms follow the reference's
-formulas (checked against naive path sums), and the exported file matches PyTorch on onnxruntime and OpenVINO
-with its masks computed in the graph, not stored."""
+formulas (checked against naive path sums: reference/attention.py), and the exported file matches PyTorch on
+onnxruntime and OpenVINO with its masks computed in the graph, not stored."""
 import json
 import math
 import shutil
@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from edgeattn import models, parity
-from edgeattn.attention import ONNX_DOMAIN
-from edgeattn.export import export_registered, metadata
+from edgeattn import models, onnxfile, parity
+from edgeattn.export import export_registered
 from edgeattn.models.ppma import PathDecays, PathPosition, PolylineAttention
 
 from conftest import CPU_RUNTIMES
-from test_masks_polyline import _naive_1d, _naive_2d
+from reference.attention import ppma_attention
 
 DIMS, DEPTHS, HEADS, MLP, PROJECTION, CLASSES = (64, 128, 256, 512), (2, 2, 8, 2), (4, 4, 8, 16), 3, 1024, 1000
 # the `edgeattn` command: its console script when installed, else the same entry point through the module
@@ -116,26 +115,6 @@ def test_decays_are_softplus_of_the_per_head_linear_times_minus_exp_a_log():
         assert (row[:, h] < 0).all() and (col[:, h] < 0).all()
 
 
-def _naive_attention(q, k, v, row_decay, col_decay, chunk):
-    """The reference's formulas with explicit softmax matrices and naive path sums, for one batch element and
-    head: q, k, v (H, W, d), decays (H, W) -> (H, W, d)."""
-    H, W, d = q.shape
-    rows = row_decay.tolist()
-    columns = col_decay.T.tolist()                                 # columns[c]: column c's decays, top to bottom
-    if not chunk:
-        scores = q.reshape(H * W, d) @ k.reshape(H * W, d).T
-        M = torch.tensor(_naive_2d(rows, col_decay.tolist(), "row"), dtype=q.dtype)
-        P = 0.5 * torch.softmax(scores + M, -1) + 0.5 * torch.softmax(scores + M.T, -1)
-        return (P @ v.reshape(H * W, d)).reshape(H, W, d)
-    # one W x W softmax per row (its row's 1-D mask), one H x H softmax per column (its column's)
-    A_row = [torch.softmax(q[r] @ k[r].T + torch.tensor(_naive_1d(rows[r]), dtype=q.dtype), -1) for r in range(H)]
-    A_col = [torch.softmax(q[:, c] @ k[:, c].T + torch.tensor(_naive_1d(columns[c]), dtype=q.dtype), -1)
-             for c in range(W)]
-    along_rows = lambda t: torch.stack([A_row[r] @ t[r] for r in range(H)])                 # noqa: E731
-    along_cols = lambda t: torch.stack([A_col[c] @ t[:, c] for c in range(W)], dim=1)      # noqa: E731
-    return 0.5 * along_cols(along_rows(v)) + 0.5 * along_rows(along_cols(v))
-
-
 @pytest.mark.parametrize("chunk", [True, False], ids=["chunk", "full"])
 def test_attention_forms_match_the_reference_formulas_with_naive_masks(chunk):
     attn = PolylineAttention(16, 2, chunk).eval()
@@ -147,7 +126,7 @@ def test_attention_forms_match_the_reference_formulas_with_naive_masks(chunk):
     assert out.shape == (B, H, W, n * d)
     for b in range(B):
         for h in range(n):
-            expected = _naive_attention(q[b, h], k[b, h], v[b, h], row_decay[b, h], col_decay[b, h], chunk)
+            expected = ppma_attention(q[b, h], k[b, h], v[b, h], row_decay[b, h], col_decay[b, h], chunk)
             torch.testing.assert_close(out[b, :, :, h * d:(h + 1) * d], expected, rtol=1e-10, atol=1e-12)
 
 
@@ -170,8 +149,8 @@ def _assert_masks_computed_in_the_graph(path, token_counts, param_bytes):
     """Every attention is an edgeattn node fed a bias computed in the graph; no (N x N) constant is stored.
     Returns the file's per-node mask metadata."""
     model = onnx.load(str(path))
-    masks = metadata.read(model)["masks"]
-    nodes = [n for n in model.graph.node if n.domain == ONNX_DOMAIN]
+    masks = onnxfile.read_metadata(model)["masks"]
+    nodes = [n for n in model.graph.node if n.domain == onnxfile.DOMAIN]
     assert len(nodes) == len(masks) and all("computed in the graph" in m["why"] for m in masks)
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for node in nodes:   # q, k, v, the all-true (1, 1, 1, 1) mask, then the bias: an output of another node

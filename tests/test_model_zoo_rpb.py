@@ -20,7 +20,9 @@ from edgeattn.masks import neighborhood, window
 from edgeattn.models.swin import PatchMerging, SwinBlock
 
 from conftest import CPU_RUNTIMES
-from test_tables_rpb import natten_pb_start, natten_window_start
+from reference.attention import natten_attention
+from reference.masks import swin_attn_mask
+from reference.rpb import swin_relative_position_index
 
 ZOO = ["nat-mini", "dinat-mini", "swin-t"]
 
@@ -80,21 +82,6 @@ def swin_keys(image=224, patch=4, embed=96, depths=(2, 2, 6, 2), heads=(3, 6, 12
 
 
 REFERENCE_KEYS = {"nat-mini": nat_keys, "dinat-mini": nat_keys, "swin-t": swin_keys}
-
-
-# Swin's derived buffers, computed the reference's way: index from window coordinates; attn_mask from the
-# 3x3 region labels of the rolled map, partitioned into windows, -100 between different labels.
-def swin_relative_position_index(w):
-    ys, xs = torch.arange(w * w) // w, torch.arange(w * w) % w
-    return (ys[:, None] - ys[None, :] + w - 1) * (2 * w - 1) + (xs[:, None] - xs[None, :] + w - 1)
-
-
-def swin_attn_mask(res, w, shift):
-    band = torch.zeros(res, dtype=torch.long)
-    band[res - w:res - shift], band[res - shift:] = 1, 2
-    labels = band[:, None] * 3 + band[None, :]                          # rolled map, (res, res)
-    windows = labels.reshape(res // w, w, res // w, w).transpose(1, 2).reshape(-1, w * w)
-    return torch.where(windows[:, :, None] == windows[:, None, :], 0.0, -100.0)
 
 
 def reference_checkpoint(name, generator):
@@ -159,22 +146,6 @@ def test_swin_checkpoint_with_other_derived_buffers_is_refused(zoo):
 
 
 # ----------------------------------------------------------------------------- blocks against the references
-def natten_attention(q, k, v, rpb, grid, kernel, dilation):
-    """NeighborhoodAttention2D's math (NATTEN 0.17 naive kernels): q*scale . k over the visited keys + rpb, softmax."""
-    (H, W), N = grid, grid[0] * grid[1]
-    keys, bias = torch.zeros(N, kernel * kernel, dtype=torch.long), torch.zeros(N, kernel * kernel, dtype=torch.long)
-    for i in range(H):
-        for j in range(W):
-            ni, nj = natten_window_start(i, H, kernel, dilation), natten_window_start(j, W, kernel, dilation)
-            pi, pj = natten_pb_start(i, H, kernel, dilation), natten_pb_start(j, W, kernel, dilation)
-            for ki in range(kernel):
-                for kj in range(kernel):
-                    keys[i * W + j, ki * kernel + kj] = (ni + ki * dilation) * W + nj + kj * dilation
-                    bias[i * W + j, ki * kernel + kj] = (pi + ki) * (2 * kernel - 1) + pj + kj
-    scores = torch.einsum("bhnd,bhnkd->bhnk", q * q.shape[-1] ** -0.5, k[:, :, keys]) + rpb.flatten(1)[:, bias]
-    return torch.einsum("bhnk,bhnkd->bhnd", scores.softmax(-1), v[:, :, keys])
-
-
 @pytest.mark.parametrize("layout", ["dense", "blocked"])
 @pytest.mark.parametrize("grid, kernel, dilation", [((9, 11), 5, 1), ((12, 13), 3, 3), ((7, 7), 7, 1)])
 def test_nat_block_matches_natten(grid, kernel, dilation, layout):

@@ -7,40 +7,9 @@ from edgeattn import tables
 from edgeattn.masks import (Mask, and_masks, causal, custom, materialize, neighborhood, or_masks, segments,
                             sinks, sliding_window, window)
 
+from reference.mods import SHAPED, causal_mod, dist_bias, doc_mod, head_bias, head_mod, loop_table
+
 H, Q, KV = 4, 12, 12
-DOC = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3])
-
-
-def causal_mod(b, h, q, kv):
-    return q >= kv
-
-
-def doc_mod(b, h, q, kv):
-    return DOC[q] == DOC[kv]
-
-
-def head_mod(b, h, q, kv):  # head h looks back h+1 tokens
-    return (q >= kv) & (q - kv <= h + 1)
-
-
-def loop_table(fn, heads, q_len, kv_len, dtype=torch.bool):
-    """Brute force: call the function on scalar index tensors, one (h, q, kv) at a time."""
-    out = torch.zeros(heads, q_len, kv_len, dtype=dtype)
-    z = torch.tensor(0)
-    for h in range(heads):
-        for q in range(q_len):
-            for kv in range(kv_len):
-                out[h, q, kv] = fn(z, torch.tensor(h), torch.tensor(q), torch.tensor(kv))
-    return out
-
-
-SHAPED = [
-    (causal(), dict(q_len=9, kv_len=13)), (sliding_window(3, causal=False), dict(q_len=10)),
-    (sinks(2, 3), dict(q_len=5, kv_len=11)), (segments([0, 0, 1, 1, 1, 2, 3, 3]), dict(q_len=8)),
-    (neighborhood((3, 2), (1, 2), (2, 1), (True, False)), dict(grid=(6, 5))),
-    (neighborhood(3, 2, 2), dict(grid=(6, 7, 6))), (window((2, 4), (1, 3)), dict(grid=(6, 8))),
-    (custom(head_mod), dict(q_len=Q)), (custom(doc_mod), dict(q_len=Q)),
-]
 
 
 @pytest.mark.parametrize("mask,shape", SHAPED, ids=[m.name for m, _ in SHAPED])
@@ -117,14 +86,6 @@ def test_nested_and_variadic():
 
 
 # ----------------------------------------------------------------------------- bias
-def dist_bias(b, h, q, kv):
-    return -(q - kv).abs().float()
-
-
-def head_bias(b, h, q, kv):
-    return (h + 1).float() * 0.5 * (q >= kv).float()
-
-
 def test_bias_mod_matches_loop():
     t = tables.build(custom(causal_mod, bias_mod=dist_bias), q_len=Q, kv_len=KV, heads=H)
     assert t.bias.dtype == torch.float32 and t.bias.shape == (1, Q, KV)

@@ -5,7 +5,7 @@ import torch
 from edgeattn import tables
 from edgeattn.masks import custom, materialize, neighborhood, sliding_window, window
 
-from test_tables import SHAPED, dist_bias, head_bias
+from reference.mods import SHAPED, dist_bias, head_bias
 
 
 def check_against_materialize(t, mask, heads, **shape):

@@ -7,8 +7,7 @@ pointwise_neighborhood_*d.hpp): for query i the kernel visits keys ``start + ki 
 models/swin_transformer.py): the map is rolled by -shift and cut into windows; inside a window, query a and key b
 get ``relative_position_index[a, b] = (ya - yb + Wh - 1)(2Ww - 1) + (xa - xb + Ww - 1)``.
 """
-import itertools
-import math
+import dataclasses
 
 import pytest
 import torch
@@ -17,50 +16,10 @@ from edgeattn import tables
 from edgeattn.masks import Mask, and_masks, causal, custom, neighborhood, or_masks, window
 from edgeattn.masks.base import rpb_index
 
-from test_masks import _coords
+from reference.rpb import natten_index_loop, swin_index_loop
 
 
-# ----------------------------------------------------------------------------- NATTEN, scalar per-axis helpers
-def natten_window_start(i, length, k, d):
-    half, group, i_g = k // 2, i % d, i // d
-    length_g = -(-length // d) - (1 if group >= d - (-(-length // d) * d - length) else 0)
-    start = max(i_g - half, 0) + (length_g - i_g - half - 1 if i_g + half >= length_g else 0)
-    return start * d + group
-
-
-def natten_pb_start(i, length, k, d):
-    half = k // 2
-    if d <= 1:
-        return half + (half - i if i < half else 0) + (length - i - 1 - half if i + half >= length else 0)
-    if i - half * d < 0:
-        return k - 1 - i // d
-    if i + half * d >= length:
-        return (length - i - 1) // d
-    return half
-
-
-def natten_index_loop(grid, kernel, dilation):
-    """(N, N) table position of each visited (query, key) pair, -1 for pairs the kernel does not visit."""
-    n = math.prod(grid)
-    out = torch.full((n, n), -1, dtype=torch.long)
-    sizes = [2 * k - 1 for k in kernel]
-    for q in range(n):
-        coords = _coords(q, grid)
-        starts = [natten_window_start(c, L, k, d) for c, L, k, d in zip(coords, grid, kernel, dilation)]
-        pbs = [natten_pb_start(c, L, k, d) for c, L, k, d in zip(coords, grid, kernel, dilation)]
-        for steps in itertools.product(*[range(k) for k in kernel]):
-            key = _flat([s + t * d for s, t, d in zip(starts, steps, dilation)], grid)
-            out[q, key] = _flat([p + t for p, t in zip(pbs, steps)], sizes)
-    return out
-
-
-def _flat(coords, sizes):
-    flat = 0
-    for c, s in zip(coords, sizes):
-        flat = flat * s + c
-    return flat
-
-
+# ----------------------------------------------------------------------------- NATTEN (reference/rpb.py)
 NA_CASES = [((9,), (3,), (1,)), ((11,), (5,), (2,)), ((10,), (3,), (3,)), ((7, 7), (7, 7), (1, 1)),
             ((14, 13), (3, 5), (2, 1)), ((12, 12), (5, 5), (2, 2)), ((56, 56), (7, 7), (8, 8)),
             ((5, 10, 6), (3, 5, 3), (1, 2, 1)), ((6, 6, 7), (3, 3, 3), (2, 1, 2))]
@@ -74,30 +33,7 @@ def test_neighborhood_rpb_index_matches_natten_loop(grid, kernel, dilation):
     check_tables(mask, grid, want, tuple(2 * k - 1 for k in kernel))
 
 
-# ----------------------------------------------------------------------------- Swin, literal roll + partition
-def swin_index_loop(grid, size, shift):
-    """Roll the token ids by -shift, partition into windows, give each same-window pair Swin's index; -1 for pairs
-    in different windows or (shifted) in different regions (Swin's -100 there)."""
-    (H, W), (wh, ww), (sh, sw) = grid, size, shift
-    tokens = torch.roll(torch.arange(H * W).view(H, W), shifts=(-sh, -sw), dims=(0, 1))
-    region = torch.zeros(H, W, dtype=torch.long)
-    for axis, (length, w, s) in enumerate(zip(grid, size, shift)):
-        if s:
-            r = torch.zeros(length, dtype=torch.long)
-            r[length - w:length - s], r[length - s:] = 1, 2
-            region = region * 3 + (r[:, None] if axis == 0 else r[None, :])
-    ys, xs = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()
-    relative = (ys[:, None] - ys[None, :] + wh - 1) * (2 * ww - 1) + (xs[:, None] - xs[None, :] + ww - 1)
-    out = torch.full((H * W, H * W), -1, dtype=torch.long)
-    for top in range(0, H, wh):
-        for left in range(0, W, ww):
-            ids = tokens[top:top + wh, left:left + ww].flatten()
-            labels = region[top:top + wh, left:left + ww].flatten()
-            out[ids[:, None], ids[None, :]] = torch.where(labels[:, None] == labels[None, :], relative, -1)
-    return out
-
-
+# ----------------------------------------------------------------------------- Swin (reference/rpb.py)
 SWIN_CASES = [((14, 14), (7, 7), (0, 0)), ((14, 14), (7, 7), (3, 3)), ((8, 12), (4, 3), (2, 1)),
               ((7, 7), (7, 7), (0, 0)), ((56, 56), (7, 7), (3, 3))]
 
@@ -195,14 +131,17 @@ def test_a_custom_rpb_mask_builds_in_both_layouts():
     assert torch.equal(blocked.to_dense().bias_index, dense.bias_index)
 
 
-def test_reuse_builds_a_shared_mask_once(monkeypatch):
+def test_reuse_builds_a_shared_mask_once():
     calls = []
-    real = tables._build_blocked
-    monkeypatch.setattr(tables, "_build_blocked", lambda *a: calls.append(1) or real(*a))
-    mask = neighborhood(3, rpb=True)
+
+    def counted(mask):   # the same Mask (name, tiling, rpb), noting each table built from it (one mods() call each)
+        return dataclasses.replace(mask, mods=lambda shape: calls.append(1) or mask.mods(shape))
+
+    mask = counted(neighborhood(3, rpb=True))
     with tables.reuse():
         first = tables.build(mask, grid=(9, 9), layout="auto")
         assert tables.build(mask, grid=(9, 9), layout="auto") is first
-        assert tables.build(neighborhood(3, rpb=True), grid=(9, 9), layout="auto") is not first   # another object
+        other = counted(neighborhood(3, rpb=True))                                  # an equal mask, another object
+        assert tables.build(other, grid=(9, 9), layout="auto") is not first
     assert tables.build(mask, grid=(9, 9), layout="auto") is not first    # the memo ends with the block
     assert len(calls) == 3
