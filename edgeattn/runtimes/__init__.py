@@ -1,7 +1,9 @@
 """Runtime registry and ``load(path, runtime="auto")``.  Optional backends are imported only when used."""
 from __future__ import annotations
 
+from .. import onnxfile
 from ..errors import EdgeAttnError
+from ..onnxfile import Contents
 from .base import Runtime, Session, TensorInfo, Tolerance
 from .openvino import OpenVinoCpu
 from .ort import OrtCpu, OrtCuda
@@ -29,20 +31,30 @@ def available() -> list[str]:
     return [n for n in AUTO_ORDER if get(n).is_available()]
 
 
-def resolve(name: str) -> Runtime:
+def resolve(name: str, path=None) -> Runtime:
+    """The runtime ``name``; ``auto``: the first available one that runs the file at ``path`` (if given)."""
     if name != "auto":
         return get(name)
     names = available()
     if not names:
         raise EdgeAttnError("no ONNX runtime is available; install one: pip install 'edgeattn[all]'")
-    return get(names[0])
+    if path is None:
+        return get(names[0])
+    contents = Contents.of(onnxfile.read_metadata(onnxfile.read(path)))
+    refused = {n: get(n).not_supported_reasons(contents) for n in names}
+    able = [n for n in names if not refused[n]]
+    if not able:
+        raise EdgeAttnError(f"{path}: no available runtime can run it: "
+                            + "; ".join(f"{n}: {'; '.join(r)}" for n, r in refused.items()))
+    return get(able[0])
 
 
 def load(path, runtime: str = "auto", accuracy: bool = False) -> Session:
-    """Load an ONNX file on a runtime (``auto``: the first available of ort-cuda, ort-cpu, openvino-cpu).
+    """Load an ONNX file on a runtime (``auto``: the first available of ort-cuda, ort-cpu, openvino-cpu that runs
+    it: a bf16 file skips onnxruntime's CPU provider).
 
     ``accuracy=True`` keeps the runtime from computing below the file's precision (what parity checks use)."""
-    return resolve(runtime).load(path, accuracy)
+    return resolve(runtime, path).load(path, accuracy)
 
 
 __all__ = ["ONNX_RUNTIMES", "RUNTIMES", "Runtime", "Session", "TensorInfo", "Tolerance", "available", "get", "load",

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from ..errors import EdgeAttnError
-from ..onnxfile import LOWERINGS, Contents, TensorInfo
+from ..onnxfile import LOWERINGS, Contents, TensorInfo, read_metadata
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class Runtime:
     def not_supported_reasons(self, contents: Optional[Contents] = None, here: bool = True) -> list[str]:
         """Why this runtime cannot run a file with ``contents`` (None: any file) on this machine (``here=False``:
         on a machine that has it, which is what an export for it asks); empty when it can."""
-        reasons = self.machine_reasons() if here else []
+        reasons = list(self.machine_reasons()) if here else []   # a copy: machine_reasons may be cached
         if contents is not None:
             refused = self.refused_precisions.get(contents.precision)
             reasons += [refused] if refused else []
@@ -93,6 +93,12 @@ class Runtime:
 
     def is_available(self) -> bool:
         return not self.machine_reasons()
+
+    def check_file(self, model, path) -> None:
+        """One clear error when the parsed file ``model`` holds what this runtime cannot run."""
+        reasons = self.not_supported_reasons(Contents.of(read_metadata(model)), here=False)
+        if reasons:
+            raise EdgeAttnError(f"{path}: {self.name} cannot run this file: {'; '.join(reasons)}")
 
     def executes(self, lowering: str, requested: str = "auto") -> str:
         """What this runtime runs for a node of ``lowering`` in a file exported with lowering ``requested``."""

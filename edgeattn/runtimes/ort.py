@@ -16,7 +16,9 @@ class OrtSession(Session):
     def __init__(self, runtime: Runtime, path: Path, providers: list, device: str = "cpu"):
         import onnxruntime as ort
 
-        model = for_runtime(onnxfile.read(path, weights=True), runtime)
+        model = onnxfile.read(path, weights=True)
+        runtime.check_file(model, path)
+        model = for_runtime(model, runtime)
         self.runtime = runtime.name
         self.inputs, self.outputs = onnxfile.graph_inputs(model), onnxfile.graph_outputs(model)
         options = ort.SessionOptions()
