@@ -38,8 +38,9 @@ MAX_HINTED_TILE = 64
 # id cannot be taken by another object while the memo exists.
 _MEMO: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("edgeattn_tables_memo", default=None)
 
-# Rows evaluated per step: bounds the broadcast temporaries (int64 indices) to ~64 MB on large grids.
-_ROW_CHUNK_ELEMS = 8 * 1024 * 1024
+# Mask elements evaluated per step: bounds the broadcast temporaries (int64 indices) to ~64 MB on large grids.
+# Public so tests (and memory-tight machines) can set it: results do not depend on it.
+ROW_CHUNK_ELEMS = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def _memoized(mask, shape: Shape, heads: int, layout: str, tile=None):
 def _build_dense(mask, shape: Shape, heads: int, tile=None) -> DenseTable:
     mask_mod, bias_mod = mask.mods(shape)
     rpb_shape, index_mod = mask.rpb(shape) if mask.rpb is not None else ((), None)
-    rows = max(1, _ROW_CHUNK_ELEMS // shape.kv_len)
+    rows = max(1, ROW_CHUNK_ELEMS // shape.kv_len)
     masks, biases, indices = [], [], []
     for start in range(0, shape.q_len, rows):
         index = index_grid(shape, heads, slice(start, min(start + rows, shape.q_len)))
@@ -268,7 +269,7 @@ def _build_blocked(mask, shape: Shape, heads: int, tile) -> BlockTable:
     rpb_shape, index_mod = mask.rpb(shape) if mask.rpb is not None else ((), None)
     n_tiles, tq = q_index.shape
     b, h, _, kv = index_grid(shape, heads, slice(0, 1))
-    per_step = max(1, _ROW_CHUNK_ELEMS // (tq * shape.kv_len))
+    per_step = max(1, ROW_CHUNK_ELEMS // (tq * shape.kv_len))
     keys, blocks, biases, indices, n_keys = [], [], [], [], 0
     for start in range(0, n_tiles, per_step):
         rows = q_index[start:start + per_step]                       # (t, tq)

@@ -4,6 +4,9 @@ import torch
 from edgeattn import runtimes
 
 CPU_RUNTIMES = ["ort-cpu", "openvino-cpu"]
+# lowering -> (opset, target runtimes) it is exported and checked with
+LOWERING_CASES = {"dense": (18, None), "blocked": (18, None), "attention": (23, None), "contrib": (18, ["ort-cpu"])}
+LOWERING_LIST = [(name, *case) for name, case in sorted(LOWERING_CASES.items())]
 
 
 @pytest.fixture(autouse=True)

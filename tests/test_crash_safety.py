@@ -8,7 +8,7 @@ import torch
 from edgeattn import EdgeAttnError, export_onnx, masks
 from edgeattn.layers import MaskedSelfAttention
 
-from test_export import LOWERING_LIST
+from conftest import LOWERING_LIST
 
 
 def _layer():

@@ -5,13 +5,12 @@ import onnx
 import pytest
 import torch
 
-from edgeattn import EdgeAttnError, export_onnx, masks, parity, tables
-from edgeattn import onnxfile
+from edgeattn import EdgeAttnError, export_onnx, masks, onnxfile, parity, tables
 from edgeattn.onnxfile import DOMAIN, LOWERINGS, TABLE_INPUTS
 from edgeattn.runtimes.ort import for_runtime
 from edgeattn.layers import MaskedSelfAttention
 
-from conftest import CPU_RUNTIMES
+from conftest import CPU_RUNTIMES, LOWERING_CASES, LOWERING_LIST
 
 # One small one-layer case per mask family: (mask, layer shape kwargs).  Every family must have one.
 FAMILY_CASES = {
@@ -30,13 +29,6 @@ FAMILY_CASES = {
 
 def test_every_family_has_an_export_case():
     assert set(FAMILY_CASES) == set(masks.FAMILIES)
-
-
-# lowering -> (opset, target runtimes) it is exported and checked with
-LOWERING_CASES = {"dense": (18, None), "blocked": (18, None), "attention": (23, None), "contrib": (18, ["ort-cpu"])}
-
-
-LOWERING_LIST = [(name, *case) for name, case in sorted(LOWERING_CASES.items())]
 
 
 def test_every_lowering_has_a_case():

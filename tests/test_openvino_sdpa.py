@@ -85,7 +85,7 @@ def test_a_conversion_error_is_one_line(tmp_path, monkeypatch):
     def broken(context):
         raise ValueError("unsupported mask")
 
-    monkeypatch.setattr(openvino_runtime, "_to_sdpa", broken)
+    monkeypatch.setattr(openvino_runtime, "to_sdpa", broken)
     with pytest.raises(EdgeAttnError) as error:
         load(path, "openvino-cpu")
     assert str(error.value) == (f"{path}: OpenVINO could not convert edgeattn.MaskedAttention to "

@@ -18,7 +18,7 @@ H, Q, KV = 4, 12, 12
 def test_build_matches_materialize(mask, shape, heads, chunk_rows, monkeypatch):
     if chunk_rows is not None:  # force many row chunks to exercise the chunked evaluation
         kv_len = shape.get("kv_len") or tables.Shape.of(**shape).kv_len
-        monkeypatch.setattr(tables, "_ROW_CHUNK_ELEMS", chunk_rows * kv_len)
+        monkeypatch.setattr(tables, "ROW_CHUNK_ELEMS", chunk_rows * kv_len)
     t = tables.build(mask, heads=heads, **shape)
     ref = materialize(mask, heads=heads, **shape)
     assert isinstance(t, tables.DenseTable) and t.name == mask.name and t.layout == "dense"

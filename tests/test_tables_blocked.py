@@ -25,7 +25,7 @@ def check_against_materialize(t, mask, heads, **shape):
 def test_blocked_matches_materialize(mask, shape, heads, chunk_tiles, monkeypatch):
     if chunk_tiles is not None:  # force many tile chunks to exercise the per-chunk key padding
         s = tables.Shape.of(**shape)
-        monkeypatch.setattr(tables, "_ROW_CHUNK_ELEMS", chunk_tiles * s.kv_len * 3)
+        monkeypatch.setattr(tables, "ROW_CHUNK_ELEMS", chunk_tiles * s.kv_len * 3)
     t = tables.build(mask, heads=heads, layout="blocked", tile=3, **shape)
     assert isinstance(t, tables.BlockTable) and t.layout == "blocked" and t.name == mask.name
     dense = check_against_materialize(t, mask, heads, **shape)

@@ -41,7 +41,7 @@ class OpenVinoSession(Session):
 
         def convert(context):  # OpenVINO reports a converter's exception inside a long log: keep it to report
             try:
-                return _to_sdpa(context)
+                return to_sdpa(context)
             except Exception as e:
                 errors.append(e)
                 raise
@@ -109,7 +109,7 @@ def _inline_all_but_sdpa(model: onnx.ModelProto, runtime: Runtime) -> onnx.Model
     return onnx.inliner.inline_local_functions(model)
 
 
-def _to_sdpa(context):
+def to_sdpa(context):
     """ConversionExtension body: one dense-table ``MaskedAttention`` node -> ``ScaledDotProductAttention``.
 
     q, k, v (B, H, N, D); mask bool (H or 1, Nq, Nkv), True = attend, as SDPA takes it; optional float bias."""
