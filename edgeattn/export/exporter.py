@@ -17,7 +17,8 @@ import torch
 from .. import onnxfile
 from ..errors import EdgeAttnError, first_line
 from ..files import check_writable
-from . import graph, plan as plans, precision as precisions
+from . import graph, precision
+from .plan import applied
 from .request import ExportRequest, check_request
 
 
@@ -85,9 +86,9 @@ def export_checked(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
                           for t, a in zip(example_inputs, axes)]
     try:
         # the plan switches the model's table layouts; a reduced-precision copy is made of the switched model
-        with torch.no_grad(), _quiet(), plans.applied(model.eval(), request.lowering, request.opset,
-                                                      precisions.name_prefix(request.dtype)) as plan:
-            traced = precisions.in_dtype(model, request.dtype)
+        with torch.no_grad(), _quiet(), applied(model.eval(), request.lowering, request.opset,
+                                                precision.name_prefix(request.dtype)) as plan:
+            traced = precision.in_dtype(model, request.dtype)
             # bf16 skips the exporter's optimizer: its constant folding goes through numpy (no bfloat16) and left
             # float32 Conv weights in bf16 graphs; the runtimes optimize the graph themselves
             program = torch.onnx.export(traced, tuple(example_inputs), dynamo=True, opset_version=request.opset,
@@ -103,7 +104,7 @@ def export_checked(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
     masks, table_bytes = graph.finalize(proto, request, plan, extra=metadata_props)
     if request.quantize:
         if request.quantize == "int8-static" and not calibration:
-            calibration = _random_feeds(example_inputs, input_names, precisions.DEFAULT_CALIBRATION_SAMPLES)
+            calibration = _random_feeds(example_inputs, input_names, precision.DEFAULT_CALIBRATION_SAMPLES)
         proto = _quantized(proto, request.quantize, calibration)
     return ExportResult(Path(path), request.opset, request.inline, request.lowering, list(request.targets),
                         request.precision, masks, table_bytes, file_bytes=onnxfile.save(proto, path),
@@ -115,7 +116,7 @@ def _quantized(proto: onnx.ModelProto, mode: str, calibration) -> onnx.ModelProt
     with tempfile.TemporaryDirectory(prefix="edgeattn-quantize-") as folder:
         src, dst = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
         onnx.save(proto, str(src))
-        precisions.quantize(src, dst, mode, calibration)
+        precision.quantize(src, dst, mode, calibration)
         quantized = onnx.load(str(dst))
     del quantized.metadata_props[:]   # the quantizer keeps them, but its own copy may lag behind: take ours
     quantized.metadata_props.extend(proto.metadata_props)

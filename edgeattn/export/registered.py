@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..files import check_writable
-from . import precision as precisions
+from . import precision
 from .exporter import ExportResult, export_checked
 from .request import check_request
 
@@ -14,7 +14,7 @@ from .request import check_request
 def export_registered(name: str, path, *, seed: int = 0, opset: Optional[int] = None, inline: bool = False,
                       lowering: str = "auto", runtimes: Optional[Sequence[str]] = None, dynamic_batch: bool = False,
                       dtype: str = "fp32", quantize: Optional[str] = None, calibration=None,
-                      calibration_samples: int = precisions.DEFAULT_CALIBRATION_SAMPLES, check: bool = False,
+                      calibration_samples: int = precision.DEFAULT_CALIBRATION_SAMPLES, check: bool = False,
                       runs: int = 20, report=None, progress: Optional[Callable[[str], None]] = None,
                       **config) -> ExportResult:
     """Build a registered reference model and export it; the metadata lets `edgeattn check` rebuild the reference.
@@ -36,7 +36,7 @@ def export_registered(name: str, path, *, seed: int = 0, opset: Optional[int] = 
     built = models.build(name, seed=seed, **config)
     if request.quantize == "int8-static":
         if isinstance(calibration, (str, Path)):
-            calibration = precisions.load_calibration(calibration, list(built.inputs))
+            calibration = precision.load_calibration(calibration, list(built.inputs))
         elif calibration is None:
             calibration = calibration_feeds(built, calibration_samples)
     if progress:
@@ -57,7 +57,7 @@ def export_registered(name: str, path, *, seed: int = 0, opset: Optional[int] = 
     return result
 
 
-def calibration_feeds(built, count: int = precisions.DEFAULT_CALIBRATION_SAMPLES) -> list[dict]:
+def calibration_feeds(built, count: int = precision.DEFAULT_CALIBRATION_SAMPLES) -> list[dict]:
     """int8-static calibration feeds for a registered model: its example inputs drawn with the next seeds."""
     from .. import models
 

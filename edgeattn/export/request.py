@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 from .. import runtimes
 from ..errors import EdgeAttnError
 from ..onnxfile import LOWERINGS, Contents
-from . import precision as precisions
+from .precision import check_opset, default_opset, precision_name
 
 DEFAULT_OPSET = 18
 OPSETS = range(17, 26)   # the opsets exported and run on onnxruntime and OpenVINO here
@@ -36,11 +36,11 @@ def check_request(*, dtype: str = "fp32", quantize: Optional[str] = None, opset:
     """Validate an export request; the opset defaults for the dtype, the targets to every ONNX runtime that can run
     the precision (named targets that cannot are an error).  ``runtimes`` may name the torch reference, which
     checks files but is no target."""
-    precision = precisions.precision_name(dtype, quantize)
-    opset = precisions.default_opset(dtype, DEFAULT_OPSET) if opset is None else opset
+    precision = precision_name(dtype, quantize)
+    opset = default_opset(dtype, DEFAULT_OPSET) if opset is None else opset
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in OPSETS:
         raise EdgeAttnError(f"opset must be an integer in [{OPSETS[0]}, {OPSETS[-1]}], got {opset!r}")
-    precisions.check_opset(dtype, opset)
+    check_opset(dtype, opset)
     targets = _targets(runtimes, precision)
     _check_lowering(lowering, opset, targets)
     return ExportRequest(precision, dtype, quantize, opset, lowering, tuple(targets), inline, dynamic_batch)
