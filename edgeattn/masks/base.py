@@ -39,7 +39,7 @@ class Shape:
     @classmethod
     def of(cls, q_len=None, kv_len=None, grid=None) -> "Shape":
         if grid is not None:
-            grid = tuple(_check_int("grid", g, low=1) for g in ((grid,) if isinstance(grid, int) else grid))
+            grid = tuple(check_int("grid", g, low=1) for g in ((grid,) if isinstance(grid, int) else grid))
             n = math.prod(grid)
             for name, value in (("q_len", q_len), ("kv_len", kv_len)):
                 if value is not None and value != n:
@@ -47,8 +47,8 @@ class Shape:
             return cls(n, n, grid)
         if q_len is None:
             raise ValueError("give q_len (and optionally kv_len) or grid")
-        q_len = _check_int("q_len", q_len, low=1)
-        kv_len = q_len if kv_len is None else _check_int("kv_len", kv_len, low=1)
+        q_len = check_int("q_len", q_len, low=1)
+        kv_len = q_len if kv_len is None else check_int("kv_len", kv_len, low=1)
         return cls(q_len, kv_len, None)
 
     def require_grid(self, family: str, ndim: Sequence[int] = (1, 2, 3)) -> tuple[int, ...]:
@@ -95,7 +95,7 @@ def custom(mask_mod: Optional[MaskMod] = None, bias_mod: Optional[BiasMod] = Non
     if mask_mod is None and bias_mod is None:
         raise ValueError("custom() needs a mask_mod, a bias_mod or both")
     name = name or getattr(mask_mod or bias_mod, "__name__", "custom").replace("<lambda>", "custom")
-    return Mask(name, lambda shape: (mask_mod or _full, bias_mod))
+    return Mask(name, lambda shape: (mask_mod or allow_all, bias_mod))
 
 
 def as_mask(obj) -> Mask:
@@ -150,7 +150,7 @@ def index_grid(shape: Shape, heads: int = 1, q_rows: Optional[slice] = None):
 
     Tables are shared by every batch element, so ``b`` is always 0: masks that depend on the batch index are
     data, not static tables."""
-    _check_int("heads", heads, low=1)
+    check_int("heads", heads, low=1)
     rows = range(shape.q_len)[q_rows] if q_rows is not None else range(shape.q_len)
     b = torch.zeros((1, 1, 1, 1), dtype=torch.long)
     h = torch.arange(heads).view(1, heads, 1, 1)
@@ -201,10 +201,6 @@ def rpb_index(mask, q_len=None, kv_len=None, grid=None) -> torch.Tensor:
     return torch.where(allowed, evaluate(index_mod, index, 1, "rpb_index_mod")[0].long(), -1)
 
 
-def _full(b, h, q, kv):
-    return torch.ones((), dtype=torch.bool).expand(torch.broadcast_shapes(q.shape, kv.shape))
-
-
 def _arity(fn):
     try:
         params = inspect.signature(fn).parameters.values()
@@ -215,7 +211,9 @@ def _arity(fn):
     return sum(1 for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
-def _check_int(name: str, value, low: int = 0, high: Optional[int] = None) -> int:
+# ----------------------------------------------------------------------------- argument checks
+# Shared by the mask families and by the models built on them.
+def check_int(name: str, value, low: int = 0, high: Optional[int] = None) -> int:
     """Validate an integer parameter; the error names the parameter and the allowed range."""
     integer_tensor = isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point()
     if isinstance(value, bool) or not (isinstance(value, numbers.Integral) or integer_tensor):
@@ -235,7 +233,13 @@ def per_axis(name: str, value, ndim: int, low: int = 0) -> tuple[int, ...]:
     values = (value,) * ndim if not isinstance(value, (tuple, list)) else tuple(value)
     if len(values) != ndim:
         raise ValueError(f"{name} has {len(values)} entries for a {ndim}-D grid; give one int or {ndim} ints")
-    return tuple(_check_int(name, v, low=low) for v in values)
+    return tuple(check_int(name, v, low=low) for v in values)
+
+
+# ----------------------------------------------------------------------------- pieces of mask functions
+def allow_all(b, h, q_idx, kv_idx) -> torch.Tensor:
+    """The mask_mod that allows every pair (masks that only add a bias, a bias_mod without a mask_mod)."""
+    return torch.ones((), dtype=torch.bool).expand(torch.broadcast_shapes(q_idx.shape, kv_idx.shape))
 
 
 def fmt_axes(values) -> str:

@@ -12,14 +12,14 @@ rows attend every key.
 """
 from __future__ import annotations
 
-from .base import Mask, Shape, _check_int, per_axis
+from .base import Mask, Shape, check_int, per_axis
 
 
 def clear(radius: int, text: int = 0, image=None) -> Mask:
     """CLEAR's local window of ``radius`` (its ``window_size``); ``image=(H, W)`` when ``text`` tokens come first,
     else the tokens are the layer's 2-D grid."""
-    radius = _check_int("radius", radius, low=1)
-    text = _check_int("text", text, low=0)
+    radius = check_int("radius", radius, low=1)
+    text = check_int("text", text, low=0)
     if image is not None:
         image = per_axis("image", image, 2, low=1)
     elif text:

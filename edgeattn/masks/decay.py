@@ -19,7 +19,7 @@ import numbers
 
 import torch
 
-from .base import Mask, Shape, _full, axis_coords
+from .base import Mask, Shape, allow_all, axis_coords
 
 
 def manhattan_decay(gammas) -> Mask:
@@ -34,7 +34,7 @@ def manhattan_decay(gammas) -> Mask:
             distance = sum((qc - kc).abs() for qc, kc in zip(axis_coords(q_idx, grid), axis_coords(kv_idx, grid)))
             return distance.to(torch.float32) * _per_head(log_gammas, h)
 
-        return _full, bias_mod
+        return allow_all, bias_mod
 
     return Mask(f"manhattan_decay_{label}", mods)
 
@@ -49,7 +49,7 @@ def decay_1d(gammas) -> Mask:
         def bias_mod(b, h, q_idx, kv_idx):
             return (q_idx + offset - kv_idx).abs().to(torch.float32) * _per_head(log_gammas, h)
 
-        return _full, bias_mod
+        return allow_all, bias_mod
 
     return Mask(f"decay_1d_{label}", mods)
 

@@ -29,16 +29,16 @@ from functools import lru_cache
 
 import torch
 
-from .base import Mask, Shape, _check_int
+from .base import Mask, Shape, check_int
 
 SPLIT_THRESHOLD = 128   # the reference's hard-coded block size in get_diagonal_split_mask
 
 
 def radial(frames: int, block_size: int = 128, decay_factor: float = 1.0, sink: bool = False, text: int = 0) -> Mask:
     """Radial attention over ``frames`` equal frames (+ ``text`` dense tokens after them); see the module doc."""
-    frames = _check_int("frames", frames, low=1)
-    block_size = _check_int("block_size", block_size, low=1)
-    text = _check_int("text", text, low=0)
+    frames = check_int("frames", frames, low=1)
+    block_size = check_int("block_size", block_size, low=1)
+    text = check_int("text", text, low=0)
     if isinstance(decay_factor, bool) or not isinstance(decay_factor, numbers.Real) \
             or not math.isfinite(decay_factor) or decay_factor <= 0:
         raise ValueError(f"decay_factor must be a finite number > 0 (the reference uses 0.2 to 1), "

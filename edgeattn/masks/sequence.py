@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Mask, Shape, _check_int
+from .base import Mask, Shape, check_int
 
 
 def _positions(shape: Shape, q_idx):
@@ -25,7 +25,7 @@ def causal() -> Mask:
 
 def sliding_window(window: int, causal: bool = True) -> Mask:
     """Causal: ``0 <= q - k <= window``; non-causal: ``|q - k| <= window``."""
-    window = _check_int("window", window, low=1)
+    window = check_int("window", window, low=1)
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {causal!r}")
 
@@ -41,8 +41,8 @@ def sliding_window(window: int, causal: bool = True) -> Mask:
 
 def sinks(n_sink: int, window: int) -> Mask:
     """StreamingLLM: causal, and a key is kept iff it is one of the first ``n_sink`` or within ``window`` back."""
-    n_sink = _check_int("n_sink", n_sink, low=0)
-    window = _check_int("window", window, low=0)
+    n_sink = check_int("n_sink", n_sink, low=0)
+    window = check_int("window", window, low=0)
 
     def mods(shape):
         def mask_mod(b, h, q, kv):

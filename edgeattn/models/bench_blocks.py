@@ -5,13 +5,12 @@ rebuilds it exactly.  Widths follow the benchmark cases: 2 heads x 32 channels.
 """
 from __future__ import annotations
 
-import math
-
 from torch import nn
 
 from ..layers import MaskedSelfAttention
 from ..masks import FAMILIES
 from . import register
+from .common import token_inputs
 
 
 class AttentionBlock(nn.Module):
@@ -28,12 +27,8 @@ class AttentionBlock(nn.Module):
         return self.attn(tokens)
 
 
-def _inputs(dim, grid=None, seq_len=None, **_):
-    return {"tokens": (1, math.prod(grid) if grid else seq_len, dim)}
-
-
 def _block(name: str, description: str, mask: dict, **shape):
-    register(name, description, _inputs, mask=mask, dim=64, heads=2, **shape)(AttentionBlock)
+    register(name, description, token_inputs, mask=mask, dim=64, heads=2, **shape)(AttentionBlock)
 
 
 _block("na2d-block", "2-D neighborhood attention block, 56x56 tokens, kernel 7, 2 heads x 32",

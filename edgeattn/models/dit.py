@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import MaskedSelfAttention, MaskTable
+from ..layers import MaskedSelfAttention, MaskTable, check_heads, split_qkv
 from ..masks import clear, radial
 from . import register
 
@@ -84,9 +84,7 @@ class TextImageAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, mask, text: int, image_tokens: int):
         super().__init__()
-        if heads < 1 or dim % heads:
-            raise ValueError(f"heads must be a positive divisor of dim={dim}, got {heads}")
-        self.heads, self.text = heads, text
+        self.heads, self.head_dim, self.text = heads, check_heads(dim, heads), text
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.table = MaskTable(mask, heads, q_len=image_tokens, kv_len=text + image_tokens)
@@ -96,7 +94,7 @@ class TextImageAttention(nn.Module):
         if N != self.table.shape.kv_len:
             raise ValueError(f"{type(self).__name__} was built for {self.table.shape.kv_len} tokens "
                              f"({self.text} text + image), got {N}: the mask table is static")
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = split_qkv(self.qkv(x), self.heads, self.head_dim)
         out = self.table(q[:, :, self.text:], k, v)
         if self.text:
             out = torch.cat([F.scaled_dot_product_attention(q[:, :, :self.text], k, v), out], 2)

@@ -30,6 +30,7 @@ from .. import tables
 from ..layers import MaskedBlock, init_linear
 from ..masks import neighborhood
 from . import register
+from .common import image_inputs
 
 
 class ConvTokenizer(nn.Module):
@@ -108,26 +109,22 @@ class NAT(nn.Module):
         return self.head(self.norm(x).mean(dim=(1, 2)))
 
 
-def _inputs(image_size, **_):
-    return {"image": (1, 3, image_size, image_size)}
-
-
-@register("nat-tiny", "NAT, 2 stages (56x56 k7, 28x28 k7 dilation 2), 224x224 image -> 10 logits", _inputs,
-          outputs=("logits",), image_size=224, embed_dim=32, depths=[2, 2], heads=[2, 4], kernel=7, dilations=[1, 2],
-          num_classes=10)
+@register("nat-tiny", "NAT, 2 stages (56x56 k7, 28x28 k7 dilation 2), 224x224 image -> 10 logits",
+          image_inputs, outputs=("logits",), image_size=224, embed_dim=32, depths=[2, 2], heads=[2, 4], kernel=7,
+          dilations=[1, 2], num_classes=10)
 def nat_tiny(**config) -> NAT:
     return NAT(**config)
 
 
 @register("nat-mini", "NAT-Mini (SHI-Labs nat_mini): depths 3/4/6/5, k7, rpb, 224x224 image -> 1000 logits",
-          _inputs, outputs=("logits",), image_size=224, embed_dim=64, depths=[3, 4, 6, 5], heads=[2, 4, 8, 16],
+          image_inputs, outputs=("logits",), image_size=224, embed_dim=64, depths=[3, 4, 6, 5], heads=[2, 4, 8, 16],
           kernel=7, mlp_ratio=3.0, num_classes=1000, rpb=True)
 def nat_mini(**config) -> NAT:
     return NAT(**config)
 
 
 @register("dinat-mini", "DiNAT-Mini (SHI-Labs dinat_mini): NAT-Mini with per-block dilations up to 8, rpb, "
-          "224x224 image -> 1000 logits", _inputs, outputs=("logits",), image_size=224, embed_dim=64,
+          "224x224 image -> 1000 logits", image_inputs, outputs=("logits",), image_size=224, embed_dim=64,
           depths=[3, 4, 6, 5], heads=[2, 4, 8, 16], kernel=7,
           dilations=[[1, 8, 1], [1, 4, 1, 4], [1, 2, 1, 2, 1, 2], [1, 1, 1, 1, 1]], mlp_ratio=3.0, num_classes=1000,
           rpb=True)

@@ -50,12 +50,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import masked_attention
-from ..layers import init_linear
+from ..layers import check_heads, init_linear
 from ..masks.polyline import line_biases, polyline_bias
 from . import register
+from .common import image_inputs
 # identical in the reference (PPMA.py keeps RMT's code for these): the stem, depthwise convs / LePE, FFN, patch
-# merging, theta shift, the block (RetBlock = PPMA's BasicBlock) and the q/k/v/LePE/out projections (Retention)
-from .rmt import (PatchEmbed, PatchMerging, RetBlock, Retention, _cols, _inputs, _rows, rotary_angle,
+# merging, theta shift, the block (RetBlock = PPMA's BasicBlock), the q/k/v/LePE/out projections (Retention) and
+# the row / column batching of the separable attention
+from .rmt import (PatchEmbed, PatchMerging, RetBlock, Retention, per_column, per_row, rotary_angle,
                   rotary_sin_cos)
 
 
@@ -109,7 +111,7 @@ def _attend(q, k, v, bias, name):
 
 
 def _unlines(t, batch: int):
-    """Inverse of rmt's :func:`_rows`: (b*L1, n, L2, d) -> (b, n, L1, L2, d)."""
+    """Inverse of :func:`~edgeattn.models.rmt.per_row`: (b*L1, n, L2, d) -> (b, n, L1, L2, d)."""
     return t.unflatten(0, (batch, -1)).transpose(1, 2)
 
 
@@ -118,10 +120,8 @@ class PolylineAttention(Retention):
     retention projections plus ``path_embed``, the selective decays."""
 
     def __init__(self, dim: int, heads: int, chunk: bool):
+        check_heads(dim, heads, even_width=True)   # the theta shift rotates channel pairs
         super().__init__(dim, heads)
-        if self.key_dim % 2:
-            raise ValueError(f"dim={dim} must split into {heads} heads of an even width (the theta shift rotates "
-                             f"channel pairs), got head width {self.key_dim}")
         self.chunk = chunk
         self.path_embed = PathDecays(dim, heads)
 
@@ -150,14 +150,15 @@ class PolylineAttention(Retention):
         """0.5 col(row(v)) + 0.5 row(col(v)): softmax along each row with its 1-D mask, along each column with its."""
         B = q.shape[0]
         rows, cols = line_biases(row_decay, col_decay)         # (b, n, h, w, w), (b, n, w, h, h)
-        q_r, k_r, bias_r = _rows(q), _rows(k), _rows(rows)     # per row: (b*h, n, w, .)
-        q_c, k_c, bias_c = _cols(q), _cols(k), _rows(cols)     # per column: (b*w, n, h, .); cols is per column
+        q_r, k_r, bias_r = per_row(q), per_row(k), per_row(rows)          # per row: (b*h, n, w, .)
+        # per column: (b*w, n, h, .); cols is laid out per column already, so per_row batches its columns
+        q_c, k_c, bias_c = per_column(q), per_column(k), per_row(cols)
 
         def along_rows(t):       # (b, n, h, w, d) -> same, each row attended with its row mask
-            return _unlines(_attend(q_r, k_r, _rows(t), bias_r, "polyline_rows"), B)
+            return _unlines(_attend(q_r, k_r, per_row(t), bias_r, "polyline_rows"), B)
 
         def along_cols(t):
-            return _unlines(_attend(q_c, k_c, _cols(t), bias_c, "polyline_columns"), B).transpose(2, 3)
+            return _unlines(_attend(q_c, k_c, per_column(t), bias_c, "polyline_columns"), B).transpose(2, 3)
 
         return 0.5 * along_cols(along_rows(v)) + 0.5 * along_rows(along_cols(v))
 
@@ -213,7 +214,7 @@ class PPMAViT(nn.Module):
         return self.head(self.swish(x).mean(dim=(2, 3)))
 
 
-@register("ppma-t", "PPMA-T (polyline path masked attention ViT), 224x224 image -> 1000 logits", _inputs,
+@register("ppma-t", "PPMA-T (polyline path masked attention ViT), 224x224 image -> 1000 logits", image_inputs,
           outputs=("logits",), image_size=224, embed_dims=[64, 128, 256, 512], depths=[2, 2, 8, 2],
           num_heads=[4, 4, 8, 16], mlp_ratios=[3, 3, 3, 3], chunkwise=[True, True, False, False],
           layerscales=[False] * 4, projection=1024, num_classes=1000)

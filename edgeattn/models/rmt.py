@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import tables
-from ..layers import MaskTable
+from ..layers import MaskTable, check_heads
 from ..masks import decay_1d, manhattan_decay
 from . import register
+from .common import image_inputs
 
 
 # ----------------------------------------------------------------------------- positional pieces
@@ -158,9 +159,7 @@ class Retention(nn.Module):
 
     def __init__(self, embed_dim: int, heads: int):
         super().__init__()
-        if heads < 1 or embed_dim % heads:
-            raise ValueError(f"heads must be a positive divisor of embed_dim={embed_dim}, got {heads}")
-        self.heads, self.key_dim = heads, embed_dim // heads
+        self.heads, self.key_dim = heads, check_heads(embed_dim, heads, "embed_dim")
         self.scaling = self.key_dim ** -0.5
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.k_proj = nn.Linear(embed_dim, embed_dim)
@@ -200,19 +199,19 @@ class VisionRetentionChunk(Retention):
     def attend(self, q, k, v, rel_pos):
         B, n, H, W, d = v.shape
         # rows: each of the B*H rows is one batch element of a W-long attention with the |dx| decay
-        v = rel_pos.table_w(_rows(q), _rows(k), _rows(v), scale=1.0).unflatten(0, (B, H))    # (B, H, n, W, d)
+        v = rel_pos.table_w(per_row(q), per_row(k), per_row(v), scale=1.0).unflatten(0, (B, H))  # (B, H, n, W, d)
         # then columns, on the row outputs: B*W batch elements of an H-long attention with the |dy| decay
-        v = v.permute(0, 3, 2, 1, 4).flatten(0, 1)                                          # (B*W, n, H, d)
-        out = rel_pos.table_h(_cols(q), _cols(k), v, scale=1.0).unflatten(0, (B, W))         # (B, W, n, H, d)
-        return out.permute(0, 3, 1, 2, 4).flatten(-2)                                        # (B, H, W, n*d)
+        v = v.permute(0, 3, 2, 1, 4).flatten(0, 1)                                               # (B*W, n, H, d)
+        out = rel_pos.table_h(per_column(q), per_column(k), v, scale=1.0).unflatten(0, (B, W))   # (B, W, n, H, d)
+        return out.permute(0, 3, 1, 2, 4).flatten(-2)                                            # (B, H, W, n*d)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(B, n, H, W, d) -> (B*H, n, W, d): one batch element per row."""
+def per_row(t: torch.Tensor) -> torch.Tensor:
+    """(B, n, H, W, d) -> (B*H, n, W, d): one batch element per row (PPMA's separable attention uses it too)."""
     return t.transpose(1, 2).flatten(0, 1)
 
 
-def _cols(t: torch.Tensor) -> torch.Tensor:
+def per_column(t: torch.Tensor) -> torch.Tensor:
     """(B, n, H, W, d) -> (B*W, n, H, d): one batch element per column."""
     return t.permute(0, 3, 1, 2, 4).flatten(0, 1)
 
@@ -309,12 +308,8 @@ class VisRetNet(nn.Module):
         return self.head(self.swish(x).mean(dim=(2, 3)))
 
 
-def _inputs(image_size, in_chans=3, **_):
-    return {"image": (1, in_chans, image_size, image_size)}
-
-
 @register("rmt-t", "RMT-T: 4 stages 64/128/256/512, separable decay attention at 56x56/28x28, Manhattan decay at "
-          "14x14/7x7, 224x224 image -> 1000 logits", _inputs, outputs=("logits",),
+          "14x14/7x7, 224x224 image -> 1000 logits", image_inputs, outputs=("logits",),
           image_size=224, embed_dims=[64, 128, 256, 512], depths=[2, 2, 8, 2], heads=[4, 4, 8, 16],
           init_values=[2, 2, 2, 2], heads_ranges=[4, 4, 6, 6], mlp_ratios=[3, 3, 3, 3],
           chunkwise=[True, True, False, False], layerscales=[False, False, False, False], num_classes=1000)

@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import masks
 from ..attention import masked_attention
-from ..layers import MaskTable
-from ..masks import segments as segments_mask, sinks, sliding_window
-from ..masks.base import _check_int
+from ..layers import MaskTable, check_heads
+from ..masks.base import check_int
 from . import register
 
 
@@ -121,22 +121,21 @@ class SegmentLM(nn.Module):
         super().__init__()
         for name, value in (("vocab", vocab), ("dim", dim), ("layers", layers), ("heads", heads),
                             ("kv_heads", kv_heads), ("multiple_of", multiple_of), ("max_cache", max_cache)):
-            _check_int(name, value, low=1)
-        if dim % heads or (dim // heads) % 2:
-            raise ValueError(f"heads={heads} must divide dim={dim} into an even head_dim (RoPE rotates pairs)")
+            check_int(name, value, low=1)
+        head_dim = check_heads(dim, heads, even_width=True)   # RoPE rotates channel pairs
         if heads % kv_heads:
             raise ValueError(f"kv_heads={kv_heads} must divide heads={heads} (grouped-query attention)")
         if not isinstance(segments, (list, tuple)) or not segments:
             raise ValueError(f"segments must be a non-empty list of segment lengths, got {segments!r}")
-        lengths = [_check_int("segment length", s, low=1) for s in segments]
+        lengths = [check_int("segment length", s, low=1) for s in segments]
         self.prompt_len = sum(lengths)
         if self.prompt_len > max_cache:
             raise ValueError(f"the prompt ({self.prompt_len} tokens over segments {lengths}) does not fit the cache "
                              f"(max_cache={max_cache}); raise max_cache or shorten the segments")
         self.segment_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-        self.n_sink = _check_int("n_sink", n_sink)
-        self.window = _check_int("window", window, low=1)
-        self.vocab, self.max_cache, self.kv_heads, self.head_dim = vocab, max_cache, kv_heads, dim // heads
+        self.n_sink = check_int("n_sink", n_sink)
+        self.window = check_int("window", window, low=1)
+        self.vocab, self.max_cache, self.kv_heads, self.head_dim = vocab, max_cache, kv_heads, head_dim
         hidden = int(2 * 4 * dim / 3)
         hidden = multiple_of * -(-hidden // multiple_of)
         self.tok_embeddings = nn.Embedding(vocab, dim)
@@ -178,8 +177,8 @@ class Prefill(SegmentLM):
 
     def __init__(self, **config):
         super().__init__(**config)
-        mask = segments_mask(self.segment_ids) & (sinks(self.n_sink, self.window)
-                                                  | sliding_window(self.window, causal=False))
+        mask = masks.segments(self.segment_ids) & (masks.sinks(self.n_sink, self.window)
+                                                   | masks.sliding_window(self.window, causal=False))
         self.mask_table = MaskTable(mask, heads=1, q_len=self.prompt_len)
 
     def forward(self, input_ids):
@@ -231,7 +230,7 @@ def greedy(prefill, decode, input_ids, steps: int) -> list[int]:
     :func:`torch_step` around a module): the prompt's last logits give the first token, then one step per token."""
     import numpy as np
 
-    _check_int("steps", steps, low=1)
+    check_int("steps", steps, low=1)
     out = prefill({"input_ids": np.asarray(input_ids, dtype=np.int64)})
     tokens = [int(out["logits"][0, -1].argmax())]
     key, value, position = out["present_key"], out["present_value"], np.asarray(input_ids).shape[1]

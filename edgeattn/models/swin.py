@@ -34,6 +34,7 @@ from ..layers import MaskedBlock, MaskedSelfAttention, init_linear
 from ..masks import window
 from ..masks.base import Shape, rpb_index
 from . import register
+from .common import image_inputs, token_inputs
 
 
 class WindowAttention(MaskedSelfAttention):
@@ -175,22 +176,14 @@ class SwinTransformer(nn.Module):
         return self.head(self.norm(x).mean(dim=1))
 
 
-def _stage_inputs(grid, dim, **_):
-    return {"tokens": (1, grid[0] * grid[1], dim)}
-
-
 @register("swin-tiny-block", "Swin stage: window 7 + shifted window 7 blocks on 56x56 tokens, dim 64, 2 heads",
-          _stage_inputs, grid=[56, 56], dim=64, heads=2, window_size=7, depth=2)
+          token_inputs, grid=[56, 56], dim=64, heads=2, window_size=7, depth=2)
 def swin_tiny_block(**config) -> BasicLayer:
     return BasicLayer(**config)
 
 
-def _image_inputs(image_size, **_):
-    return {"image": (1, 3, image_size, image_size)}
-
-
 @register("swin-t", "Swin-T (microsoft swin_tiny_patch4_window7_224): depths 2/2/6/2, window 7, shifted windows, "
-          "relative position bias, 224x224 image -> 1000 logits", _image_inputs, outputs=("logits",),
+          "relative position bias, 224x224 image -> 1000 logits", image_inputs, outputs=("logits",),
           image_size=224, patch_size=4, embed_dim=96, depths=[2, 2, 6, 2], heads=[3, 6, 12, 24], window_size=7,
           mlp_ratio=4.0, num_classes=1000)
 def swin_t(**config) -> SwinTransformer:
