@@ -92,7 +92,7 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
             label, tables_mb = _label(lowering, meta), meta.get("table_bytes", 0) / 1e6
             feeds, outputs = parity.reference_outputs(built.module, inputs, path, proto)
             # the reference (eager torch) is timed once, with the first file, before the runtimes
-            timed = reference + names if eager_ms is None else names
+            timed = names if rows else reference + names
             results = parity.check_sessions(outputs, feeds, path, timed, runs, accuracy=False, module=built.module,
                                             contents=onnxfile.Contents.of(meta),
                                             progress=lambda n: step(f"{n} {label}" if n in names else "torch eager"))
