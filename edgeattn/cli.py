@@ -62,13 +62,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_check(args) -> int:
-    if args.json:
-        check_writable(args.json)
     names = parity.check_available(args.runtime) if args.runtime else None
-    results = parity.check_file(args.file, names, runs=args.runs or DEFAULT_RUNS,
+    results = parity.check_file(args.file, names, runs=args.runs or DEFAULT_RUNS, report=args.json,
                                 progress=lambda n: _log(f"checking on {n} ..."))
-    if args.json:
-        parity.write_json(results, args.json)
     return _report(parity.describe(args.file), results)
 
 

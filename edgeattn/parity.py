@@ -20,7 +20,7 @@ import torch
 
 from . import onnxfile, runtimes
 from .errors import EdgeAttnError
-from .files import atomic_write
+from .files import atomic_write, check_writable
 from .runtimes.base import nonfinite_inputs
 
 
@@ -119,14 +119,21 @@ def check_sessions(reference: Mapping[str, np.ndarray], feeds: Mapping[str, np.n
 
 
 def check_file(path, runtime_names: Optional[Sequence[str]] = None, runs: int = 20,
-               progress: Optional[Callable[[str], None]] = None) -> list[ParityResult]:
+               progress: Optional[Callable[[str], None]] = None, report=None) -> list[ParityResult]:
     """Rebuild the registered reference model named in the file's metadata and compare every runtime with it
-    (the torch reference runtime's row times eager PyTorch; its error is 0 by construction)."""
+    (the torch reference runtime's row times eager PyTorch; its error is 0 by construction).  ``report``: a JSON
+    path for the results, checked before the work."""
     from . import models
 
+    if report is not None:
+        check_writable(report)
     model = onnxfile.read(path)
     built = models.from_metadata(model, path)
-    return compare_model(built.module, list(built.inputs.values()), path, runtime_names, runs, progress, model=model)
+    results = compare_model(built.module, list(built.inputs.values()), path, runtime_names, runs, progress,
+                            model=model)
+    if report is not None:
+        write_json(results, report)
+    return results
 
 
 def compare_model(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path,

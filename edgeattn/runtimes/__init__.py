@@ -10,7 +10,8 @@ from .ort import OrtCpu, OrtCuda
 from .reference import TorchRuntime
 
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (TorchRuntime(), OrtCpu(), OrtCuda(), OpenVinoCpu())}
-# `auto` takes the first available of these; the torch reference only runs files of registered models.
+# `auto` takes the first available of these that runs the file; the torch reference runs the module a file came
+# from (a registered model, rebuilt from the metadata, or the module given to parity.compare_model).
 AUTO_ORDER = ("ort-cuda", "ort-cpu", "openvino-cpu")
 # what a file is for when no target is named: every runtime that runs the file itself
 ONNX_RUNTIMES = tuple(name for name, runtime in RUNTIMES.items() if not runtime.reference)

@@ -65,7 +65,7 @@ class Runtime:
     name: str = ""
     description: str = ""
     tolerances: Mapping[str, Tolerance] = {}    # the parity gate per file precision
-    refused_precisions: Mapping[str, str] = {}  # precision -> why files of it cannot run here
+    refused_precisions: Mapping[str, str] = {}  # precision -> why it cannot run files of it
     lowerings: frozenset = frozenset(LOWERINGS)  # the node bodies it executes
     # how it executes a dense-table node of lowering L: runs_as.get(L, L), in files exported with lowering auto
     # (or in every file, with runs_as_always) -- the file keeps its portable body, the runtime swaps at load
