@@ -29,6 +29,7 @@ import edgeattn
 from edgeattn import models
 from edgeattn.errors import first_line
 from edgeattn.export import export_registered
+from edgeattn.layers import split_qkv
 from edgeattn.masks import Shape
 
 CASES = ["na2d-block", "na2d-dilated-block", "swin-block", "sliding-block", "causal-block", "na3d-block"]
@@ -70,7 +71,7 @@ class Block(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = split_qkv(self.qkv(x), self.heads, self.head_dim)
         return self.proj(self.attend(q, k, v).transpose(1, 2).reshape(B, N, C))
 
 
