@@ -47,26 +47,19 @@ def check_request(*, dtype: str = "fp32", quantize: Optional[str] = None, opset:
 
 
 def _targets(names, precision: str) -> list[str]:
-    onnx_runtimes = runtimes.ONNX_RUNTIMES
-    if isinstance(names, str):
-        names = [names]
-    named = names is not None and any(not _is_reference(n) for n in names)
-    if names is not None:
-        unknown = [n for n in names if n not in onnx_runtimes and not _is_reference(n)]
-        if unknown or not names:
-            raise EdgeAttnError(f"target runtimes must be among {', '.join(onnx_runtimes)}, got {list(names)}")
-    chosen = list(dict.fromkeys(n for n in names if not _is_reference(n))) if named else list(onnx_runtimes)
+    """The ONNX runtimes named (the reference checks files but is no target), or all of them by default; named
+    ones that cannot run ``precision`` are an error, defaults that cannot are dropped."""
+    names = [names] if isinstance(names, str) else names
+    if names is not None and (not names or any(n not in runtimes.RUNTIMES for n in names)):
+        raise EdgeAttnError(f"target runtimes must be among {', '.join(runtimes.ONNX_RUNTIMES)}, got {list(names)}")
+    named = [n for n in dict.fromkeys(names or ()) if not runtimes.get(n).reference]
     contents = Contents(precision)
-    refused = {n: runtimes.get(n).not_supported_reasons(contents, here=False) for n in chosen}
-    refused = {n: reasons for n, reasons in refused.items() if reasons}
+    refused = {n: reasons for n in named or runtimes.ONNX_RUNTIMES
+               if (reasons := runtimes.get(n).not_supported_reasons(contents, here=False))}
     if refused and named:
         name, reasons = next(iter(refused.items()))
         raise EdgeAttnError(f"{name} cannot run {precision} files: {reasons[0]}")
-    return [n for n in chosen if n not in refused]
-
-
-def _is_reference(name: str) -> bool:
-    return name in runtimes.RUNTIMES and runtimes.get(name).reference
+    return [n for n in named or runtimes.ONNX_RUNTIMES if n not in refused]
 
 
 def _check_lowering(lowering: str, opset: int, targets: Sequence[str]) -> None:
