@@ -22,6 +22,7 @@ from . import onnxfile, runtimes
 from .errors import EdgeAttnError
 from .files import atomic_write, check_writable
 from .runtimes.base import nonfinite_inputs
+from .runtimes.reference import TorchSession
 
 
 @dataclass
@@ -156,14 +157,11 @@ def reference_outputs(module: torch.nn.Module, example_inputs: Sequence[torch.Te
     """The file's feeds for ``example_inputs`` and eager torch's outputs under the file's output names
     (``model``: the file already parsed)."""
     model = onnxfile.read(path) if model is None else model
-    input_infos, outputs = onnxfile.graph_inputs(model), [o.name for o in model.graph.output]
+    input_infos = onnxfile.graph_inputs(model)
     if len(input_infos) != len(example_inputs):
         raise EdgeAttnError(f"{path} has {len(input_infos)} inputs, {len(example_inputs)} example inputs given")
-    feeds = {info.name: _numpy(t) for info, t in zip(input_infos, example_inputs)}
-    flat = torch.utils._pytree.tree_leaves(_eager(module, example_inputs))  # the exporter flattens outputs the same way
-    if len(flat) != len(outputs):
-        raise EdgeAttnError(f"{path} has {len(outputs)} outputs, the model returns {len(flat)} tensors")
-    return feeds, {name: _numpy(t) for name, t in zip(outputs, flat)}
+    feeds = {info.name: t.detach().cpu().numpy() for info, t in zip(input_infos, example_inputs)}
+    return feeds, TorchSession("torch", module, input_infos, onnxfile.graph_outputs(model)).run(feeds)
 
 
 def default_runtimes(metadata: Optional[Mapping] = None) -> list[str]:
@@ -181,19 +179,6 @@ def check_available(names: Sequence[str]) -> list[str]:
         if reasons:
             raise EdgeAttnError(f"runtime {name} is not available: {'; '.join(reasons)}")
     return list(dict.fromkeys(names))
-
-
-def _eager(module, inputs):
-    was_training = module.training
-    try:
-        with torch.no_grad():
-            return module.eval()(*inputs)
-    finally:
-        module.train(was_training)
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
 
 
 def describe(path, meta: Optional[Mapping] = None) -> str:

@@ -7,10 +7,13 @@ import numpy as np
 import torch
 
 from .. import onnxfile
+from ..errors import EdgeAttnError
 from .base import Runtime, Session, Tolerance
 
 
 class TorchSession(Session):
+    """Runs a torch module in eval mode without gradients on numpy feeds; its outputs are the reference."""
+
     def __init__(self, runtime: str, module: torch.nn.Module, inputs, outputs):
         self.runtime, self.inputs, self.outputs = runtime, inputs, outputs
         self.module = module
@@ -23,6 +26,8 @@ class TorchSession(Session):
         finally:
             self.module.train(was_training)
         out = torch.utils._pytree.tree_leaves(out)   # the exporter flattens nested outputs the same way
+        if len(out) != len(self.outputs):
+            raise EdgeAttnError(f"the file has {len(self.outputs)} outputs, the model returns {len(out)} tensors")
         return {info.name: np.asarray(t.detach().cpu().numpy()) for info, t in zip(self.outputs, out)}
 
 
