@@ -2,6 +2,7 @@
 it on runtimes against the model just built, in one call (what the CLI calls)."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -66,9 +67,6 @@ def calibration_feeds(built, count: int = precision.DEFAULT_CALIBRATION_SAMPLES)
 
 
 def _summary(result: ExportResult) -> str:
-    counts: dict[str, int] = {}
-    for m in result.masks:
-        key = f"{m['mask']} ({m['lowering']})"
-        counts[key] = counts.get(key, 0) + 1
+    counts = Counter(f"{m['mask']} ({m['lowering']})" for m in result.masks)
     return (f"wrote {result.path}: {result.file_bytes / 1e6:.1f} MB, {len(result.masks)} attention nodes "
             f"({', '.join(f'{k} x{v}' for k, v in counts.items())}), mask tables {result.table_bytes / 1e6:.1f} MB")

@@ -94,11 +94,14 @@ class Runtime:
     def is_available(self) -> bool:
         return not self.machine_reasons()
 
-    def check_file(self, model, path) -> None:
-        """One clear error when the parsed file ``model`` holds what this runtime cannot run."""
-        reasons = self.not_supported_reasons(Contents.of(read_metadata(model)), here=False)
+    def check_file(self, model, path) -> dict:
+        """One clear error when the parsed file ``model`` holds what this runtime cannot run; returns the file's
+        metadata."""
+        metadata = read_metadata(model)
+        reasons = self.not_supported_reasons(Contents.of(metadata), here=False)
         if reasons:
             raise EdgeAttnError(f"{path}: {self.name} cannot run this file: {'; '.join(reasons)}")
+        return metadata
 
     def executes(self, lowering: str, requested: str = "auto") -> str:
         """What this runtime runs for a node of ``lowering`` in a file exported with lowering ``requested``."""

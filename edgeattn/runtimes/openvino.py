@@ -32,8 +32,7 @@ class OpenVinoSession(Session):
         from openvino.frontend.onnx import ConversionExtension
 
         model = onnxfile.read(path, weights=True)
-        runtime.check_file(model, path)
-        file_precision = onnxfile.read_metadata(model).get("precision", "fp32")
+        file_precision = runtime.check_file(model, path).get("precision", "fp32")
         self.runtime, self.inputs, self.outputs = runtime.name, onnxfile.graph_inputs(model), onnxfile.graph_outputs(
             model)
         model = _inline_all_but_sdpa(model, runtime)

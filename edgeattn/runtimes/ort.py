@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Optional
 
 from .. import onnxfile
 from ..errors import EdgeAttnError, first_line
@@ -17,8 +18,7 @@ class OrtSession(Session):
         import onnxruntime as ort
 
         model = onnxfile.read(path, weights=True)
-        runtime.check_file(model, path)
-        model = for_runtime(model, runtime)
+        model = for_runtime(model, runtime, runtime.check_file(model, path))
         self.runtime = runtime.name
         self.inputs, self.outputs = onnxfile.graph_inputs(model), onnxfile.graph_outputs(model)
         options = ort.SessionOptions()
@@ -56,9 +56,10 @@ class OrtSession(Session):
         return dict(zip(self._names, binding.copy_outputs_to_cpu()))
 
 
-def for_runtime(model, runtime: Runtime):
-    """Swap the bodies of the file's nodes for the ones ``runtime`` runs fastest (``Runtime.runs_as``), in memory."""
-    meta = onnxfile.read_metadata(model)
+def for_runtime(model, runtime: Runtime, meta: Optional[dict] = None):
+    """Swap the bodies of the file's nodes for the ones ``runtime`` runs fastest (``Runtime.runs_as``), in memory
+    (``meta``: the file's metadata, if already read)."""
+    meta = onnxfile.read_metadata(model) if meta is None else meta
     return bodies.swap(model, lambda lowering: runtime.executes(lowering, meta.get("lowering", "")), meta.get("opset"))
 
 
