@@ -1,4 +1,8 @@
-"""``edgeattn bench``: export a model with each lowering and time it on each runtime, in one table.
+"""``edgeattn bench``: export a model with each lowering, in both forms, and time it on each runtime, in one table.
+
+The forms: ``standard`` (the default export: standard ops only, what any runtime or converter reads) and
+``custom-op`` (``--custom-op``: edgeattn nodes with function bodies, which edgeattn's runtimes swap for their fastest
+kernel), side by side so the cost of portability is a number.
 
 Rows look like ``yolo benchmark``'s: runtime, lowering, precision, status, file size, accuracy against eager fp32
 PyTorch, median and p90 latency, and the speedup over eager PyTorch (the first row).  Runtimes load files as a
@@ -16,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import models, onnxfile, parity, runtimes
+from .onnxfile import formats
 from .errors import EdgeAttnError
 from .export import DEFAULT_OPSET, LOWERING_CHOICES, calibration_feeds, export_onnx
 from .export.precision import DTYPES, PRECISIONS, QUANTIZE, default_opset
@@ -23,6 +28,7 @@ from .files import atomic_write, check_writable
 
 # the opset each lowering is exported at when benchmarking a model (attention needs the Attention op)
 BENCH_OPSET = {"attention": 23}
+FORMS = ("standard", "custom-op")
 
 
 @dataclass
@@ -30,6 +36,7 @@ class BenchRow:
     runtime: str
     lowering: str
     status: str
+    form: str = "standard"               # standard, custom-op, or the format of a given .xml / .ort file
     precision: str = "fp32"
     file_mb: Optional[float] = None
     max_abs_err: Optional[float] = None
@@ -45,52 +52,56 @@ class BenchRow:
 
 def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: Optional[Sequence[str]] = None,
         runs: int = 20, seed: int = 0, progress: Optional[Callable[[int, int, str], None]] = None,
-        precisions: Optional[Sequence[str]] = None) -> list[BenchRow]:
-    """Benchmark a registered model or an exported file (as is) on each ONNX runtime.
+        precisions: Optional[Sequence[str]] = None, forms: Optional[Sequence[str]] = None) -> list[BenchRow]:
+    """Benchmark a registered model or an exported file (.onnx, .xml, .ort: as is) on each runtime that loads it.
 
-    A model is exported with each of ``lowerings`` in each of ``precisions`` (default: every lowering in fp32; with
-    precisions named, the auto lowering in each)."""
+    A model is exported with each of ``lowerings`` in each of ``precisions`` and ``forms`` (default: every lowering
+    in fp32, both forms; with precisions named, the auto lowering in each)."""
     names = [n for n in (runtime_names or runtimes.available()) if not runtimes.get(n).reference]
     reference = [n for n, r in runtimes.RUNTIMES.items() if r.reference]
     is_file = target not in models.REGISTRY
     if is_file and not Path(target).exists():
         raise EdgeAttnError(f"{target!r} is neither a registered model ({', '.join(models.names())}) nor a file")
-    if is_file and (lowerings or precisions):
-        raise EdgeAttnError("--lowering and --precision apply when benchmarking a model; a file is timed as exported")
-    unknown = [p for p in precisions or () if p not in PRECISIONS]
+    if is_file and (lowerings or precisions or forms):
+        raise EdgeAttnError("--lowering, --precision and --form apply when benchmarking a model; a file is timed as "
+                            "exported")
+    unknown = [p for p in precisions or () if p not in PRECISIONS] + [f for f in forms or () if f not in FORMS]
     if unknown:
-        raise EdgeAttnError(f"unknown precision {unknown[0]!r}; choose from: {', '.join(PRECISIONS)}")
+        raise EdgeAttnError(f"unknown precision or form {unknown[0]!r}; choose from: {', '.join(PRECISIONS)} / "
+                            f"{', '.join(FORMS)}")
     with tempfile.TemporaryDirectory(prefix="edgeattn-bench-") as tmp:
-        parsed = None   # a given file is parsed once, here; a model's files are exported (and parsed) below
-        if is_file:   # (lowering, precision, opset, file)
-            parsed = onnxfile.read(target)
-            built, meta = models.from_metadata(parsed, target), onnxfile.read_metadata(parsed)
-            plan = [(meta.get("lowering", "?"), meta.get("precision", "fp32"), int(meta.get("opset", 0)), Path(target))]
+        given = None   # a given file's header is read once, here; a model's files are exported below
+        if is_file:   # (lowering, precision, opset, form, file)
+            given = formats.header(target)
+            built, meta = models.from_metadata(given.metadata, target), given.metadata
+            plan = [(meta.get("lowering", "?"), meta.get("precision", "fp32"), int(meta.get("opset", 0)),
+                     _file_form(meta), Path(target))]
         else:
             built = models.build(target, seed=seed)
             lowerings = lowerings or (["auto"] if precisions else LOWERING_CHOICES)
-            plan = [(low, prec, default_opset(prec, BENCH_OPSET.get(low, DEFAULT_OPSET)), None)
-                    for prec in precisions or ["fp32"] for low in lowerings]
+            plan = [(low, prec, default_opset(prec, BENCH_OPSET.get(low, DEFAULT_OPSET)), form, None)
+                    for prec in precisions or ["fp32"] for low in lowerings for form in forms or FORMS]
         inputs = list(built.inputs.values())
         step = _stepper(progress, len(reference) + len(plan) * len(names))
         rows, eager_ms = [], None
-        for lowering, precision, opset, path in plan:
+        for lowering, precision, opset, form, path in plan:
             export_s = None
             if path is None:
-                path = Path(tmp) / f"{target}-{lowering}-{precision}.onnx"
-                step(f"exporting {lowering} {precision}", advance=False)
+                path = Path(tmp) / f"{target}-{lowering}-{precision}-{form}.onnx"
+                step(f"exporting {lowering} {precision} {form}", advance=False)
                 start = time.perf_counter()
                 export_onnx(built.module, inputs, path, opset=opset, lowering=lowering, runtimes=_targets(lowering),
                             input_names=list(built.inputs), output_names=list(built.outputs),
                             metadata_props={"model": built.name, "config": built.config, "seed": built.seed},
                             dtype=precision if precision in DTYPES else "fp32",
                             quantize=precision if precision in QUANTIZE else None,
-                            calibration=calibration_feeds(built) if precision == "int8-static" else None)
+                            calibration=calibration_feeds(built) if precision == "int8-static" else None,
+                            custom_op=form == "custom-op")
                 export_s = time.perf_counter() - start
-            proto = parsed or onnxfile.read(path)
-            meta = onnxfile.read_metadata(proto)
+            file = given or formats.header(path)
+            meta = file.metadata
             label, tables_mb = _label(lowering, meta), meta.get("table_bytes", 0) / 1e6
-            feeds, outputs = parity.reference_outputs(built.module, inputs, path, proto)
+            feeds, outputs = parity.reference_outputs(built.module, inputs, path, file)
             # the reference (eager torch) is timed once, with the first file, before the runtimes
             timed = names if rows else reference + names
             results = parity.check_sessions(outputs, feeds, path, timed, runs, accuracy=False, module=built.module,
@@ -99,12 +110,12 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
             for r in results:
                 if runtimes.get(r.runtime).reference:
                     eager_ms = r.p50_ms
-                    rows.append(BenchRow(r.runtime, "eager", r.status, "fp32", None, r.max_abs_err, r.cosine,
+                    rows.append(BenchRow(r.runtime, "eager", r.status, "-", "fp32", None, r.max_abs_err, r.cosine,
                                          r.p50_ms, r.p90_ms, 1.0))
-                elif r.status == "unavailable":   # the runtime cannot run this lowering or precision
-                    rows.append(BenchRow(r.runtime, label, "n/a", precision, opset=opset, detail=r.detail))
+                elif r.status == "unavailable":   # the runtime cannot run this lowering, precision or format
+                    rows.append(BenchRow(r.runtime, label, "n/a", form, precision, opset=opset, detail=r.detail))
                 else:
-                    rows.append(BenchRow(r.runtime, label, r.status, precision, path.stat().st_size / 1e6,
+                    rows.append(BenchRow(r.runtime, label, r.status, form, precision, _size_mb(path),
                                          r.max_abs_err, r.cosine, r.p50_ms, r.p90_ms,
                                          eager_ms / r.p50_ms if eager_ms and r.p50_ms else None, opset, r.detail,
                                          tables_mb, export_s))
@@ -118,6 +129,18 @@ def _targets(lowering: str) -> Optional[list[str]]:
     contents = onnxfile.Contents(lowerings=frozenset({lowering}))
     able = [n for n in runtimes.ONNX_RUNTIMES if not runtimes.get(n).not_supported_reasons(contents, here=False)]
     return None if len(able) == len(runtimes.ONNX_RUNTIMES) else able
+
+
+def _file_form(meta: dict) -> str:
+    if meta.get("format", "onnx") != "onnx":
+        return meta["format"]
+    return "standard" if meta.get("inline", True) else "custom-op"
+
+
+def _size_mb(path: Path) -> float:
+    """The file's size with its weights (an IR's .bin, ONNX external data beside it)."""
+    data = [path.with_suffix(".bin")] if path.suffix == ".xml" else [path.with_name(path.name + ".data")]
+    return sum(p.stat().st_size for p in [path, *data] if p.is_file()) / 1e6
 
 
 def _label(lowering: str, meta: dict) -> str:
@@ -139,13 +162,13 @@ def _stepper(progress, total):
     return step
 
 
-HEADER = ("runtime", "lowering", "precision", "status", "size_MB", "tables_MB", "export_s", "max_abs_err", "cosine", "p50_ms", "p90_ms", "speedup")
+HEADER = ("runtime", "lowering", "form", "precision", "status", "size_MB", "tables_MB", "export_s", "max_abs_err", "cosine", "p50_ms", "p90_ms", "speedup")
 
 
 def _cells(r: BenchRow) -> tuple[str, ...]:
     def num(v, fmt):
         return "-" if v is None else fmt.format(v)
-    return (r.runtime, r.lowering, r.precision, r.status, num(r.file_mb, "{:.2f}"), num(r.tables_mb, "{:.2f}"),
+    return (r.runtime, r.lowering, r.form, r.precision, r.status, num(r.file_mb, "{:.2f}"), num(r.tables_mb, "{:.2f}"),
             num(r.export_s, "{:.1f}"), num(r.max_abs_err, "{:.2e}"),
             num(r.cosine, "{:.6f}"), num(r.p50_ms, "{:.2f}"), num(r.p90_ms, "{:.2f}"), num(r.speedup, "{:.1f}x"))
 
@@ -154,7 +177,7 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     table = [HEADER] + [_cells(r) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(HEADER))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
-    return "\n".join(lines + [f"  {r.runtime} {r.lowering}: {r.detail}" for r in rows
+    return "\n".join(lines + [f"  {r.runtime} {r.lowering} {r.form}: {r.detail}" for r in rows
                               if r.detail and r.status not in ("ok", "n/a")])
 
 
@@ -188,7 +211,7 @@ def write_plot(rows: Sequence[BenchRow], path, title: str) -> None:
 
     timed = [r for r in rows if r.p50_ms is not None]
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(timed) + 1.2))
-    ax.barh([f"{r.runtime} {r.lowering} {r.precision}" for r in timed], [r.p50_ms for r in timed], color="tab:blue")
+    ax.barh([f"{r.runtime} {r.lowering} {r.form} {r.precision}" for r in timed], [r.p50_ms for r in timed], color="tab:blue")
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("p50 latency (ms, log scale)")

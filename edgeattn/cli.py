@@ -12,6 +12,7 @@ from . import __version__, bench, inspection, masks, models, parity, runtimes
 from .errors import EdgeAttnError
 from .export import DEFAULT_OPSET, LOWERING_CHOICES, export_registered, precision
 from .files import atomic_write, check_writable
+from .onnxfile import formats
 
 DEFAULT_RUNS = 20
 
@@ -53,7 +54,8 @@ def cmd_runtimes(args) -> int:
 def cmd_export(args) -> int:
     if not args.check and (args.json or args.runs):
         raise EdgeAttnError("--runs and --json apply to the parity check; add --check")
-    result = export_registered(args.model, args.output, seed=args.seed, opset=args.opset, inline=args.inline,
+    result = export_registered(args.model, args.output, seed=args.seed, opset=args.opset, custom_op=args.custom_op,
+                               format=args.format,
                                lowering=args.lowering, runtimes=args.runtime, dynamic_batch=args.dynamic_batch,
                                dtype=args.dtype, quantize=args.quantize, calibration=args.calibration,
                                calibration_samples=args.calibration_samples, check=args.check,
@@ -72,7 +74,7 @@ def cmd_bench(args) -> int:
     bench.check_outputs(args.json, args.markdown, args.plot)
     names = parity.check_available(args.runtime) if args.runtime else None
     rows = bench.run(args.target, names, args.lowering, runs=args.runs or DEFAULT_RUNS, seed=args.seed,
-                     progress=bench.progress_bar(), precisions=args.precision)
+                     progress=bench.progress_bar(), precisions=args.precision, forms=args.form)
     print(bench.format_table(rows))
     if args.json:
         bench.write_json(rows, args.json)
@@ -80,7 +82,7 @@ def cmd_bench(args) -> int:
         bench.write_markdown(rows, args.markdown)
     if args.plot:
         bench.write_plot(rows, args.plot, title=f"edgeattn bench {args.target}")
-    failed = [f"{r.runtime} {r.lowering}" for r in rows if r.status not in ("ok", "n/a")]
+    failed = [f"{r.runtime} {r.lowering} {r.form}" for r in rows if r.status not in ("ok", "n/a")]
     if failed:
         print(f"bench: out of tolerance or failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -138,11 +140,19 @@ def _parser() -> argparse.ArgumentParser:
                          help=f"timed runs per runtime after 3 warm-ups (default {DEFAULT_RUNS})")
         cmd.add_argument("--json", metavar="FILE", help="write the parity results as a JSON list")
 
-    e = sub.add_parser("export", help="export a reference model to ONNX")
+    e = sub.add_parser("export", help="export a reference model to ONNX, OpenVINO IR or the ORT format")
     e.add_argument("model", help="registered model name (see `edgeattn models`)")
-    e.add_argument("-o", "--output", required=True, help="output .onnx path")
+    e.add_argument("-o", "--output", required=True,
+                   help="output path: .onnx, .xml (OpenVINO IR, with its .bin) or .ort (ORT format)")
+    e.add_argument("--format", choices=list(formats.FORMATS),
+                   help="onnx, openvino (IR) or ort (onnxruntime mobile/minimal builds, with its "
+                        "required_operators.config); default: from the output's suffix")
     e.add_argument("--opset", type=int, help=f"ONNX opset (default {DEFAULT_OPSET}; 22 for --dtype bf16)")
-    e.add_argument("--inline", action="store_true", help="standard ONNX ops only (no edgeattn-domain nodes)")
+    e.add_argument("--custom-op", action="store_true",
+                   help="keep each attention as one edgeattn-domain node whose function body is its standard ops "
+                        "(onnxruntime runs it; OpenVINO and converters need edgeattn's loader); default: standard "
+                        "ops only, which any runtime or converter reads")
+    e.add_argument("--inline", action="store_true", help=argparse.SUPPRESS)   # the default since custom ops went opt-in
     e.add_argument("--lowering", choices=LOWERING_CHOICES, default="auto",
                    help="attention body: auto (per layer, from the mask's sparsity and the target runtimes), dense, "
                         "blocked, attention (opset >= 23) or contrib (onnxruntime only); default auto")
@@ -164,7 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     b = sub.add_parser("bench", help="time a model with every lowering (or a file) on each runtime, in one table")
-    b.add_argument("target", metavar="MODEL_OR_FILE", help="registered model name or an .onnx file from `edgeattn export`")
+    b.add_argument("target", metavar="MODEL_OR_FILE",
+                   help="registered model name or a file from `edgeattn export` (.onnx, .xml, .ort)")
     b.add_argument("--runtime", action="append", metavar="NAME",
                    help="ONNX runtime to time, repeatable; default: every available one")
     b.add_argument("--lowering", action="append", choices=LOWERING_CHOICES,
@@ -172,6 +183,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", action="append", choices=bench.PRECISIONS,
                    help="precision to export and time, repeatable (models only): fp32, fp16, bf16, int8 (dynamic), "
                         "int8-static; default fp32 (with a precision named, lowerings default to auto)")
+    b.add_argument("--form", action="append", choices=bench.FORMS,
+                   help="form to export and time, repeatable (models only): standard (the default export) or "
+                        "custom-op (--custom-op); default: both, side by side")
     b.add_argument("--runs", type=_positive, help=f"timed runs per row after 3 warm-ups (default {DEFAULT_RUNS})")
     b.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
     b.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
@@ -180,12 +194,12 @@ def _parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("inspect", help="list a file's ops, opsets, custom domains, initializer and mask-table bytes")
-    i.add_argument("file", help="an .onnx file")
+    i.add_argument("file", help="an .onnx file or OpenVINO IR .xml")
     i.add_argument("--json", metavar="FILE", help="write the report as JSON")
     i.set_defaults(func=cmd_inspect)
 
     c = sub.add_parser("check", help="compare an exported file with its PyTorch reference on runtimes")
-    c.add_argument("file", help="an .onnx file written by `edgeattn export`")
+    c.add_argument("file", help="a file written by `edgeattn export` (.onnx, .xml, .ort)")
     gate_options(c)
     c.set_defaults(func=cmd_check)
     return p

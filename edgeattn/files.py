@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
+from typing import Iterator, Sequence
 
 from .errors import EdgeAttnError
 
@@ -50,6 +52,33 @@ def atomic_write(path, data: bytes) -> int:
             raise EdgeAttnError(f"{path}: cannot write: {e.strerror or e}") from e
         raise
     return len(data)
+
+
+@contextlib.contextmanager
+def staging(path) -> Iterator[Path]:
+    """A temporary folder beside ``path`` for an output made of several files (OpenVINO's .xml + .bin): write them
+    there, then :func:`publish` them; the folder goes with whatever is left in it, so a failure leaves the old
+    files."""
+    path = check_writable(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise EdgeAttnError(f"{path}: cannot write: {e.strerror or e}") from e
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def publish(moves: Sequence[tuple[Path, Path]]) -> int:
+    """Move staged files onto their targets, in order (data before the file that names it); returns their bytes."""
+    total = 0
+    for src, dst in moves:
+        os.chmod(src, stat.S_IMODE(dst.stat().st_mode) if dst.exists() else 0o666 & ~_umask())
+        total += src.stat().st_size
+        os.replace(src, dst)
+    return total
 
 
 def _umask() -> int:

@@ -1,7 +1,10 @@
-"""``edgeattn inspect FILE``: what an ONNX file contains, read without running it (or loading external weights).
+"""``edgeattn inspect FILE``: what an ONNX file or OpenVINO IR contains, read without running it (or loading
+external weights).
 
-Op types per domain, opsets, custom domains and their model-local functions, initializer bytes (inline and
-external), the edgeattn mask-table bytes and metadata.  An ``--inline`` export shows no custom domain."""
+ONNX: op types per domain, opsets, custom domains and their model-local functions, initializer bytes (inline and
+external), the edgeattn mask-table bytes and metadata.  A default export shows no custom domain; a ``--custom-op``
+one shows the ``edgeattn`` domain and its functions.  OpenVINO IR: op types (``opset::Type``), the .bin's bytes,
+the rt_info ``runtime_options`` and the edgeattn metadata."""
 from __future__ import annotations
 
 from collections import Counter
@@ -10,9 +13,17 @@ from pathlib import Path
 import onnx
 
 from . import onnxfile
+from .errors import EdgeAttnError
+from .onnxfile import formats
 
 
 def inspect_file(path) -> dict:
+    kind = formats.format_of(path)
+    if kind == "openvino":
+        return _inspect_ir(Path(path))
+    if kind != "onnx":
+        raise EdgeAttnError(f"{path}: inspect reads .onnx and .xml files; inspect the .onnx this {kind} file was "
+                            f"converted from")
     model = onnxfile.read(path)
     ops = Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in _all_nodes(model.graph))
     opsets = {op.domain or "ai.onnx": op.version for op in model.opset_import}
@@ -31,7 +42,7 @@ def inspect_file(path) -> dict:
         "ir_version": model.ir_version,
         "opsets": opsets,
         "custom_domains": sorted(d for d in opsets if d not in ("ai.onnx", "ai.onnx.ml")),
-        "functions": sorted(f"{f.domain}::{f.name}" + (f":{f.overload}" if f.overload else "") for f in model.functions),
+        "functions": sorted(f"{f.domain}::{f.name}" for f in model.functions),
         "ops": dict(sorted(ops.items())),
         "initializer_bytes": inline_bytes,
         "external_data_bytes": external_bytes,
@@ -41,7 +52,24 @@ def inspect_file(path) -> dict:
     }
 
 
+def _inspect_ir(path: Path) -> dict:
+    model = formats.read_ir(path)
+    ops = Counter(f"{op.get_type_info().version_id}::{op.get_type_name()}" for op in model.get_ordered_ops())
+    rt_info = model.get_rt_info()
+    options = rt_info["runtime_options"] if "runtime_options" in rt_info else {}
+    meta = formats.read_ir_metadata(model)
+    return {"file": str(path), "format": "openvino", "file_bytes": path.stat().st_size,
+            "weights_bytes": path.with_suffix(".bin").stat().st_size, "ops": dict(sorted(ops.items())),
+            "runtime_options": {k: v.astype(str) for k, v in options.items()},
+            "mask_table_bytes": meta.get("table_bytes"), "metadata": meta}
+
+
 def format_report(info: dict) -> str:
+    if info.get("format") == "openvino":
+        lines = [f"{info['file']}: OpenVINO IR, {info['file_bytes'] / 1e6:.2f} MB + {info['weights_bytes'] / 1e6:.2f} "
+                 f"MB of weights (.bin)",
+                 "runtime_options: " + (", ".join(f"{k}={v}" for k, v in info["runtime_options"].items()) or "none")]
+        return "\n".join(lines + _tail(info))
     lines = [f"{info['file']}: {info['file_bytes'] / 1e6:.2f} MB, IR {info['ir_version']}",
              "opsets: " + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()),
              "custom domains: " + (", ".join(info["custom_domains"]) or "none (standard ONNX ops only)")]
@@ -50,6 +78,12 @@ def format_report(info: dict) -> str:
     lines.append(f"initializers: {info['initializer_bytes'] / 1e6:.2f} MB in the file"
                  + (f", {info['external_data_bytes'] / 1e6:.2f} MB in {', '.join(info['external_data_files'])}"
                     if info["external_data_files"] else ""))
+    return "\n".join(lines + _tail(info))
+
+
+def _tail(info: dict) -> list[str]:
+    """Mask-table bytes, ops and metadata: the same for every format."""
+    lines = []
     if info["mask_table_bytes"] is not None:
         lines.append(f"mask tables: {info['mask_table_bytes'] / 1e6:.2f} MB")
     lines.append("ops:")
@@ -57,7 +91,7 @@ def format_report(info: dict) -> str:
     meta = {k: v for k, v in info["metadata"].items() if k not in ("masks", "config")}
     if meta:
         lines.append("metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(meta.items())))
-    return "\n".join(lines)
+    return lines
 
 
 def _all_nodes(graph):

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
-import onnx
 import torch
 
 from . import onnxfile, runtimes
+from .onnxfile import formats
 from .errors import EdgeAttnError
 from .files import atomic_write, check_writable
 from .runtimes.base import nonfinite_inputs
@@ -128,10 +128,10 @@ def check_file(path, runtime_names: Optional[Sequence[str]] = None, runs: int = 
 
     if report is not None:
         check_writable(report)
-    model = onnxfile.read(path)
-    built = models.from_metadata(model, path)
+    file = formats.header(path)
+    built = models.from_metadata(file.metadata, path)
     results = compare_model(built.module, list(built.inputs.values()), path, runtime_names, runs, progress,
-                            model=model)
+                            file=file)
     if report is not None:
         write_json(results, report)
     return results
@@ -140,28 +140,29 @@ def check_file(path, runtime_names: Optional[Sequence[str]] = None, runs: int = 
 def compare_model(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path,
                   runtime_names: Optional[Sequence[str]] = None, runs: int = 20,
                   progress: Optional[Callable[[str], None]] = None,
-                  model: Optional[onnx.ModelProto] = None) -> list[ParityResult]:
-    """Compare an exported file with the module it came from, on the given inputs (Python API for any model).
-    ``runtime_names`` default to :func:`default_runtimes`; ``model`` is the file, if already parsed."""
+                  file: Optional[formats.Header] = None) -> list[ParityResult]:
+    """Compare an exported file (.onnx, .xml or .ort) with the module it came from, on the given inputs (Python API
+    for any model).  ``runtime_names`` default to :func:`default_runtimes`; ``file``: its header, if already
+    read."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = [example_inputs]
-    model = onnxfile.read(path) if model is None else model
-    meta = onnxfile.read_metadata(model)
-    feeds, reference = reference_outputs(module, example_inputs, path, model)
+    file = file or formats.header(path)
+    meta = file.metadata
+    feeds, reference = reference_outputs(module, example_inputs, path, file)
     names = list(runtime_names) if runtime_names else default_runtimes(meta)
     return check_sessions(reference, feeds, path, names, runs, progress=progress, module=module,
                           contents=onnxfile.Contents.of(meta))
 
 
-def reference_outputs(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path, model=None):
+def reference_outputs(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path,
+                      file: Optional[formats.Header] = None):
     """The file's feeds for ``example_inputs`` and eager torch's outputs under the file's output names
-    (``model``: the file already parsed)."""
-    model = onnxfile.read(path) if model is None else model
-    input_infos = onnxfile.graph_inputs(model)
-    if len(input_infos) != len(example_inputs):
-        raise EdgeAttnError(f"{path} has {len(input_infos)} inputs, {len(example_inputs)} example inputs given")
-    feeds = {info.name: t.detach().cpu().numpy() for info, t in zip(input_infos, example_inputs)}
-    return feeds, TorchSession("torch", module, input_infos, onnxfile.graph_outputs(model)).run(feeds)
+    (``file``: its header, if already read)."""
+    file = file or formats.header(path)
+    if len(file.inputs) != len(example_inputs):
+        raise EdgeAttnError(f"{path} has {len(file.inputs)} inputs, {len(example_inputs)} example inputs given")
+    feeds = {info.name: t.detach().cpu().numpy() for info, t in zip(file.inputs, example_inputs)}
+    return feeds, TorchSession("torch", module, file.inputs, file.outputs).run(feeds)
 
 
 def default_runtimes(metadata: Optional[Mapping] = None) -> list[str]:
@@ -169,7 +170,9 @@ def default_runtimes(metadata: Optional[Mapping] = None) -> list[str]:
     exported for (its ``targets`` metadata: a contrib-lowered file is for onnxruntime only)."""
     targets = (metadata or {}).get("targets")
     reference = [n for n, r in runtimes.RUNTIMES.items() if r.reference]
-    return reference + [n for n in runtimes.available() if not targets or n in targets]
+    format = (metadata or {}).get("format", "onnx")
+    return reference + [n for n in runtimes.available()
+                        if (not targets or n in targets) and format in runtimes.get(n).file_formats]
 
 
 def check_available(names: Sequence[str]) -> list[str]:
@@ -184,19 +187,26 @@ def check_available(names: Sequence[str]) -> list[str]:
 def describe(path, meta: Optional[Mapping] = None) -> str:
     """About an exported file, from its metadata (``meta``: already read): one line, then one line per distinct
     (mask, lowering)."""
-    meta = onnxfile.read_metadata(onnxfile.read(path)) if meta is None else meta
+    meta = formats.header(path).metadata if meta is None else meta
     nodes = meta.get("masks", [])
     lowerings = sorted({m.get("lowering", "?") for m in nodes})
     targets = meta.get("targets")
     lines = [f"{path}: model {meta.get('model', '(not a registered model)')}, opset {meta.get('opset', '?')}, "
              f"{len(nodes)} attention nodes, lowering {meta.get('lowering', '?')} -> {'/'.join(lowerings) or '-'}"
-             f"{' (inlined)' if meta.get('inline') else ''}"
+             f"{_form(meta)}"
              f"{' for ' + ', '.join(targets) if targets else ''}, mask tables {meta.get('table_bytes', 0) / 1e6:.2f} MB"]
     counts = Counter((m.get("mask", "?"), m.get("lowering", "?"), m.get("why", ""),
                       ", ".join(f"{rt} runs {how}" for rt, how in m.get("runs_as", {}).items())) for m in nodes)
     lines += [f"  {mask} x{n}: {low}" + (f" ({why})" if why else "") + (f"; {runs}" if runs else "")
               for (mask, low, why, runs), n in counts.items()]
     return "\n".join(lines)
+
+
+def _form(meta: Mapping) -> str:
+    """How the attention is stored: standard ops (the default), custom op, or a deployment format."""
+    if meta.get("format", "onnx") != "onnx":
+        return f" ({meta['format']} format)"
+    return " (standard ops)" if meta.get("inline", True) else " (custom op)"
 
 
 def format_table(results: Sequence[ParityResult]) -> str:

@@ -43,7 +43,7 @@ def main():
             paths[name] = result.path
     # the torch reference of each file, rebuilt from its metadata (model, config, seed)
     try:
-        prefill, decode = (models.from_metadata(onnxfile.read(paths[name]), paths[name]) for name in paths)
+        prefill, decode = (models.from_metadata(onnxfile.read_metadata(onnxfile.read(paths[name])), paths[name]) for name in paths)
     except edgeattn.EdgeAttnError as e:
         parser.error(str(e))
     if (prefill.name, decode.name) != tuple(paths) or prefill.config != decode.config:

@@ -53,7 +53,7 @@ def test_check_on_inline_swin(capsys, tmp_path):
     path = tmp_path / "swin.onnx"
     assert run_cli(capsys, "export", "swin-tiny-block", "-o", path, "--inline")[0] == 0
     code, out, _ = run_cli(capsys, "check", path, "--runtime", "openvino-cpu", "--runs", "1")
-    assert code == 0 and "openvino-cpu  ok" in out and "(inlined)" in out
+    assert code == 0 and "openvino-cpu  ok" in out and "(standard ops)" in out
 
 
 def test_check_fails_with_numbers_when_the_file_is_off(capsys, nat_file, tmp_path):
@@ -120,7 +120,7 @@ def test_export_lowering_and_targets(capsys, tmp_path):
                            "--runtime", "ort-cpu", "--check", "--runs", "1")
     assert code == 0 and "(contrib)" in err
     code, out, _ = run_cli(capsys, "check", path, "--runtime", "ort-cpu", "--runs", "1")
-    assert code == 0 and "lowering contrib -> contrib for ort-cpu" in out and "window_7 x1: contrib (requested)" in out
+    assert code == 0 and "lowering contrib -> contrib (standard ops) for ort-cpu" in out and "window_7 x1: contrib (requested)" in out
     code, out, _ = run_cli(capsys, "export", "swin-tiny-block", "-o", path, "--lowering", "contrib")
     assert code == 2
 
@@ -131,12 +131,16 @@ def test_bench_model_writes_table_json_markdown_and_plot(capsys, tmp_path):
                              "--plot", tmp_path / "b.png")
     assert code == 0, out + err
     header, *rows = out.splitlines()
-    assert header.split() == ["runtime", "lowering", "precision", "status", "size_MB", "tables_MB", "export_s",
-                              "max_abs_err", "cosine", "p50_ms", "p90_ms", "speedup"]
-    table = {(r.split()[0], r.split()[1]): r.split()[3] for r in rows}
-    assert table == {("torch", "eager"): "ok", ("ort-cpu", "auto:blocked"): "ok", ("openvino-cpu", "auto:blocked"): "ok",
-                     ("ort-cpu", "contrib"): "ok", ("openvino-cpu", "contrib"): "n/a"}
-    assert "11/11" not in err and "5/5" in err        # the progress bar counts torch + 2 lowerings x 2 runtimes
+    assert header.split() == ["runtime", "lowering", "form", "precision", "status", "size_MB", "tables_MB",
+                              "export_s", "max_abs_err", "cosine", "p50_ms", "p90_ms", "speedup"]
+    table = {tuple(r.split()[:3]): r.split()[4] for r in rows}
+    # both forms side by side on each runtime: the default (standard ops) and --custom-op
+    assert table == {("torch", "eager", "-"): "ok",
+                     **{(rt, "auto:blocked", form): "ok" for rt in ("ort-cpu", "openvino-cpu")
+                        for form in ("standard", "custom-op")},
+                     ("ort-cpu", "contrib", "standard"): "ok", ("openvino-cpu", "contrib", "standard"): "n/a",
+                     ("ort-cpu", "contrib", "custom-op"): "ok", ("openvino-cpu", "contrib", "custom-op"): "n/a"}
+    assert "9/9" in err        # the progress bar counts torch + 2 lowerings x 2 forms x 2 runtimes
     report = json.loads((tmp_path / "b.json").read_text())
     assert [r["lowering"] for r in report][:2] == ["eager", "auto:blocked"]
     assert all(r["max_abs_err"] < 1e-5 for r in report if r["status"] == "ok")
@@ -148,8 +152,8 @@ def test_bench_file_keeps_its_lowering(capsys, nat_file):
     code, out, _ = run_cli(capsys, "bench", nat_file, "--runtime", "ort-cpu", "--runs", "1")
     assert code == 0
     rows = [line.split() for line in out.splitlines()[1:]]
-    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("torch", "eager", "fp32", "ok"),
-                                                        ("ort-cpu", "auto:blocked", "fp32", "ok")]
+    assert [tuple(r[:5]) for r in rows] == [("torch", "eager", "-", "fp32", "ok"),
+                                            ("ort-cpu", "auto:blocked", "standard", "fp32", "ok")]
 
 
 @pytest.mark.parametrize("argv, message", [

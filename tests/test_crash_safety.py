@@ -48,12 +48,12 @@ def test_interrupted_export_leaves_old_file_or_none(tmp_path, monkeypatch, targe
 
 
 @pytest.mark.parametrize("lowering,opset,runtimes", LOWERING_LIST, ids=[c[0] for c in LOWERING_LIST])
-@pytest.mark.parametrize("inline", [False, True], ids=["custom-op", "inline"])
-def test_exports_are_byte_identical(tmp_path, lowering, opset, runtimes, inline):
+@pytest.mark.parametrize("custom_op", [True, False], ids=["custom-op", "standard"])
+def test_exports_are_byte_identical(tmp_path, lowering, opset, runtimes, custom_op):
     layer, x = _layer()
-    a = export_onnx(layer, [x], tmp_path / "a.onnx", lowering=lowering, opset=opset, runtimes=runtimes, inline=inline)
+    a = export_onnx(layer, [x], tmp_path / "a.onnx", lowering=lowering, opset=opset, runtimes=runtimes, custom_op=custom_op)
     layer2, x2 = _layer()
-    b = export_onnx(layer2, [x2], tmp_path / "b.onnx", lowering=lowering, opset=opset, runtimes=runtimes, inline=inline)
+    b = export_onnx(layer2, [x2], tmp_path / "b.onnx", lowering=lowering, opset=opset, runtimes=runtimes, custom_op=custom_op)
     assert a.path.read_bytes() == b.path.read_bytes()
 
 

@@ -35,8 +35,8 @@ def test_every_lowering_has_a_case():
     assert set(LOWERING_CASES) == set(LOWERINGS)
 
 
-def _export(tmp_path, layer, x, inline, name="m.onnx", **kwargs):
-    return export_onnx(layer, [x], tmp_path / name, inline=inline, input_names=["x"], output_names=["y"], **kwargs)
+def _export(tmp_path, layer, x, custom_op, name="m.onnx", **kwargs):
+    return export_onnx(layer, [x], tmp_path / name, custom_op=custom_op, input_names=["x"], output_names=["y"], **kwargs)
 
 
 def _assert_parity(layer, x, path, runtimes=CPU_RUNTIMES, atol=1e-4):
@@ -46,19 +46,19 @@ def _assert_parity(layer, x, path, runtimes=CPU_RUNTIMES, atol=1e-4):
         assert r.max_abs_err <= atol
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["custom-op", "inline"])
+@pytest.mark.parametrize("custom_op", [True, False], ids=["custom-op", "standard"])
 @pytest.mark.parametrize("lowering", sorted(LOWERING_CASES))
 @pytest.mark.parametrize("family", sorted(FAMILY_CASES))
-def test_family_exports_and_matches_torch(tmp_path, family, lowering, inline):
+def test_family_exports_and_matches_torch(tmp_path, family, lowering, custom_op):
     mask, shape = FAMILY_CASES[family]
     opset, targets = LOWERING_CASES[lowering]
     layer = MaskedSelfAttention(32, 2, mask, **shape).eval()
     x = torch.randn(2, layer.seq_len, 32)
-    result = _export(tmp_path, layer, x, inline, opset=opset, lowering=lowering, runtimes=targets)
+    result = _export(tmp_path, layer, x, custom_op, opset=opset, lowering=lowering, runtimes=targets)
     assert [m["lowering"] for m in result.masks] == [lowering]
     model = onnx.load(result.path)
     domains = {n.domain for n in model.graph.node}
-    if inline:
+    if not custom_op:
         assert DOMAIN not in domains and not model.functions
         assert all(op.domain != DOMAIN for op in model.opset_import)
     else:
@@ -66,21 +66,22 @@ def test_family_exports_and_matches_torch(tmp_path, family, lowering, inline):
         # masks with a bias_mod (decays, relative position biases) pass it as the last input and use the _bias body
         [node] = [n for n in model.graph.node if n.domain == DOMAIN]
         has_bias = len(node.input) == 3 + len(TABLE_INPUTS[result.masks[0]["layout"]])
-        overload = lowering + ("_bias" if has_bias else "")
-        assert [(f.domain, f.name, f.overload) for f in model.functions] == [(DOMAIN, "MaskedAttention", overload)]
+        op_type = f"MaskedAttention_{lowering}{'_bias' if has_bias else ''}"   # one function per body, no overloads
+        assert node.op_type == op_type and not node.overload
+        assert [(f.domain, f.name, f.overload) for f in model.functions] == [(DOMAIN, op_type, "")]
     onnx.checker.check_model(model, full_check=True)
     # every lowering is exact against the dense torch reference
     _assert_parity(layer, x, result.path, [r for r in CPU_RUNTIMES if targets is None or r in targets], atol=1e-5)
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["custom-op", "inline"])
+@pytest.mark.parametrize("custom_op", [True, False], ids=["custom-op", "standard"])
 @pytest.mark.parametrize("lowering,opset,runtimes", LOWERING_LIST, ids=[c[0] for c in LOWERING_LIST])
-def test_fully_masked_rows_are_zeros_on_every_runtime(tmp_path, inline, lowering, opset, runtimes):
+def test_fully_masked_rows_are_zeros_on_every_runtime(tmp_path, custom_op, lowering, opset, runtimes):
     blocked = masks.custom(lambda b, h, q, kv: (q % 4 != 1) & (kv <= q), name="causal_rows1mod4_blocked")
     layer = MaskedSelfAttention(16, 2, blocked, seq_len=12, proj=False, layout="dense").eval()
     assert layer.table.attn_mask.any(-1).logical_not().sum() == 3
     x = torch.randn(1, 12, 16)
-    path = _export(tmp_path, layer, x, inline, lowering=lowering, opset=opset, runtimes=runtimes).path
+    path = _export(tmp_path, layer, x, custom_op, lowering=lowering, opset=opset, runtimes=runtimes).path
     from edgeattn import load
     runtimes = [r for r in CPU_RUNTIMES if runtimes is None or r in runtimes]
     for name in runtimes:
@@ -90,15 +91,15 @@ def test_fully_masked_rows_are_zeros_on_every_runtime(tmp_path, inline, lowering
     _assert_parity(layer, x, path, runtimes)
 
 
-def test_bias_mod_exports_with_its_own_overload(tmp_path):
+def test_bias_mod_exports_with_its_own_body(tmp_path):
     alibi = masks.custom(lambda b, h, q, kv: kv <= q, bias_mod=lambda b, h, q, kv: -(h + 1) * 0.1 * (q - kv).abs(),
                          name="alibi")
     layer = MaskedSelfAttention(16, 2, alibi, seq_len=10, layout="dense").eval()
     assert layer.table.attn_bias.shape == (2, 10, 10)
     x = torch.randn(1, 10, 16)
     for lowering, opset, runtimes in LOWERING_LIST:
-        result = _export(tmp_path, layer, x, inline=False, lowering=lowering, opset=opset, runtimes=runtimes)
-        assert [f.overload for f in onnx.load(result.path).functions] == [f"{lowering}_bias"]
+        result = _export(tmp_path, layer, x, custom_op=True, lowering=lowering, opset=opset, runtimes=runtimes)
+        assert [f.name for f in onnx.load(result.path).functions] == [f"MaskedAttention_{lowering}_bias"]
         if lowering != "blocked":
             assert result.table_bytes == 10 * 10 + 2 * 10 * 10 * 4
         _assert_parity(layer, x, result.path, [r for r in CPU_RUNTIMES if runtimes is None or r in runtimes])
@@ -110,7 +111,7 @@ def test_metadata_and_deduplicated_tables(tmp_path, lowering):
     model = torch.nn.Sequential(MaskedSelfAttention(16, 2, mask, grid=(6, 6)),
                                 MaskedSelfAttention(16, 2, mask, grid=(6, 6))).eval()
     x = torch.randn(1, 36, 16)
-    result = _export(tmp_path, model, x, inline=False, lowering=lowering)
+    result = _export(tmp_path, model, x, custom_op=True, lowering=lowering)
     proto = onnx.load(result.path)
     meta = onnxfile.read_metadata(proto)
     assert meta["version"] and meta["opset"] == 18 and meta["inline"] is False
@@ -126,11 +127,11 @@ def test_metadata_and_deduplicated_tables(tmp_path, lowering):
 def test_auto_records_its_reason_per_layer(tmp_path):
     model = torch.nn.Sequential(MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(12, 12)),
                                 MaskedSelfAttention(16, 2, masks.causal(), seq_len=144)).eval()
-    result = _export(tmp_path, model, torch.randn(1, 144, 16), inline=False)
+    result = _export(tmp_path, model, torch.randn(1, 144, 16), custom_op=True)
     first, second = onnxfile.read_metadata(onnx.load(result.path))["masks"]
     assert first["lowering"] == "blocked" and "block table scores" in first["why"]
     assert second["lowering"] == "dense" and "block table would score" in second["why"]
-    result = _export(tmp_path, model, torch.randn(1, 144, 16), inline=False, opset=23)
+    result = _export(tmp_path, model, torch.randn(1, 144, 16), custom_op=True, opset=23)
     assert [m["lowering"] for m in result.masks] == ["blocked", "attention"]
 
 
@@ -143,7 +144,7 @@ def test_auto_records_its_reason_per_layer(tmp_path):
 def test_bad_lowering_requests_are_clear_errors(tmp_path, kwargs, message):
     layer = MaskedSelfAttention(16, 2, masks.causal(), seq_len=4)
     with pytest.raises(EdgeAttnError, match=message):
-        _export(tmp_path, layer, torch.randn(1, 4, 16), inline=False, **kwargs)
+        _export(tmp_path, layer, torch.randn(1, 4, 16), custom_op=True, **kwargs)
     assert not list(tmp_path.iterdir())
 
 
@@ -180,12 +181,12 @@ def test_written_files_get_normal_permissions(tmp_path):
     layer = MaskedSelfAttention(16, 2, masks.causal(), seq_len=4).eval()
     umask = os.umask(0o022)
     try:
-        path = _export(tmp_path, layer, torch.randn(1, 4, 16), inline=False).path
+        path = _export(tmp_path, layer, torch.randn(1, 4, 16), custom_op=True).path
     finally:
         os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     path.chmod(0o640)
-    _export(tmp_path, layer, torch.randn(1, 4, 16), inline=True)  # replacing keeps the old mode
+    _export(tmp_path, layer, torch.randn(1, 4, 16), custom_op=False)  # replacing keeps the old mode
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
@@ -233,17 +234,17 @@ def test_auto_dense_nodes_run_their_fastest_way_per_runtime(tmp_path):
     from edgeattn import runtimes
     layer = MaskedSelfAttention(16, 2, masks.causal(), seq_len=64).eval()
     x = torch.randn(1, 64, 16)
-    result = _export(tmp_path, layer, x, inline=False)
+    result = _export(tmp_path, layer, x, custom_op=True)
     (node,) = result.masks
     assert node["lowering"] == "dense"
     assert node["runs_as"] == {"ort-cpu": "contrib", "openvino-cpu": "sdpa"}
     swapped = for_runtime(onnx.load(result.path), runtimes.get("ort-cpu"))
-    assert [n.overload for n in swapped.graph.node if n.domain == DOMAIN] == ["contrib"]
+    assert [n.op_type for n in swapped.graph.node if n.domain == DOMAIN] == ["MaskedAttention_contrib"]
     onnx.checker.check_model(swapped, full_check=True)
     assert "contrib" not in str(for_runtime(onnx.load(result.path), runtimes.get("ort-cuda")).graph.node)
     _assert_parity(layer, x, result.path, atol=1e-5)
     # an explicitly requested lowering is what onnxruntime runs
-    explicit = _export(tmp_path, layer, x, inline=False, lowering="dense", name="d.onnx")
+    explicit = _export(tmp_path, layer, x, custom_op=True, lowering="dense", name="d.onnx")
     assert explicit.masks[0]["runs_as"] == {"openvino-cpu": "sdpa"}
     assert "contrib" not in str(for_runtime(onnx.load(explicit.path), runtimes.get("ort-cpu")).graph.node)
 
@@ -252,7 +253,7 @@ def test_auto_dense_nodes_run_their_fastest_way_per_runtime(tmp_path):
 def test_dynamic_batch_runs_at_1_3_and_8(tmp_path, lowering, opset, runtimes):
     from edgeattn import load
     layer = MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(6, 6)).eval()
-    result = _export(tmp_path, layer, torch.randn(1, 36, 16), inline=False, lowering=lowering, opset=opset,
+    result = _export(tmp_path, layer, torch.randn(1, 36, 16), custom_op=True, lowering=lowering, opset=opset,
                      runtimes=runtimes, dynamic_batch=True)
     assert onnxfile.read_metadata(onnx.load(result.path))["dynamic_batch"] is True
     for name in [r for r in CPU_RUNTIMES if runtimes is None or r in runtimes]:
@@ -270,7 +271,7 @@ def test_files_carry_no_exporter_stack_traces(tmp_path):
     """torch.onnx writes each node's Python stack trace (source paths of this machine); export keeps only the
     module namespace."""
     layer = MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(6, 6)).eval()
-    result = _export(tmp_path, layer, torch.randn(1, 36, 16), inline=False)
+    result = _export(tmp_path, layer, torch.randn(1, 36, 16), custom_op=True)
     data = result.path.read_bytes()
     assert b"pkg.torch" not in data and b"stack_trace" not in data and __file__.encode() not in data
     keys = {p.key for n in onnx.load(result.path).graph.node for p in n.metadata_props}

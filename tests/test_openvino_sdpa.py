@@ -34,9 +34,9 @@ MASKS = {
 LOWERINGS = {"dense": (18, 1), "attention": (23, 1), "blocked": (18, 0)}
 
 
-def _export(tmp_path, layer, x, lowering, opset, inline=False):
+def _export(tmp_path, layer, x, lowering, opset, custom_op=True):
     path = tmp_path / f"{lowering}.onnx"
-    export_onnx(layer, [x], path, lowering=lowering, opset=opset, inline=inline, input_names=["x"], output_names=["y"])
+    export_onnx(layer, [x], path, lowering=lowering, opset=opset, custom_op=custom_op, input_names=["x"], output_names=["y"])
     return path
 
 
@@ -74,7 +74,7 @@ def test_one_file_mixes_sdpa_and_inlined_blocked_bodies(tmp_path):
 
 def test_inlined_files_have_nothing_to_convert(tmp_path):
     layer = MaskedSelfAttention(16, 2, masks.causal(), seq_len=12).eval()
-    path = _export(tmp_path, layer, torch.randn(1, 12, 16), "dense", 18, inline=True)
+    path = _export(tmp_path, layer, torch.randn(1, 12, 16), "dense", 18, custom_op=False)
     assert load(path, "openvino-cpu").fused_sdpa == 0
 
 
@@ -88,5 +88,5 @@ def test_a_conversion_error_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(openvino_runtime, "to_sdpa", broken)
     with pytest.raises(EdgeAttnError) as error:
         load(path, "openvino-cpu")
-    assert str(error.value) == (f"{path}: OpenVINO could not convert edgeattn.MaskedAttention to "
+    assert str(error.value) == (f"{path}: OpenVINO could not convert edgeattn attention to "
                                 f"ScaledDotProductAttention: unsupported mask")

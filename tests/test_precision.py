@@ -86,19 +86,24 @@ def test_openvino_precision_hints(tmp_path):
 def test_int8_quantizes_linear_layers_only(tmp_path, mode):
     fp32, int8 = tmp_path / "fp32.onnx", tmp_path / f"{mode}.onnx"
     export_registered("na2d-block", fp32)
-    result = export_registered("na2d-block", int8, quantize=mode)
+    result = export_registered("na2d-block", int8, quantize=mode, custom_op=True)
     assert result.precision == mode and int8.stat().st_size < fp32.stat().st_size
     info = inspect_file(int8)
     quantized_ops = {"ai.onnx::MatMulInteger", "ai.onnx::DynamicQuantizeLinear"} if mode == "int8" else \
         {"ai.onnx::QuantizeLinear", "ai.onnx::DequantizeLinear"}
     assert quantized_ops <= set(info["ops"])
     # attention stays one float edgeattn node with its standard-op body
-    assert info["ops"]["edgeattn::MaskedAttention"] == 1
+    assert info["ops"]["edgeattn::MaskedAttention_blocked"] == 1
     assert not any(n.op_type in ("MatMulInteger", "QuantizeLinear") for f in onnx.load(str(int8)).functions
                    for n in f.node)
-    results = parity.check_file(int8, CPU_RUNTIMES, runs=1)
-    assert all(r.ok for r in results), parity.format_table(results)
-    assert all(r.cosine >= REDUCED_PRECISION[mode].min_cosine for r in results)
+    # the default (standard-op) file is quantized the same way: its inlined attention stays float
+    standard = export_registered("na2d-block", tmp_path / "standard.onnx", quantize=mode).path
+    standard_ops = inspect_file(standard)["ops"]
+    assert all(standard_ops[op] == info["ops"][op] for op in quantized_ops)
+    for path in (int8, standard):
+        results = parity.check_file(path, CPU_RUNTIMES, runs=1)
+        assert all(r.ok for r in results), parity.format_table(results)
+        assert all(r.cosine >= REDUCED_PRECISION[mode].min_cosine for r in results)
 
 
 def test_static_calibration_file(tmp_path, capsys):
@@ -123,18 +128,18 @@ OPSET_CASES = [(opset, low) for opset in range(17, 24) for low in ("dense", "blo
               [(23, "attention")]
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["custom-op", "inline"])
+@pytest.mark.parametrize("custom_op", [True, False], ids=["custom-op", "standard"])
 @pytest.mark.parametrize("opset,lowering", OPSET_CASES)
-def test_every_opset_from_17_to_23(tmp_path, opset, lowering, inline):
+def test_every_opset_from_17_to_23(tmp_path, opset, lowering, custom_op):
     layer = MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(6, 6)).eval()
     x = torch.randn(2, 36, 16)
     targets = ["ort-cpu"] if lowering == "contrib" else None
     path = tmp_path / "m.onnx"
-    export_onnx(layer, [x], path, opset=opset, lowering=lowering, inline=inline, runtimes=targets,
+    export_onnx(layer, [x], path, opset=opset, lowering=lowering, custom_op=custom_op, runtimes=targets,
                 input_names=["x"], output_names=["y"])
     info = inspect_file(path)
     assert info["opsets"]["ai.onnx"] == opset
-    expected_domains = ([] if inline else ["edgeattn"]) + (["com.microsoft"] if lowering == "contrib" else [])
+    expected_domains = (["edgeattn"] if custom_op else []) + (["com.microsoft"] if lowering == "contrib" else [])
     assert info["custom_domains"] == sorted(expected_domains)
     results = parity.compare_model(layer, [x], path, targets or CPU_RUNTIMES, runs=1)
     assert all(r.ok and r.max_abs_err <= 1e-5 for r in results), parity.format_table(results)

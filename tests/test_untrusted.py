@@ -12,6 +12,7 @@ from edgeattn import EdgeAttnError, export_onnx, masks
 from edgeattn.cli import main
 from edgeattn.inspection import inspect_file
 from edgeattn.layers import MaskedSelfAttention
+from edgeattn.onnxfile import OP_VERSION
 
 from conftest import CPU_RUNTIMES, external_data_file, relocate_external_data
 
@@ -21,7 +22,7 @@ def good(tmp_path_factory):
     folder = tmp_path_factory.mktemp("good")
     layer = MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(6, 6)).eval()
     path = folder / "m.onnx"
-    export_onnx(layer, [torch.randn(1, 36, 16)], path, input_names=["x"], output_names=["y"])
+    export_onnx(layer, [torch.randn(1, 36, 16)], path, input_names=["x"], output_names=["y"], custom_op=True)
     return path
 
 
@@ -47,12 +48,14 @@ def bad_files(good, folder):
     out.append(("missing", folder / "nope.onnx", "no such file"))
     out.append(("directory", folder, "no such file"))
 
-    future = onnx.load(str(good))
-    for op in future.opset_import:
-        if op.domain == "edgeattn":
-            op.version = 2
-    onnx.save(future, str(folder / "future.onnx"))
-    out.append(("edgeattn op version 2", folder / "future.onnx", "edgeattn opset 2"))
+    for version, name, message in ((OP_VERSION + 1, "future", "upgrade edgeattn"),
+                                   (OP_VERSION - 1, "past", "written by an older edgeattn")):
+        other = onnx.load(str(good))
+        for op in other.opset_import:
+            if op.domain == "edgeattn":
+                op.version = version
+        onnx.save(other, str(folder / f"{name}.onnx"))
+        out.append((f"edgeattn op version {version}", folder / f"{name}.onnx", message))
 
     secret = folder.parent / f"{folder.name}-secret.data"
     secret.write_bytes(b"\0" * 600_000)
@@ -93,16 +96,16 @@ def test_bad_files_get_one_clear_error_everywhere(good, tmp_path, capsys):
     assert len(cases) >= 25 and tried >= 125 and refused >= 100
 
 
-def test_inspect_an_inline_file_shows_only_standard_ops(good, tmp_path, capsys):
+def test_inspect_a_default_file_shows_only_standard_ops(good, tmp_path, capsys):
     layer = MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(6, 6)).eval()
-    path = tmp_path / "inline.onnx"
-    export_onnx(layer, [torch.randn(1, 36, 16)], path, inline=True, input_names=["x"])
+    path = tmp_path / "standard.onnx"
+    export_onnx(layer, [torch.randn(1, 36, 16)], path, input_names=["x"])
     info = inspect_file(path)
     assert info["custom_domains"] == [] and not info["functions"]
     assert all(op.startswith("ai.onnx::") for op in info["ops"])
     assert info["mask_table_bytes"] == layer.table.table_bytes
     custom = inspect_file(good)
-    assert custom["custom_domains"] == ["edgeattn"] and custom["ops"]["edgeattn::MaskedAttention"] == 1
+    assert custom["custom_domains"] == ["edgeattn"] and custom["ops"]["edgeattn::MaskedAttention_blocked"] == 1
     assert main(["inspect", str(path), "--json", str(tmp_path / "i.json")]) == 0
     out = capsys.readouterr().out
     assert "custom domains: none (standard ONNX ops only)" in out and (tmp_path / "i.json").is_file()

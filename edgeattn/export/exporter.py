@@ -16,8 +16,7 @@ import torch
 
 from .. import onnxfile
 from ..errors import EdgeAttnError, first_line
-from ..files import check_writable
-from . import graph, precision
+from . import formats, graph, precision
 from .plan import applied
 from .request import ExportRequest, check_request
 
@@ -26,7 +25,7 @@ from .request import ExportRequest, check_request
 class ExportResult:
     path: Path
     opset: int
-    inline: bool
+    custom_op: bool
     lowering: str
     targets: list[str]
     precision: str = "fp32"
@@ -35,31 +34,33 @@ class ExportResult:
     file_bytes: int = 0
     metadata: dict = field(default_factory=dict, repr=False)   # the file's edgeattn.* metadata
     parity: list = field(default_factory=list)        # ParityResults, when the export was checked
+    format: str = "onnx"                              # onnx, openvino (IR) or ort
 
 
 def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path, *, opset: Optional[int] = None,
-                inline: bool = False, lowering: str = "auto", runtimes: Optional[Sequence[str]] = None,
+                custom_op: bool = False, lowering: str = "auto", runtimes: Optional[Sequence[str]] = None,
                 dynamic_batch: bool = False, batch_axes: Optional[Sequence[Optional[int]]] = None,
                 input_names: Optional[Sequence[str]] = None,
                 output_names: Optional[Sequence[str]] = None, metadata_props: Optional[dict[str, Any]] = None,
                 dtype: str = "fp32", quantize: Optional[str] = None,
-                calibration: Optional[Sequence[dict]] = None) -> ExportResult:
+                calibration: Optional[Sequence[dict]] = None, format: Optional[str] = None) -> ExportResult:
     """Export ``model`` at the example inputs' shapes.
 
-    By default attention stays one ``edgeattn`` node whose local function is the standard-op lowering
-    (``lowering``: auto, dense, blocked, attention, contrib; see :mod:`edgeattn.export.plan`), chosen for the
-    target ``runtimes`` (default: every ONNX runtime); ``inline=True`` writes standard ops only.
+    Each attention becomes the standard ops of its lowering (``lowering``: auto, dense, blocked, attention, contrib;
+    see :mod:`edgeattn.export.plan`), chosen for the target ``runtimes`` (default: every ONNX runtime), so the
+    file runs without edgeattn anywhere; ``custom_op=True`` keeps each as one ``edgeattn`` node whose model-local
+    function is that body (see :mod:`edgeattn.export.graph`).
     ``dynamic_batch=True`` makes the batch axis of every input symbolic (``batch``): axis 0, or per input
     ``batch_axes`` (None for an input without one, e.g. a KV cache is (layers, batch, ...)); mask tables do not
     depend on it.
     ``dtype`` (fp32, fp16, bf16) is the precision of weights and compute, with float32 inputs and outputs;
     ``quantize`` (int8: dynamic, int8-static: QDQ calibrated on ``calibration`` feeds, generated from the example
     inputs' shapes when not given) quantizes the linear layers of an fp32 export (see
-    :mod:`edgeattn.export.precision`).  ``opset`` defaults to 18 (22 for bf16).  The file is replaced only on
-    success."""
+    :mod:`edgeattn.export.precision`).  ``opset`` defaults to 18 (22 for bf16).  ``format``: onnx, openvino (IR,
+    ``.xml``) or ort (``.ort``), by default from the path's suffix (see :mod:`edgeattn.export.formats`).  The file is
+    replaced only on success."""
     request = check_request(dtype=dtype, quantize=quantize, opset=opset, lowering=lowering, runtimes=runtimes,
-                            inline=inline, dynamic_batch=dynamic_batch)
-    check_writable(path)
+                            custom_op=custom_op, dynamic_batch=dynamic_batch, path=path, format=format)
     return export_checked(model, example_inputs, path, request, batch_axes=batch_axes, input_names=input_names,
                           output_names=output_names, metadata_props=metadata_props, calibration=calibration)
 
@@ -86,7 +87,7 @@ def export_checked(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
                           for t, a in zip(example_inputs, axes)]
     try:
         # the plan switches the model's table layouts; a reduced-precision copy is made of the switched model
-        with torch.no_grad(), _quiet(), applied(model.eval(), request.lowering, request.opset,
+        with torch.no_grad(), quiet(), applied(model.eval(), request.lowering, request.opset,
                                                 precision.name_prefix(request.dtype)) as plan:
             traced = precision.in_dtype(model, request.dtype)
             # bf16 skips the exporter's optimizer: its constant folding goes through numpy (no bfloat16) and left
@@ -105,10 +106,19 @@ def export_checked(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
     if request.quantize:
         if request.quantize == "int8-static" and not calibration:
             calibration = _random_feeds(example_inputs, input_names, precision.DEFAULT_CALIBRATION_SAMPLES)
-        proto = _quantized(proto, request.quantize, calibration)
-    return ExportResult(Path(path), request.opset, request.inline, request.lowering, list(request.targets),
-                        request.precision, masks, table_bytes, file_bytes=onnxfile.save(proto, path),
-                        metadata=onnxfile.read_metadata(proto))
+        proto = _quantized(proto, request.quantize, calibration)   # attention nodes hide their MatMuls from it
+    if not request.custom_op:
+        graph.inline(proto)
+    metadata = onnxfile.read_metadata(proto)
+    if request.format == "openvino":
+        written = formats.write_openvino_ir(proto, path, metadata)
+    elif request.format == "ort":
+        written = formats.write_ort_format(proto, path)
+    else:
+        written = onnxfile.save(proto, path)
+    return ExportResult(Path(path), request.opset, request.custom_op, request.lowering, list(request.targets),
+                        request.precision, masks, table_bytes, file_bytes=written, metadata=metadata,
+                        format=request.format)
 
 
 def _quantized(proto: onnx.ModelProto, mode: str, calibration) -> onnx.ModelProto:
@@ -132,7 +142,7 @@ def _random_feeds(example_inputs, names, count: int) -> list[dict]:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """The dynamo exporter prints progress and warnings on every call; a CLI shows its own progress instead."""
     logger = logging.getLogger("torch.onnx")
     level = logger.level

@@ -1,6 +1,9 @@
-"""The traced graph -> the file's graph: each attention node gets its planned body as a model-local function (or is
-inlined), identical tables are stored once, the exporter's trace metadata goes, edgeattn's metadata comes in, and
-the result passes onnx's full checker."""
+"""The traced graph -> the file's graph: each attention node gets its planned body, identical tables are stored once,
+the exporter's trace metadata goes, edgeattn's metadata comes in, and the result passes onnx's full checker.
+
+By default the bodies are inlined: the file holds standard ops only, which every runtime and converter reads without
+edgeattn.  ``custom_op`` keeps each attention node as an ``edgeattn`` op with its body as a model-local function
+(onnxruntime expands it; edgeattn's OpenVINO runtime converts dense-table nodes to its own attention op)."""
 from __future__ import annotations
 
 import hashlib
@@ -19,13 +22,14 @@ from .request import ExportRequest
 
 def finalize(proto: onnx.ModelProto, request: ExportRequest, plan: Plan, extra: Optional[dict] = None
              ) -> tuple[list[dict], int]:
-    """Give every attention node its planned body, dedupe tables, write metadata, optionally inline, then run the
-    full checker.  Returns one description per attention node and the bytes of the unique mask tables."""
+    """Give every attention node its planned body, dedupe tables, write metadata, then run the full checker (the
+    custom-op form: the exporter quantizes it, attention staying float, then :func:`inline`\ s it unless asked
+    not to).  Returns one description per attention node and the bytes of the unique mask tables."""
     _strip_trace_metadata(proto)
     nodes = onnxfile.attention_nodes(proto)
     choices = [plan.choice_for(node) for node in nodes]   # by table names, before dedupe renames them
     table_bytes = _dedupe_tables(proto, nodes)
-    masks, overloads = [], set()
+    masks, op_types = [], set()
     for node, choice in zip(nodes, choices):
         attrs = onnxfile.attributes(node)
         layout = attrs["layout"]
@@ -35,33 +39,45 @@ def finalize(proto: onnx.ModelProto, request: ExportRequest, plan: Plan, extra: 
         bias = onnxfile.has_bias(node, layout)
         del node.input[onnxfile.bias_position(layout) + bias:]   # an absent optional bias is dropped, not ""
         node.attribute.append(helper.make_attribute("lowering", choice.lowering))
-        node.overload = onnxfile.overload(choice.lowering, bias)
-        overloads.add(node.overload)
+        node.op_type = onnxfile.op_type(choice.lowering, bias)
+        op_types.add(node.op_type)
         runs = {t: runtimes.get(t).executes(choice.lowering, request.lowering) for t in request.targets}
         masks.append({"node": node.name, "mask": attrs.get("mask", ""), "lowering": choice.lowering,
                       "why": choice.reason, "layout": layout,
-                      "runs_as": {t: r for t, r in runs.items() if r != choice.lowering and not request.inline},
+                      "runs_as": {t: r for t, r in runs.items() if r != choice.lowering and request.custom_op},
                       "table_bytes": sum(table_bytes.get(i, 0) for i in onnxfile.table_inputs(node))})
-    for name in sorted(overloads):
+    for name in sorted(op_types):
         proto.functions.append(bodies.body(name, request.opset))
     bodies.import_domains(proto)
     # learned relative position biases reach the node through a Gather on their weight: count their index tables
     rpb_index = [i for i in proto.graph.initializer if i.name.rsplit(".", 1)[-1] == "attn_rpb_index"]
     unique_bytes = sum(table_bytes.values()) + sum(numpy_helper.to_array(i).nbytes for i in rpb_index)
     onnxfile.write_metadata(proto, {
-        "version": __version__, "opset": request.opset, "inline": request.inline, "masks": masks,
+        "version": __version__, "opset": request.opset, "inline": not request.custom_op, "masks": masks,
         "table_bytes": unique_bytes, "lowering": request.lowering, "targets": list(request.targets),
-        "dynamic_batch": request.dynamic_batch, "precision": request.precision, **(extra or {})})
-    if request.inline:
-        inlined = onnx.inliner.inline_local_functions(proto)
-        del inlined.opset_import[:]
-        inlined.opset_import.extend(op for op in proto.opset_import if op.domain != DOMAIN)
-        proto.CopyFrom(inlined)
+        "dynamic_batch": request.dynamic_batch, "precision": request.precision,
+        "format": request.format, **(extra or {})})
+    bodies.tensor_constants(proto.graph)
+    _check(proto)
+    return masks, unique_bytes
+
+
+def inline(proto: onnx.ModelProto) -> None:
+    """Expand every attention node into its body (standard ops only, constants as tensors) and drop the ``edgeattn``
+    opset import."""
+    inlined = onnx.inliner.inline_local_functions(proto)
+    del inlined.opset_import[:]
+    inlined.opset_import.extend(op for op in proto.opset_import if op.domain != DOMAIN)
+    proto.CopyFrom(inlined)
+    bodies.tensor_constants(proto.graph)
+    _check(proto)
+
+
+def _check(proto: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
         raise EdgeAttnError(f"the exported model fails onnx.checker: {first_line(e)}") from e
-    return masks, unique_bytes
 
 
 def _strip_trace_metadata(proto: onnx.ModelProto) -> None:

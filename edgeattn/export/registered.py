@@ -12,12 +12,12 @@ from .exporter import ExportResult, export_checked
 from .request import check_request
 
 
-def export_registered(name: str, path, *, seed: int = 0, opset: Optional[int] = None, inline: bool = False,
+def export_registered(name: str, path, *, seed: int = 0, opset: Optional[int] = None, custom_op: bool = False,
                       lowering: str = "auto", runtimes: Optional[Sequence[str]] = None, dynamic_batch: bool = False,
                       dtype: str = "fp32", quantize: Optional[str] = None, calibration=None,
                       calibration_samples: int = precision.DEFAULT_CALIBRATION_SAMPLES, check: bool = False,
                       runs: int = 20, report=None, progress: Optional[Callable[[str], None]] = None,
-                      **config) -> ExportResult:
+                      format: Optional[str] = None, **config) -> ExportResult:
     """Build a registered reference model and export it; the metadata lets `edgeattn check` rebuild the reference.
 
     ``runtimes`` name the ONNX runtimes the file is for (default: all) and, with ``check=True``, the runtimes the
@@ -29,8 +29,7 @@ def export_registered(name: str, path, *, seed: int = 0, opset: Optional[int] = 
     from .. import models, parity
 
     request = check_request(dtype=dtype, quantize=quantize, opset=opset, lowering=lowering, runtimes=runtimes,
-                            inline=inline, dynamic_batch=dynamic_batch)
-    check_writable(path)
+                            custom_op=custom_op, dynamic_batch=dynamic_batch, path=path, format=format)
     if report is not None:
         check_writable(report)
     check_on = parity.check_available(runtimes) if check and runtimes else None
@@ -42,7 +41,7 @@ def export_registered(name: str, path, *, seed: int = 0, opset: Optional[int] = 
             calibration = calibration_feeds(built, calibration_samples)
     if progress:
         progress(f"exporting {name} -> {path} (opset {request.opset}, lowering {lowering}, {dtype}"
-                 f"{', ' + quantize if quantize else ''}{', inlined' if inline else ''})")
+                 f"{', ' + quantize if quantize else ''}{', custom op' if custom_op else ''}, {request.format})")
     result = export_checked(built.module, list(built.inputs.values()), path, request,
                             batch_axes=[built.batch_axes.get(k, 0) for k in built.inputs] if dynamic_batch else None,
                             input_names=list(built.inputs), output_names=list(built.outputs),

@@ -75,11 +75,8 @@ def example_inputs(name: str, seed: int = 0, **config) -> dict[str, torch.Tensor
             for k, make in spec.inputs(**{**spec.config, **config}).items()}
 
 
-def from_metadata(model, path) -> BuiltModel:
-    """Rebuild the registered model an exported file came from, using its ``edgeattn.*`` metadata."""
-    from .. import onnxfile
-
-    meta = onnxfile.read_metadata(model)
+def from_metadata(meta: dict, path) -> BuiltModel:
+    """Rebuild the registered model an exported file (at ``path``) came from, using its ``edgeattn.*`` metadata."""
     if "model" not in meta:
         raise EdgeAttnError(f"{path}: has no edgeattn reference-model metadata (it was not exported by `edgeattn "
                             f"export`), so there is no torch model to rebuild; compare it from Python with "

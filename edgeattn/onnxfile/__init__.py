@@ -4,10 +4,14 @@ lowerings its body can be), the file's ``edgeattn.*`` metadata, and reading and 
 Export writes through this module; runtimes, parity, inspection and bench read through it.  It imports neither torch
 nor the exporter, so a runtime that only runs files depends on nothing else of edgeattn.
 
-The node: ``MaskedAttention(q, k, v, *table)`` in domain ``edgeattn``, version 1.  q, k, v are (B, H, N, D); the
-table's tensors follow in the order :data:`TABLE_INPUTS` gives for its ``layout`` attribute, the optional additive
-bias last (an absent bias is dropped, not passed as "").  Its body is a model-local function overload named after
-its ``lowering`` (``dense``, ``dense_bias``, ``blocked``...), see :mod:`edgeattn.onnxfile.bodies`.
+The node: ``MaskedAttention_<body>(q, k, v, *table)`` in domain ``edgeattn``, version 2.  q, k, v are (B, H, N, D);
+the table's tensors follow in the order :data:`TABLE_INPUTS` gives for its ``layout`` attribute, the optional additive
+bias last (an absent bias is dropped, not passed as "").  Each body (``dense``, ``dense_bias``, ``blocked``...: its
+``lowering``, with or without bias) is its own op type with a model-local function of that name, see
+:mod:`edgeattn.onnxfile.bodies`.  (Version 1 named bodies by function *overloads*, which converters drop or merge.)
+
+Only files exported with ``--custom-op`` keep these nodes; the default file holds their bodies inlined, standard
+ops only, so that every runtime and converter reads it without edgeattn.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from ..files import atomic_write
 
 DOMAIN = "edgeattn"
 OP = "MaskedAttention"
-OP_VERSION = 1
+OP_VERSION = 2
 
 QKV = ("q", "k", "v")
 # What each table layout passes after q, k, v (see edgeattn.tables); the optional bias is always last
@@ -53,12 +57,12 @@ LOWERINGS = {low.name: low for low in (
 )}
 
 
-def overload(lowering: str, has_bias: bool) -> str:
-    """The function overload a node of ``lowering`` names: ``dense``, ``dense_bias``..."""
-    return f"{lowering}{'_bias' if has_bias else ''}"
+def op_type(lowering: str, has_bias: bool) -> str:
+    """The op type (and function name) of a node with body ``lowering``: ``MaskedAttention_dense_bias``..."""
+    return f"{OP}_{lowering}{'_bias' if has_bias else ''}"
 
 
-OVERLOADS = {overload(low, bias): (low, bias) for low in LOWERINGS for bias in (False, True)}
+OP_TYPES = {op_type(low, bias): (low, bias) for low in LOWERINGS for bias in (False, True)}
 
 
 def attention_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -91,43 +95,58 @@ def table_inputs(node: onnx.NodeProto) -> list[str]:
 METADATA_PREFIX = "edgeattn."
 # written by export itself; a user's metadata_props may not set them
 RESERVED_METADATA = ("version", "opset", "inline", "masks", "table_bytes", "lowering", "targets", "dynamic_batch",
-                     "precision")
+                     "precision", "format")
+
+
+def encode_metadata(values: Mapping[str, Any]) -> dict[str, str]:
+    """Metadata values as stored: strings as they are, everything else as sorted JSON (reproducible exports)."""
+    return {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in sorted(values.items())}
+
+
+def decode_metadata(stored: Mapping[str, str]) -> dict[str, Any]:
+    """Stored metadata values, JSON-decoded where they are JSON."""
+    out = {}
+    for key, text in stored.items():
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out
 
 
 def write_metadata(model: onnx.ModelProto, values: Mapping[str, Any]) -> None:
-    """Set ``edgeattn.<key>`` entries; non-strings are stored as JSON, sorted so exports are reproducible."""
+    """Set ``edgeattn.<key>`` entries of an ONNX model."""
     existing = {p.key: p for p in model.metadata_props}
-    for key in sorted(values):
-        text = values[key] if isinstance(values[key], str) else json.dumps(values[key], sort_keys=True)
+    for key, text in encode_metadata(values).items():
         prop = existing.get(METADATA_PREFIX + key) or model.metadata_props.add()
         prop.key, prop.value = METADATA_PREFIX + key, text
 
 
 def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
-    """The ``edgeattn.*`` entries, JSON-decoded where they are JSON."""
-    out = {}
-    for prop in model.metadata_props:
-        if prop.key.startswith(METADATA_PREFIX):
-            try:
-                out[prop.key[len(METADATA_PREFIX):]] = json.loads(prop.value)
-            except json.JSONDecodeError:
-                out[prop.key[len(METADATA_PREFIX):]] = prop.value
-    return out
+    """The ``edgeattn.*`` entries of an ONNX model."""
+    return strip_prefix({p.key: p.value for p in model.metadata_props})
+
+
+def strip_prefix(props: Mapping[str, str]) -> dict[str, Any]:
+    """The decoded ``edgeattn.*`` entries of a key -> value map, without the prefix."""
+    return decode_metadata({k[len(METADATA_PREFIX):]: v for k, v in props.items() if k.startswith(METADATA_PREFIX)})
 
 
 @dataclass(frozen=True)
 class Contents:
     """What a runtime must support to run a file (or a file an export will write): its precision, the lowerings its
-    nodes have, and the lowering asked for at export (``auto`` lets a runtime swap dense-table bodies)."""
+    nodes have, the lowering asked for at export (``auto`` lets a runtime swap dense-table bodies) and its format
+    (onnx, openvino, ort: see :mod:`edgeattn.onnxfile.formats`)."""
     precision: str = "fp32"
     lowerings: frozenset = frozenset()
     requested: str = "auto"
+    format: str = "onnx"
 
     @classmethod
     def of(cls, metadata: Mapping[str, Any]) -> "Contents":
         return cls(metadata.get("precision", "fp32"),
                    frozenset(m.get("lowering", "") for m in metadata.get("masks", [])) - {""},
-                   metadata.get("lowering", "auto"))
+                   metadata.get("lowering", "auto"), metadata.get("format", "onnx"))
 
 
 # ---- reading and writing files ----
@@ -151,6 +170,9 @@ def read(path, weights: bool = False) -> onnx.ModelProto:
         if op.domain == DOMAIN and op.version > OP_VERSION:
             raise EdgeAttnError(f"{path}: uses {DOMAIN} opset {op.version}, this edgeattn knows up to "
                                 f"{OP_VERSION}; upgrade edgeattn or re-export the file")
+        if op.domain == DOMAIN and op.version < OP_VERSION:
+            raise EdgeAttnError(f"{path}: uses {DOMAIN} opset {op.version}, written by an older edgeattn (its "
+                                f"attention bodies are function overloads, which converters drop); re-export it")
     check_external_data(model, path)   # even when not loading it: a file pointing elsewhere is refused everywhere
     if weights:
         try:

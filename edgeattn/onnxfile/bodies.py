@@ -1,25 +1,28 @@
 """Standard-op bodies for ``edgeattn.MaskedAttention``, written as ONNX model-local functions: the op's definition.
 
-Each lowering is a function *overload* of the one op (ONNX IR >= 10), so a node names its body by
-``node.overload``.  onnxruntime expands the function itself; ``onnx.inliner`` expands it for runtimes that do not.
+Each body is its own op type (``MaskedAttention_dense_bias``...: :data:`edgeattn.onnxfile.OP_TYPES`) with a function
+of that name; onnxruntime expands the function itself, ``onnx.inliner`` expands it for everything else.  Constants
+are tensor ``value``s (older converters read no other Constant form), except the softmax scale, which refers to the
+node's ``scale`` attribute until the body is inlined (:func:`tensor_constants` then rewrites it).
 """
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 import onnx
-from onnx import FunctionProto, TensorProto, helper
+import numpy as np
+from onnx import FunctionProto, TensorProto, helper, numpy_helper
 
-from . import ATTRIBUTES, DOMAIN, LOWERINGS, OP, OVERLOADS, QKV, TABLE_INPUTS, attention_nodes, attributes
+from . import ATTRIBUTES, DOMAIN, LOWERINGS, OP_TYPES, QKV, TABLE_INPUTS, attention_nodes, attributes, op_type
 
 
-def dense(opset: int, overload: str) -> FunctionProto:
+def dense(opset: int, name: str) -> FunctionProto:
     """MatMul / Add / Softmax / MatMul over a dense boolean table.
 
     The table becomes an additive 0 / -inf mask (exact in every float dtype); a row with no allowed key then
     softmaxes to NaN, and the last Where turns exactly those rows to zeros, matching torch.
     """
-    bias = OVERLOADS[overload][1]
+    bias = OP_TYPES[name][1]
     n = helper.make_node
     nodes = [
         *_scaled_q(),
@@ -39,16 +42,16 @@ def dense(opset: int, overload: str) -> FunctionProto:
         n("MatMul", ["probs", "v"], ["attended"]),
         *_zero_rows(opset, "attended", "out"),
     ]
-    return _function(overload, opset, nodes, dense.__doc__)
+    return _function(name, opset, nodes, dense.__doc__)
 
 
-def blocked(opset: int, overload: str) -> FunctionProto:
+def blocked(opset: int, name: str) -> FunctionProto:
     """Per query tile: Gather its keys, batched MatMul, add the tile's bank block, Softmax, MatMul, Gather back.
 
     Every tile scores only the keys its block table lists (a compact region for grid masks), so the work is
     the mask's plus the tile padding; the bank and indices are static and runtimes constant-fold the masks.
     """
-    bias = OVERLOADS[overload][1]
+    bias = OP_TYPES[name][1]
     n = helper.make_node
     nodes = [
         *_scaled_q(),
@@ -74,17 +77,17 @@ def blocked(opset: int, overload: str) -> FunctionProto:
         # (B, H, T*tq, Dv): B and H from q, Dv from v
         n("Shape", ["q"], ["batch_heads"], start=0, end=2),
         n("Shape", ["v"], ["head_dim"], start=3, end=4),
-        n("Constant", [], ["minus_one"], value_ints=[-1]),
+        _ints("minus_one", [-1]),
         n("Concat", ["batch_heads", "minus_one", "head_dim"], ["flat_shape"], axis=0),
         n("Reshape", ["attended_0", "flat_shape"], ["flat"]),
         n("Gather", ["flat", "q_pos"], ["out"], axis=2),                  # back to query order
     ]
-    return _function(overload, opset, nodes, blocked.__doc__)
+    return _function(name, opset, nodes, blocked.__doc__)
 
 
-def attention(opset: int, overload: str) -> FunctionProto:
+def attention(opset: int, name: str) -> FunctionProto:
     """One ONNX ``Attention`` node (opset >= 23) with the boolean table (or bias and -inf) as ``attn_mask``."""
-    bias = OVERLOADS[overload][1]
+    bias = OP_TYPES[name][1]
     n = helper.make_node
     nodes = _zero_rows_prologue()
     if bias:
@@ -94,15 +97,15 @@ def attention(opset: int, overload: str) -> FunctionProto:
                           softmax_precision=TensorProto.FLOAT), "scale"),
         *_zero_rows(opset, "attended", "out"),
     ]
-    return _function(overload, opset, nodes, attention.__doc__)
+    return _function(name, opset, nodes, attention.__doc__)
 
 
-def contrib(opset: int, overload: str) -> FunctionProto:
+def contrib(opset: int, name: str) -> FunctionProto:
     """onnxruntime's ``com.microsoft.MultiHeadAttention`` with the table as an additive ``attention_bias``.
 
     The query goes in as (B, N, H*D), keys and values stay (B, H, N, D); the output comes back as (B, H, N, Dv).
     """
-    bias = OVERLOADS[overload][1]
+    bias = OP_TYPES[name][1]
     n = helper.make_node
     nodes = _zero_rows_prologue() + [n("Where", ["mask", "zero", "neg_inf"], ["mask_add"])]
     if bias:
@@ -111,33 +114,34 @@ def contrib(opset: int, overload: str) -> FunctionProto:
         # attention_bias must be 4-D (B or 1, H or 1, Nq, Nkv): a static table gets a leading 1, a mask computed
         # in the graph may already carry the batch
         n("Shape", ["bias_add" if bias else "mask_add"], ["bias_tail"], start=-3),
-        n("Constant", [], ["minus_one_1"], value_ints=[-1]),
+        _ints("minus_one_1", [-1]),
         n("Concat", ["minus_one_1", "bias_tail"], ["bias_4d"], axis=0),
         n("Reshape", ["bias_add" if bias else "mask_add", "bias_4d"], ["attention_bias"]),
         n("Transpose", ["q"], ["q_bsnh"], perm=[0, 2, 1, 3]),
-        n("Constant", [], ["bsh"], value_ints=[0, 0, -1]),
+        _ints("bsh", [0, 0, -1]),
         n("Reshape", ["q_bsnh", "bsh"], ["query"]),
         _from_attribute(_from_attribute(
             n("MultiHeadAttention", ["query", "k", "v", "", "", "attention_bias"], ["attended_bsh"],
               domain="com.microsoft", num_heads=1, scale=1.0), "heads"), "scale", 1),
         n("Shape", ["q"], ["heads_dim"], start=1, end=2),
-        n("Constant", [], ["zero_zero"], value_ints=[0, 0]),
-        n("Constant", [], ["minus_one"], value_ints=[-1]),
+        _ints("zero_zero", [0, 0]),
+        _ints("minus_one", [-1]),
         n("Concat", ["zero_zero", "heads_dim", "minus_one"], ["bsnh"], axis=0),
         n("Reshape", ["attended_bsh", "bsnh"], ["attended_bsnh"]),
         n("Transpose", ["attended_bsnh"], ["attended"], perm=[0, 2, 1, 3]),
         *_zero_rows(opset, "attended", "out"),
     ]
-    return _function(overload, opset, nodes, contrib.__doc__, extra_opsets={"com.microsoft": 1})
+    return _function(name, opset, nodes, contrib.__doc__, extra_opsets={"com.microsoft": 1})
 
 
 BODIES = {"dense": dense, "blocked": blocked, "attention": attention, "contrib": contrib}
 
 
-def body(overload: str, opset: int) -> FunctionProto:
-    if overload not in OVERLOADS:
-        raise ValueError(f"unknown lowering {overload!r}; known: {', '.join(OVERLOADS)}")
-    return BODIES[OVERLOADS[overload][0]](opset, overload)
+def body(name: str, opset: int) -> FunctionProto:
+    """The function of op type ``name`` (a key of :data:`OP_TYPES`)."""
+    if name not in OP_TYPES:
+        raise ValueError(f"unknown attention op type {name!r}; known: {', '.join(OP_TYPES)}")
+    return BODIES[OP_TYPES[name][0]](opset, name)
 
 
 def swap(model: onnx.ModelProto, runs_as: Callable[[str], str], opset: int) -> onnx.ModelProto:
@@ -147,9 +151,9 @@ def swap(model: onnx.ModelProto, runs_as: Callable[[str], str], opset: int) -> o
         lowering = attributes(node).get("lowering")
         target = runs_as(lowering) if lowering else None
         if target and target != lowering and target in LOWERINGS:
-            node.overload = node.overload.replace(lowering, target, 1)
-            swapped.add(node.overload)
-    have = {f.overload for f in model.functions if f.domain == DOMAIN}
+            node.op_type = op_type(target, OP_TYPES[node.op_type][1])
+            swapped.add(node.op_type)
+    have = {f.name for f in model.functions if f.domain == DOMAIN}
     for name in sorted(swapped - have):
         model.functions.append(body(name, opset))
     import_domains(model)
@@ -163,15 +167,13 @@ def import_domains(model) -> None:
     model.opset_import.extend(helper.make_opsetid(d, 1) for d in sorted(used - have))
 
 
-def _function(overload: str, opset: int, nodes, doc: str, extra_opsets: Optional[dict] = None) -> FunctionProto:
-    lowering, bias = OVERLOADS[overload]
+def _function(name: str, opset: int, nodes, doc: str, extra_opsets: Optional[dict] = None) -> FunctionProto:
+    lowering, bias = OP_TYPES[name]
     tables = list(TABLE_INPUTS[LOWERINGS[lowering].layout])
     inputs = list(QKV) + (tables if bias else tables[:-1])
     opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in (extra_opsets or {}).items()]
-    fn = helper.make_function(DOMAIN, OP, inputs, ["out"], nodes, opsets, attributes=list(ATTRIBUTES),
-                              doc_string=doc.strip().splitlines()[0])
-    fn.overload = overload
-    return fn
+    return helper.make_function(DOMAIN, name, inputs, ["out"], nodes, opsets, attributes=list(ATTRIBUTES),
+                                doc_string=doc.strip().splitlines()[0])
 
 
 def _from_attribute(node, attribute: str, index: int = 0):
@@ -190,18 +192,23 @@ def _scaled_q():
 
 def _zero_rows_prologue():
     """Typed -inf and 0 constants."""
-    n = helper.make_node
-    return [n("Constant", [], ["neg_inf_f"], value_float=float("-inf")), _cast("neg_inf_f", "neg_inf"),
-            n("Constant", [], ["zero_f"], value_float=0.0), _cast("zero_f", "zero")]
+    return [_float("neg_inf_f", float("-inf")), _cast("neg_inf_f", "neg_inf"),
+            _float("zero_f", 0.0), _cast("zero_f", "zero")]
 
 
 def _zero_rows(opset: int, attended: str, out: str):
-    """Rows of the mask without any allowed key softmax to NaN; make exactly those rows zeros (as torch does)."""
+    """Rows of the mask without any allowed key softmax to NaN; make exactly those rows zeros (as torch does).
+
+    This Where gets its own zero, shaped [1] so that no optimizer merges it with the prologue's scalar zero: OpenVINO's
+    CPU plugin fuses the whole body into one snippet and refuses a scalar read inside two of its loops ("All
+    consumers of a Scalar expression are expected to have the same loop IDs"), which happened for masks computed in
+    the graph (Mask2Former), where the mask's Where is not folded away."""
     n = helper.make_node
     return [n("Cast", ["mask"], ["mask_i"], to=TensorProto.INT32),
             *_reduce_max(opset, "mask_i", "row_any_i"),
             n("Cast", ["row_any_i"], ["row_any"], to=TensorProto.BOOL),
-            n("Where", ["row_any", attended, "zero"], [out])]
+            _float("rows_zero_f", [0.0]), _cast("rows_zero_f", "rows_zero"),
+            n("Where", ["row_any", attended, "rows_zero"], [out])]
 
 
 def _softmax(src: str, dst: str):
@@ -222,6 +229,36 @@ def _cast(src: str, dst: str):
 def _reduce_max(opset: int, x: str, out: str):
     """ReduceMax over the last axis, keepdims; axes moved from attribute to input at opset 18."""
     if opset >= 18:
-        return [helper.make_node("Constant", [], ["last_axis"], value_ints=[-1]),
+        return [_ints("last_axis", [-1]),
                 helper.make_node("ReduceMax", [x, "last_axis"], [out], keepdims=1)]
     return [helper.make_node("ReduceMax", [x], [out], axes=[-1], keepdims=1)]
+
+
+def _ints(name: str, values) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(values, np.int64), name))
+
+
+def _float(name: str, value) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, np.float32), name))
+
+
+# Constant attributes that hold a value directly, and the tensor each becomes
+_CONSTANT_FORMS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+                   "value_ints": np.int64}
+
+
+def tensor_constants(graph: onnx.GraphProto) -> None:
+    """Rewrite every ``Constant(value_float / value_floats / value_int / value_ints)`` of ``graph`` (and its
+    subgraphs) as ``Constant(value=tensor)``, the one form every converter reads (onnxsim 0.4.36 and onnx2tf read no
+    other)."""
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                tensor_constants(sub)
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        form = next((a for a in node.attribute if a.name in _CONSTANT_FORMS and not a.ref_attr_name), None)
+        if form is not None:
+            value = np.array(helper.get_attribute_value(form), _CONSTANT_FORMS[form.name])
+            node.attribute.remove(form)
+            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value, node.output[0])))

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from ..errors import EdgeAttnError
-from ..onnxfile import LOWERINGS, Contents, TensorInfo, read_metadata
+from ..onnxfile import LOWERINGS, Contents, TensorInfo
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class Runtime:
     tolerances: Mapping[str, Tolerance] = {}    # the parity gate per file precision
     refused_precisions: Mapping[str, str] = {}  # precision -> why it cannot run files of it
     lowerings: frozenset = frozenset(LOWERINGS)  # the node bodies it executes
+    file_formats: frozenset = frozenset({"onnx"})  # the file formats it loads (edgeattn.onnxfile.formats)
     # how it executes a dense-table node of lowering L: runs_as.get(L, L), in files exported with lowering auto
     # (or in every file, with runs_as_always) -- the file keeps its portable body, the runtime swaps at load
     runs_as: Mapping[str, str] = {}
@@ -82,6 +83,9 @@ class Runtime:
         on a machine that has it, which is what an export for it asks); empty when it can."""
         reasons = list(self.machine_reasons()) if here else []   # a copy: machine_reasons may be cached
         if contents is not None:
+            if contents.format not in self.file_formats:
+                reasons.append(f"{self.name} does not load {contents.format} files (it loads "
+                               f"{', '.join(sorted(self.file_formats))})")
             refused = self.refused_precisions.get(contents.precision)
             reasons += [refused] if refused else []
             others = sorted(contents.lowerings - self.lowerings)
@@ -94,14 +98,11 @@ class Runtime:
     def is_available(self) -> bool:
         return not self.machine_reasons()
 
-    def check_file(self, model, path) -> dict:
-        """One clear error when the parsed file ``model`` holds what this runtime cannot run; returns the file's
-        metadata."""
-        metadata = read_metadata(model)
+    def check_file(self, metadata: Mapping[str, Any], path) -> None:
+        """One clear error when the file at ``path``, with ``metadata``, holds what this runtime cannot run."""
         reasons = self.not_supported_reasons(Contents.of(metadata), here=False)
         if reasons:
             raise EdgeAttnError(f"{path}: {self.name} cannot run this file: {'; '.join(reasons)}")
-        return metadata
 
     def executes(self, lowering: str, requested: str = "auto") -> str:
         """What this runtime runs for a node of ``lowering`` in a file exported with lowering ``requested``."""

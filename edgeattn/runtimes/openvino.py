@@ -1,5 +1,8 @@
-"""OpenVINO CPU.  OpenVINO has no conversion rule for custom-domain nodes (it ignores model-local functions), so before
-it reads a model, each ``edgeattn.MaskedAttention`` node is prepared one of two ways:
+"""OpenVINO CPU: ONNX files and OpenVINO IR (``.xml``).
+
+Default exports hold standard ops only and OpenVINO reads them as they are.  OpenVINO has no conversion rule for
+custom-domain nodes (it ignores model-local functions), so before it reads a ``--custom-op`` file each
+``edgeattn`` attention node is prepared one of two ways:
 
 - dense-table nodes (lowerings dense and attention) stay edgeattn nodes, and a ConversionExtension turns each one
   into OpenVINO's own ``ScaledDotProductAttention`` op, so each device plugin picks its attention kernel (the CPU
@@ -18,7 +21,7 @@ import onnx.inliner
 
 from .. import onnxfile
 from ..errors import EdgeAttnError, first_line
-from ..onnxfile import DOMAIN, OP
+from ..onnxfile import DOMAIN, formats
 from .base import REDUCED_PRECISION, Runtime, Session, Tolerance
 
 _BIAS = onnxfile.bias_position("dense")     # dense-table node inputs: q, k, v, mask, then the optional bias
@@ -29,35 +32,24 @@ class OpenVinoSession(Session):
 
     def __init__(self, runtime: Runtime, path: Path, device: str, accuracy: bool = False):
         import openvino as ov
-        from openvino.frontend.onnx import ConversionExtension
 
-        model = onnxfile.read(path, weights=True)
-        file_precision = runtime.check_file(model, path).get("precision", "fp32")
-        self.runtime, self.inputs, self.outputs = runtime.name, onnxfile.graph_inputs(model), onnxfile.graph_outputs(
-            model)
-        model = _inline_all_but_sdpa(model, runtime)
-        errors = []
-
-        def convert(context):  # OpenVINO reports a converter's exception inside a long log: keep it to report
-            try:
-                return to_sdpa(context)
-            except Exception as e:
-                errors.append(e)
-                raise
-
+        self.runtime = runtime.name
+        file = formats.header(path)
+        runtime.check_file(file.metadata, path)
+        self.inputs, self.outputs = file.inputs, file.outputs
         core = ov.Core()
-        core.add_extension(ConversionExtension(OP, DOMAIN, convert))   # only applies to later reads
         try:
-            ov_model = core.read_model(model.SerializeToString(), b"")
-            ops = ov_model.get_ordered_ops()
-            self.fused_sdpa = sum(op.get_type_name() == "ScaledDotProductAttention" for op in ops)
-            self.config = _config(core, device, file_precision, accuracy)
+            if file.format == "openvino":
+                ov_model = formats.read_ir(path, core)
+            else:
+                ov_model = to_openvino(onnxfile.read(path, weights=True), runtime, core)
+            self.fused_sdpa = sum(op.get_type_name() == "ScaledDotProductAttention" for op in ov_model.get_ordered_ops())
+            self.config = _config(core, device, file.metadata.get("precision", "fp32"), accuracy)
             self._compiled = core.compile_model(ov_model, device, self.config)
+        except EdgeAttnError as e:
+            raise EdgeAttnError(f"{path}: {e}") from e
         except Exception as e:
-            if errors:
-                raise EdgeAttnError(f"{path}: OpenVINO could not convert {DOMAIN}.{OP} to "
-                                    f"ScaledDotProductAttention: {first_line(errors[0])}") from errors[0]
-            raise EdgeAttnError(f"{path}: OpenVINO could not compile the model: {first_line(e)}") from e
+            raise EdgeAttnError(f"{path}: OpenVINO could not compile the model: {ov_error(e)}") from e
         self._ports = [self._compiled.output(i) for i in range(len(self.outputs))]
         self._local = threading.local()  # an infer request is not thread-safe: one per calling thread
 
@@ -68,7 +60,7 @@ class OpenVinoSession(Session):
         try:
             results = request.infer(feeds)
         except Exception as e:
-            raise EdgeAttnError(f"OpenVINO ({self.runtime}) failed to run: {first_line(e)}") from e
+            raise EdgeAttnError(f"OpenVINO ({self.runtime}) failed to run: {ov_error(e)}") from e
         return {info.name: results[port].copy() for info, port in zip(self.outputs, self._ports)}
 
 
@@ -93,16 +85,53 @@ def _converts_to_sdpa(node: onnx.NodeProto, runtime: Runtime) -> bool:
     return attributes.get("layout") == "dense" and runtime.executes(attributes.get("lowering", "")) == "sdpa"
 
 
+def to_openvino(model: onnx.ModelProto, runtime: Runtime, core=None):
+    """The ``openvino.Model`` of an edgeattn ONNX model: dense-table attention nodes become OpenVINO's
+    ScaledDotProductAttention, every other attention node its standard-op body (a default file has none left)."""
+    import openvino as ov
+    from openvino.frontend.onnx import ConversionExtension
+
+    model = _inline_all_but_sdpa(model, runtime)
+    errors = []
+
+    def convert(context):  # OpenVINO reports a converter's exception inside a long log: keep it to report
+        try:
+            return to_sdpa(context)
+        except Exception as e:
+            errors.append(e)
+            raise
+
+    core = core or ov.Core()
+    for name in sorted({n.op_type for n in onnxfile.attention_nodes(model)}):
+        core.add_extension(ConversionExtension(name, DOMAIN, convert))   # only applies to later reads
+    try:
+        return core.read_model(model.SerializeToString(), b"")
+    except Exception as e:
+        if errors:
+            raise EdgeAttnError(f"OpenVINO could not convert {DOMAIN} attention to ScaledDotProductAttention: "
+                                f"{first_line(errors[0])}") from errors[0]
+        raise EdgeAttnError(f"OpenVINO could not read the model: {ov_error(e)}") from e
+
+
+def ov_error(e: Exception) -> str:
+    """OpenVINO's exceptions start with the C++ source location ("Exception from src/...cpp:117:") and bury what
+    failed in the following lines: return the first line that says something."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Exception from", "[ GENERAL_ERROR ]"))
+              and not line.endswith(".cpp:") and not line.startswith("src/")]
+    return (useful or lines or [repr(e)])[0]
+
+
 def _inline_all_but_sdpa(model: onnx.ModelProto, runtime: Runtime) -> onnx.ModelProto:
     """Inline the function bodies of the edgeattn nodes the extension does not convert.
 
-    Bodies are model-local function overloads (one per lowering, with and without bias): dropping the overloads of
-    the converted nodes leaves exactly those nodes in place when the inliner expands the rest."""
+    Each body is its own op type and function: dropping the functions of the converted nodes leaves exactly those
+    nodes in place when the inliner expands the rest."""
     nodes = onnxfile.attention_nodes(model)
-    kept = {n.overload for n in nodes if _converts_to_sdpa(n, runtime)}
-    if all(n.overload in kept for n in nodes):
+    kept = {n.op_type for n in nodes if _converts_to_sdpa(n, runtime)}
+    if all(n.op_type in kept for n in nodes):
         return model
-    functions = [f for f in model.functions if not (f.domain == DOMAIN and f.overload in kept)]
+    functions = [f for f in model.functions if not (f.domain == DOMAIN and f.name in kept)]
     del model.functions[:]
     model.functions.extend(functions)
     return onnx.inliner.inline_local_functions(model)
@@ -143,6 +172,7 @@ class OpenVinoCpu(Runtime):
     description = "OpenVINO, CPU plugin"
     tolerances = {"fp32": Tolerance(atol=1e-4, min_cosine=0.99999), **REDUCED_PRECISION}
     lowerings = frozenset({"dense", "blocked", "attention"})   # contrib is onnxruntime's own op
+    file_formats = frozenset({"onnx", "openvino"})
     # every dense-table node becomes OpenVINO's ScaledDotProductAttention (see the module docstring)
     runs_as = {"dense": "sdpa", "attention": "sdpa"}
     runs_as_always = True

@@ -7,7 +7,7 @@ from typing import Optional
 
 from .. import onnxfile
 from ..errors import EdgeAttnError, first_line
-from ..onnxfile import bodies
+from ..onnxfile import bodies, formats
 from .base import REDUCED_PRECISION, Runtime, Session, Tolerance
 
 _INSTALL = "install it with: pip install 'edgeattn[ort]' (or 'edgeattn[ort-gpu]' for CUDA)"
@@ -17,15 +17,23 @@ class OrtSession(Session):
     def __init__(self, runtime: Runtime, path: Path, providers: list, device: str = "cpu"):
         import onnxruntime as ort
 
-        model = onnxfile.read(path, weights=True)
-        model = for_runtime(model, runtime, runtime.check_file(model, path))
         self.runtime = runtime.name
-        self.inputs, self.outputs = onnxfile.graph_inputs(model), onnxfile.graph_outputs(model)
+        if formats.format_of(path) == "ort":   # already optimized, and not an ONNX protobuf: load as it is
+            file = formats.header(path)
+            runtime.check_file(file.metadata, path)
+            source, self.inputs, self.outputs = str(path), file.inputs, file.outputs
+        else:
+            model = onnxfile.read(path, weights=True)
+            metadata = onnxfile.read_metadata(model)
+            runtime.check_file(metadata, path)
+            model = for_runtime(model, runtime, metadata)
+            source = model.SerializeToString()
+            self.inputs, self.outputs = onnxfile.graph_inputs(model), onnxfile.graph_outputs(model)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         try:
-            self._session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+            self._session = ort.InferenceSession(source, options, providers=providers)
         except Exception as e:
             raise EdgeAttnError(f"{path}: onnxruntime could not load the model: {first_line(e)}") from e
         wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
@@ -67,6 +75,7 @@ class OrtCpu(Runtime):
     name = "ort-cpu"
     description = "onnxruntime, CPU execution provider"
     tolerances = {"fp32": Tolerance(atol=1e-4, min_cosine=0.99999), **REDUCED_PRECISION}
+    file_formats = frozenset({"onnx", "ort"})
     refused_precisions = {"bf16": "onnxruntime's CPU provider has no bfloat16 kernels (Conv, MatMul...); run bf16 "
                                   "files on openvino-cpu or ort-cuda"}
     # Dense-table nodes of auto files run as the fused contrib MultiHeadAttention (causal N=2048, 2 heads x 32:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import onnxfile
+from ..onnxfile import formats
 from ..errors import EdgeAttnError
 from .base import Runtime, Session, Tolerance
 
@@ -37,11 +37,12 @@ class TorchRuntime(Runtime):
     # the reference: it runs the fp32 model a file of any precision was exported from
     tolerances = dict.fromkeys(("fp32", "fp16", "bf16", "int8", "int8-static"), Tolerance(atol=0.0, min_cosine=1.0))
     reference = True
+    file_formats = frozenset(formats.FORMATS)
 
     def _load(self, path, accuracy, module):
-        model = onnxfile.read(path)
+        file = formats.header(path)
         if module is None:
             from .. import models
 
-            module = models.from_metadata(model, path).module
-        return TorchSession(self.name, module, onnxfile.graph_inputs(model), onnxfile.graph_outputs(model))
+            module = models.from_metadata(file.metadata, path).module
+        return TorchSession(self.name, module, file.inputs, file.outputs)

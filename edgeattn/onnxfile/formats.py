@@ -1,0 +1,111 @@
+"""The files edgeattn writes and reads, by suffix: ONNX (``.onnx``), OpenVINO IR (``.xml`` + ``.bin``) and the ORT
+format (``.ort``, onnxruntime's mobile and minimal builds).  Each carries the same ``edgeattn.*`` metadata, so
+``check`` rebuilds the torch reference of any of them:
+
+- ONNX: ``metadata_props``;
+- OpenVINO IR: the model's ``rt_info`` section ``edgeattn`` (:data:`IR_SECTION`), values encoded as in ONNX;
+- ORT format: the ONNX model's ``metadata_props``, which the conversion keeps.
+
+:func:`header` reads what every consumer needs first (format, metadata, inputs, outputs) without loading weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import EdgeAttnError, first_line
+from . import TensorInfo, decode_metadata, encode_metadata, graph_inputs, graph_outputs, read, read_metadata, strip_prefix
+
+FORMATS = {"onnx": ".onnx", "openvino": ".xml", "ort": ".ort"}
+IR_SECTION = "edgeattn"
+
+
+def format_of(path) -> str:
+    """The format a path names by its suffix; anything else is read as ONNX."""
+    suffix = Path(path).suffix.lower()
+    return next((name for name, s in FORMATS.items() if s == suffix), "onnx")
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    format: str
+    metadata: dict
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+
+
+def header(path) -> Header:
+    """Format, ``edgeattn.*`` metadata, inputs and outputs of a file of any format, or one clear error."""
+    path = Path(path)
+    kind = format_of(path)
+    if kind == "onnx":
+        model = read(path)
+        return Header(path, kind, read_metadata(model), graph_inputs(model), graph_outputs(model))
+    if not path.is_file():
+        raise EdgeAttnError(f"{path}: no such file")
+    return (_ir_header if kind == "openvino" else _ort_header)(path)
+
+
+def write_ir_metadata(ov_model, values: Mapping[str, Any]) -> None:
+    for key, text in encode_metadata(values).items():
+        ov_model.set_rt_info(text, [IR_SECTION, key])
+
+
+def read_ir_metadata(ov_model) -> dict[str, Any]:
+    if not ov_model.has_rt_info([IR_SECTION]):
+        return {}
+    return decode_metadata({k: v.astype(str) for k, v in ov_model.get_rt_info()[IR_SECTION].items()})
+
+
+def read_ir(path, core=None):
+    """The ``openvino.Model`` of an IR ``.xml`` (its ``.bin`` beside it), or one clear error."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise EdgeAttnError(f"{path}: reading OpenVINO IR needs openvino: pip install 'edgeattn[openvino]'") from None
+    bin_path = Path(path).with_suffix(".bin")
+    if not bin_path.is_file():
+        raise EdgeAttnError(f"{path}: its weights file {bin_path.name} is missing; keep the .xml and .bin together")
+    try:
+        return (core or ov.Core()).read_model(str(path), str(bin_path))
+    except Exception as e:
+        raise EdgeAttnError(f"{path}: not a readable OpenVINO IR: {first_line(e)}") from None
+
+
+def _ir_header(path: Path) -> Header:
+    model = read_ir(path)
+
+    def info(port) -> TensorInfo:
+        shape = tuple(d.get_length() if d.is_static else "?" for d in port.get_partial_shape())
+        return TensorInfo(port.get_any_name(), shape, np.dtype(port.get_element_type().to_dtype()))
+
+    return Header(path, "openvino", read_ir_metadata(model), [info(p) for p in model.inputs],
+                  [info(p) for p in model.outputs])
+
+
+# onnxruntime's type strings -> numpy
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+              "tensor(bool)": np.bool_}
+
+
+def _ort_header(path: Path) -> Header:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise EdgeAttnError(f"{path}: reading the ORT format needs onnxruntime: pip install 'edgeattn[ort]'") from None
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise EdgeAttnError(f"{path}: not a readable ORT-format model: {first_line(e)}") from None
+
+    def info(arg) -> TensorInfo:
+        shape = tuple(d if isinstance(d, int) else (d or "?") for d in arg.shape)
+        return TensorInfo(arg.name, shape, np.dtype(_ORT_TYPES.get(arg.type, np.float32)))
+
+    meta = strip_prefix(session.get_modelmeta().custom_metadata_map)
+    return Header(path, "ort", meta, [info(a) for a in session.get_inputs()], [info(a) for a in session.get_outputs()])
