@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,6 +12,11 @@ CPU_RUNTIMES = ["ort-cpu", "openvino-cpu"]
 # lowering -> (opset, target runtimes) it is exported and checked with
 LOWERING_CASES = {"dense": (18, None), "blocked": (18, None), "attention": (23, None), "contrib": (18, ["ort-cpu"])}
 LOWERING_LIST = [(name, *case) for name, case in sorted(LOWERING_CASES.items())]
+# Mask2Former thresholds sigmoid(mask logits) < 0.5: a logit within rounding of 0 can land on the other side on
+# another runtime and move that query's outputs by ~1e-3 (see edgeattn/models/mask2former.py).  Measured on an
+# AVX2-only CPU: 2.4e-3 on onnxruntime at batch 3, all in six queries of two images (a flipped decision cascading);
+# 1e-5 on OpenVINO.  Until parity explains ties, the fp32 bound stays loose for this model only.
+TIE_ATOL = {"mask2former-decoder": 5e-3}
 
 
 @pytest.fixture(autouse=True)
@@ -44,3 +54,29 @@ def relocate_external_data(path, location):
             if entry.key == "location":
                 entry.value = location
     onnx.save(proto, str(path))
+
+
+# The deployment matrix's onnx2tf columns (tests/test_deploy.py, marked onnx2tf) take tens of minutes of mostly
+# single-threaded TensorFlow conversion.  With EDGEATTN_PARALLEL_ONNX2TF=1 (.ci/run) the session runs them as a
+# second pytest process alongside the rest, and fails if they fail.
+_ONNX2TF_LOG = Path(__file__).resolve().parents[1] / "onnx2tf-job.log"
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("EDGEATTN_PARALLEL_ONNX2TF") == "1":
+        env = {k: v for k, v in os.environ.items() if k != "EDGEATTN_PARALLEL_ONNX2TF"}
+        session.config.onnx2tf_job = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-m", "onnx2tf", "-q", "-p", "no:cacheprovider",
+             str(Path(__file__).with_name("test_deploy.py"))],
+            stdout=_ONNX2TF_LOG.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    job = getattr(session.config, "onnx2tf_job", None)
+    if job is None:
+        return
+    code = job.wait()
+    tail = _ONNX2TF_LOG.read_text().splitlines()[-15:]
+    print(f"\nonnx2tf job (pytest -m onnx2tf tests/test_deploy.py) exited {code}:\n" + "\n".join(tail))
+    if code != 0:
+        session.exitstatus = 1

@@ -54,6 +54,36 @@ def test_check_on_inline_swin(capsys, tmp_path):
     assert run_cli(capsys, "export", "swin-tiny-block", "-o", path, "--inline")[0] == 0
     code, out, _ = run_cli(capsys, "check", path, "--runtime", "openvino-cpu", "--runs", "1")
     assert code == 0 and "openvino-cpu  ok" in out and "(standard ops)" in out
+    # --inline, kept for old scripts, writes exactly the default file
+    assert run_cli(capsys, "export", "swin-tiny-block", "-o", tmp_path / "default.onnx")[0] == 0
+    assert (tmp_path / "default.onnx").read_bytes() == path.read_bytes()
+
+
+def test_openvino_ir_and_ort_format_export_check_bench_inspect(capsys, tmp_path):
+    import openvino as ov
+
+    xml, ort_file = tmp_path / "sw.xml", tmp_path / "sw.ort"
+    code, out, err = run_cli(capsys, "export", "swin-tiny-block", "-o", xml, "--check", "--runs", "1")
+    assert code == 0 and (tmp_path / "sw.bin").is_file() and "(openvino format) for openvino-cpu" in out
+    assert [line.split()[:2] for line in out.splitlines()[-2:]] == [["torch", "ok"], ["openvino-cpu", "ok"]]
+    model = ov.Core().read_model(str(xml))
+    assert model.get_rt_info(["runtime_options", "INFERENCE_PRECISION_HINT"]).astype(str) == "f32"
+    ops = {op.get_type_name() for op in model.get_ordered_ops()}
+    assert "ScaledDotProductAttention" in ops        # the unshifted window's dense table; the shifted one is blocked
+    code, out, _ = run_cli(capsys, "inspect", xml)
+    assert code == 0 and "runtime_options: INFERENCE_PRECISION_HINT=f32" in out and "opset13::ScaledDotProduct" in out
+    code, out, _ = run_cli(capsys, "export", "swin-tiny-block", "-o", ort_file, "--format", "ort")
+    assert code == 0 and (tmp_path / "sw.required_operators.config").read_text().strip()
+    code, out, _ = run_cli(capsys, "check", ort_file, "--runs", "1")
+    assert code == 0 and [line.split()[:2] for line in out.splitlines()[-2:]] == [["torch", "ok"], ["ort-cpu", "ok"]]
+    code, out, _ = run_cli(capsys, "bench", xml, "--runs", "1")
+    assert code == 0 and [r.split()[:3] for r in out.splitlines()[1:]] == [["torch", "eager", "-"],
+                                                                            ["openvino-cpu", "auto:blocked/dense",
+                                                                             "openvino"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sw.bin", "sw.ort", "sw.required_operators.config",
+                                                           "sw.xml"]   # nothing staged is left behind
+    code, _, err = run_cli(capsys, "check", ort_file, "--runtime", "openvino-cpu")
+    assert code == 2 and "openvino-cpu does not load ort files" in err
 
 
 def test_check_fails_with_numbers_when_the_file_is_off(capsys, nat_file, tmp_path):
@@ -78,6 +108,12 @@ def test_check_fails_with_numbers_when_the_file_is_off(capsys, nat_file, tmp_pat
     (["export", "nat-tiny", "-o", "x.onnx", "--seed", "-1"], "seed must be an integer in [0, 2**63)"),
     (["export", "nat-tiny", "-o", "."], "is a directory"),
     (["check", "README.md", "--json", "."], "is a directory"),
+    (["export", "nat-tiny", "-o", "x.onnx", "--format", "openvino"], "needs the suffix .xml"),
+    (["export", "nat-tiny", "-o", "x.xml", "--runtime", "ort-cpu"], "runs on openvino-cpu only"),
+    (["export", "nat-tiny", "-o", "x.ort", "--lowering", "attention", "--opset", "23", "--runtime", "openvino-cpu"],
+     "runs on ort-cpu, ort-cuda only"),
+    (["check", "nope.xml"], "no such file"),
+    (["inspect", "x.ort"], "inspect reads .onnx and .xml"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)

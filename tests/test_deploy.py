@@ -1,0 +1,140 @@
+"""The deployment matrix: every registered model, in each form edgeattn writes, through each runtime and converter a
+deployment uses, in a subprocess that never imports edgeattn (tests/deploy/consume.py), against the torch reference.
+
+Forms: ``default`` (standard ops; ``--inline`` writes the same bytes, see test_cli), ``custom-op`` (``--custom-op``)
+and ``ir`` (OpenVINO IR, the writer behind ``--format openvino``).  The custom-op form is for onnxruntime and
+tools that keep model-local functions; OpenVINO and onnx2tf read the default file or the IR.
+
+onnxsim 0.4.36 and onnx2tf run from their own virtual environment (onnx2tf pins TensorFlow and older onnx and
+onnxruntime): ``$EDGEATTN_ONNX2TF_VENV``, default ``.venv-onnx2tf`` at the repository root (``pip install
+onnx2tf==1.29.24``).  Those columns are marked ``onnx2tf`` and deselected by default (TFLite conversion takes
+minutes per model): ``pytest -m onnx2tf tests/test_deploy.py`` runs them, and `.ci/run` runs them in parallel with
+the rest of the suite (see conftest.py).  Without the venv they skip, unless ``EDGEATTN_REQUIRE_ONNX2TF=1`` (CI).
+``EDGEATTN_DEPLOY_MATRIX=FILE`` appends each column's max errors to FILE as JSON lines.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgeattn import models
+from edgeattn.export import export_registered
+from edgeattn.export.formats import write_openvino_ir
+from edgeattn.onnxfile import read_metadata
+
+from conftest import TIE_ATOL
+
+ROOT = Path(__file__).resolve().parents[1]
+CONSUME = Path(__file__).with_name("deploy") / "consume.py"
+ATOL = 1e-4   # fp32 against torch, for every consumer (onnxruntime's and OpenVINO's fp32 gate; onnx2tf's target)
+O2T_VENV = Path(os.environ.get("EDGEATTN_ONNX2TF_VENV", ROOT / ".venv-onnx2tf"))
+
+# (consumer, form, python): the consumers each form is for
+MATRIX = [
+    *[(c, "default", "main") for c in ("ort", "ort-format", "openvino", "openvino-convert", "ovc", "onnxsim",
+                                       "onnxslim")],
+    ("onnxsim", "default", "onnx2tf-venv"), ("onnx2tf", "default", "onnx2tf-venv"),
+    *[(c, "custom-op", "main") for c in ("ort", "ort-format", "onnxsim", "onnxslim")],
+    ("openvino", "ir", "main"),
+]
+PARAMS = [pytest.param(c, f, p, id=f"{c}-{f}{'-o2t' if p != 'main' else ''}",
+                       marks=[pytest.mark.onnx2tf] if p != "main" else []) for c, f, p in MATRIX]
+
+
+def _python(which: str) -> str:
+    if which == "main":
+        return sys.executable
+    python = O2T_VENV / "bin" / "python"
+    if not python.is_file():
+        if os.environ.get("EDGEATTN_REQUIRE_ONNX2TF") == "1":
+            pytest.fail(f"{python} is missing: build it with `python3 -m venv {O2T_VENV} && "
+                        f"{O2T_VENV}/bin/pip install onnx2tf==1.29.24` (.ci/run does)")
+        pytest.skip(f"no onnx2tf environment at {O2T_VENV} (see this module's docstring)")
+    return str(python)
+
+
+class Artifacts:
+    """Each registered model's feeds and torch outputs, and its file in each form, made when first asked for."""
+
+    def __init__(self, root: Path):
+        self.root, self.cache = root, {}
+
+    def model(self, name: str) -> dict:
+        if name not in self.cache:
+            folder = self.root / name
+            folder.mkdir()
+            built = models.build(name)
+            with torch.no_grad():
+                reference = torch.utils._pytree.tree_leaves(built.module(**built.inputs))
+            np.savez(folder / "feeds.npz", **{k: v.numpy() for k, v in built.inputs.items()})
+            self.cache[name] = {"folder": folder, "feeds": folder / "feeds.npz",
+                                "reference": dict(zip(built.outputs, (t.numpy() for t in reference)))}
+        return self.cache[name]
+
+    def file(self, name: str, form: str) -> Path:
+        entry = self.model(name)
+        if form not in entry:
+            folder = entry["folder"]
+            if form == "default":
+                entry[form] = export_registered(name, folder / "default.onnx").path
+            elif form == "custom-op":
+                entry[form] = export_registered(name, folder / "custom-op.onnx", custom_op=True).path
+            else:   # the IR writer behind --format openvino, on the custom-op file (no second trace)
+                proto = onnx.load(str(self.file(name, "custom-op")))
+                entry[form] = folder / "ir.xml"
+                write_openvino_ir(proto, entry[form], {**read_metadata(proto), "format": "openvino"})
+        return entry[form]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    return Artifacts(tmp_path_factory.mktemp("deploy"))
+
+
+@pytest.mark.parametrize("consumer, form, python", PARAMS)
+def test_deployment_matrix(artifacts, tmp_path, consumer, form, python):
+    python = _python(python)
+    jobs = [{"name": name, "file": str(artifacts.file(name, form)), "feeds": str(artifacts.model(name)["feeds"]),
+             "work": str(tmp_path / name)} for name in models.names()]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([python, str(CONSUME), consumer, str(tmp_path / "jobs.json"), str(tmp_path / "out.json")],
+                          capture_output=True, text=True, env=env, timeout=3000)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "out.json").read_text())
+    errors, failures = {}, []
+    for name in models.names():
+        result, a = results[name], artifacts.model(name)
+        if "error" in result:
+            errors[name] = result["error"]
+            failures.append(f"{name}: {result['error']}")
+            continue
+        got = dict(np.load(result["outputs"]))
+        missing = sorted(set(a["reference"]) - set(got))
+        if missing:
+            errors[name] = f"outputs {missing} missing (got {sorted(got)})"
+            failures.append(f"{name}: {errors[name]}")
+            continue
+        worst = 0.0
+        for output, want in a["reference"].items():
+            have = got[output]
+            if have.shape != want.shape or not np.isfinite(have).all():
+                worst = float("inf")
+                failures.append(f"{name} {output}: shape {have.shape} (want {want.shape}) or non-finite values")
+                continue
+            worst = max(worst, float(np.abs(have.astype(np.float64) - want).max()))
+        errors[name] = worst
+        if worst > TIE_ATOL.get(name, ATOL):
+            failures.append(f"{name}: max abs error {worst:.2e} > {TIE_ATOL.get(name, ATOL):.0e}")
+    report = os.environ.get("EDGEATTN_DEPLOY_MATRIX")
+    if report:
+        label = consumer + (" (onnx2tf venv)" if python != sys.executable else "")
+        with open(report, "a") as f:
+            f.write(json.dumps({"consumer": label, "form": form, "errors": errors}) + "\n")
+    assert not failures, f"{consumer} on {form} files:\n" + "\n".join(failures)
