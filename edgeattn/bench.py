@@ -74,6 +74,8 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
         if is_file:   # (lowering, precision, opset, form, file)
             given = formats.header(target)
             built, meta = models.from_metadata(given.metadata, target), given.metadata
+            if not runtime_names:   # by default, the runtimes that load the file's format
+                names = [n for n in names if given.format in runtimes.get(n).file_formats]
             plan = [(meta.get("lowering", "?"), meta.get("precision", "fp32"), int(meta.get("opset", 0)),
                      _file_form(meta), Path(target))]
         else:
