@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from edgeattn import runtimes
+from edgeattn import load, runtimes
 from edgeattn.cli import main
 
 from conftest import CPU_RUNTIMES
@@ -77,6 +77,7 @@ def test_openvino_ir_and_ort_format_export_check_bench_inspect(capsys, tmp_path)
     assert code == 0 and (tmp_path / "sw.required_operators.config").read_text().strip()
     code, out, _ = run_cli(capsys, "check", ort_file, "--runs", "1")
     assert code == 0 and [line.split()[:2] for line in out.splitlines()[-2:]] == [["torch", "ok"], ["ort-cpu", "ok"]]
+    assert load(xml).runtime == "openvino-cpu" and load(ort_file).runtime == "ort-cpu"   # auto goes by the format
     code, out, _ = run_cli(capsys, "bench", xml, "--runs", "1")
     assert code == 0 and [r.split()[:3] for r in out.splitlines()[1:]] == [["torch", "eager", "-"],
                                                                             ["openvino-cpu", "dense", "openvino"]]

@@ -90,3 +90,16 @@ def test_a_conversion_error_is_one_line(tmp_path, monkeypatch):
         load(path, "openvino-cpu")
     assert str(error.value) == (f"{path}: OpenVINO could not convert edgeattn attention to "
                                 f"ScaledDotProductAttention: unsupported mask")
+
+
+def test_openvino_errors_show_the_line_that_says_what_failed():
+    # what OpenVINO 2026.4's CPU plugin raised on Mask2Former before its bodies avoided the pattern
+    raised = RuntimeError("Exception from src/inference/src/cpp/core.cpp:117:\n"
+                          "Exception from src/inference/src/dev/plugin.cpp:54:\n"
+                          "Check 'consumer.get_expr()->get_loop_ids() == loop_ids' failed at "
+                          "src/common/snippets/src/lowered/pass/move_scalar_to_consumer.cpp:34:\n"
+                          "All consumers of a Scalar expression are expected to have the same loop IDs\n\n")
+    assert openvino_runtime.ov_error(raised) == ("All consumers of a Scalar expression are expected to have the "
+                                                 "same loop IDs")
+    assert openvino_runtime.ov_error(RuntimeError("Exception from a.cpp:1:\nCheck 'x' failed at b.cpp:2: x is 0")) \
+        == "Check 'x' failed at b.cpp:2: x is 0"

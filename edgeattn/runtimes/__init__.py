@@ -1,9 +1,8 @@
 """Runtime registry and ``load(path, runtime="auto")``.  Optional backends are imported only when used."""
 from __future__ import annotations
 
-from .. import onnxfile
 from ..errors import EdgeAttnError
-from ..onnxfile import Contents
+from ..onnxfile import Contents, formats
 from .base import Runtime, Session, TensorInfo, Tolerance
 from .openvino import OpenVinoCpu
 from .ort import OrtCpu, OrtCuda
@@ -41,7 +40,7 @@ def resolve(name: str, path=None) -> Runtime:
         raise EdgeAttnError("no ONNX runtime is available; install one: pip install 'edgeattn[all]'")
     if path is None:
         return get(names[0])
-    contents = Contents.of(onnxfile.read_metadata(onnxfile.read(path)))
+    contents = Contents.of(formats.header(path).metadata)
     refused = {n: get(n).not_supported_reasons(contents) for n in names}
     able = [n for n in names if not refused[n]]
     if not able:
@@ -51,8 +50,9 @@ def resolve(name: str, path=None) -> Runtime:
 
 
 def load(path, runtime: str = "auto", accuracy: bool = False) -> Session:
-    """Load an ONNX file on a runtime (``auto``: the first available of ort-cuda, ort-cpu, openvino-cpu that runs
-    it: a bf16 file skips onnxruntime's CPU provider).
+    """Load an ONNX file, OpenVINO IR (.xml) or ORT-format file (.ort) on a runtime (``auto``: the first available
+    of ort-cuda, ort-cpu, openvino-cpu that runs it: a bf16 file skips onnxruntime's CPU provider, an IR goes to
+    OpenVINO).
 
     ``accuracy=True`` keeps the runtime from computing below the file's precision (what parity checks use)."""
     return resolve(runtime, path).load(path, accuracy)

@@ -114,12 +114,12 @@ def to_openvino(model: onnx.ModelProto, runtime: Runtime, core=None):
 
 
 def ov_error(e: Exception) -> str:
-    """OpenVINO's exceptions start with the C++ source location ("Exception from src/...cpp:117:") and bury what
-    failed in the following lines: return the first line that says something."""
+    """OpenVINO's exceptions stack C++ source locations ("Exception from src/...cpp:117:", "Check '...' failed at
+    src/...cpp:34:") above the line that says what failed: return that line."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("Exception from", "[ GENERAL_ERROR ]"))
-              and not line.endswith(".cpp:") and not line.startswith("src/")]
-    return (useful or lines or [repr(e)])[0]
+    located = [line for line in lines if not line.startswith("Exception from")]
+    said = [line for line in located if not (line.startswith("Check '") and line.endswith(":"))]
+    return (said or located or lines or [repr(e)])[0]
 
 
 def _inline_all_but_sdpa(model: onnx.ModelProto, runtime: Runtime) -> onnx.ModelProto:
