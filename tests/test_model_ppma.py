@@ -165,7 +165,7 @@ def _assert_masks_computed_in_the_graph(path, token_counts, param_bytes):
 def test_reduced_ppma_exports_and_matches_on_onnx_runtimes(tmp_path):
     # both attention forms at a small size: 48x48 image -> 12x12 / 6x6 chunk stages, 3x3 / 2x2 full stages
     config = dict(image_size=48, depths=[1, 1, 1, 1])
-    result = export_registered("ppma-t", tmp_path / "m.onnx", **config)
+    result = export_registered("ppma-t", tmp_path / "m.onnx", custom_op=True, **config)
     # per chunk block col(row(v)) then row(col(v)); per full block the mask M then its transpose
     chunk, full = ["polyline_rows", "polyline_columns", "polyline_columns", "polyline_rows"], ["polyline_row",
                                                                                             "polyline_column"]
@@ -180,7 +180,7 @@ def test_reduced_ppma_exports_and_matches_on_onnx_runtimes(tmp_path):
 
 def test_cli_exports_and_checks_the_registered_ppma_t(tmp_path, ppma):
     path, report = tmp_path / "ppma-t.onnx", tmp_path / "parity.json"
-    run = subprocess.run([*EDGEATTN, "export", "ppma-t", "-o", str(path), "--check", "--runs", "1",
+    run = subprocess.run([*EDGEATTN, "export", "ppma-t", "-o", str(path), "--custom-op", "--check", "--runs", "1",
                           "--runtime", "ort-cpu", "--runtime", "openvino-cpu", "--json", str(report)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr

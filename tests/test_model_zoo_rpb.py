@@ -252,7 +252,8 @@ def test_rpb_exports_as_a_gather_on_the_weight_and_matches_torch(tmp_path, mask,
     layer = MaskedSelfAttention(32, 2, mask, grid=grid).eval()
     torch.nn.init.normal_(layer.rpb)
     x = torch.randn(2, layer.seq_len, 32)
-    result = export_onnx(layer, [x], tmp_path / "m.onnx", lowering=lowering, input_names=["x"], output_names=["y"])
+    result = export_onnx(layer, [x], tmp_path / "m.onnx", lowering=lowering, input_names=["x"], output_names=["y"],
+                         custom_op=True)
     assert [m["lowering"] for m in result.masks] == [lowering]
     model = onnx.load(result.path)
     [node] = [n for n in model.graph.node if n.domain == "edgeattn"]
@@ -272,7 +273,8 @@ def test_small_rpb_tables_are_folded_by_the_exporter_and_still_exact(tmp_path):
     layer = MaskedSelfAttention(32, 2, window(4, shift=2, rpb=True), grid=(8, 8)).eval()
     torch.nn.init.normal_(layer.rpb)
     x = torch.randn(2, 64, 32)
-    result = export_onnx(layer, [x], tmp_path / "m.onnx", lowering="blocked", input_names=["x"], output_names=["y"])
+    result = export_onnx(layer, [x], tmp_path / "m.onnx", lowering="blocked", input_names=["x"], output_names=["y"],
+                         custom_op=True)
     model = onnx.load(result.path)
     [node] = [n for n in model.graph.node if n.domain == "edgeattn"]
     _, sources = _ancestors(model, node.input[-1])
