@@ -12,6 +12,7 @@ Both are written beside the target and moved in when complete.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import onnx
@@ -62,6 +63,9 @@ def write_ort_format(proto: onnx.ModelProto, path) -> int:
     with staging(path) as folder:
         source = folder / f"{path.stem}.onnx"
         onnx.save(proto, str(source))
+        chatty = logging.getLogger("ort_format_model.utils")   # logs each config it writes at INFO, on stderr
+        level = chatty.level
+        chatty.setLevel(logging.WARNING)
         try:
             with quiet():
                 convert_onnx_models_to_ort(source, output_dir=folder / "out",
@@ -69,6 +73,8 @@ def write_ort_format(proto: onnx.ModelProto, path) -> int:
         except Exception as e:
             raise EdgeAttnError(f"{path}: onnxruntime could not convert the model to the ORT format: "
                                 f"{first_line(e)}") from e
+        finally:
+            chatty.setLevel(level)
         out = folder / "out"
         written = out / f"{path.stem}.ort"
         if not written.is_file():
