@@ -43,6 +43,13 @@ MATRIX = [
     *[(c, "custom-op", "main") for c in ("ort", "ort-format", "onnxsim", "onnxslim")],
     ("openvino", "ir", "main"),
 ]
+# Cells that fail for a reason outside edgeattn, checked to still fail (a fix upstream turns the test red, so the
+# entry goes): consumer, model -> why
+KNOWN_FAILURES = {
+    ("onnx2tf", "segment-lm-decode"): "onnx2tf 1.29.24 moves the decode step's masks computed from `position` "
+                                      "(B, 1, max_cache, 1) to NHWC but not the caches they select from "
+                                      "('Dimensions must be equal, but are 128 and 2')",
+}
 PARAMS = [pytest.param(c, f, p, id=f"{c}-{f}{'-o2t' if p != 'main' else ''}",
                        marks=[pytest.mark.onnx2tf] if p != "main" else []) for c, f, p in MATRIX]
 
@@ -132,6 +139,15 @@ def test_deployment_matrix(artifacts, tmp_path, consumer, form, python):
         errors[name] = worst
         if worst > TIE_ATOL.get(name, ATOL):
             failures.append(f"{name}: max abs error {worst:.2e} > {TIE_ATOL.get(name, ATOL):.0e}")
+    for (known_consumer, name), why in KNOWN_FAILURES.items():
+        if known_consumer != consumer:
+            continue
+        failed = [f for f in failures if f.startswith(f"{name}:") or f.startswith(f"{name} ")]
+        if not failed:
+            failures.append(f"{name}: passes now; remove it from KNOWN_FAILURES ({why})")
+        for f in failed:
+            failures.remove(f)
+        errors[name] = f"known failure: {why}"
     report = os.environ.get("EDGEATTN_DEPLOY_MATRIX")
     if report:
         label = consumer + (" (onnx2tf venv)" if python != sys.executable else "")

@@ -189,7 +189,13 @@ class Prefill(SegmentLM):
         logits, keys, values = self.run(input_ids, self.rope_cos[:T], self.rope_sin[:T], self.mask_table,
                                         lambda i, k, v: (k, v))
         pad = (0, 0, 0, self.max_cache - T)   # (B, kv_heads, T, D) -> (B, kv_heads, max_cache, D)
-        return logits, torch.stack([F.pad(k, pad) for k in keys]), torch.stack([F.pad(v, pad) for v in values])
+        return logits, stack_layers([F.pad(k, pad) for k in keys]), stack_layers([F.pad(v, pad) for v in values])
+
+
+def stack_layers(tensors: list) -> torch.Tensor:
+    """``torch.stack`` of the per-layer caches, written as one Concat of 4-D tensors and a Reshape: onnx2tf
+    1.29 moves a Concat of Unsqueezed 5-D tensors to the wrong axis (the cache came out (B, layers, ...))."""
+    return torch.cat(tensors).unflatten(0, (len(tensors), -1))
 
 
 class Decode(SegmentLM):
@@ -222,7 +228,7 @@ class Decode(SegmentLM):
         logits, keys, values = self.run(
             input_ids, cos, sin, lambda q, k, v: masked_attention(q, k, v, mask, mask_name=name),
             lambda i, k, v: (torch.where(write, k, past_key[i]), torch.where(write, v, past_value[i])))
-        return logits, torch.stack(keys), torch.stack(values)
+        return logits, stack_layers(keys), stack_layers(values)
 
 
 def greedy(prefill, decode, input_ids, steps: int) -> list[int]:
