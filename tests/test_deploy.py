@@ -10,6 +10,9 @@ onnxruntime): ``$EDGEATTN_ONNX2TF_VENV``, default ``.venv-onnx2tf`` at the repos
 onnx2tf==1.29.24``).  Those columns are marked ``onnx2tf`` and deselected by default (TFLite conversion takes
 minutes per model): ``pytest -m onnx2tf tests/test_deploy.py`` runs them, and `.ci/run` runs them in parallel with
 the rest of the suite (see conftest.py).  Without the venv they skip, unless ``EDGEATTN_REQUIRE_ONNX2TF=1`` (CI).
+onnx2tf takes 8 to 15 minutes per full-size ImageNet model here, so its column converts the six large models at a
+reduced depth (:data:`ONNX2TF_CONFIGS`: every stage and every kind of block kept, fewer blocks per stage): the same
+ops and layouts, a third of the nodes.  ``EDGEATTN_ONNX2TF_FULL=1`` converts them at full size.
 ``EDGEATTN_DEPLOY_MATRIX=FILE`` appends each column's max errors to FILE as JSON lines.
 """
 import json
@@ -50,6 +53,15 @@ KNOWN_FAILURES = {
                                       "(B, 1, max_cache, 1) to NHWC but not the caches they select from "
                                       "('Dimensions must be equal, but are 128 and 2')",
 }
+# the onnx2tf column's configs for the large models (see the module docstring)
+ONNX2TF_CONFIGS = {} if os.environ.get("EDGEATTN_ONNX2TF_FULL") == "1" else {
+    "dinat-mini": {"depths": [2, 2, 2, 2], "dilations": [[1, 8], [1, 4], [1, 2], [1, 1]]},
+    "nat-mini": {"depths": [1, 1, 1, 1]},
+    "ppma-t": {"depths": [1, 1, 1, 1]},
+    "rmt-t": {"depths": [1, 1, 1, 1]},
+    "swin-t": {"depths": [2, 2, 2, 2]},
+    "mask2former-decoder": {"dec_layers": 3},
+}
 PARAMS = [pytest.param(c, f, p, id=f"{c}-{f}{'-o2t' if p != 'main' else ''}",
                        marks=[pytest.mark.onnx2tf] if p != "main" else []) for c, f, p in MATRIX]
 
@@ -67,33 +79,35 @@ def _python(which: str) -> str:
 
 
 class Artifacts:
-    """Each registered model's feeds and torch outputs, and its file in each form, made when first asked for."""
+    """Each registered model's feeds and torch outputs, and its file in each form, made when first asked for;
+    ``config``: the model built with these overrides instead."""
 
     def __init__(self, root: Path):
         self.root, self.cache = root, {}
 
-    def model(self, name: str) -> dict:
-        if name not in self.cache:
-            folder = self.root / name
+    def model(self, name: str, config: dict) -> dict:
+        key = (name, json.dumps(config, sort_keys=True))
+        if key not in self.cache:
+            folder = self.root / f"{name}{'-reduced' if config else ''}"
             folder.mkdir()
-            built = models.build(name)
+            built = models.build(name, **config)
             with torch.no_grad():
                 reference = torch.utils._pytree.tree_leaves(built.module(**built.inputs))
             np.savez(folder / "feeds.npz", **{k: v.numpy() for k, v in built.inputs.items()})
-            self.cache[name] = {"folder": folder, "feeds": folder / "feeds.npz",
-                                "reference": dict(zip(built.outputs, (t.numpy() for t in reference)))}
-        return self.cache[name]
+            self.cache[key] = {"folder": folder, "feeds": folder / "feeds.npz", "config": config,
+                               "reference": dict(zip(built.outputs, (t.numpy() for t in reference)))}
+        return self.cache[key]
 
-    def file(self, name: str, form: str) -> Path:
-        entry = self.model(name)
+    def file(self, name: str, form: str, config: dict) -> Path:
+        entry = self.model(name, config)
         if form not in entry:
             folder = entry["folder"]
             if form == "default":
-                entry[form] = export_registered(name, folder / "default.onnx").path
+                entry[form] = export_registered(name, folder / "default.onnx", **config).path
             elif form == "custom-op":
-                entry[form] = export_registered(name, folder / "custom-op.onnx", custom_op=True).path
+                entry[form] = export_registered(name, folder / "custom-op.onnx", custom_op=True, **config).path
             else:   # the IR writer behind --format openvino, on the custom-op file (no second trace)
-                proto = onnx.load(str(self.file(name, "custom-op")))
+                proto = onnx.load(str(self.file(name, "custom-op", config)))
                 entry[form] = folder / "ir.xml"
                 write_openvino_ir(proto, entry[form], {**read_metadata(proto), "format": "openvino"})
         return entry[form]
@@ -107,8 +121,10 @@ def artifacts(tmp_path_factory):
 @pytest.mark.parametrize("consumer, form, python", PARAMS)
 def test_deployment_matrix(artifacts, tmp_path, consumer, form, python):
     python = _python(python)
-    jobs = [{"name": name, "file": str(artifacts.file(name, form)), "feeds": str(artifacts.model(name)["feeds"]),
-             "work": str(tmp_path / name)} for name in models.names()]
+    configs = {name: ONNX2TF_CONFIGS.get(name, {}) if consumer == "onnx2tf" else {} for name in models.names()}
+    jobs = [{"name": name, "file": str(artifacts.file(name, form, configs[name])),
+             "feeds": str(artifacts.model(name, configs[name])["feeds"]), "work": str(tmp_path / name)}
+            for name in models.names()]
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([python, str(CONSUME), consumer, str(tmp_path / "jobs.json"), str(tmp_path / "out.json")],
@@ -117,7 +133,7 @@ def test_deployment_matrix(artifacts, tmp_path, consumer, form, python):
     results = json.loads((tmp_path / "out.json").read_text())
     errors, failures = {}, []
     for name in models.names():
-        result, a = results[name], artifacts.model(name)
+        result, a = results[name], artifacts.model(name, configs[name])
         if "error" in result:
             errors[name] = result["error"]
             failures.append(f"{name}: {result['error']}")
@@ -150,7 +166,8 @@ def test_deployment_matrix(artifacts, tmp_path, consumer, form, python):
         errors[name] = f"known failure: {why}"
     report = os.environ.get("EDGEATTN_DEPLOY_MATRIX")
     if report:
-        label = consumer + (" (onnx2tf venv)" if python != sys.executable else "")
+        label = consumer + (" (onnx2tf venv)" if python != sys.executable else "") + \
+            (" (large models reduced)" if any(configs.values()) else "")
         with open(report, "a") as f:
             f.write(json.dumps({"consumer": label, "form": form, "errors": errors}) + "\n")
     assert not failures, f"{consumer} on {form} files:\n" + "\n".join(failures)
