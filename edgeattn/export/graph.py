@@ -22,9 +22,9 @@ from .request import ExportRequest
 
 def finalize(proto: onnx.ModelProto, request: ExportRequest, plan: Plan, extra: Optional[dict] = None
              ) -> tuple[list[dict], int]:
-    """Give every attention node its planned body, dedupe tables, write metadata, then run the full checker (the
-    custom-op form: the exporter quantizes it, attention staying float, then :func:`inline`\ s it unless asked
-    not to).  Returns one description per attention node and the bytes of the unique mask tables."""
+    """Give every attention node its planned body, dedupe tables, write metadata, then run the full checker.  This
+    is the custom-op form: the exporter quantizes it (attention stays float), then expands it with :func:`inline`
+    unless asked not to.  Returns one description per attention node and the bytes of the unique mask tables."""
     _strip_trace_metadata(proto)
     nodes = onnxfile.attention_nodes(proto)
     choices = [plan.choice_for(node) for node in nodes]   # by table names, before dedupe renames them
