@@ -171,3 +171,21 @@ def test_deployment_matrix(artifacts, tmp_path, consumer, form, python):
         with open(report, "a") as f:
             f.write(json.dumps({"consumer": label, "form": form, "errors": errors}) + "\n")
     assert not failures, f"{consumer} on {form} files:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("form", ["default", "custom-op"])
+def test_files_pass_onnx_full_check_and_strict_shape_inference(artifacts, form):
+    """What onnx's own tools say of every model's file (the matrix above exported them already)."""
+    for name in models.names():
+        model = onnx.load(str(artifacts.file(name, form, {})))
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        assert not any(f.overload for f in model.functions), name      # converters drop or merge overloads
+        # constants are tensor values (onnxsim 0.4.36 and onnx2tf read no other form), except a function's scale,
+        # which refers to its node's attribute until inlined
+        for graph in [model.graph, *model.functions]:
+            for node in (n for n in graph.node if n.op_type == "Constant"):
+                [attribute] = node.attribute
+                assert attribute.name == "value" or attribute.ref_attr_name == "scale", (name, attribute.name)
+        if form == "default":
+            assert not model.functions and all(n.domain in ("", "ai.onnx") for n in model.graph.node), name
