@@ -96,7 +96,6 @@ def onnxslim(job, feeds):
 def onnx2tf(job, feeds):
     """onnx2tf to a float32 TFLite model (inputs kept in the ONNX layout), run with LiteRT by signature names."""
     import onnx
-    from ai_edge_litert.interpreter import Interpreter
 
     graph = onnx.load(job["file"], load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
@@ -106,8 +105,25 @@ def onnx2tf(job, feeds):
     _tool([str(Path(sys.executable).with_name("onnx2tf")), "-i", job["file"], "-o", str(out), "-kat", *inputs,
            "-rtpo", "Erf", "-n"], path_first=str(Path(sys.executable).parent))   # it runs `onnxsim` from PATH
     [model] = out.glob("*_float32.tflite")
-    runner = Interpreter(model_path=str(model)).get_signature_runner()
-    return {k: np.asarray(v) for k, v in runner(**feeds).items()}
+    return run_tflite(model, feeds, [o.name for o in graph.output])
+
+
+def run_tflite(model, feeds, output_names):
+    """By the signature onnx2tf writes (ONNX names in and out); a model it wrote without one (its fallback converter
+    path) is run by tensor order, which is unambiguous only with one input and one output."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(model))
+    if interpreter.get_signature_list():
+        return {k: np.asarray(v) for k, v in interpreter.get_signature_runner()(**feeds).items()}
+    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    if len(inputs) != 1 or len(outputs) != 1 or len(feeds) != 1 or len(output_names) != 1:
+        raise RuntimeError(f"the TFLite model has no signature and {len(inputs)} inputs, {len(outputs)} outputs: "
+                           f"no safe way to map them to the ONNX names")
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inputs[0]["index"], next(iter(feeds.values())))
+    interpreter.invoke()
+    return {output_names[0]: np.array(interpreter.get_tensor(outputs[0]["index"]))}
 
 
 CONSUMERS = {"ort": ort, "ort-format": ort_format, "openvino": openvino_read, "openvino-convert": openvino_convert,
