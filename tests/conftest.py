@@ -76,7 +76,9 @@ def pytest_sessionfinish(session, exitstatus):
     if job is None:
         return
     code = job.wait()
-    tail = _ONNX2TF_LOG.read_text().splitlines()[-15:]
-    print(f"\nonnx2tf job (pytest -m onnx2tf tests/test_deploy.py) exited {code}:\n" + "\n".join(tail))
+    lines = _ONNX2TF_LOG.read_text().splitlines()
+    said = [line for line in lines if line.startswith(("E  ", "FAILED", "ERROR"))][:40] + lines[-1:]
+    print(f"\nonnx2tf job (pytest -m onnx2tf tests/test_deploy.py, log {_ONNX2TF_LOG.name}) exited {code}:\n"
+          + "\n".join(said))
     if code != 0:
         session.exitstatus = 1
