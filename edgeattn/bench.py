@@ -77,7 +77,7 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
             if not runtime_names:   # by default, the runtimes that load the file's format
                 names = [n for n in names if given.format in runtimes.get(n).file_formats]
             plan = [(meta.get("lowering", "?"), meta.get("precision", "fp32"), int(meta.get("opset", 0)),
-                     _file_form(meta), Path(target))]
+                     formats.form_of(meta), Path(target))]
         else:
             built = models.build(target, seed=seed)
             lowerings = lowerings or (["auto"] if precisions else LOWERING_CHOICES)
@@ -131,12 +131,6 @@ def _targets(lowering: str) -> Optional[list[str]]:
     contents = onnxfile.Contents(lowerings=frozenset({lowering}))
     able = [n for n in runtimes.ONNX_RUNTIMES if not runtimes.get(n).not_supported_reasons(contents, here=False)]
     return None if len(able) == len(runtimes.ONNX_RUNTIMES) else able
-
-
-def _file_form(meta: dict) -> str:
-    if meta.get("format", "onnx") != "onnx":
-        return meta["format"]
-    return "standard" if meta.get("inline", True) else "custom-op"
 
 
 def _size_mb(path: Path) -> float:

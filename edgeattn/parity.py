@@ -204,9 +204,8 @@ def describe(path, meta: Optional[Mapping] = None) -> str:
 
 def _form(meta: Mapping) -> str:
     """How the attention is stored: standard ops (the default), custom op, or a deployment format."""
-    if meta.get("format", "onnx") != "onnx":
-        return f" ({meta['format']} format)"
-    return " (standard ops)" if meta.get("inline", True) else " (custom op)"
+    form = formats.form_of(meta)
+    return f" ({ {'standard': 'standard ops', 'custom-op': 'custom op'}.get(form, form + ' format')})"
 
 
 def format_table(results: Sequence[ParityResult]) -> str:

@@ -38,6 +38,14 @@ class Header:
     outputs: list[TensorInfo]
 
 
+def form_of(metadata: Mapping[str, Any]) -> str:
+    """How a file stores its attention: ``standard`` (ops only, the default), ``custom-op``, or its deployment
+    format (``openvino``, ``ort``)."""
+    if metadata.get("format", "onnx") != "onnx":
+        return metadata["format"]
+    return "standard" if metadata.get("inline", True) else "custom-op"
+
+
 def header(path) -> Header:
     """Format, ``edgeattn.*`` metadata, inputs and outputs of a file of any format, or one clear error."""
     path = Path(path)
@@ -47,7 +55,7 @@ def header(path) -> Header:
         return Header(path, kind, read_metadata(model), graph_inputs(model), graph_outputs(model))
     if not path.is_file():
         raise EdgeAttnError(f"{path}: no such file")
-    return (_ir_header if kind == "openvino" else _ort_header)(path)
+    return ir_header(path, read_ir(path)) if kind == "openvino" else _ort_header(path)
 
 
 def write_ir_metadata(ov_model, values: Mapping[str, Any]) -> None:
@@ -76,14 +84,14 @@ def read_ir(path, core=None):
         raise EdgeAttnError(f"{path}: not a readable OpenVINO IR: {first_line(e)}") from None
 
 
-def _ir_header(path: Path) -> Header:
-    model = read_ir(path)
+def ir_header(path, model) -> Header:
+    """The header of the IR at ``path``, already read as the ``openvino.Model`` ``model``."""
 
     def info(port) -> TensorInfo:
         shape = tuple(d.get_length() if d.is_static else "?" for d in port.get_partial_shape())
         return TensorInfo(port.get_any_name(), shape, np.dtype(port.get_element_type().to_dtype()))
 
-    return Header(path, "openvino", read_ir_metadata(model), [info(p) for p in model.inputs],
+    return Header(Path(path), "openvino", read_ir_metadata(model), [info(p) for p in model.inputs],
                   [info(p) for p in model.outputs])
 
 

@@ -34,17 +34,22 @@ class OpenVinoSession(Session):
         import openvino as ov
 
         self.runtime = runtime.name
-        file = formats.header(path)
-        runtime.check_file(file.metadata, path)
-        self.inputs, self.outputs = file.inputs, file.outputs
         core = ov.Core()
+        is_ir = formats.format_of(path) == "openvino"
+        if is_ir:   # an IR is read once, here; an ONNX file is converted below
+            ov_model = formats.read_ir(path, core)
+            file = formats.ir_header(path, ov_model)
+            metadata, self.inputs, self.outputs = file.metadata, file.inputs, file.outputs
+        else:
+            model = onnxfile.read(path, weights=True)
+            metadata = onnxfile.read_metadata(model)
+            self.inputs, self.outputs = onnxfile.graph_inputs(model), onnxfile.graph_outputs(model)
+        runtime.check_file(metadata, path)
         try:
-            if file.format == "openvino":
-                ov_model = formats.read_ir(path, core)
-            else:
-                ov_model = to_openvino(onnxfile.read(path, weights=True), runtime, core)
+            if not is_ir:
+                ov_model = to_openvino(model, runtime, core)
             self.fused_sdpa = sum(op.get_type_name() == "ScaledDotProductAttention" for op in ov_model.get_ordered_ops())
-            self.config = _config(core, device, file.metadata.get("precision", "fp32"), accuracy)
+            self.config = _config(core, device, metadata.get("precision", "fp32"), accuracy)
             self._compiled = core.compile_model(ov_model, device, self.config)
         except EdgeAttnError as e:
             raise EdgeAttnError(f"{path}: {e}") from e
