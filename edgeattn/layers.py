@@ -125,6 +125,9 @@ class MaskedSelfAttention(nn.Module):
                  qkv_bias: bool = True, proj: bool = True, layout: str = "auto", rpb: bool = True):
         super().__init__()
         self.heads, self.head_dim = heads, check_heads(dim, heads)
+        if grid is None and seq_len is None:
+            raise ValueError(f"{type(self).__name__} compiles its mask for a fixed number of tokens: pass seq_len=N "
+                             f"for a sequence or grid=(H, W) (1-3 axes) for tokens on a grid")
         self.table = MaskTable(mask, heads, grid=grid, q_len=seq_len, layout=layout)
         self.mask, self.seq_len = self.table.mask, self.table.shape.q_len
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)

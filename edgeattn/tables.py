@@ -187,9 +187,9 @@ def _build_dense(mask, shape: Shape, heads: int, tile=None) -> DenseTable:
     masks, biases, indices = [], [], []
     for start in range(0, shape.q_len, rows):
         index = index_grid(shape, heads, slice(start, min(start + rows, shape.q_len)))
-        masks.append(evaluate(mask_mod, index, heads))
+        masks.append(evaluate(mask_mod, index, heads, name=mask.name))
         if bias_mod is not None:
-            biases.append(evaluate(bias_mod, index, heads, "bias_mod").to(torch.float32))
+            biases.append(evaluate(bias_mod, index, heads, "bias_mod", mask.name).to(torch.float32))
         if index_mod is not None:
             indices.append(_rpb_index(mask.name, index_mod, index, heads, masks[-1], rpb_shape))
     return DenseTable(mask.name, shape, _squeeze_heads(torch.cat(masks, 1)),
@@ -200,7 +200,7 @@ def _build_dense(mask, shape: Shape, heads: int, tile=None) -> DenseTable:
 def _rpb_index(name: str, index_mod, index, heads: int, allowed: torch.Tensor, rpb_shape) -> torch.Tensor:
     """The rpb_index_mod on ``index`` tensors -> int32 (1, rows, Nkv): the pair's table position where any head
     allows the pair, 0 elsewhere; positions outside the table are an error."""
-    values = evaluate(index_mod, index, heads, "rpb_index_mod")
+    values = evaluate(index_mod, index, heads, "rpb_index_mod", name)
     if values.shape[0] != 1:
         raise ValueError(f"{name}: rpb_index_mod must not depend on the head (each head has its own row of the "
                          f"table, indexed the same way)")
@@ -274,7 +274,7 @@ def _build_blocked(mask, shape: Shape, heads: int, tile) -> BlockTable:
     for start in range(0, n_tiles, per_step):
         rows = q_index[start:start + per_step]                       # (t, tq)
         q = rows.reshape(1, 1, -1, 1)
-        flat_allowed = evaluate(mask_mod, (b, h, q, kv), heads)
+        flat_allowed = evaluate(mask_mod, (b, h, q, kv), heads, name=mask.name)
         allowed = _tiles(flat_allowed, len(rows))                    # (t, hm, tq, Nkv)
         positions = None
         if index_mod is not None:
@@ -282,7 +282,7 @@ def _build_blocked(mask, shape: Shape, heads: int, tile) -> BlockTable:
                                len(rows))                            # (t, 1, tq, Nkv)
         values = None
         if bias_mod is not None:
-            values = _tiles(evaluate(bias_mod, (b, h, q, kv), heads, "bias_mod").to(torch.float32), len(rows))
+            values = _tiles(evaluate(bias_mod, (b, h, q, kv), heads, "bias_mod", mask.name).to(torch.float32), len(rows))
             hm = max(allowed.shape[1], values.shape[1])
             allowed, values = (t.expand(-1, hm, -1, -1) for t in (allowed, values))
         union = allowed.any(2).any(1)                                  # (t, Nkv)

@@ -26,6 +26,7 @@ def finalize(proto: onnx.ModelProto, request: ExportRequest, plan: Plan, extra: 
     is the custom-op form: the exporter quantizes it (attention stays float), then expands it with :func:`inline`
     unless asked not to.  Returns one description per attention node and the bytes of the unique mask tables."""
     _strip_trace_metadata(proto)
+    decisions = _decisions(proto.graph)
     nodes = onnxfile.attention_nodes(proto)
     choices = [plan.choice_for(node) for node in nodes]   # by table names, before dedupe renames them
     table_bytes = _dedupe_tables(proto, nodes)
@@ -56,10 +57,30 @@ def finalize(proto: onnx.ModelProto, request: ExportRequest, plan: Plan, extra: 
         "version": __version__, "opset": request.opset, "inline": not request.custom_op, "masks": masks,
         "table_bytes": unique_bytes, "lowering": request.lowering, "targets": list(request.targets),
         "dynamic_batch": request.dynamic_batch, "precision": request.precision,
-        "format": request.format, **(extra or {})})
+        "format": request.format, **({"decisions": decisions} if decisions else {}), **(extra or {})})
     bodies.tensor_constants(proto.graph)
     _check(proto)
     return masks, unique_bytes
+
+
+def _decisions(graph: onnx.GraphProto) -> list[dict]:
+    """Replace each declared decision by ``Less(value, threshold)``; return what parity needs to read it back: the
+    compared tensor's name, the threshold and the decision's name, in graph (= call) order."""
+    found, nodes = [], []
+    for node in graph.node:
+        if node.domain == DOMAIN and node.op_type == onnxfile.DECISION:
+            attrs = onnxfile.attributes(node)
+            threshold = f"{node.output[0]}_threshold"
+            nodes.append(helper.make_node("Constant", [], [threshold], value=helper.make_tensor(
+                threshold, attrs["dtype"], [], [attrs["threshold"]])))
+            found.append({"name": attrs["name"], "tensor": node.input[0], "threshold": attrs["threshold"]})
+            node = helper.make_node("Less", [node.input[0], threshold], list(node.output), name=node.name)
+        nodes.append(onnx.NodeProto())
+        nodes[-1].CopyFrom(node)   # a copy: clearing the graph's list below would take its nodes along
+    if found:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return found
 
 
 def inline(proto: onnx.ModelProto) -> None:

@@ -24,6 +24,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 MaskMod = Callable[..., torch.Tensor]
+# How many copies of batch element 0 the ``b`` index holds: more than one, so a use of ``b`` shows as an axis.
+BATCH_PROBE = 2
 BiasMod = Callable[..., torch.Tensor]
 IndexMod = Callable[..., torch.Tensor]
 
@@ -148,44 +150,60 @@ def _combine(masks, sep, op) -> Mask:
 def index_grid(shape: Shape, heads: int = 1, q_rows: Optional[slice] = None):
     """The (b, h, q_idx, kv_idx) tensors that mask functions are evaluated on, shaped to broadcast.
 
-    Tables are shared by every batch element, so ``b`` is always 0: masks that depend on the batch index are
-    data, not static tables."""
+    Tables are shared by every batch element, so a mask must not depend on the batch index.  ``b`` holds batch
+    element 0 twice, shaped (2, 1, 1, 1): a function that uses it returns two rows on axis 0, which
+    :func:`evaluate` refuses, while indexing a per-batch tensor with it stays in range."""
     check_int("heads", heads, low=1)
     rows = range(shape.q_len)[q_rows] if q_rows is not None else range(shape.q_len)
-    b = torch.zeros((1, 1, 1, 1), dtype=torch.long)
+    b = torch.zeros((BATCH_PROBE, 1, 1, 1), dtype=torch.long)
     h = torch.arange(heads).view(1, heads, 1, 1)
     q = torch.arange(rows.start, rows.stop).view(1, 1, -1, 1)
     kv = torch.arange(shape.kv_len).view(1, 1, 1, -1)
     return b, h, q, kv
 
 
-def evaluate(fn, index, heads: int, label: str = "mask_mod") -> torch.Tensor:
+def evaluate(fn, index, heads: int, label: str = "mask_mod", name: str = "") -> torch.Tensor:
     """Call a mask_mod (bool) or bias_mod (numbers) once on ``index_grid`` tensors -> (heads or 1, Nq, Nkv).
 
-    The head axis stays 1 when the function does not depend on the head."""
+    The head axis stays 1 when the function does not depend on the head.  ``name``: the mask's, for errors."""
     b, h, q, kv = index
-    out = fn(b, h, q, kv)
+    what = f"{label} of mask {name}" if name else label
+    try:
+        out = fn(b, h, q, kv)
+    except (RuntimeError, TypeError, IndexError) as e:
+        raise ValueError(
+            f"{what} cannot be evaluated on index tensors ({type(e).__name__}: {str(e).splitlines()[0]}). It is "
+            f"called once with tensors holding every index (b {tuple(b.shape)}, h {tuple(h.shape)}, q_idx "
+            f"{tuple(q.shape)}, kv_idx {tuple(kv.shape)}), not once per pair: write conditions with &, |, ~ and "
+            f"torch.where instead of Python if/and/or, and do not call .item(), int() or bool() on them") from e
     if not isinstance(out, torch.Tensor):
-        raise ValueError(f"{label} must return a tensor computed from its index arguments, got {type(out).__name__}")
+        raise ValueError(f"{what} must return a tensor computed from its index arguments, got {type(out).__name__}")
     if label == "mask_mod" and out.dtype != torch.bool:
-        raise ValueError(f"mask_mod must return a bool tensor (True = may attend), got {out.dtype}")
+        raise ValueError(f"{what} must return a bool tensor (True = may attend), got {out.dtype}")
     if label == "bias_mod" and (out.dtype == torch.bool or out.is_complex()):
-        raise ValueError(f"bias_mod must return a real-valued tensor, got {out.dtype}")
+        raise ValueError(f"{what} must return a real-valued tensor, got {out.dtype}")
     if label == "rpb_index_mod" and (out.dtype == torch.bool or out.is_floating_point() or out.is_complex()):
-        raise ValueError(f"rpb_index_mod must return an integer tensor (positions in the bias table), got {out.dtype}")
+        raise ValueError(f"{what} must return an integer tensor (positions in the bias table), got {out.dtype}")
+    if out.ndim >= 4 and out.shape[-4] != 1:
+        raise ValueError(
+            f"{what} depends on the batch index b: a static table is shared by every batch element, so it cannot "
+            f"give each element its own mask (such as document masking with per-sequence ids). Compute that mask "
+            f"in the model from its inputs and call edgeattn.masked_attention(q, k, v, mask) with it (export keeps "
+            f"it as a graph computation), or write the mask from h, q_idx and kv_idx only")
     full = (heads if out.ndim >= 3 and out.shape[-3] != 1 else 1, q.shape[2], kv.shape[3])
     try:
         return out.broadcast_to((1,) + full)[0]
     except RuntimeError:
-        raise ValueError(f"{label} must broadcast over (b, h, q_idx, kv_idx) index tensors to {full}; "
+        raise ValueError(f"{what} must broadcast over (b, h, q_idx, kv_idx) index tensors to {full}; "
                          f"it returned shape {tuple(out.shape)}") from None
 
 
 def materialize(mask, q_len=None, kv_len=None, grid=None, heads: int = 1) -> torch.Tensor:
     """The full boolean mask, shaped (heads, Nq, Nkv): True where a query may attend a key."""
     shape = Shape.of(q_len, kv_len, grid)
-    mask_mod, _ = as_mask(mask).mods(shape)
-    return evaluate(mask_mod, index_grid(shape, heads), heads).expand(heads, -1, -1).clone()
+    mask = as_mask(mask)
+    mask_mod, _ = mask.mods(shape)
+    return evaluate(mask_mod, index_grid(shape, heads), heads, name=mask.name).expand(heads, -1, -1).clone()
 
 
 def rpb_index(mask, q_len=None, kv_len=None, grid=None) -> torch.Tensor:
@@ -197,8 +215,8 @@ def rpb_index(mask, q_len=None, kv_len=None, grid=None) -> torch.Tensor:
     mask_mod, _ = mask.mods(shape)
     _, index_mod = mask.rpb(shape)
     index = index_grid(shape)
-    allowed = evaluate(mask_mod, index, 1)[0]
-    return torch.where(allowed, evaluate(index_mod, index, 1, "rpb_index_mod")[0].long(), -1)
+    allowed = evaluate(mask_mod, index, 1, name=mask.name)[0]
+    return torch.where(allowed, evaluate(index_mod, index, 1, "rpb_index_mod", mask.name)[0].long(), -1)
 
 
 def _arity(fn):

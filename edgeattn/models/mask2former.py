@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import decisions
 from ..attention import masked_attention
 from . import register
 
@@ -227,7 +228,8 @@ class Mask2FormerDecoder(nn.Module):
         head: attention broadcasts it, so the exported graph masks B*Q*hw scores, not heads times that)."""
         resized = F.interpolate(mask_logits.detach(), size=size, mode="bilinear", align_corners=False)
         # the reference masks sigmoid < 0.5 (computed, not compared as logits < 0: the two differ in the last bit)
-        allowed = ~(resized.sigmoid().flatten(2) < 0.5)
+        # a declared decision: parity tells a value within rounding of 0.5 that flips on a runtime from an error
+        allowed = ~decisions.below(resized.sigmoid().flatten(2), 0.5, "mask2former attention mask")
         # a query whose mask excludes every position attends everywhere instead (the reference's rule)
         allowed = allowed | ~allowed.any(-1, keepdim=True)
         return allowed[:, None]

@@ -30,6 +30,9 @@ from ..files import atomic_write
 DOMAIN = "edgeattn"
 OP = "MaskedAttention"
 OP_VERSION = 2
+# A declared hard decision (edgeattn.decisions.below) while tracing; export replaces each by a standard Less and
+# lists the compared tensors under the ``decisions`` metadata, in the order the model makes them.
+DECISION = "Decision"
 
 QKV = ("q", "k", "v")
 # What each table layout passes after q, k, v (see edgeattn.tables); the optional bias is always last
@@ -66,7 +69,7 @@ OP_TYPES = {op_type(low, bias): (low, bias) for low in LOWERINGS for bias in (Fa
 
 
 def attention_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if n.domain == DOMAIN]
+    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type.startswith(OP)]
 
 
 def attributes(node: onnx.NodeProto) -> dict[str, Any]:
@@ -95,7 +98,7 @@ def table_inputs(node: onnx.NodeProto) -> list[str]:
 METADATA_PREFIX = "edgeattn."
 # written by export itself; a user's metadata_props may not set them
 RESERVED_METADATA = ("version", "opset", "inline", "masks", "table_bytes", "lowering", "targets", "dynamic_batch",
-                     "precision", "format")
+                     "precision", "format", "decisions")
 
 
 def encode_metadata(values: Mapping[str, Any]) -> dict[str, str]:

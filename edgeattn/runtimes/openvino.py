@@ -30,7 +30,7 @@ _BIAS = onnxfile.bias_position("dense")     # dense-table node inputs: q, k, v, 
 class OpenVinoSession(Session):
     fused_sdpa: int   # how many edgeattn nodes became OpenVINO ScaledDotProductAttention ops (the rest were inlined)
 
-    def __init__(self, runtime: Runtime, path: Path, device: str, accuracy: bool = False):
+    def __init__(self, runtime: Runtime, path: Path, device: str, accuracy: bool = False, observe=()):
         import openvino as ov
 
         self.runtime = runtime.name
@@ -48,6 +48,7 @@ class OpenVinoSession(Session):
         try:
             if not is_ir:
                 ov_model = to_openvino(model, runtime, core)
+            observed = ov_model.add_outputs(list(observe)) if observe else []
             self.fused_sdpa = sum(op.get_type_name() == "ScaledDotProductAttention" for op in ov_model.get_ordered_ops())
             self.config = _config(core, device, metadata.get("precision", "fp32"), accuracy)
             self._compiled = core.compile_model(ov_model, device, self.config)
@@ -55,7 +56,8 @@ class OpenVinoSession(Session):
             raise EdgeAttnError(f"{path}: {e}") from e
         except Exception as e:
             raise EdgeAttnError(f"{path}: OpenVINO could not compile the model: {ov_error(e)}") from e
-        self._ports = [self._compiled.output(i) for i in range(len(self.outputs))]
+        self._ports = [self._compiled.output(i) for i in range(len(self.outputs) + len(observed))]
+        self._names = [info.name for info in self.outputs] + list(observe)
         self._local = threading.local()  # an infer request is not thread-safe: one per calling thread
 
     def _run(self, feeds):
@@ -66,7 +68,7 @@ class OpenVinoSession(Session):
             results = request.infer(feeds)
         except Exception as e:
             raise EdgeAttnError(f"OpenVINO ({self.runtime}) failed to run: {ov_error(e)}") from e
-        return {info.name: results[port].copy() for info, port in zip(self.outputs, self._ports)}
+        return {name: results[port].copy() for name, port in zip(self._names, self._ports)}
 
 
 # the inference precision a file of each precision runs at when the device can (OPTIMIZATION_CAPABILITIES)
@@ -192,5 +194,5 @@ class OpenVinoCpu(Runtime):
             return ["OpenVINO reports no CPU device"]
         return []
 
-    def _load(self, path, accuracy, module):
-        return OpenVinoSession(self, path, "CPU", accuracy)
+    def _load(self, path, accuracy, module, observe=()):
+        return OpenVinoSession(self, path, "CPU", accuracy, observe)

@@ -5,6 +5,8 @@ import functools
 from pathlib import Path
 from typing import Optional
 
+import onnx
+
 from .. import onnxfile
 from ..errors import EdgeAttnError, first_line
 from ..onnxfile import bodies, formats
@@ -14,21 +16,25 @@ _INSTALL = "install it with: pip install 'edgeattn[ort]' (or 'edgeattn[ort-gpu]'
 
 
 class OrtSession(Session):
-    def __init__(self, runtime: Runtime, path: Path, providers: list, device: str = "cpu"):
+    def __init__(self, runtime: Runtime, path: Path, providers: list, device: str = "cpu", observe=()):
         import onnxruntime as ort
 
         self.runtime = runtime.name
         if formats.format_of(path) == "ort":   # already optimized, and not an ONNX protobuf: load as it is
             file = formats.header(path)
             runtime.check_file(file.metadata, path)
+            if observe:
+                raise EdgeAttnError(f"{path}: an ORT-format file cannot return tensors inside its graph; check the "
+                                    f".onnx file it was converted from")
             source, self.inputs, self.outputs = str(path), file.inputs, file.outputs
         else:
             model = onnxfile.read(path, weights=True)
             metadata = onnxfile.read_metadata(model)
             runtime.check_file(metadata, path)
             model = for_runtime(model, runtime, metadata)
-            source = model.SerializeToString()
             self.inputs, self.outputs = onnxfile.graph_inputs(model), onnxfile.graph_outputs(model)
+            model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in observe)
+            source = model.SerializeToString()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
@@ -39,7 +45,7 @@ class OrtSession(Session):
         wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
         if self._session.get_providers()[0] != wanted:  # ORT silently falls back to CPU otherwise
             raise EdgeAttnError(f"onnxruntime did not enable {wanted} (got {self._session.get_providers()})")
-        self._names = [o.name for o in self.outputs]
+        self._names = [o.name for o in self.outputs] + list(observe)
         self._device = device
 
     def _run(self, feeds):
@@ -95,8 +101,8 @@ class OrtCpu(Runtime):
     def _providers(self):
         return [self.provider]
 
-    def _load(self, path, accuracy, module):
-        return OrtSession(self, path, self._providers())
+    def _load(self, path, accuracy, module, observe=()):
+        return OrtSession(self, path, self._providers(), observe=observe)
 
 
 class OrtCuda(OrtCpu):
@@ -115,8 +121,8 @@ class OrtCuda(OrtCpu):
                                  "arena_extend_strategy": "kSameAsRequested", "do_copy_in_default_stream": 1}),
                 "CPUExecutionProvider"]
 
-    def _load(self, path, accuracy, module):
-        return OrtSession(self, path, self._providers(), device="cuda")
+    def _load(self, path, accuracy, module, observe=()):
+        return OrtSession(self, path, self._providers(), device="cuda", observe=observe)
 
     @functools.cache  # noqa: B019  (one instance per process; the probe starts CUDA once)
     def machine_reasons(self):

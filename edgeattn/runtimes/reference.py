@@ -39,7 +39,7 @@ class TorchRuntime(Runtime):
     reference = True
     file_formats = frozenset(formats.FORMATS)
 
-    def _load(self, path, accuracy, module):
+    def _load(self, path, accuracy, module, observe=()):
         file = formats.header(path)
         if module is None:
             from .. import models
