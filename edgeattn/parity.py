@@ -281,11 +281,16 @@ def describe(path, meta: Optional[Mapping] = None) -> str:
              f"{len(nodes)} attention nodes, lowering {meta.get('lowering', '?')} -> {'/'.join(lowerings) or '-'}"
              f"{_form(meta)}"
              f"{' for ' + ', '.join(targets) if targets else ''}, mask tables {meta.get('table_bytes', 0) / 1e6:.2f} MB"]
+    return "\n".join(lines + attention_lines(nodes))
+
+
+def attention_lines(nodes: Sequence[Mapping]) -> list[str]:
+    """One line per distinct (mask, lowering, why, runs_as) of a file's ``masks`` metadata (what ``check`` and
+    ``inspect`` print): ``  window_7 x2: blocked (why); openvino-cpu runs dense``."""
     counts = Counter((m.get("mask", "?"), m.get("lowering", "?"), m.get("why", ""),
                       ", ".join(f"{rt} runs {how}" for rt, how in m.get("runs_as", {}).items())) for m in nodes)
-    lines += [f"  {mask} x{n}: {low}" + (f" ({why})" if why else "") + (f"; {runs}" if runs else "")
-              for (mask, low, why, runs), n in counts.items()]
-    return "\n".join(lines)
+    return [f"  {mask} x{n}: {low}" + (f" ({why})" if why else "") + (f"; {runs}" if runs else "")
+            for (mask, low, why, runs), n in counts.items()]
 
 
 def describe_check(path, results: Sequence[ParityResult]) -> str:

@@ -230,6 +230,12 @@ def test_check_feeds_given_inputs_to_the_registered_model_too(capsys, nat_file, 
     assert code == 2 and "nope.npz: no such file" in err
 
 
+def test_inspect_text_shows_each_attention_node(capsys, py_file):
+    code, out, _ = run_cli(capsys, "inspect", py_file)
+    assert code == 0 and "attention nodes: 1" in out
+    assert "\n  causal x1: dense (" in out   # mask, lowering, then why
+
+
 def test_console_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "edgeattn", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("edgeattn ")
