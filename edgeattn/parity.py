@@ -296,7 +296,11 @@ def attention_lines(nodes: Sequence[Mapping]) -> list[str]:
 def describe_check(path, results: Sequence[ParityResult]) -> str:
     """:func:`describe`, and for a file without a PyTorch reference, which runtime the others were compared with."""
     reference = next((r.runtime for r in results if r.tolerance == REFERENCE), None)
-    return describe(path) + (f"\nno PyTorch reference: runtimes compared with {reference}" if reference else "")
+    if reference is None:
+        return describe(path)
+    compared = len(results) > 1   # one runtime (an IR: OpenVINO only) ran it and was compared with nothing
+    return describe(path) + (f"\nno PyTorch reference: runtimes compared with {reference}" if compared else
+                             f"\nno PyTorch reference and no other runtime to compare with: {reference} only ran it")
 
 
 def _form(meta: Mapping) -> str:

@@ -163,6 +163,8 @@ def test_check_compares_the_runtimes_of_a_file_exported_from_python(capsys, py_f
     assert list(rows) == CPU_RUNTIMES and all(r[0] == "ok" for r in rows.values())
     assert rows["ort-cpu"][4] == "reference" and rows["openvino-cpu"][4].startswith("abs")
     assert [r["tolerance"] for r in json.loads((tmp_path / "r.json").read_text())][0] == "reference"
+    code, out, _ = run_cli(capsys, "check", py_file, "--runtime", "openvino-cpu", "--runs", "1")
+    assert code == 0 and "no other runtime to compare with: openvino-cpu only ran it" in out
 
 
 def test_check_feeds_given_inputs(capsys, py_file, tmp_path):
