@@ -66,8 +66,8 @@ def cmd_export(args) -> int:
 def cmd_check(args) -> int:
     names = parity.check_available(args.runtime) if args.runtime else None
     results = parity.check_file(args.file, names, runs=args.runs or DEFAULT_RUNS, report=args.json,
-                                progress=lambda n: _log(f"checking on {n} ..."))
-    return _report(parity.describe(args.file), results)
+                                progress=lambda n: _log(f"checking on {n} ..."), inputs=args.inputs)
+    return _report(parity.describe_check(args.file, results), results)
 
 
 def cmd_bench(args) -> int:
@@ -198,8 +198,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", metavar="FILE", help="write the report as JSON")
     i.set_defaults(func=cmd_inspect)
 
-    c = sub.add_parser("check", help="compare an exported file with its PyTorch reference on runtimes")
-    c.add_argument("file", help="a file written by `edgeattn export` (.onnx, .xml, .ort)")
+    c = sub.add_parser("check", help="compare a file on runtimes with its PyTorch reference, or with each other")
+    c.add_argument("file", help="an .onnx, .xml or .ort file: one from `edgeattn export` is compared with the PyTorch "
+                                "model its metadata names; any other (e.g. exported from Python) on each runtime with "
+                                "the first (ort-cpu when available)")
+    c.add_argument("--inputs", metavar="FILE.npz",
+                   help="inputs to feed, one array per input name (numpy.savez(FILE, name=array, ...)); default: "
+                        "the model's example inputs, or generated ones (normal floats, small ints, batch 1)")
     gate_options(c)
     c.set_defaults(func=cmd_check)
     return p

@@ -15,6 +15,7 @@ import onnx
 from . import onnxfile
 from .errors import EdgeAttnError
 from .onnxfile import formats
+from .parity import attention_lines
 
 
 def inspect_file(path) -> dict:
@@ -82,10 +83,14 @@ def format_report(info: dict) -> str:
 
 
 def _tail(info: dict) -> list[str]:
-    """Mask-table bytes, ops and metadata: the same for every format."""
+    """Mask-table bytes, attention nodes, ops and metadata: the same for every format."""
     lines = []
     if info["mask_table_bytes"] is not None:
         lines.append(f"mask tables: {info['mask_table_bytes'] / 1e6:.2f} MB")
+    nodes = info["metadata"].get("masks", [])
+    if nodes:   # the same lines as `check`: each node's mask, lowering, why, and what a runtime swaps it for
+        lines.append(f"attention nodes: {len(nodes)}")
+        lines += attention_lines(nodes)
     lines.append("ops:")
     lines += [f"  {name:40s} {count}" for name, count in info["ops"].items()]
     meta = {k: v for k, v in info["metadata"].items() if k not in ("masks", "config")}

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -25,9 +27,9 @@ import torch
 
 from . import decisions, onnxfile, runtimes
 from .onnxfile import formats
-from .errors import EdgeAttnError
+from .errors import EdgeAttnError, first_line
 from .files import atomic_write, check_writable
-from .runtimes.base import nonfinite_inputs
+from .runtimes.base import check_feeds, nonfinite_inputs
 from .runtimes.reference import TorchSession
 
 
@@ -164,21 +166,105 @@ def modulo_ties(runtime, path, feeds, module, tol, accuracy: bool, metrics: dict
 
 
 def check_file(path, runtime_names: Optional[Sequence[str]] = None, runs: int = 20,
-               progress: Optional[Callable[[str], None]] = None, report=None) -> list[ParityResult]:
-    """Rebuild the registered reference model named in the file's metadata and compare every runtime with it
-    (the torch reference runtime's row times eager PyTorch; its error is 0 by construction).  ``report``: a JSON
-    path for the results, checked before the work."""
+               progress: Optional[Callable[[str], None]] = None, report=None, inputs=None) -> list[ParityResult]:
+    """What ``edgeattn check`` runs.  A file from ``edgeattn export`` names its registered model in its metadata: the
+    model is rebuilt and every runtime compared with it (the torch reference runtime's row times eager PyTorch; its
+    error is 0 by construction).  Any other file (exported from Python, or from elsewhere) has no PyTorch model to
+    rebuild, so its runtimes are compared with each other (:func:`compare_runtimes`); to compare it with the module
+    it came from, call :func:`compare_model` from Python.
+
+    ``inputs``: an ``.npz`` path or a mapping of input name -> array, fed to every runtime (and the torch reference);
+    default: the registered model's example inputs, or :func:`generated_feeds`.  ``report``: a JSON path for the
+    results, checked before the work."""
     from . import models
 
     if report is not None:
         check_writable(report)
     file = formats.header(path)
-    built = models.from_metadata(file.metadata, path)
-    results = compare_model(built.module, list(built.inputs.values()), path, runtime_names, runs, progress,
-                            file=file)
+    feeds = None if inputs is None else load_inputs(inputs, file)
+    if "model" not in file.metadata:
+        results = compare_runtimes(path, feeds, runtime_names, runs, progress, file=file)
+    else:
+        built = models.from_metadata(file.metadata, path)
+        example = (list(built.inputs.values()) if feeds is None
+                   else [torch.from_numpy(feeds[info.name]) for info in file.inputs])
+        results = compare_model(built.module, example, path, runtime_names, runs, progress, file=file)
     if report is not None:
         write_json(results, report)
     return results
+
+
+# the tolerance column of the runtime the others are compared with, when a file has no PyTorch reference
+REFERENCE = "reference"
+
+
+def compare_runtimes(path, feeds: Optional[Mapping[str, np.ndarray]] = None,
+                     runtime_names: Optional[Sequence[str]] = None, runs: int = 20,
+                     progress: Optional[Callable[[str], None]] = None,
+                     file: Optional[formats.Header] = None) -> list[ParityResult]:
+    """Compare a file's runtimes with each other, for a file with no PyTorch model: the first of them that runs it
+    (ort-cpu when it is one) is the reference, and its row's tolerance reads ``reference``.  The others are gated on
+    their own tolerance for the file's precision, applied to their difference from the reference (so this finds
+    runtimes that disagree, not a file that is wrong everywhere).  ``runtime_names`` default to every available ONNX
+    runtime that loads the file; ``feeds`` to :func:`generated_feeds`."""
+    file = file or formats.header(path)
+    meta = {**file.metadata, "format": file.format}   # a file from elsewhere carries no format metadata
+    contents = onnxfile.Contents.of(meta)
+    names = list(runtime_names or [n for n in default_runtimes(meta) if not runtimes.get(n).reference])
+    torch_named = [n for n in names if runtimes.get(n).reference]
+    if torch_named:
+        raise EdgeAttnError(f"{path}: names no registered model in its metadata, so {torch_named[0]} has no model to "
+                            f"run; compare it with its module from Python: edgeattn.parity.compare_model(module, "
+                            f"inputs, path)")
+    able = [n for n in names if not runtimes.get(n).not_supported_reasons(contents)]
+    if not able:
+        raise EdgeAttnError(f"{path}: no runtime here runs it (tried {', '.join(names) or 'none'}), so there is "
+                            f"nothing to compare")
+    reference = "ort-cpu" if "ort-cpu" in able else able[0]
+    feeds = generated_feeds(file.inputs) if feeds is None else feeds
+    expected = runtimes.get(reference).load(path, accuracy=True).run(feeds)
+    results = check_sessions(expected, feeds, path, [reference] + [n for n in names if n != reference], runs,
+                             progress=progress, contents=contents)
+    for r in results:
+        if r.runtime == reference:
+            r.tolerance = REFERENCE
+    return results
+
+
+def generated_feeds(inputs: Sequence[onnxfile.TensorInfo], seed: int = 0, batch: int = 1) -> dict[str, np.ndarray]:
+    """Feeds for a file with no model to draw example inputs from, from its inputs' names, shapes and dtypes:
+    symbolic dimensions (a dynamic batch) are ``batch``; floats are standard normal; integers are 0..3 and bools
+    either (valid token ids, indices and counts for most models), all from a generator seeded with ``seed``."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for info in inputs:
+        shape = tuple(d if isinstance(d, int) else batch for d in info.shape)
+        values = (rng.standard_normal(shape) if np.issubdtype(info.dtype, np.floating)
+                  else rng.integers(0, 2 if info.dtype == np.bool_ else 4, shape))
+        feeds[info.name] = values.astype(info.dtype)
+    return feeds
+
+
+def load_inputs(inputs, file: formats.Header) -> dict[str, np.ndarray]:
+    """Feeds for ``file`` from an ``.npz`` path (one array per input name: ``numpy.savez(path, x=...)``) or a mapping,
+    checked against the file's inputs by name, dtype and static dimensions (one clear error)."""
+    source = "inputs"
+    if not isinstance(inputs, Mapping):
+        source = inputs
+        save = f"save them with numpy.savez(path, {', '.join(f'{i.name}=...' for i in file.inputs)})"
+        if not Path(inputs).is_file():
+            raise EdgeAttnError(f"{inputs}: no such file")
+        if not zipfile.is_zipfile(inputs):   # numpy would try it as a pickle and say so
+            raise EdgeAttnError(f"{inputs}: not an .npz archive; {save}")
+        try:
+            with np.load(inputs, allow_pickle=False) as data:
+                inputs = {name: data[name] for name in data.files}
+        except Exception as e:
+            raise EdgeAttnError(f"{source}: cannot read inputs ({first_line(e)}); {save}") from None
+    try:
+        return check_feeds(file.inputs, inputs)
+    except EdgeAttnError as e:
+        raise EdgeAttnError(f"{source}: {e}") from None
 
 
 def compare_model(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path,
@@ -239,11 +325,26 @@ def describe(path, meta: Optional[Mapping] = None) -> str:
              f"{len(nodes)} attention nodes, lowering {meta.get('lowering', '?')} -> {'/'.join(lowerings) or '-'}"
              f"{_form(meta)}"
              f"{' for ' + ', '.join(targets) if targets else ''}, mask tables {meta.get('table_bytes', 0) / 1e6:.2f} MB"]
+    return "\n".join(lines + attention_lines(nodes))
+
+
+def attention_lines(nodes: Sequence[Mapping]) -> list[str]:
+    """One line per distinct (mask, lowering, why, runs_as) of a file's ``masks`` metadata (what ``check`` and
+    ``inspect`` print): ``  window_7 x2: blocked (why); openvino-cpu runs dense``."""
     counts = Counter((m.get("mask", "?"), m.get("lowering", "?"), m.get("why", ""),
                       ", ".join(f"{rt} runs {how}" for rt, how in m.get("runs_as", {}).items())) for m in nodes)
-    lines += [f"  {mask} x{n}: {low}" + (f" ({why})" if why else "") + (f"; {runs}" if runs else "")
-              for (mask, low, why, runs), n in counts.items()]
-    return "\n".join(lines)
+    return [f"  {mask} x{n}: {low}" + (f" ({why})" if why else "") + (f"; {runs}" if runs else "")
+            for (mask, low, why, runs), n in counts.items()]
+
+
+def describe_check(path, results: Sequence[ParityResult]) -> str:
+    """:func:`describe`, and for a file without a PyTorch reference, which runtime the others were compared with."""
+    reference = next((r.runtime for r in results if r.tolerance == REFERENCE), None)
+    if reference is None:
+        return describe(path)
+    compared = len(results) > 1   # one runtime (an IR: OpenVINO only) ran it and was compared with nothing
+    return describe(path) + (f"\nno PyTorch reference: runtimes compared with {reference}" if compared else
+                             f"\nno PyTorch reference and no other runtime to compare with: {reference} only ran it")
 
 
 def _form(meta: Mapping) -> str:

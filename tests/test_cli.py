@@ -2,8 +2,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 from edgeattn import load, runtimes
@@ -135,15 +137,105 @@ def test_unavailable_runtime_exits_2(capsys, nat_file):
     assert code == 2 and "runtime ort-cuda is not available" in err
 
 
-def test_check_refuses_files_without_reference_metadata(capsys, tmp_path, nat_file):
+@pytest.fixture(scope="module")
+def py_file(tmp_path_factory):
+    """A file exported from Python: no registered model in its metadata, a dynamic batch."""
+    from edgeattn import export_onnx, masks
+    from edgeattn.layers import MaskedSelfAttention
+
+    layer = MaskedSelfAttention(32, 2, masks.causal(), seq_len=20).eval()
+    path = tmp_path_factory.mktemp("py") / "py.onnx"
+    export_onnx(layer, [torch.randn(2, 20, 32)], path, input_names=["x"], output_names=["y"], dynamic_batch=True)
+    return path
+
+
+def _rows(out):
+    lines = out.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("runtime")) + 1:]
+    return {line.split()[0]: line.split()[1:] for line in table if line.strip() and not line.startswith(" ")}
+
+
+def test_check_compares_the_runtimes_of_a_file_exported_from_python(capsys, py_file, tmp_path):
+    code, out, err = run_cli(capsys, "check", py_file, "--runs", "1", "--json", tmp_path / "r.json")
+    assert code == 0, out + err
+    assert "no PyTorch reference: runtimes compared with ort-cpu" in out and "causal x1: dense" in out
+    rows = _rows(out)
+    assert list(rows) == CPU_RUNTIMES and all(r[0] == "ok" for r in rows.values())
+    assert rows["ort-cpu"][4] == "reference" and rows["openvino-cpu"][4].startswith("abs")
+    assert [r["tolerance"] for r in json.loads((tmp_path / "r.json").read_text())][0] == "reference"
+    code, out, _ = run_cli(capsys, "check", py_file, "--runtime", "openvino-cpu", "--runs", "1")
+    assert code == 0 and "no other runtime to compare with: openvino-cpu only ran it" in out
+
+
+def test_check_feeds_given_inputs(capsys, py_file, tmp_path):
+    np.savez(tmp_path / "good.npz", x=np.random.default_rng(1).standard_normal((3, 20, 32), dtype=np.float32))
+    code, out, err = run_cli(capsys, "check", py_file, "--runs", "1", "--inputs", tmp_path / "good.npz")
+    assert code == 0 and list(_rows(out)) == CPU_RUNTIMES, out + err
+    # NaN in an input: the runtimes agree on where it spreads, so the check passes and says the input had NaN
+    x = np.ones((1, 20, 32), np.float32)
+    x[0, 5, 3] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x)
+    code, out, err = run_cli(capsys, "check", py_file, "--runs", "1", "--inputs", tmp_path / "nan.npz")
+    assert code == 0 and "openvino-cpu: inputs with NaN/inf: x" in out, out + err
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"y": np.zeros((1, 20, 32), np.float32)}, "missing ['x'], unexpected ['y']"),
+    ({"x": np.zeros((1, 20, 32), np.float32), "z": np.zeros(1)}, "unexpected ['z']"),
+    ({"x": np.zeros((1, 20, 32))}, "input 'x': expected dtype float32, got float64"),
+    ({"x": np.zeros((1, 21, 32), np.float32)}, "input 'x': expected shape ('batch', 20, 32), got (1, 21, 32)"),
+    (None, "not an .npz archive; save them with numpy.savez(path, x=...)"),
+])
+def test_check_bad_inputs_is_one_line_and_exit_2(capsys, py_file, tmp_path, arrays, message):
+    path = tmp_path / "in.npz"
+    if arrays is None:
+        path.write_text("not numpy")
+    else:
+        np.savez(path, **arrays)
+    code, out, err = run_cli(capsys, "check", py_file, "--inputs", path)
+    assert code == 2 and out == "" and message in err and err.count("\n") == 1, err
+
+
+def test_check_fails_when_runtimes_disagree(capsys, py_file, tmp_path):
+    """Seeded random numbers are a real disagreement: onnxruntime and OpenVINO draw them with other generators."""
+    model = onnx.load(py_file)
+    for node in model.graph.node:
+        node.output[:] = ["y_raw" if o == "y" else o for o in node.output]
+    model.graph.node.extend([onnx.helper.make_node("RandomUniformLike", ["y_raw"], ["noise"], seed=1.0),
+                             onnx.helper.make_node("Add", ["y_raw", "noise"], ["y"])])
+    noisy = tmp_path / "noisy.onnx"
+    onnx.save(model, noisy)
+    code, out, err = run_cli(capsys, "check", noisy, "--runs", "1")
+    assert code == 1 and _rows(out)["ort-cpu"][0] == "ok" and _rows(out)["openvino-cpu"][0] == "fail"
+    assert "parity gate FAILED on: openvino-cpu" in err
+
+
+def test_check_without_a_registered_model_cannot_run_torch(capsys, tmp_path, nat_file):
     model = onnx.load(nat_file)
     keep = [p for p in model.metadata_props if p.key != "edgeattn.model"]
     del model.metadata_props[:]
     model.metadata_props.extend(keep)
     path = tmp_path / "anon.onnx"
     onnx.save(model, path)
-    code, _, err = run_cli(capsys, "check", path)
-    assert code == 2 and "no edgeattn reference-model metadata" in err
+    code, _, err = run_cli(capsys, "check", path, "--runtime", "torch")
+    assert code == 2 and "torch has no model to run" in err and "parity.compare_model" in err
+
+
+def test_check_feeds_given_inputs_to_the_registered_model_too(capsys, nat_file, tmp_path):
+    image = np.random.default_rng(1).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    image[0, 0, 0, 0] = np.inf   # shows in the torch row's note: the reference ran the given inputs
+    np.savez(tmp_path / "in.npz", image=image)
+    code, out, err = run_cli(capsys, "check", nat_file, "--runtime", "torch", "--runs", "1",
+                             "--inputs", tmp_path / "in.npz")
+    assert code == 0 and "torch: inputs with NaN/inf: image" in out, out + err
+    code, out, err = run_cli(capsys, "check", nat_file, "--runtime", "torch", "--inputs", tmp_path / "nope.npz")
+    assert code == 2 and "nope.npz: no such file" in err
+
+
+def test_inspect_text_shows_each_attention_node(capsys, py_file):
+    code, out, _ = run_cli(capsys, "inspect", py_file)
+    assert code == 0 and "attention nodes: 1" in out
+    assert "\n  causal x1: dense (" in out   # mask, lowering, then why
 
 
 def test_console_entry_point_runs():

@@ -79,8 +79,8 @@ def from_metadata(meta: dict, path) -> BuiltModel:
     """Rebuild the registered model an exported file (at ``path``) came from, using its ``edgeattn.*`` metadata."""
     if "model" not in meta:
         raise EdgeAttnError(f"{path}: has no edgeattn reference-model metadata (it was not exported by `edgeattn "
-                            f"export`), so there is no torch model to rebuild; compare it from Python with "
-                            f"edgeattn.parity.compare_model")
+                            f"export`), so there is no torch model to rebuild; `edgeattn check` compares its "
+                            f"runtimes with each other, edgeattn.parity.compare_model with its module from Python")
     return build(meta["model"], seed=int(meta.get("seed", 0)), **meta.get("config", {}))
 
 
