@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from edgeattn import tables
-from edgeattn.masks import (FAMILIES, causal, materialize, neighborhood, segments, sinks, sliding_window,
+from edgeattn.layers import MaskedSelfAttention
+from edgeattn.masks import (FAMILIES, causal, custom, materialize, neighborhood, segments, sinks, sliding_window,
                             window)
 
 from reference.masks import axis_tuple, ref_neighborhood, ref_seq, ref_window, swin_literal
@@ -198,3 +199,38 @@ def test_bare_mask_mod_on_the_left_of_a_mask():
     expected = torch.tensor([[q >= k and q % 2 == k % 2 for k in range(6)] for q in range(6)])
     assert torch.equal(materialize(combined, q_len=6)[0], expected)
     assert materialize((lambda b, h, q, kv: q == kv) | causal(), q_len=5)[0].sum() == 15
+
+
+def test_document_mask_indexed_by_batch_is_refused_with_what_to_do():
+    """FlexAttention's document masking: a static table would give every batch element batch 0's mask."""
+    doc = torch.tensor([[0] * 4 + [1] * 4, [0] * 2 + [1] * 6])
+    for layout in ("dense", "blocked", "auto"):
+        with pytest.raises(ValueError, match=r"mask_mod of mask custom depends on the batch index b.*"
+                                             r"edgeattn\.masked_attention\(q, k, v, mask\)"):
+            tables.build(lambda b, h, q_idx, kv_idx: doc[b, q_idx] == doc[b, kv_idx], q_len=8, layout=layout)
+
+
+def causal_with_if(b, h, q_idx, kv_idx):
+    if q_idx >= kv_idx:
+        return torch.tensor(True)
+    return torch.tensor(False)
+
+
+def causal_with_item(b, h, q_idx, kv_idx):
+    return torch.tensor((q_idx - kv_idx).item() >= 0)
+
+
+@pytest.mark.parametrize("fn,cause", [(causal_with_if, "Boolean value of Tensor"),
+                                      (causal_with_item, "cannot be converted to Scalar")])
+def test_mask_functions_written_per_pair_get_one_error_naming_the_mask_and_the_fix(fn, cause):
+    for layout in ("dense", "blocked"):
+        with pytest.raises(ValueError, match=rf"mask_mod of mask {fn.__name__} cannot be evaluated on index "
+                                             rf"tensors \(RuntimeError: {cause}.*&, \|, ~ and torch.where"):
+            tables.build(fn, q_len=8, layout=layout)
+    with pytest.raises(ValueError, match=rf"bias_mod of mask {fn.__name__} cannot be evaluated"):
+        tables.build(custom(bias_mod=lambda b, h, q, kv: fn(b, h, q, kv).float(), name=fn.__name__), q_len=8)
+
+
+def test_a_layer_without_its_token_count_names_its_own_parameters():
+    with pytest.raises(ValueError, match="pass seq_len=N for a sequence or grid="):
+        MaskedSelfAttention(64, 4, causal())
