@@ -234,3 +234,9 @@ def test_mask_functions_written_per_pair_get_one_error_naming_the_mask_and_the_f
 def test_a_layer_without_its_token_count_names_its_own_parameters():
     with pytest.raises(ValueError, match="pass seq_len=N for a sequence or grid="):
         MaskedSelfAttention(64, 4, causal())
+
+
+def test_a_mask_indexing_a_captured_tensor_out_of_range_says_so():
+    ids = torch.arange(4)
+    with pytest.raises(ValueError, match=r"mask_mod of mask custom indexes out of range \(index 4 is out of bounds"):
+        tables.build(lambda b, h, q_idx, kv_idx: ids[q_idx] == ids[kv_idx], q_len=8, layout="blocked")

@@ -170,7 +170,10 @@ def evaluate(fn, index, heads: int, label: str = "mask_mod", name: str = "") -> 
     what = f"{label} of mask {name}" if name else label
     try:
         out = fn(b, h, q, kv)
-    except (RuntimeError, TypeError, IndexError) as e:
+    except IndexError as e:
+        raise ValueError(f"{what} indexes out of range ({str(e).splitlines()[0]}): the tensors it captures must cover every query and key "
+                         f"index of the shape the table is built for") from e
+    except (RuntimeError, TypeError) as e:
         raise ValueError(
             f"{what} cannot be evaluated on index tensors ({type(e).__name__}: {str(e).splitlines()[0]}). It is "
             f"called once with tensors holding every index (b {tuple(b.shape)}, h {tuple(h.shape)}, q_idx "
