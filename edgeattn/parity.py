@@ -195,11 +195,20 @@ def describe(path, meta: Optional[Mapping] = None) -> str:
              f"{len(nodes)} attention nodes, lowering {meta.get('lowering', '?')} -> {'/'.join(lowerings) or '-'}"
              f"{_form(meta)}"
              f"{' for ' + ', '.join(targets) if targets else ''}, mask tables {meta.get('table_bytes', 0) / 1e6:.2f} MB"]
-    counts = Counter((m.get("mask", "?"), m.get("lowering", "?"), m.get("why", ""),
+    counts = Counter((mask_label(m), m.get("lowering", "?"), m.get("why", ""),
                       ", ".join(f"{rt} runs {how}" for rt, how in m.get("runs_as", {}).items())) for m in nodes)
     lines += [f"  {mask} x{n}: {low}" + (f" ({why})" if why else "") + (f"; {runs}" if runs else "")
               for (mask, low, why, runs), n in counts.items()]
     return "\n".join(lines)
+
+
+def mask_label(node: Mapping) -> str:
+    """An attention node's mask name (its ``masks`` metadata entry) as people read it.  A mask the model computes
+    from its inputs (Mask2Former's) usually has no name: say so rather than print an empty one."""
+    if node.get("mask"):
+        return node["mask"]
+    # no table bytes: nothing of the mask is stored, so the graph computes it (old files may not say)
+    return "<computed in the graph>" if node.get("table_bytes") == 0 else "<unnamed>"
 
 
 def _form(meta: Mapping) -> str:
