@@ -331,7 +331,7 @@ def describe(path, meta: Optional[Mapping] = None) -> str:
 def attention_lines(nodes: Sequence[Mapping]) -> list[str]:
     """One line per distinct (mask, lowering, why, runs_as) of a file's ``masks`` metadata (what ``check`` and
     ``inspect`` print): ``  window_7 x2: blocked (why); openvino-cpu runs dense``."""
-    counts = Counter((m.get("mask", "?"), m.get("lowering", "?"), m.get("why", ""),
+    counts = Counter((mask_label(m), m.get("lowering", "?"), m.get("why", ""),
                       ", ".join(f"{rt} runs {how}" for rt, how in m.get("runs_as", {}).items())) for m in nodes)
     return [f"  {mask} x{n}: {low}" + (f" ({why})" if why else "") + (f"; {runs}" if runs else "")
             for (mask, low, why, runs), n in counts.items()]
@@ -345,6 +345,15 @@ def describe_check(path, results: Sequence[ParityResult]) -> str:
     compared = len(results) > 1   # one runtime (an IR: OpenVINO only) ran it and was compared with nothing
     return describe(path) + (f"\nno PyTorch reference: runtimes compared with {reference}" if compared else
                              f"\nno PyTorch reference and no other runtime to compare with: {reference} only ran it")
+
+
+def mask_label(node: Mapping) -> str:
+    """An attention node's mask name (its ``masks`` metadata entry) as people read it.  A mask the model computes
+    from its inputs (Mask2Former's) usually has no name: say so rather than print an empty one."""
+    if node.get("mask"):
+        return node["mask"]
+    # no table bytes: nothing of the mask is stored, so the graph computes it (old files may not say)
+    return "<computed in the graph>" if node.get("table_bytes") == 0 else "<unnamed>"
 
 
 def _form(meta: Mapping) -> str:

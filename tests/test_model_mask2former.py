@@ -61,6 +61,24 @@ def test_cli_export_check_exits_0_with_parity_on_ort_and_openvino(exported):
     rows = {r["runtime"]: r for r in json.loads((folder / "check.json").read_text())}
     assert set(rows) == {"torch", *CPU_RUNTIMES}
     assert all(rows[r]["ok"] and rows[r]["max_abs_err"] <= 1e-4 for r in CPU_RUNTIMES), proc.stdout
+    # the masks have no name (they are computed from the inputs): the export summary and the file's description say so
+    said = proc.stdout + proc.stderr
+    assert "9 attention nodes (<computed in the graph> (dense) x9)" in said, said
+    assert "  <computed in the graph> x9: dense" in said, said
+
+
+def test_masks_computed_in_the_graph_are_labelled_so(small):
+    from edgeattn.export.exporter import ExportResult
+    from edgeattn.export.registered import _summary
+
+    path, _ = small
+    meta = onnxfile.read_metadata(onnx.load(str(path), load_external_data=False))
+    assert {m["mask"] for m in meta["masks"]} == {""} and {m["table_bytes"] for m in meta["masks"]} == {0}
+    assert "\n  <computed in the graph> x4: dense (mask computed in the graph)" in parity.describe(path, meta)
+    result = ExportResult(path, meta["opset"], False, "auto", [], masks=meta["masks"])
+    assert "4 attention nodes (<computed in the graph> (dense) x4)" in _summary(result)
+    # a mask stored in the file without a name is not said to be computed
+    assert parity.mask_label({"mask": "", "table_bytes": 64}) == "<unnamed>"
 
 
 def test_every_layer_attends_over_a_mask_computed_in_the_graph(exported):

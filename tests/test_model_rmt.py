@@ -83,6 +83,8 @@ def test_official_checkpoint_keys_load_strictly(rmt):
             checkpoint[k] = torch.tensor(7)
         elif k.endswith("running_var"):
             checkpoint[k] = checkpoint[k].abs() + 0.5
+        elif k.endswith("Relpos.decay"):   # log-decays: negative (a positive one is refused, see below)
+            checkpoint[k] = -checkpoint[k].abs()
     model = VisRetNet().eval()
     model.load_state_dict(checkpoint, strict=True)
     assert all(torch.equal(v, checkpoint[k].to(v.dtype)) for k, v in model.state_dict().items())
@@ -120,14 +122,16 @@ def test_decay_tables_are_log_gamma_times_manhattan_distance(rmt):
             assert torch.allclose(relpos.table.attn_bias, want, rtol=1e-5, atol=1e-5)
 
 
-def _direct_retention(module, x, chunkwise):
+def _direct_retention(module, x, chunkwise, freq_scale=1.0, decay_scale=1.0):
     """The reference's retention written out with explicit softmax, complex-number rotary and loops over the
-    decay: checks the edgeattn-op version (tables, reshapes, row-then-column order) against the formulas."""
+    decay: checks the edgeattn-op version (tables, reshapes, row-then-column order) against the formulas.
+    ``freq_scale`` / ``decay_scale`` multiply the rotary frequencies and the log-decays (a checkpoint's other
+    ``angle`` / ``decay`` buffers)."""
     B, H, W, C = x.shape
     n, d = module.heads, C // module.heads
     heads_first = lambda t: t.view(B, H, W, n, d).permute(0, 3, 1, 2, 4)          # noqa: E731
     position = torch.arange(H * W, dtype=torch.float64).view(H, W, 1)
-    freq = torch.tensor([10000 ** (-j / (d // 2 - 1)) for j in range(d // 2)], dtype=torch.float64)
+    freq = torch.tensor([10000 ** (-j / (d // 2 - 1)) for j in range(d // 2)], dtype=torch.float64) * freq_scale
     rotation = torch.polar(torch.ones(H, W, d // 2, dtype=torch.float64), position * freq)
 
     def rotate(t):
@@ -137,7 +141,7 @@ def _direct_retention(module, x, chunkwise):
     q = rotate(heads_first(module.q_proj(x)))
     k = rotate(heads_first(module.k_proj(x))) * d ** -0.5
     v = heads_first(module.v_proj(x)).double()
-    log_gamma = torch.tensor(reference_log_gammas(n, 4), dtype=torch.float64).view(n, 1, 1)
+    log_gamma = torch.tensor(reference_log_gammas(n, 4), dtype=torch.float64).view(n, 1, 1) * decay_scale
     if chunkwise:
         decay_w = log_gamma * (torch.arange(W)[:, None] - torch.arange(W)).abs()
         rows = torch.softmax(torch.einsum("bnhwd,bnhvd->bnhwv", q, k) + decay_w[:, None], -1)
@@ -163,6 +167,41 @@ def test_retention_matches_the_direct_formula(chunkwise):
     with torch.no_grad():
         got, want = module(x, relpos), _direct_retention(module, x, chunkwise)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("chunkwise", [True, False], ids=["separable", "full"])
+def test_retention_follows_loaded_angle_and_decay(chunkwise):
+    # The reference computes its rotation and decay from these buffers on every call: a checkpoint whose values
+    # differ from the formula's (here scaled by 1.5 and 0.7) must give the formula's outputs for those values.
+    grid = (5, 7)
+    relpos = RetentionRelPos2d(32, 2, initial_value=2, heads_range=4, grid=grid, chunkwise=chunkwise)
+    relpos.load_state_dict({"angle": relpos.angle * 1.5, "decay": relpos.decay * 0.7}, strict=True)
+    module = (VisionRetentionChunk if chunkwise else VisionRetentionAll)(32, 2).eval()
+    x = torch.randn(2, *grid, 32)
+    with torch.no_grad():
+        got = module(x, relpos)
+        want = _direct_retention(module, x, chunkwise, freq_scale=1.5, decay_scale=0.7)
+        formula = _direct_retention(module, x, chunkwise)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert not torch.allclose(got, formula, atol=1e-3)   # the loaded values matter
+
+
+def test_loaded_decay_gives_the_outputs_of_the_model_it_was_saved_from():
+    # Same seed, so the same weights; only the decay buffers differ (init_values 3 instead of 2).
+    small = dict(image_size=48, embed_dims=[16] * 4, depths=[1] * 4, heads=[2] * 4)
+    ours, theirs = models.build("rmt-t", **small), models.build("rmt-t", init_values=[3] * 4, **small)
+    with torch.no_grad():
+        before = ours.module(**ours.inputs)
+        ours.module.load_state_dict(theirs.module.state_dict(), strict=True)
+        after, want = ours.module(**ours.inputs), theirs.module(**theirs.inputs)
+    assert torch.equal(after, want) and not torch.allclose(before, want)
+
+
+def test_a_decay_that_is_no_decay_rate_is_refused():
+    relpos = RetentionRelPos2d(32, 2, initial_value=2, heads_range=4, grid=(3, 3), chunkwise=False)
+    with pytest.raises(RuntimeError, match=r"decay: cannot build the decay tables from the checkpoint's values: "
+                                           r"manhattan_decay gammas must be in \(0, 1\]"):
+        relpos.load_state_dict({"angle": relpos.angle, "decay": -relpos.decay})
 
 
 def test_rmt_t_exports_and_matches_on_onnx_runtimes(tmp_path):

@@ -140,9 +140,19 @@ def test_swin_checkpoint_with_other_derived_buffers_is_refused(zoo):
         bad[key] = bad[key].flip(-1)
         with pytest.raises(RuntimeError, match=key.replace(".", r"\.") + ": the checkpoint's values differ"):
             model.load_state_dict(bad)
+        # the refused values were not copied in, so the buffer still matches the mask and the right checkpoint loads
+        assert torch.equal(model.state_dict()[key], good[key].to(model.state_dict()[key].dtype))
+        model.load_state_dict(good)
     missing = {k: v for k, v in good.items() if k != "layers.1.blocks.1.attn_mask"}
     with pytest.raises(RuntimeError, match="Missing key.*layers.1.blocks.1.attn_mask"):
         model.load_state_dict(missing)
+
+
+def test_swin_without_the_derived_buffers_loads_its_own_state():
+    # swin-tiny-block has no relative position bias, so no relative_position_index to compare against
+    model = models.build("swin-tiny-block").module
+    assert "blocks.0.attn.relative_position_index" not in model.state_dict()
+    model.load_state_dict(models.build("swin-tiny-block", seed=1).module.state_dict(), strict=True)
 
 
 # ----------------------------------------------------------------------------- blocks against the references

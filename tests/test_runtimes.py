@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -33,9 +35,20 @@ def test_ort_cuda_explains_why_not(small_model):
     cuda = runtimes.get("ort-cuda")
     if cuda.is_available():
         pytest.skip("CUDA EP present; covered by the gpu test")
-    assert "CUDAExecutionProvider" in cuda.not_supported_reasons()[0]
+    reason = cuda.not_supported_reasons()[0]
+    assert "CUDAExecutionProvider" in reason or "CUDA execution provider" in reason
+    assert "'edgeattn[ort]'" not in reason
     with pytest.raises(EdgeAttnError, match="runtime ort-cuda is not available"):
         edgeattn.load(small_model[0], "ort-cuda")
+
+
+def test_install_hints_name_the_extra_that_has_the_provider(monkeypatch):
+    # the CUDA provider ships only in onnxruntime-gpu, which edgeattn[ort-gpu] installs; edgeattn[ort] never has it
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)   # import onnxruntime now fails, as when not installed
+    cpu, cuda = runtimes.get("ort-cpu"), runtimes.get("ort-cuda")
+    assert cpu.machine_reasons() == ["onnxruntime is not installed; install it with: pip install 'edgeattn[ort]'"]
+    uncached = type(cuda).machine_reasons.__wrapped__   # the cached probe must not keep this fake answer
+    assert uncached(cuda) == ["onnxruntime is not installed; install it with: pip install 'edgeattn[ort-gpu]'"]
 
 
 @pytest.mark.parametrize("name", CPU_RUNTIMES)

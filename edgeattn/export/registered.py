@@ -66,6 +66,8 @@ def calibration_feeds(built, count: int = precision.DEFAULT_CALIBRATION_SAMPLES)
 
 
 def _summary(result: ExportResult) -> str:
-    counts = Counter(f"{m['mask']} ({m['lowering']})" for m in result.masks)
+    from ..parity import mask_label
+
+    counts = Counter(f"{mask_label(m)} ({m['lowering']})" for m in result.masks)
     return (f"wrote {result.path}: {result.file_bytes / 1e6:.1f} MB, {len(result.masks)} attention nodes "
             f"({', '.join(f'{k} x{v}' for k, v in counts.items())}), mask tables {result.table_bytes / 1e6:.1f} MB")

@@ -71,25 +71,41 @@ class RetentionRelPos2d(nn.Module):
     """Per stage: the reference's ``angle`` and ``decay`` buffers (kept in the state dict, as in the checkpoint),
     the rotary sin/cos for the stage's grid, and the decay tables as :class:`MaskTable` s: ``table`` (Manhattan
     decay on the grid) for full attention, or ``table_w`` / ``table_h`` (1-D decays along a row / a column) for
-    the separable attention.  Tables and sin/cos are derived for one grid and are not saved."""
+    the separable attention.  Tables and sin/cos are derived for one grid and are not saved; they are derived
+    again from the loaded ``angle`` and ``decay`` whenever a state dict is loaded."""
 
     def __init__(self, embed_dim: int, heads: int, initial_value: float, heads_range: float, grid, chunkwise: bool):
         super().__init__()
-        self.grid, self.chunkwise = tuple(grid), chunkwise
+        self.grid, self.chunkwise, self.heads = tuple(grid), chunkwise, heads
         self.register_buffer("angle", rotary_angle(embed_dim // heads))
         self.register_buffer("decay", retention_decay(heads, initial_value, heads_range))
+        self.derive()
+
+    def derive(self) -> None:
+        """(Re)build sin/cos and the decay tables from ``angle`` and ``decay``, on their device and dtype."""
         sin, cos = rotary_sin_cos(self.angle, self.grid)
         self.register_buffer("sin", sin, persistent=False)
         self.register_buffer("cos", cos, persistent=False)
         # exp of the float32 log-decays: the mask takes their log back exactly, so tables match the reference's
         gammas = [math.exp(d) for d in self.decay.tolist()]
-        if chunkwise:
+        if self.chunkwise:
             line = decay_1d(gammas)
             with tables.reuse():   # a square map's rows and columns share one table
-                self.table_w = MaskTable(line, heads, q_len=self.grid[1])
-                self.table_h = MaskTable(line, heads, q_len=self.grid[0])
+                self.table_w = MaskTable(line, self.heads, q_len=self.grid[1]).to(self.decay)
+                self.table_h = MaskTable(line, self.heads, q_len=self.grid[0]).to(self.decay)
         else:
-            self.table = MaskTable(manhattan_decay(gammas), heads, grid=self.grid)
+            self.table = MaskTable(manhattan_decay(gammas), self.heads, grid=self.grid).to(self.decay)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # The reference computes its rotation and decay from these buffers on every call, so a checkpoint whose
+        # values differ from the formula's must change the outputs here too: derive again from what was loaded.
+        try:
+            self.derive()
+        except ValueError as error:   # e.g. a positive decay: gamma > 1 is no decay rate
+            error_msgs.append(f"{prefix}decay: cannot build the decay tables from the checkpoint's values: {error}")
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, chunkwise={self.chunkwise}"

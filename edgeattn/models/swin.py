@@ -56,7 +56,8 @@ class WindowAttention(MaskedSelfAttention):
         return None if table is None else table.t()
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
-        _check_derived(self, state_dict, prefix, "relative_position_index", args[-1], f"window {self.window_size}")
+        state_dict = _check_derived(self, state_dict, prefix, "relative_position_index", args[-1],
+                                    f"window {self.window_size}")
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
@@ -69,19 +70,25 @@ class SwinBlock(MaskedBlock):
         self.register_buffer("attn_mask", _swin_attn_mask(mask, grid, window_size, shift) if shift else None)
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
-        _check_derived(self, state_dict, prefix, "attn_mask", args[-1], self.attn.mask.name)
+        state_dict = _check_derived(self, state_dict, prefix, "attn_mask", args[-1], self.attn.mask.name)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 def _check_derived(module, state_dict, prefix, name, error_msgs, what):
-    """Record a load error when the checkpoint's copy of a derived buffer differs from ours."""
-    key, ours = prefix + name, getattr(module, name)
+    """Record a load error when the checkpoint's copy of a derived buffer differs from ours; returns the state to
+    load, with our values in place of refused ones."""
+    # a model built without the buffer (no shift, no rpb) has none to compare: strict loading names the extra key
+    key, ours = prefix + name, getattr(module, name, None)
     theirs = state_dict.get(key)
     if theirs is None or ours is None:
-        return   # strict loading reports a missing or unexpected key itself
+        return state_dict   # strict loading reports a missing or unexpected key itself
     if theirs.shape != ours.shape or not torch.equal(theirs.to(ours.dtype), ours):
         error_msgs.append(f"{key}: the checkpoint's values differ from the ones this model derives for {what}; "
                           f"it was saved for another window size, shift or input resolution: build the model for it")
+        # keep ours: torch copies the other tensors before it raises, and a refused copy would make this buffer
+        # disagree with the mask it stands for (and refuse the next, correct, checkpoint)
+        return {**state_dict, key: ours}
+    return state_dict
 
 
 def _swin_attn_mask(mask, grid, size, shift) -> torch.Tensor:

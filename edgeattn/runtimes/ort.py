@@ -12,9 +12,6 @@ from ..errors import EdgeAttnError, first_line
 from ..onnxfile import bodies, formats
 from .base import REDUCED_PRECISION, Runtime, Session, Tolerance
 
-_INSTALL = "install it with: pip install 'edgeattn[ort]' (or 'edgeattn[ort-gpu]' for CUDA)"
-
-
 class OrtSession(Session):
     def __init__(self, runtime: Runtime, path: Path, providers: list, device: str = "cpu", observe=()):
         import onnxruntime as ort
@@ -88,14 +85,16 @@ class OrtCpu(Runtime):
     # 4.2 ms against 12.2 ms for MatMul/Softmax and 6.5 ms for Attention-23).
     runs_as = {"dense": "contrib", "attention": "contrib"}
     provider = "CPUExecutionProvider"
+    install = "install it with: pip install 'edgeattn[ort]'"
 
     def machine_reasons(self):
         try:
             import onnxruntime as ort
         except ImportError:
-            return [f"onnxruntime is not installed; {_INSTALL}"]
+            return [f"onnxruntime is not installed; {self.install}"]
         if self.provider not in ort.get_available_providers():
-            return [f"{self.provider} is not among onnxruntime's providers {ort.get_available_providers()}; {_INSTALL}"]
+            return [f"{self.provider} is not among onnxruntime's providers {ort.get_available_providers()}; "
+                    f"{self.install}"]
         return []
 
     def _providers(self):
@@ -113,6 +112,8 @@ class OrtCuda(OrtCpu):
     refused_precisions = {}
     runs_as = {}   # keeps the file's bodies until measured on a GPU
     provider = "CUDAExecutionProvider"
+    # the CUDA provider ships in the onnxruntime-gpu package only: the plain [ort] extra never has it
+    install = "install it with: pip install 'edgeattn[ort-gpu]'"
 
     def _providers(self):
         # use_tf32 0: fp32 files compute in fp32 (TF32 matmuls would miss the fp32 tolerance); cuDNN picks conv
