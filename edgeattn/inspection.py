@@ -15,7 +15,7 @@ import onnx
 from . import onnxfile
 from .errors import EdgeAttnError
 from .onnxfile import formats
-from .parity import attention_lines
+from .onnxfile import attention_lines
 
 
 def inspect_file(path) -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import time
 import zipfile
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
@@ -325,16 +324,7 @@ def describe(path, meta: Optional[Mapping] = None) -> str:
              f"{len(nodes)} attention nodes, lowering {meta.get('lowering', '?')} -> {'/'.join(lowerings) or '-'}"
              f"{_form(meta)}"
              f"{' for ' + ', '.join(targets) if targets else ''}, mask tables {meta.get('table_bytes', 0) / 1e6:.2f} MB"]
-    return "\n".join(lines + attention_lines(nodes))
-
-
-def attention_lines(nodes: Sequence[Mapping]) -> list[str]:
-    """One line per distinct (mask, lowering, why, runs_as) of a file's ``masks`` metadata (what ``check`` and
-    ``inspect`` print): ``  window_7 x2: blocked (why); openvino-cpu runs dense``."""
-    counts = Counter((mask_label(m), m.get("lowering", "?"), m.get("why", ""),
-                      ", ".join(f"{rt} runs {how}" for rt, how in m.get("runs_as", {}).items())) for m in nodes)
-    return [f"  {mask} x{n}: {low}" + (f" ({why})" if why else "") + (f"; {runs}" if runs else "")
-            for (mask, low, why, runs), n in counts.items()]
+    return "\n".join(lines + onnxfile.attention_lines(nodes))
 
 
 def describe_check(path, results: Sequence[ParityResult]) -> str:
@@ -345,15 +335,6 @@ def describe_check(path, results: Sequence[ParityResult]) -> str:
     compared = len(results) > 1   # one runtime (an IR: OpenVINO only) ran it and was compared with nothing
     return describe(path) + (f"\nno PyTorch reference: runtimes compared with {reference}" if compared else
                              f"\nno PyTorch reference and no other runtime to compare with: {reference} only ran it")
-
-
-def mask_label(node: Mapping) -> str:
-    """An attention node's mask name (its ``masks`` metadata entry) as people read it.  A mask the model computes
-    from its inputs (Mask2Former's) usually has no name: say so rather than print an empty one."""
-    if node.get("mask"):
-        return node["mask"]
-    # no table bytes: nothing of the mask is stored, so the graph computes it (old files may not say)
-    return "<computed in the graph>" if node.get("table_bytes") == 0 else "<unnamed>"
 
 
 def _form(meta: Mapping) -> str:

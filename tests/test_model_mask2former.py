@@ -78,7 +78,7 @@ def test_masks_computed_in_the_graph_are_labelled_so(small):
     result = ExportResult(path, meta["opset"], False, "auto", [], masks=meta["masks"])
     assert "4 attention nodes (<computed in the graph> (dense) x4)" in _summary(result)
     # a mask stored in the file without a name is not said to be computed
-    assert parity.mask_label({"mask": "", "table_bytes": 64}) == "<unnamed>"
+    assert onnxfile.mask_label({"mask": "", "table_bytes": 64}) == "<unnamed>"
 
 
 def test_every_layer_attends_over_a_mask_computed_in_the_graph(exported):

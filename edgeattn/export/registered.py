@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from .. import onnxfile
 from ..files import check_writable
 from . import precision
 from .exporter import ExportResult, export_checked
@@ -66,8 +67,6 @@ def calibration_feeds(built, count: int = precision.DEFAULT_CALIBRATION_SAMPLES)
 
 
 def _summary(result: ExportResult) -> str:
-    from ..parity import mask_label
-
-    counts = Counter(f"{mask_label(m)} ({m['lowering']})" for m in result.masks)
+    counts = Counter(f"{onnxfile.mask_label(m)} ({m['lowering']})" for m in result.masks)
     return (f"wrote {result.path}: {result.file_bytes / 1e6:.1f} MB, {len(result.masks)} attention nodes "
             f"({', '.join(f'{k} x{v}' for k, v in counts.items())}), mask tables {result.table_bytes / 1e6:.1f} MB")

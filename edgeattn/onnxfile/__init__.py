@@ -16,6 +16,7 @@ ops only, so that every runtime and converter reads it without edgeattn.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -231,3 +232,21 @@ def graph_inputs(model: onnx.ModelProto) -> list[TensorInfo]:
 
 def graph_outputs(model: onnx.ModelProto) -> list[TensorInfo]:
     return io_info(model.graph.output)
+
+
+def mask_label(node: Mapping) -> str:
+    """An attention node's mask name (its ``masks`` metadata entry) as people read it.  A mask the model computes
+    from its inputs (Mask2Former's) usually has no name: say so rather than print an empty one."""
+    if node.get("mask"):
+        return node["mask"]
+    # no table bytes: nothing of the mask is stored, so the graph computes it (old files may not say)
+    return "<computed in the graph>" if node.get("table_bytes") == 0 else "<unnamed>"
+
+
+def attention_lines(nodes: Sequence[Mapping]) -> list[str]:
+    """One line per distinct (mask, lowering, why, runs_as) of a file's ``masks`` metadata (what ``check`` and
+    ``inspect`` print): ``  window_7 x2: blocked (why); openvino-cpu runs dense``."""
+    counts = Counter((mask_label(m), m.get("lowering", "?"), m.get("why", ""),
+                      ", ".join(f"{rt} runs {how}" for rt, how in m.get("runs_as", {}).items())) for m in nodes)
+    return [f"  {mask} x{n}: {low}" + (f" ({why})" if why else "") + (f"; {runs}" if runs else "")
+            for (mask, low, why, runs), n in counts.items()]

@@ -12,6 +12,7 @@ from ..errors import EdgeAttnError, first_line
 from ..onnxfile import bodies, formats
 from .base import REDUCED_PRECISION, Runtime, Session, Tolerance
 
+
 class OrtSession(Session):
     def __init__(self, runtime: Runtime, path: Path, providers: list, device: str = "cpu", observe=()):
         import onnxruntime as ort
