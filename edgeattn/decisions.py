@@ -10,8 +10,8 @@ with :func:`below`:
 - export writes it as a standard ``Less`` and records the compared tensor's name in the file's ``decisions``
   metadata, so the parity check can read that tensor back from a runtime;
 - inside a :class:`Ledger` (what parity uses) the reference takes the runtime's decision wherever the two disagree
-  at a margin ``|value - threshold|`` below ``eps`` (a tie), counts those flips, and counts flips at larger margins,
-  which stay the reference's and fail the check.
+  while both values lie within ``eps`` of the threshold (a tie), counts those flips, and counts flips at larger
+  margins, which stay the reference's and fail the check.
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ class Ledger:
             raise EdgeAttnError(f"decision {name} #{self.calls}: the file's tensor has shape {tuple(theirs.shape)}, "
                                 f"the model's {tuple(value.shape)}: the file does not come from this model")
         flipped = decided != (theirs < threshold)
-        margin = (value - threshold).abs()
+        # a tie: both values within eps of the threshold (a runtime far off on the other side is not one)
+        margin = torch.maximum((value - threshold).abs(), (theirs - threshold).abs())
         tie = flipped & (margin < self.eps)
         kept = flipped & ~tie
         self.total += value.numel()

@@ -24,10 +24,10 @@ from typing import Callable, Optional, Sequence
 import torch
 
 MaskMod = Callable[..., torch.Tensor]
-# How many copies of batch element 0 the ``b`` index holds: more than one, so a use of ``b`` shows as an axis.
-BATCH_PROBE = 2
 BiasMod = Callable[..., torch.Tensor]
 IndexMod = Callable[..., torch.Tensor]
+# How many copies of batch element 0 the ``b`` index holds: more than one, so a use of ``b`` shows as an axis.
+BATCH_PROBE = 2
 
 
 @dataclass(frozen=True)
@@ -171,8 +171,8 @@ def evaluate(fn, index, heads: int, label: str = "mask_mod", name: str = "") -> 
     try:
         out = fn(b, h, q, kv)
     except IndexError as e:
-        raise ValueError(f"{what} indexes out of range ({str(e).splitlines()[0]}): the tensors it captures must cover every query and key "
-                         f"index of the shape the table is built for") from e
+        raise ValueError(f"{what} indexes out of range ({str(e).splitlines()[0]}): the tensors it captures must "
+                         f"cover every query and key index of the shape the table is built for") from e
     except (RuntimeError, TypeError) as e:
         raise ValueError(
             f"{what} cannot be evaluated on index tensors ({type(e).__name__}: {str(e).splitlines()[0]}). It is "
