@@ -31,6 +31,7 @@ def finalize(proto: onnx.ModelProto, request: ExportRequest, plan: Plan, extra: 
     choices = [plan.choice_for(node) for node in nodes]   # by table names, before dedupe renames them
     table_bytes = _dedupe_tables(proto, nodes)
     masks, op_types = [], set()
+    initializers = {i.name for i in proto.graph.initializer}
     for node, choice in zip(nodes, choices):
         attrs = onnxfile.attributes(node)
         layout = attrs["layout"]
@@ -46,7 +47,8 @@ def finalize(proto: onnx.ModelProto, request: ExportRequest, plan: Plan, extra: 
         masks.append({"node": node.name, "mask": attrs.get("mask", ""), "lowering": choice.lowering,
                       "why": choice.reason, "layout": layout,
                       "runs_as": {t: r for t, r in runs.items() if r != choice.lowering and request.custom_op},
-                      "table_bytes": sum(table_bytes.get(i, 0) for i in onnxfile.table_inputs(node))})
+                      "table_bytes": sum(table_bytes.get(i, 0) for i in onnxfile.table_inputs(node)),
+                      **_table_entry(node, layout, choice, initializers)})
     for name in sorted(op_types):
         proto.functions.append(bodies.body(name, request.opset))
     bodies.import_domains(proto)
@@ -61,6 +63,17 @@ def finalize(proto: onnx.ModelProto, request: ExportRequest, plan: Plan, extra: 
     bodies.tensor_constants(proto.graph)
     _check(proto)
     return masks, unique_bytes
+
+
+def _table_entry(node: onnx.NodeProto, layout: str, choice, initializers: set[str]) -> dict:
+    """Where the node's static table is in the file: its initializers' names by role (``mask``, ``bank``...) and
+    the token counts it was built for.  Inlining removes the node but keeps these names, so `inspect --plot` reads
+    the tables of either form.  A mask computed in the graph has none."""
+    names = dict(zip(onnxfile.TABLE_INPUTS[layout], onnxfile.table_inputs(node)))
+    found = {role: name for role, name in names.items() if name in initializers}
+    if choice.table is None or not found:
+        return {}
+    return {"tables": found, "q_len": choice.table.shape.q_len, "kv_len": choice.table.shape.kv_len}
 
 
 def _decisions(graph: onnx.GraphProto) -> list[dict]:

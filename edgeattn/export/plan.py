@@ -13,6 +13,7 @@ in the graph, and records the choice and its reason in the file's metadata.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -28,7 +29,7 @@ from ..onnxfile import LOWERINGS, TABLE_INPUTS, table_inputs
 class Choice:
     lowering: str
     reason: str
-    table: Optional[object] = None    # the table choose() already built for this lowering, if any
+    table: Optional[object] = None    # the table for this lowering (choose(): if it built one; applied(): always)
 
 
 @dataclass
@@ -95,8 +96,9 @@ def applied(model: torch.nn.Module, requested: str, opset: int, prefix: str = ""
             layout = LOWERINGS[choice.lowering].layout
             if m.layout != layout:
                 m.use_layout(layout, choice.table)
-            # the exporter names a lifted buffer by its qualified name
-            plan.static[f"{prefix}{name + '.' if name else ''}attn_{TABLE_INPUTS[layout][0]}"] = choice
+            # the exporter names a lifted buffer by its qualified name; the choice keeps the table the file gets
+            plan.static[f"{prefix}{name + '.' if name else ''}attn_{TABLE_INPUTS[layout][0]}"] = \
+                dataclasses.replace(choice, table=m.table)
         yield plan
     finally:
         for m, table in saved:
