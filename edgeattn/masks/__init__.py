@@ -1,4 +1,6 @@
 """Mask families.  Each factory returns a :class:`Mask`; ``FAMILIES`` lists them for the CLI and the tests."""
+import inspect
+
 from .base import Mask, Shape, and_masks, as_mask, custom, materialize, or_masks
 from .clear import clear
 from .decay import decay_1d, manhattan_decay
@@ -23,4 +25,54 @@ FAMILIES = {
 
 __all__ = ["Mask", "Shape", "and_masks", "or_masks", "as_mask", "custom", "materialize", "FAMILIES",
            "causal", "sliding_window", "sinks", "segments", "neighborhood", "window",
-           "manhattan_decay", "decay_1d", "radial", "clear"]
+           "manhattan_decay", "decay_1d", "radial", "clear", "from_params", "parse_value"]
+
+
+def from_params(family: str, params=()) -> Mask:
+    """The mask of a registered family from ``NAME=VALUE`` strings (``edgeattn masks show``): ``kernel=7``,
+    ``kernel=7x5`` or ``3,5`` (per-axis tuples), ``causal=true``, ``gammas=0.9,0.95``.  Errors name the family's
+    parameters."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown mask family {family!r}; choose from: {', '.join(FAMILIES)}")
+    factory = FAMILIES[family][0]
+    signature = inspect.signature(factory).parameters.values()
+    takes = ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in signature)
+    takes = f"{family} takes {takes or 'no parameters'}"
+    names = [p.name for p in signature]
+    kwargs = {}
+    for item in params:
+        name, sep, text = (part.strip() for part in item.partition("="))
+        if not sep or name not in names:
+            raise ValueError(f"{takes}; got {item!r} (give NAME=VALUE)")
+        try:
+            kwargs[name] = parse_value(text)
+        except ValueError as e:
+            raise ValueError(f"{family} parameter {name}: {e}") from None
+    missing = [p.name for p in signature if p.default is p.empty and p.name not in kwargs]
+    if missing:
+        raise ValueError(f"{family} needs {', '.join(missing)}; {takes}")
+    try:
+        return factory(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{family}: {str(e).splitlines()[0]} ({takes})") from None
+
+
+def parse_value(text: str):
+    """A parameter value as written on a command line: an int, a float, true/false, or a tuple of those written
+    ``7x5`` or ``3,5``."""
+    for sep in (",", "x"):
+        if sep in text:
+            return tuple(_scalar(part) for part in text.split(sep))
+    return _scalar(text)
+
+
+def _scalar(text: str):
+    text = text.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise ValueError(f"cannot read {text!r}: give an integer, a number, true/false, or a tuple such as 7x5 or 3,5")
