@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import models, onnxfile, parity, runtimes
+from . import models, onnxfile, parity, plots, runtimes
 from .onnxfile import formats
 from .errors import EdgeAttnError
 from .export import DEFAULT_OPSET, LOWERING_CHOICES, calibration_feeds, export_onnx
@@ -190,35 +190,6 @@ def write_markdown(rows: Sequence[BenchRow], path) -> None:
     atomic_write(path, format_markdown(rows).encode())
 
 
-def check_plot_available() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise EdgeAttnError("--plot needs matplotlib; install it with: pip install 'edgeattn[plot]'") from None
-
-
-def write_plot(rows: Sequence[BenchRow], path, title: str) -> None:
-    """A horizontal bar chart of p50 latency per (runtime, lowering), written atomically as PNG."""
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    timed = [r for r in rows if r.p50_ms is not None]
-    fig, ax = plt.subplots(figsize=(7, 0.4 * len(timed) + 1.2))
-    ax.barh([f"{r.runtime} {r.lowering} {r.form} {r.precision}" for r in timed], [r.p50_ms for r in timed], color="tab:blue")
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("p50 latency (ms, log scale)")
-    ax.set_title(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, buffer.getvalue())
-
-
 def progress_bar(width: int = 24):
     """A one-line progress bar on stderr when it is a terminal (one line per step otherwise, so logs stay readable)."""
     def show(done: int, total: int, label: str):
@@ -239,4 +210,4 @@ def check_outputs(json_path=None, markdown_path=None, plot_path=None) -> None:
         if p:
             check_writable(p)
     if plot_path:
-        check_plot_available()
+        plots.require_matplotlib("--plot")

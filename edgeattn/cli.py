@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from . import __version__, bench, inspection, masks, models, parity, runtimes
+from . import __version__, bench, inspection, masks, models, parity, plots, runtimes
 from .errors import EdgeAttnError
 from .export import DEFAULT_OPSET, LOWERING_CHOICES, export_registered, precision
 from .files import atomic_write, check_writable
@@ -40,6 +40,13 @@ def cmd_masks(args) -> int:
     width = max(map(len, masks.FAMILIES))
     for name, (_, description) in masks.FAMILIES.items():
         print(f"{name:{width}s}  {description}")
+    return 0
+
+
+def cmd_masks_show(args) -> int:
+    path = plots.draw_family(args.family, args.param or (), grid=args.grid, q_len=args.len, query=args.query,
+                             path=args.output)
+    print(f"wrote {path}")
     return 0
 
 
@@ -81,7 +88,7 @@ def cmd_bench(args) -> int:
     if args.markdown:
         bench.write_markdown(rows, args.markdown)
     if args.plot:
-        bench.write_plot(rows, args.plot, title=f"edgeattn bench {args.target}")
+        plots.plot_bench(rows, args.plot, title=f"edgeattn bench {args.target}")
     failed = [f"{r.runtime} {r.lowering} {r.form}" for r in rows if r.status not in ("ok", "n/a")]
     if failed:
         print(f"bench: out of tolerance or failed: {', '.join(failed)}", file=sys.stderr)
@@ -92,10 +99,14 @@ def cmd_bench(args) -> int:
 def cmd_inspect(args) -> int:
     if args.json:
         check_writable(args.json)
+    if args.plot:
+        plots.check_folder(args.plot)
     info = inspection.inspect_file(args.file)
     print(inspection.format_report(info))
     if args.json:
         atomic_write(args.json, (json.dumps(info, indent=2) + "\n").encode())
+    if args.plot:
+        print("\n".join(plots.plot_file_tables(args.file, args.plot)))
     return 0
 
 
@@ -129,7 +140,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edgeattn {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("models", help="list reference models").set_defaults(func=cmd_models)
-    sub.add_parser("masks", help="list mask families").set_defaults(func=cmd_masks)
+    m = sub.add_parser("masks", help="list mask families; `masks show FAMILY` draws one")
+    m.set_defaults(func=cmd_masks)
+    show = m.add_subparsers(dest="action", metavar="show").add_parser(
+        "show", help="draw a mask: the whole pattern of a sequence, or the keys one query attends on a grid")
+    show.add_argument("family", help="mask family (see `edgeattn masks`)")
+    show.add_argument("--param", action="append", metavar="NAME=VALUE",
+                      help="a parameter of the family's factory, repeatable: kernel=7, kernel=7x5 or 7,5 (per axis), "
+                           "causal=true; an unknown one lists the family's parameters")
+    show.add_argument("--grid", metavar="HxW", help="token grid, 1-3 axes: 14x14, 8x14x14")
+    show.add_argument("--len", type=_positive, metavar="N", help="sequence length (sequence masks)")
+    show.add_argument("--query", metavar="I|Y,X",
+                      help="on a 2-D/3-D grid, the query whose keys are drawn: a flat index or coordinates (3,5); "
+                           "default: coordinate 1 on every axis, one in from the corner, where windows shift")
+    show.add_argument("-o", "--output", metavar="FILE.png", help="picture to write (default: <mask name>.png)")
+    show.set_defaults(func=cmd_masks_show)
     sub.add_parser("runtimes", help="list runtimes and whether they can run here").set_defaults(func=cmd_runtimes)
 
     def gate_options(cmd, targets=""):
@@ -196,6 +221,8 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="list a file's ops, opsets, custom domains, initializer and mask-table bytes")
     i.add_argument("file", help="an .onnx file or OpenVINO IR .xml")
     i.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    i.add_argument("--plot", metavar="DIR", help="draw each static mask table stored in the .onnx file as a PNG in "
+                                                 "DIR (needs matplotlib)")
     i.set_defaults(func=cmd_inspect)
 
     c = sub.add_parser("check", help="compare a file on runtimes with its PyTorch reference, or with each other")

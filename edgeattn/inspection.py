@@ -4,7 +4,9 @@ external weights).
 ONNX: op types per domain, opsets, custom domains and their model-local functions, initializer bytes (inline and
 external), the edgeattn mask-table bytes and metadata.  A default export shows no custom domain; a ``--custom-op``
 one shows the ``edgeattn`` domain and its functions.  OpenVINO IR: op types (``opset::Type``), the .bin's bytes,
-the rt_info ``runtime_options`` and the edgeattn metadata."""
+the rt_info ``runtime_options`` and the edgeattn metadata.
+
+:func:`read_tables` reads the static mask tables back from an .onnx file, for ``inspect --plot``."""
 from __future__ import annotations
 
 from collections import Counter
@@ -15,7 +17,7 @@ import onnx
 from . import onnxfile
 from .errors import EdgeAttnError
 from .onnxfile import formats
-from .onnxfile import attention_lines
+from .onnxfile import attention_lines, mask_label
 
 
 def inspect_file(path) -> dict:
@@ -51,6 +53,47 @@ def inspect_file(path) -> dict:
         "mask_table_bytes": meta.get("table_bytes"),
         "metadata": meta,
     }
+
+
+def read_tables(path) -> list[dict]:
+    """The distinct static mask tables of an .onnx file from ``edgeattn.export_onnx``, read from its initializers by
+    the names its ``masks`` metadata records for each attention node (kept when the nodes are inlined).
+
+    One dict per distinct table: ``mask`` (label), ``layout``, ``nodes`` (the node names sharing it), ``q_len``,
+    ``kv_len`` and ``arrays`` (role -> numpy array, roles as in ``onnxfile.TABLE_INPUTS``); nodes without a table in
+    the file come grouped with ``arrays`` None and ``why``: a mask computed in the graph, or a file whose metadata
+    predates the table names (re-export it)."""
+    if formats.format_of(path) != "onnx":
+        raise EdgeAttnError(f"{path}: tables are read from .onnx files; use the .onnx this file was made from")
+    model = onnxfile.read(path)
+    nodes = onnxfile.read_metadata(model).get("masks", [])
+    if not nodes:
+        raise EdgeAttnError(f"{path}: its metadata lists no edgeattn attention nodes (not a file from "
+                            f"edgeattn.export_onnx), so there are no tables to read")
+    initializers = {i.name: i for i in model.graph.initializer}
+    folder = str(Path(path).resolve().parent)   # external data was checked to lie inside it by onnxfile.read
+    found: dict = {}
+    for node in nodes:
+        names = node.get("tables") or {}
+        why = _unreadable(node, names, initializers)
+        key = (mask_label(node), why) if why else tuple(sorted(names.items()))
+        if key not in found:
+            arrays = None if why else {role: onnx.numpy_helper.to_array(initializers[name], folder)
+                                       for role, name in names.items()}
+            found[key] = {"mask": mask_label(node), "layout": node.get("layout"), "nodes": [],
+                          "q_len": node.get("q_len"), "kv_len": node.get("kv_len"), "arrays": arrays, "why": why}
+        found[key]["nodes"].append(node.get("node", "?"))
+    return list(found.values())
+
+
+def _unreadable(node: dict, names: dict, initializers) -> str:
+    """Why a node's table cannot be read from the file; empty when it can."""
+    if not names:
+        if node.get("table_bytes") == 0:
+            return "mask computed in the graph: the file stores no table"
+        return "the metadata does not name its table (written by an older edgeattn): re-export the file"
+    missing = [name for name in names.values() if name not in initializers]
+    return f"its table tensor {missing[0]!r} is not in the file" if missing else ""
 
 
 def _inspect_ir(path: Path) -> dict:
