@@ -183,6 +183,7 @@ def test_masks_show_writes_the_picture_and_masks_still_lists(capsys, tmp_path):
     (["masks", "show", "causal", "--len", "8", "--grid", "8"], "one of the two"),
     (["masks", "show", "neighborhood", "--param", "kernel=3", "--grid", "8x8", "--query", "8,0"],
      "query (8, 0) is not a token of the 8x8 grid"),
+    (["masks", "show", "causal", "--len", "8", "--query", "3"], "a sequence mask is drawn whole"),
     (["masks", "show", "causal", "--len", "8", "-o", "README.md/m.png"], "README.md is a file"),
     (["inspect", "README.md", "--plot", "README.md"], "README.md: is a file; --plot takes a folder"),
 ])
