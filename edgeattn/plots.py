@@ -30,7 +30,7 @@ from .errors import EdgeAttnError
 from .files import atomic_write, check_writable
 from .masks import as_mask, from_params, parse_value
 from .masks.base import Shape, evaluate, index_grid
-from .tables import BlockTable, DenseTable
+from .tables import ROW_CHUNK_ELEMS, BlockTable, DenseTable
 
 MAX_CELLS = 512     # drawn cells per side at most; larger patterns are averaged into blocks
 MAX_SLICES = 8      # 3-D grids: panels at most (the slices nearest the query's)
@@ -66,7 +66,9 @@ def plot_mask(mask, grid=None, q_len: Optional[int] = None, kv_len: Optional[int
     if shape.grid is None or len(shape.grid) == 1:
         if query is not None:
             raise ValueError("query picks one token of a 2-D or 3-D grid; a sequence mask is drawn whole")
-        allowed = evaluate(mask_mod, index_grid(shape), 1, name=mask.name)[0].numpy()
+        rows = max(1, ROW_CHUNK_ELEMS // shape.kv_len)   # in row chunks, as tables are built: long sequences fit
+        allowed = torch.cat([evaluate(mask_mod, index_grid(shape, q_rows=slice(start, start + rows)), 1,
+                                      name=mask.name)[0] for start in range(0, shape.q_len, rows)]).numpy()
         fig = _pattern(allowed, f"{mask.name}{note}\n{shape.q_len} queries x {shape.kv_len} keys, "
                                 f"{allowed.mean():.1%} allowed", "key", "query")
     else:
@@ -86,12 +88,16 @@ def draw_family(family: str, params: Sequence[str] = (), grid=None, q_len: Optio
         raise ValueError("give a token grid (--grid HxW, HxWxD) or a sequence length (--len N), one of the two")
     mask = from_params(family, params)
     path = check_writable(path or f"{mask.name}.png")
-    if isinstance(grid, str):
-        grid = parse_value(grid)
-    if isinstance(query, str):
-        query = parse_value(query)
-    plot_mask(mask, grid=grid, q_len=q_len, query=query, path=path)
+    plot_mask(mask, grid=_parsed("grid", grid), q_len=q_len, query=_parsed("query", query), path=path)
     return path
+
+
+def _parsed(label: str, value):
+    """A grid or query as written on the command line (``14x14``, ``3,5``, ``17``); other values as they are."""
+    try:
+        return parse_value(value) if isinstance(value, str) else value
+    except ValueError as e:
+        raise ValueError(f"{label} {value!r}: {e}") from None
 
 
 def _query(query, grid: tuple[int, ...]) -> tuple[int, ...]:

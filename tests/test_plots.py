@@ -181,6 +181,7 @@ def test_masks_show_writes_the_picture_and_masks_still_lists(capsys, tmp_path):
     (["masks", "show", "neighborhood", "--param", "kernel=9", "--grid", "8x8"], "kernel*dilation must be <="),
     (["masks", "show", "window", "--param", "size=4"], "give a token grid (--grid HxW"),
     (["masks", "show", "causal", "--len", "8", "--grid", "8"], "one of the two"),
+    (["masks", "show", "window", "--param", "size=4", "--grid", "8xy"], "grid '8xy': cannot read 'y'"),
     (["masks", "show", "neighborhood", "--param", "kernel=3", "--grid", "8x8", "--query", "8,0"],
      "query (8, 0) is not a token of the 8x8 grid"),
     (["masks", "show", "causal", "--len", "8", "--query", "3"], "a sequence mask is drawn whole"),
