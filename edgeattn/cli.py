@@ -100,7 +100,7 @@ def cmd_inspect(args) -> int:
     if args.json:
         check_writable(args.json)
     if args.plot:
-        plots.check_folder(args.plot)
+        plots.check_plot(args.file, args.plot)
     info = inspection.inspect_file(args.file)
     print(inspection.format_report(info))
     if args.json:

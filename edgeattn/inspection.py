@@ -63,8 +63,7 @@ def read_tables(path) -> list[dict]:
     ``kv_len`` and ``arrays`` (role -> numpy array, roles as in ``onnxfile.TABLE_INPUTS``); nodes without a table in
     the file come grouped with ``arrays`` None and ``why``: a mask computed in the graph, or a file whose metadata
     predates the table names (re-export it)."""
-    if formats.format_of(path) != "onnx":
-        raise EdgeAttnError(f"{path}: tables are read from .onnx files; use the .onnx this file was made from")
+    check_tables_readable(path)
     model = onnxfile.read(path)
     nodes = onnxfile.read_metadata(model).get("masks", [])
     if not nodes:
@@ -84,6 +83,12 @@ def read_tables(path) -> list[dict]:
                           "q_len": node.get("q_len"), "kv_len": node.get("kv_len"), "arrays": arrays, "why": why}
         found[key]["nodes"].append(node.get("node", "?"))
     return list(found.values())
+
+
+def check_tables_readable(path) -> None:
+    """Tables are initializers of .onnx files; an IR or ORT-format file is refused by its suffix, before any work."""
+    if formats.format_of(path) != "onnx":
+        raise EdgeAttnError(f"{path}: tables are read from .onnx files; use the .onnx this file was made from")
 
 
 def _unreadable(node: dict, names: dict, initializers) -> str:

@@ -240,7 +240,7 @@ def plot_file_tables(path, folder) -> list[str]:
     """``inspect FILE --plot DIR``: one PNG per distinct table stored in the .onnx file ``path`` (read from its
     initializers, :func:`inspection.read_tables`), into ``folder`` (created if needed).  Returns one line per
     picture written and per group of attention nodes that has no table to draw, and why."""
-    check_folder(folder)
+    check_plot(path, folder)
     folder = Path(folder)
     lines = []
     for i, entry in enumerate(inspection.read_tables(path), 1):
@@ -254,8 +254,10 @@ def plot_file_tables(path, folder) -> list[str]:
     return lines
 
 
-def check_folder(folder) -> None:
-    """Fail early when ``folder`` cannot hold pictures (it is a file); matplotlib must be there too."""
+def check_plot(path, folder) -> None:
+    """Fail before any work when the tables of ``path`` cannot be drawn into ``folder``: not an .onnx file, a
+    folder that is a file, no matplotlib."""
+    inspection.check_tables_readable(path)
     if Path(folder).exists() and not Path(folder).is_dir():
         raise EdgeAttnError(f"{folder}: is a file; --plot takes a folder to write the pictures into")
     require_matplotlib("--plot")

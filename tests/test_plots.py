@@ -187,6 +187,7 @@ def test_masks_show_writes_the_picture_and_masks_still_lists(capsys, tmp_path):
     (["masks", "show", "causal", "--len", "8", "--query", "3"], "a sequence mask is drawn whole"),
     (["masks", "show", "causal", "--len", "8", "-o", "README.md/m.png"], "README.md is a file"),
     (["inspect", "README.md", "--plot", "README.md"], "README.md: is a file; --plot takes a folder"),
+    (["inspect", "model.xml", "--plot", "pictures"], "model.xml: tables are read from .onnx files"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)
