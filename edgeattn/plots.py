@@ -2,11 +2,12 @@
 
 - :func:`plot_mask`: a mask for one shape.  On a sequence (or a 1-D grid), the whole query x key pattern; on a
   2-D grid, the keys one query attends laid on the grid; on a 3-D grid, one panel per slice along its first axis
-  that holds the query or a key it attends.  Cells are :func:`edgeattn.materialize`'s, head 0.
-- :func:`plot_table`: a compiled table.  A block table as query tiles x key blocks: white where the tile gathers
-  no key of the block (skipped), light where it scores them but some pairs are masked, dark where every pair it
-  scores is allowed, with the share of the dense scores it computes (its ``work_fraction``) in the title.  A dense
-  table as its mask.
+  that holds the query or a key it attends (at most :data:`MAX_SLICES`).  Cells are :func:`edgeattn.materialize`'s,
+  head 0; a mask's bias is not drawn.
+- :func:`plot_table`: a compiled table.  A block table as query tiles x key blocks (:func:`block_image`): white
+  where the tile gathers no key of the block (skipped), light where it scores them but some pairs are masked, dark
+  where every pair it scores is allowed, with the share of the dense scores it computes (its ``work_fraction``,
+  padding included) in the title.  A dense table as its mask, head 0.
 - :func:`plot_file_tables`: :func:`plot_table` for each distinct table stored in an exported .onnx file, read
   from its initializers (``inspect --plot``).
 - :func:`plot_bench`: ``bench --plot``'s latency chart.
