@@ -51,8 +51,15 @@ def inspect_file(path) -> dict:
         "external_data_bytes": external_bytes,
         "external_data_files": sorted(external_files),
         "mask_table_bytes": meta.get("table_bytes"),
+        "inputs": _io(onnxfile.graph_inputs(model)),
+        "outputs": _io(onnxfile.graph_outputs(model)),
         "metadata": meta,
     }
+
+
+def _io(infos) -> list[dict]:
+    """Inputs or outputs as JSON: name, numpy dtype, shape (ints; names or "?" for symbolic axes)."""
+    return [{"name": i.name, "dtype": str(i.dtype), "shape": list(i.shape)} for i in infos]
 
 
 def read_tables(path) -> list[dict]:
@@ -103,6 +110,7 @@ def _unreadable(node: dict, names: dict, initializers) -> str:
 
 def _inspect_ir(path: Path) -> dict:
     model = formats.read_ir(path)
+    header = formats.ir_header(path, model)
     ops = Counter(f"{op.get_type_info().version_id}::{op.get_type_name()}" for op in model.get_ordered_ops())
     rt_info = model.get_rt_info()
     options = rt_info["runtime_options"] if "runtime_options" in rt_info else {}
@@ -110,7 +118,8 @@ def _inspect_ir(path: Path) -> dict:
     return {"file": str(path), "format": "openvino", "file_bytes": path.stat().st_size,
             "weights_bytes": path.with_suffix(".bin").stat().st_size, "ops": dict(sorted(ops.items())),
             "runtime_options": {k: v.astype(str) for k, v in options.items()},
-            "mask_table_bytes": meta.get("table_bytes"), "metadata": meta}
+            "mask_table_bytes": meta.get("table_bytes"), "inputs": _io(header.inputs),
+            "outputs": _io(header.outputs), "metadata": meta}
 
 
 def format_report(info: dict) -> str:
@@ -131,8 +140,9 @@ def format_report(info: dict) -> str:
 
 
 def _tail(info: dict) -> list[str]:
-    """Mask-table bytes, attention nodes, ops and metadata: the same for every format."""
-    lines = []
+    """Inputs and outputs, mask-table bytes, attention nodes, ops and metadata: the same for every format."""
+    lines = [f"{kind}: " + ", ".join(f"{t['name']} {t['dtype']} [{', '.join(map(str, t['shape']))}]"
+                                     for t in info[kind]) for kind in ("inputs", "outputs")]
     if info["mask_table_bytes"] is not None:
         lines.append(f"mask tables: {info['mask_table_bytes'] / 1e6:.2f} MB")
     nodes = info["metadata"].get("masks", [])

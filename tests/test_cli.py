@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -75,6 +76,7 @@ def test_openvino_ir_and_ort_format_export_check_bench_inspect(capsys, tmp_path)
     assert "ScaledDotProductAttention" in ops and "Softmax" not in ops    # dense-table attention is OpenVINO's SDPA
     code, out, _ = run_cli(capsys, "inspect", xml)
     assert code == 0 and "runtime_options: INFERENCE_PRECISION_HINT=f32" in out and "opset13::ScaledDotProduct" in out
+    assert re.search(r"\ninputs: \w+ float32 \[1, \d+, \d+\]\noutputs: \w+ float32 \[1, ", out), out
     code, out, _ = run_cli(capsys, "export", "swin-tiny-block", "-o", ort_file, "--format", "ort")
     assert code == 0 and (tmp_path / "sw.required_operators.config").read_text().strip()
     code, out, _ = run_cli(capsys, "check", ort_file, "--runs", "1")
@@ -236,6 +238,8 @@ def test_inspect_text_shows_each_attention_node(capsys, py_file):
     code, out, _ = run_cli(capsys, "inspect", py_file)
     assert code == 0 and "attention nodes: 1" in out
     assert "\n  causal x1: dense (" in out   # mask, lowering, then why
+    # the names to give converters (onnx2tf -kat), with the dynamic batch as a named axis
+    assert "\ninputs: x float32 [batch, 20, 32]\noutputs: y float32 [batch, 20, 32]\n" in out, out
 
 
 def test_console_entry_point_runs():
