@@ -114,7 +114,7 @@ def _inspect_ir(path: Path) -> dict:
     ops = Counter(f"{op.get_type_info().version_id}::{op.get_type_name()}" for op in model.get_ordered_ops())
     rt_info = model.get_rt_info()
     options = rt_info["runtime_options"] if "runtime_options" in rt_info else {}
-    meta = formats.read_ir_metadata(model)
+    meta = header.metadata
     return {"file": str(path), "format": "openvino", "file_bytes": path.stat().st_size,
             "weights_bytes": path.with_suffix(".bin").stat().st_size, "ops": dict(sorted(ops.items())),
             "runtime_options": {k: v.astype(str) for k, v in options.items()},

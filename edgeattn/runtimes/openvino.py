@@ -48,7 +48,8 @@ class OpenVinoSession(Session):
         try:
             if not is_ir:
                 ov_model = to_openvino(model, runtime, core)
-            observed = ov_model.add_outputs(list(observe)) if observe else []
+            if observe:   # extra results, after the file's outputs
+                ov_model.add_outputs(list(observe))
             self.fused_sdpa = sum(op.get_type_name() == "ScaledDotProductAttention" for op in ov_model.get_ordered_ops())
             self.config = _config(core, device, metadata.get("precision", "fp32"), accuracy)
             self._compiled = core.compile_model(ov_model, device, self.config)
@@ -56,7 +57,7 @@ class OpenVinoSession(Session):
             raise EdgeAttnError(f"{path}: {e}") from e
         except Exception as e:
             raise EdgeAttnError(f"{path}: OpenVINO could not compile the model: {ov_error(e)}") from e
-        self._ports = [self._compiled.output(i) for i in range(len(self.outputs) + len(observed))]
+        self._ports = [self._compiled.output(i) for i in range(len(self.outputs) + len(observe))]
         self._names = [info.name for info in self.outputs] + list(observe)
         self._local = threading.local()  # an infer request is not thread-safe: one per calling thread
 
