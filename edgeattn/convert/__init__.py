@@ -1,0 +1,51 @@
+"""Existing models -> edgeattn: attention written for other libraries, moved onto edgeattn's tables and op.
+
+A user arrives with a model that exists: FlexAttention code, NATTEN modules, a Hugging Face transformers model.
+:func:`convert` finds what it knows in the module and moves it onto edgeattn, keeping the weights, so the result
+exports with :func:`edgeattn.export_onnx` and runs on onnxruntime and OpenVINO with the original's numbers.
+
+One converter per source, each a module of this package with ``convert(module, example_inputs, layout) ->
+list[str]``: it converts ``module`` in place and returns one line per thing it replaced (empty when it found
+nothing).  They run in :data:`CONVERTERS` order.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+from typing import Sequence
+
+import torch
+
+from ..errors import EdgeAttnError
+
+# module names of the converters, in the order they run
+CONVERTERS: list[str] = []
+
+
+def convert(module: torch.nn.Module, *example_inputs, layout: str = "auto", inplace: bool = False,
+            report: bool = False):
+    """``module`` with its attention on edgeattn tables, ready for :func:`edgeattn.export_onnx`.
+
+    ``example_inputs`` are the inputs the module will be exported with: tables are compiled for their shapes.
+    ``layout`` (auto, dense, blocked) is the table layout of converted layers.  The original is left untouched
+    unless ``inplace=True`` (as torch.ao's ``convert``).  ``report=True`` returns ``(module, lines)``, a line per
+    replaced attention.  A module in which no converter finds anything is an error that says what is supported."""
+    if not isinstance(module, torch.nn.Module):
+        raise EdgeAttnError(f"convert takes a torch.nn.Module, got {type(module).__name__}")
+    if layout not in ("auto", "dense", "blocked"):
+        raise EdgeAttnError(f"layout must be auto, dense or blocked, got {layout!r}")
+    target = module if inplace else copy.deepcopy(module)
+    lines: list[str] = []
+    for name in CONVERTERS:
+        converter = importlib.import_module(f"{__name__}.{name}")
+        lines += converter.convert(target, tuple(example_inputs), layout)
+    if not lines:
+        raise EdgeAttnError(
+            f"convert found nothing to convert in {type(module).__name__}: it converts NATTEN's "
+            f"NeighborhoodAttention1D/2D/3D modules, transformers models (Llama, Mistral, Gemma, Qwen, Swin, "
+            f"Mask2Former) and modules that call torch.nn.attention.flex_attention.flex_attention; build other "
+            f"attention from edgeattn.MaskedSelfAttention or edgeattn.masked_attention")
+    return (target, lines) if report else target
+
+
+__all__ = ["convert", "CONVERTERS"]
