@@ -15,6 +15,7 @@ import onnx
 import torch
 
 from .. import onnxfile
+from ..convert import flex
 from ..errors import EdgeAttnError, first_line
 from . import formats, graph, precision
 from .plan import applied
@@ -86,9 +87,10 @@ def export_checked(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
         example_inputs = [t if a is None or t.shape[a] != 1 else t.expand(*t.shape[:a], 2, *t.shape[a + 1:])
                           for t, a in zip(example_inputs, axes)]
     try:
-        # the plan switches the model's table layouts; a reduced-precision copy is made of the switched model
-        with torch.no_grad(), quiet(), applied(model.eval(), request.lowering, request.opset,
-                                                precision.name_prefix(request.dtype)) as plan:
+        # the plan switches the model's table layouts; a reduced-precision copy is made of the switched model;
+        # flex_attention calls of an unconverted model get tables for the time of the export
+        with torch.no_grad(), quiet(), flex.converted_for_export(model.eval(), example_inputs), \
+                applied(model, request.lowering, request.opset, precision.name_prefix(request.dtype)) as plan:
             traced = precision.in_dtype(model, request.dtype)
             # bf16 skips the exporter's optimizer: its constant folding goes through numpy (no bfloat16) and left
             # float32 Conv weights in bf16 graphs; the runtimes optimize the graph themselves
