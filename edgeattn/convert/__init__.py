@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-from typing import Sequence
-
 import torch
 
 from ..errors import EdgeAttnError

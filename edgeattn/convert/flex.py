@@ -27,15 +27,13 @@ import sys
 import threading
 import types
 import warnings
-from typing import Optional
-
 import torch
 from torch import nn
 
 from ..attention import attend
 from ..errors import EdgeAttnError
 from ..layers import MaskTable
-from ..masks.base import custom, evaluate, index_grid, Shape
+from ..masks.base import Shape, custom, evaluate, index_grid
 from ..onnxfile import TABLE_INPUTS
 
 # rows of the score grid a score_mod is probed on (first and last rows: enough to tell its form apart)
@@ -80,7 +78,7 @@ class FlexSite(nn.Module):
 
     def __init__(self, q, k, v, score_mod, block_mask, scale, enable_gqa: bool, layout: str):
         super().__init__()
-        B, heads, q_len, head_dim = q.shape
+        _, heads, q_len, head_dim = q.shape
         kv_heads, kv_len = k.shape[1], k.shape[2]
         if enable_gqa and heads % kv_heads:
             raise EdgeAttnError(f"flex_attention with enable_gqa needs query heads ({heads}) to be a multiple of "

@@ -215,7 +215,7 @@ def test_torch_compiled_flex_attention_is_converted_too():
                                                                                     device="cpu")))
     try:
         x = torch.randn(1, 2, 64, 16)
-        converted, lines = edgeattn.convert(module, x, report=True)
+        _, lines = edgeattn.convert(module, x, report=True)
         assert lines and "causal" in lines[0]
     finally:
         del globals()["_COMPILED"]
