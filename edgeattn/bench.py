@@ -52,14 +52,16 @@ class BenchRow:
 
 def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: Optional[Sequence[str]] = None,
         runs: int = 20, seed: int = 0, progress: Optional[Callable[[int, int, str], None]] = None,
-        precisions: Optional[Sequence[str]] = None, forms: Optional[Sequence[str]] = None) -> list[BenchRow]:
+        precisions: Optional[Sequence[str]] = None, forms: Optional[Sequence[str]] = None,
+        inputs: Optional[dict[str, str]] = None, trust_code: bool = False) -> list[BenchRow]:
     """Benchmark a registered model or an exported file (.onnx, .xml, .ort: as is) on each runtime that loads it.
 
     A model is exported with each of ``lowerings`` in each of ``precisions`` and ``forms`` (default: every lowering
-    in fp32, both forms; with precisions named, the auto lowering in each)."""
+    in fp32, both forms; with precisions named, the auto lowering in each).  A user's model ``module:callable``
+    takes ``inputs`` ({name: "SHAPE[:DTYPE]"}); a file exported from one is rebuilt only with ``trust_code``."""
     names = [n for n in (runtime_names or runtimes.available()) if not runtimes.get(n).reference]
     reference = [n for n, r in runtimes.RUNTIMES.items() if r.reference]
-    is_file = target not in models.REGISTRY
+    is_file = target not in models.REGISTRY and not models.user.is_spec(target)
     if is_file and not Path(target).exists():
         raise EdgeAttnError(f"{target!r} is neither a registered model ({', '.join(models.names())}) nor a file")
     if is_file and (lowerings or precisions or forms):
@@ -73,13 +75,13 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
         given = None   # a given file's header is read once, here; a model's files are exported below
         if is_file:   # (lowering, precision, opset, form, file)
             given = formats.header(target)
-            built, meta = models.from_metadata(given.metadata, target), given.metadata
+            built, meta = models.from_metadata(given.metadata, target, trust_code), given.metadata
             if not runtime_names:   # by default, the runtimes that load the file's format
                 names = [n for n in names if given.format in runtimes.get(n).file_formats]
             plan = [(meta.get("lowering", "?"), meta.get("precision", "fp32"), int(meta.get("opset", 0)),
                      formats.form_of(meta), Path(target))]
         else:
-            built = models.build(target, seed=seed)
+            built = models.build(target, seed=seed, **({"inputs": inputs} if inputs else {}))
             lowerings = lowerings or (["auto"] if precisions else LOWERING_CHOICES)
             plan = [(low, prec, default_opset(prec, BENCH_OPSET.get(low, DEFAULT_OPSET)), form, None)
                     for prec in precisions or ["fp32"] for low in lowerings for form in forms or FORMS]
@@ -89,11 +91,11 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
         for lowering, precision, opset, form, path in plan:
             export_s = None
             if path is None:
-                path = Path(tmp) / f"{target}-{lowering}-{precision}-{form}.onnx"
+                path = Path(tmp) / f"model-{lowering}-{precision}-{form}.onnx"
                 step(f"exporting {lowering} {precision} {form}", advance=False)
                 start = time.perf_counter()
-                export_onnx(built.module, inputs, path, opset=opset, lowering=lowering, runtimes=_targets(lowering),
-                            input_names=list(built.inputs), output_names=list(built.outputs),
+                export_onnx(built.exported, inputs, path, opset=opset, lowering=lowering, runtimes=_targets(lowering),
+                            input_names=list(built.inputs), output_names=list(built.outputs) or None,
                             metadata_props={"model": built.name, "config": built.config, "seed": built.seed},
                             dtype=precision if precision in DTYPES else "fp32",
                             quantize=precision if precision in QUANTIZE else None,

@@ -62,7 +62,7 @@ def cmd_export(args) -> int:
     if not args.check and (args.json or args.runs):
         raise EdgeAttnError("--runs and --json apply to the parity check; add --check")
     result = export_registered(args.model, args.output, seed=args.seed, opset=args.opset, custom_op=args.custom_op,
-                               format=args.format,
+                               format=args.format, **_user_inputs(args),
                                lowering=args.lowering, runtimes=args.runtime, dynamic_batch=args.dynamic_batch,
                                dtype=args.dtype, quantize=args.quantize, calibration=args.calibration,
                                calibration_samples=args.calibration_samples, check=args.check,
@@ -70,18 +70,31 @@ def cmd_export(args) -> int:
     return _report(parity.describe(result.path, result.metadata), result.parity) if args.check else 0
 
 
+def _user_inputs(args) -> dict:
+    """``--input`` for a user's model (module:callable); refused for a registered one, which has its own."""
+    if not models.user.is_spec(args.model):
+        if args.input:
+            raise EdgeAttnError(f"--input is for a model of your own (module:callable); {args.model} has its "
+                                f"example inputs")
+        return {}
+    return {"inputs": models.user.parse_inputs(args.input)}
+
+
 def cmd_check(args) -> int:
     names = parity.check_available(args.runtime) if args.runtime else None
     results = parity.check_file(args.file, names, runs=args.runs or DEFAULT_RUNS, report=args.json,
-                                progress=lambda n: _log(f"checking on {n} ..."), inputs=args.inputs)
+                                progress=lambda n: _log(f"checking on {n} ..."), inputs=args.inputs,
+                                trust_code=args.trust_code)
     return _report(parity.describe_check(args.file, results), results)
 
 
 def cmd_bench(args) -> int:
     bench.check_outputs(args.json, args.markdown, args.plot)
     names = parity.check_available(args.runtime) if args.runtime else None
+    args.model = args.target
     rows = bench.run(args.target, names, args.lowering, runs=args.runs or DEFAULT_RUNS, seed=args.seed,
-                     progress=bench.progress_bar(), precisions=args.precision, forms=args.form)
+                     progress=bench.progress_bar(), precisions=args.precision, forms=args.form,
+                     inputs=_user_inputs(args).get("inputs"), trust_code=args.trust_code)
     print(bench.format_table(rows))
     if args.json:
         bench.write_json(rows, args.json)
@@ -157,6 +170,16 @@ def _parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_masks_show)
     sub.add_parser("runtimes", help="list runtimes and whether they can run here").set_defaults(func=cmd_runtimes)
 
+    def user_inputs(cmd):
+        cmd.add_argument("--input", action="append", metavar="NAME=SHAPE[:DTYPE]",
+                         help="an input of your own model, repeatable, in forward()'s order: x=1x3x224x224, "
+                              "input_ids=1x128:int64 (floats normal, integers in [0, 100), from --seed)")
+
+    def trust_code(cmd):
+        cmd.add_argument("--trust-code", action="store_true",
+                         help="a file exported from your own model (module:callable): import and run that code to "
+                              "rebuild the PyTorch reference (default: its runtimes are compared with each other)")
+
     def gate_options(cmd, targets=""):
         cmd.add_argument("--runtime", action="append", metavar="NAME",
                          help=f"runtime {targets}to check on, repeatable ({', '.join(runtimes.runtime_names())}); "
@@ -166,7 +189,10 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--json", metavar="FILE", help="write the parity results as a JSON list")
 
     e = sub.add_parser("export", help="export a reference model to ONNX, OpenVINO IR or the ORT format")
-    e.add_argument("model", help="registered model name (see `edgeattn models`)")
+    e.add_argument("model", help="registered model name (see `edgeattn models`), or your own model as "
+                                 "package.module:callable or path/to/file.py:callable (an nn.Module, or a function "
+                                 "returning one; FlexAttention, NATTEN and transformers attention are converted)")
+    user_inputs(e)
     e.add_argument("-o", "--output", required=True,
                    help="output path: .onnx, .xml (OpenVINO IR, with its .bin) or .ort (ORT format)")
     e.add_argument("--format", choices=list(formats.FORMATS),
@@ -200,7 +226,10 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time a model with every lowering (or a file) on each runtime, in one table")
     b.add_argument("target", metavar="MODEL_OR_FILE",
-                   help="registered model name or a file from `edgeattn export` (.onnx, .xml, .ort)")
+                   help="registered model name, your own model (module:callable, with --input) or a file from "
+                        "`edgeattn export` (.onnx, .xml, .ort)")
+    user_inputs(b)
+    trust_code(b)
     b.add_argument("--runtime", action="append", metavar="NAME",
                    help="ONNX runtime to time, repeatable; default: every available one")
     b.add_argument("--lowering", action="append", choices=LOWERING_CHOICES,
@@ -232,6 +261,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--inputs", metavar="FILE.npz",
                    help="inputs to feed, one array per input name (numpy.savez(FILE, name=array, ...)); default: "
                         "the model's example inputs, or generated ones (normal floats, small ints, batch 1)")
+    trust_code(c)
     gate_options(c)
     c.set_defaults(func=cmd_check)
     return p

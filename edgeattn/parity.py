@@ -162,12 +162,15 @@ def modulo_ties(runtime, path, feeds, module, tol, accuracy: bool, metrics: dict
 
 
 def check_file(path, runtime_names: Optional[Sequence[str]] = None, runs: int = 20,
-               progress: Optional[Callable[[str], None]] = None, report=None, inputs=None) -> list[ParityResult]:
+               progress: Optional[Callable[[str], None]] = None, report=None, inputs=None,
+               trust_code: bool = False) -> list[ParityResult]:
     """What ``edgeattn check`` runs.  A file from ``edgeattn export`` names its registered model in its metadata: the
     model is rebuilt and every runtime compared with it (the torch reference runtime's row times eager PyTorch; its
     error is 0 by construction).  Any other file (exported from Python, or from elsewhere) has no PyTorch model to
     rebuild, so its runtimes are compared with each other (:func:`compare_runtimes`); to compare it with the module
-    it came from, call :func:`compare_model` from Python.
+    it came from, call :func:`compare_model` from Python.  A file exported from a user's own model
+    (``module:callable``) is compared with it only with ``trust_code=True`` (rebuilding it runs that code), with
+    its runtimes otherwise.
 
     ``inputs``: an ``.npz`` path or a mapping of input name -> array, fed to every runtime (and the torch reference);
     default: the registered model's example inputs, or :func:`generated_feeds`.  ``report``: a JSON path for the
@@ -178,10 +181,10 @@ def check_file(path, runtime_names: Optional[Sequence[str]] = None, runs: int = 
         check_writable(report)
     file = formats.header(path)
     feeds = None if inputs is None else load_inputs(inputs, file)
-    if "model" not in file.metadata:
+    if "model" not in file.metadata or (models.user.is_spec(file.metadata["model"]) and not trust_code):
         results = compare_runtimes(path, feeds, runtime_names, runs, progress, file=file)
     else:
-        built = models.from_metadata(file.metadata, path)
+        built = models.from_metadata(file.metadata, path, trust_code)
         example = (list(built.inputs.values()) if feeds is None
                    else [torch.from_numpy(feeds[info.name]) for info in file.inputs])
         results = compare_model(built.module, example, path, runtime_names, runs, progress, file=file)

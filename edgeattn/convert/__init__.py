@@ -21,13 +21,14 @@ CONVERTERS: list[str] = ["flex"]
 
 
 def convert(module: torch.nn.Module, *example_inputs, layout: str = "auto", inplace: bool = False,
-            report: bool = False):
+            report: bool = False, strict: bool = True):
     """``module`` with its attention on edgeattn tables, ready for :func:`edgeattn.export_onnx`.
 
     ``example_inputs`` are the inputs the module will be exported with: tables are compiled for their shapes.
     ``layout`` (auto, dense, blocked) is the table layout of converted layers.  The original is left untouched
     unless ``inplace=True`` (as torch.ao's ``convert``).  ``report=True`` returns ``(module, lines)``, a line per
-    replaced attention.  A module in which no converter finds anything is an error that says what is supported."""
+    replaced attention.  A module in which no converter finds anything is an error that says what is supported
+    (``strict=False``: it is returned as it is, e.g. one already built from edgeattn's layers)."""
     if not isinstance(module, torch.nn.Module):
         raise EdgeAttnError(f"convert takes a torch.nn.Module, got {type(module).__name__}")
     if layout not in ("auto", "dense", "blocked"):
@@ -37,7 +38,7 @@ def convert(module: torch.nn.Module, *example_inputs, layout: str = "auto", inpl
     for name in CONVERTERS:
         converter = importlib.import_module(f"{__name__}.{name}")
         lines += converter.convert(target, tuple(example_inputs), layout)
-    if not lines:
+    if not lines and strict:
         raise EdgeAttnError(
             f"convert found nothing to convert in {type(module).__name__}: it converts NATTEN's "
             f"NeighborhoodAttention1D/2D/3D modules, transformers models (Llama, Mistral, Gemma, Qwen, Swin, "

@@ -34,7 +34,7 @@ def export_registered(name: str, path, *, seed: int = 0, opset: Optional[int] = 
     if report is not None:
         check_writable(report)
     check_on = parity.check_available(runtimes) if check and runtimes else None
-    built = models.build(name, seed=seed, **config)
+    built = models.build(name, seed=seed, **config)   # a user's model (module:callable) is converted here
     if request.quantize == "int8-static":
         if isinstance(calibration, (str, Path)):
             calibration = precision.load_calibration(calibration, list(built.inputs))
@@ -43,9 +43,9 @@ def export_registered(name: str, path, *, seed: int = 0, opset: Optional[int] = 
     if progress:
         progress(f"exporting {name} -> {path} (opset {request.opset}, lowering {lowering}, {dtype}"
                  f"{', ' + quantize if quantize else ''}{', custom op' if custom_op else ''}, {request.format})")
-    result = export_checked(built.module, list(built.inputs.values()), path, request,
+    result = export_checked(built.exported, list(built.inputs.values()), path, request,
                             batch_axes=[built.batch_axes.get(k, 0) for k in built.inputs] if dynamic_batch else None,
-                            input_names=list(built.inputs), output_names=list(built.outputs),
+                            input_names=list(built.inputs), output_names=list(built.outputs) or None,
                             metadata_props={"model": name, "config": built.config, "seed": seed},
                             calibration=calibration)
     if progress:
@@ -62,8 +62,12 @@ def calibration_feeds(built, count: int = precision.DEFAULT_CALIBRATION_SAMPLES)
     """int8-static calibration feeds for a registered model: its example inputs drawn with the next seeds."""
     from .. import models
 
-    return [{k: v.numpy() for k, v in models.example_inputs(built.name, built.seed + 1 + i, **built.config).items()}
-            for i in range(count)]
+    def draw(seed):
+        if models.user.is_spec(built.name):
+            return models.user.example_inputs(built.config["inputs"], seed)
+        return models.example_inputs(built.name, seed, **built.config)
+
+    return [{k: v.numpy() for k, v in draw(built.seed + 1 + i).items()} for i in range(count)]
 
 
 def _summary(result: ExportResult) -> str:

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import EdgeAttnError
+from . import user
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,13 @@ class BuiltModel:
     config: dict
     seed: int
     batch_axes: dict = field(default_factory=dict)
+    # a user's model: the module edgeattn.convert made of ``module`` (which stays the PyTorch reference)
+    converted: Optional[torch.nn.Module] = None
+
+    @property
+    def exported(self) -> torch.nn.Module:
+        """The module to export: the converted one for a user's model, else the model itself."""
+        return self.module if self.converted is None else self.converted
 
 
 REGISTRY: dict[str, ModelSpec] = {}
@@ -52,6 +60,10 @@ def names() -> list[str]:
 
 
 def build(name: str, seed: int = 0, **overrides) -> BuiltModel:
+    """The registered model ``name`` (config ``overrides``), or a user's model ``module:callable`` with
+    ``inputs={name: "SHAPE[:DTYPE]"}`` (see :mod:`.user`), weights and inputs drawn from ``seed``."""
+    if user.is_spec(name):
+        return _build_user(name, seed, **overrides)
     if name not in REGISTRY:
         raise EdgeAttnError(f"unknown model {name!r}; choose one of: {', '.join(names())} (see `edgeattn models`)")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
@@ -67,6 +79,19 @@ def build(name: str, seed: int = 0, **overrides) -> BuiltModel:
     return BuiltModel(name, module, example_inputs(name, seed, **config), spec.outputs, config, seed, spec.batch_axes)
 
 
+def _build_user(spec: str, seed: int, inputs=None, **unknown) -> BuiltModel:
+    if unknown:
+        raise EdgeAttnError(f"a model of your own takes no config keys, got {sorted(unknown)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise EdgeAttnError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    specs = user.parse_inputs(f"{k}={v}" for k, v in (inputs or {}).items())
+    tensors = user.example_inputs(specs, seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        module, converted = user.build_module(spec, tensors)
+    return BuiltModel(spec, module, tensors, (), {"inputs": specs}, seed, converted=converted)
+
+
 def example_inputs(name: str, seed: int = 0, **config) -> dict[str, torch.Tensor]:
     """The registered model's example inputs for ``seed`` (without building the model)."""
     spec = REGISTRY[name]
@@ -75,12 +100,16 @@ def example_inputs(name: str, seed: int = 0, **config) -> dict[str, torch.Tensor
             for k, make in spec.inputs(**{**spec.config, **config}).items()}
 
 
-def from_metadata(meta: dict, path) -> BuiltModel:
-    """Rebuild the registered model an exported file (at ``path``) came from, using its ``edgeattn.*`` metadata."""
+def from_metadata(meta: dict, path, trust_code: bool = False) -> BuiltModel:
+    """Rebuild the registered model an exported file (at ``path``) came from, using its ``edgeattn.*`` metadata.
+    A user's model (``module:callable``) runs the user's code: only with ``trust_code=True``."""
     if "model" not in meta:
         raise EdgeAttnError(f"{path}: has no edgeattn reference-model metadata (it was not exported by `edgeattn "
                             f"export`), so there is no torch model to rebuild; `edgeattn check` compares its "
                             f"runtimes with each other, edgeattn.parity.compare_model with its module from Python")
+    if user.is_spec(meta["model"]) and not trust_code:
+        raise EdgeAttnError(f"{path}: was exported from your model {meta['model']}; rebuilding it runs that code, "
+                            f"so pass --trust-code (trust_code=True) to compare with it")
     return build(meta["model"], seed=int(meta.get("seed", 0)), **meta.get("config", {}))
 
 
@@ -90,7 +119,8 @@ def _register_all() -> None:
     import pkgutil
 
     for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
+        if info.name != "user":
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 _register_all()
