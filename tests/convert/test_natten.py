@@ -114,11 +114,14 @@ def test_converted_module_matches_the_original(case):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_dense_layout_and_grads():
-    model = nn.Sequential(legacy(2, 3, dilation=2))
+def test_dense_layout_shared_module_and_grads():
+    shared = legacy(2, 3, dilation=2)
+    model = nn.Sequential(shared, shared)   # one module under two names: replaced under both by one layer
     x = torch.randn(1, 8, 8, DIM)
-    converted = edgeattn.convert(model.eval(), x, layout="dense").train()
-    assert converted[0].table.layout == "dense"
+    converted, lines = edgeattn.convert(model.eval(), x, layout="dense", report=True)
+    assert [line.split(":")[0] for line in lines] == ["0", "1"] and converted[0] is converted[1]
+    assert converted[0].table.layout == "dense" and "(8x8, dense)" in lines[0]
+    converted.train()
     torch.testing.assert_close(converted(x), model(x), atol=1e-5, rtol=1e-5)
     converted(x).square().sum().backward()   # the replaced layer trains: rpb gets its gradient through the table
     assert converted[0].rpb.grad is not None and converted[0].rpb.grad.abs().sum() > 0
