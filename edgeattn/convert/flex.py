@@ -176,7 +176,8 @@ class FlexCalls(nn.Module):
              return_lse=False, kernel_options=None, *, return_aux=None):
         if return_lse or return_aux is not None:
             raise EdgeAttnError("a converted flex_attention returns the attention output only: return_lse and "
-                                "return_aux (log-sum-exp, max scores) are not supported")
+                                "return_aux (log-sum-exp, max scores) are not supported (NATTEN's modules ask for "
+                                "them: convert a NATTEN model with edgeattn.convert(model, *inputs) before export)")
         if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
             raise EdgeAttnError(f"flex_attention takes 4-D (B, H, N, D) query/key/value, got {query.dim()}-D")
         if self.recording:
