@@ -267,11 +267,13 @@ def _score_parts(score_mod, heads: int, shape: Shape, name: str):
     with torch.no_grad():
         change = call(score) - base
         softcap = None
-        if not torch.allclose(change, score[0].expand_as(change), rtol=1e-5, atol=1e-5):
+        # float rounding of score + bias is relative to the larger of the two
+        slack = 1e-5 * (1 + base.abs() + score[0].abs())
+        if not ((change - score[0]).abs() <= slack).all():
             cap = float((call(torch.full((), 1e6)) - base).mean())
             softcap = cap if cap > 0 and math.isfinite(cap) else None
             capped = None if softcap is None else softcap * torch.tanh(score[0] / softcap)
-            if capped is None or not torch.allclose(change, capped.expand_as(change), rtol=1e-4, atol=1e-5):
+            if capped is None or not ((change - capped).abs() <= slack).all():
                 raise EdgeAttnError(
                     f"{what} changes the score in a way edgeattn cannot carry: it supports adding a function of "
                     f"(b, h, q_idx, kv_idx) (ALiBi, relative biases) and tanh soft-capping (c * tanh(score / c)) "
