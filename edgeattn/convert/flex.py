@@ -142,10 +142,12 @@ class FlexCalls(nn.Module):
         self.next = 0
         self.recording = True
         self.code_modules: list[str] = []
+        self.code_cells: list = []
 
     def attach(self, module: nn.Module) -> None:
         # where the model's code lives: names bound to flex_attention there are looked up on every forward
         self.code_modules = sorted({type(m).__module__ for m in module.modules()})
+        self.code_cells = _closure_cells({type(m) for m in module.modules()})
         module.add_module(SITES, self)
         module.register_forward_pre_hook(self._enter)
         module.register_forward_hook(self._exit, always_call=True)
@@ -298,6 +300,7 @@ class _Router:
         self.lock = threading.Lock()
         self.active = 0
         self.saved: list = []
+        self.saved_cells: list = []
         self.scanned = -1
         self.bindings: list = []
 
@@ -306,7 +309,7 @@ class _Router:
         stack.append(calls)
         with self.lock:
             if self.active == 0:
-                self._patch(calls.code_modules)
+                self._patch(calls.code_modules, calls.code_cells)
             self.active += 1
 
     def pop(self, calls: FlexCalls) -> None:
@@ -324,7 +327,7 @@ class _Router:
             return _original()(*args, **kwargs)
         return stack[-1].call(*args, **kwargs)
 
-    def _patch(self, code_modules) -> None:
+    def _patch(self, code_modules, cells) -> None:
         original = _original()
         if len(sys.modules) != self.scanned:   # every loaded module, again when more were loaded
             self.scanned = len(sys.modules)
@@ -337,11 +340,17 @@ class _Router:
         self.saved = [(space, name, space[name]) for space, name in bindings.values() if name in space]
         for space, name, _ in self.saved:
             space[name] = self.route
+        # and the model's methods that captured it from an enclosing function
+        self.saved_cells = [(cell, cell.cell_contents) for cell in cells if _is_flex(cell.cell_contents, original)]
+        for cell, _ in self.saved_cells:
+            cell.cell_contents = self.route
 
     def _restore(self) -> None:
         for space, name, value in self.saved:
             space[name] = value
-        self.saved = []
+        for cell, value in self.saved_cells:
+            cell.cell_contents = value
+        self.saved, self.saved_cells = [], []
 
 
 def _bindings(original, modules) -> list:
@@ -350,9 +359,33 @@ def _bindings(original, modules) -> list:
     for module in list(modules):
         space = getattr(module, "__dict__", None)
         if isinstance(space, dict):
-            found += [(space, name) for name, value in list(space.items())
-                      if value is original or _compiled_from(value) is original]
+            found += [(space, name) for name, value in list(space.items()) if _is_flex(value, original)]
     return found
+
+
+def _is_flex(value, original) -> bool:
+    return value is original or _compiled_from(value) is original
+
+
+def _closure_cells(classes) -> list:
+    """The closure cells of the methods of ``classes`` (torch's own excluded): where a model defined in a function
+    holds flex_attention."""
+    cells = []
+    for cls in classes:
+        for klass in cls.__mro__:
+            if klass.__module__.startswith("torch."):
+                continue
+            for fn in vars(klass).values():
+                cells += [c for c in getattr(fn, "__closure__", None) or () if _cell_filled(c)]
+    return cells
+
+
+def _cell_filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:   # an empty cell
+        return False
+    return True
 
 
 def _compiled_from(value):
