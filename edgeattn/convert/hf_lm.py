@@ -228,3 +228,109 @@ def _label(pattern: torch.Tensor) -> str:
     if torch.equal(pattern, (kv <= q) & (kv > q - window)):
         return f"sliding_window_{window}"
     return "mask"
+
+
+# ----------------------------------------------------------------------------- export: prefill and decode step
+class ExportCache:
+    """A functional static cache that transformers' layers update while export traces them (no in-place state).
+
+    Prefill (``position`` None): attention sees the prompt's own keys (the static tables) and the cache comes out
+    padded to ``max_len``.  Decode (``position`` a (1,) tensor): each layer writes its new key/value at that slot
+    of the past (1, kv_heads, max_len, head_dim) tensors and attends over all of them through the mask transformers
+    builds from the query offset, so slots after the position (zeros or stale) are masked out."""
+
+    def __init__(self, max_len: int, position: Optional[torch.Tensor] = None, keys=(), values=()):
+        self.max_len, self.position = max_len, position
+        self.keys, self.values = list(keys), list(values)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.position is None:
+            pad = (0, 0, 0, self.max_len - key.shape[2])
+            self.keys.append(nn.functional.pad(key, pad))
+            self.values.append(nn.functional.pad(value, pad))
+            return key, value
+        slot = (torch.arange(self.max_len, device=key.device) == self.position).view(1, 1, -1, 1)
+        self.keys[layer_idx] = torch.where(slot, key, self.keys[layer_idx])
+        self.values[layer_idx] = torch.where(slot, value, self.values[layer_idx])
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0):
+        return 0 if self.position is None else self.position
+
+    def get_query_offset(self, layer_idx: int = 0):
+        return self.get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return (query_length if self.position is None else self.max_len), 0
+
+    def outputs(self) -> list[torch.Tensor]:
+        return [t for pair in zip(self.keys, self.values) for t in pair]
+
+
+class Prefill(nn.Module):
+    """input_ids (1, L) -> logits (1, L, V), then each layer's key and value (1, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, model: nn.Module, max_len: int):
+        super().__init__()
+        self.model, self.max_len = model, max_len
+
+    def forward(self, input_ids: torch.Tensor):
+        cache = ExportCache(self.max_len)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        logits = self.model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True).logits
+        return (logits, *cache.outputs())
+
+
+class DecodeStep(nn.Module):
+    """input_ids (1, 1), cache_position (1,), past keys and values -> logits (1, 1, V), updated keys and values."""
+
+    def __init__(self, model: nn.Module, max_len: int):
+        super().__init__()
+        self.model, self.max_len = model, max_len
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor, *past: torch.Tensor):
+        cache = ExportCache(self.max_len, cache_position, past[0::2], past[1::2])
+        logits = self.model(input_ids=input_ids, position_ids=cache_position[None], cache=cache,
+                            use_cache=True).logits
+        return (logits, *cache.outputs())
+
+
+def cache_names(layers: int, prefix: str) -> list[str]:
+    """Optimum's names: ``past_key_values.N.key`` / ``.value`` (inputs), ``present.N.key`` / ``.value`` (outputs)."""
+    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def export_lm(model: nn.Module, prompt_len: int, max_cache_len: int, folder, layout: str = "auto",
+              **export_kwargs) -> tuple[Path, Path]:
+    """Export a transformers causal LM as ``prefill.onnx`` and ``decode.onnx`` in ``folder`` for greedy generation
+    with a static cache of ``max_cache_len`` tokens.
+
+    prefill: ``input_ids`` (1, prompt_len) -> ``logits`` (1, prompt_len, vocab), ``present.N.key/value`` (1,
+    kv_heads, max_cache_len, head_dim), the prompt's keys in the first prompt_len slots.  decode: ``input_ids``
+    (1, 1), ``cache_position`` (1,) (the token's position: prompt_len for the first step), ``past_key_values.N
+    .key/value`` -> ``logits`` (1, 1, vocab) and the ``present.N.key/value`` to feed to the next step.  The prefill
+    attends through static tables (see :func:`convert`), the decode step over a mask computed from cache_position.
+    ``export_kwargs`` go to :func:`edgeattn.export_onnx` (opset, lowering, runtimes...)."""
+    from . import convert as convert_module
+    from ..export import export_onnx
+
+    if not is_causal_lm(model):
+        raise EdgeAttnError(f"export_lm exports transformers causal LMs (AutoModelForCausalLM), got "
+                            f"{type(model).__name__}")
+    if not (isinstance(prompt_len, int) and isinstance(max_cache_len, int) and 0 < prompt_len < max_cache_len):
+        raise EdgeAttnError(f"export_lm needs integers 0 < prompt_len < max_cache_len (the cache holds the prompt "
+                            f"and the generated tokens), got prompt_len={prompt_len!r}, max_cache_len={max_cache_len!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    prompt = torch.zeros((1, prompt_len), dtype=torch.long)
+    converted = convert_module(model, prompt, layout=layout).eval()
+    layers = converted.config.get_text_config().num_hidden_layers
+    with torch.no_grad():   # example past keys/values: the shapes the prefill returns
+        past = [torch.zeros_like(t) for t in Prefill(converted, max_cache_len)(prompt)[1:]]
+    export_onnx(Prefill(converted, max_cache_len), (prompt,), folder / "prefill.onnx", input_names=["input_ids"],
+                output_names=["logits", *cache_names(layers, "present")], **export_kwargs)
+    step = (torch.zeros((1, 1), dtype=torch.long), torch.tensor([prompt_len]), *past)
+    export_onnx(DecodeStep(converted, max_cache_len), step, folder / "decode.onnx",
+                input_names=["input_ids", "cache_position", *cache_names(layers, "past_key_values")],
+                output_names=["logits", *cache_names(layers, "present")], **export_kwargs)
+    return folder / "prefill.onnx", folder / "decode.onnx"
