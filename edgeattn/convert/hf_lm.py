@@ -215,6 +215,9 @@ def convert(module: nn.Module, example_inputs: tuple, layout: str) -> list[str]:
         lines.append(f"{name}: transformers {type(m).__name__} -> edgeattn {table.mask.name} "
                      f"({input_ids.shape[1]} tokens, {table.layout})")
     module.edgeattn_masks = nn.ModuleDict({t.mask.name: t for t in tables.values()})
+    # a plain forward returns logits only, so export_onnx(model, (input_ids,)) writes input_ids -> logits (a
+    # transformers cache is no output a graph can have); generate() keeps its cache (generation_config.use_cache)
+    module.config.use_cache = False
     return lines
 
 
@@ -311,8 +314,8 @@ def export_lm(model: nn.Module, prompt_len: int, max_cache_len: int, folder, lay
     .key/value`` -> ``logits`` (1, 1, vocab) and the ``present.N.key/value`` to feed to the next step.  The prefill
     attends through static tables (see :func:`convert`), the decode step over a mask computed from cache_position.
     ``export_kwargs`` go to :func:`edgeattn.export_onnx` (opset, lowering, runtimes...)."""
-    from . import convert as convert_module
     from ..export import export_onnx
+    from . import convert as convert_module
 
     if not is_causal_lm(model):
         raise EdgeAttnError(f"export_lm exports transformers causal LMs (AutoModelForCausalLM), got "
