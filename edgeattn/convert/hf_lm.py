@@ -12,6 +12,10 @@ example length, compiles one :class:`~edgeattn.layers.MaskTable` per distinct ma
 export's plan sees and lowers them: blocked for sparse sliding windows) and from then on a prefill of that length
 attends through the tables.  Any other call (another length, a cache offset, padding) attends over the dense mask,
 which export keeps as a graph computation: that is how the static-cache decode step of :func:`export_lm` works.
+
+Export a converted model with :func:`export_lm` (or its :class:`Prefill` wrapper) to get the tables in the file: a
+plain ``export_onnx(model, (input_ids,))`` is correct but computes its masks in the graph, since under tracing
+transformers cannot tell whether position ids pack several sequences and wraps the mask in a packing test.
 """
 from __future__ import annotations
 
