@@ -1,0 +1,343 @@
+"""transformers causal LMs -> edgeattn: an ``"edgeattn"`` attention implementation with static prefill tables.
+
+Importing edgeattn registers ``"edgeattn"`` in transformers' ``AttentionInterface`` (the attention function) and
+``AttentionMaskInterface`` (what a model's ``create_causal_mask`` / ``create_sliding_window_causal_mask`` return),
+so ``AutoModelForCausalLM.from_config(config, attn_implementation="edgeattn")`` works.  Importing transformers'
+modeling code takes seconds, so registration waits until transformers imports it (an import hook), and users who
+never touch transformers pay nothing.
+
+The mask interface hands the attention function the mask function transformers composed (causal, sliding window,
+padding...), its key (see :func:`mask_key`) and the dense boolean mask.  :func:`convert` runs the model once at the
+example length, compiles one :class:`~edgeattn.layers.MaskTable` per distinct mask (``model.edgeattn_masks``, so
+export's plan sees and lowers them: blocked for sparse sliding windows) and from then on a prefill of that length
+attends through the tables.  Any other call (another length, a cache offset, padding) attends over the dense mask,
+which export keeps as a graph computation: that is how the static-cache decode step of :func:`export_lm` works.
+
+Export a converted model with :func:`export_lm` (or its :class:`Prefill` wrapper) to get the tables in the file: a
+plain ``export_onnx(model, (input_ids,))`` is correct but computes its masks in the graph, since under tracing
+transformers cannot tell whether position ids pack several sequences and wraps the mask in a packing test.
+"""
+from __future__ import annotations
+
+import contextvars
+import importlib.abc
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..attention import masked_attention
+from ..errors import EdgeAttnError
+from ..layers import MaskTable
+from ..masks.base import custom
+
+NAME = "edgeattn"
+# convert's calibration run: attention module -> the HFMask it attended with
+_RECORDING: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("edgeattn_hf_recording", default=None)
+
+
+@dataclass(frozen=True, eq=False)
+class HFMask:
+    """What the mask interface returns: transformers' mask function, its key when it is a static pattern of the
+    positions only (None when it depends on the input: padding, a cache offset), and the dense (B, 1, Nq, Nkv) mask."""
+
+    mask_function: Callable
+    key: Optional[tuple]
+    dense: torch.Tensor
+
+
+def mask_key(fn) -> Optional[tuple]:
+    """A hashable identity of a mask function built from transformers' factories (closures over ints and other
+    mask functions): equal keys mean the same pattern.  None when it captures anything else (a padding tensor)."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    parts: list = [code]
+    for cell in fn.__closure__ or ():
+        value = cell.cell_contents
+        values = value if isinstance(value, tuple) else (value,)
+        for v in values:
+            if isinstance(v, (bool, int, float, str, type(None))):
+                parts.append(v)
+            elif callable(v) and (sub := mask_key(v)) is not None:
+                parts.append(sub)
+            else:
+                return None
+    return tuple(parts)
+
+
+def edgeattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                  mask_function: Optional[Callable] = None, attention_mask: Optional[torch.Tensor] = None,
+                  **kwargs) -> HFMask:
+    """transformers' mask interface: the mask as an :class:`HFMask`."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    mask_function = mask_function or causal_mask_function
+    kwargs.pop("allow_is_causal_skip", None)   # we always need the mask itself, never sdpa's is_causal shortcut
+    kwargs.pop("allow_is_bidirectional_skip", None)
+    dense = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                      allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs)
+    # a static table covers a prefill from position 0 without padding; anything else depends on the input
+    static = _no_padding(attention_mask) and isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset == 0 and \
+        q_length == kv_length
+    return HFMask(mask_function, mask_key(mask_function) if static else None, dense)
+
+
+def _no_padding(attention_mask: Optional[torch.Tensor]) -> bool:
+    """No 2-D padding mask, or one of all ones looked at in eager mode (a traced one is an input: it may pad)."""
+    if attention_mask is None:
+        return True
+    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        return False
+    return bool(attention_mask.all())
+
+
+def edgeattn_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask, scaling: Optional[float] = None, dropout: float = 0.0,
+                       softcap: Optional[float] = None, **kwargs):
+    """transformers' attention interface: q (B, H, Nq, D), k/v (B, Hkv, Nkv, D) -> ((B, Nq, H, D), None)."""
+    where = type(module).__name__
+    if softcap is not None:
+        raise EdgeAttnError(f"{where} soft-caps its attention scores (softcap={softcap}), which edgeattn's "
+                            f"attention does not apply yet; use attn_implementation='eager' for this model")
+    if dropout and module.training:
+        raise EdgeAttnError(f"{where} asks for attention dropout {dropout} in training mode; edgeattn's attention "
+                            f"is for inference and export: call model.eval()")
+    if kwargs.get("output_attentions"):
+        raise EdgeAttnError("edgeattn's attention does not return attention weights; use attn_implementation="
+                            "'eager' for output_attentions=True")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:   # grouped-query attention: each key/value head serves `groups` consecutive query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    if isinstance(attention_mask, HFMask):
+        table = getattr(module, "_edgeattn_tables", {}).get(attention_mask.key)
+        if table is not None and (query.shape[2], key.shape[2]) == (table.shape.q_len, table.shape.kv_len):
+            out = table(query, key, value, scale=scaling)
+        else:
+            recording = _RECORDING.get()
+            if recording is not None:
+                recording[module] = attention_mask
+            out = masked_attention(query, key, value, attention_mask.dense, scale=scaling)
+    elif isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
+        out = masked_attention(query, key, value, attention_mask, scale=scaling)
+    else:
+        got = "no mask" if attention_mask is None else f"a {type(attention_mask).__name__}"
+        raise EdgeAttnError(f"{where} got {got} as its attention mask; edgeattn needs the mask transformers builds "
+                            f"through its mask interface (pass a 2-D attention_mask of 0/1, or a 4-D boolean one)")
+    return out.transpose(1, 2).contiguous(), None
+
+
+# ----------------------------------------------------------------------------- registration
+_WATCHED = ("transformers.masking_utils", "transformers.modeling_utils")
+
+
+def register() -> bool:
+    """Register ``"edgeattn"`` with whichever of transformers' interfaces are imported; True once both are."""
+    masking, modeling = (sys.modules.get(name) for name in _WATCHED)
+    if masking is not None and hasattr(masking, "AttentionMaskInterface"):
+        masking.AttentionMaskInterface.register(NAME, edgeattn_mask)
+    if modeling is not None and hasattr(modeling, "AttentionInterface"):
+        modeling.AttentionInterface.register(NAME, edgeattn_attention)
+    return NAME in getattr(masking, "ALL_MASK_ATTENTION_FUNCTIONS", {}) and \
+        NAME in getattr(modeling, "ALL_ATTENTION_FUNCTIONS", {})
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Registers right after transformers executes a watched module; finds nothing itself."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in _WATCHED:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                run = spec.loader.exec_module
+
+                def exec_module(module, run=run):
+                    run(module)
+                    if register() and self in sys.meta_path:
+                        sys.meta_path.remove(self)
+
+                spec.loader.exec_module = exec_module
+                return spec
+        return None
+
+
+def install() -> None:
+    """Register now if transformers' modeling code is imported, else as soon as it is."""
+    if not register() and not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
+# ----------------------------------------------------------------------------- convert
+def is_causal_lm(module: nn.Module) -> bool:
+    transformers = sys.modules.get("transformers")   # not imported: the module cannot be one of its models
+    return transformers is not None and isinstance(module, transformers.PreTrainedModel) and \
+        module.can_generate() and not getattr(module.config, "is_encoder_decoder", False)
+
+
+def convert(module: nn.Module, example_inputs: tuple, layout: str) -> list[str]:
+    """Switch a transformers causal LM to ``"edgeattn"`` and compile its prefill tables for the example length."""
+    if not is_causal_lm(module):
+        return []
+    if len(example_inputs) != 1 or not isinstance(example_inputs[0], torch.Tensor) or example_inputs[0].ndim != 2 \
+            or example_inputs[0].is_floating_point():
+        raise EdgeAttnError(f"convert takes one example input for {type(module).__name__}: input_ids, an integer "
+                            f"tensor (batch, prompt_len); tables are compiled for that prompt length")
+    input_ids = example_inputs[0]
+    module.set_attn_implementation(NAME)
+    recorded: dict = {}
+    token = _RECORDING.set(recorded)
+    try:
+        with torch.no_grad():
+            module(input_ids=input_ids, use_cache=False)
+    finally:
+        _RECORDING.reset(token)
+    tables: dict = {}   # mask key -> MaskTable
+    lines = []
+    for name, m in module.named_modules():
+        if m not in recorded:
+            continue
+        mask = recorded[m]
+        if mask.key is None:
+            raise EdgeAttnError(f"{name} ({type(m).__name__}) attends with a mask that depends on the input "
+                                f"(padding, token types), which a static table cannot hold")
+        if mask.key not in tables:
+            label = _label(mask.dense[0, 0])
+            # a sliding window no shorter than the prompt is causal at this length: still its own table
+            label = label if label not in {t.mask.name for t in tables.values()} else f"{label}_{len(tables)}"
+            tables[mask.key] = MaskTable(custom(mask.mask_function, name=label), m.config.num_attention_heads,
+                                         q_len=input_ids.shape[1], layout=layout)
+        table = tables[mask.key]
+        m._edgeattn_tables = tables   # a plain dict: the tables are registered once, under edgeattn_masks
+        lines.append(f"{name}: transformers {type(m).__name__} -> edgeattn {table.mask.name} "
+                     f"({input_ids.shape[1]} tokens, {table.layout})")
+    module.edgeattn_masks = nn.ModuleDict({t.mask.name: t for t in tables.values()})
+    # a plain forward returns logits only, so export_onnx(model, (input_ids,)) writes input_ids -> logits (a
+    # transformers cache is no output a graph can have); generate() keeps its cache (generation_config.use_cache)
+    module.config.use_cache = False
+    return lines
+
+
+def _label(pattern: torch.Tensor) -> str:
+    """A readable name for a prefill pattern (Nq, Nkv): causal, sliding_window_W (W keys back, query included)."""
+    q = torch.arange(pattern.shape[0])[:, None]
+    kv = torch.arange(pattern.shape[1])[None, :]
+    if torch.equal(pattern, kv <= q):
+        return "causal"
+    window = int((q - kv)[pattern].max()) + 1 if pattern.any() else 0
+    if torch.equal(pattern, (kv <= q) & (kv > q - window)):
+        return f"sliding_window_{window}"
+    return "mask"
+
+
+# ----------------------------------------------------------------------------- export: prefill and decode step
+class ExportCache:
+    """A functional static cache that transformers' layers update while export traces them (no in-place state).
+
+    Prefill (``position`` None): attention sees the prompt's own keys (the static tables) and the cache comes out
+    padded to ``max_len``.  Decode (``position`` a (1,) tensor): each layer writes its new key/value at that slot
+    of the past (1, kv_heads, max_len, head_dim) tensors and attends over all of them through the mask transformers
+    builds from the query offset, so slots after the position (zeros or stale) are masked out."""
+
+    def __init__(self, max_len: int, position: Optional[torch.Tensor] = None, keys=(), values=()):
+        self.max_len, self.position = max_len, position
+        self.keys, self.values = list(keys), list(values)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.position is None:
+            pad = (0, 0, 0, self.max_len - key.shape[2])
+            self.keys.append(nn.functional.pad(key, pad))
+            self.values.append(nn.functional.pad(value, pad))
+            return key, value
+        slot = (torch.arange(self.max_len, device=key.device) == self.position).view(1, 1, -1, 1)
+        self.keys[layer_idx] = torch.where(slot, key, self.keys[layer_idx])
+        self.values[layer_idx] = torch.where(slot, value, self.values[layer_idx])
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0):
+        return 0 if self.position is None else self.position
+
+    def get_query_offset(self, layer_idx: int = 0):
+        return self.get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return (query_length if self.position is None else self.max_len), 0
+
+    def outputs(self) -> list[torch.Tensor]:
+        return [t for pair in zip(self.keys, self.values) for t in pair]
+
+
+class Prefill(nn.Module):
+    """input_ids (1, L) -> logits (1, L, V), then each layer's key and value (1, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, model: nn.Module, max_len: int):
+        super().__init__()
+        self.model, self.max_len = model, max_len
+
+    def forward(self, input_ids: torch.Tensor):
+        cache = ExportCache(self.max_len)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        logits = self.model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True).logits
+        return (logits, *cache.outputs())
+
+
+class DecodeStep(nn.Module):
+    """input_ids (1, 1), cache_position (1,), past keys and values -> logits (1, 1, V), updated keys and values."""
+
+    def __init__(self, model: nn.Module, max_len: int):
+        super().__init__()
+        self.model, self.max_len = model, max_len
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor, *past: torch.Tensor):
+        cache = ExportCache(self.max_len, cache_position, past[0::2], past[1::2])
+        logits = self.model(input_ids=input_ids, position_ids=cache_position[None], cache=cache,
+                            use_cache=True).logits
+        return (logits, *cache.outputs())
+
+
+def cache_names(layers: int, prefix: str) -> list[str]:
+    """Optimum's names: ``past_key_values.N.key`` / ``.value`` (inputs), ``present.N.key`` / ``.value`` (outputs)."""
+    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def export_lm(model: nn.Module, prompt_len: int, max_cache_len: int, folder, layout: str = "auto",
+              **export_kwargs) -> tuple[Path, Path]:
+    """Export a transformers causal LM as ``prefill.onnx`` and ``decode.onnx`` in ``folder`` for greedy generation
+    with a static cache of ``max_cache_len`` tokens.
+
+    prefill: ``input_ids`` (1, prompt_len) -> ``logits`` (1, prompt_len, vocab), ``present.N.key/value`` (1,
+    kv_heads, max_cache_len, head_dim), the prompt's keys in the first prompt_len slots.  decode: ``input_ids``
+    (1, 1), ``cache_position`` (1,) (the token's position: prompt_len for the first step), ``past_key_values.N
+    .key/value`` -> ``logits`` (1, 1, vocab) and the ``present.N.key/value`` to feed to the next step.  The prefill
+    attends through static tables (see :func:`convert`), the decode step over a mask computed from cache_position.
+    ``export_kwargs`` go to :func:`edgeattn.export_onnx` (opset, lowering, runtimes...)."""
+    from ..export import export_onnx
+    from . import convert as convert_module
+
+    if not is_causal_lm(model):
+        raise EdgeAttnError(f"export_lm exports transformers causal LMs (AutoModelForCausalLM), got "
+                            f"{type(model).__name__}")
+    if not (isinstance(prompt_len, int) and isinstance(max_cache_len, int) and 0 < prompt_len < max_cache_len):
+        raise EdgeAttnError(f"export_lm needs integers 0 < prompt_len < max_cache_len (the cache holds the prompt "
+                            f"and the generated tokens), got prompt_len={prompt_len!r}, max_cache_len={max_cache_len!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    prompt = torch.zeros((1, prompt_len), dtype=torch.long)
+    converted = convert_module(model, prompt, layout=layout).eval()
+    layers = converted.config.get_text_config().num_hidden_layers
+    with torch.no_grad():   # example past keys/values: the shapes the prefill returns
+        past = [torch.zeros_like(t) for t in Prefill(converted, max_cache_len)(prompt)[1:]]
+    export_onnx(Prefill(converted, max_cache_len), (prompt,), folder / "prefill.onnx", input_names=["input_ids"],
+                output_names=["logits", *cache_names(layers, "present")], **export_kwargs)
+    step = (torch.zeros((1, 1), dtype=torch.long), torch.tensor([prompt_len]), *past)
+    export_onnx(DecodeStep(converted, max_cache_len), step, folder / "decode.onnx",
+                input_names=["input_ids", "cache_position", *cache_names(layers, "past_key_values")],
+                output_names=["logits", *cache_names(layers, "present")], **export_kwargs)
+    return folder / "prefill.onnx", folder / "decode.onnx"
