@@ -19,7 +19,7 @@ import torch
 from ..errors import EdgeAttnError
 
 # module names of the converters, in the order they run
-CONVERTERS: list[str] = []
+CONVERTERS: list[str] = ["hf_vision"]
 
 
 def convert(module: torch.nn.Module, *example_inputs, layout: str = "auto", inplace: bool = False,
