@@ -11,7 +11,7 @@ map no larger than the window; the layer's window and shift are read after one r
 records each layer's grid.  A map smaller than the window is refused: transformers keeps the bias of the full
 window there and fails itself.
 
-Mask2Former (``Mask2FormerMaskPredictor``, the ``cross_attn`` of ``Mask2FormerMaskedAttentionDecoderLayer``): the
+Mask2Former (``Mask2FormerMaskedAttentionDecoder``'s mask predictor, each decoder layer's ``cross_attn``): the
 predictor's ``sigmoid(mask logits) < 0.5`` is declared a hard decision (:mod:`edgeattn.decisions`) so parity can
 explain ties, and the cross-attention runs on :func:`edgeattn.masked_attention` with that graph-computed mask (the
 decoder itself lets a query masked everywhere attend everywhere).
@@ -178,9 +178,14 @@ class SwinGridAttention(nn.Module):
 def _convert_mask2former(module, modeling) -> list[str]:
     lines = []
     for name, m in list(module.named_modules()):
-        if isinstance(m, modeling.Mask2FormerMaskPredictor):
-            _replace(module, name, DecidedMaskPredictor(m))
-            lines.append(f"{name}: Mask2Former mask predictor -> attention mask sigmoid < 0.5 as a declared decision")
+        if isinstance(m, modeling.Mask2FormerMaskedAttentionDecoder):
+            m.mask_predictor = DecidedMaskPredictor(m.mask_predictor)
+            # the decoder's last prediction makes a mask no layer uses: export drops it, so it must not be declared
+            # (parity matches the file's decisions to the model's in order)
+            calls = len(m.layers) + 1
+            m.register_forward_pre_hook(lambda decoder, args, n=calls: setattr(decoder.mask_predictor, "left", n))
+            lines.append(f"{name}.mask_predictor: Mask2Former mask predictor -> attention mask sigmoid < 0.5 as a "
+                         f"declared decision")
         elif isinstance(m, modeling.Mask2FormerMaskedAttentionDecoderLayer):
             m.cross_attn = MaskedCrossAttention(m.cross_attn, f"{name}.cross_attn")
             lines.append(f"{name}.cross_attn: nn.MultiheadAttention -> edgeattn.masked_attention with the "
@@ -196,6 +201,7 @@ class DecidedMaskPredictor(nn.Module):
         super().__init__()
         self.hidden_size, self.num_heads = predictor.hidden_size, predictor.num_heads
         self.mask_embedder = predictor.mask_embedder
+        self.left = 0   # predictions left in the decoder's current call (set by it); 1: its unused last one
 
     def forward(self, outputs: torch.Tensor, pixel_embeddings: torch.Tensor, attention_mask_target_size=None):
         embeddings = self.mask_embedder(outputs.transpose(0, 1))   # queries come sequence-first
@@ -203,7 +209,10 @@ class DecidedMaskPredictor(nn.Module):
         resized = F.interpolate(mask_logits, size=attention_mask_target_size, mode="bilinear", align_corners=False)
         # sigmoid then compare, as transformers does (logits < 0 differs in the last bit); decided once per query
         # and position, then repeated per head as transformers lays the mask out
-        masked = decisions.below(resized.sigmoid().flatten(2), 0.5, "mask2former attention mask")
+        probability = resized.sigmoid().flatten(2)
+        self.left -= 1
+        masked = (probability < 0.5 if self.left == 0 else
+                  decisions.below(probability, 0.5, "mask2former attention mask"))
         return mask_logits, masked.repeat_interleave(self.num_heads, dim=0).detach()
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import edgeattn
-from edgeattn import parity
+from edgeattn import parity, runtimes
 from edgeattn.convert import hf_vision
 from edgeattn.errors import EdgeAttnError
 
@@ -81,7 +81,8 @@ def consume(tmp_path, path, feeds, reference):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     for consumer in ("ort", "openvino"):
         done = subprocess.run([sys.executable, str(CONSUME), consumer, str(tmp_path / "jobs.json"),
-                               str(tmp_path / "out.json")], capture_output=True, text=True, env=env, timeout=300)
+                               str(tmp_path / "out.json")], capture_output=True, text=True, env=env, timeout=300,
+                              check=False)
         assert done.returncode == 0, done.stderr[-3000:]
         result = json.loads((tmp_path / "out.json").read_text())["m"]
         assert "outputs" in result, f"{consumer}: {result}"
@@ -102,8 +103,8 @@ def assert_close(outputs, reference, atol=ATOL):
     ((64, 64), ["window_4_rpb on 16x16", "window_4_shift2_rpb on 16x16", "window_4_shift2_rpb on 8x8"]),
     # 8x14 then 4x7 tokens: padded to window multiples, and the 4x7 stage is no larger than the window on one axis,
     # so transformers resets its shift to 0 (both of its layers unshifted)
-    ((32, 56), ["window_4_shift2_rpb on 8x14 tokens, padded to 8x16", "layers.1.blocks.1: transformers SwinLayer -> "
-                "masked attention window_4_rpb on 4x7 tokens, padded to 4x8"]),
+    ((32, 56), ["window_4_shift2_rpb on 8x14 tokens, padded to 8x16",
+                "layers.1.blocks.1: transformers SwinLayer -> masked attention window_4_rpb on 4x7 tokens, padded"]),
 ])
 def test_swin_converted_equals_transformers(image_size, kinds):
     model, pixels = tiny_swin(image_size)
@@ -142,18 +143,18 @@ def swin_file(tmp_path_factory):
     converted = edgeattn.convert(model, pixels)
     edgeattn.export_onnx(Logits(converted), (pixels,), path, input_names=["pixel_values"], output_names=["logits"])
     with torch.no_grad():
-        return path, converted, pixels, model(pixels).logits
+        return path, pixels, model(pixels).logits
 
 
 def test_swin_exported_equals_transformers_on_ort_and_openvino(swin_file):
-    path, converted, pixels, want = swin_file
+    path, pixels, want = swin_file
     for runtime in ("ort-cpu", "openvino-cpu"):
         (got,) = edgeattn.load(path, runtime=runtime).run({"pixel_values": pixels.numpy()}).values()
         np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0, err_msg=runtime)
 
 
 def test_swin_file_runs_without_edgeattn(swin_file, tmp_path):
-    path, _, pixels, want = swin_file
+    path, pixels, want = swin_file
     consume(tmp_path, path, {"pixel_values": pixels.numpy()}, [want.numpy()])
 
 
@@ -200,9 +201,13 @@ def test_mask2former_decoder_exported_equals_transformers(decoder_file):
         got = list(edgeattn.load(path, runtime=runtime).run(feeds).values())
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, atol=1e-4, rtol=0, err_msg=runtime)
-    # the threshold is declared: parity against the converted module passes (and would explain a tie)
     results = parity.compare_model(converted, inputs, path, ["ort-cpu", "openvino-cpu"], runs=1)
     assert all(r.ok for r in results), parity.format_table(results)
+    # the thresholds are declared, one per mask a layer uses (the file keeps those only): the tie check can re-run
+    # the module with a runtime's decisions
+    ort = runtimes.get("ort-cpu")
+    _, notes, large = parity.modulo_ties(ort, path, feeds, converted, ort.tolerance(), False, {"max_abs_err": 0.0})
+    assert large == 0 and notes[0].startswith("0 of 5376 decisions flipped"), notes   # 2 x 8 queries x (16+64+256)
 
 
 def test_mask2former_decoder_file_runs_without_edgeattn(decoder_file, tmp_path):
