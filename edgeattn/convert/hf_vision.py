@@ -17,8 +17,9 @@ explain ties, and the cross-attention runs on :func:`edgeattn.masked_attention` 
 decoder itself lets a query masked everywhere attend everywhere).
 
 Weights stay the module's own Parameters under their names (the state dict is unchanged); the table buffers are
-derived and not saved.  Converted layers return no attention weights.  transformers is never imported here: a
-module holds its classes only if transformers' modeling file is already loaded.
+derived and not saved.  Converted Swin layers refuse ``output_attentions``; the cross-attention returns no weights
+(Mask2Former's decoder does not use them).  transformers is never imported here: a module holds its classes only if
+transformers' modeling file is already loaded.
 """
 from __future__ import annotations
 
@@ -134,6 +135,9 @@ class SwinGridLayer(nn.Module):
             raise EdgeAttnError(f"this Swin layer was converted for a {self.grid[0]}x{self.grid[1]} grid, got "
                                 f"{tuple(input_dimensions)}: its mask table is static, convert the model with an "
                                 f"input of this size")
+        if kwargs.get("output_attentions"):
+            raise EdgeAttnError("a converted Swin layer has no per-window attention weights to return: ask the "
+                                "original transformers model for output_attentions")
         (H, W), (Hp, Wp) = self.grid, self.padded
         B, _, C = hidden_states.shape
         x = self.layernorm_before(hidden_states)

@@ -134,6 +134,8 @@ def test_swin_refuses_what_it_cannot_reproduce():
     converted = edgeattn.convert(model, pixels)
     with pytest.raises(EdgeAttnError, match="converted for a 16x16 grid"):
         converted(torch.randn(1, 3, 32, 32))
+    with pytest.raises(EdgeAttnError, match="output_attentions"):
+        converted(pixels, output_attentions=True)
 
 
 @pytest.fixture(scope="module")
