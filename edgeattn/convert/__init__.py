@@ -17,7 +17,7 @@ import torch
 from ..errors import EdgeAttnError
 
 # module names of the converters, in the order they run
-CONVERTERS: list[str] = ["natten", "hf_lm", "flex"]
+CONVERTERS: list[str] = ["natten", "hf_vision", "hf_lm", "flex"]
 
 
 def convert(module: torch.nn.Module, *example_inputs, layout: str = "auto", inplace: bool = False,
