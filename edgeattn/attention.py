@@ -53,7 +53,8 @@ def _backward(ctx, grad):
         wrt = leaves + ([bias_leaf] if bias_leaf is not None else [])
         grads = torch.autograd.grad(out, wrt, grad)
     bias_grad = grads[3] if bias is not None else None
-    return grads[0], grads[1], grads[2], [None] * len(tables), bias_grad, None, None, None
+    # one entry per input the op was called with: the dispatcher drops a trailing softcap=None (its default)
+    return (grads[0], grads[1], grads[2], [None] * len(tables), bias_grad, None, None, None)[:len(ctx.needs_input_grad)]
 
 
 _masked_attention_op.register_autograd(_backward, setup_context=_setup_context)
