@@ -46,9 +46,9 @@ QKV = ("q", "k", "v")
 TABLE_INPUTS = {"dense": ("mask", "bias"),
                 "blocked": ("q_index", "kv_index", "q_pos", "bank", "block", "bank_bias")}
 # scale: softmax scale; mask: the mask's name; dtype: ONNX element type of q, so a body types its constants
-# statically; layout: which TABLE_INPUTS follow q, k, v; lowering: the body; heads: q's head count (contrib's num_heads);
-# softcap: scaled scores s become softcap * tanh(s / softcap) before bias and mask (absent or 0: no capping; set
-# exactly on the nodes whose op type says softcap, see op_type)
+# statically; layout: which TABLE_INPUTS follow q, k, v; lowering: the body; heads: q's head count (contrib's
+# num_heads); softcap: scaled scores s become softcap * tanh(s / softcap) before bias and mask (absent or 0: no
+# capping; set exactly on the nodes whose op type says softcap, see op_type)
 ATTRIBUTES = ("scale", "mask", "dtype", "layout", "lowering", "heads", "softcap")
 
 
