@@ -100,13 +100,11 @@ def attention(opset: int, name: str) -> FunctionProto:
     nodes = _zero_rows_prologue()
     if bias:
         nodes += [_cast("bias", "bias_t"), n("Where", ["mask", "bias_t", "neg_inf"], ["attn_mask"])]
-    attention_node = _from_attribute(n("Attention", ["q", "k", "v", "attn_mask" if bias else "mask"], ["attended"],
-                                       scale=1.0, softmax_precision=TensorProto.FLOAT, softcap=1.0 if cap else None),
-                                     "scale", "scale")
-    nodes += [
-        _from_attribute(attention_node, "softcap", "softcap") if cap else attention_node,
-        *_zero_rows(opset, "attended", "out"),
-    ]
+    attend = _from_attribute(n("Attention", ["q", "k", "v", "attn_mask" if bias else "mask"], ["attended"], scale=1.0,
+                               softmax_precision=TensorProto.FLOAT, softcap=1.0 if cap else None), "scale", "scale")
+    if cap:
+        _from_attribute(attend, "softcap", "softcap")
+    nodes += [attend, *_zero_rows(opset, "attended", "out")]
     return _function(name, opset, nodes, attention.__doc__)
 
 

@@ -91,9 +91,9 @@ def _config(core, device: str, precision: str, accuracy: bool) -> dict:
 
 def _converts_to_sdpa(node: onnx.NodeProto, runtime: Runtime) -> bool:
     attributes = onnxfile.attributes(node)
-    softcap = onnxfile.softcap(node) > 0   # SDPA has no softcap: such nodes are inlined
-    return attributes.get("layout") == "dense" and runtime.executes(attributes.get("lowering", ""), "auto",
-                                                                    softcap) == "sdpa"
+    softcap = onnxfile.softcap(node) > 0   # SDPA has no softcap: executes() keeps such nodes' bodies
+    return attributes.get("layout") == "dense" and runtime.executes(attributes.get("lowering", ""),
+                                                                    softcap=softcap) == "sdpa"
 
 
 def to_openvino(model: onnx.ModelProto, runtime: Runtime, core=None):
