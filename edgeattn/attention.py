@@ -4,13 +4,16 @@ In eager PyTorch it runs the reference kernel below.  Under ``torch.onnx.export`
 ``edgeattn`` ONNX domain (``MaskedAttention``, version 1) that :mod:`edgeattn.export` gives a model-local function
 body made of standard ops.
 
-Semantics: ``softmax(q k^T * scale + bias, masked to the table) v``; a query whose row of the mask allows no key
-returns zeros (what torch's SDPA does), never NaN.  The table is dense (a (heads, Nq, Nkv) mask) or blocked
+Semantics: ``softmax(cap(q k^T * scale) + bias, masked to the table) v``, where ``cap(s)`` is ``softcap *
+tanh(s / softcap)`` when ``softcap`` is set (Gemma 2, FlexAttention's soft-capping score_mod: the scaled scores are
+capped before the bias and the mask) and ``s`` otherwise; a query whose row of the mask allows no key returns zeros
+(what torch's SDPA does), never NaN.  The table is dense (a (heads, Nq, Nkv) mask) or blocked
 (tiles of queries with gathered keys); both layouts compute the same numbers.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -24,19 +27,20 @@ ONNX_DTYPES = {torch.float32: 1, torch.float16: 10, torch.float64: 11, torch.bfl
 
 @torch.library.custom_op("edgeattn::masked_attention", mutates_args=())
 def _masked_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: list[torch.Tensor],
-                         bias: Optional[torch.Tensor], layout: str, scale: float) -> torch.Tensor:
-    return _KERNELS[layout](q, k, v, *tables, bias, scale=scale)
+                         bias: Optional[torch.Tensor], layout: str, scale: float,
+                         softcap: Optional[float] = None) -> torch.Tensor:
+    return _KERNELS[layout](q, k, v, *tables, bias, scale=scale, softcap=softcap)
 
 
 @_masked_attention_op.register_fake
-def _(q, k, v, tables, bias, layout, scale):
+def _(q, k, v, tables, bias, layout, scale, softcap=None):
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, tables, bias, layout, scale = inputs
+    q, k, v, tables, bias, layout, scale, softcap = inputs
     ctx.save_for_backward(q, k, v, bias, *tables)
-    ctx.layout, ctx.scale = layout, scale
+    ctx.layout, ctx.scale, ctx.softcap = layout, scale, softcap
 
 
 def _backward(ctx, grad):
@@ -45,30 +49,49 @@ def _backward(ctx, grad):
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         bias_leaf = bias.detach().requires_grad_() if bias is not None else None
-        out = _KERNELS[ctx.layout](*leaves, *tables, bias_leaf, scale=ctx.scale)
+        out = _KERNELS[ctx.layout](*leaves, *tables, bias_leaf, scale=ctx.scale, softcap=ctx.softcap)
         wrt = leaves + ([bias_leaf] if bias_leaf is not None else [])
         grads = torch.autograd.grad(out, wrt, grad)
-    return grads[0], grads[1], grads[2], [None] * len(tables), grads[3] if bias is not None else None, None, None
+    bias_grad = grads[3] if bias is not None else None
+    # one entry per input the op was called with: the dispatcher drops a trailing softcap=None (its default)
+    return (grads[0], grads[1], grads[2], [None] * len(tables), bias_grad, None, None, None)[:len(ctx.needs_input_grad)]
 
 
 _masked_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def reference_attention(q, k, v, mask, bias, scale: float):
+def reference_attention(q, k, v, mask, bias, scale: float, softcap: Optional[float] = None):
     """q (B, H, Nq, D), k/v (B, H, Nkv, D), mask bool and bias float (or None) broadcasting to (B, H, Nq, Nkv);
     extra axes before Nq (a block table's tiles) pass through."""
+    if softcap is not None:   # SDPA cannot cap its scores: the same steps written out
+        return _capped_attention(q, k, v, mask, bias, scale, softcap)
     attn_mask = mask if bias is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     # SDPA already returns zeros for rows without any allowed key; the where keeps that a guarantee.
     return torch.where(mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype))
 
 
-def blocked_attention(q, k, v, q_index, kv_index, q_pos, bank, block, bank_bias, scale: float):
+def _capped_attention(q, k, v, mask, bias, scale: float, softcap: float):
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + bias.to(q.dtype)
+    # softmax in at least float32 whatever q's dtype, as the exported bodies do
+    wide = torch.promote_types(q.dtype, torch.float32)
+    probs = torch.softmax(scores.to(wide).masked_fill(~mask, float("-inf")), -1).to(q.dtype)
+    # A row without any allowed key softmaxes to NaN: zero it before the MatMul, so neither the output nor v's
+    # gradient sees the NaN (the masked_fill above already keeps it from q's and k's gradients).
+    probs = torch.where(mask.any(-1, keepdim=True), probs, torch.zeros((), dtype=probs.dtype))
+    return torch.matmul(probs, v)
+
+
+def blocked_attention(q, k, v, q_index, kv_index, q_pos, bank, block, bank_bias, scale: float,
+                      softcap: Optional[float] = None):
     """The same attention on a BlockTable: per tile, only its gathered keys are scored (the reference kernel on
     (B, H, T, tq, K) blocks), then the queries are put back in order."""
     bias = None if bank_bias is None else bank_bias[block].transpose(0, 1)
     out = reference_attention(_gather(q, q_index), _gather(k, kv_index), _gather(v, kv_index),
-                              bank[block].transpose(0, 1), bias, scale)      # (B, H, T, tq, Dv)
+                              bank[block].transpose(0, 1), bias, scale, softcap)      # (B, H, T, tq, Dv)
     return out.flatten(2, 3).index_select(2, q_pos)
 
 
@@ -81,7 +104,8 @@ def _gather(x, index):
 _KERNELS = {"dense": reference_attention, "blocked": blocked_attention}
 
 
-def masked_attention(q, k, v, mask, bias=None, scale: Optional[float] = None, mask_name: str = "") -> torch.Tensor:
+def masked_attention(q, k, v, mask, bias=None, scale: Optional[float] = None, mask_name: str = "",
+                     softcap: Optional[float] = None) -> torch.Tensor:
     """Masked attention over a dense boolean table (True = may attend); see the module docstring.
 
     ``mask`` and ``bias`` broadcast to (B, H, Nq, Nkv): a static (heads or 1, Nq, Nkv) table, or tensors computed
@@ -89,22 +113,36 @@ def masked_attention(q, k, v, mask, bias=None, scale: Optional[float] = None, ma
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor (True where a query may attend a key), got {mask.dtype}; "
                          f"pass additive float biases as bias=")
-    return attend(q, k, v, "dense", [mask, bias], scale, mask_name)
+    return attend(q, k, v, "dense", [mask, bias], scale, mask_name, softcap)
 
 
-def attend(q, k, v, layout: str, tables: list, scale: Optional[float] = None, mask_name: str = "") -> torch.Tensor:
+def attend(q, k, v, layout: str, tables: list, scale: Optional[float] = None, mask_name: str = "",
+           softcap: Optional[float] = None) -> torch.Tensor:
     """Attention over the tensors of a table of ``layout`` (``table.tensors()`` plus a None for a missing bias).
+    ``softcap``: None, or a positive float that caps the scaled scores at +-softcap (``softcap * tanh(s /
+    softcap)``) before the bias and the mask.
 
     Under ONNX export this is one ``edgeattn.MaskedAttention`` node (see :mod:`edgeattn.onnxfile`); export gives
     it the body its plan chose (:mod:`edgeattn.export.plan`)."""
     if layout not in TABLE_INPUTS or len(tables) != len(TABLE_INPUTS[layout]):
         raise ValueError(f"layout {layout!r} takes tables {TABLE_INPUTS.get(layout)}, got {len(tables)} tensors")
     scale = float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    softcap = check_softcap(softcap)
     if torch.onnx.is_in_onnx_export():
         if q.dtype not in ONNX_DTYPES:
             raise ValueError(f"masked_attention exports float32/float16/bfloat16/float64 inputs, got {q.dtype}")
         attrs = {"scale": scale, "mask": mask_name, "dtype": ONNX_DTYPES[q.dtype], "layout": layout,
-                 "heads": q.shape[1]}
+                 "heads": q.shape[1], **({"softcap": softcap} if softcap is not None else {})}
         return torch.onnx.ops.symbolic(f"{DOMAIN}::{OP}", [q, k, v, *tables], attrs, dtype=q.dtype,
                                        shape=tuple(q.shape[:-1]) + tuple(v.shape[-1:]), version=OP_VERSION)
-    return _masked_attention_op(q, k, v, list(tables[:-1]), tables[-1], layout, scale)
+    return _masked_attention_op(q, k, v, list(tables[:-1]), tables[-1], layout, scale, softcap)
+
+
+def check_softcap(softcap) -> Optional[float]:
+    """``softcap`` as a float, or None; one clear error for anything but a positive finite number."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 < softcap < math.inf:
+        raise ValueError(f"softcap must be a positive finite float (the scores are capped to +-softcap, as Gemma 2's "
+                         f"attn_logit_softcapping) or None for no capping, got {softcap!r}")
+    return float(softcap)

@@ -64,7 +64,9 @@ class MaskTable(nn.Module):
     def rpb_shape(self) -> tuple[int, ...]:
         return self.table.rpb_shape
 
-    def forward(self, q, k, v, scale: Optional[float] = None, rpb: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, q, k, v, scale: Optional[float] = None, rpb: Optional[torch.Tensor] = None,
+                softcap: Optional[float] = None) -> torch.Tensor:
+        """Attention over this table; ``softcap`` caps the scaled scores (see :func:`edgeattn.attention.attend`)."""
         tensors = [getattr(self, f"attn_{name}") for name in TABLE_INPUTS[self.layout]]
         if self.attn_rpb_index is not None:
             learned = self.gather_rpb(rpb, q.shape[1])
@@ -72,7 +74,7 @@ class MaskTable(nn.Module):
         elif rpb is not None:
             raise ValueError(f"mask {self.mask.name} has no relative position bias table, but rpb was given; build "
                              f"the mask with rpb=True")
-        return attend(q, k, v, self.layout, tensors, scale, self.mask.name)
+        return attend(q, k, v, self.layout, tensors, scale, self.mask.name, softcap)
 
     def gather_rpb(self, rpb: Optional[torch.Tensor], heads: int) -> torch.Tensor:
         """The learned table (heads, *rpb_shape) -> the bias tensor of this layout: (heads, Nq, Nkv) for dense

@@ -12,7 +12,7 @@ from edgeattn import EdgeAttnError, export_onnx, masks
 from edgeattn.cli import main
 from edgeattn.inspection import inspect_file
 from edgeattn.layers import MaskedSelfAttention
-from edgeattn.onnxfile import OP_VERSION
+from edgeattn.onnxfile import OLDEST_OP_VERSION, OP_VERSION
 
 from conftest import CPU_RUNTIMES, external_data_file, relocate_external_data
 
@@ -49,7 +49,7 @@ def bad_files(good, folder):
     out.append(("directory", folder, "no such file"))
 
     for version, name, message in ((OP_VERSION + 1, "future", "upgrade edgeattn"),
-                                   (OP_VERSION - 1, "past", "written by an older edgeattn")):
+                                   (OLDEST_OP_VERSION - 1, "past", "written by an older edgeattn")):
         other = onnx.load(str(good))
         for op in other.opset_import:
             if op.domain == "edgeattn":

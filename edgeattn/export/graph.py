@@ -38,20 +38,27 @@ def finalize(proto: onnx.ModelProto, request: ExportRequest, plan: Plan, extra: 
         if LOWERINGS[choice.lowering].layout != layout:   # a plan that does not fit its node is our bug
             raise EdgeAttnError(f"internal error: node {node.name} has a {layout} table, its plan says "
                                 f"{choice.lowering}; please report this")
-        bias = onnxfile.has_bias(node, layout)
+        bias, softcap = onnxfile.has_bias(node, layout), onnxfile.softcap(node)
+        if softcap and not LOWERINGS[choice.lowering].softcap:
+            raise EdgeAttnError(f"attention {attrs.get('mask') or node.name} soft-caps its scores (softcap "
+                                f"{softcap:g}); the {choice.lowering} lowering cannot (onnxruntime's "
+                                f"MultiHeadAttention has no softcap): use --lowering auto, dense, blocked or attention")
         del node.input[onnxfile.bias_position(layout) + bias:]   # an absent optional bias is dropped, not ""
         node.attribute.append(helper.make_attribute("lowering", choice.lowering))
-        node.op_type = onnxfile.op_type(choice.lowering, bias)
+        node.op_type = onnxfile.op_type(choice.lowering, bias, softcap > 0)
         op_types.add(node.op_type)
-        runs = {t: runtimes.get(t).executes(choice.lowering, request.lowering) for t in request.targets}
+        runs = {t: runtimes.get(t).executes(choice.lowering, request.lowering, softcap > 0) for t in request.targets}
         masks.append({"node": node.name, "mask": attrs.get("mask", ""), "lowering": choice.lowering,
-                      "why": choice.reason, "layout": layout,
+                      **({"softcap": softcap} if softcap else {}), "why": choice.reason, "layout": layout,
                       "runs_as": {t: r for t, r in runs.items() if r != choice.lowering and request.custom_op},
                       "table_bytes": sum(table_bytes.get(i, 0) for i in onnxfile.table_inputs(node)),
                       **_table_entry(node, layout, choice, initializers)})
     for name in sorted(op_types):
         proto.functions.append(bodies.body(name, request.opset))
     bodies.import_domains(proto)
+    for op in proto.opset_import:   # the lowest node version that says what the nodes do (see edgeattn.onnxfile)
+        if op.domain == DOMAIN:
+            op.version = onnxfile.op_version(proto)
     # learned relative position biases reach the node through a Gather on their weight: count their index tables
     rpb_index = [i for i in proto.graph.initializer if i.name.rsplit(".", 1)[-1] == "attn_rpb_index"]
     unique_bytes = sum(table_bytes.values()) + sum(numpy_helper.to_array(i).nbytes for i in rpb_index)

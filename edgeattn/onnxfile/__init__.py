@@ -4,11 +4,15 @@ lowerings its body can be), the file's ``edgeattn.*`` metadata, and reading and 
 Export writes through this module; runtimes, parity, inspection and bench read through it.  It imports neither torch
 nor the exporter, so a runtime that only runs files depends on nothing else of edgeattn.
 
-The node: ``MaskedAttention_<body>(q, k, v, *table)`` in domain ``edgeattn``, version 2.  q, k, v are (B, H, N, D);
-the table's tensors follow in the order :data:`TABLE_INPUTS` gives for its ``layout`` attribute, the optional additive
-bias last (an absent bias is dropped, not passed as "").  Each body (``dense``, ``dense_bias``, ``blocked``...: its
-``lowering``, with or without bias) is its own op type with a model-local function of that name, see
-:mod:`edgeattn.onnxfile.bodies`.  (Version 1 named bodies by function *overloads*, which converters drop or merge.)
+The node: ``MaskedAttention_<body>(q, k, v, *table)`` in domain ``edgeattn``, version 2 or 3.  q, k, v are
+(B, H, N, D); the table's tensors follow in the order :data:`TABLE_INPUTS` gives for its ``layout`` attribute, the
+optional additive bias last (an absent bias is dropped, not passed as "").  Each body (``dense``, ``dense_bias``,
+``blocked_softcap``...: its ``lowering``, with or without soft-capping and bias) is its own op type with a model-local
+function of that name, see :mod:`edgeattn.onnxfile.bodies`.  (Version 1 named bodies by function *overloads*, which
+converters drop or merge.)  Version 3 added the ``softcap`` attribute and its bodies; a file is written at the
+lowest version its nodes need (:func:`op_version`), so an edgeattn that knows only version 2 still reads files
+without soft-capping and refuses, in one line, those with it (it would run a softcapped node as OpenVINO's SDPA,
+without the cap).
 
 Only files exported with ``--custom-op`` keep these nodes; the default file holds their bodies inlined, standard
 ops only, so that every runtime and converter reads it without edgeattn.
@@ -30,7 +34,9 @@ from ..files import atomic_write
 
 DOMAIN = "edgeattn"
 OP = "MaskedAttention"
-OP_VERSION = 2
+OP_VERSION = 3            # the newest node version, written only for files with softcapped nodes
+OLDEST_OP_VERSION = 2     # the oldest one read
+SOFTCAP_OP_VERSION = 3
 # A declared hard decision (edgeattn.decisions.below) while tracing; export replaces each by a standard Less and
 # lists the compared tensors under the ``decisions`` metadata, in the order the model makes them.
 DECISION = "Decision"
@@ -40,33 +46,41 @@ QKV = ("q", "k", "v")
 TABLE_INPUTS = {"dense": ("mask", "bias"),
                 "blocked": ("q_index", "kv_index", "q_pos", "bank", "block", "bank_bias")}
 # scale: softmax scale; mask: the mask's name; dtype: ONNX element type of q, so a body types its constants
-# statically; layout: which TABLE_INPUTS follow q, k, v; lowering: the body; heads: q's head count (contrib's num_heads)
-ATTRIBUTES = ("scale", "mask", "dtype", "layout", "lowering", "heads")
+# statically; layout: which TABLE_INPUTS follow q, k, v; lowering: the body; heads: q's head count (contrib's
+# num_heads); softcap: scaled scores s become softcap * tanh(s / softcap) before bias and mask (absent or 0: no
+# capping; set exactly on the nodes whose op type says softcap, see op_type)
+ATTRIBUTES = ("scale", "mask", "dtype", "layout", "lowering", "heads", "softcap")
 
 
 @dataclass(frozen=True)
 class Lowering:
-    """A body an attention node can have: the table layout it reads and the opset it needs."""
+    """A body an attention node can have: the table layout it reads, the opset it needs, and whether it can
+    soft-cap the scores."""
     name: str
     layout: str
     min_opset: int = 17
     doc: str = ""
+    softcap: bool = True
 
 
 LOWERINGS = {low.name: low for low in (
     Lowering("dense", "dense", doc="MatMul / Add / Softmax / MatMul over the whole table"),
     Lowering("blocked", "blocked", doc="per query tile: Gather its keys, batched MatMul, bank mask, Softmax"),
     Lowering("attention", "dense", min_opset=23, doc="the ONNX Attention op with the dense mask"),
-    Lowering("contrib", "dense", doc="onnxruntime's com.microsoft.MultiHeadAttention with attention_bias"),
+    Lowering("contrib", "dense", doc="onnxruntime's com.microsoft.MultiHeadAttention with attention_bias",
+             softcap=False),   # MultiHeadAttention has no softcap
 )}
 
 
-def op_type(lowering: str, has_bias: bool) -> str:
-    """The op type (and function name) of a node with body ``lowering``: ``MaskedAttention_dense_bias``..."""
-    return f"{OP}_{lowering}{'_bias' if has_bias else ''}"
+def op_type(lowering: str, has_bias: bool, softcap: bool = False) -> str:
+    """The op type (and function name) of a node with body ``lowering``: ``MaskedAttention_dense_bias``,
+    ``MaskedAttention_blocked_softcap``..."""
+    return f"{OP}_{lowering}{'_softcap' if softcap else ''}{'_bias' if has_bias else ''}"
 
 
-OP_TYPES = {op_type(low, bias): (low, bias) for low in LOWERINGS for bias in (False, True)}
+# op type -> (lowering, has_bias, softcap)
+OP_TYPES = {op_type(low.name, bias, cap): (low.name, bias, cap) for low in LOWERINGS.values()
+            for cap in ((False, True) if low.softcap else (False,)) for bias in (False, True)}
 
 
 def attention_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -82,6 +96,16 @@ def attributes(node: onnx.NodeProto) -> dict[str, Any]:
 def bias_position(layout: str) -> int:
     """Input position of the optional bias of a node with a table of ``layout``."""
     return len(QKV) + len(TABLE_INPUTS[layout]) - 1
+
+
+def softcap(node: onnx.NodeProto) -> float:
+    """The node's softcap, 0.0 for none (read alone: :func:`attributes` decodes strings a damaged file may not hold)."""
+    return next((float(a.f) for a in node.attribute if a.name == "softcap"), 0.0)
+
+
+def op_version(model: onnx.ModelProto) -> int:
+    """The lowest node version that expresses every attention node of ``model``."""
+    return SOFTCAP_OP_VERSION if any(softcap(n) for n in attention_nodes(model)) else OLDEST_OP_VERSION
 
 
 def has_bias(node: onnx.NodeProto, layout: Optional[str] = None) -> bool:
@@ -174,9 +198,10 @@ def read(path, weights: bool = False) -> onnx.ModelProto:
         if op.domain == DOMAIN and op.version > OP_VERSION:
             raise EdgeAttnError(f"{path}: uses {DOMAIN} opset {op.version}, this edgeattn knows up to "
                                 f"{OP_VERSION}; upgrade edgeattn or re-export the file")
-        if op.domain == DOMAIN and op.version < OP_VERSION:
+        if op.domain == DOMAIN and op.version < OLDEST_OP_VERSION:
             raise EdgeAttnError(f"{path}: uses {DOMAIN} opset {op.version}, written by an older edgeattn (its "
                                 f"attention bodies are function overloads, which converters drop); re-export it")
+    _check_nodes(model, path)
     check_external_data(model, path)   # even when not loading it: a file pointing elsewhere is refused everywhere
     if weights:
         try:
@@ -184,6 +209,18 @@ def read(path, weights: bool = False) -> onnx.ModelProto:
         except Exception as e:
             raise EdgeAttnError(f"{path}: could not read its external data: {first_line(e)}") from e
     return model
+
+
+def _check_nodes(model: onnx.ModelProto, path: Path) -> None:
+    """Every attention node has a known op type, and a softcap exactly when its op type (its body) applies one:
+    runtimes read the attribute to choose how to run a node, the body computes it, and the two must agree."""
+    for node in attention_nodes(model):
+        if node.op_type not in OP_TYPES:
+            raise EdgeAttnError(f"{path}: attention node {node.name!r} has the unknown op type {node.op_type!r} "
+                                f"(known: {', '.join(OP_TYPES)}); upgrade edgeattn or re-export the file")
+        if OP_TYPES[node.op_type][2] != (softcap(node) > 0):
+            raise EdgeAttnError(f"{path}: attention node {node.name!r} ({node.op_type}) has softcap "
+                                f"{softcap(node):g}, which its op type contradicts; re-export the file")
 
 
 def check_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -244,9 +281,9 @@ def mask_label(node: Mapping) -> str:
 
 
 def attention_lines(nodes: Sequence[Mapping]) -> list[str]:
-    """One line per distinct (mask, lowering, why, runs_as) of a file's ``masks`` metadata (what ``check`` and
-    ``inspect`` print): ``  window_7 x2: blocked (why); openvino-cpu runs dense``."""
-    counts = Counter((mask_label(m), m.get("lowering", "?"), m.get("why", ""),
+    """One line per distinct (mask, lowering, softcap, why, runs_as) of a file's ``masks`` metadata (what ``check``
+    and ``inspect`` print): ``  window_7 x2: blocked, softcap 50 (why); openvino-cpu runs dense``."""
+    counts = Counter((mask_label(m), m.get("lowering", "?"), m.get("softcap"), m.get("why", ""),
                       ", ".join(f"{rt} runs {how}" for rt, how in m.get("runs_as", {}).items())) for m in nodes)
-    return [f"  {mask} x{n}: {low}" + (f" ({why})" if why else "") + (f"; {runs}" if runs else "")
-            for (mask, low, why, runs), n in counts.items()]
+    return [f"  {mask} x{n}: {low}" + (f", softcap {cap:g}" if cap else "") + (f" ({why})" if why else "")
+            + (f"; {runs}" if runs else "") for (mask, low, cap, why, runs), n in counts.items()]

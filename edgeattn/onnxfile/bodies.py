@@ -2,8 +2,10 @@
 
 Each body is its own op type (``MaskedAttention_dense_bias``...: :data:`edgeattn.onnxfile.OP_TYPES`) with a function
 of that name; onnxruntime expands the function itself, ``onnx.inliner`` expands it for everything else.  Constants
-are tensor ``value``s (older converters read no other Constant form), except the softmax scale, which refers to the
-node's ``scale`` attribute until the body is inlined (:func:`tensor_constants` then rewrites it).
+are tensor ``value``s (older converters read no other Constant form), except the softmax scale and the softcap, which
+refer to the node's ``scale`` and ``softcap`` attributes until the body is inlined (:func:`tensor_constants` then
+rewrites them).  A ``_softcap`` body caps the scaled scores, ``softcap * tanh(s / softcap)``, right after their
+MatMul, before bias and mask (the Attention op does the same with its own ``softcap`` attribute).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import onnx
 import numpy as np
 from onnx import FunctionProto, TensorProto, helper, numpy_helper
 
+from ..errors import EdgeAttnError
 from . import ATTRIBUTES, DOMAIN, LOWERINGS, OP_TYPES, QKV, TABLE_INPUTS, attention_nodes, attributes, op_type
 
 
@@ -22,12 +25,13 @@ def dense(opset: int, name: str) -> FunctionProto:
     The table becomes an additive 0 / -inf mask (exact in every float dtype); a row with no allowed key then
     softmaxes to NaN, and the last Where turns exactly those rows to zeros, matching torch.
     """
-    bias = OP_TYPES[name][1]
+    _, bias, cap = OP_TYPES[name]
     n = helper.make_node
     nodes = [
         *_scaled_q(),
         n("Transpose", ["k"], ["k_t"], perm=[0, 1, 3, 2]),
         n("MatMul", ["q_scaled", "k_t"], ["scores"]),
+        *(_softcap("scores", "capped") if cap else []),
     ]
     nodes += _zero_rows_prologue() + [
         # The additive mask is computed on the (heads or 1, Nq, Nkv) table, not on the (B, H, Nq, Nkv) scores:
@@ -37,7 +41,7 @@ def dense(opset: int, name: str) -> FunctionProto:
     if bias:
         nodes += [_cast("bias", "bias_t"), n("Add", ["bias_t", "mask_add"], ["bias_add"])]
     nodes += [
-        n("Add", ["scores", "bias_add" if bias else "mask_add"], ["masked"]),
+        n("Add", ["capped" if cap else "scores", "bias_add" if bias else "mask_add"], ["masked"]),
         *_softmax("masked", "probs"),
         n("MatMul", ["probs", "v"], ["attended"]),
         *_zero_rows(opset, "attended", "out"),
@@ -51,7 +55,7 @@ def blocked(opset: int, name: str) -> FunctionProto:
     Every tile scores only the keys its block table lists (a compact region for grid masks), so the work is
     the mask's plus the tile padding; the bank and indices are static and runtimes constant-fold the masks.
     """
-    bias = OP_TYPES[name][1]
+    _, bias, cap = OP_TYPES[name]
     n = helper.make_node
     nodes = [
         *_scaled_q(),
@@ -60,6 +64,7 @@ def blocked(opset: int, name: str) -> FunctionProto:
         n("Gather", ["v", "kv_index"], ["v_tiles"], axis=2),
         n("Transpose", ["k_tiles"], ["k_tiles_t"], perm=[0, 1, 2, 4, 3]),
         n("MatMul", ["q_tiles", "k_tiles_t"], ["scores"]),                 # (B, H, T, tq, K)
+        *(_softcap("scores", "capped") if cap else []),
         n("Gather", ["bank", "block"], ["blocks_t"], axis=0),             # (T, heads or 1, tq, K)
         n("Transpose", ["blocks_t"], ["mask"], perm=[1, 0, 2, 3]),        # (heads or 1, T, tq, K)
         *_zero_rows_prologue(),
@@ -70,7 +75,7 @@ def blocked(opset: int, name: str) -> FunctionProto:
                   n("Transpose", ["bias_blocks_t"], ["bias_blocks"], perm=[1, 0, 2, 3]),
                   _cast("bias_blocks", "bias_t"), n("Add", ["bias_t", "mask_add"], ["bias_add"])]
     nodes += [
-        n("Add", ["scores", "bias_add" if bias else "mask_add"], ["masked"]),
+        n("Add", ["capped" if cap else "scores", "bias_add" if bias else "mask_add"], ["masked"]),
         *_softmax("masked", "probs"),
         n("MatMul", ["probs", "v_tiles"], ["attended"]),                   # (B, H, T, tq, Dv)
         *_zero_rows(opset, "attended", "attended_0"),
@@ -86,17 +91,20 @@ def blocked(opset: int, name: str) -> FunctionProto:
 
 
 def attention(opset: int, name: str) -> FunctionProto:
-    """One ONNX ``Attention`` node (opset >= 23) with the boolean table (or bias and -inf) as ``attn_mask``."""
-    bias = OP_TYPES[name][1]
+    """One ONNX ``Attention`` node (opset >= 23) with the boolean table (or bias and -inf) as ``attn_mask``.
+
+    Its ``softcap`` caps the scaled scores before adding ``attn_mask``, as edgeattn does (onnxruntime 1.32 and
+    OpenVINO 2026.4 both compute it so; tests/test_softcap.py checks them)."""
+    _, bias, cap = OP_TYPES[name]
     n = helper.make_node
     nodes = _zero_rows_prologue()
     if bias:
         nodes += [_cast("bias", "bias_t"), n("Where", ["mask", "bias_t", "neg_inf"], ["attn_mask"])]
-    nodes += [
-        _from_attribute(n("Attention", ["q", "k", "v", "attn_mask" if bias else "mask"], ["attended"], scale=1.0,
-                          softmax_precision=TensorProto.FLOAT), "scale"),
-        *_zero_rows(opset, "attended", "out"),
-    ]
+    attend = _from_attribute(n("Attention", ["q", "k", "v", "attn_mask" if bias else "mask"], ["attended"], scale=1.0,
+                               softmax_precision=TensorProto.FLOAT, softcap=1.0 if cap else None), "scale", "scale")
+    if cap:
+        _from_attribute(attend, "softcap", "softcap")
+    nodes += [attend, *_zero_rows(opset, "attended", "out")]
     return _function(name, opset, nodes, attention.__doc__)
 
 
@@ -122,7 +130,7 @@ def contrib(opset: int, name: str) -> FunctionProto:
         n("Reshape", ["q_bsnh", "bsh"], ["query"]),
         _from_attribute(_from_attribute(
             n("MultiHeadAttention", ["query", "k", "v", "", "", "attention_bias"], ["attended_bsh"],
-              domain="com.microsoft", num_heads=1, scale=1.0), "heads"), "scale", 1),
+              domain="com.microsoft", num_heads=1, scale=1.0), "heads", "num_heads"), "scale", "scale"),
         n("Shape", ["q"], ["heads_dim"], start=1, end=2),
         _ints("zero_zero", [0, 0]),
         _ints("minus_one", [-1]),
@@ -144,14 +152,19 @@ def body(name: str, opset: int) -> FunctionProto:
     return BODIES[OP_TYPES[name][0]](opset, name)
 
 
-def swap(model: onnx.ModelProto, runs_as: Callable[[str], str], opset: int) -> onnx.ModelProto:
-    """Give each attention node the body ``runs_as(its lowering)`` names (in memory), adding missing bodies."""
+def swap(model: onnx.ModelProto, runs_as: Callable[[str, bool], str], opset: int) -> onnx.ModelProto:
+    """Give each attention node the body ``runs_as(its lowering, whether it soft-caps)`` names (in memory), adding
+    missing bodies."""
     swapped = set()
     for node in attention_nodes(model):
         lowering = attributes(node).get("lowering")
-        target = runs_as(lowering) if lowering else None
+        _, bias, cap = OP_TYPES[node.op_type]
+        target = runs_as(lowering, cap) if lowering else None
         if target and target != lowering and target in LOWERINGS:
-            node.op_type = op_type(target, OP_TYPES[node.op_type][1])
+            if cap and not LOWERINGS[target].softcap:   # Runtime.executes never asks this; a body must not drop it
+                raise EdgeAttnError(f"internal error: node {node.name} soft-caps its scores, the {target} body "
+                                    f"cannot; please report this")
+            node.op_type = op_type(target, bias, cap)
             swapped.add(node.op_type)
     have = {f.name for f in model.functions if f.domain == DOMAIN}
     for name in sorted(swapped - have):
@@ -168,7 +181,7 @@ def import_domains(model) -> None:
 
 
 def _function(name: str, opset: int, nodes, doc: str, extra_opsets: Optional[dict] = None) -> FunctionProto:
-    lowering, bias = OP_TYPES[name]
+    lowering, bias, _ = OP_TYPES[name]
     tables = list(TABLE_INPUTS[LOWERINGS[lowering].layout])
     inputs = list(QKV) + (tables if bias else tables[:-1])
     opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in (extra_opsets or {}).items()]
@@ -176,10 +189,11 @@ def _function(name: str, opset: int, nodes, doc: str, extra_opsets: Optional[dic
                                 doc_string=doc.strip().splitlines()[0])
 
 
-def _from_attribute(node, attribute: str, index: int = 0):
-    """Make the node's ``index``-th attribute a reference to the calling node's ``attribute``, substituted at
-    expansion."""
-    node.attribute[index].ref_attr_name = attribute
+def _from_attribute(node, attribute: str, own: Optional[str] = None):
+    """Make the node's attribute ``own`` (default: its only one) a reference to the calling node's ``attribute``,
+    substituted at expansion."""
+    [target] = [a for a in node.attribute if own is None or a.name == own]
+    target.ref_attr_name = attribute
     return node
 
 
@@ -188,6 +202,16 @@ def _scaled_q():
     return [_from_attribute(helper.make_node("Constant", [], ["scale_f"], value_float=1.0), "scale"),
             _cast("scale_f", "scale_t"),
             helper.make_node("Mul", ["q", "scale_t"], ["q_scaled"])]
+
+
+def _softcap(scores: str, out: str):
+    """``softcap * tanh(scores / softcap)``, the softcap taken from the node's attribute and typed like q."""
+    n = helper.make_node
+    return [_from_attribute(n("Constant", [], ["softcap_f"], value_float=1.0), "softcap"),
+            _cast("softcap_f", "softcap_t"),
+            n("Div", [scores, "softcap_t"], [f"{scores}_over_cap"]),
+            n("Tanh", [f"{scores}_over_cap"], [f"{scores}_tanh"]),
+            n("Mul", [f"{scores}_tanh", "softcap_t"], [out])]
 
 
 def _zero_rows_prologue():

@@ -108,11 +108,14 @@ class Runtime:
         if reasons:
             raise EdgeAttnError(f"{path}: {self.name} cannot run this file: {'; '.join(reasons)}")
 
-    def executes(self, lowering: str, requested: str = "auto") -> str:
-        """What this runtime runs for a node of ``lowering`` in a file exported with lowering ``requested``."""
-        if self.runs_as_always or requested == "auto":
-            return self.runs_as.get(lowering, lowering)
-        return lowering
+    def executes(self, lowering: str, requested: str = "auto", softcap: bool = False) -> str:
+        """What this runtime runs for a node of ``lowering`` in a file exported with lowering ``requested``; a node
+        that soft-caps its scores keeps its body unless the swap's can too (MultiHeadAttention and OpenVINO's SDPA
+        cannot)."""
+        target = self.runs_as.get(lowering, lowering) if self.runs_as_always or requested == "auto" else lowering
+        if softcap and not (target in LOWERINGS and LOWERINGS[target].softcap):
+            return lowering
+        return target
 
     def tolerance(self, precision: str = "fp32") -> Tolerance:
         if precision not in self.tolerances:

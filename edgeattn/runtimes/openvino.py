@@ -7,7 +7,8 @@ custom-domain nodes (it ignores model-local functions), so before it reads a ``-
 - dense-table nodes (lowerings dense and attention) stay edgeattn nodes, and a ConversionExtension turns each one
   into OpenVINO's own ``ScaledDotProductAttention`` op, so each device plugin picks its attention kernel (the CPU
   plugin currently lowers it to the same fused MHA kernel it builds for the standard-op body);
-- every other node (blocked tables; contrib, which OpenVINO cannot run) is inlined into its standard-op function body.
+- every other node (blocked tables; contrib, which OpenVINO cannot run; nodes that soft-cap their scores, which SDPA
+  cannot) is inlined into its standard-op function body.
 """
 from __future__ import annotations
 
@@ -90,7 +91,9 @@ def _config(core, device: str, precision: str, accuracy: bool) -> dict:
 
 def _converts_to_sdpa(node: onnx.NodeProto, runtime: Runtime) -> bool:
     attributes = onnxfile.attributes(node)
-    return attributes.get("layout") == "dense" and runtime.executes(attributes.get("lowering", "")) == "sdpa"
+    softcap = onnxfile.softcap(node) > 0   # SDPA has no softcap: executes() keeps such nodes' bodies
+    return attributes.get("layout") == "dense" and runtime.executes(attributes.get("lowering", ""),
+                                                                    softcap=softcap) == "sdpa"
 
 
 def to_openvino(model: onnx.ModelProto, runtime: Runtime, core=None):
@@ -154,6 +157,8 @@ def to_sdpa(context):
     layout = context.get_attribute("layout")
     if layout != "dense":
         raise ValueError(f"only dense-table nodes convert to ScaledDotProductAttention, this one has layout {layout!r}")
+    if context.get_attribute("softcap", 0.0):
+        raise ValueError("a node that soft-caps its scores cannot become ScaledDotProductAttention (no softcap)")
     q, k, v, mask = (context.get_input(i) for i in range(_BIAS))
 
     def like_q(value):   # constants in q's element type, which SDPA requires for scale and a float mask

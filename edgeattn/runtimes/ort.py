@@ -72,7 +72,9 @@ def for_runtime(model, runtime: Runtime, meta: Optional[dict] = None):
     """Swap the bodies of the file's nodes for the ones ``runtime`` runs fastest (``Runtime.runs_as``), in memory
     (``meta``: the file's metadata, if already read)."""
     meta = onnxfile.read_metadata(model) if meta is None else meta
-    return bodies.swap(model, lambda lowering: runtime.executes(lowering, meta.get("lowering", "")), meta.get("opset"))
+    requested = meta.get("lowering", "")
+    return bodies.swap(model, lambda lowering, softcap: runtime.executes(lowering, requested, softcap),
+                       meta.get("opset"))
 
 
 class OrtCpu(Runtime):

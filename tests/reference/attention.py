@@ -6,9 +6,10 @@ from .polyline import naive_1d, naive_2d
 from .rpb import natten_pb_start, natten_window_start
 
 
-def naive_attention(q, k, v, mask, bias, scale):
+def naive_attention(q, k, v, mask, bias, scale, softcap=None):
     """Row-by-row softmax over the allowed keys only; rows without keys are zeros (float64; mask and bias
-    (heads or 1, Nq, Nkv), head h reads entry h mod their head count)."""
+    (heads or 1, Nq, Nkv), head h reads entry h mod their head count); ``softcap`` caps the scaled scores with
+    softcap * tanh(s / softcap) before the bias (Gemma 2's order)."""
     B, H, N, D = q.shape
     out = torch.zeros(B, H, N, v.shape[-1], dtype=torch.float64)
     for b in range(B):
@@ -18,6 +19,8 @@ def naive_attention(q, k, v, mask, bias, scale):
                 if len(keys) == 0:
                     continue
                 s = (q[b, h, i].double() @ k[b, h, keys].double().T) * scale
+                if softcap is not None:
+                    s = softcap * torch.tanh(s / softcap)
                 if bias is not None:
                     s = s + bias[h % bias.shape[0], i, keys].double()
                 out[b, h, i] = torch.softmax(s, -1) @ v[b, h, keys].double()
