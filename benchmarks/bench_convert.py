@@ -68,7 +68,33 @@ def natten_na2d():
     return Block(), (torch.randn(1, 56, 56, 64),)
 
 
-CASES = {"flex-sliding": flex_sliding, "natten-na2d": natten_na2d}
+def hf_mistral():
+    """transformers Mistral (sdpa), 4 layers, hidden 256, 8 heads / 2 kv heads, sliding window 128, 1,024 tokens."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                           num_key_value_heads=2, vocab_size=1000, sliding_window=128, use_cache=False,
+                           attn_implementation="sdpa")
+    return MistralForCausalLM(config), (torch.randint(0, 1000, (1, 1024)),)
+
+
+def hf_swin():
+    """transformers SwinForImageClassification, swin-tiny config (224x224, window 7), random weights."""
+    from transformers import SwinConfig, SwinForImageClassification
+
+    return SwinForImageClassification(SwinConfig()), (torch.randn(1, 3, 224, 224),)
+
+
+CASES = {"flex-sliding": flex_sliding, "natten-na2d": natten_na2d, "hf-mistral": hf_mistral, "hf-swin": hf_swin}
+
+
+def first_tensor(out):
+    """The model's first output (transformers' logits) as numpy."""
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out.detach().numpy()
 
 
 def timed(fn, runs: int) -> float:
@@ -99,7 +125,7 @@ def measure(name, runs, folder):
     names = [f"input_{i}" for i in range(len(inputs))]
     feeds = {n: t.numpy() for n, t in zip(names, inputs)}
     with torch.no_grad():
-        want = model(*inputs).numpy()
+        want = first_tensor(model(*inputs))
         eager_ms = timed(lambda: model(*inputs), max(3, runs // 4))
     out = [(name, "torch eager (original)", None, None, {"torch": (0.0, eager_ms)})]
     plain = Path(folder) / f"{name}-plain.onnx"

@@ -39,6 +39,9 @@ def convert(module: torch.nn.Module, *example_inputs, layout: str = "auto", inpl
         converter = importlib.import_module(f"{__name__}.{name}")
         lines += converter.convert(target, tuple(example_inputs), layout)
     if not lines and strict:
+        if not example_inputs:
+            raise EdgeAttnError(f"convert found nothing to convert in {type(module).__name__} without example "
+                                f"inputs: pass the inputs the model will be exported with, convert(model, x)")
         raise EdgeAttnError(
             f"convert found nothing to convert in {type(module).__name__}: it converts NATTEN's "
             f"NeighborhoodAttention1D/2D/3D modules, transformers models (Llama, Mistral, Gemma, Qwen, Swin, "

@@ -42,8 +42,9 @@ PROBE_ROWS = 32
 
 def convert(module: nn.Module, example_inputs, layout: str) -> list[str]:
     """Give every flex_attention call ``module`` makes on ``example_inputs`` an edgeattn site (see the module doc)."""
-    if "torch.nn.attention.flex_attention" not in sys.modules or isinstance(getattr(module, SITES, None), FlexCalls):
-        return []   # nothing can call flex_attention before its module is imported
+    if "torch.nn.attention.flex_attention" not in sys.modules or isinstance(getattr(module, SITES, None), FlexCalls) \
+            or not example_inputs:
+        return []   # nothing can call flex_attention before its module is imported; calls are found by running
     calls = FlexCalls(layout)
     calls.attach(module)
     try:
@@ -64,8 +65,9 @@ SITES = "edgeattn_flex"   # the attribute of a converted module holding its Flex
 @contextlib.contextmanager
 def converted_for_export(module: nn.Module, example_inputs):
     """:func:`edgeattn.export_onnx` on a module that calls flex_attention directly: converted for the time of the
-    export (layout auto), and left as it was afterwards."""
-    lines = convert(module, example_inputs, "auto")
+    export (layout auto), and left as it was afterwards.  Only a module whose own methods name flex_attention is
+    run for this (an extra forward, which a module with state would feel), so other exports are unchanged."""
+    lines = convert(module, example_inputs, "auto") if _mentions_flex(module) else []
     try:
         yield lines
     finally:
@@ -143,6 +145,10 @@ class FlexCalls(nn.Module):
         self.recording = True
         self.code_modules: list[str] = []
         self.code_cells: list = []
+
+    def forward(self, *args):
+        """Passes its input through: a converted ``nn.Sequential`` calls every child, this one included."""
+        return args[0] if len(args) == 1 else args
 
     def attach(self, module: nn.Module) -> None:
         # where the model's code lives: names bound to flex_attention there are looked up on every forward
@@ -378,6 +384,25 @@ def _closure_cells(classes) -> list:
             for fn in vars(klass).values():
                 cells += [c for c in getattr(fn, "__closure__", None) or () if _cell_filled(c)]
     return cells
+
+
+def _mentions_flex(module: nn.Module) -> bool:
+    """Whether a method of the module's classes (torch's own excluded) names ``flex_attention``."""
+    def names(code):
+        yield from code.co_names + code.co_freevars
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                yield from names(const)
+
+    for cls in {type(m) for m in module.modules()}:
+        for klass in cls.__mro__:
+            if klass.__module__.startswith("torch."):
+                continue
+            for fn in vars(klass).values():
+                code = getattr(fn, "__code__", None)
+                if code is not None and "flex_attention" in set(names(code)):
+                    return True
+    return False
 
 
 def _cell_filled(cell) -> bool:

@@ -101,9 +101,6 @@ def edgeattn_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
                        softcap: Optional[float] = None, **kwargs):
     """transformers' attention interface: q (B, H, Nq, D), k/v (B, Hkv, Nkv, D) -> ((B, Nq, H, D), None)."""
     where = type(module).__name__
-    if softcap is not None:
-        raise EdgeAttnError(f"{where} soft-caps its attention scores (softcap={softcap}), which edgeattn's "
-                            f"attention does not apply yet; use attn_implementation='eager' for this model")
     if dropout and module.training:
         raise EdgeAttnError(f"{where} asks for attention dropout {dropout} in training mode; edgeattn's attention "
                             f"is for inference and export: call model.eval()")
@@ -116,14 +113,14 @@ def edgeattn_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     if isinstance(attention_mask, HFMask):
         table = getattr(module, "_edgeattn_tables", {}).get(attention_mask.key)
         if table is not None and (query.shape[2], key.shape[2]) == (table.shape.q_len, table.shape.kv_len):
-            out = table(query, key, value, scale=scaling)
+            out = table(query, key, value, scale=scaling, softcap=softcap)
         else:
             recording = _RECORDING.get()
             if recording is not None:
                 recording[module] = attention_mask
-            out = masked_attention(query, key, value, attention_mask.dense, scale=scaling)
+            out = masked_attention(query, key, value, attention_mask.dense, scale=scaling, softcap=softcap)
     elif isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
-        out = masked_attention(query, key, value, attention_mask, scale=scaling)
+        out = masked_attention(query, key, value, attention_mask, scale=scaling, softcap=softcap)
     else:
         got = "no mask" if attention_mask is None else f"a {type(attention_mask).__name__}"
         raise EdgeAttnError(f"{where} got {got} as its attention mask; edgeattn needs the mask transformers builds "

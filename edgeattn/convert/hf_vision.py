@@ -51,7 +51,9 @@ def convert(module: nn.Module, example_inputs: tuple, layout: str) -> list[str]:
 
 def _replace(module: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
-    setattr(module.get_submodule(parent) if parent else module, child, new)
+    holder = module.get_submodule(parent) if parent else module
+    new.train(getattr(holder, child).training)   # a new module starts in training mode: take the original's
+    setattr(holder, child, new)
 
 
 def _training_error(what: str) -> EdgeAttnError:
@@ -183,7 +185,7 @@ def _convert_mask2former(module, modeling) -> list[str]:
     lines = []
     for name, m in list(module.named_modules()):
         if isinstance(m, modeling.Mask2FormerMaskedAttentionDecoder):
-            m.mask_predictor = DecidedMaskPredictor(m.mask_predictor)
+            m.mask_predictor = DecidedMaskPredictor(m.mask_predictor).train(m.training)
             # the decoder's last prediction makes a mask no layer uses: export drops it, so it must not be declared
             # (parity matches the file's decisions to the model's in order)
             calls = len(m.layers) + 1
@@ -191,7 +193,7 @@ def _convert_mask2former(module, modeling) -> list[str]:
             lines.append(f"{name}.mask_predictor: Mask2Former mask predictor -> attention mask sigmoid < 0.5 as a "
                          f"declared decision")
         elif isinstance(m, modeling.Mask2FormerMaskedAttentionDecoderLayer):
-            m.cross_attn = MaskedCrossAttention(m.cross_attn, f"{name}.cross_attn")
+            m.cross_attn = MaskedCrossAttention(m.cross_attn, f"{name}.cross_attn").train(m.training)
             lines.append(f"{name}.cross_attn: nn.MultiheadAttention -> edgeattn.masked_attention with the "
                          f"predicted mask")
     return lines

@@ -88,6 +88,7 @@ def convert(module: nn.Module, example_inputs: tuple, layout: str) -> list[str]:
             spec = _read(paths[0], source, ndim)
             grid = grids[paths[0]]
             layer = _build(paths[0], spec, grid, layout, masks)
+            layer.train(source.training)   # a new module starts in training mode: take the original's
             for path in paths:   # a module registered under several names is replaced under each
                 parent_path, _, child = path.rpartition(".")
                 setattr(module.get_submodule(parent_path), child, layer)

@@ -86,6 +86,9 @@ CASES = {
     "prefix-lm-gqa": dict(mask_mod=prefix_lm, kv_heads=2),
     "document-scale": dict(mask_mod=document, scale=0.3),
     "dilated-rel-bias": dict(mask_mod=dilated, rel_bias=True),
+    "no-mask-softcap": dict(score_mod=softcap),
+    "causal-softcap-alibi": dict(mask_mod=causal, score_mod=lambda s, b, h, q, kv: softcap(s, b, h, q, kv)
+                                 + alibi(0.0, b, h, q, kv)),
 }
 
 

@@ -33,8 +33,12 @@ CONFIGS = {
         **TINY, head_dim=16, sliding_window=window, layer_types=["sliding_attention", "full_attention"],
         query_pre_attn_scalar=24),
     "qwen2": lambda **kw: transformers.Qwen2Config(**TINY, **kw),
+    # local and global layers with attention soft-capping, small enough to bite on tiny random weights
+    "gemma2": lambda window=WINDOW, softcap=1.0: transformers.Gemma2Config(
+        **TINY, head_dim=16, sliding_window=window, layer_types=["sliding_attention", "full_attention"],
+        attn_logit_softcapping=softcap),
 }
-SLIDING = ("mistral", "gemma3")
+SLIDING = ("mistral", "gemma3", "gemma2")
 PLAIN = Path(__file__).with_name("plain_generate.py")
 
 
@@ -69,7 +73,8 @@ def test_edgeattn_logits_match_eager(lm):
     converted, lines = edgeattn.convert(model, prompt, report=True)   # static tables for the prompt length
     torch.testing.assert_close(logits(direct, prompt), want, atol=1e-5, rtol=0)
     torch.testing.assert_close(logits(converted, prompt), want, atol=1e-5, rtol=0)
-    kinds = {"mistral": ["sliding_window_8"] * 2, "gemma3": ["sliding_window_8", "causal"]}.get(name, ["causal"] * 2)
+    kinds = {"mistral": ["sliding_window_8"] * 2, "gemma3": ["sliding_window_8", "causal"],
+             "gemma2": ["sliding_window_8", "causal"]}.get(name, ["causal"] * 2)
     assert [line.split(" -> edgeattn ")[1].split(" (")[0] for line in lines] == kinds, lines
     assert lines[0].startswith("model.layers.0.self_attn: transformers ") and f"({PROMPT} tokens, " in lines[0]
     assert model.config._attn_implementation == "eager"   # the original is untouched
@@ -140,11 +145,19 @@ def test_plain_runtimes_generate_without_edgeattn(lm, tmp_path):
         np.testing.assert_allclose(np.load(result["logits"]), want_logits, atol=1e-4, rtol=0, err_msg=runtime)
 
 
-def test_softcapping_is_refused_not_ignored():
-    config = transformers.Gemma2Config(**TINY, head_dim=16, attn_logit_softcapping=50.0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="edgeattn").eval()
-    with pytest.raises(EdgeAttnError, match="soft-caps its attention scores"):
-        logits(model, torch.zeros((1, 4), dtype=torch.long))
+def test_softcapping_is_applied():
+    """Gemma 2 soft-caps its scores: the edgeattn model follows eager with the cap, and the cap changes the logits
+    (so the parity tests above would catch it being dropped)."""
+    prompt = torch.randint(0, TINY["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(2))
+    capped = build("gemma2")
+    with torch.no_grad():   # random init scores are ~1e-2: scale them up so a cap of 1 changes them
+        for name, weight in capped.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                weight.mul_(20)
+    uncapped = build("gemma2", state=capped.state_dict(), softcap=None)
+    ours = build("gemma2", "edgeattn", capped.state_dict())
+    torch.testing.assert_close(logits(ours, prompt), logits(capped, prompt), atol=1e-5, rtol=0)
+    assert (logits(uncapped, prompt) - logits(capped, prompt)).abs().max() > 1e-3
 
 
 def test_bad_inputs_get_one_clear_error():
