@@ -82,8 +82,8 @@ def edgeattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
                       kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                       allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs)
     # a static table covers a prefill from position 0 without padding; anything else depends on the input
-    static = _no_padding(attention_mask) and isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset == 0 and \
-        q_length == kv_length
+    static = (_no_padding(attention_mask) and isinstance(q_offset, int) and isinstance(kv_offset, int)
+              and q_offset == kv_offset == 0 and q_length == kv_length)
     return HFMask(mask_function, mask_key(mask_function) if static else None, dense)
 
 
@@ -323,7 +323,8 @@ def export_lm(model: nn.Module, prompt_len: int, max_cache_len: int, folder, lay
                             f"{type(model).__name__}")
     if not (isinstance(prompt_len, int) and isinstance(max_cache_len, int) and 0 < prompt_len < max_cache_len):
         raise EdgeAttnError(f"export_lm needs integers 0 < prompt_len < max_cache_len (the cache holds the prompt "
-                            f"and the generated tokens), got prompt_len={prompt_len!r}, max_cache_len={max_cache_len!r}")
+                            f"and the generated tokens), got prompt_len={prompt_len!r}, "
+                            f"max_cache_len={max_cache_len!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     prompt = torch.zeros((1, prompt_len), dtype=torch.long)

@@ -172,7 +172,8 @@ def test_mask2former_converted_equals_transformers():
     assert sum("cross_attn: nn.MultiheadAttention" in line for line in lines) == 3
     assert sum("declared decision" in line for line in lines) == 1
     assert converted.state_dict().keys() == model.state_dict().keys()
-    for key in ("encoder_last_hidden_state", "pixel_decoder_last_hidden_state", "transformer_decoder_last_hidden_state"):
+    for key in ("encoder_last_hidden_state", "pixel_decoder_last_hidden_state",
+                "transformer_decoder_last_hidden_state"):
         assert_close([got[key]], [want[key]])
     assert_close(got.masks_queries_logits, want.masks_queries_logits)
     # the masks matter: some queries attend only part of the map
