@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..convert import hf_lm
 from ..errors import EdgeAttnError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
@@ -124,4 +125,20 @@ def build_module(spec: str, inputs: dict[str, torch.Tensor]):
         if not isinstance(made, torch.nn.Module):
             raise EdgeAttnError(f"model {spec!r} returned a {type(made).__name__}, not a torch.nn.Module")
     made.eval()
-    return made, convert(made, *inputs.values(), strict=False)
+    converted = convert(made, *inputs.values(), strict=False)
+    if hf_lm.is_causal_lm(made):   # a transformers LM: logits for a prompt of the example's length, static tables
+        made.config.use_cache = False   # the reference returns logits only, as the file does
+        converted = PromptLogits(converted, next(iter(inputs.values())).shape[-1])
+    return made, converted
+
+
+class PromptLogits(torch.nn.Module):
+    """A converted transformers causal LM as ``input_ids -> logits`` through its prefill path (which attends
+    through the static tables; see :mod:`edgeattn.convert.hf_lm`)."""
+
+    def __init__(self, model: torch.nn.Module, prompt_len: int):
+        super().__init__()
+        self.prefill = hf_lm.Prefill(model, prompt_len)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.prefill(input_ids)[0]
