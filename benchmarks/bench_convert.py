@@ -8,6 +8,7 @@ that fails says why (its first line); one that runs but disagrees with the origi
 loads is not a file that is right.  One process, same inputs, same weights.
 """
 import argparse
+import re
 import statistics
 import tempfile
 import time
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 import edgeattn
+from edgeattn.convert import hf_lm
+from edgeattn.models.user import PromptLogits
 
 warnings.filterwarnings("ignore")   # uncompiled flex_attention warns on every call
 RUNTIMES = ("ort-cpu", "openvino-cpu")
@@ -134,13 +137,23 @@ def measure(name, runs, folder):
             torch.onnx.export(model, inputs, str(plain), dynamo=True, input_names=names)
         out.append((name, "plain torch.onnx", _mb(plain), None, run_file(plain, feeds, want, runs)))
     except Exception as e:   # what a user gets without edgeattn
-        out.append((name, "plain torch.onnx", None, f"export fails: {str(e).strip().splitlines()[0][:90]}", {}))
+        out.append((name, "plain torch.onnx", None, f"export fails: {_cause(e)}", {}))
     converted = edgeattn.convert(model, *inputs)
+    if hf_lm.is_causal_lm(model):   # what `edgeattn export` does with an LM: logits through the prefill tables
+        converted = PromptLogits(converted, inputs[0].shape[-1])
     path = Path(folder) / f"{name}-edgeattn.onnx"
     result = edgeattn.export_onnx(converted, list(inputs), path, input_names=names)
     lowerings = ", ".join(sorted({m["lowering"] for m in result.masks}))
     out.append((name, f"edgeattn ({lowerings})", _mb(path), None, run_file(path, feeds, want, runs)))
     return out
+
+
+def _cause(error: Exception) -> str:
+    """The line of an exporter's long error that names what failed."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    named = [line for line in lines if re.search(r"flex_attention|Unsupported|not supported|No decomposition|"
+                                                 r"translat|Error:", line)]
+    return (named or lines or [type(error).__name__])[-1][:110]
 
 
 def _cell(value) -> str:
