@@ -9,6 +9,7 @@ weights, with the grid the module sees on the example input; the exported file n
 """
 import argparse
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,10 @@ from natten import NeighborhoodAttention2D
 from torch import nn
 
 import edgeattn
+
+# NATTEN runs on CPU through uncompiled FlexAttention, which warns on every call that it is unfused: it is the
+# reference here, not the deployment
+warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 
 
 class Block(nn.Module):
