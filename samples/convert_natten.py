@@ -20,9 +20,10 @@ from torch import nn
 
 import edgeattn
 
-# NATTEN runs on CPU through uncompiled FlexAttention, which warns on every call that it is unfused: it is the
-# reference here, not the deployment
+# NATTEN runs on CPU through uncompiled FlexAttention, which warns that it is unfused and that NATTEN's return_lse
+# is deprecated: it is the reference here, not the deployment
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+warnings.filterwarnings("ignore", message="return_lse is deprecated")
 
 
 class Block(nn.Module):
