@@ -108,9 +108,7 @@ class FlexSite(nn.Module):
         tensors = [getattr(table, f"attn_{name}") for name in TABLE_INPUTS[table.layout]]
         if self.trainable_bias:
             tensors = self._with_bias(tensors, q.shape[1])
-        if self.softcap:
-            return attend(q, k, v, table.layout, tensors, self.scale, table.mask.name, softcap=self.softcap)
-        return attend(q, k, v, table.layout, tensors, self.scale, table.mask.name)
+        return attend(q, k, v, table.layout, tensors, self.scale, table.mask.name, softcap=self.softcap)
 
     def _with_bias(self, tensors: list, heads: int) -> list:
         """The score_mod's bias computed from its weights on this call, in the table's layout.  A block table's
@@ -124,7 +122,6 @@ class FlexSite(nn.Module):
             return tensors
         q_index, kv_index, q_pos, bank, block, _ = tensors
         tiles = q_index.shape[0]
-        h = h.view(1, heads, 1, 1)
         bias = self._bias(zero_b, h, q_index.view(tiles, 1, -1, 1), kv_index.view(tiles, 1, 1, -1))
         return [q_index, kv_index, q_pos, bank[block], torch.arange(tiles), bias]
 
