@@ -39,8 +39,8 @@ def model_name(metadata: Mapping) -> str:
     return name or "model"
 
 
-def check_folder(path) -> Path:
-    """Fail early, in one line, when ``path`` cannot be or become a repository folder."""
+def check_folder(path, kind: str) -> Path:
+    """Fail early, in one line, when ``path`` cannot be or become a ``kind`` (triton, ovms) repository folder."""
     if not str(path).strip():
         raise EdgeAttnError("output path is empty")
     path = Path(path)
@@ -49,7 +49,7 @@ def check_folder(path) -> Path:
     parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise EdgeAttnError(f"{path}: no permission to write in {parent}")
-    if path.is_dir():
+    if kind == "ovms" and path.is_dir():
         _ovms_config(path / "config.json")   # refuse an unreadable config.json before the export
     return path
 
@@ -58,7 +58,7 @@ def write_repository(kind: str, proto: onnx.ModelProto, folder, metadata: dict, 
                      name: Optional[str] = None) -> tuple[Path, int]:
     """Write ``proto`` into the ``kind`` (triton, ovms) repository at ``folder`` as ``file_format`` (onnx or
     openvino); returns the model file written and the bytes of the repository's new files."""
-    folder = check_folder(folder)
+    folder = check_folder(folder, kind)
     name = name or model_name(metadata)
     folder.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder))

@@ -47,7 +47,7 @@ def check_request(*, dtype: str = "fp32", quantize: Optional[str] = None, opset:
     repository = format if format in formats.REPOSITORIES else None
     if repository:
         if path is not None:
-            check_folder(path)
+            check_folder(path, repository)
         only_openvino = list([runtimes] if isinstance(runtimes, str) else runtimes or []) == ["openvino-cpu"]
         format = "openvino" if repository == "ovms" or only_openvino else "onnx"
     else:
