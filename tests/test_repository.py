@@ -86,9 +86,8 @@ def test_triton_openvino_repository_static(tmp_path):
     assert not config.HasField("dynamic_batching")
     assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["model.bin", "model.xml"]
     compiled = ov.Core().compile_model(str(model_dir / "1" / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    assert [(t.name, list(t.dims)) for t in config.input] == [(p.get_any_name(), list(p.shape)) for p in compiled.inputs]
-    assert [(t.name, list(t.dims)) for t in config.output] == [(p.get_any_name(), list(p.shape))
-                                                                 for p in compiled.outputs]
+    for declared, ports in [(config.input, compiled.inputs), (config.output, compiled.outputs)]:
+        assert [(t.name, list(t.dims)) for t in declared] == [(p.get_any_name(), list(p.shape)) for p in ports]
     tokens, expected = reference()
     out = compiled({"tokens": tokens})[config.output[0].name]
     assert np.abs(out - expected).max() <= atol("openvino-cpu")
