@@ -188,16 +188,20 @@ def _parser() -> argparse.ArgumentParser:
                          help=f"timed runs per runtime after 3 warm-ups (default {DEFAULT_RUNS})")
         cmd.add_argument("--json", metavar="FILE", help="write the parity results as a JSON list")
 
-    e = sub.add_parser("export", help="export a reference model to ONNX, OpenVINO IR or the ORT format")
+    e = sub.add_parser("export", help="export a reference model to ONNX, OpenVINO IR, the ORT format or a model "
+                                      "server repository (Triton, OpenVINO Model Server)")
     e.add_argument("model", help="registered model name (see `edgeattn models`), or your own model as "
                                  "package.module:callable or path/to/file.py:callable (an nn.Module, or a function "
                                  "returning one; FlexAttention, NATTEN and transformers attention are converted)")
     user_inputs(e)
     e.add_argument("-o", "--output", required=True,
-                   help="output path: .onnx, .xml (OpenVINO IR, with its .bin) or .ort (ORT format)")
-    e.add_argument("--format", choices=list(formats.FORMATS),
+                   help="output path: .onnx, .xml (OpenVINO IR, with its .bin) or .ort (ORT format); a folder "
+                        "for --format triton or ovms")
+    e.add_argument("--format", choices=[*formats.FORMATS, *formats.REPOSITORIES],
                    help="onnx, openvino (IR) or ort (onnxruntime mobile/minimal builds, with its "
-                        "required_operators.config); default: from the output's suffix")
+                        "required_operators.config); triton: a Triton model repository (ONNX for the onnxruntime "
+                        "backend; IR for the openvino backend with --runtime openvino-cpu); ovms: an OpenVINO Model "
+                        "Server repository with its config.json; default: from the output's suffix")
     e.add_argument("--opset", type=int, help=f"ONNX opset (default {DEFAULT_OPSET}; 22 for --dtype bf16)")
     e.add_argument("--custom-op", action="store_true",
                    help="keep each attention as one edgeattn-domain node whose function body is its standard ops "

@@ -17,7 +17,7 @@ import torch
 from .. import onnxfile
 from ..convert import flex
 from ..errors import EdgeAttnError, first_line
-from . import formats, graph, precision
+from . import formats, graph, precision, repository
 from .plan import applied
 from .request import ExportRequest, check_request
 
@@ -58,7 +58,8 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
     ``quantize`` (int8: dynamic, int8-static: QDQ calibrated on ``calibration`` feeds, generated from the example
     inputs' shapes when not given) quantizes the linear layers of an fp32 export (see
     :mod:`edgeattn.export.precision`).  ``opset`` defaults to 18 (22 for bf16).  ``format``: onnx, openvino (IR,
-    ``.xml``) or ort (``.ort``), by default from the path's suffix (see :mod:`edgeattn.export.formats`).  The file is
+    ``.xml``) or ort (``.ort``), by default from the path's suffix (see :mod:`edgeattn.export.formats`), or a model
+    server repository folder: triton or ovms (see :mod:`edgeattn.export.repository`).  The file is
     replaced only on success."""
     request = check_request(dtype=dtype, quantize=quantize, opset=opset, lowering=lowering, runtimes=runtimes,
                             custom_op=custom_op, dynamic_batch=dynamic_batch, path=path, format=format)
@@ -112,7 +113,9 @@ def export_checked(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
     if not request.custom_op:
         graph.inline(proto)
     metadata = onnxfile.read_metadata(proto)
-    if request.format == "openvino":
+    if request.repository:   # the result names the model file inside, which `check` reads
+        path, written = repository.write_repository(request.repository, proto, path, metadata, request.format)
+    elif request.format == "openvino":
         written = formats.write_openvino_ir(proto, path, metadata)
     elif request.format == "ort":
         written = formats.write_ort_format(proto, path)

@@ -14,6 +14,7 @@ from ..errors import EdgeAttnError
 from ..files import check_writable
 from ..onnxfile import LOWERINGS, Contents, formats
 from .precision import check_opset, default_opset, precision_name
+from .repository import check_folder
 
 DEFAULT_OPSET = 18
 OPSETS = range(17, 26)   # the opsets exported and run on onnxruntime and OpenVINO here
@@ -31,6 +32,7 @@ class ExportRequest:
     custom_op: bool = False      # keep edgeattn-domain attention nodes (default: their standard-op bodies inlined)
     dynamic_batch: bool = False
     format: str = "onnx"         # onnx, openvino (IR) or ort (see edgeattn.export.formats)
+    repository: Optional[str] = None   # triton or ovms: a server repository folder holding the file
 
 
 def check_request(*, dtype: str = "fp32", quantize: Optional[str] = None, opset: Optional[int] = None,
@@ -40,10 +42,18 @@ def check_request(*, dtype: str = "fp32", quantize: Optional[str] = None, opset:
     """Validate an export request; the opset defaults for the dtype, the targets to every runtime of the format
     that can run the precision (named targets that cannot are an error).  ``runtimes`` may name the torch
     reference, which checks files but is no target.  ``path``, when given, must be writable and its suffix must
-    match ``format`` (which defaults to the suffix's)."""
-    format = _check_format(format, path)
-    if path is not None:
-        check_writable(path)
+    match ``format`` (which defaults to the suffix's); a repository format (triton, ovms) takes a folder and holds
+    OpenVINO IR for ovms, and for triton when ``runtimes`` is only openvino-cpu (ONNX otherwise)."""
+    repository = format if format in formats.REPOSITORIES else None
+    if repository:
+        if path is not None:
+            check_folder(path, repository)
+        only_openvino = list([runtimes] if isinstance(runtimes, str) else runtimes or []) == ["openvino-cpu"]
+        format = "openvino" if repository == "ovms" or only_openvino else "onnx"
+    else:
+        format = _check_format(format, path)
+        if path is not None:
+            check_writable(path)
     if format == "openvino":
         custom_op = True   # the IR is built from the custom-op form: dense-table nodes become OpenVINO's SDPA
     precision = precision_name(dtype, quantize)
@@ -54,7 +64,7 @@ def check_request(*, dtype: str = "fp32", quantize: Optional[str] = None, opset:
     targets = _targets(runtimes, precision, format)
     _check_lowering(lowering, opset, targets)
     return ExportRequest(precision, dtype, quantize, opset, lowering, tuple(targets), custom_op, dynamic_batch,
-                         format)
+                         format, repository)
 
 
 def _check_format(format: Optional[str], path) -> str:
@@ -62,7 +72,8 @@ def _check_format(format: Optional[str], path) -> str:
     if format is None:
         return formats.format_of(path) if path is not None else "onnx"
     if format not in formats.FORMATS:
-        raise EdgeAttnError(f"unknown format {format!r}; choose one of: {', '.join(formats.FORMATS)}")
+        raise EdgeAttnError(f"unknown format {format!r}; choose one of: "
+                            f"{', '.join([*formats.FORMATS, *formats.REPOSITORIES])}")
     if suffix is not None and suffix != formats.FORMATS[format]:
         raise EdgeAttnError(f"{path}: a {format} file needs the suffix {formats.FORMATS[format]} (got "
                             f"{suffix or 'none'}); name the output like model{formats.FORMATS[format]}")

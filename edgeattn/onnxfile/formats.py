@@ -20,6 +20,8 @@ from ..errors import EdgeAttnError, first_line
 from . import TensorInfo, decode_metadata, encode_metadata, graph_inputs, graph_outputs, read, read_metadata, strip_prefix
 
 FORMATS = {"onnx": ".onnx", "openvino": ".xml", "ort": ".ort"}
+# model server repositories (folders): the file format inside is onnx or openvino (see edgeattn.export.repository)
+REPOSITORIES = {"triton": "Triton Inference Server", "ovms": "OpenVINO Model Server"}
 IR_SECTION = "edgeattn"
 
 
