@@ -9,9 +9,7 @@ loads is not a file that is right.  One process, same inputs, same weights.
 """
 import argparse
 import re
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -22,6 +20,8 @@ from torch import nn
 import edgeattn
 from edgeattn.convert import hf_lm
 from edgeattn.models.user import PromptLogits
+
+from bench_attention import median_ms   # 3 warm-ups, then the median of the timed runs
 
 warnings.filterwarnings("ignore")   # uncompiled flex_attention warns on every call
 RUNTIMES = ("ort-cpu", "openvino-cpu")
@@ -100,24 +100,13 @@ def first_tensor(out):
     return out.detach().numpy()
 
 
-def timed(fn, runs: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def run_file(path, feeds, want, runs):
     rows = {}
     for runtime in RUNTIMES:
         session = edgeattn.load(path, runtime=runtime)
         got = np.asarray(next(iter(session.run(feeds).values())))
         err = float(np.abs(got - want).max())
-        rows[runtime] = (err, timed(lambda: session.run(feeds), runs))
+        rows[runtime] = (err, median_ms(lambda: session.run(feeds), runs))
     return rows
 
 
@@ -129,7 +118,7 @@ def measure(name, runs, folder):
     feeds = {n: t.numpy() for n, t in zip(names, inputs)}
     with torch.no_grad():
         want = first_tensor(model(*inputs))
-        eager_ms = timed(lambda: model(*inputs), max(3, runs // 4))
+        eager_ms = median_ms(lambda: model(*inputs), max(3, runs // 4))
     out = [(name, "torch eager (original)", None, None, {"torch": (0.0, eager_ms)})]
     plain = Path(folder) / f"{name}-plain.onnx"
     try:
