@@ -146,6 +146,14 @@ def _report(description: str, results) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve
+    serve(args.file, runtime=args.runtime, host=args.host, port=args.port, replicas=args.replicas,
+          max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, address=args.address, name=args.name,
+          log=lambda line: print(line, flush=True))
+    return 0
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -281,8 +289,24 @@ def _parser() -> argparse.ArgumentParser:
     trust_code(c)
     gate_options(c)
     c.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("serve", help="serve a file with Ray Serve over the KServe v2 REST protocol (as Triton and "
+                                     "OpenVINO Model Server), batching requests, until Ctrl-C")
+    s.add_argument("file", help="an .onnx, .xml or .ort file")
+    s.add_argument("--runtime", default="auto", help="runtime the replicas load the file on (default: auto)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    s.add_argument("--port", type=_positive, default=8000, help="HTTP port (default 8000)")
+    s.add_argument("--replicas", type=_positive, default=1, help="copies of the model, each with a CPU (default 1)")
+    s.add_argument("--max-batch-size", type=_positive, default=8,
+                   help="requests run together at most (default 8); a file exported with --dynamic-batch runs them "
+                        "as one batch")
+    s.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5)")
+    s.add_argument("--address", help="a running Ray cluster to deploy on (auto: the one `ray start` joined here); "
+                                     "default: start Ray on this machine")
+    s.add_argument("--name", help="model name in the URLs (default: the registered model's name, or model)")
+    s.set_defaults(func=cmd_serve)
     return p
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -1,0 +1,366 @@
+"""``edgeattn serve FILE``: a model file behind Ray Serve, answering the KServe v2 REST protocol that Triton and
+OpenVINO Model Server speak, so one client works against all three.
+
+- ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2/models/NAME``, ``/v2/models/NAME/ready``;
+- ``POST /v2/models/NAME/infer`` (or ``.../versions/1/infer``) with JSON
+  ``{"inputs": [{"name", "shape", "datatype", "data"}]}``, row-major ``data``; the answer has ``outputs`` alike.
+  The binary-data extension is not supported.
+
+Each request is checked (names, datatypes, shapes) before it joins a batch, and a bad one gets HTTP 400 with one line
+saying what was wrong.  Requests that arrive together are batched (Ray Serve's ``serve.batch``): when every input and
+output of the file has a symbolic first axis (``export --dynamic-batch``) they run as one concatenated batch, otherwise
+one after the other.  The file's bytes travel to the replicas through Ray, so on a cluster (``--address``) a replica on
+another machine needs edgeattn and the runtime installed, not the file.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .errors import EdgeAttnError
+from .onnxfile import TensorInfo, formats
+
+DATATYPES = {np.dtype(t): name for t, name in [
+    (np.float32, "FP32"), (np.float16, "FP16"), (np.float64, "FP64"), (np.int64, "INT64"), (np.int32, "INT32"),
+    (np.int8, "INT8"), (np.uint8, "UINT8"), (np.bool_, "BOOL")]}
+DTYPES = {name: dtype for dtype, name in DATATYPES.items()}
+VERSION = "1"
+
+
+class BadRequest(EdgeAttnError):
+    """A request the server answers with HTTP ``status`` and this message."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def batchable(inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo]) -> bool:
+    """Requests may be concatenated on axis 0 when every input and output has a symbolic first axis."""
+    return all(t.shape and isinstance(t.shape[0], str) for t in [*inputs, *outputs])
+
+
+def metadata(name: str, platform: str, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo]) -> dict:
+    """The KServe v2 model metadata response (-1 for a symbolic axis)."""
+    def tensors(infos):
+        return [{"name": t.name, "datatype": DATATYPES.get(t.dtype, str(t.dtype)),
+                 "shape": [-1 if isinstance(d, str) else d for d in t.shape]} for t in infos]
+    return {"name": name, "versions": [VERSION], "platform": platform, "inputs": tensors(inputs),
+            "outputs": tensors(outputs)}
+
+
+def parse_request(body: bytes, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo]) -> tuple[dict, list, object]:
+    """A KServe v2 JSON infer request -> (feeds, names of the outputs asked for, its ``id``), or :class:`BadRequest`."""
+    try:
+        request = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the request body is not JSON: {e}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise BadRequest('the request must be a JSON object with an "inputs" list')
+    expected = {t.name: t for t in inputs}
+    feeds = {}
+    for item in request["inputs"]:
+        if not isinstance(item, dict) or not {"name", "shape", "datatype", "data"} <= item.keys():
+            raise BadRequest('each input needs "name", "shape", "datatype" and "data"')
+        name = item["name"]
+        if name not in expected:
+            raise BadRequest(f"unexpected input {name!r}; the model takes {list(expected)}")
+        if name in feeds:
+            raise BadRequest(f"input {name!r} is given twice")
+        info = expected[name]
+        want = DATATYPES.get(info.dtype, str(info.dtype))
+        if item["datatype"] != want:
+            raise BadRequest(f"input {name!r}: datatype {item['datatype']!r}, the model takes {want}")
+        shape = item["shape"]
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+        if len(shape) != len(info.shape) or any(isinstance(d, int) and d != s for d, s in zip(info.shape, shape)):
+            model = [d if isinstance(d, int) else -1 for d in info.shape]
+            raise BadRequest(f"input {name!r}: shape {shape}, the model takes {model} (-1: any)")
+        try:
+            array = np.asarray(item["data"], dtype=info.dtype)
+        except (TypeError, ValueError) as e:
+            raise BadRequest(f"input {name!r}: data is not a list of {want} numbers: {e}") from None
+        if array.size != int(np.prod(shape)):
+            raise BadRequest(f"input {name!r}: {array.size} values for shape {shape} ({int(np.prod(shape))})")
+        feeds[name] = array.reshape(shape)
+    missing = [n for n in expected if n not in feeds]
+    if missing:
+        raise BadRequest(f"missing input {', '.join(map(repr, missing))}; the model takes {list(expected)}")
+    sizes = {a.shape[0] for a in feeds.values()}
+    if batchable(inputs, outputs) and len(sizes) > 1:
+        raise BadRequest(f"inputs disagree on the batch size (axis 0): {sorted(sizes)}")
+    names = [t.name for t in outputs]
+    wanted = request.get("outputs")
+    if wanted is not None:
+        if not isinstance(wanted, list) or not all(isinstance(o, dict) and o.get("name") in names for o in wanted):
+            raise BadRequest(f'"outputs" must list outputs of the model by name: {names}')
+        names = [o["name"] for o in wanted]
+    return feeds, names, request.get("id")
+
+
+def response(model: str, outputs: Mapping[str, np.ndarray], names: Sequence[str], request_id=None) -> dict:
+    body = {"model_name": model, "model_version": VERSION,
+            "outputs": [{"name": n, "datatype": DATATYPES.get(outputs[n].dtype, str(outputs[n].dtype)),
+                         "shape": list(outputs[n].shape), "data": outputs[n].ravel().tolist()} for n in names]}
+    if request_id is not None:
+        body["id"] = request_id
+    return body
+
+
+class Model:
+    """What one replica serves: the file loaded on a runtime, answering parsed requests in batches."""
+
+    def __init__(self, name: str, files: Mapping[str, bytes], runtime: str):
+        from . import runtimes
+        self.name = name
+        self.folder = tempfile.mkdtemp(prefix="edgeattn-serve-")
+        for filename, data in files.items():
+            Path(self.folder, filename).write_bytes(data)
+        path = Path(self.folder, next(iter(files)))
+        self.session = runtimes.load(path, runtime)
+        head = formats.header(path)
+        self.inputs, self.outputs = head.inputs, head.outputs
+        self.batchable = batchable(self.inputs, self.outputs)
+        self.platform = "openvino" if self.session.runtime.startswith("openvino") else "onnxruntime_onnx"
+        self.lock = threading.Lock()
+
+    def run_batch(self, feeds_list: Sequence[dict]) -> list[dict]:
+        """Outputs for each of ``feeds_list``; batchable files run all of them as one batch."""
+        with self.lock:
+            if not self.batchable or len(feeds_list) == 1:
+                return [self.session.run(feeds) for feeds in feeds_list]
+            sizes = [next(iter(f.values())).shape[0] for f in feeds_list]
+            merged = self.session.run({n: np.concatenate([f[n] for f in feeds_list]) for n in feeds_list[0]})
+            bounds = np.cumsum([0, *sizes])
+            return [{n: a[lo:hi] for n, a in merged.items()} for lo, hi in itertools.pairwise(bounds)]
+
+
+def deployment(name: str, runtime: str, max_batch_size: int, batch_wait_s: float):
+    """The Ray Serve deployment for one model, to bind to ``files`` (Ray is imported here, so ``import edgeattn``
+    does not need it)."""
+    import asyncio
+
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    prefix = f"/v2/models/{name}"
+
+    @serve.deployment(name=name)
+    class ModelServer:
+        def __init__(self, files: Mapping[str, bytes]):
+            self.model = Model(name, files, runtime)
+
+        @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_s)
+        async def infer(self, feeds_list: list) -> list:
+            try:
+                return await asyncio.to_thread(self.model.run_batch, feeds_list)
+            except Exception as e:   # the batch failed as a whole: answer each request of it alone
+                return [self._alone(feeds) or e for feeds in feeds_list]
+
+        def _alone(self, feeds):
+            try:
+                return self.model.run_batch([feeds])[0]
+            except Exception:
+                return None
+
+        async def __call__(self, request: Request):
+            path = request.url.path.rstrip("/")
+            if path in ("/v2/health/live", "/v2/health/ready", f"{prefix}/ready", f"{prefix}/versions/{VERSION}/ready"):
+                return JSONResponse({})
+            if path in (prefix, f"{prefix}/versions/{VERSION}") and request.method == "GET":
+                m = self.model
+                return JSONResponse(metadata(name, m.platform, m.inputs, m.outputs))
+            if path not in (f"{prefix}/infer", f"{prefix}/versions/{VERSION}/infer"):
+                return JSONResponse({"error": f"no such endpoint {request.method} {path}; this server has "
+                                              f"POST {prefix}/infer"}, status_code=404)
+            if request.method != "POST":
+                return JSONResponse({"error": f"{path} takes POST"}, status_code=405)
+            body = await request.body()
+            try:
+                feeds, names, request_id = parse_request(body, self.model.inputs, self.model.outputs)
+            except BadRequest as e:
+                return JSONResponse({"error": str(e)}, status_code=e.status)
+            outputs = await self.infer(feeds)
+            if isinstance(outputs, Exception):
+                return JSONResponse({"error": f"the runtime failed on this request: {outputs}"}, status_code=500)
+            return JSONResponse(response(name, outputs, names, request_id))
+
+    return ModelServer
+
+
+def model_files(path) -> dict[str, bytes]:
+    """The file and its companions (an IR's ``.bin``), by file name, first the one to load."""
+    path = Path(path)
+    files = {path.name: path.read_bytes()}
+    if path.suffix == ".xml":
+        files[path.with_suffix(".bin").name] = path.with_suffix(".bin").read_bytes()
+    return files
+
+
+def check_port(host: str, port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise EdgeAttnError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port") from None
+
+
+def serve(path, runtime: str = "auto", host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
+          max_batch_size: int = 8, batch_wait_ms: float = 5.0, address: Optional[str] = None,
+          name: Optional[str] = None, log: Callable[[str], None] = print) -> None:
+    """Serve ``path`` until SIGINT or SIGTERM, then shut the application (and a Ray started here) down."""
+    from . import runtimes
+    from .export.repository import model_name
+    try:
+        import ray
+        from ray import serve as ray_serve
+    except ImportError:
+        raise EdgeAttnError("edgeattn serve needs Ray Serve: pip install 'edgeattn[serve]'") from None
+    head = formats.header(path)
+    name = name or model_name(head.metadata)
+    if replicas < 1 or max_batch_size < 1 or batch_wait_ms < 0:
+        raise EdgeAttnError("--replicas and --max-batch-size must be at least 1, --batch-wait-ms at least 0")
+    if address is None and replicas > (os.cpu_count() or 1):
+        raise EdgeAttnError(f"--replicas {replicas} needs {replicas} CPUs and this machine has {os.cpu_count()}: "
+                            "serve fewer here, or start a Ray cluster and pass --address auto")
+    session = runtimes.load(path, runtime)   # a bad file or an unavailable runtime fails here, in one line
+    runtime = session.runtime
+    del session
+    check_port(host, port)
+    files = model_files(path)
+
+    stop = threading.Event()
+
+    def on_signal(*_):
+        stop.set()
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for s in previous:
+            signal.signal(s, on_signal)
+        if address is None:
+            ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False, configure_logging=False,
+                     object_store_memory=max(sum(map(len, files.values())) * 4, 80 * 2**20))
+        else:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
+        for s in previous:   # Ray may have installed its own
+            signal.signal(s, on_signal)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)   # its INFO lines would bury ours
+        app = deployment(name, runtime, max_batch_size, batch_wait_ms / 1000)
+        if not stop.is_set():
+            ray_serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "ERROR"})
+            ray_serve.run(app.options(num_replicas=replicas).bind(files), name=name, route_prefix="/",
+                          logging_config={"log_level": "ERROR"})
+        if not stop.is_set():
+            log(f"serving {name} on {runtime} ({replicas} replica{'s' if replicas > 1 else ''}, batches up to "
+                f"{max_batch_size}) at http://{host}:{port}/v2/models/{name}/infer; Ctrl-C stops")
+        while not stop.wait(0.5):
+            pass
+        log("stopping")
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not leave Ray's processes behind
+        try:
+            if ray.is_initialized():
+                if address is None:
+                    ray_serve.shutdown()
+                else:                 # on a shared cluster only this application goes
+                    ray_serve.delete(name)
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    log("stopped")
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_test` measured: every answer by request, latencies in ms, requests per second."""
+    sent: int = 0
+    answers: list = field(default_factory=list)        # (feeds index, outputs or error string, latency ms)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list:
+        return [a for a in self.answers if isinstance(a[1], str)]
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile([a[2] for a in self.answers], q)) if self.answers else float("nan")
+
+    @property
+    def throughput(self) -> float:
+        return len(self.answers) / self.seconds if self.seconds else 0.0
+
+    def describe(self) -> str:
+        return (f"{len(self.answers)} answers to {self.sent} requests ({len(self.failed)} failed) in "
+                f"{self.seconds:.1f} s: {self.throughput:.1f} req/s, p50 {self.percentile(50):.1f} ms, "
+                f"p99 {self.percentile(99):.1f} ms")
+
+
+def infer_body(feeds: Mapping[str, np.ndarray]) -> bytes:
+    return json.dumps({"inputs": [{"name": n, "shape": list(a.shape), "datatype": DATATYPES[a.dtype],
+                                   "data": a.ravel().tolist()} for n, a in feeds.items()]}).encode()
+
+
+def post(url: str, body: bytes, timeout: float = 60.0) -> tuple[int, dict]:
+    """POST ``body`` to ``url``; (HTTP status, JSON answer)."""
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def outputs_of(answer: dict) -> dict[str, np.ndarray]:
+    return {o["name"]: np.asarray(o["data"], dtype=DTYPES[o["datatype"]]).reshape(o["shape"])
+            for o in answer["outputs"]}
+
+
+def load_test(url: str, requests: Sequence[Mapping[str, np.ndarray]], clients: int = 8,
+              seconds: float = 20.0) -> LoadReport:
+    """``clients`` threads post ``requests`` round-robin to ``url`` for ``seconds``; every answer is kept."""
+    bodies = [infer_body(r) for r in requests]
+    report, lock = LoadReport(), threading.Lock()
+    counter = iter(range(1 << 62))
+    deadline = time.perf_counter() + seconds
+
+    def client():
+        while time.perf_counter() < deadline:
+            with lock:
+                i = next(counter) % len(bodies)
+                report.sent += 1
+            t0 = time.perf_counter()
+            try:
+                status, answer = post(url, bodies[i])
+                result = outputs_of(answer) if status == 200 else f"HTTP {status}: {answer.get('error')}"
+            except Exception as e:   # a lost request is a result, not a crash of the load test
+                result = f"{type(e).__name__}: {e}"
+            with lock:
+                report.answers.append((i, result, (time.perf_counter() - t0) * 1000))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    report.seconds = time.perf_counter() - start
+    return report
