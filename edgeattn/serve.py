@@ -4,7 +4,8 @@ OpenVINO Model Server speak, so one client works against all three.
 - ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2/models/NAME``, ``/v2/models/NAME/ready``;
 - ``POST /v2/models/NAME/infer`` (or ``.../versions/1/infer``) with JSON
   ``{"inputs": [{"name", "shape", "datatype", "data"}]}``, row-major ``data``; the answer has ``outputs`` alike.
-  The binary-data extension is not supported.
+  Triton's binary tensor extension is understood too (``Inference-Header-Content-Length``, ``binary_data_size``,
+  ``binary_data_output``), so ``tritonclient.http`` works unchanged; it skips JSON's cost on large tensors.
 
 Each request is checked (names, datatypes, shapes) before it joins a batch, and a bad one gets HTTP 400 with one line
 saying what was wrong.  Requests that arrive together are batched (Ray Serve's ``serve.batch``): when every input and
@@ -61,8 +62,23 @@ def metadata(name: str, platform: str, inputs: Sequence[TensorInfo], outputs: Se
             "outputs": tensors(outputs)}
 
 
-def parse_request(body: bytes, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo]) -> tuple[dict, list, object]:
-    """A KServe v2 JSON infer request -> (feeds, names of the outputs asked for, its ``id``), or :class:`BadRequest`."""
+@dataclass
+class Request:
+    """A parsed infer request: the feeds, the outputs asked for (by name: binary or not), its ``id``."""
+    feeds: dict
+    outputs: dict
+    id: object = None
+
+
+def parse_request(body: bytes, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo],
+                  header_length: Optional[str] = None) -> Request:
+    """A KServe v2 infer request -> :class:`Request`, or :class:`BadRequest`.  ``header_length`` is the
+    ``Inference-Header-Content-Length`` header: the JSON is that many bytes, binary tensors follow."""
+    binary = b""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise BadRequest(f"Inference-Header-Content-Length {header_length!r} does not fit a {len(body)}-byte body")
+        body, binary = body[:int(header_length)], memoryview(body)[int(header_length):]
     try:
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -72,8 +88,10 @@ def parse_request(body: bytes, inputs: Sequence[TensorInfo], outputs: Sequence[T
     expected = {t.name: t for t in inputs}
     feeds = {}
     for item in request["inputs"]:
-        if not isinstance(item, dict) or not {"name", "shape", "datatype", "data"} <= item.keys():
-            raise BadRequest('each input needs "name", "shape", "datatype" and "data"')
+        size = (item.get("parameters") or {}).get("binary_data_size") if isinstance(item, dict) else None
+        if not isinstance(item, dict) or not {"name", "shape", "datatype"} <= item.keys() or \
+                ("data" not in item and size is None):
+            raise BadRequest('each input needs "name", "shape", "datatype" and "data" (or binary_data_size)')
         name = item["name"]
         if name not in expected:
             raise BadRequest(f"unexpected input {name!r}; the model takes {list(expected)}")
@@ -89,12 +107,19 @@ def parse_request(body: bytes, inputs: Sequence[TensorInfo], outputs: Sequence[T
         if len(shape) != len(info.shape) or any(isinstance(d, int) and d != s for d, s in zip(info.shape, shape)):
             model = [d if isinstance(d, int) else -1 for d in info.shape]
             raise BadRequest(f"input {name!r}: shape {shape}, the model takes {model} (-1: any)")
-        try:
-            array = np.asarray(item["data"], dtype=info.dtype)
-        except (TypeError, ValueError) as e:
-            raise BadRequest(f"input {name!r}: data is not a list of {want} numbers: {e}") from None
-        if array.size != int(np.prod(shape)):
-            raise BadRequest(f"input {name!r}: {array.size} values for shape {shape} ({int(np.prod(shape))})")
+        count = int(np.prod(shape))
+        if size is not None:
+            if not isinstance(size, int) or size != count * info.dtype.itemsize or size > len(binary):
+                raise BadRequest(f"input {name!r}: binary_data_size {size!r}, shape {shape} of {want} takes "
+                                 f"{count * info.dtype.itemsize} bytes ({len(binary)} left in the body)")
+            array, binary = np.frombuffer(binary[:size], dtype=info.dtype), binary[size:]
+        else:
+            try:
+                array = np.asarray(item["data"], dtype=info.dtype)
+            except (TypeError, ValueError) as e:
+                raise BadRequest(f"input {name!r}: data is not a list of {want} numbers: {e}") from None
+            if array.size != count:
+                raise BadRequest(f"input {name!r}: {array.size} values for shape {shape} ({count})")
         feeds[name] = array.reshape(shape)
     missing = [n for n in expected if n not in feeds]
     if missing:
@@ -102,22 +127,37 @@ def parse_request(body: bytes, inputs: Sequence[TensorInfo], outputs: Sequence[T
     sizes = {a.shape[0] for a in feeds.values()}
     if batchable(inputs, outputs) and len(sizes) > 1:
         raise BadRequest(f"inputs disagree on the batch size (axis 0): {sorted(sizes)}")
+    if len(binary):
+        raise BadRequest(f"{len(binary)} bytes of binary data after the inputs that no binary_data_size claims")
     names = [t.name for t in outputs]
     wanted = request.get("outputs")
-    if wanted is not None:
-        if not isinstance(wanted, list) or not all(isinstance(o, dict) and o.get("name") in names for o in wanted):
-            raise BadRequest(f'"outputs" must list outputs of the model by name: {names}')
-        names = [o["name"] for o in wanted]
-    return feeds, names, request.get("id")
+    binary_default = bool((request.get("parameters") or {}).get("binary_data_output", False))
+    if wanted is None:
+        asked = dict.fromkeys(names, binary_default)
+    elif not isinstance(wanted, list) or not all(isinstance(o, dict) and o.get("name") in names for o in wanted):
+        raise BadRequest(f'"outputs" must list outputs of the model by name: {names}')
+    else:
+        asked = {o["name"]: bool((o.get("parameters") or {}).get("binary_data", binary_default)) for o in wanted}
+    return Request(feeds, asked, request.get("id"))
 
 
-def response(model: str, outputs: Mapping[str, np.ndarray], names: Sequence[str], request_id=None) -> dict:
-    body = {"model_name": model, "model_version": VERSION,
-            "outputs": [{"name": n, "datatype": DATATYPES.get(outputs[n].dtype, str(outputs[n].dtype)),
-                         "shape": list(outputs[n].shape), "data": outputs[n].ravel().tolist()} for n in names]}
-    if request_id is not None:
-        body["id"] = request_id
-    return body
+def response(model: str, outputs: Mapping[str, np.ndarray], request: Request) -> tuple[bytes, Optional[int]]:
+    """The answer's body and, when it carries binary tensors, the length of its JSON part."""
+    items, binary = [], []
+    for name, as_binary in request.outputs.items():
+        array = np.ascontiguousarray(outputs[name])
+        item = {"name": name, "datatype": DATATYPES.get(array.dtype, str(array.dtype)), "shape": list(array.shape)}
+        if as_binary:
+            item["parameters"] = {"binary_data_size": array.nbytes}
+            binary.append(array.tobytes())
+        else:
+            item["data"] = array.ravel().tolist()
+        items.append(item)
+    body = {"model_name": model, "model_version": VERSION, "outputs": items}
+    if request.id is not None:
+        body["id"] = request.id
+    head = json.dumps(body).encode()
+    return head + b"".join(binary), (len(head) if binary else None)
 
 
 class Model:
@@ -154,8 +194,8 @@ def deployment(name: str, runtime: str, max_batch_size: int, batch_wait_s: float
     import asyncio
 
     from ray import serve
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
+    from starlette.requests import Request as HttpRequest
+    from starlette.responses import JSONResponse, Response
 
     prefix = f"/v2/models/{name}"
 
@@ -177,7 +217,7 @@ def deployment(name: str, runtime: str, max_batch_size: int, batch_wait_s: float
             except Exception:
                 return None
 
-        async def __call__(self, request: Request):
+        async def __call__(self, request: HttpRequest):
             path = request.url.path.rstrip("/")
             if path in ("/v2/health/live", "/v2/health/ready", f"{prefix}/ready", f"{prefix}/versions/{VERSION}/ready"):
                 return JSONResponse({})
@@ -191,13 +231,18 @@ def deployment(name: str, runtime: str, max_batch_size: int, batch_wait_s: float
                 return JSONResponse({"error": f"{path} takes POST"}, status_code=405)
             body = await request.body()
             try:
-                feeds, names, request_id = parse_request(body, self.model.inputs, self.model.outputs)
+                parsed = parse_request(body, self.model.inputs, self.model.outputs,
+                                       request.headers.get("inference-header-content-length"))
             except BadRequest as e:
                 return JSONResponse({"error": str(e)}, status_code=e.status)
-            outputs = await self.infer(feeds)
+            outputs = await self.infer(parsed.feeds)
             if isinstance(outputs, Exception):
                 return JSONResponse({"error": f"the runtime failed on this request: {outputs}"}, status_code=500)
-            return JSONResponse(response(name, outputs, names, request_id))
+            content, header_length = response(name, outputs, parsed)
+            if header_length is None:
+                return Response(content, media_type="application/json")
+            return Response(content, media_type="application/octet-stream",
+                            headers={"Inference-Header-Content-Length": str(header_length)})
 
     return ModelServer
 
@@ -312,32 +357,52 @@ class LoadReport:
                 f"p99 {self.percentile(99):.1f} ms")
 
 
-def infer_body(feeds: Mapping[str, np.ndarray]) -> bytes:
-    return json.dumps({"inputs": [{"name": n, "shape": list(a.shape), "datatype": DATATYPES[a.dtype],
-                                   "data": a.ravel().tolist()} for n, a in feeds.items()]}).encode()
+def infer_request(feeds: Mapping[str, np.ndarray], binary: bool = True) -> tuple[bytes, dict]:
+    """A KServe v2 infer request for ``feeds``, body and headers: tensors as bytes (Triton's binary extension, answers
+    too) or as JSON lists."""
+    items, tail = [], []
+    for name, array in feeds.items():
+        item = {"name": name, "shape": list(array.shape), "datatype": DATATYPES[array.dtype]}
+        if binary:
+            item["parameters"] = {"binary_data_size": array.nbytes}
+            tail.append(np.ascontiguousarray(array).tobytes())
+        else:
+            item["data"] = array.ravel().tolist()
+        items.append(item)
+    head = json.dumps({"inputs": items, **({"parameters": {"binary_data_output": True}} if binary else {})}).encode()
+    if not binary:
+        return head, {"Content-Type": "application/json"}
+    return head + b"".join(tail), {"Content-Type": "application/octet-stream",
+                                   "Inference-Header-Content-Length": str(len(head))}
 
 
-def post(url: str, body: bytes, timeout: float = 60.0) -> tuple[int, dict]:
-    """POST ``body`` to ``url``; (HTTP status, JSON answer)."""
+def post(url: str, body: bytes, headers: Optional[dict] = None, timeout: float = 60.0) -> tuple[int, dict, dict]:
+    """POST ``body`` to ``url``: (HTTP status, the answer's JSON, its outputs as arrays by name)."""
     import urllib.error
     import urllib.request
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
+            status, raw, length = r.status, r.read(), r.headers.get("Inference-Header-Content-Length")
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+        status, raw, length = e.code, e.read(), None
+    head, tail = (raw[:int(length)], memoryview(raw)[int(length):]) if length else (raw, b"")
+    answer = json.loads(head or b"{}")
+    outputs = {}
+    for o in answer.get("outputs", []):
+        size = (o.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            array = np.asarray(o["data"], dtype=DTYPES[o["datatype"]])
+        else:
+            array, tail = np.frombuffer(tail[:size], dtype=DTYPES[o["datatype"]]), tail[size:]
+        outputs[o["name"]] = array.reshape(o["shape"])
+    return status, answer, outputs
 
 
-def outputs_of(answer: dict) -> dict[str, np.ndarray]:
-    return {o["name"]: np.asarray(o["data"], dtype=DTYPES[o["datatype"]]).reshape(o["shape"])
-            for o in answer["outputs"]}
-
-
-def load_test(url: str, requests: Sequence[Mapping[str, np.ndarray]], clients: int = 8,
-              seconds: float = 20.0) -> LoadReport:
+def load_test(url: str, requests: Sequence[Mapping[str, np.ndarray]], clients: int = 8, seconds: float = 20.0,
+              binary: bool = True) -> LoadReport:
     """``clients`` threads post ``requests`` round-robin to ``url`` for ``seconds``; every answer is kept."""
-    bodies = [infer_body(r) for r in requests]
+    bodies = [infer_request(r, binary) for r in requests]
     report, lock = LoadReport(), threading.Lock()
     counter = iter(range(1 << 62))
     deadline = time.perf_counter() + seconds
@@ -349,8 +414,8 @@ def load_test(url: str, requests: Sequence[Mapping[str, np.ndarray]], clients: i
                 report.sent += 1
             t0 = time.perf_counter()
             try:
-                status, answer = post(url, bodies[i])
-                result = outputs_of(answer) if status == 200 else f"HTTP {status}: {answer.get('error')}"
+                status, answer, outputs = post(url, *bodies[i])
+                result = outputs if status == 200 else f"HTTP {status}: {answer.get('error')}"
             except Exception as e:   # a lost request is a result, not a crash of the load test
                 result = f"{type(e).__name__}: {e}"
             with lock:

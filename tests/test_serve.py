@@ -1,6 +1,6 @@
 """`edgeattn serve`: a real Ray Serve deployment on 127.0.0.1 under a bounded load.  Every answer is compared with
-plain onnxruntime run on the same feeds, bad requests get one-line errors while the server keeps serving, and Ctrl-C
-stops it without leaving Ray's processes behind."""
+plain onnxruntime run on the same feeds, Triton's own HTTP client works against it, bad requests get one-line errors
+while the server keeps serving, and Ctrl-C stops it without leaving Ray's processes behind."""
 import json
 import os
 import signal
@@ -20,7 +20,9 @@ from edgeattn import export_onnx, masks
 from edgeattn.cli import main
 from edgeattn.layers import MaskedSelfAttention
 from edgeattn.onnxfile import TensorInfo
-from edgeattn.serve import BadRequest, infer_body, load_test, metadata, outputs_of, parse_request, post
+from edgeattn.serve import BadRequest, infer_request, load_test, metadata, parse_request, post, response
+
+tritonclient_http = pytest.importorskip("tritonclient.http")   # in the test extra: Triton's own HTTP client
 
 LOAD_SECONDS = 20
 CLIENTS = 8
@@ -31,6 +33,12 @@ OUTPUTS = [TensorInfo("y", ("batch", 64, 32), np.dtype(np.float32))]
 def _request(**change) -> bytes:
     item = {"name": "x", "shape": [1, 64, 32], "datatype": "FP32", "data": [0.5] * (64 * 32), **change}
     return json.dumps({"inputs": [item]}).encode()
+
+
+def _binary(size: int, extra: bytes = b"") -> tuple[bytes, str]:
+    head = json.dumps({"inputs": [{"name": "x", "shape": [1, 64, 32], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": size}}]}).encode()
+    return head + bytes(size) + extra, str(len(head))
 
 
 @pytest.mark.parametrize("body,message", [
@@ -48,10 +56,29 @@ def test_bad_requests_are_one_line_each(body, message):
         parse_request(body, INPUTS, OUTPUTS)
 
 
-def test_a_request_round_trips_exactly():
+@pytest.mark.parametrize("body,length,message", [
+    (*_binary(8192)[:1], "99999", "does not fit"),
+    (*_binary(4096), "binary_data_size 4096, shape [1, 64, 32] of FP32 takes 8192 bytes"),
+    (*_binary(8192, b"xx"), "2 bytes of binary data after the inputs"),
+])
+def test_bad_binary_requests_are_one_line_each(body, length, message):
+    with pytest.raises(BadRequest, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_request(body, INPUTS, OUTPUTS, length)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_a_request_round_trips_exactly(binary):
     x = np.random.default_rng(0).standard_normal((2, 64, 32)).astype(np.float32)
-    feeds, names, _ = parse_request(infer_body({"x": x}), INPUTS, OUTPUTS)
-    assert names == ["y"] and feeds["x"].dtype == np.float32 and np.array_equal(feeds["x"], x)
+    body, headers = infer_request({"x": x}, binary)
+    request = parse_request(body, INPUTS, OUTPUTS, headers.get("Inference-Header-Content-Length"))
+    assert request.outputs == {"y": binary} and request.feeds["x"].dtype == np.float32
+    assert np.array_equal(request.feeds["x"], x)
+    content, length = response("m", {"y": x * 2}, request)
+    if binary:
+        assert length is not None and content[length:] == (x * 2).tobytes()
+    else:
+        data = json.loads(content)["outputs"][0]["data"]
+        assert length is None and np.array_equal(np.asarray(data, np.float32).reshape(x.shape), x * 2)
     assert metadata("m", "onnxruntime_onnx", INPUTS, OUTPUTS)["inputs"] == [
         {"name": "x", "datatype": "FP32", "shape": [-1, 64, 32]}]
 
@@ -124,24 +151,32 @@ def test_served_model_under_load_answers_every_request_like_a_direct_run(tmp_pat
         with urllib.request.urlopen(base, timeout=30) as r:
             assert json.loads(r.read())["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 64, 32]}]
 
-        report = load_test(f"{base}/infer", requests, clients=CLIENTS, seconds=LOAD_SECONDS)
-        print(f"\n{CLIENTS} clients, {LOAD_SECONDS} s, 2 replicas: {report.describe()}")
-        assert report.sent == len(report.answers) > CLIENTS and not report.failed, report.failed[:3]
-        worst = max(float(np.abs(outputs[out] - expected[i]).max()) for i, outputs, _ in report.answers)
-        print(f"largest difference from a direct onnxruntime run: {worst:.1e}")
-        assert worst <= 1e-6
+        for binary, seconds in [(True, LOAD_SECONDS), (False, LOAD_SECONDS / 4)]:
+            report = load_test(f"{base}/infer", requests, clients=CLIENTS, seconds=seconds, binary=binary)
+            worst = max(float(np.abs(outputs[out] - expected[i]).max()) for i, outputs, _ in report.answers)
+            print(f"\n{CLIENTS} clients, {seconds:g} s, 2 replicas, {'binary' if binary else 'JSON'}: "
+                  f"{report.describe()}; largest difference from a direct onnxruntime run {worst:.1e}")
+            assert report.sent == len(report.answers) > CLIENTS and not report.failed, report.failed[:3]
+            assert worst <= 1e-6
+
+        client = tritonclient_http.InferenceServerClient(f"127.0.0.1:{port}")
+        assert client.is_server_ready() and client.is_model_ready("nbr")
+        x = tritonclient_http.InferInput("x", [2, 64, 32], "FP32")
+        x.set_data_from_numpy(requests[1]["x"])
+        result = client.infer("nbr", [x])
+        assert np.abs(result.as_numpy(out) - expected[1]).max() <= 1e-6
 
         bad = [(_request(shape=[1, 64, 31]), 400, "the model takes [-1, 64, 32]"),
                (_request(datatype="INT64"), 400, "the model takes FP32"),
                (b'{"inputs": []}', 400, "missing input 'x'"),
                (b"{", 400, "not JSON")]
         for body, want, message in bad:
-            status, answer = post(f"{base}/infer", body)
+            status, answer, _ = post(f"{base}/infer", body)
             assert status == want and message in answer["error"], answer
-        status, answer = post(f"http://127.0.0.1:{port}/v2/models/other/infer", infer_body(requests[0]))
+        status, answer, _ = post(f"http://127.0.0.1:{port}/v2/models/other/infer", *infer_request(requests[0]))
         assert status == 404 and "POST /v2/models/nbr/infer" in answer["error"]
-        status, answer = post(f"{base}/infer", infer_body(requests[3]))    # and it still serves
-        assert status == 200 and np.abs(outputs_of(answer)[out] - expected[3]).max() <= 1e-6
+        status, _, outputs = post(f"{base}/infer", *infer_request(requests[3]))    # and it still serves
+        assert status == 200 and np.abs(outputs[out] - expected[3]).max() <= 1e-6
 
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
