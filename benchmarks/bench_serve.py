@@ -3,7 +3,7 @@
     python benchmarks/bench_serve.py [--model nat-tiny] [--seconds 15] [--clients 8] [--markdown]
 
 Exports the model with a dynamic batch once, then for each configuration starts `edgeattn serve` (Ray Serve, KServe
-v2 JSON) on 127.0.0.1, lets `--clients` threads post requests for `--seconds`, checks every answer against a direct
+v2 with Triton's binary tensors, or plain JSON) on 127.0.0.1, lets `--clients` threads post requests for `--seconds`, checks every answer against a direct
 onnxruntime run of the same feeds, and stops the server.  The first row is the same file run directly (one thread,
 no HTTP): what serving costs on top.  Clients and server share this machine's cores.
 """
@@ -23,7 +23,7 @@ import onnxruntime as ort
 from edgeattn.cli import main as edgeattn_main
 from edgeattn.serve import load_test
 
-CONFIGS = [(1, 1), (1, 8), (2, 8)]   # (replicas, max batch size)
+CONFIGS = [(1, 1, True), (1, 8, True), (2, 8, True), (2, 8, False)]   # (replicas, max batch size, binary tensors)
 
 
 def free_port() -> int:
@@ -81,26 +81,27 @@ def main():
                  np.percentile(latencies, 50), np.percentile(latencies, 99), "-", 0.0))
     del session
 
-    for replicas, batch in CONFIGS:
+    for replicas, batch, binary in CONFIGS:
         proc, url = start(path, replicas, batch)
         try:
-            report = load_test(url, requests, clients=args.clients, seconds=args.seconds)
+            report = load_test(url, requests, clients=args.clients, seconds=args.seconds, binary=binary)
         finally:
             stop(proc)
         worst = max((max(float(np.abs(out[n] - expected[i][k]).max()) for k, n in enumerate(names))
                      for i, out, _ in report.answers if not isinstance(out, str)), default=float("nan"))
-        rows.append((f"serve, {replicas} replica{'s' if replicas > 1 else ''}, batch <= {batch}", report.throughput,
+        rows.append((f"serve, {replicas} replica{'s' if replicas > 1 else ''}, batch <= {batch}, "
+                     f"{'binary' if binary else 'JSON'}", report.throughput,
                      report.percentile(50), report.percentile(99),
                      f"{len(report.answers) - len(report.failed)}/{report.sent}", worst))
 
-    print(f"{args.model}, {args.clients} clients x {args.seconds:g} s, {os.cpu_count()} CPUs, KServe v2 JSON")
+    print(f"{args.model}, {args.clients} clients x {args.seconds:g} s, {os.cpu_count()} CPUs")
     if args.markdown:
         print("| configuration | req/s | p50 ms | p99 ms | answered | max abs diff vs direct |\n|---|---|---|---|---|---|")
         for name, rps, p50, p99, ok, diff in rows:
             print(f"| {name} | {rps:.1f} | {p50:.1f} | {p99:.1f} | {ok} | {diff:.1e} |")
     else:
         for name, rps, p50, p99, ok, diff in rows:
-            print(f"{name:36s} {rps:7.1f} req/s  p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  {ok:>9s}  diff {diff:.1e}")
+            print(f"{name:44s} {rps:7.1f} req/s  p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  {ok:>9s}  diff {diff:.1e}")
 
 
 if __name__ == "__main__":
