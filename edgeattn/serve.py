@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -163,15 +164,17 @@ def response(model: str, outputs: Mapping[str, np.ndarray], request: Request) ->
 class Model:
     """What one replica serves: the file loaded on a runtime, answering parsed requests in batches."""
 
-    def __init__(self, name: str, files: Mapping[str, bytes], runtime: str):
+    def __init__(self, files: Mapping[str, bytes], runtime: str):
         from . import runtimes
-        self.name = name
-        self.folder = tempfile.mkdtemp(prefix="edgeattn-serve-")
-        for filename, data in files.items():
-            Path(self.folder, filename).write_bytes(data)
-        path = Path(self.folder, next(iter(files)))
-        self.session = runtimes.load(path, runtime)
-        head = formats.header(path)
+        folder = tempfile.mkdtemp(prefix="edgeattn-serve-")
+        try:
+            for filename, data in files.items():
+                Path(folder, filename).write_bytes(data)
+            path = Path(folder, next(iter(files)))
+            self.session = runtimes.load(path, runtime)
+            head = formats.header(path)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)   # the runtimes hold the model in memory (or a mapping)
         self.inputs, self.outputs = head.inputs, head.outputs
         self.batchable = batchable(self.inputs, self.outputs)
         self.platform = "openvino" if self.session.runtime.startswith("openvino") else "onnxruntime_onnx"
@@ -202,7 +205,7 @@ def deployment(name: str, runtime: str, max_batch_size: int, batch_wait_s: float
     @serve.deployment(name=name)
     class ModelServer:
         def __init__(self, files: Mapping[str, bytes]):
-            self.model = Model(name, files, runtime)
+            self.model = Model(files, runtime)
 
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_s)
         async def infer(self, feeds_list: list) -> list:

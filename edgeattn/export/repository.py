@@ -19,18 +19,16 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-import numpy as np
 import onnx
 
 from .. import onnxfile
 from ..errors import EdgeAttnError
 from ..files import atomic_write
+from ..serve import DATATYPES, batchable
 from . import formats
 
 MAX_BATCH_SIZE = 16   # what Triton's dynamic batcher may gather; the file itself takes any batch
-TRITON_TYPES = {np.dtype(t): name for t, name in [
-    (np.float32, "TYPE_FP32"), (np.float16, "TYPE_FP16"), (np.float64, "TYPE_FP64"), (np.int64, "TYPE_INT64"),
-    (np.int32, "TYPE_INT32"), (np.int8, "TYPE_INT8"), (np.uint8, "TYPE_UINT8"), (np.bool_, "TYPE_BOOL")]}
+TRITON_TYPES = {dtype: f"TYPE_{name}" for dtype, name in DATATYPES.items()}   # KServe v2's names, prefixed
 
 
 def model_name(metadata: Mapping) -> str:
@@ -90,7 +88,7 @@ def triton_config(name: str, file_format: str, inputs: Sequence[onnxfile.TensorI
                   outputs: Sequence[onnxfile.TensorInfo]) -> str:
     """Triton's ``config.pbtxt`` (protobuf text of ``inference.ModelConfig``) for a model file of ``file_format``."""
     tensors = [*inputs, *outputs]
-    batched = all(t.shape and isinstance(t.shape[0], str) for t in tensors)
+    batched = batchable(inputs, outputs)
     unsupported = sorted({str(t.dtype) for t in tensors if t.dtype not in TRITON_TYPES})
     if unsupported:
         raise EdgeAttnError(f"Triton has no data type for {', '.join(unsupported)} inputs or outputs")
