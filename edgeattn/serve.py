@@ -11,7 +11,8 @@ Each request is checked (names, datatypes, shapes) before it joins a batch, and 
 saying what was wrong.  Requests that arrive together are batched (Ray Serve's ``serve.batch``): when every input and
 output of the file has a symbolic first axis (``export --dynamic-batch``) they run as one concatenated batch, otherwise
 one after the other.  The file's bytes travel to the replicas through Ray, so on a cluster (``--address``) a replica on
-another machine needs edgeattn and the runtime installed, not the file.
+another machine needs edgeattn and the runtime installed, not the file.  There each model is routed under
+``/v2/models/NAME`` (several share Serve's proxy) and stopping removes only that model; started alone, it owns ``/``.
 """
 from __future__ import annotations
 
@@ -268,6 +269,36 @@ def check_port(host: str, port: int) -> None:
             raise EdgeAttnError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port") from None
 
 
+def start_serve(ray_serve, host: str, port: int) -> None:
+    """Start Serve, or join the one on the cluster; two commands starting it at once race to create its controller,
+    and the loser joins the winner's."""
+    for attempt in range(3):
+        try:
+            ray_serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "ERROR"})
+            return
+        except ValueError as e:
+            if "already taken" not in str(e) or attempt == 2:
+                raise
+            time.sleep(2)
+
+
+def wait_until_ready(url: str, stop: threading.Event, seconds: float = 60.0) -> None:
+    """Wait for ``url`` to answer 200: Serve on a cluster may already listen on another port than the one asked."""
+    import urllib.request
+    deadline = time.monotonic() + seconds
+    while not stop.is_set():
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise EdgeAttnError(f"the model is deployed but {url} does not answer: Ray Serve on this cluster "
+                                "listens on another host or port (see `serve status`); pass that --host and --port")
+        time.sleep(0.5)
+
+
 def serve(path, runtime: str = "auto", host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
           max_batch_size: int = 8, batch_wait_ms: float = 5.0, address: Optional[str] = None,
           name: Optional[str] = None, log: Callable[[str], None] = print) -> None:
@@ -289,7 +320,8 @@ def serve(path, runtime: str = "auto", host: str = "127.0.0.1", port: int = 8000
     session = runtimes.load(path, runtime)   # a bad file or an unavailable runtime fails here, in one line
     runtime = session.runtime
     del session
-    check_port(host, port)
+    if address is None:   # on a cluster, Serve's proxy may already hold the port (and it may be on another machine)
+        check_port(host, port)
     files = model_files(path)
 
     stop = threading.Event()
@@ -311,9 +343,12 @@ def serve(path, runtime: str = "auto", host: str = "127.0.0.1", port: int = 8000
         logging.getLogger("ray.serve").setLevel(logging.WARNING)   # its INFO lines would bury ours
         app = deployment(name, runtime, max_batch_size, batch_wait_ms / 1000)
         if not stop.is_set():
-            ray_serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "ERROR"})
-            ray_serve.run(app.options(num_replicas=replicas).bind(files), name=name, route_prefix="/",
+            start_serve(ray_serve, host, port)
+            # on a shared cluster each model has its own route, so several share Serve's one HTTP proxy
+            ray_serve.run(app.options(num_replicas=replicas).bind(files), name=name,
+                          route_prefix="/" if address is None else f"/v2/models/{name}",
                           logging_config={"log_level": "ERROR"})
+            wait_until_ready(f"http://{host}:{port}/v2/models/{name}/ready", stop)
         if not stop.is_set():
             log(f"serving {name} on {runtime} ({replicas} replica{'s' if replicas > 1 else ''}, batches up to "
                 f"{max_batch_size}) at http://{host}:{port}/v2/models/{name}/infer; Ctrl-C stops")
@@ -390,7 +425,10 @@ def post(url: str, body: bytes, headers: Optional[dict] = None, timeout: float =
     except urllib.error.HTTPError as e:
         status, raw, length = e.code, e.read(), None
     head, tail = (raw[:int(length)], memoryview(raw)[int(length):]) if length else (raw, b"")
-    answer = json.loads(head or b"{}")
+    try:
+        answer = json.loads(head or b"{}")
+    except ValueError:   # an error page of a proxy in front of the model, not a KServe answer
+        return status, {"error": bytes(head).decode(errors="replace").strip()}, {}
     outputs = {}
     for o in answer.get("outputs", []):
         size = (o.get("parameters") or {}).get("binary_data_size")

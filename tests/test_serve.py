@@ -186,3 +186,62 @@ def test_served_model_under_load_answers_every_request_like_a_direct_run(tmp_pat
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_two_models_share_a_ray_cluster_and_leave_it_one_by_one(tmp_path):
+    """The README's fleet path: `ray start --head`, then `edgeattn serve --address` twice on the same Serve proxy
+    (an OpenVINO IR on openvino-cpu and an ONNX file on ort-cpu); stopping one leaves the other and the cluster."""
+    import secrets
+
+    import openvino as ov
+
+    ir = tmp_path / "na2d-block.xml"
+    assert main(["export", "na2d-block", "-o", str(ir)]) == 0
+    torch.manual_seed(0)
+    layer = tmp_path / "layer.onnx"
+    export_onnx(MaskedSelfAttention(32, 2, masks.neighborhood(3), grid=(8, 8)).eval(), [torch.randn(1, 64, 32)], layer)
+    rng = np.random.default_rng(1)
+    tokens = {"tokens": rng.standard_normal((1, 3136, 64)).astype(np.float32)}
+    x = {"x": rng.standard_normal((1, 64, 32)).astype(np.float32)}
+    compiled = ov.Core().compile_model(str(ir), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    expected_ir = compiled(tokens)[0]
+    expected_layer = ort.InferenceSession(str(layer), providers=["CPUExecutionProvider"]).run(None, x)[0]
+
+    ray_tmp = tempfile.mkdtemp(prefix="ea", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    ray = str(Path(sys.executable).parent / "ray")
+    gcs, port = _free_port(), _free_port()
+    subprocess.run([ray, "start", "--head", "--port", str(gcs), "--num-cpus", "2", "--include-dashboard", "false",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
+    servers = {}
+    try:
+        for path, extra in [(ir, ["--runtime", "openvino-cpu"]), (layer, ["--name", "layer"])]:
+            servers[path] = subprocess.Popen(
+                [sys.executable, "-m", "edgeattn", "serve", str(path), "--address", f"127.0.0.1:{gcs}", "--port",
+                 str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for path, proc in servers.items():
+            lines = [proc.stdout.readline()]
+            while lines[-1] and not lines[-1].startswith("serving"):
+                lines.append(proc.stdout.readline())
+            assert lines[-1].startswith("serving"), "".join(lines)
+        base = f"http://127.0.0.1:{port}/v2/models"
+        status, _, outputs = post(f"{base}/na2d-block/infer", *infer_request(tokens))
+        assert status == 200 and np.abs(outputs["output"] - expected_ir).max() <= 1e-6
+        status, _, outputs = post(f"{base}/layer/infer", *infer_request(x, binary=False))
+        assert status == 200 and np.abs(next(iter(outputs.values())) - expected_layer).max() <= 1e-6
+
+        servers[ir].send_signal(signal.SIGINT)
+        out, _ = servers[ir].communicate(timeout=120)
+        assert servers[ir].returncode == 0 and out.strip().endswith("stopped"), out
+        assert post(f"{base}/na2d-block/infer", *infer_request(tokens))[0] == 404     # its route is gone
+        status, _, outputs = post(f"{base}/layer/infer", *infer_request(x))              # the other one serves on
+        assert status == 200 and np.abs(next(iter(outputs.values())) - expected_layer).max() <= 1e-6
+        servers[layer].send_signal(signal.SIGINT)
+        assert servers[layer].wait(timeout=120) == 0
+    finally:
+        for proc in servers.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert _ray_processes(ray_tmp) == []
