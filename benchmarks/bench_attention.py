@@ -1,5 +1,6 @@
-"""One attention block per mask, side by side in one process: torch eager, compiled FlexAttention, the naive dense
-ONNX export and edgeattn's exports (every lowering) on onnxruntime and OpenVINO CPU.
+"""One attention block per mask, side by side: torch eager, compiled FlexAttention, the naive dense ONNX export and
+edgeattn's exports (every lowering) on onnxruntime and OpenVINO CPU.  Compiled FlexAttention runs in a process of
+its own (this script, ``--flex-row CASE``): torch.compile's workers slowed every later row 1.5-2x when it shared one.
 
     python benchmarks/bench_attention.py --json results.json
     python benchmarks/bench_attention.py --cases na2d-block swin-block --runs 10 --no-flex
@@ -8,14 +9,21 @@ Every row runs the same function (qkv linear -> masked attention -> output proje
 weights) on the same input, and is checked against eager.  Columns: median ms over --runs after 3 warm-ups;
 "vs naive" = the naive dense version on the same runtime / this row (for torch rows the naive version is eager
 SDPA with the dense mask); "vs flex" = compiled FlexAttention / this row; "x roofline" = this row / the time the
-exact FLOPs (linears + only the allowed query-key pairs) take at the measured fp32 GEMM peak.
+exact FLOPs (linears + only the allowed query-key pairs) take at the measured fp32 GEMM peak; "load s" = loading
+the file on the runtime; "+peak MB" = the peak resident memory of load plus the runs above what the process held
+before (Linux's VmHWM, reset per row); "file MB".  ``--json`` keeps every figure, with the machine and versions.
 """
 import argparse
 import contextlib
 import io
 import json
 import logging
+import os
+import platform
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -84,44 +92,62 @@ class NaiveDense(Block):
         self.attend = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
 
 
+def _status_kb(key):
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+@contextlib.contextmanager
+def peak_memory(row):
+    """Record in ``row`` the peak resident memory the block adds over what the process held before it (MB)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")    # resets VmHWM to the current RSS
+        before = _status_kb("VmRSS")
+    except OSError:   # not Linux: no per-row peak
+        yield
+        return
+    yield
+    row["peak_rss_mb"] = (_status_kb("VmHWM") - before) / 1024
+
+
 def run_onnx(rows, name, runtime, path, x, ref, runs, **extra):
     """Load one file on one runtime, time it and check it; a failure becomes the row's error, not the script's."""
     row = dict(row=name, runtime=runtime, **extra)
     try:
-        session = edgeattn.load(path, runtime)
-        feeds = {session.inputs[0].name: x.numpy()}
-        out = next(iter(session.run(feeds).values()))
-        row["max_abs_err"] = float(abs(torch.from_numpy(out) - ref).max())
-        row["ms"] = median_ms(lambda: session.run(feeds), runs)
+        with peak_memory(row):
+            start = time.perf_counter()
+            session = edgeattn.load(path, runtime)
+            row["load_s"] = time.perf_counter() - start
+            feeds = {session.inputs[0].name: x.numpy()}
+            out = next(iter(session.run(feeds).values()))
+            row["max_abs_err"] = float(abs(torch.from_numpy(out) - ref).max())
+            row["ms"] = median_ms(lambda: session.run(feeds), runs)
     except Exception as e:
         row["error"] = first_line(e)
     rows.append(row)
 
 
-def bench_case(name, args, peak, tmp):
+def case_inputs(name):
+    """The registered block, its input, grid, dense mask and the eager reference every row is checked against."""
     built = models.build(name, seed=0)
     attn, x, cfg = built.module.attn, built.inputs["tokens"], built.config
     grid = tuple(cfg["grid"]) if cfg.get("grid") else None
     n = x.shape[1]
     dense = edgeattn.materialize(attn.mask, grid=grid) if grid else edgeattn.materialize(attn.mask, q_len=n)
-    allowed = int(dense.sum())
-    dim = x.shape[-1]
-    flops = 2 * n * dim * 3 * dim + 2 * n * dim * dim + 4 * attn.heads * attn.head_dim * allowed
-    case = dict(case=name, tokens=n, dim=dim, heads=attn.heads, mask=attn.mask.name, allowed_pairs=allowed,
-                density=allowed / n**2, flops=flops, roofline_ms=flops / (peak * 1e9) * 1e3, rows=[])
-    rows = case["rows"]
-
-    # 1. eager with the dense bool mask: the reference every other row is checked against
     eager = Block(attn, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)).eval()
     with torch.inference_mode():
         ref = eager(x)
-        rows.append(dict(row="eager dense", runtime="torch", max_abs_err=0.0, ms=median_ms(lambda: eager(x), args.runs)))
+    return attn, x, grid, dense, eager, ref
 
-    # 2. FlexAttention, compiled: the block mask skips empty 128x128 tiles, the kernel masks inside the rest
-    if not args.no_flex:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        row = dict(row="flex compiled", runtime="torch")
-        try:
+
+def flex_row(name, runs):
+    """Compiled FlexAttention on one case (run in its own process): the block mask skips empty 128x128 tiles, the
+    kernel masks inside the rest."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    attn, x, grid, _, _, ref = case_inputs(name)
+    n = x.shape[1]
+    row = dict(row="flex compiled", runtime="torch")
+    try:
+        with peak_memory(row):
             mask_mod, _ = attn.mask.mods(Shape.of(grid=grid) if grid else Shape.of(q_len=n))
             block_mask = create_block_mask(mask_mod, None, None, n, n, device="cpu")
             flex = torch.compile(Block(attn, lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask)).eval())
@@ -130,10 +156,39 @@ def bench_case(name, args, peak, tmp):
                 out = flex(x)   # the first call compiles; its time is reported apart from the medians
                 row["compile_s"] = time.perf_counter() - start
                 row["max_abs_err"] = float((out - ref).abs().max())
-                row["ms"] = median_ms(lambda: flex(x), args.runs)
-        except Exception as e:
-            row["error"] = first_line(e)
-        rows.append(row)
+                row["ms"] = median_ms(lambda: flex(x), runs)
+    except Exception as e:
+        row["error"] = first_line(e)
+    return row
+
+
+def flex_in_subprocess(name, runs):
+    proc = subprocess.run([sys.executable, __file__, "--flex-row", name, "--runs", str(runs)], capture_output=True,
+                          text=True)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return dict(row="flex compiled", runtime="torch", error=f"its process failed (exit {proc.returncode}): {tail}")
+
+
+def bench_case(name, args, peak, tmp):
+    attn, x, grid, dense, eager, ref = case_inputs(name)
+    n = x.shape[1]
+    allowed = int(dense.sum())
+    dim = x.shape[-1]
+    flops = 2 * n * dim * 3 * dim + 2 * n * dim * dim + 4 * attn.heads * attn.head_dim * allowed
+    case = dict(case=name, tokens=n, dim=dim, heads=attn.heads, mask=attn.mask.name, allowed_pairs=allowed,
+                density=allowed / n**2, flops=flops, roofline_ms=flops / (peak * 1e9) * 1e3, rows=[])
+    rows = case["rows"]
+
+    # 1. eager with the dense bool mask: the reference every other row is checked against
+    with torch.inference_mode():
+        rows.append(dict(row="eager dense", runtime="torch", max_abs_err=0.0, ms=median_ms(lambda: eager(x), args.runs)))
+
+    # 2. FlexAttention, compiled, in a process of its own
+    if not args.no_flex:
+        rows.append(flex_in_subprocess(name, args.runs))
 
     # 3. the naive dense export (one self-contained file, so its size is the whole cost of shipping the table)
     path = Path(tmp) / f"{name}-naive.onnx"
@@ -191,14 +246,16 @@ def report(case):
     print(f"\n{case['case']}: {case['mask']}, {case['tokens']} tokens, dim {case['dim']}, {case['heads']} heads, "
           f"{case['density']:.1%} of pairs allowed, roofline {case['roofline_ms']:.3f} ms")
     print(f"  {'row':22s} {'runtime':13s} {'ms':>9s} {'vs naive':>9s} {'vs flex':>8s} {'x roofline':>10s} "
-          f"{'max_abs_err':>11s}")
+          f"{'max_abs_err':>11s} {'load s':>7s} {'+peak MB':>8s} {'file MB':>8s}")
     for r in case["rows"]:
         if "error" in r:
             print(f"  {r['row']:22s} {r['runtime']:13s} FAILED: {r['error'][:120]}")
             continue
         compile_note = f"  (compile {r['compile_s']:.1f} s)" if "compile_s" in r else ""
         print(f"  {r['row']:22s} {r['runtime']:13s} {r['ms']:9.3f} {fmt(r['vs_naive'], '8.2f', 'x')} "
-              f"{fmt(r['vs_flex'], '7.2f', 'x')} {r['x_roofline']:9.1f}x {r['max_abs_err']:11.2e}{compile_note}")
+              f"{fmt(r['vs_flex'], '7.2f', 'x')} {r['x_roofline']:9.1f}x {r['max_abs_err']:11.2e} "
+              f"{fmt(r.get('load_s'), '7.2f')} {fmt(r.get('peak_rss_mb'), '8.1f')} {fmt(r.get('file_mb'), '8.2f')}"
+              f"{compile_note}")
 
 
 def summary(case):
@@ -220,7 +277,11 @@ def main():
     p.add_argument("--runs", type=int, default=20, help="timed runs per row (median), after 3 warm-ups")
     p.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention (each compile takes ~20 s)")
     p.add_argument("--json", help="also write every number to this file")
+    p.add_argument("--flex-row", choices=CASES, help=argparse.SUPPRESS)   # the FlexAttention row's own process
     args = p.parse_args()
+    if args.flex_row:
+        print(json.dumps(flex_row(args.flex_row, args.runs)))
+        return
 
     peak = peak_gflops()
     print(f"fp32 GEMM peak (2048^3 matmul, best of 5): {peak:.1f} GFLOP/s, torch threads {torch.get_num_threads()}")
@@ -233,8 +294,23 @@ def main():
     for case in cases:
         print(summary(case))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(peak_gflops=peak, threads=torch.get_num_threads(), runs=args.runs,
-                                                   warmup=WARMUP, torch=torch.__version__, cases=cases), indent=2))
+        Path(args.json).write_text(json.dumps(dict(
+            date=time.strftime("%Y-%m-%d %H:%M"), command=" ".join(sys.argv), machine=machine(), peak_gflops=peak,
+            threads=torch.get_num_threads(), runs=args.runs, warmup=WARMUP, versions=versions(), cases=cases),
+            indent=2))
+
+
+def machine():
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return dict(cpu=cpu, cores=os.cpu_count(), system=platform.platform())
+
+
+def versions():
+    import onnxruntime
+    import openvino
+    return dict(torch=torch.__version__, onnxruntime=onnxruntime.__version__, openvino=openvino.__version__,
+                edgeattn=edgeattn.__version__)
 
 
 if __name__ == "__main__":
