@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,7 +33,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .errors import EdgeAttnError
+from .errors import EdgeAttnError, first_line
 from .onnxfile import TensorInfo, formats
 
 DATATYPES = {np.dtype(t): name for t, name in [
@@ -270,14 +271,15 @@ def check_port(host: str, port: int) -> None:
 
 
 def start_serve(ray_serve, host: str, port: int) -> None:
-    """Start Serve, or join the one on the cluster; two commands starting it at once race to create its controller,
-    and the loser joins the winner's."""
+    """Start Serve, or join the one on the cluster.  Two commands starting it at once race to create its controller
+    and proxy; the loser (a taken name, or its proxy killed) tries again and joins the winner's."""
+    from ray.exceptions import RayActorError
     for attempt in range(3):
         try:
             ray_serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "ERROR"})
             return
-        except ValueError as e:
-            if "already taken" not in str(e) or attempt == 2:
+        except (ValueError, RayActorError) as e:
+            if (isinstance(e, ValueError) and "already taken" not in str(e)) or attempt == 2:
                 raise
             time.sleep(2)
 
@@ -312,6 +314,8 @@ def serve(path, runtime: str = "auto", host: str = "127.0.0.1", port: int = 8000
         raise EdgeAttnError("edgeattn serve needs Ray Serve: pip install 'edgeattn[serve]'") from None
     head = formats.header(path)
     name = name or model_name(head.metadata)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise EdgeAttnError(f"--name {name!r}: a model name in a URL takes letters, digits and _ . - only")
     if replicas < 1 or max_batch_size < 1 or batch_wait_ms < 0:
         raise EdgeAttnError("--replicas and --max-batch-size must be at least 1, --batch-wait-ms at least 0")
     if address is None and replicas > (os.cpu_count() or 1):
@@ -330,6 +334,7 @@ def serve(path, runtime: str = "auto", host: str = "127.0.0.1", port: int = 8000
         stop.set()
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    taken = False
     try:
         for s in previous:
             signal.signal(s, on_signal)
@@ -344,6 +349,9 @@ def serve(path, runtime: str = "auto", host: str = "127.0.0.1", port: int = 8000
         app = deployment(name, runtime, max_batch_size, batch_wait_ms / 1000)
         if not stop.is_set():
             start_serve(ray_serve, host, port)
+            if address is not None and name in ray_serve.status().applications:
+                taken = True   # not ours to remove on the way out
+                raise EdgeAttnError(f"a model named {name!r} is already served on this cluster; pass another --name")
             # on a shared cluster each model has its own route, so several share Serve's one HTTP proxy
             ray_serve.run(app.options(num_replicas=replicas).bind(files), name=name,
                           route_prefix="/" if address is None else f"/v2/models/{name}",
@@ -355,13 +363,15 @@ def serve(path, runtime: str = "auto", host: str = "127.0.0.1", port: int = 8000
         while not stop.wait(0.5):
             pass
         log("stopping")
+    except ray.exceptions.RayError as e:   # Ray's own failure, in one line (its logs are in Ray's session folder)
+        raise EdgeAttnError(f"Ray Serve failed: {first_line(e)}") from None
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not leave Ray's processes behind
         try:
             if ray.is_initialized():
                 if address is None:
                     ray_serve.shutdown()
-                else:                 # on a shared cluster only this application goes
+                elif not taken:       # on a shared cluster only this application goes
                     ray_serve.delete(name)
         finally:
             if ray.is_initialized():

@@ -92,6 +92,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("argv,message", [
     (["--replicas", "64"], "--replicas 64 needs 64 CPUs"),
     (["--runtime", "tensorrt"], "unknown runtime 'tensorrt'"),
+    (["--name", "a/b"], "--name 'a/b': a model name in a URL"),
 ])
 def test_serve_refuses_bad_options_before_starting(tmp_path, capsys, argv, message):
     path = tmp_path / "m.onnx"
@@ -216,14 +217,17 @@ def test_two_models_share_a_ray_cluster_and_leave_it_one_by_one(tmp_path):
     servers = {}
     try:
         for path, extra in [(ir, ["--runtime", "openvino-cpu"]), (layer, ["--name", "layer"])]:
-            servers[path] = subprocess.Popen(
+            servers[path] = proc = subprocess.Popen(
                 [sys.executable, "-m", "edgeattn", "serve", str(path), "--address", f"127.0.0.1:{gcs}", "--port",
                  str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for path, proc in servers.items():
             lines = [proc.stdout.readline()]
             while lines[-1] and not lines[-1].startswith("serving"):
                 lines.append(proc.stdout.readline())
             assert lines[-1].startswith("serving"), "".join(lines)
+        again = subprocess.run([sys.executable, "-m", "edgeattn", "serve", str(layer), "--address",
+                                f"127.0.0.1:{gcs}", "--port", str(port), "--name", "layer"],
+                               capture_output=True, text=True, env=env, timeout=180)
+        assert again.returncode == 2 and "a model named 'layer' is already served" in again.stderr, again.stderr
         base = f"http://127.0.0.1:{port}/v2/models"
         status, _, outputs = post(f"{base}/na2d-block/infer", *infer_request(tokens))
         assert status == 200 and np.abs(outputs["output"] - expected_ir).max() <= 1e-6
