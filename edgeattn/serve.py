@@ -144,23 +144,25 @@ def parse_request(body: bytes, inputs: Sequence[TensorInfo], outputs: Sequence[T
     return Request(feeds, asked, request.get("id"))
 
 
+def encode_tensor(name: str, array: np.ndarray, binary: bool) -> tuple[dict, bytes]:
+    """One tensor of a request or an answer: its JSON item, and its bytes when sent binary (else ``b""``)."""
+    array = np.ascontiguousarray(array)
+    item = {"name": name, "shape": list(array.shape), "datatype": DATATYPES.get(array.dtype, str(array.dtype))}
+    if binary:
+        item["parameters"] = {"binary_data_size": array.nbytes}
+        return item, array.tobytes()
+    item["data"] = array.ravel().tolist()
+    return item, b""
+
+
 def response(model: str, outputs: Mapping[str, np.ndarray], request: Request) -> tuple[bytes, Optional[int]]:
     """The answer's body and, when it carries binary tensors, the length of its JSON part."""
-    items, binary = [], []
-    for name, as_binary in request.outputs.items():
-        array = np.ascontiguousarray(outputs[name])
-        item = {"name": name, "datatype": DATATYPES.get(array.dtype, str(array.dtype)), "shape": list(array.shape)}
-        if as_binary:
-            item["parameters"] = {"binary_data_size": array.nbytes}
-            binary.append(array.tobytes())
-        else:
-            item["data"] = array.ravel().tolist()
-        items.append(item)
-    body = {"model_name": model, "model_version": VERSION, "outputs": items}
+    encoded = [encode_tensor(name, outputs[name], as_binary) for name, as_binary in request.outputs.items()]
+    body = {"model_name": model, "model_version": VERSION, "outputs": [item for item, _ in encoded]}
     if request.id is not None:
         body["id"] = request.id
     head = json.dumps(body).encode()
-    return head + b"".join(binary), (len(head) if binary else None)
+    return head + b"".join(data for _, data in encoded), (len(head) if any(request.outputs.values()) else None)
 
 
 class Model:
@@ -174,10 +176,9 @@ class Model:
                 Path(folder, filename).write_bytes(data)
             path = Path(folder, next(iter(files)))
             self.session = runtimes.load(path, runtime)
-            head = formats.header(path)
         finally:
             shutil.rmtree(folder, ignore_errors=True)   # the runtimes hold the model in memory (or a mapping)
-        self.inputs, self.outputs = head.inputs, head.outputs
+        self.inputs, self.outputs = self.session.inputs, self.session.outputs
         self.batchable = batchable(self.inputs, self.outputs)
         self.platform = "openvino" if self.session.runtime.startswith("openvino") else "onnxruntime_onnx"
         self.lock = threading.Lock()
@@ -408,19 +409,14 @@ class LoadReport:
 def infer_request(feeds: Mapping[str, np.ndarray], binary: bool = True) -> tuple[bytes, dict]:
     """A KServe v2 infer request for ``feeds``, body and headers: tensors as bytes (Triton's binary extension, answers
     too) or as JSON lists."""
-    items, tail = [], []
-    for name, array in feeds.items():
-        item = {"name": name, "shape": list(array.shape), "datatype": DATATYPES[array.dtype]}
-        if binary:
-            item["parameters"] = {"binary_data_size": array.nbytes}
-            tail.append(np.ascontiguousarray(array).tobytes())
-        else:
-            item["data"] = array.ravel().tolist()
-        items.append(item)
-    head = json.dumps({"inputs": items, **({"parameters": {"binary_data_output": True}} if binary else {})}).encode()
+    encoded = [encode_tensor(name, array, binary) for name, array in feeds.items()]
+    request = {"inputs": [item for item, _ in encoded]}
+    if binary:
+        request["parameters"] = {"binary_data_output": True}
+    head = json.dumps(request).encode()
     if not binary:
         return head, {"Content-Type": "application/json"}
-    return head + b"".join(tail), {"Content-Type": "application/octet-stream",
+    return head + b"".join(data for _, data in encoded), {"Content-Type": "application/octet-stream",
                                    "Inference-Header-Content-Length": str(len(head))}
 
 
