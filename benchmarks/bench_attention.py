@@ -1,9 +1,11 @@
 """One attention block per mask, side by side: torch eager, compiled FlexAttention, the naive dense ONNX export and
-edgeattn's exports (every lowering) on onnxruntime and OpenVINO CPU.  Compiled FlexAttention runs in a process of
-its own (this script, ``--flex-row CASE``): torch.compile's workers slowed every later row 1.5-2x when it shared one.
+edgeattn's exports (every lowering) on onnxruntime and OpenVINO CPU, or the runtimes named.  Compiled FlexAttention
+runs in a process of its own (this script, ``--flex-row CASE``): torch.compile's workers slowed every later row
+1.5-2x when it shared one.  ``--device cuda`` runs the torch rows (eager, FlexAttention) on the GPU, beside ort-cuda.
 
     python benchmarks/bench_attention.py --json results.json
     python benchmarks/bench_attention.py --cases na2d-block swin-block --runs 10 --no-flex
+    python benchmarks/bench_attention.py --runtimes ort-cuda --device cuda --json gpu.json
 
 Every row runs the same function (qkv linear -> masked attention -> output projection, the registered block's
 weights) on the same input, and is checked against eager.  Columns: median ms over --runs after 3 warm-ups;
@@ -46,25 +48,37 @@ RUNTIMES = ["ort-cpu", "openvino-cpu"]
 WARMUP = 3
 
 
-def median_ms(fn, runs):
+def median_ms(fn, runs, sync=lambda: None):
+    """``sync``: waits for queued GPU work, so a torch CUDA row times its kernels, not their launch."""
     for _ in range(WARMUP):
         fn()
+    sync()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
 
-def peak_gflops(n=2048, tries=5):
-    """Best fp32 GEMM rate: the denominator of every roofline, so measure it on this machine, once."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def synchronizer(device):
+    return torch.cuda.synchronize if device == "cuda" else lambda: None
+
+
+def peak_gflops(device="cpu", tries=5):
+    """Best fp32 GEMM rate: the denominator of every roofline, so measure it on this machine, once (on a GPU: fp32
+    without TF32, as ort-cuda runs here)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    n = 2048 if device == "cpu" else 8192
+    a, b, sync = torch.randn(n, n, device=device), torch.randn(n, n, device=device), synchronizer(device)
     torch.matmul(a, b)
+    sync()
     best = float("inf")
     for _ in range(tries):
         start = time.perf_counter()
         torch.matmul(a, b)
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 
@@ -139,37 +153,43 @@ def case_inputs(name):
     return attn, x, grid, dense, eager, ref
 
 
-def flex_row(name, runs):
+def flex_row(name, runs, device):
     """Compiled FlexAttention on one case (run in its own process): the block mask skips empty 128x128 tiles, the
     kernel masks inside the rest."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     attn, x, grid, _, _, ref = case_inputs(name)
     n = x.shape[1]
-    row = dict(row="flex compiled", runtime="torch")
+    row = dict(row="flex compiled", runtime=torch_runtime(device))
     try:
         with peak_memory(row):
             mask_mod, _ = attn.mask.mods(Shape.of(grid=grid) if grid else Shape.of(q_len=n))
-            block_mask = create_block_mask(mask_mod, None, None, n, n, device="cpu")
-            flex = torch.compile(Block(attn, lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask)).eval())
+            block_mask = create_block_mask(mask_mod, None, None, n, n, device=device)
+            block = Block(attn, lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask)).eval().to(device)
+            flex, x = torch.compile(block), x.to(device)
             with torch.inference_mode():
                 start = time.perf_counter()
                 out = flex(x)   # the first call compiles; its time is reported apart from the medians
                 row["compile_s"] = time.perf_counter() - start
-                row["max_abs_err"] = float((out - ref).abs().max())
-                row["ms"] = median_ms(lambda: flex(x), runs)
+                row["max_abs_err"] = float((out.cpu() - ref).abs().max())
+                row["ms"] = median_ms(lambda: flex(x), runs, synchronizer(device))
     except Exception as e:
         row["error"] = first_line(e)
     return row
 
 
-def flex_in_subprocess(name, runs):
-    proc = subprocess.run([sys.executable, __file__, "--flex-row", name, "--runs", str(runs)], capture_output=True,
-                          text=True)
+def flex_in_subprocess(name, runs, device):
+    proc = subprocess.run([sys.executable, __file__, "--flex-row", name, "--runs", str(runs), "--device", device],
+                          capture_output=True, text=True)
     try:
         return json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return dict(row="flex compiled", runtime="torch", error=f"its process failed (exit {proc.returncode}): {tail}")
+        return dict(row="flex compiled", runtime=torch_runtime(device),
+                    error=f"its process failed (exit {proc.returncode}): {tail}")
+
+
+def torch_runtime(device):
+    return "torch" if device == "cpu" else f"torch-{device}"
 
 
 def bench_case(name, args, peak, tmp):
@@ -182,32 +202,47 @@ def bench_case(name, args, peak, tmp):
                 density=allowed / n**2, flops=flops, roofline_ms=flops / (peak * 1e9) * 1e3, rows=[])
     rows = case["rows"]
 
-    # 1. eager with the dense bool mask: the reference every other row is checked against
+    # 1. eager with the dense bool mask: the reference every other row is checked against (on the CPU)
     with torch.inference_mode():
-        rows.append(dict(row="eager dense", runtime="torch", max_abs_err=0.0, ms=median_ms(lambda: eager(x), args.runs)))
+        if args.device == "cpu":
+            ms = median_ms(lambda: eager(x), args.runs)
+            rows.append(dict(row="eager dense", runtime="torch", max_abs_err=0.0, ms=ms))
+        else:
+            mask, x_on = dense.to(args.device), x.to(args.device)
+            on = Block(attn, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)).to(args.device)
+            err = float((on(x_on).cpu() - ref).abs().max())
+            ms = median_ms(lambda: on(x_on), args.runs, synchronizer(args.device))
+            rows.append(dict(row="eager dense", runtime=torch_runtime(args.device), max_abs_err=err, ms=ms))
+            on.to("cpu")
 
     # 2. FlexAttention, compiled, in a process of its own
     if not args.no_flex:
-        rows.append(flex_in_subprocess(name, args.runs))
+        rows.append(flex_in_subprocess(name, args.runs, args.device))
 
     # 3. the naive dense export (one self-contained file, so its size is the whole cost of shipping the table)
     path = Path(tmp) / f"{name}-naive.onnx"
     try:
+        if not args.runtimes:
+            raise LookupError("no runtime named")
         # the exporter reports progress and optional-package notes; only its errors matter here
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(NaiveDense(attn, dense).eval(), (x,), str(path), dynamo=True, opset_version=18,
                               external_data=False)
-        for runtime in RUNTIMES:
+        for runtime in args.runtimes:
             run_onnx(rows, "naive export", runtime, path, x, ref, args.runs, file_mb=path.stat().st_size / 1e6)
+    except LookupError:
+        pass
     except Exception as e:
         rows.append(dict(row="naive export", runtime="-", error=f"export failed: {first_line(e)}"))
 
     # 4. edgeattn's export of the registered block, each lowering; contrib is an onnxruntime-only op
     for lowering in LOWERINGS:
         path = Path(tmp) / f"{name}-{lowering}.onnx"
-        targets = ["ort-cpu"] if lowering == "contrib" else None
+        targets = [r for r in args.runtimes if r.startswith("ort")] if lowering == "contrib" else args.runtimes
+        if not targets:
+            continue
         try:
             result = export_registered(name, path, lowering=lowering, opset=23 if lowering == "attention" else 18,
                                        runtimes=targets)
@@ -215,7 +250,7 @@ def bench_case(name, args, peak, tmp):
             rows.append(dict(row=lowering, runtime="-", error=f"export failed: {first_line(e)}"))
             continue
         chosen = ",".join(sorted({m["lowering"] for m in result.masks}))
-        for runtime in targets or RUNTIMES:
+        for runtime in targets:
             run_onnx(rows, lowering if lowering != "auto" else f"auto ({chosen})", runtime, path, x, ref, args.runs,
                      lowering=chosen, file_mb=result.file_bytes / 1e6, table_mb=result.table_bytes / 1e6)
 
@@ -228,11 +263,11 @@ def add_ratios(case):
     def ms_of(row, runtime):
         return next((r.get("ms") for r in case["rows"] if r["row"] == row and r["runtime"] == runtime), None)
 
-    flex = ms_of("flex compiled", "torch")
+    flex = next((r.get("ms") for r in case["rows"] if r["row"] == "flex compiled"), None)
     for r in case["rows"]:
         if r.get("ms") is None:
             continue
-        naive = ms_of("eager dense" if r["runtime"] == "torch" else "naive export", r["runtime"])
+        naive = ms_of("eager dense" if r["runtime"].startswith("torch") else "naive export", r["runtime"])
         r["vs_naive"] = naive / r["ms"] if naive else None
         r["vs_flex"] = flex / r["ms"] if flex else None
         r["x_roofline"] = r["ms"] / case["roofline_ms"]
@@ -258,9 +293,9 @@ def report(case):
               f"{compile_note}")
 
 
-def summary(case):
+def summary(case, runtimes):
     lines = []
-    for runtime in RUNTIMES:
+    for runtime in runtimes:
         auto = next((r for r in case["rows"] if r["row"].startswith("auto") and r["runtime"] == runtime), None)
         if auto is None or auto.get("ms") is None:
             lines.append(f"{case['case']}: auto on {runtime} failed: {auto.get('error') if auto else 'not run'}")
@@ -277,27 +312,30 @@ def main():
     p.add_argument("--runs", type=int, default=20, help="timed runs per row (median), after 3 warm-ups")
     p.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention (each compile takes ~20 s)")
     p.add_argument("--json", help="also write every number to this file")
+    p.add_argument("--runtimes", nargs="*", default=RUNTIMES,
+                   help="ONNX runtimes (default: %(default)s; none named: the torch rows alone)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the torch rows run")
     p.add_argument("--flex-row", choices=CASES, help=argparse.SUPPRESS)   # the FlexAttention row's own process
     args = p.parse_args()
     if args.flex_row:
-        print(json.dumps(flex_row(args.flex_row, args.runs)))
+        print(json.dumps(flex_row(args.flex_row, args.runs, args.device)))
         return
 
-    peak = peak_gflops()
-    print(f"fp32 GEMM peak (2048^3 matmul, best of 5): {peak:.1f} GFLOP/s, torch threads {torch.get_num_threads()}")
+    peak = peak_gflops(args.device)
+    print(f"fp32 GEMM peak on {args.device} (best of 5): {peak:.1f} GFLOP/s, torch threads {torch.get_num_threads()}")
     cases = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases:
             cases.append(bench_case(name, args, peak, tmp))
             report(cases[-1])
+            if args.json:   # after each case, so a run stopped part-way keeps what it measured
+                Path(args.json).write_text(json.dumps(dict(
+                    date=time.strftime("%Y-%m-%d %H:%M"), command=" ".join(sys.argv), machine=machine(),
+                    peak_gflops=peak, threads=torch.get_num_threads(), runs=args.runs, warmup=WARMUP,
+                    versions=versions(), cases=cases), indent=2))
     print()
     for case in cases:
-        print(summary(case))
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(
-            date=time.strftime("%Y-%m-%d %H:%M"), command=" ".join(sys.argv), machine=machine(), peak_gflops=peak,
-            threads=torch.get_num_threads(), runs=args.runs, warmup=WARMUP, versions=versions(), cases=cases),
-            indent=2))
+        print(summary(case, args.runtimes))
 
 
 def machine():
@@ -307,10 +345,13 @@ def machine():
 
 
 def versions():
-    import onnxruntime
-    import openvino
-    return dict(torch=torch.__version__, onnxruntime=onnxruntime.__version__, openvino=openvino.__version__,
-                edgeattn=edgeattn.__version__)
+    found = dict(torch=torch.__version__, edgeattn=edgeattn.__version__)
+    for package in ("onnxruntime", "openvino"):
+        with contextlib.suppress(ImportError):
+            found[package] = __import__(package).__version__
+    if torch.cuda.is_available():
+        found["gpu"] = torch.cuda.get_device_name()
+    return found
 
 
 if __name__ == "__main__":

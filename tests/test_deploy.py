@@ -13,6 +13,7 @@ the rest of the suite (see conftest.py).  Without the venv they skip, unless ``E
 onnx2tf takes 8 to 15 minutes per full-size ImageNet model here, so its column converts the six large models at a
 reduced depth (:data:`ONNX2TF_CONFIGS`: every stage and every kind of block kept, fewer blocks per stage): the same
 ops and layouts, a third of the nodes.  ``EDGEATTN_ONNX2TF_FULL=1`` converts them at full size.
+The ``ort-cuda`` column (plain onnxruntime-gpu, TF32 off) is marked ``gpu``: it skips without a CUDA GPU.
 ``EDGEATTN_DEPLOY_MATRIX=FILE`` appends each column's max errors to FILE as JSON lines.
 """
 import json
@@ -31,11 +32,12 @@ from edgeattn.export import export_registered
 from edgeattn.export.formats import write_openvino_ir
 from edgeattn.onnxfile import read_metadata
 
-from conftest import TIE_ATOL
+from conftest import TIE_ATOL, require
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSUME = Path(__file__).with_name("deploy") / "consume.py"
-ATOL = 1e-4   # fp32 against torch, for every consumer (onnxruntime's and OpenVINO's fp32 gate; onnx2tf's target)
+ATOL = 1e-4   # fp32 against torch, for every consumer (onnxruntime's and OpenVINO's fp32 gate; onnx2tf's target;
+# ort-cuda with TF32 off: 8.1e-6 at worst on an H200, benchmarks/RESULTS.md)
 O2T_VENV = Path(os.environ.get("EDGEATTN_ONNX2TF_VENV", ROOT / ".venv-onnx2tf"))
 
 # (consumer, form, python): the consumers each form is for
@@ -45,6 +47,7 @@ MATRIX = [
     ("onnxsim", "default", "onnx2tf-venv"), ("onnx2tf", "default", "onnx2tf-venv"),
     *[(c, "custom-op", "main") for c in ("ort", "ort-format", "onnxsim", "onnxslim")],
     ("openvino", "ir", "main"),
+    ("ort-cuda", "default", "main"),    # marked gpu: needs onnxruntime-gpu and a CUDA GPU
 ]
 # Cells that fail for a reason outside edgeattn, checked to still fail (a fix upstream turns the test red, so the
 # entry goes): consumer, model -> why
@@ -63,7 +66,8 @@ ONNX2TF_CONFIGS = {} if os.environ.get("EDGEATTN_ONNX2TF_FULL") == "1" else {
     "mask2former-decoder": {"dec_layers": 3},
 }
 PARAMS = [pytest.param(c, f, p, id=f"{c}-{f}{'-o2t' if p != 'main' else ''}",
-                       marks=[pytest.mark.onnx2tf] if p != "main" else []) for c, f, p in MATRIX]
+                       marks=[pytest.mark.onnx2tf] if p != "main" else [pytest.mark.gpu] if c == "ort-cuda" else [])
+          for c, f, p in MATRIX]
 
 
 def _python(which: str) -> str:
@@ -120,6 +124,8 @@ def artifacts(tmp_path_factory):
 
 @pytest.mark.parametrize("consumer, form, python", PARAMS)
 def test_deployment_matrix(artifacts, tmp_path, consumer, form, python):
+    if consumer == "ort-cuda":
+        require("ort-cuda")
     python = _python(python)
     configs = {name: ONNX2TF_CONFIGS.get(name, {}) if consumer == "onnx2tf" else {} for name in models.names()}
     jobs = [{"name": name, "file": str(artifacts.file(name, form, configs[name])),

@@ -113,7 +113,10 @@ class OrtCuda(OrtCpu):
     # TF32 is off below, so fp32 parity stays tight; kernels still differ in summation order from the CPU.
     tolerances = {"fp32": Tolerance(atol=1e-3, min_cosine=0.9999), **REDUCED_PRECISION}
     refused_precisions = {}
-    runs_as = {}   # keeps the file's bodies until measured on a GPU
+    # Keeps the file's bodies (H200, onnxruntime-gpu 1.31, benchmarks/RESULTS.md): MultiHeadAttention was 5-24% slower
+    # than the dense MatMul/Softmax body on every sparse case and 12% faster only on causal N=2048; Attention-23
+    # was 3-4x slower at 3-6k tokens.
+    runs_as = {}
     provider = "CUDAExecutionProvider"
     # the CUDA provider ships in the onnxruntime-gpu package only: the plain [ort] extra never has it
     install = "install it with: pip install 'edgeattn[ort-gpu]'"
@@ -137,9 +140,15 @@ class OrtCuda(OrtCpu):
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
+        try:   # CUDA and cuDNN from pip's nvidia-* packages ([ort-gpu]), where installed; the probe below tells
+            ort.preload_dlls()
+        except Exception:   # noqa: BLE001  (older onnxruntime-gpu has no preload_dlls; a library may be missing)
+            pass
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+        # IR 8 / opset 13: any onnxruntime since 1.10 reads it (onnx's default IR can be newer than the runtime's)
         probe = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x],
-                                                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
+                                                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]),
+                                  ir_version=8, opset_imports=[helper.make_opsetid("", 13)])
         try:
             session = ort.InferenceSession(probe.SerializeToString(), providers=self._providers())
         except Exception as e:

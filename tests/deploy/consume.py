@@ -19,10 +19,13 @@ sys.modules["edgeattn"] = None   # any `import edgeattn` now raises ImportError
 import numpy as np  # noqa: E402
 
 
-def run_onnxruntime(path, feeds):
+def run_onnxruntime(path, feeds, providers=("CPUExecutionProvider",)):
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=list(providers))
+    wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    if session.get_providers()[0] != wanted:   # onnxruntime falls back to the CPU silently
+        raise RuntimeError(f"onnxruntime did not enable {wanted}: {session.get_providers()}")
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))
 
@@ -37,6 +40,15 @@ def run_openvino(model, feeds):
 
 def ort(job, feeds):
     return run_onnxruntime(job["file"], feeds)
+
+
+def ort_cuda(job, feeds):
+    """onnxruntime-gpu's CUDA provider, TF32 off (its default is on, which rounds fp32 matmuls to 10-bit mantissas
+    on Ampere and later GPUs: a precision choice, like fp16, not what an fp32 file promises)."""
+    import onnxruntime
+
+    onnxruntime.preload_dlls()   # the CUDA and cuDNN libraries of pip's nvidia-* packages, as onnxruntime's docs say
+    return run_onnxruntime(job["file"], feeds, [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"])
 
 
 def ort_format(job, feeds):
@@ -126,7 +138,7 @@ def run_tflite(model, feeds, output_names):
     return {output_names[0]: np.array(interpreter.get_tensor(outputs[0]["index"]))}
 
 
-CONSUMERS = {"ort": ort, "ort-format": ort_format, "openvino": openvino_read, "openvino-convert": openvino_convert,
+CONSUMERS = {"ort": ort, "ort-cuda": ort_cuda, "ort-format": ort_format, "openvino": openvino_read, "openvino-convert": openvino_convert,
              "ovc": ovc, "onnxsim": onnxsim, "onnxslim": onnxslim, "onnx2tf": onnx2tf}
 
 
