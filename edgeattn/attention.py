@@ -34,7 +34,13 @@ def _masked_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tabl
 
 @_masked_attention_op.register_fake
 def _(q, k, v, tables, bias, layout, scale, softcap=None):
-    return q.new_empty(q.shape[:-1] + v.shape[-1:])
+    return q.new_empty(_out_shape(q, v, layout, tables))
+
+
+def _out_shape(q, v, layout: str, tables) -> tuple:
+    """(B, H, rows, Dv): a blocked table returns len(q_pos) rows (all queries, or a bucket's tile rows)."""
+    rows = tables[2].shape[0] if layout == "blocked" else q.shape[2]
+    return (*q.shape[:2], rows, v.shape[-1])
 
 
 def _setup_context(ctx, inputs, output):
@@ -134,7 +140,7 @@ def attend(q, k, v, layout: str, tables: list, scale: Optional[float] = None, ma
         attrs = {"scale": scale, "mask": mask_name, "dtype": ONNX_DTYPES[q.dtype], "layout": layout,
                  "heads": q.shape[1], **({"softcap": softcap} if softcap is not None else {})}
         return torch.onnx.ops.symbolic(f"{DOMAIN}::{OP}", [q, k, v, *tables], attrs, dtype=q.dtype,
-                                       shape=tuple(q.shape[:-1]) + tuple(v.shape[-1:]), version=OP_VERSION)
+                                       shape=_out_shape(q, v, layout, tables), version=OP_VERSION)
     return _masked_attention_op(q, k, v, list(tables[:-1]), tables[-1], layout, scale, softcap)
 
 

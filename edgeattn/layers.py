@@ -30,27 +30,44 @@ class MaskTable(nn.Module):
     """
 
     def __init__(self, mask, heads: int, grid=None, q_len: Optional[int] = None, kv_len: Optional[int] = None,
-                 layout: str = "auto"):
+                 layout: str = "auto", buckets: bool = True):
         super().__init__()
         self.mask = as_mask(mask)
         self.shape = Shape.of(q_len, kv_len, grid)
         self.heads = heads
+        self.buckets = buckets   # may layout="auto" pick a bucketed block table (tables.BucketedTable)
+        self._table_buffers: list[str] = []
         self.use_layout(layout)
 
     def use_layout(self, layout: str, table=None) -> None:
         """Switch to a table of ``layout``; ``table`` is one already built for this mask and shape."""
         if table is None or table.layout != layout:
-            table = tables.build(self.mask, self.shape.q_len, self.shape.kv_len, self.shape.grid, self.heads, layout)
+            table = tables.build(self.mask, self.shape.q_len, self.shape.kv_len, self.shape.grid, self.heads, layout,
+                                 buckets=self.buckets)
         device = next((b.device for b in self.buffers()), None)
-        old = getattr(self, "table", None)
-        for name in TABLE_INPUTS[old.layout] if old is not None else ():
-            delattr(self, f"attn_{name}")
+        for name in self._table_buffers:
+            delattr(self, name)
         self.table = table
         rpb_index = table.bias_index if table.layout == "dense" else table.bank_bias_index
-        for name, value in [(f"attn_{name}", getattr(table, name)) for name in TABLE_INPUTS[table.layout]] + [
-                ("attn_rpb_index", rpb_index)]:
+        named = [("attn_rpb_index", rpb_index)]
+        for suffix, part in self._parts():
+            named += [(f"attn_{name}{suffix}", getattr(part, name)) for name in TABLE_INPUTS[table.layout]]
+        if isinstance(table, tables.BucketedTable):
+            named.append(("attn_order", table.q_pos))
+        for name, value in named:
             self.register_buffer(name, value if value is None or device is None else value.to(device),
                                  persistent=False)
+        self._table_buffers = [name for name, _ in named]
+
+    def _parts(self) -> list[tuple[str, object]]:
+        """(buffer-name suffix, table) of each attention node this layer runs: one, or one per bucket."""
+        if isinstance(self.table, tables.BucketedTable):
+            return [(f"_{i}" if i else "", bucket) for i, bucket in enumerate(self.table.buckets)]
+        return [("", self.table)]
+
+    def node_tables(self) -> list[str]:
+        """The buffer that is the first table input of each attention node this layer exports."""
+        return [f"attn_{TABLE_INPUTS[self.layout][0]}{suffix}" for suffix, _ in self._parts()]
 
     @property
     def layout(self) -> str:
@@ -67,6 +84,13 @@ class MaskTable(nn.Module):
     def forward(self, q, k, v, scale: Optional[float] = None, rpb: Optional[torch.Tensor] = None,
                 softcap: Optional[float] = None) -> torch.Tensor:
         """Attention over this table; ``softcap`` caps the scaled scores (see :func:`edgeattn.attention.attend`)."""
+        if isinstance(self.table, tables.BucketedTable):   # no rpb: tables.build never buckets such masks
+            if rpb is not None:
+                raise ValueError(f"mask {self.mask.name} has no relative position bias table, but rpb was given")
+            rows = [attend(q, k, v, "blocked", [getattr(self, f"attn_{name}{suffix}") for name in
+                                                  TABLE_INPUTS["blocked"]], scale, self.mask.name, softcap)
+                    for suffix, _ in self._parts()]
+            return torch.cat(rows, 2).index_select(2, self.attn_order)
         tensors = [getattr(self, f"attn_{name}") for name in TABLE_INPUTS[self.layout]]
         if self.attn_rpb_index is not None:
             learned = self.gather_rpb(rpb, q.shape[1])

@@ -7,6 +7,9 @@ A table is what an attention layer carries as a non-persistent buffer and what e
 - ``BlockTable`` groups the queries into tiles (2-D/3-D tiles on grids) and keeps, per tile, the keys any of its
   queries may attend (a padded gather index) and a reference into a deduplicated bank of (tile x keys) mask
   blocks: attention then costs what the mask allows plus the padding, and the file stays small.
+- ``BucketedTable`` splits a block table's tiles into a few buckets by how many keys they attend, each a block
+  table padded only to its own longest tile: causal, prefix-LM and document masks, whose tiles attend from a few
+  keys to all of them, then cost about what they allow instead of a dense table's work.
 
 Masks with a learned relative position bias (``Mask.rpb``) add an int32 index table instead of float values, since
 the values are weights: ``bias_index`` (1, Nq, Nkv) for dense tables, ``bank_bias_index`` (P, 1, tq, K) next to the
@@ -29,6 +32,14 @@ from .masks.base import Shape, as_mask, evaluate, index_grid, per_axis
 LAYOUTS = ("dense", "blocked", "auto")
 # "auto" takes the block table when it scores at most this fraction of what a dense table scores
 AUTO_BLOCKED_MAX_WORK = 0.5
+# ... and otherwise the bucketed block table when it scores at most this fraction (each bucket is one more
+# attention node; causal N=2048 in 8 buckets scores 56%: benchmarks/RESULTS.md)
+AUTO_BUCKETED_MAX_WORK = 0.7
+# ... and a sparse block table is bucketed when that cuts its work to this fraction or less (document masks)
+AUTO_BUCKETED_GAIN = 0.6
+# ... for tables of at least this many (query, key) pairs: below it a dense node costs less than several nodes
+AUTO_BUCKETED_MIN_PAIRS = 1024 * 1024
+MAX_BUCKETS = 8
 DEFAULT_TILE = {1: 64, 2: 8, 3: (1, 8, 8)}   # queries per tile per grid axis when the mask gives no tiling hint
 # A hinted tile larger than this many queries is flattened from its leading axes: a 3x7x7 neighborhood on 8x28x28
 # runs fastest with 1x7x7 tiles (ORT 8.2 ms against 11.2 ms for 3x7x7 tiles; benchmarks/bench_attention.py).
@@ -141,6 +152,112 @@ class BlockTable:
         return DenseTable(self.name, self.shape, mask, bias, bias_index=bias_index, rpb_shape=self.rpb_shape)
 
 
+@dataclass(frozen=True)
+class BucketedTable:
+    """A block table's tiles in buckets, each a :class:`BlockTable` over its own tiles with K padded to its
+    longest tile.  Each bucket's ``q_pos`` is the identity on its own (T_b * tq) tile rows; attention runs each
+    bucket, concatenates their rows and takes row ``q_pos[n]`` for query n."""
+    name: str
+    shape: Shape
+    buckets: tuple[BlockTable, ...]
+    q_pos: torch.Tensor                    # int64 (Nq,): row of query n in the buckets' concatenated rows
+    layout: str = "blocked"
+    rpb_shape: tuple[int, ...] = ()
+    bank_bias_index: Optional[torch.Tensor] = None   # never: masks with a learned rpb are not bucketed
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buckets) + _nbytes([self.q_pos])
+
+    @property
+    def tile(self) -> tuple[int, ...]:
+        return self.buckets[0].tile
+
+    @property
+    def work_fraction(self) -> float:
+        return sum(b.work_fraction for b in self.buckets)
+
+    @property
+    def density(self) -> float:
+        return self.to_dense().density
+
+    @property
+    def fully_masked_rows(self) -> int:
+        return self.to_dense().fully_masked_rows
+
+    def to_dense(self) -> DenseTable:
+        parts = [b.to_dense() for b in self.buckets]
+        mask = parts[0].mask
+        bias = parts[0].bias
+        for part in parts[1:]:   # disjoint queries: each pair is allowed (and biased) by one bucket at most
+            mask = mask | part.mask
+            bias = None if bias is None else bias + part.bias
+        return DenseTable(self.name, self.shape, mask, bias)
+
+
+def bucketed(table: BlockTable, max_buckets: int = MAX_BUCKETS) -> BucketedTable:
+    """Split ``table``'s tiles into at most ``max_buckets`` buckets of tiles with similar key counts, chosen to
+    minimize the scores computed (each bucket pads its tiles to its longest one)."""
+    counts = _key_counts(table)
+    order = torch.argsort(counts, stable=True)
+    groups = _partition(counts[order], max_buckets)
+    buckets, rows = [], torch.empty(table.q_index.numel(), dtype=torch.long)
+    start_row = 0
+    tq = table.q_index.shape[1]
+    for lo, hi in groups:
+        tiles = order[lo:hi].sort().values                         # keep tile order inside a bucket
+        width = int(counts[tiles].max())
+        blocks = table.bank[table.block[tiles]][..., :width]
+        bias = None if table.bank_bias is None else table.bank_bias[table.block[tiles]][..., :width]
+        bank, block, bank_bias, _ = _dedupe(blocks, bias)
+        n = len(tiles) * tq
+        buckets.append(BlockTable(table.name, table.shape, table.tile, table.q_index[tiles].contiguous(),
+                                  table.kv_index[tiles, :width].contiguous(), torch.arange(n), block, bank,
+                                  bank_bias))
+        # tile t's rows in the original (T*tq) layout now sit at start_row + its rank in the bucket
+        rows.view(-1, tq)[tiles] = start_row + torch.arange(n).view(-1, tq)
+        start_row += n
+    return BucketedTable(table.name, table.shape, tuple(buckets), rows[table.q_pos].contiguous())
+
+
+def _key_counts(table: BlockTable) -> torch.Tensor:
+    """(T,) keys each tile attends (at least 1): its allowed keys come first, padding after."""
+    per_bank = table.bank.flatten(1, 2).any(1).sum(1)          # (P,)
+    return per_bank[table.block].clamp(min=1)
+
+
+def _partition(sorted_counts: torch.Tensor, max_parts: int) -> list[tuple[int, int]]:
+    """Split ascending counts into at most ``max_parts`` contiguous runs minimizing sum(len(run) * max(run)):
+    dynamic programming over the run ends."""
+    c = sorted_counts.double()
+    n = len(c)
+    if n > 2048:   # the (n x n) step would be large: equal runs of the sorted tiles
+        parts = min(max_parts, n)
+        return [(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
+    inf = float("inf")
+    best = torch.full((n + 1,), inf, dtype=torch.float64)
+    best[0] = 0.0
+    cuts = []
+    idx = torch.arange(n + 1, dtype=torch.float64)
+    for _ in range(min(max_parts, n)):
+        # cost[i, j] = best[i] + (j - i) * c[j - 1] for i < j: the last run is i..j-1
+        cost = best[:, None] + (idx[None, :] - idx[:, None]) * torch.cat([c[:1], c])[None, :]
+        cost = torch.where(idx[:, None] < idx[None, :], cost, inf)
+        new, arg = cost.min(0)
+        new[0] = 0.0
+        cuts.append(arg)
+        best = new
+    # walk back from n through the last layer's cuts
+    parts, j = [], n
+    for arg in reversed(cuts):
+        if j == 0:
+            break
+        i = int(arg[j])
+        parts.append((i, j))
+        j = i
+    return sorted(parts)
+
+
 @contextlib.contextmanager
 def reuse() -> Iterator[None]:
     """Inside the block, :func:`build` returns the table it already built for the same Mask object, shape, heads,
@@ -152,18 +269,31 @@ def reuse() -> Iterator[None]:
         _MEMO.reset(token)
 
 
-def build(mask, q_len=None, kv_len=None, grid=None, heads: int = 1, layout: str = "dense", tile=None):
+def build(mask, q_len=None, kv_len=None, grid=None, heads: int = 1, layout: str = "dense", tile=None,
+          buckets: bool = True):
     """Evaluate ``mask`` (a Mask or a bare mask_mod) for one shape by broadcasting over index tensors.
 
     ``layout="blocked"`` returns a :class:`BlockTable`; ``tile`` (int or per-axis) overrides the mask's hint.
-    ``layout="auto"`` returns the block table when its padded work is at most half the dense work, else dense."""
+    ``layout="auto"`` returns the block table when its padded work is at most half the dense work, else dense;
+    with ``buckets`` (masks without a learned rpb, of at least :data:`AUTO_BUCKETED_MIN_PAIRS` pairs) it returns
+    the :class:`BucketedTable` instead where that scores at most :data:`AUTO_BUCKETED_MAX_WORK` of the dense work
+    (over a dense table) or :data:`AUTO_BUCKETED_GAIN` of the block table's (over a block table)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     mask = as_mask(mask)
     shape = Shape.of(q_len, kv_len, grid)
     if layout == "auto":
         blocked = _memoized(mask, shape, heads, "blocked", tile)
-        if blocked.work_fraction <= AUTO_BLOCKED_MAX_WORK:
+        sparse = blocked.work_fraction <= AUTO_BLOCKED_MAX_WORK
+        counts = _key_counts(blocked)
+        # bucketing pays where tiles attend very different numbers of keys (at best: the mean over the longest)
+        if buckets and mask.rpb is None and shape.q_len * shape.kv_len >= AUTO_BUCKETED_MIN_PAIRS and \
+                float(counts.double().mean()) <= AUTO_BUCKETED_GAIN * int(counts.max()):
+            split = bucketed(blocked)
+            if split.work_fraction <= (AUTO_BUCKETED_GAIN * blocked.work_fraction if sparse else
+                                       AUTO_BUCKETED_MAX_WORK):
+                return split
+        if sparse:
             return blocked
         return dataclasses.replace(_memoized(mask, shape, heads, "dense"), blocked_work=blocked.work_fraction)
     return _memoized(mask, shape, heads, layout, tile)

@@ -135,6 +135,18 @@ def test_auto_records_its_reason_per_layer(tmp_path):
     assert [m["lowering"] for m in result.masks] == ["blocked", "attention"]
 
 
+@pytest.mark.parametrize("custom_op", [True, False], ids=["custom-op", "standard"])
+def test_bucketed_block_tables_export_one_node_per_bucket(tmp_path, custom_op):
+    mask = masks.causal() | masks.custom(lambda b, h, q, kv: kv < 200, name="prefix200")   # prefix-LM
+    layer = MaskedSelfAttention(16, 2, mask, seq_len=1024).eval()
+    buckets = len(layer.table.table.buckets)
+    x = torch.randn(1, 1024, 16)
+    result = _export(tmp_path, layer, x, custom_op)
+    assert len(result.masks) == buckets > 1
+    assert all(m["lowering"] == "blocked" and f"{buckets} buckets" in m["why"] for m in result.masks)
+    _assert_parity(layer, x, result.path, atol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(lowering="attention"), "needs opset >= 23"),
     (dict(lowering="contrib"), "runs on ort-cpu, ort-cuda only, not on openvino-cpu"),

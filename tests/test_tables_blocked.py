@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from edgeattn import tables
-from edgeattn.masks import custom, materialize, neighborhood, sliding_window, window
+from edgeattn.masks import causal, custom, materialize, neighborhood, sliding_window, window
 
 from reference.mods import SHAPED, dist_bias, head_bias
 
@@ -84,3 +84,51 @@ def test_auto_layout_and_tile_override():
 def test_a_mask_that_allows_nothing_still_builds():   # found by the fuzz tests: empty blocks broke the dedupe
     t = tables.build(custom(lambda b, h, q, kv: q < 0), q_len=6, layout="blocked", tile=4)
     assert t.kv_index.shape == (2, 1) and t.fully_masked_rows == 6 and not t.to_dense().mask.any()
+
+
+def _document(n, lengths):
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    assert len(doc) == n
+    return custom(lambda b, h, q, kv: (doc[q] == doc[kv]) & (kv <= q), name="document")
+
+
+LM_MASKS = [causal(), causal() | custom(lambda b, h, q, kv: kv < 300, name="prefix300"),
+            _document(1024, [100, 400, 60, 300, 164]), custom(lambda b, h, q, kv: kv <= q, bias_mod=dist_bias)]
+
+
+@pytest.mark.parametrize("mask", LM_MASKS, ids=["causal", "prefix-lm", "document", "causal-bias"])
+def test_bucketed_tables_encode_the_mask_at_less_work(mask):
+    t = tables.build(mask, q_len=1024, layout="auto")
+    plain = tables.build(mask, q_len=1024, layout="blocked")
+    assert isinstance(t, tables.BucketedTable) and t.layout == "blocked" and 1 < len(t.buckets) <= tables.MAX_BUCKETS
+    if plain.work_fraction > tables.AUTO_BLOCKED_MAX_WORK:   # instead of a dense table
+        assert t.work_fraction <= tables.AUTO_BUCKETED_MAX_WORK
+    else:   # instead of a plain block table (documents)
+        assert t.work_fraction <= tables.AUTO_BUCKETED_GAIN * plain.work_fraction
+    dense, ref = t.to_dense(), tables.build(mask, q_len=1024)
+    assert torch.equal(dense.mask, ref.mask)
+    if ref.bias is not None:
+        torch.testing.assert_close(dense.bias, torch.where(ref.mask, ref.bias, 0.0))
+    # the buckets' rows, concatenated, hold every query; q_pos finds each
+    rows = torch.cat([b.q_index.flatten() for b in t.buckets])
+    assert torch.equal(rows[t.q_pos], torch.arange(1024))
+    for b in t.buckets:   # each bucket is a block table of its own tiles, padded to its longest tile only
+        assert torch.equal(b.q_pos, torch.arange(b.q_index.numel()))
+        assert b.bank[b.block].flatten(1, 2).any(1)[:, -1].any()
+
+
+def test_partition_minimizes_the_padded_work():
+    assert tables._partition(torch.tensor([1, 1, 1, 10, 10, 10]), 2) == [(0, 3), (3, 6)]
+    assert tables._partition(torch.tensor([1, 2, 3]), 8) == [(0, 1), (1, 2), (2, 3)]
+    assert tables._partition(torch.tensor([5, 5, 5, 5]), 3) == [(0, 4)]
+    counts = torch.arange(1, 33)
+    parts = tables._partition(counts, 4)
+    brute = min(sum((j - i) * int(counts[j - 1]) for i, j in zip((0, a, b), (a, b, c)))
+                + (32 - c) * 32 for a in range(1, 32) for b in range(a, 32) for c in range(b, 32))
+    assert sum((j - i) * int(counts[j - 1]) for i, j in parts) == brute
+
+
+def test_auto_buckets_only_large_tables_without_a_learned_bias():
+    assert isinstance(tables.build(causal(), q_len=1024, layout="auto", buckets=False), tables.DenseTable)
+    assert isinstance(tables.build(causal(), q_len=512, layout="auto"), tables.DenseTable)   # under MIN_PAIRS
+    assert isinstance(tables.build(causal(), q_len=1024, layout="blocked"), tables.BlockTable)

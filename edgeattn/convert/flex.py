@@ -92,7 +92,8 @@ class FlexSite(nn.Module):
         self.softcap, bias, self.trainable_bias = _score_parts(score_mod, heads, shape, name)
         self.score_mod = score_mod if self.trainable_bias else None
         mask = custom(mask_mod, None if self.trainable_bias else bias, name=name)
-        self.table = MaskTable(mask, heads, q_len=q_len, kv_len=kv_len, layout=layout)
+        # a trainable bias is recomputed per call in the table's own layout (_with_bias): one node, not buckets
+        self.table = MaskTable(mask, heads, q_len=q_len, kv_len=kv_len, layout=layout, buckets=not self.trainable_bias)
 
     def describe(self) -> str:
         extras = [f"softcap {self.softcap:g}"] if self.softcap else []

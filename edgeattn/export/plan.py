@@ -53,6 +53,10 @@ def choose(table: "torch.nn.Module", requested: str, opset: int) -> Choice:
     """The lowering for one MaskTable layer."""
     if requested != "auto":
         return Choice(requested, "requested")
+    if isinstance(table.table, tables.BucketedTable):   # layout="auto" already chose it over dense
+        split = table.table
+        return Choice("blocked", f"{len(split.buckets)} buckets of query tiles by key count score "
+                                 f"{split.work_fraction:.1%} of the dense scores", split)
     if table.layout == "blocked":
         blocked, work = table.table, table.table.work_fraction
     else:   # a dense table built by layout="auto" already knows the work of the block table it declined
@@ -96,9 +100,9 @@ def applied(model: torch.nn.Module, requested: str, opset: int, prefix: str = ""
             layout = LOWERINGS[choice.lowering].layout
             if m.layout != layout:
                 m.use_layout(layout, choice.table)
-            # the exporter names a lifted buffer by its qualified name; the choice keeps the table the file gets
-            plan.static[f"{prefix}{name + '.' if name else ''}attn_{TABLE_INPUTS[layout][0]}"] = \
-                dataclasses.replace(choice, table=m.table)
+            # the exporter names a lifted buffer by its qualified name; the choice keeps the table each node gets
+            for first, (_, part) in zip(m.node_tables(), m._parts()):
+                plan.static[f"{prefix}{name + '.' if name else ''}{first}"] = dataclasses.replace(choice, table=part)
         yield plan
     finally:
         for m, table in saved:

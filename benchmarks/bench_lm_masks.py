@@ -1,0 +1,144 @@
+"""LM-style masks at increasing lengths: edgeattn's ``auto`` export (block tables, bucketed by key count where a
+plain block table would pad to dense work) against its dense lowering, on onnxruntime and OpenVINO CPU.
+
+    python benchmarks/bench_lm_masks.py                       # causal, prefix-LM, document, sliding; 2k-8k tokens
+    python benchmarks/bench_lm_masks.py --masks causal --lengths 2048 4096 8192 16384 --runs 5 --json lm.json
+
+One attention layer (dim 64, 2 heads x 32: the registered LM blocks' width) per mask and length, the same weights
+and input for every row, each checked against eager PyTorch with the dense boolean mask.  Masks: causal;
+prefix-LM (the first quarter of the tokens is visible to every query, causal after it); document (causal within
+each document, nothing across; documents of seeded random lengths); sliding window 256.  Columns: the table
+``auto`` chose and the share of the dense scores it computes, then per runtime the median ms of the dense
+lowering and of ``auto``, their ratio, and the files' sizes.
+"""
+import argparse
+import contextlib
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import edgeattn
+from edgeattn import tables
+from edgeattn.export import export_onnx
+from edgeattn.layers import MaskedSelfAttention
+from edgeattn.masks import causal, custom, materialize, or_masks, sliding_window
+
+RUNTIMES = ["ort-cpu", "openvino-cpu"]
+WARMUP = 2
+
+
+def prefix_lm(n):
+    prefix = n // 4
+    return or_masks(causal(), custom(lambda b, h, q, kv: kv < prefix, name=f"prefix{prefix}"))
+
+
+def document(n, seed=0):
+    """Causal inside each document, nothing across; lengths drawn between n/16 and n/4 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < n:
+        lengths.append(int(torch.randint(n // 16, n // 4 + 1, (1,), generator=g)))
+    lengths[-1] -= sum(lengths) - n
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    return custom(lambda b, h, q, kv: (doc[q] == doc[kv]) & (kv <= q), name=f"document_{len(lengths)}docs")
+
+
+MASKS = {"causal": lambda n: causal(), "prefix-lm": prefix_lm, "document": document,
+         "sliding": lambda n: sliding_window(256)}
+
+
+def median_ms(fn, runs):
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def describe(table):
+    if isinstance(table, tables.BucketedTable):
+        return f"blocked, {len(table.buckets)} buckets"
+    return table.layout
+
+
+def bench(mask_name, n, runs, tmp):
+    torch.manual_seed(0)
+    mask = MASKS[mask_name](n)
+    layer = MaskedSelfAttention(64, 2, mask, seq_len=n, layout="auto").eval()
+    x = torch.randn(1, n, 64)
+    dense = materialize(mask, q_len=n)
+    with torch.no_grad():   # eager with the dense boolean mask: what every row is checked against
+        q, k, v = layer.qkv(x).reshape(1, n, 3, 2, 32).permute(2, 0, 3, 1, 4)
+        ref = layer.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=dense).transpose(1, 2).reshape(1, n, 64))
+    table = layer.table.table
+    row = dict(mask=mask_name, tokens=n, density=float(dense.float().mean()), auto=describe(table),
+               auto_work=getattr(table, "work_fraction", 1.0))
+    for lowering in ("dense", "auto"):
+        path = Path(tmp) / f"{mask_name}-{n}-{lowering}.onnx"
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            export_onnx(layer, (x,), path, lowering=lowering)
+        row[f"{lowering}_file_mb"] = path.stat().st_size / 1e6
+        for runtime in RUNTIMES:
+            key = f"{lowering}_{runtime}"
+            try:
+                session = edgeattn.load(path, runtime)
+                feeds = {session.inputs[0].name: x.numpy()}
+                out = next(iter(session.run(feeds).values()))
+                row[f"{key}_err"] = float((torch.from_numpy(out) - ref).abs().max())
+                row[f"{key}_ms"] = median_ms(lambda: session.run(feeds), runs)
+                del session
+            except Exception as e:   # a failed row is reported, not fatal
+                row[f"{key}_error"] = str(e).splitlines()[0][:200]
+        path.unlink()
+    for runtime in RUNTIMES:
+        d, a = row.get(f"dense_{runtime}_ms"), row.get(f"auto_{runtime}_ms")
+        row[f"{runtime}_speedup"] = d / a if d and a else None
+    return row
+
+
+def fmt(v, spec):
+    return "-" if v is None else f"{v:{spec}}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--masks", nargs="+", default=list(MASKS), choices=list(MASKS))
+    p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192])
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--json")
+    args = p.parse_args()
+    print(f"torch threads {torch.get_num_threads()}; median of {args.runs} runs after {WARMUP} warm-ups")
+    print(f"{'mask':10s} {'tokens':>6s} {'density':>7s} {'auto table':>20s} {'work':>6s} | "
+          + " | ".join(f"{r}: dense ms, auto ms, x" for r in RUNTIMES) + " | file MB dense/auto | max err")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mask_name in args.masks:
+            for n in args.lengths:
+                r = bench(mask_name, n, args.runs, tmp)
+                rows.append(r)
+                cells = [f"{fmt(r.get(f'dense_{rt}_ms'), '8.2f')} {fmt(r.get(f'auto_{rt}_ms'), '8.2f')} "
+                         f"{fmt(r.get(f'{rt}_speedup'), '5.2f')}x" for rt in RUNTIMES]
+                errs = [v for k, v in r.items() if k.endswith("_err")]
+                fails = [f"{k}: {v}" for k, v in r.items() if k.endswith("_error")]
+                print(f"{mask_name:10s} {n:6d} {r['density']:7.1%} {r['auto']:>20s} {r['auto_work']:6.1%} | "
+                      + " | ".join(cells) + f" | {r['dense_file_mb']:.1f}/{r['auto_file_mb']:.1f} | "
+                      f"{max(errs, default=float('nan')):.1e}" + ("  FAILED " + "; ".join(fails) if fails else ""),
+                      flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(dict(command=" ".join(sys.argv), rows=rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()
