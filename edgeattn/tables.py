@@ -92,7 +92,8 @@ class BlockTable:
     shape: Shape
     tile: tuple[int, ...]                  # queries per tile along each grid axis (one axis for sequences)
     q_index: torch.Tensor                  # int64 (T, tq): query ids of each tile
-    kv_index: torch.Tensor                 # int64 (T, K): key ids of each tile; padding points at key 0
+    kv_index: torch.Tensor                 # int64 (T, K) key ids of each tile, or (1, K) shared by all tiles;
+    #                                        padding points at key 0
     q_pos: torch.Tensor                    # int64 (Nq,): flat position of each query in the (T*tq) tile output
     block: torch.Tensor                    # int64 (T,): which bank entry masks each tile
     bank: torch.Tensor                     # bool (P, heads or 1, tq, K): unique blocks; padding keys are False
@@ -139,7 +140,7 @@ class BlockTable:
         blocks = self.bank[self.block].transpose(0, 1)  # (heads, T, tq, K)
         # padding keys point at key 0 with False: scatter only the allowed pairs so they cannot overwrite key 0
         h, t, i, j = blocks.nonzero(as_tuple=True)
-        q, kv = self.q_index[t, i], self.kv_index[t, j]
+        q, kv = self.q_index[t, i], self.kv_index.expand(len(self.q_index), -1)[t, j]   # (1, K): shared keys
         mask = torch.zeros(heads, *size, dtype=torch.bool)
         mask[h, q, kv] = True
         bias = bias_index = None
@@ -156,7 +157,8 @@ class BlockTable:
 class BucketedTable:
     """A block table's tiles in buckets, each a :class:`BlockTable` over its own tiles with K padded to its
     longest tile.  Each bucket's ``q_pos`` is the identity on its own (T_b * tq) tile rows; attention runs each
-    bucket, concatenates their rows and takes row ``q_pos[n]`` for query n."""
+    bucket, concatenates their rows and takes row ``q_pos[n]`` for query n.  A bucket whose tiles attend, in all,
+    only as many keys as its longest tile (causal, prefix-LM) lists them once: its ``kv_index`` is (1, K)."""
     name: str
     shape: Shape
     buckets: tuple[BlockTable, ...]
@@ -207,17 +209,38 @@ def bucketed(table: BlockTable, max_buckets: int = MAX_BUCKETS) -> BucketedTable
     for lo, hi in groups:
         tiles = order[lo:hi].sort().values                         # keep tile order inside a bucket
         width = int(counts[tiles].max())
+        kv_index = table.kv_index[tiles, :width]
         blocks = table.bank[table.block[tiles]][..., :width]
         bias = None if table.bank_bias is None else table.bank_bias[table.block[tiles]][..., :width]
+        shared = kv_index[blocks.flatten(1, 2).any(1)].unique()    # every key any tile of the bucket attends
+        if len(shared) == width:   # causal, prefix-LM: one key list serves every tile, gathered once
+            kv_index, blocks, bias = _on_shared_keys(kv_index, blocks, bias, shared)
         bank, block, bank_bias, _ = _dedupe(blocks, bias)
         n = len(tiles) * tq
         buckets.append(BlockTable(table.name, table.shape, table.tile, table.q_index[tiles].contiguous(),
-                                  table.kv_index[tiles, :width].contiguous(), torch.arange(n), block, bank,
-                                  bank_bias))
+                                  kv_index.contiguous(), torch.arange(n), block, bank, bank_bias))
         # tile t's rows in the original (T*tq) layout now sit at start_row + its rank in the bucket
         rows.view(-1, tq)[tiles] = start_row + torch.arange(n).view(-1, tq)
         start_row += n
     return BucketedTable(table.name, table.shape, tuple(buckets), rows[table.q_pos].contiguous())
+
+
+def _on_shared_keys(kv_index, blocks, bias, shared):
+    """Re-express a bucket's (t, heads, tq, K) blocks over one key list ``shared`` (K keys, ascending): the index
+    becomes (1, K), which attention broadcasts over the tiles instead of gathering K keys per tile."""
+    t, hm, tq, k = blocks.shape
+    column = torch.searchsorted(shared, kv_index)                  # (t, K): where each listed key sits in shared
+    allowed = blocks.transpose(0, 1).reshape(hm, t * tq, k)
+    moved = torch.zeros(hm, t * tq, k, dtype=torch.bool)
+    index = column.repeat_interleave(tq, 0).expand(hm, -1, -1)
+    # padding entries are never allowed (and may point at key 0): scatter the allowed entries with "or"
+    moved.scatter_reduce_(2, index, allowed, "amax")
+    moved_bias = None
+    if bias is not None:
+        values = torch.where(blocks, bias, 0.0).transpose(0, 1).reshape(hm, t * tq, k)
+        moved_bias = torch.zeros(hm, t * tq, k).scatter_add_(2, index, values)
+        moved_bias = moved_bias.reshape(hm, t, tq, k).transpose(0, 1)
+    return shared[None], moved.reshape(hm, t, tq, k).transpose(0, 1), moved_bias
 
 
 def _key_counts(table: BlockTable) -> torch.Tensor:
