@@ -50,8 +50,11 @@ class MaskTable(nn.Module):
         self.table = table
         rpb_index = table.bias_index if table.layout == "dense" else table.bank_bias_index
         named = [("attn_rpb_index", rpb_index)]
-        for suffix, part in self._parts():
-            named += [(f"attn_{name}{suffix}", getattr(part, name)) for name in TABLE_INPUTS[table.layout]]
+        for suffix, part, layout in self._parts():
+            if isinstance(part, tables.DenseBucket):
+                named += [(f"attn_rows{suffix}", part.rows), (f"attn_keys{suffix}", part.keys)]
+                part = part.table
+            named += [(f"attn_{name}{suffix}", getattr(part, name)) for name in TABLE_INPUTS[layout]]
         if isinstance(table, tables.BucketedTable):
             named.append(("attn_order", table.q_pos))
         for name, value in named:
@@ -59,15 +62,18 @@ class MaskTable(nn.Module):
                                  persistent=False)
         self._table_buffers = [name for name, _ in named]
 
-    def _parts(self) -> list[tuple[str, object]]:
-        """(buffer-name suffix, table) of each attention node this layer runs: one, or one per bucket."""
+    def _parts(self) -> list[tuple[str, object, str]]:
+        """(buffer-name suffix, table, layout) of each attention node this layer runs: one, or one per bucket."""
         if isinstance(self.table, tables.BucketedTable):
-            return [(f"_{i}" if i else "", bucket) for i, bucket in enumerate(self.table.buckets)]
-        return [("", self.table)]
+            return [(f"_{i}" if i else "", bucket, "dense" if isinstance(bucket, tables.DenseBucket) else "blocked")
+                    for i, bucket in enumerate(self.table.buckets)]
+        return [("", self.table, self.table.layout)]
 
-    def node_tables(self) -> list[str]:
-        """The buffer that is the first table input of each attention node this layer exports."""
-        return [f"attn_{TABLE_INPUTS[self.layout][0]}{suffix}" for suffix, _ in self._parts()]
+    def node_tables(self) -> list[tuple[str, object, str]]:
+        """(buffer that is the node's first table input, its table, its layout) for each attention node this layer
+        exports."""
+        return [(f"attn_{TABLE_INPUTS[layout][0]}{suffix}", part.table if isinstance(part, tables.DenseBucket)
+                 else part, layout) for suffix, part, layout in self._parts()]
 
     @property
     def layout(self) -> str:
@@ -87,10 +93,8 @@ class MaskTable(nn.Module):
         if isinstance(self.table, tables.BucketedTable):   # no rpb: tables.build never buckets such masks
             if rpb is not None:
                 raise ValueError(f"mask {self.mask.name} has no relative position bias table, but rpb was given")
-            rows = [attend(q, k, v, "blocked", [getattr(self, f"attn_{name}{suffix}") for name in
-                                                  TABLE_INPUTS["blocked"]], scale, self.mask.name, softcap)
-                    for suffix, _ in self._parts()]
-            return torch.cat(rows, 2).index_select(2, self.attn_order)
+            return torch.cat([self._bucket(q, k, v, suffix, layout, scale, softcap)
+                              for suffix, _, layout in self._parts()], 2).index_select(2, self.attn_order)
         tensors = [getattr(self, f"attn_{name}") for name in TABLE_INPUTS[self.layout]]
         if self.attn_rpb_index is not None:
             learned = self.gather_rpb(rpb, q.shape[1])
@@ -99,6 +103,14 @@ class MaskTable(nn.Module):
             raise ValueError(f"mask {self.mask.name} has no relative position bias table, but rpb was given; build "
                              f"the mask with rpb=True")
         return attend(q, k, v, self.layout, tensors, scale, self.mask.name, softcap)
+
+    def _bucket(self, q, k, v, suffix: str, layout: str, scale, softcap):
+        """One bucket's rows: a block table's tile rows, or a dense bucket's queries over its shared keys."""
+        tensors = [getattr(self, f"attn_{name}{suffix}") for name in TABLE_INPUTS[layout]]
+        if layout == "dense":
+            rows, keys = getattr(self, f"attn_rows{suffix}"), getattr(self, f"attn_keys{suffix}")
+            q, k, v = q.index_select(2, rows), k.index_select(2, keys), v.index_select(2, keys)
+        return attend(q, k, v, layout, tensors, scale, self.mask.name, softcap)
 
     def gather_rpb(self, rpb: Optional[torch.Tensor], heads: int) -> torch.Tensor:
         """The learned table (heads, *rpb_shape) -> the bias tensor of this layout: (heads, Nq, Nkv) for dense

@@ -7,9 +7,10 @@ A table is what an attention layer carries as a non-persistent buffer and what e
 - ``BlockTable`` groups the queries into tiles (2-D/3-D tiles on grids) and keeps, per tile, the keys any of its
   queries may attend (a padded gather index) and a reference into a deduplicated bank of (tile x keys) mask
   blocks: attention then costs what the mask allows plus the padding, and the file stays small.
-- ``BucketedTable`` splits a block table's tiles into a few buckets by how many keys they attend, each a block
-  table padded only to its own longest tile: causal, prefix-LM and document masks, whose tiles attend from a few
-  keys to all of them, then cost about what they allow instead of a dense table's work.
+- ``BucketedTable`` splits a block table's tiles into a few buckets by how many keys they attend, each padded
+  only to its own longest tile (a block table, or a small dense table when its tiles share one key prefix):
+  causal, prefix-LM and document masks, whose tiles attend from a few keys to all of them, then cost about what
+  they allow instead of a dense table's work.
 
 Masks with a learned relative position bias (``Mask.rpb``) add an int32 index table instead of float values, since
 the values are weights: ``bias_index`` (1, Nq, Nkv) for dense tables, ``bank_bias_index`` (P, 1, tq, K) next to the
@@ -92,8 +93,7 @@ class BlockTable:
     shape: Shape
     tile: tuple[int, ...]                  # queries per tile along each grid axis (one axis for sequences)
     q_index: torch.Tensor                  # int64 (T, tq): query ids of each tile
-    kv_index: torch.Tensor                 # int64 (T, K) key ids of each tile, or (1, K) shared by all tiles;
-    #                                        padding points at key 0
+    kv_index: torch.Tensor                 # int64 (T, K): key ids of each tile; padding points at key 0
     q_pos: torch.Tensor                    # int64 (Nq,): flat position of each query in the (T*tq) tile output
     block: torch.Tensor                    # int64 (T,): which bank entry masks each tile
     bank: torch.Tensor                     # bool (P, heads or 1, tq, K): unique blocks; padding keys are False
@@ -134,36 +134,66 @@ class BlockTable:
         base = (self.q_index, self.kv_index, self.q_pos, self.bank, self.block)
         return base if self.bank_bias is None else base + (self.bank_bias,)
 
+    def pairs(self):
+        """(head, query, key, bias or None, heads stored) of every allowed pair: padding keys point at key 0 and
+        are never allowed, so scattering these cannot overwrite key 0."""
+        blocks = self.bank[self.block].transpose(0, 1)  # (heads, T, tq, K)
+        h, t, i, j = blocks.nonzero(as_tuple=True)
+        values = None if self.bank_bias is None else self.bank_bias[self.block].transpose(0, 1)[h, t, i, j]
+        return h, self.q_index[t, i], self.kv_index[t, j], values, self.bank.shape[1]
+
     def to_dense(self) -> DenseTable:
         """The dense table this block table encodes (what the tests compare with ``materialize()``)."""
         heads, size = self.bank.shape[1], (self.shape.q_len, self.shape.kv_len)
-        blocks = self.bank[self.block].transpose(0, 1)  # (heads, T, tq, K)
-        # padding keys point at key 0 with False: scatter only the allowed pairs so they cannot overwrite key 0
-        h, t, i, j = blocks.nonzero(as_tuple=True)
-        q, kv = self.q_index[t, i], self.kv_index.expand(len(self.q_index), -1)[t, j]   # (1, K): shared keys
+        h, q, kv, values, _ = self.pairs()
         mask = torch.zeros(heads, *size, dtype=torch.bool)
         mask[h, q, kv] = True
         bias = bias_index = None
-        if self.bank_bias is not None:
+        if values is not None:
             bias = torch.zeros(heads, *size)
-            bias[h, q, kv] = self.bank_bias[self.block].transpose(0, 1)[h, t, i, j]
+            bias[h, q, kv] = values
         if self.bank_bias_index is not None:
+            t, i, j = self.bank[self.block].transpose(0, 1).nonzero(as_tuple=True)[1:]
             bias_index = torch.zeros(1, *size, dtype=torch.int32)
             bias_index[0, q, kv] = self.bank_bias_index[self.block][t, 0, i, j]
         return DenseTable(self.name, self.shape, mask, bias, bias_index=bias_index, rpb_shape=self.rpb_shape)
 
 
 @dataclass(frozen=True)
+class DenseBucket:
+    """Some queries (``rows``) that attend, in all, one list of keys (``keys``): a dense table over just those,
+    (heads or 1, len(rows), len(keys)), run as a dense-table attention node on the gathered rows and keys."""
+    rows: torch.Tensor                     # int64 (n,): query ids
+    keys: torch.Tensor                     # int64 (K,): key ids, ascending
+    table: DenseTable                      # its shape is (n, K)
+
+    @property
+    def nbytes(self) -> int:
+        return self.table.nbytes + _nbytes([self.rows, self.keys])
+
+    def work(self, shape: Shape) -> float:
+        return len(self.rows) * len(self.keys) / (shape.q_len * shape.kv_len)
+
+    def pairs(self):
+        """(head, query, key, bias or None, heads stored) of every allowed pair (see BlockTable.pairs)."""
+        h, i, j = self.table.mask.nonzero(as_tuple=True)
+        values = None if self.table.bias is None else self.table.bias[h, i, j]
+        return h, self.rows[i], self.keys[j], values, self.table.mask.shape[0]
+
+
+@dataclass(frozen=True)
 class BucketedTable:
-    """A block table's tiles in buckets, each a :class:`BlockTable` over its own tiles with K padded to its
-    longest tile.  Each bucket's ``q_pos`` is the identity on its own (T_b * tq) tile rows; attention runs each
-    bucket, concatenates their rows and takes row ``q_pos[n]`` for query n.  A bucket whose tiles attend, in all,
-    only as many keys as its longest tile (causal, prefix-LM) lists them once: its ``kv_index`` is (1, K)."""
+    """A block table's query tiles in buckets of similar key counts, each padded only to its own longest tile.
+
+    A bucket is a :class:`BlockTable` over its tiles (each tile gathers its own keys; its ``q_pos`` is the identity
+    on its T_b * tq rows), or a :class:`DenseBucket` when its tiles attend, in all, no more keys than its longest
+    tile (causal, prefix-LM: a key prefix), so one dense node serves them.  Attention runs each bucket,
+    concatenates their rows and takes row ``q_pos[n]`` for query n."""
     name: str
     shape: Shape
-    buckets: tuple[BlockTable, ...]
-    q_pos: torch.Tensor                    # int64 (Nq,): row of query n in the buckets' concatenated rows
-    layout: str = "blocked"
+    buckets: tuple                          # BlockTable or DenseBucket
+    q_pos: torch.Tensor                     # int64 (Nq,): row of query n in the buckets' concatenated rows
+    layout: str = "bucketed"
     rpb_shape: tuple[int, ...] = ()
     bank_bias_index: Optional[torch.Tensor] = None   # never: masks with a learned rpb are not bucketed
 
@@ -172,12 +202,8 @@ class BucketedTable:
         return sum(b.nbytes for b in self.buckets) + _nbytes([self.q_pos])
 
     @property
-    def tile(self) -> tuple[int, ...]:
-        return self.buckets[0].tile
-
-    @property
     def work_fraction(self) -> float:
-        return sum(b.work_fraction for b in self.buckets)
+        return sum(b.work(self.shape) if isinstance(b, DenseBucket) else b.work_fraction for b in self.buckets)
 
     @property
     def density(self) -> float:
@@ -188,12 +214,16 @@ class BucketedTable:
         return self.to_dense().fully_masked_rows
 
     def to_dense(self) -> DenseTable:
-        parts = [b.to_dense() for b in self.buckets]
-        mask = parts[0].mask
-        bias = parts[0].bias
-        for part in parts[1:]:   # disjoint queries: each pair is allowed (and biased) by one bucket at most
-            mask = mask | part.mask
-            bias = None if bias is None else bias + part.bias
+        """The dense table the buckets encode (each query belongs to one bucket)."""
+        pairs = [b.pairs() for b in self.buckets]
+        heads = max(p[4] for p in pairs)
+        mask = torch.zeros(heads, self.shape.q_len, self.shape.kv_len, dtype=torch.bool)
+        bias = None if all(p[3] is None for p in pairs) else torch.zeros(mask.shape)
+        for h, q, kv, values, hm in pairs:
+            h = torch.arange(heads)[:, None] if hm < heads else h[None]   # a bucket stored for all heads at once
+            mask[h, q, kv] = True
+            if values is not None:
+                bias[h, q, kv] = values
         return DenseTable(self.name, self.shape, mask, bias)
 
 
@@ -213,12 +243,17 @@ def bucketed(table: BlockTable, max_buckets: int = MAX_BUCKETS) -> BucketedTable
         blocks = table.bank[table.block[tiles]][..., :width]
         bias = None if table.bank_bias is None else table.bank_bias[table.block[tiles]][..., :width]
         shared = kv_index[blocks.flatten(1, 2).any(1)].unique()    # every key any tile of the bucket attends
-        if len(shared) == width:   # causal, prefix-LM: one key list serves every tile, gathered once
-            kv_index, blocks, bias = _on_shared_keys(kv_index, blocks, bias, shared)
-        bank, block, bank_bias, _ = _dedupe(blocks, bias)
         n = len(tiles) * tq
-        buckets.append(BlockTable(table.name, table.shape, table.tile, table.q_index[tiles].contiguous(),
-                                  kv_index.contiguous(), torch.arange(n), block, bank, bank_bias))
+        if len(shared) == width:   # causal, prefix-LM: one key list serves every tile: a dense bucket
+            mask, values = _on_shared_keys(kv_index, blocks, bias, shared)
+            part = DenseTable(table.name, Shape.of(n, width), _squeeze_heads(mask),
+                              None if values is None else _squeeze_heads(values))
+            buckets.append(DenseBucket(table.q_index[tiles].flatten(), shared, part))
+        else:
+            bank, block, bank_bias, _ = _dedupe(blocks, bias)
+            bank, bank_bias = _squeeze_bank_heads(bank, bank_bias)
+            buckets.append(BlockTable(table.name, table.shape, table.tile, table.q_index[tiles].contiguous(),
+                                      kv_index.contiguous(), torch.arange(n), block, bank, bank_bias))
         # tile t's rows in the original (T*tq) layout now sit at start_row + its rank in the bucket
         rows.view(-1, tq)[tiles] = start_row + torch.arange(n).view(-1, tq)
         start_row += n
@@ -226,8 +261,8 @@ def bucketed(table: BlockTable, max_buckets: int = MAX_BUCKETS) -> BucketedTable
 
 
 def _on_shared_keys(kv_index, blocks, bias, shared):
-    """Re-express a bucket's (t, heads, tq, K) blocks over one key list ``shared`` (K keys, ascending): the index
-    becomes (1, K), which attention broadcasts over the tiles instead of gathering K keys per tile."""
+    """A bucket's (t, heads, tq, K) blocks over one key list ``shared`` (K keys, ascending) -> its mask and bias
+    (heads, t * tq, K) as a dense table over the bucket's rows and those keys."""
     t, hm, tq, k = blocks.shape
     column = torch.searchsorted(shared, kv_index)                  # (t, K): where each listed key sits in shared
     allowed = blocks.transpose(0, 1).reshape(hm, t * tq, k)
@@ -239,8 +274,7 @@ def _on_shared_keys(kv_index, blocks, bias, shared):
     if bias is not None:
         values = torch.where(blocks, bias, 0.0).transpose(0, 1).reshape(hm, t * tq, k)
         moved_bias = torch.zeros(hm, t * tq, k).scatter_add_(2, index, values)
-        moved_bias = moved_bias.reshape(hm, t, tq, k).transpose(0, 1)
-    return shared[None], moved.reshape(hm, t, tq, k).transpose(0, 1), moved_bias
+    return moved, moved_bias
 
 
 def _key_counts(table: BlockTable) -> torch.Tensor:

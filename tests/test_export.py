@@ -136,15 +136,22 @@ def test_auto_records_its_reason_per_layer(tmp_path):
 
 
 @pytest.mark.parametrize("custom_op", [True, False], ids=["custom-op", "standard"])
-def test_bucketed_block_tables_export_one_node_per_bucket(tmp_path, custom_op):
-    mask = masks.causal() | masks.custom(lambda b, h, q, kv: kv < 200, name="prefix200")   # prefix-LM
-    layer = MaskedSelfAttention(16, 2, mask, seq_len=1024).eval()
-    buckets = len(layer.table.table.buckets)
+@pytest.mark.parametrize("opset", [18, 23])
+def test_bucketed_tables_export_one_node_per_bucket(tmp_path, custom_op, opset):
+    prefix_lm = masks.causal() | masks.custom(lambda b, h, q, kv: kv < 200, name="prefix200")
+    doc = torch.tensor([0] * 300 + [1] * 500 + [2] * 224)
+    document = masks.custom(lambda b, h, q, kv: (doc[q] == doc[kv]) & (kv <= q), name="document")
+    model = torch.nn.Sequential(*(MaskedSelfAttention(16, 2, m, seq_len=1024) for m in (prefix_lm, document))).eval()
+    splits = [layer.table.table for layer in model]
     x = torch.randn(1, 1024, 16)
-    result = _export(tmp_path, layer, x, custom_op)
-    assert len(result.masks) == buckets > 1
-    assert all(m["lowering"] == "blocked" and f"{buckets} buckets" in m["why"] for m in result.masks)
-    _assert_parity(layer, x, result.path, atol=1e-5)
+    result = _export(tmp_path, model, x, custom_op, opset=opset)
+    dense = "attention" if opset >= 23 else "dense"
+    assert [m["lowering"] for m in result.masks] == [dense if isinstance(b, tables.DenseBucket) else "blocked"
+                                                     for split in splits for b in split.buckets]
+    assert all(f"{len(split.buckets)} buckets" in m["why"] for split, m in
+               zip([s for s in splits for _ in s.buckets], result.masks))
+    assert {"blocked", dense} == {m["lowering"] for m in result.masks}
+    _assert_parity(model, x, result.path, atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -100,7 +100,7 @@ LM_MASKS = [causal(), causal() | custom(lambda b, h, q, kv: kv < 300, name="pref
 def test_bucketed_tables_encode_the_mask_at_less_work(mask):
     t = tables.build(mask, q_len=1024, layout="auto")
     plain = tables.build(mask, q_len=1024, layout="blocked")
-    assert isinstance(t, tables.BucketedTable) and t.layout == "blocked" and 1 < len(t.buckets) <= tables.MAX_BUCKETS
+    assert isinstance(t, tables.BucketedTable) and t.layout == "bucketed" and 1 < len(t.buckets) <= tables.MAX_BUCKETS
     if plain.work_fraction > tables.AUTO_BLOCKED_MAX_WORK:   # instead of a dense table
         assert t.work_fraction <= tables.AUTO_BUCKETED_MAX_WORK
     else:   # instead of a plain block table (documents)
@@ -110,11 +110,18 @@ def test_bucketed_tables_encode_the_mask_at_less_work(mask):
     if ref.bias is not None:
         torch.testing.assert_close(dense.bias, torch.where(ref.mask, ref.bias, 0.0))
     # the buckets' rows, concatenated, hold every query; q_pos finds each
-    rows = torch.cat([b.q_index.flatten() for b in t.buckets])
+    rows = torch.cat([b.rows if isinstance(b, tables.DenseBucket) else b.q_index.flatten() for b in t.buckets])
     assert torch.equal(rows[t.q_pos], torch.arange(1024))
-    for b in t.buckets:   # each bucket is a block table of its own tiles, padded to its longest tile only
-        assert torch.equal(b.q_pos, torch.arange(b.q_index.numel()))
-        assert b.bank[b.block].flatten(1, 2).any(1)[:, -1].any()
+    for b in t.buckets:
+        if isinstance(b, tables.DenseBucket):   # queries sharing one key list: a dense table over those keys
+            assert b.table.mask.shape[1:] == (len(b.rows), len(b.keys)) and b.table.mask[..., -1].any()
+        else:   # a block table of its own tiles, padded to its longest tile only
+            assert torch.equal(b.q_pos, torch.arange(b.q_index.numel()))
+            assert b.bank[b.block].flatten(1, 2).any(1)[:, -1].any()
+    if "document" not in mask.name:   # every bucket's tiles attend a key prefix
+        assert all(isinstance(b, tables.DenseBucket) for b in t.buckets)
+    else:   # tiles of several documents: their own keys each
+        assert any(isinstance(b, tables.BlockTable) for b in t.buckets)
 
 
 def test_partition_minimizes_the_padded_work():
@@ -132,3 +139,10 @@ def test_auto_buckets_only_large_tables_without_a_learned_bias():
     assert isinstance(tables.build(causal(), q_len=1024, layout="auto", buckets=False), tables.DenseTable)
     assert isinstance(tables.build(causal(), q_len=512, layout="auto"), tables.DenseTable)   # under MIN_PAIRS
     assert isinstance(tables.build(causal(), q_len=1024, layout="blocked"), tables.BlockTable)
+
+
+def test_bucketed_tables_keep_per_head_masks():
+    mask = custom(lambda b, h, q, kv: (kv <= q) | ((h == 1) & (kv < 100)), name="head_prefix")
+    t = tables.build(mask, q_len=1024, heads=2, layout="auto")
+    assert isinstance(t, tables.BucketedTable)
+    assert torch.equal(t.to_dense().mask, tables.build(mask, q_len=1024, heads=2).mask)

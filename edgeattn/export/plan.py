@@ -53,10 +53,6 @@ def choose(table: "torch.nn.Module", requested: str, opset: int) -> Choice:
     """The lowering for one MaskTable layer."""
     if requested != "auto":
         return Choice(requested, "requested")
-    if isinstance(table.table, tables.BucketedTable):   # layout="auto" already chose it over dense
-        split = table.table
-        return Choice("blocked", f"{len(split.buckets)} buckets of query tiles by key count score "
-                                 f"{split.work_fraction:.1%} of the dense scores", split)
     if table.layout == "blocked":
         blocked, work = table.table, table.table.work_fraction
     else:   # a dense table built by layout="auto" already knows the work of the block table it declined
@@ -71,6 +67,15 @@ def choose(table: "torch.nn.Module", requested: str, opset: int) -> Choice:
     if opset >= LOWERINGS["attention"].min_opset:
         return Choice("attention", f"{why}; opset {opset} has the Attention op")
     return Choice("dense", why)
+
+
+def bucket_choices(split: "tables.BucketedTable", opset: int) -> list[Choice]:
+    """One choice per bucket of a bucketed table: ``blocked`` for block-table buckets, the dense-table lowering
+    (``attention`` at opset >= 23, else ``dense``) for buckets that share one key list."""
+    why = f"{len(split.buckets)} buckets of query tiles by key count score {split.work_fraction:.1%} of the dense scores"
+    dense = "attention" if opset >= LOWERINGS["attention"].min_opset else "dense"
+    return [Choice(dense, f"{why}; this bucket's tiles share one key list") if isinstance(b, tables.DenseBucket)
+            else Choice("blocked", why) for b in split.buckets]
 
 
 def choose_dynamic(requested: str, opset: int) -> Choice:
@@ -96,12 +101,16 @@ def applied(model: torch.nn.Module, requested: str, opset: int, prefix: str = ""
     plan = Plan(choose_dynamic(requested, opset))
     try:
         for name, m in layers:
-            choice = choose(m, requested, opset)
-            layout = LOWERINGS[choice.lowering].layout
-            if m.layout != layout:
-                m.use_layout(layout, choice.table)
+            if requested == "auto" and isinstance(m.table, tables.BucketedTable):   # auto chose it when built
+                choices = bucket_choices(m.table, opset)
+            else:
+                choice = choose(m, requested, opset)
+                layout = LOWERINGS[choice.lowering].layout
+                if m.layout != layout:
+                    m.use_layout(layout, choice.table)
+                choices = [choice]
             # the exporter names a lifted buffer by its qualified name; the choice keeps the table each node gets
-            for first, (_, part) in zip(m.node_tables(), m._parts()):
+            for (first, part, _), choice in zip(m.node_tables(), choices):
                 plan.static[f"{prefix}{name + '.' if name else ''}{first}"] = dataclasses.replace(choice, table=part)
         yield plan
     finally:
