@@ -250,6 +250,8 @@ def bench_case(name, args, peak, tmp):
             rows.append(dict(row=lowering, runtime="-", error=f"export failed: {first_line(e)}"))
             continue
         chosen = ",".join(sorted({m["lowering"] for m in result.masks}))
+        if len(result.masks) > 1:   # one layer: several nodes are the buckets of a bucketed table
+            chosen = f"{len(result.masks)} buckets: {chosen}"
         for runtime in targets:
             run_onnx(rows, lowering if lowering != "auto" else f"auto ({chosen})", runtime, path, x, ref, args.runs,
                      lowering=chosen, file_mb=result.file_bytes / 1e6, table_mb=result.table_bytes / 1e6)
