@@ -223,7 +223,7 @@ def block_image(table: BlockTable) -> tuple[np.ndarray, str]:
     blocks = table.bank[table.block].numpy()             # (tiles, heads, tq, K)
     used = blocks.any((1, 2))                            # padding keys are masked for every query
     full = blocks.all((1, 2))
-    kv = np.broadcast_to(table.kv_index.numpy(), (tiles, table.kv_index.shape[1]))   # (1, K): keys shared
+    kv = table.kv_index.numpy()
     # a bucket of a bucketed table holds some of the queries: its key blocks are runs of keys, as for cross-attention
     if table.shape.q_len == table.shape.kv_len and table.q_pos.numel() == table.shape.q_len:
         column, what, width = table.q_pos.numpy()[kv] // tq, "the keys of query tile j", tiles

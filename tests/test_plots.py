@@ -91,6 +91,12 @@ def test_blocked_table_picture_matches_the_table(tmp_path):
     # queries the tail of the keys: key blocks are runs of 64 keys, the last one is where causality masks
     tail = tables.build(masks.causal(), q_len=64, kv_len=256, layout="blocked")
     assert drawn(plots.plot_table(tail)).tolist() == [[2, 2, 2, 1]]
+    # a bucket of a bucketed table holds some queries only: its key blocks are runs of 64 keys too
+    doc = torch.repeat_interleave(torch.arange(3), torch.tensor([300, 500, 224]))
+    split = tables.build(masks.custom(lambda b, h, q, kv: (doc[q] == doc[kv]) & (kv <= q)), q_len=1024, layout="auto")
+    bucket = next(b for b in split.buckets if isinstance(b, tables.BlockTable))
+    cells = drawn(plots.plot_table(bucket))
+    assert cells.shape == (bucket.q_index.shape[0], 16) and (cells > 0).any(1).all()
 
 
 def test_dense_table_picture_is_its_mask():
