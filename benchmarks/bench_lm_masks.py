@@ -3,6 +3,7 @@ plain block table would pad to dense work) against its dense lowering, on onnxru
 
     python benchmarks/bench_lm_masks.py                       # causal, prefix-LM, document, sliding; 2k-8k tokens
     python benchmarks/bench_lm_masks.py --masks causal --lengths 2048 4096 8192 16384 --runs 5 --json lm.json
+    python benchmarks/bench_lm_masks.py --masks sliding --lengths 4096 16384 65536 --no-dense   # scaling
 
 One attention layer (dim 64, 2 heads x 32: the registered LM blocks' width) per mask and length, the same weights
 and input for every row, each checked against eager PyTorch with the dense boolean mask.  Masks: causal;
@@ -72,7 +73,7 @@ def describe(table):
     return table.layout
 
 
-def bench(mask_name, n, runs, tmp):
+def bench(mask_name, n, runs, tmp, lowerings=("dense", "auto")):
     torch.manual_seed(0)
     mask = MASKS[mask_name](n)
     layer = MaskedSelfAttention(64, 2, mask, seq_len=n, layout="auto").eval()
@@ -84,7 +85,7 @@ def bench(mask_name, n, runs, tmp):
     table = layer.table.table
     row = dict(mask=mask_name, tokens=n, density=float(dense.float().mean()), auto=describe(table),
                auto_work=getattr(table, "work_fraction", 1.0))
-    for lowering in ("dense", "auto"):
+    for lowering in lowerings:
         path = Path(tmp) / f"{mask_name}-{n}-{lowering}.onnx"
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -118,6 +119,7 @@ def main():
     p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192])
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--json")
+    p.add_argument("--no-dense", action="store_true", help="auto only (the dense lowering needs N^2 memory)")
     args = p.parse_args()
     print(f"torch threads {torch.get_num_threads()}; median of {args.runs} runs after {WARMUP} warm-ups")
     print(f"{'mask':10s} {'tokens':>6s} {'density':>7s} {'auto table':>20s} {'work':>6s} | "
@@ -126,14 +128,14 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for mask_name in args.masks:
             for n in args.lengths:
-                r = bench(mask_name, n, args.runs, tmp)
+                r = bench(mask_name, n, args.runs, tmp, ("auto",) if args.no_dense else ("dense", "auto"))
                 rows.append(r)
                 cells = [f"{fmt(r.get(f'dense_{rt}_ms'), '8.2f')} {fmt(r.get(f'auto_{rt}_ms'), '8.2f')} "
                          f"{fmt(r.get(f'{rt}_speedup'), '5.2f')}x" for rt in RUNTIMES]
                 errs = [v for k, v in r.items() if k.endswith("_err")]
                 fails = [f"{k}: {v}" for k, v in r.items() if k.endswith("_error")]
                 print(f"{mask_name:10s} {n:6d} {r['density']:7.1%} {r['auto']:>20s} {r['auto_work']:6.1%} | "
-                      + " | ".join(cells) + f" | {r['dense_file_mb']:.1f}/{r['auto_file_mb']:.1f} | "
+                      + " | ".join(cells) + f" | {fmt(r.get('dense_file_mb'), '.1f')}/{r['auto_file_mb']:.1f} | "
                       f"{max(errs, default=float('nan')):.1e}" + ("  FAILED " + "; ".join(fails) if fails else ""),
                       flush=True)
                 if args.json:
