@@ -138,8 +138,9 @@ def run_tflite(model, feeds, output_names):
     return {output_names[0]: np.array(interpreter.get_tensor(outputs[0]["index"]))}
 
 
-CONSUMERS = {"ort": ort, "ort-cuda": ort_cuda, "ort-format": ort_format, "openvino": openvino_read, "openvino-convert": openvino_convert,
-             "ovc": ovc, "onnxsim": onnxsim, "onnxslim": onnxslim, "onnx2tf": onnx2tf}
+CONSUMERS = {"ort": ort, "ort-cuda": ort_cuda, "ort-format": ort_format, "openvino": openvino_read,
+             "openvino-convert": openvino_convert, "ovc": ovc, "onnxsim": onnxsim, "onnxslim": onnxslim,
+             "onnx2tf": onnx2tf}
 
 
 def _tool(argv, path_first=None):
