@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import edgeattn
 from edgeattn import tables
 from edgeattn.export import export_onnx
-from edgeattn.layers import MaskedSelfAttention
+from edgeattn.layers import MaskedSelfAttention, split_qkv
 from edgeattn.masks import causal, custom, materialize, or_masks, sliding_window
 
 RUNTIMES = ["ort-cpu", "openvino-cpu"]
@@ -80,7 +80,7 @@ def bench(mask_name, n, runs, tmp, lowerings=("dense", "auto")):
     x = torch.randn(1, n, 64)
     dense = materialize(mask, q_len=n)
     with torch.no_grad():   # eager with the dense boolean mask: what every row is checked against
-        q, k, v = layer.qkv(x).reshape(1, n, 3, 2, 32).permute(2, 0, 3, 1, 4)
+        q, k, v = split_qkv(layer.qkv(x), layer.heads, layer.head_dim)
         ref = layer.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=dense).transpose(1, 2).reshape(1, n, 64))
     table = layer.table.table
     row = dict(mask=mask_name, tokens=n, density=float(dense.float().mean()), auto=describe(table),
