@@ -107,7 +107,29 @@ def _gather(x, index):
     return x.contiguous().index_select(2, index.flatten()).unflatten(2, index.shape)
 
 
-_KERNELS = {"dense": reference_attention, "blocked": blocked_attention}
+def routed_attention_kernel(q, k, v, blocks, local, bias, scale: float, softcap: Optional[float] = None,
+                            chunk: int = 1024):
+    """The reference of the routed layout (see :mod:`edgeattn.onnxfile.routed`): query i of block i // Bk attends
+    the keys of its block that ``local[i % Bk]`` allows and every key of the blocks ``blocks[..., i, :]`` lists
+    (-1: none).  Dense over ``chunk`` queries at a time, so memory stays O(chunk * N)."""
+    if bias is not None or softcap is not None:
+        raise ValueError("the routed layout takes no bias and no softcap")
+    bk, n = local.shape[0], k.shape[2]
+    nb = n // bk
+    key_block = torch.arange(n, device=q.device) // bk
+    outs = []
+    for start in range(0, q.shape[2], chunk):
+        rows = torch.arange(start, min(start + chunk, q.shape[2]), device=q.device)
+        chosen = blocks[:, :, rows]                                       # (B, H, c, S)
+        hit = torch.zeros((*chosen.shape[:-1], nb + 1), dtype=torch.bool, device=q.device)
+        hit.scatter_(-1, torch.where(chosen >= 0, chosen, nb), True)      # -1 -> the spare column nb
+        mask = hit[..., :nb].index_select(-1, key_block)                  # (B, H, c, N)
+        own = (key_block == (rows // bk)[:, None]) & local[rows % bk][:, torch.arange(n, device=q.device) % bk]
+        outs.append(reference_attention(q[:, :, rows], k, v, mask | own, None, scale))
+    return torch.cat(outs, 2)
+
+
+_KERNELS = {"dense": reference_attention, "blocked": blocked_attention, "routed": routed_attention_kernel}
 
 
 def masked_attention(q, k, v, mask, bias=None, scale: Optional[float] = None, mask_name: str = "",

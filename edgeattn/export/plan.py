@@ -22,7 +22,7 @@ import torch
 
 from .. import tables
 from ..errors import EdgeAttnError
-from ..onnxfile import LOWERINGS, TABLE_INPUTS, table_inputs
+from ..onnxfile import LOWERINGS, TABLE_INPUTS, attributes, table_inputs
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,13 @@ class Choice:
 class Plan:
     dynamic: Choice                                          # attention over masks computed in the graph
     static: dict[str, Choice] = field(default_factory=dict)  # a MaskTable's first table tensor's name -> choice
+    requested: str = "auto"                                  # the lowering asked for (routed nodes follow it)
 
     def choice_for(self, node: onnx.NodeProto) -> Choice:
         """The choice for a traced attention node: its MaskTable's, found by the name of its first table tensor
         (the table buffer's qualified name), or the dynamic choice for masks computed in the graph."""
+        if attributes(node).get("layout") == "routed":
+            return choose_routed(self.requested)
         first = table_inputs(node)[:1]
         if not first or first[0] not in self.static:
             if first and first[0].rsplit(".", 1)[-1].startswith("attn_"):   # a MaskTable's buffer, unplanned
@@ -90,6 +93,17 @@ def choose_dynamic(requested: str, opset: int) -> Choice:
     return Choice("dense", why)
 
 
+def choose_routed(requested: str) -> Choice:
+    """The lowering for attention over blocks a router chooses in the graph (:mod:`edgeattn.routing`): ``routed``
+    scores only the chosen blocks; ``dense`` asks for ``routed_dense``, the same choice as one dense mask."""
+    if requested in ("auto", "blocked"):
+        return Choice("routed", "blocks chosen in the graph: only they are scored")
+    if requested == "dense":
+        return Choice("routed_dense", "requested: the chosen blocks as one dense mask")
+    raise EdgeAttnError(f"attention over blocks routed in the graph has no {requested} lowering; export it with "
+                        f"--lowering auto (only the chosen blocks are scored) or dense (the same choice as a dense mask)")
+
+
 @contextlib.contextmanager
 def applied(model: torch.nn.Module, requested: str, opset: int, prefix: str = "") -> Iterator[Plan]:
     """Choose every MaskTable's lowering in ``model`` and switch its table to the layout that lowering reads;
@@ -98,7 +112,7 @@ def applied(model: torch.nn.Module, requested: str, opset: int, prefix: str = ""
 
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MaskTable)]
     saved = [(m, m.table) for _, m in layers]
-    plan = Plan(choose_dynamic(requested, opset))
+    plan = Plan(choose_dynamic(requested, opset), requested=requested)
     try:
         for name, m in layers:
             if requested == "auto" and isinstance(m.table, tables.BucketedTable):   # auto chose it when built

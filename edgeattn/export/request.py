@@ -18,7 +18,8 @@ from .repository import check_folder
 
 DEFAULT_OPSET = 18
 OPSETS = range(17, 26)   # the opsets exported and run on onnxruntime and OpenVINO here
-LOWERING_CHOICES = ("auto", *LOWERINGS)
+# what --lowering takes: a routed node gets routed for auto and blocked, routed_dense for dense (export.plan)
+LOWERING_CHOICES = ("auto", *(name for name, low in LOWERINGS.items() if low.layout != "routed"))
 
 
 @dataclass(frozen=True)

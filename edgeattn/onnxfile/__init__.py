@@ -44,7 +44,11 @@ DECISION = "Decision"
 QKV = ("q", "k", "v")
 # What each table layout passes after q, k, v (see edgeattn.tables); the optional bias is always last
 TABLE_INPUTS = {"dense": ("mask", "bias"),
-                "blocked": ("q_index", "kv_index", "q_pos", "bank", "block", "bank_bias")}
+                "blocked": ("q_index", "kv_index", "q_pos", "bank", "block", "bank_bias"),
+                # content-routed blocks (MoBA): ``blocks`` (B, H, N, S) int64, computed in the graph, the key blocks
+                # each query attends in full (-1: none; distinct, never the query's own block); ``local`` (Bk, Bk)
+                # bool, static: which keys of its own block a query attends (Bk = block size, Bk divides N)
+                "routed": ("blocks", "local", "bias")}
 # scale: softmax scale; mask: the mask's name; dtype: ONNX element type of q, so a body types its constants
 # statically; layout: which TABLE_INPUTS follow q, k, v; lowering: the body; heads: q's head count (contrib's
 # num_heads); softcap: scaled scores s become softcap * tanh(s / softcap) before bias and mask (absent or 0: no
@@ -69,6 +73,10 @@ LOWERINGS = {low.name: low for low in (
     Lowering("attention", "dense", min_opset=23, doc="the ONNX Attention op with the dense mask"),
     Lowering("contrib", "dense", doc="onnxruntime's com.microsoft.MultiHeadAttention with attention_bias",
              softcap=False),   # MultiHeadAttention has no softcap
+    Lowering("routed", "routed", doc="queries grouped by the key block they chose: Scatter / Gather, batched MatMul, "
+             "softmax statistics merged per query", softcap=False),
+    Lowering("routed_dense", "routed", doc="the routed blocks as a dense mask: MatMul / Add / Softmax / MatMul over "
+             "all keys", softcap=False),
 )}
 
 

@@ -26,6 +26,11 @@ def dense(opset: int, name: str) -> FunctionProto:
     softmaxes to NaN, and the last Where turns exactly those rows to zeros, matching torch.
     """
     _, bias, cap = OP_TYPES[name]
+    return _function(name, opset, dense_nodes(opset, bias, cap), dense.__doc__)
+
+
+def dense_nodes(opset: int, bias: bool, cap: bool) -> list:
+    """The dense body's nodes: q, k, v and a boolean ``mask`` (and ``bias``) -> ``out``."""
     n = helper.make_node
     nodes = [
         *_scaled_q(),
@@ -40,13 +45,12 @@ def dense(opset: int, name: str) -> FunctionProto:
     ]
     if bias:
         nodes += [_cast("bias", "bias_t"), n("Add", ["bias_t", "mask_add"], ["bias_add"])]
-    nodes += [
+    return nodes + [
         n("Add", ["capped" if cap else "scores", "bias_add" if bias else "mask_add"], ["masked"]),
         *_softmax("masked", "probs"),
         n("MatMul", ["probs", "v"], ["attended"]),
         *_zero_rows(opset, "attended", "out"),
     ]
-    return _function(name, opset, nodes, dense.__doc__)
 
 
 def blocked(opset: int, name: str) -> FunctionProto:
@@ -286,3 +290,9 @@ def tensor_constants(graph: onnx.GraphProto) -> None:
             value = np.array(helper.get_attribute_value(form), _CONSTANT_FORMS[form.name])
             node.attribute.remove(form)
             node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value, node.output[0])))
+
+
+# the routed layout's bodies build on the helpers above
+from .routed import routed, routed_dense  # noqa: E402
+
+BODIES.update(routed=routed, routed_dense=routed_dense)

@@ -184,7 +184,7 @@ class OpenVinoCpu(Runtime):
     name = "openvino-cpu"
     description = "OpenVINO, CPU plugin"
     tolerances = {"fp32": Tolerance(atol=1e-4, min_cosine=0.99999), **REDUCED_PRECISION}
-    lowerings = frozenset({"dense", "blocked", "attention"})   # contrib is onnxruntime's own op
+    lowerings = frozenset({"dense", "blocked", "attention", "routed", "routed_dense"})   # contrib is onnxruntime's
     file_formats = frozenset({"onnx", "openvino"})
     # every dense-table node becomes OpenVINO's ScaledDotProductAttention (see the module docstring)
     runs_as = {"dense": "sdpa", "attention": "sdpa"}

@@ -1,0 +1,271 @@
+"""Standard-op bodies for the ``routed`` layout: each query attends the keys of its own block that the static
+``local`` table allows, plus every key of the blocks its ``blocks`` input lists (chosen in the graph, MoBA-style).
+
+Shapes: q, k, v (B, H, N, D); ``local`` (Bk, Bk) bool, Bk the block size, N = nb * Bk; ``blocks`` (B, H, N, S) int64
+block ids, -1 for none.  The ids of one query are distinct and never its own block (the router makes them so).
+
+``routed`` computes only what was chosen.  Every (query, chosen block) pair gets a slot in a per-(B, H) buffer where
+the pairs are grouped by block, each group padded to whole tiles of Bk rows: a slot is the group's first tile plus the
+query's rank among the queries that chose that block (a CumSum).  The groups hold N * S pairs, and padding adds at
+most one tile per block, so N * (S + 1) rows always suffice: a static shape.  Each tile is one batched MatMul of Bk
+queries against its block's Bk keys, its softmax statistics (row max, exp-sum, exp-weighted values) are gathered back
+per pair and merged with the own block's, exactly as a softmax over the union of the keys.  The scores and the
+merge are float32 whatever q's dtype.
+
+``routed_dense`` expands the same choice to a (B, H, N, N) mask and runs the dense body: the reference lowering.
+"""
+from __future__ import annotations
+
+from onnx import FunctionProto, TensorProto, helper
+
+from .bodies import OP_TYPES, _cast, _float, _function, _ints, _scaled_q, dense_nodes
+
+n = helper.make_node
+LOWEST = -3.0e38   # a finite "minus infinity" for row maxima: exp(LOWEST - m) is 0 without inf - inf = NaN
+
+
+def _reduce(op: str, opset: int, x: str, out: str, axis: int, keepdims: int = 1) -> list:
+    """ReduceMax / ReduceSum over one axis: axes is an input since opset 18 (ReduceSum since 13)."""
+    if op == "ReduceSum" or opset >= 18:
+        return [_ints(f"{out}_axis", [axis]), n(op, [x, f"{out}_axis"], [out], keepdims=keepdims)]
+    return [n(op, [x], [out], axes=[axis], keepdims=keepdims)]
+
+
+def _shapes() -> list:
+    """bh (B, H), n_q (N,), d_q, d_v, bk (Bk,), nb (N / Bk,), s (S,), g (B * H,), and their scalar forms."""
+    return [
+        n("Shape", ["q"], ["bh"], start=0, end=2),
+        n("Shape", ["q"], ["n_q"], start=2, end=3),
+        n("Shape", ["q"], ["d_q"], start=3, end=4),
+        n("Shape", ["v"], ["d_v"], start=3, end=4),
+        n("Shape", ["local"], ["bk"], start=0, end=1),
+        n("Shape", ["blocks"], ["s"], start=3, end=4),
+        n("Div", ["n_q", "bk"], ["nb"]),
+        n("ReduceProd", ["bh"], ["g"], keepdims=1),
+        _ints("zero_i", 0), _ints("one_i", 1), _ints("one_1", [1]), _ints("minus_one", [-1]),
+        n("Squeeze", ["nb"], ["nb_s"]), n("Squeeze", ["n_q"], ["n_s"]), n("Squeeze", ["g"], ["g_s"]),
+    ]
+
+
+def _selection(opset: int) -> list:
+    """``sel`` (B, H, N, nb) int64: 1 where a query chose the block; ``valid``, ``blk`` (B, H, N, S)."""
+    return [
+        n("GreaterOrEqual", ["blocks", "zero_i"], ["valid"]),
+        n("Max", ["blocks", "zero_i"], ["blk"]),
+        n("Range", ["zero_i", "nb_s", "one_i"], ["block_ids"]),
+        n("Unsqueeze", ["blk", "minus_one"], ["blk_1"]),
+        n("Equal", ["blk_1", "block_ids"], ["hit"]),                          # (B, H, N, S, nb)
+        n("Unsqueeze", ["valid", "minus_one"], ["valid_1"]),
+        n("And", ["hit", "valid_1"], ["hit_valid"]),
+        n("Cast", ["hit_valid"], ["hit_i"], to=TensorProto.INT32),
+        *_reduce("ReduceMax", opset, "hit_i", "sel_i", 3, keepdims=0),        # (B, H, N, nb)
+        n("Cast", ["sel_i"], ["sel"], to=TensorProto.INT64),
+    ]
+
+
+def routed_dense(opset: int, name: str) -> FunctionProto:
+    """The routed blocks and the own block's local table as one (B, H, N, N) mask, then the dense body.
+
+    The reference lowering of the routed layout: all N^2 scores, the same choice of blocks."""
+    nodes = _shapes() + _selection(opset) + [
+        n("Cast", ["sel"], ["sel_b"], to=TensorProto.BOOL),
+        n("Unsqueeze", ["sel_b", "minus_one"], ["sel_b1"]),
+        n("Concat", ["bh", "n_q", "nb", "bk"], ["sel_shape"], axis=0),
+        n("Expand", ["sel_b1", "sel_shape"], ["sel_keys"]),                   # (B, H, N, nb, Bk)
+        n("Concat", ["bh", "n_q", "n_q"], ["mask_shape"], axis=0),
+        n("Reshape", ["sel_keys", "mask_shape"], ["chosen"]),
+        # own = eye(nb) (x) local: (nb, Bk, nb, Bk) -> (N, N); static, runtimes fold it
+        n("Concat", ["nb", "nb"], ["nb_nb"], axis=0),
+        n("ConstantOfShape", ["nb_nb"], ["zeros_nb"], value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0])),
+        n("EyeLike", ["zeros_nb"], ["eye_f"]),
+        n("Cast", ["eye_f"], ["eye"], to=TensorProto.BOOL),
+        n("Concat", ["nb", "one_1", "nb", "one_1"], ["eye_shape"], axis=0),
+        n("Reshape", ["eye", "eye_shape"], ["eye_4"]),
+        n("Concat", ["one_1", "bk", "one_1", "bk"], ["local_shape"], axis=0),
+        n("Reshape", ["local", "local_shape"], ["local_4"]),
+        n("And", ["eye_4", "local_4"], ["own_4"]),
+        n("Concat", ["n_q", "n_q"], ["own_shape"], axis=0),
+        n("Reshape", ["own_4", "own_shape"], ["own"]),
+        n("Or", ["chosen", "own"], ["mask"]),
+    ] + dense_nodes(opset, False, False)
+    return _function(name, opset, nodes, routed_dense.__doc__)
+
+
+def routed(opset: int, name: str) -> FunctionProto:
+    """Queries grouped by the block they chose, one Bk x Bk MatMul per tile of a group, softmax statistics merged
+    per query with its own block's: the work of the chosen blocks (see the module docstring)."""
+    assert not OP_TYPES[name][1], "the routed layout takes no bias"
+    nodes = _shapes() + [*_scaled_q(), _float("lowest", LOWEST), _float("zero_f", 0.0)] + _own(opset) + \
+        _selection(opset) + _slots(opset) + _tiles(opset) + _merge(opset)
+    return _function(name, opset, nodes, routed.__doc__)
+
+
+def _stats(opset: int, scores: str, values: str, prefix: str) -> list:
+    """Row max ``<prefix>_m``, exp-sum ``<prefix>_l`` and exp-weighted values ``<prefix>_o`` (all float32) of
+    ``scores`` (float32, -inf where masked) over ``values``."""
+    return [
+        *_reduce("ReduceMax", opset, scores, f"{prefix}_max", -1),
+        n("Max", [f"{prefix}_max", "lowest"], [f"{prefix}_m"]),               # a row with no key: weights 0
+        n("Sub", [scores, f"{prefix}_m"], [f"{prefix}_shifted"]),
+        n("Exp", [f"{prefix}_shifted"], [f"{prefix}_e"]),
+        *_reduce("ReduceSum", opset, f"{prefix}_e", f"{prefix}_l", -1),
+        _cast(f"{prefix}_e", f"{prefix}_e_t"),
+        n("MatMul", [f"{prefix}_e_t", values], [f"{prefix}_o_t"]),
+        n("Cast", [f"{prefix}_o_t"], [f"{prefix}_o"], to=TensorProto.FLOAT),
+    ]
+
+
+def _own(opset: int) -> list:
+    """Each block's queries against its own keys under ``local``: own_m, own_l (B, H, N, 1), own_o (B, H, N, Dv)."""
+    return [
+        n("Concat", ["bh", "nb", "bk", "d_q"], ["blocks_q"], axis=0),
+        n("Concat", ["bh", "nb", "bk", "d_v"], ["blocks_v"], axis=0),
+        n("Reshape", ["q_scaled", "blocks_q"], ["q_own"]),                    # (B, H, nb, Bk, D)
+        n("Reshape", ["k", "blocks_q"], ["k_own"]),
+        n("Reshape", ["v", "blocks_v"], ["v_own"]),
+        n("Transpose", ["k_own"], ["k_own_t"], perm=[0, 1, 2, 4, 3]),
+        n("MatMul", ["q_own", "k_own_t"], ["own_scores_t"]),                  # (B, H, nb, Bk, Bk)
+        n("Cast", ["own_scores_t"], ["own_scores"], to=TensorProto.FLOAT),
+        _float("neg_inf", float("-inf")),
+        n("Where", ["local", "zero_f", "neg_inf"], ["local_add"]),
+        n("Add", ["own_scores", "local_add"], ["own_masked"]),
+        *_stats(opset, "own_masked", "v_own", "own_b"),
+        n("Concat", ["bh", "n_q", "one_1"], ["rows_1"], axis=0),
+        n("Concat", ["bh", "n_q", "d_v"], ["rows_v"], axis=0),
+        n("Reshape", ["own_b_m", "rows_1"], ["own_m"]),
+        n("Reshape", ["own_b_l", "rows_1"], ["own_l"]),
+        n("Reshape", ["own_b_o", "rows_v"], ["own_o"]),
+    ]
+
+
+def _slots(opset: int) -> list:
+    """Where each (query, chosen block) pair goes: ``slot`` (B, H, N, S) in a group's rows [0, rows), and
+    ``slot_query`` (G * rows,), the flat query row each slot reads (padding slots read row 0: computed, unused)."""
+    return [
+        *_reduce("ReduceSum", opset, "sel", "counts", 2),                    # (B, H, 1, nb)
+        n("Sub", ["bk", "one_1"], ["bk_less"]),
+        n("Add", ["counts", "bk_less"], ["counts_up"]),
+        # rounded down to whole tiles with Mod: OpenVINO 2026.4 folds an integer (x / bk) * bk into x
+        n("Mod", ["counts_up", "bk"], ["counts_over"]),
+        n("Sub", ["counts_up", "counts_over"], ["group_rows"]),
+        _ints("axis_3", 3), _ints("axis_2", 2),
+        n("CumSum", ["group_rows", "axis_3"], ["group_end"]),
+        n("Sub", ["group_end", "group_rows"], ["group_start"]),
+        n("CumSum", ["sel", "axis_2"], ["rank"], exclusive=1),                # earlier queries that chose the block
+        n("GatherElements", ["rank", "blk"], ["pair_rank"], axis=3),
+        n("Shape", ["sel"], ["sel_shape"]),
+        n("Expand", ["group_start", "sel_shape"], ["group_start_q"]),
+        n("GatherElements", ["group_start_q", "blk"], ["pair_start"], axis=3),
+        n("Add", ["pair_start", "pair_rank"], ["slot"]),
+        # rows per group: N * (S + 1); one more slot at the end takes every pair without a block
+        n("Add", ["s", "one_1"], ["s_1"]),
+        n("Mul", ["n_q", "s_1"], ["rows"]),
+        n("Add", ["rows", "one_1"], ["rows_dummy"]),
+        n("Mul", ["nb", "s_1"], ["tiles"]),
+        n("Squeeze", ["rows"], ["rows_s"]),
+        n("Range", ["zero_i", "g_s", "one_i"], ["group_ids"]),
+        n("Concat", ["bh", "one_1", "one_1"], ["g_shape"], axis=0),
+        n("Reshape", ["group_ids", "g_shape"], ["group_ids_4"]),              # (B, H, 1, 1)
+        n("Where", ["valid", "slot", "rows"], ["slot_or_dummy"]),
+        n("Mul", ["group_ids_4", "rows_dummy"], ["group_base"]),
+        n("Add", ["group_base", "slot_or_dummy"], ["global_slot"]),
+        n("Range", ["zero_i", "n_s", "one_i"], ["query_ids"]),
+        n("Concat", ["one_1", "one_1", "n_q", "one_1"], ["q_ids_shape"], axis=0),
+        n("Reshape", ["query_ids", "q_ids_shape"], ["query_ids_4"]),
+        n("Mul", ["group_ids_4", "n_q"], ["query_base"]),
+        n("Add", ["query_base", "query_ids_4"], ["query_row"]),              # (B, H, N, 1)
+        n("Shape", ["blocks"], ["blocks_shape"]),
+        n("Expand", ["query_row", "blocks_shape"], ["pair_query"]),
+        n("Reshape", ["global_slot", "minus_one"], ["global_slot_flat"]),
+        n("Reshape", ["pair_query", "minus_one"], ["pair_query_flat"]),
+        n("Mul", ["g", "rows_dummy"], ["all_slots"]),
+        n("ConstantOfShape", ["all_slots"], ["no_query"], value=helper.make_tensor("z", TensorProto.INT64, [1], [0])),
+        n("ScatterElements", ["no_query", "global_slot_flat", "pair_query_flat"], ["slot_query_dummy"], axis=0),
+        n("Concat", ["g", "rows_dummy"], ["g_rows_dummy"], axis=0),
+        n("Reshape", ["slot_query_dummy", "g_rows_dummy"], ["slot_query_2"]),
+        _ints("zero_i_1", [0]),
+        n("Slice", ["slot_query_2", "zero_i_1", "rows", "one_1"], ["slot_query_g"]),   # drop the dummy slot
+        n("Reshape", ["slot_query_g", "minus_one"], ["slot_query"]),
+    ]
+
+
+def _tiles(opset: int) -> list:
+    """Each tile of Bk slots against the Bk keys of its group's block: tile_m, tile_l (G * rows, 1), tile_o."""
+    return [
+        n("Concat", ["minus_one", "d_q"], ["flat_q"], axis=0),
+        n("Reshape", ["q_scaled", "flat_q"], ["q_rows"]),                     # (G * N, D)
+        n("Gather", ["q_rows", "slot_query"], ["q_slots"], axis=0),
+        n("Concat", ["g", "tiles", "bk", "d_q"], ["tile_q_shape"], axis=0),
+        n("Reshape", ["q_slots", "tile_q_shape"], ["q_tiles"]),               # (G, tiles, Bk, D)
+        # the block of tile t: how many groups end at or before its first row
+        n("Squeeze", ["tiles"], ["tiles_s"]),
+        n("Range", ["zero_i", "tiles_s", "one_i"], ["tile_ids"]),
+        n("Mul", ["tile_ids", "bk"], ["tile_row"]),
+        n("Concat", ["one_1", "minus_one", "one_1"], ["tile_row_shape"], axis=0),
+        n("Reshape", ["tile_row", "tile_row_shape"], ["tile_row_3"]),         # (1, tiles, 1)
+        n("Concat", ["g", "one_1", "nb"], ["group_end_shape"], axis=0),
+        n("Reshape", ["group_end", "group_end_shape"], ["group_end_3"]),     # (G, 1, nb)
+        n("LessOrEqual", ["group_end_3", "tile_row_3"], ["ended"]),
+        n("Cast", ["ended"], ["ended_i"], to=TensorProto.INT64),
+        *_reduce("ReduceSum", opset, "ended_i", "tile_block_raw", -1, keepdims=0),   # (G, tiles)
+        n("Sub", ["nb", "one_1"], ["last_block"]),
+        n("Min", ["tile_block_raw", "last_block"], ["tile_block"]),           # tiles past the last group: padding
+        n("Concat", ["g", "one_1"], ["g_col"], axis=0),
+        n("Reshape", ["group_ids", "g_col"], ["group_ids_2"]),
+        n("Mul", ["group_ids_2", "nb"], ["block_base"]),
+        n("Add", ["block_base", "tile_block"], ["tile_key_block"]),
+        n("Reshape", ["tile_key_block", "minus_one"], ["tile_key_block_flat"]),
+        n("Concat", ["minus_one", "bk", "d_q"], ["key_blocks_shape"], axis=0),
+        n("Concat", ["minus_one", "bk", "d_v"], ["value_blocks_shape"], axis=0),
+        n("Reshape", ["k", "key_blocks_shape"], ["k_blocks"]),                # (G * nb, Bk, D)
+        n("Reshape", ["v", "value_blocks_shape"], ["v_blocks"]),
+        n("Gather", ["k_blocks", "tile_key_block_flat"], ["k_tiles_flat"], axis=0),
+        n("Gather", ["v_blocks", "tile_key_block_flat"], ["v_tiles_flat"], axis=0),
+        n("Reshape", ["k_tiles_flat", "tile_q_shape"], ["k_tiles"]),          # (G, tiles, Bk, D)
+        n("Concat", ["g", "tiles", "bk", "d_v"], ["tile_v_shape"], axis=0),
+        n("Reshape", ["v_tiles_flat", "tile_v_shape"], ["v_tiles"]),
+        n("Transpose", ["k_tiles"], ["k_tiles_t"], perm=[0, 1, 3, 2]),
+        n("MatMul", ["q_tiles", "k_tiles_t"], ["tile_scores_t"]),             # (G, tiles, Bk, Bk)
+        n("Cast", ["tile_scores_t"], ["tile_scores"], to=TensorProto.FLOAT),
+        *_stats(opset, "tile_scores", "v_tiles", "tile"),
+        n("Reshape", ["tile_m", "minus_one"], ["tile_m_flat"]),               # (G * rows,)
+        n("Reshape", ["tile_l", "minus_one"], ["tile_l_flat"]),
+        n("Concat", ["minus_one", "d_v"], ["flat_v"], axis=0),
+        n("Reshape", ["tile_o", "flat_v"], ["tile_o_flat"]),                  # (G * rows, Dv)
+    ]
+
+
+def _merge(opset: int) -> list:
+    """Gather each pair's statistics back and merge them with the own block's: one softmax over the union."""
+    return [
+        n("Sub", ["rows", "one_1"], ["last_row"]),
+        n("Min", ["slot", "last_row"], ["slot_in"]),
+        n("Mul", ["group_ids_4", "rows"], ["row_base"]),
+        n("Add", ["row_base", "slot_in"], ["pair_row"]),                       # (B, H, N, S)
+        n("Gather", ["tile_m_flat", "pair_row"], ["pair_m_raw"], axis=0),
+        n("Gather", ["tile_l_flat", "pair_row"], ["pair_l_raw"], axis=0),
+        n("Gather", ["tile_o_flat", "pair_row"], ["pair_o"], axis=0),         # (B, H, N, S, Dv)
+        n("Where", ["valid", "pair_m_raw", "lowest"], ["pair_m"]),
+        *_reduce("ReduceMax", opset, "pair_m", "pairs_max", -1),
+        n("Max", ["own_m", "pairs_max"], ["row_max"]),                         # (B, H, N, 1)
+        n("Sub", ["own_m", "row_max"], ["own_shift"]),
+        n("Exp", ["own_shift"], ["own_w"]),
+        n("Sub", ["pair_m", "row_max"], ["pair_shift"]),
+        n("Exp", ["pair_shift"], ["pair_w_raw"]),
+        n("Where", ["valid", "pair_w_raw", "zero_f"], ["pair_w"]),            # (B, H, N, S)
+        n("Mul", ["own_l", "own_w"], ["own_weight"]),
+        n("Mul", ["pair_l_raw", "pair_w"], ["pair_weight"]),
+        *_reduce("ReduceSum", opset, "pair_weight", "pairs_weight", -1),
+        n("Add", ["own_weight", "pairs_weight"], ["denominator"]),
+        n("Mul", ["own_o", "own_w"], ["own_part"]),
+        n("Unsqueeze", ["pair_w", "minus_one"], ["pair_w_1"]),
+        n("Mul", ["pair_o", "pair_w_1"], ["pair_part"]),
+        *_reduce("ReduceSum", opset, "pair_part", "pairs_part", 3, keepdims=0),
+        n("Add", ["own_part", "pairs_part"], ["numerator"]),
+        n("Greater", ["denominator", "zero_f"], ["any_key"]),
+        _float("one_f", 1.0),
+        n("Where", ["any_key", "denominator", "one_f"], ["safe_denominator"]),
+        n("Div", ["numerator", "safe_denominator"], ["merged"]),
+        n("Where", ["any_key", "merged", "zero_f"], ["merged_0"]),            # no key at all: zeros, as torch
+        _cast("merged_0", "out"),
+    ]
