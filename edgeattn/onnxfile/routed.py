@@ -32,7 +32,7 @@ def _reduce(op: str, opset: int, x: str, out: str, axis: int, keepdims: int = 1)
 
 
 def _shapes() -> list:
-    """bh (B, H), n_q (N,), d_q, d_v, bk (Bk,), nb (N / Bk,), s (S,), g (B * H,), and their scalar forms."""
+    """bh (B, H), n_q (N,), d_q, d_v, bk (Bk,), nb (N / Bk,), s (S,), g (B * H,), their scalar forms, constants."""
     return [
         n("Shape", ["q"], ["bh"], start=0, end=2),
         n("Shape", ["q"], ["n_q"], start=2, end=3),
@@ -42,7 +42,7 @@ def _shapes() -> list:
         n("Shape", ["blocks"], ["s"], start=3, end=4),
         n("Div", ["n_q", "bk"], ["nb"]),
         n("ReduceProd", ["bh"], ["g"], keepdims=1),
-        _ints("zero_i", 0), _ints("one_i", 1), _ints("one_1", [1]), _ints("minus_one", [-1]),
+        _ints("zero_i", 0), _ints("one_1", [1]), _ints("minus_one", [-1]),
         n("Squeeze", ["nb"], ["nb_s"]), n("Squeeze", ["n_q"], ["n_s"]), n("Squeeze", ["g"], ["g_s"]),
     ]
 
@@ -52,14 +52,17 @@ def _selection(opset: int) -> list:
     return [
         n("GreaterOrEqual", ["blocks", "zero_i"], ["valid"]),
         n("Max", ["blocks", "zero_i"], ["blk"]),
-        n("Range", ["zero_i", "nb_s", "one_i"], ["block_ids"]),
-        n("Unsqueeze", ["blk", "minus_one"], ["blk_1"]),
-        n("Equal", ["blk_1", "block_ids"], ["hit"]),                          # (B, H, N, S, nb)
-        n("Unsqueeze", ["valid", "minus_one"], ["valid_1"]),
-        n("And", ["hit", "valid_1"], ["hit_valid"]),
-        n("Cast", ["hit_valid"], ["hit_i"], to=TensorProto.INT32),
-        *_reduce("ReduceMax", opset, "hit_i", "sel_i", 3, keepdims=0),        # (B, H, N, nb)
-        n("Cast", ["sel_i"], ["sel"], to=TensorProto.INT64),
+        # a one per chosen block, scattered into nb + 1 columns: "none" (-1) writes the spare last one
+        n("Add", ["nb", "one_1"], ["nb_spare"]),
+        n("Where", ["valid", "blocks", "nb"], ["blocks_or_spare"]),
+        n("Shape", ["blocks"], ["blocks_shape"]),
+        n("ConstantOfShape", ["blocks_shape"], ["ones"], value=helper.make_tensor("o", TensorProto.INT64, [1], [1])),
+        n("Concat", ["bh", "n_q", "nb_spare"], ["spare_shape"], axis=0),
+        n("ConstantOfShape", ["spare_shape"], ["no_block"], value=helper.make_tensor("z", TensorProto.INT64, [1], [0])),
+        n("ScatterElements", ["no_block", "blocks_or_spare", "ones"], ["sel_spare"], axis=3),
+        _ints("zero_i_1", [0]),
+        _ints("axis_3_1", [3]),
+        n("Slice", ["sel_spare", "zero_i_1", "nb", "axis_3_1"], ["sel"]),
     ]
 
 
@@ -142,6 +145,7 @@ def _slots(opset: int) -> list:
     """Where each (query, chosen block) pair goes: ``slot`` (B, H, N, S) in a group's rows [0, rows), and
     ``slot_query`` (G * rows,), the flat query row each slot reads (padding slots read row 0: computed, unused)."""
     return [
+        _ints("one_i", 1),
         *_reduce("ReduceSum", opset, "sel", "counts", 2),                    # (B, H, 1, nb)
         n("Sub", ["bk", "one_1"], ["bk_less"]),
         n("Add", ["counts", "bk_less"], ["counts_up"]),
@@ -174,7 +178,6 @@ def _slots(opset: int) -> list:
         n("Reshape", ["query_ids", "q_ids_shape"], ["query_ids_4"]),
         n("Mul", ["group_ids_4", "n_q"], ["query_base"]),
         n("Add", ["query_base", "query_ids_4"], ["query_row"]),              # (B, H, N, 1)
-        n("Shape", ["blocks"], ["blocks_shape"]),
         n("Expand", ["query_row", "blocks_shape"], ["pair_query"]),
         n("Reshape", ["global_slot", "minus_one"], ["global_slot_flat"]),
         n("Reshape", ["pair_query", "minus_one"], ["pair_query_flat"]),
@@ -183,7 +186,6 @@ def _slots(opset: int) -> list:
         n("ScatterElements", ["no_query", "global_slot_flat", "pair_query_flat"], ["slot_query_dummy"], axis=0),
         n("Concat", ["g", "rows_dummy"], ["g_rows_dummy"], axis=0),
         n("Reshape", ["slot_query_dummy", "g_rows_dummy"], ["slot_query_2"]),
-        _ints("zero_i_1", [0]),
         n("Slice", ["slot_query_2", "zero_i_1", "rows", "one_1"], ["slot_query_g"]),   # drop the dummy slot
         n("Reshape", ["slot_query_g", "minus_one"], ["slot_query"]),
     ]
