@@ -12,6 +12,7 @@ from . import tables
 from .attention import attend
 from .masks.base import Shape, as_mask
 from .onnxfile import TABLE_INPUTS
+from .routing import check_routing, routed_attention
 
 
 class MaskTable(nn.Module):
@@ -188,6 +189,31 @@ class MaskedSelfAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}"
+
+
+class RoutedSelfAttention(nn.Module):
+    """Multi-head self-attention whose key blocks each query attends are chosen from the content (MoBA by default,
+    or ``router``; see :func:`edgeattn.routing.routed_attention`).  Input and output are (B, N, dim), N a multiple
+    of ``block``; nothing is compiled for a shape, so one layer serves every such N."""
+
+    def __init__(self, dim: int, heads: int, block: int, top_k: int, causal: bool = True, router=None,
+                 qkv_bias: bool = True):
+        super().__init__()
+        self.heads, self.head_dim = heads, check_heads(dim, heads)
+        check_routing(block, block, top_k)
+        self.block, self.top_k, self.causal, self.router = block, top_k, causal, router
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = split_qkv(self.qkv(x), self.heads, self.head_dim)
+        out = routed_attention(q, k, v, self.block, self.top_k, self.causal, self.router)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, head_dim={self.head_dim}, block={self.block}, top_k={self.top_k}, " \
+               f"causal={self.causal}"
 
 
 class Mlp(nn.Sequential):

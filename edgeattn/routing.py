@@ -9,7 +9,10 @@ as MoBA's ``moba_topk``); finally the causal mask applies, so of its own block a
 
 Ties between equal gates: the lower block index wins, everywhere.  Eager PyTorch sorts stably; the exported graph
 uses ONNX TopK, whose specification breaks ties by the lower index (tests check onnxruntime and OpenVINO with forced
-ties).  MoBA's reference uses ``torch.topk``, whose choice among ties is unspecified.
+ties).  MoBA's reference uses ``torch.topk``, whose choice among ties is unspecified.  Gates that differ by less
+than rounding can still rank differently on another runtime or in fp16; the choice is a declared hard decision
+(:mod:`edgeattn.decisions`), so the parity check re-runs the reference with the runtime's choice where the two
+differ within its ``decision_eps`` and reports how many did.
 
 Where this differs from MoBA's reference: the sequence length must be a multiple of the block (MoBA lets the last
 block be shorter); pad the sequence or choose a block that divides it.
@@ -20,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import decisions
 from .attention import attend
 
 # (q (B, H, N, D), pooled keys (B, H, nb, D)) -> block scores (B, H, N, nb), or (B, H, N / block, nb) for one
@@ -44,15 +48,11 @@ def candidates(n: int, block: int, causal: bool, device=None) -> torch.Tensor:
     return other < own if causal else other != own
 
 
-def select_blocks(scores: torch.Tensor, allowed: torch.Tensor, count: int) -> torch.Tensor:
+def select_blocks(scores: torch.Tensor, allowed: torch.Tensor, count: int, name: str = "blocks") -> torch.Tensor:
     """The ``count`` allowed blocks with the largest scores per query, (B, H, N, count) int64, -1 where a query has
-    fewer allowed blocks; ties go to the lower block index (ONNX TopK's rule; eager sorts stably to match)."""
-    gated = scores.masked_fill(~allowed, float("-inf"))
-    if torch.onnx.is_in_onnx_export():
-        values, index = torch.topk(gated, count, dim=-1, largest=True, sorted=True)
-    else:
-        values, index = torch.sort(gated, dim=-1, descending=True, stable=True)
-        values, index = values[..., :count], index[..., :count]
+    fewer allowed blocks; ties go to the lower block index.  A declared hard decision (:func:`decisions.top_k`):
+    parity explains choices that differ only among scores within rounding of each other."""
+    values, index = decisions.top_k(scores.masked_fill(~allowed, float("-inf")), count, name)
     return torch.where(values > float("-inf"), index, torch.full_like(index, -1))
 
 
@@ -83,12 +83,12 @@ def routed_attention(q, k, v, block: int, top_k: int, causal: bool = True, route
                          f"{tuple(scores.shape)}")
     if scores.shape[-2] == nb and nb != n:   # one score row per query block: every query of the block uses it
         scores = scores.repeat_interleave(block, dim=-2)
+    label = name or f"{'moba' if router is None else 'routed'}_b{block}_top{top_k}{'_causal' if causal else ''}"
     count = min(top_k - 1, nb - 1)
     if count:
-        blocks = select_blocks(scores, candidates(n, block, causal, q.device), count)
+        blocks = select_blocks(scores, candidates(n, block, causal, q.device), count, label)
     else:   # the own block alone
         blocks = torch.full((*scores.shape[:-1], 1), -1, dtype=torch.int64, device=q.device)
     local = torch.ones(block, block, dtype=torch.bool, device=q.device)
     local = local.tril() if causal else local
-    label = name or f"{'moba' if router is None else 'routed'}_b{block}_top{top_k}{'_causal' if causal else ''}"
     return attend(q, k, v, "routed", [blocks, local, None], scale, label)

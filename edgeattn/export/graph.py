@@ -84,17 +84,26 @@ def _table_entry(node: onnx.NodeProto, layout: str, choice, initializers: set[st
 
 
 def _decisions(graph: onnx.GraphProto) -> list[dict]:
-    """Replace each declared decision by ``Less(value, threshold)``; return what parity needs to read it back: the
-    compared tensor's name, the threshold and the decision's name, in graph (= call) order."""
+    """Replace each declared decision by ``Less(value, threshold)`` and each declared selection by ``TopK`` (largest,
+    sorted: equal values go to the lower index); return what parity needs to read them back: the compared tensor's
+    name, the threshold (or the selection's count) and the decision's name, in graph (= call) order."""
     found, nodes = [], []
     for node in graph.node:
-        if node.domain == DOMAIN and node.op_type == onnxfile.DECISION:
+        if node.domain == DOMAIN and node.op_type in (onnxfile.DECISION, onnxfile.DECISION_TOP_K):
             attrs = onnxfile.attributes(node)
-            threshold = f"{node.output[0]}_threshold"
-            nodes.append(helper.make_node("Constant", [], [threshold], value=helper.make_tensor(
-                threshold, attrs["dtype"], [], [attrs["threshold"]])))
-            found.append({"name": attrs["name"], "tensor": node.input[0], "threshold": attrs["threshold"]})
-            node = helper.make_node("Less", [node.input[0], threshold], list(node.output), name=node.name)
+            if node.op_type == onnxfile.DECISION:
+                threshold = f"{node.output[0]}_threshold"
+                nodes.append(helper.make_node("Constant", [], [threshold], value=helper.make_tensor(
+                    threshold, attrs["dtype"], [], [attrs["threshold"]])))
+                found.append({"name": attrs["name"], "tensor": node.input[0], "threshold": attrs["threshold"]})
+                node = helper.make_node("Less", [node.input[0], threshold], list(node.output), name=node.name)
+            else:
+                count = f"{node.output[0]}_count"
+                nodes.append(helper.make_node("Constant", [], [count], value=helper.make_tensor(
+                    count, onnx.TensorProto.INT64, [1], [attrs["count"]])))
+                found.append({"name": attrs["name"], "tensor": node.input[0], "top_k": attrs["count"]})
+                node = helper.make_node("TopK", [node.input[0], count], list(node.output), name=node.name, axis=-1,
+                                        largest=1, sorted=1)
         nodes.append(onnx.NodeProto())
         nodes[-1].CopyFrom(node)   # a copy: clearing the graph's list below would take its nodes along
     if found:

@@ -40,6 +40,8 @@ SOFTCAP_OP_VERSION = 3
 # A declared hard decision (edgeattn.decisions.below) while tracing; export replaces each by a standard Less and
 # lists the compared tensors under the ``decisions`` metadata, in the order the model makes them.
 DECISION = "Decision"
+# A declared selection (edgeattn.decisions.top_k): export replaces each by a standard TopK and lists it likewise.
+DECISION_TOP_K = "DecisionTopK"
 
 QKV = ("q", "k", "v")
 # What each table layout passes after q, k, v (see edgeattn.tables); the optional bias is always last
