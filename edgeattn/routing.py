@@ -53,7 +53,7 @@ def select_blocks(scores: torch.Tensor, allowed: torch.Tensor, count: int, name:
     fewer allowed blocks; ties go to the lower block index.  A declared hard decision (:func:`decisions.top_k`):
     parity explains choices that differ only among scores within rounding of each other."""
     values, index = decisions.top_k(scores.masked_fill(~allowed, float("-inf")), count, name)
-    return torch.where(values > float("-inf"), index, torch.full_like(index, -1))
+    return torch.where(values > float("-inf"), index, -1)
 
 
 def check_routing(n: int, block: int, top_k: int) -> None:

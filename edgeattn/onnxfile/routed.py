@@ -40,6 +40,7 @@ def _shapes() -> list:
         n("Shape", ["v"], ["d_v"], start=3, end=4),
         n("Shape", ["local"], ["bk"], start=0, end=1),
         n("Shape", ["blocks"], ["s"], start=3, end=4),
+        n("Shape", ["blocks"], ["blocks_shape"]),
         n("Div", ["n_q", "bk"], ["nb"]),
         n("ReduceProd", ["bh"], ["g"], keepdims=1),
         _ints("zero_i", 0), _ints("one_1", [1]), _ints("minus_one", [-1]),
@@ -52,17 +53,12 @@ def _selection(opset: int) -> list:
     return [
         n("GreaterOrEqual", ["blocks", "zero_i"], ["valid"]),
         n("Max", ["blocks", "zero_i"], ["blk"]),
-        # a one per chosen block, scattered into nb + 1 columns: "none" (-1) writes the spare last one
-        n("Add", ["nb", "one_1"], ["nb_spare"]),
-        n("Where", ["valid", "blocks", "nb"], ["blocks_or_spare"]),
-        n("Shape", ["blocks"], ["blocks_shape"]),
-        n("ConstantOfShape", ["blocks_shape"], ["ones"], value=helper.make_tensor("o", TensorProto.INT64, [1], [1])),
-        n("Concat", ["bh", "n_q", "nb_spare"], ["spare_shape"], axis=0),
-        n("ConstantOfShape", ["spare_shape"], ["no_block"], value=helper.make_tensor("z", TensorProto.INT64, [1], [0])),
-        n("ScatterElements", ["no_block", "blocks_or_spare", "ones"], ["sel_spare"], axis=3),
-        _ints("zero_i_1", [0]),
-        _ints("axis_3_1", [3]),
-        n("Slice", ["sel_spare", "zero_i_1", "nb", "axis_3_1"], ["sel"]),
+        # a query adds 1 at each block it chose and 0 (at block 0) for each "none": its chosen blocks are distinct,
+        # so every entry ends 0 or 1, whatever order the runtime adds in
+        n("Cast", ["valid"], ["valid_i"], to=TensorProto.INT64),
+        n("Concat", ["bh", "n_q", "nb"], ["sel_shape"], axis=0),
+        n("ConstantOfShape", ["sel_shape"], ["no_block"], value=helper.make_tensor("z", TensorProto.INT64, [1], [0])),
+        n("ScatterElements", ["no_block", "blk", "valid_i"], ["sel"], axis=3, reduction="add"),
     ]
 
 
@@ -73,8 +69,8 @@ def routed_dense(opset: int, name: str) -> FunctionProto:
     nodes = _shapes() + _selection(opset) + [
         n("Cast", ["sel"], ["sel_b"], to=TensorProto.BOOL),
         n("Unsqueeze", ["sel_b", "minus_one"], ["sel_b1"]),
-        n("Concat", ["bh", "n_q", "nb", "bk"], ["sel_shape"], axis=0),
-        n("Expand", ["sel_b1", "sel_shape"], ["sel_keys"]),                   # (B, H, N, nb, Bk)
+        n("Concat", ["bh", "n_q", "nb", "bk"], ["sel_keys_shape"], axis=0),
+        n("Expand", ["sel_b1", "sel_keys_shape"], ["sel_keys"]),                   # (B, H, N, nb, Bk)
         n("Concat", ["bh", "n_q", "n_q"], ["mask_shape"], axis=0),
         n("Reshape", ["sel_keys", "mask_shape"], ["chosen"]),
         # own = eye(nb) (x) local: (nb, Bk, nb, Bk) -> (N, N); static, runtimes fold it
@@ -146,18 +142,21 @@ def _slots(opset: int) -> list:
     ``slot_query`` (G * rows,), the flat query row each slot reads (padding slots read row 0: computed, unused)."""
     return [
         _ints("one_i", 1),
-        *_reduce("ReduceSum", opset, "sel", "counts", 2),                    # (B, H, 1, nb)
+        _ints("axis_3", 3), _ints("axis_2", 2), _ints("axis_2_1", [2]),
+        n("CumSum", ["sel", "axis_2"], ["rank"], exclusive=1),                # earlier queries that chose the block
+        # per block, how many queries chose it: the last query's rank plus its own choice
+        n("Sub", ["n_q", "one_1"], ["last_q"]),
+        n("Slice", ["rank", "last_q", "n_q", "axis_2_1"], ["rank_last"]),
+        n("Slice", ["sel", "last_q", "n_q", "axis_2_1"], ["sel_last"]),
+        n("Add", ["rank_last", "sel_last"], ["counts"]),                     # (B, H, 1, nb)
         n("Sub", ["bk", "one_1"], ["bk_less"]),
         n("Add", ["counts", "bk_less"], ["counts_up"]),
         # rounded down to whole tiles with Mod: OpenVINO 2026.4 folds an integer (x / bk) * bk into x
         n("Mod", ["counts_up", "bk"], ["counts_over"]),
         n("Sub", ["counts_up", "counts_over"], ["group_rows"]),
-        _ints("axis_3", 3), _ints("axis_2", 2),
         n("CumSum", ["group_rows", "axis_3"], ["group_end"]),
         n("Sub", ["group_end", "group_rows"], ["group_start"]),
-        n("CumSum", ["sel", "axis_2"], ["rank"], exclusive=1),                # earlier queries that chose the block
         n("GatherElements", ["rank", "blk"], ["pair_rank"], axis=3),
-        n("Shape", ["sel"], ["sel_shape"]),
         n("Expand", ["group_start", "sel_shape"], ["group_start_q"]),
         n("GatherElements", ["group_start_q", "blk"], ["pair_start"], axis=3),
         n("Add", ["pair_start", "pair_rank"], ["slot"]),
@@ -186,6 +185,7 @@ def _slots(opset: int) -> list:
         n("ScatterElements", ["no_query", "global_slot_flat", "pair_query_flat"], ["slot_query_dummy"], axis=0),
         n("Concat", ["g", "rows_dummy"], ["g_rows_dummy"], axis=0),
         n("Reshape", ["slot_query_dummy", "g_rows_dummy"], ["slot_query_2"]),
+        _ints("zero_i_1", [0]),
         n("Slice", ["slot_query_2", "zero_i_1", "rows", "one_1"], ["slot_query_g"]),   # drop the dummy slot
         n("Reshape", ["slot_query_g", "minus_one"], ["slot_query"]),
     ]
