@@ -100,22 +100,23 @@ def routed(opset: int, name: str) -> FunctionProto:
 
 
 def _stats(opset: int, scores: str, values: str, prefix: str) -> list:
-    """Row max ``<prefix>_m``, exp-sum ``<prefix>_l`` and exp-weighted values ``<prefix>_o`` (all float32) of
-    ``scores`` (float32, -inf where masked) over ``values``."""
+    """The log-sum-exp ``<prefix>_lse`` (float32, keepdims) and the softmax-weighted values ``<prefix>_o`` (float32)
+    of ``scores`` (float32, -inf where masked, at least one key per row) over ``values``.  One Softmax, and the
+    log-sum-exp from the row max m and the largest probability: lse = m - log(max p) (max p >= 1 / keys)."""
     return [
-        *_reduce("ReduceMax", opset, scores, f"{prefix}_max", -1),
-        n("Max", [f"{prefix}_max", "lowest"], [f"{prefix}_m"]),               # a row with no key: weights 0
-        n("Sub", [scores, f"{prefix}_m"], [f"{prefix}_shifted"]),
-        n("Exp", [f"{prefix}_shifted"], [f"{prefix}_e"]),
-        *_reduce("ReduceSum", opset, f"{prefix}_e", f"{prefix}_l", -1),
-        _cast(f"{prefix}_e", f"{prefix}_e_t"),
-        n("MatMul", [f"{prefix}_e_t", values], [f"{prefix}_o_t"]),
+        n("Softmax", [scores], [f"{prefix}_p"], axis=-1),
+        *_reduce("ReduceMax", opset, scores, f"{prefix}_m", -1),
+        *_reduce("ReduceMax", opset, f"{prefix}_p", f"{prefix}_p_max", -1),
+        n("Log", [f"{prefix}_p_max"], [f"{prefix}_log_p_max"]),
+        n("Sub", [f"{prefix}_m", f"{prefix}_log_p_max"], [f"{prefix}_lse"]),
+        _cast(f"{prefix}_p", f"{prefix}_p_t"),
+        n("MatMul", [f"{prefix}_p_t", values], [f"{prefix}_o_t"]),
         n("Cast", [f"{prefix}_o_t"], [f"{prefix}_o"], to=TensorProto.FLOAT),
     ]
 
 
 def _own(opset: int) -> list:
-    """Each block's queries against its own keys under ``local``: own_m, own_l (B, H, N, 1), own_o (B, H, N, Dv)."""
+    """Each block's queries against its own keys under ``local``: own_lse (B, H, N, 1), own_o (B, H, N, Dv)."""
     return [
         n("Concat", ["bh", "nb", "bk", "d_q"], ["blocks_q"], axis=0),
         n("Concat", ["bh", "nb", "bk", "d_v"], ["blocks_v"], axis=0),
@@ -131,8 +132,7 @@ def _own(opset: int) -> list:
         *_stats(opset, "own_masked", "v_own", "own_b"),
         n("Concat", ["bh", "n_q", "one_1"], ["rows_1"], axis=0),
         n("Concat", ["bh", "n_q", "d_v"], ["rows_v"], axis=0),
-        n("Reshape", ["own_b_m", "rows_1"], ["own_m"]),
-        n("Reshape", ["own_b_l", "rows_1"], ["own_l"]),
+        n("Reshape", ["own_b_lse", "rows_1"], ["own_lse"]),
         n("Reshape", ["own_b_o", "rows_v"], ["own_o"]),
     ]
 
@@ -192,7 +192,7 @@ def _slots(opset: int) -> list:
 
 
 def _tiles(opset: int) -> list:
-    """Each tile of Bk slots against the Bk keys of its group's block: tile_m, tile_l (G * rows, 1), tile_o."""
+    """Each tile of Bk slots against the Bk keys of its group's block: tile_lse_flat (G * rows,), tile_o_flat."""
     return [
         n("Concat", ["minus_one", "d_q"], ["flat_q"], axis=0),
         n("Reshape", ["q_scaled", "flat_q"], ["q_rows"]),                     # (G * N, D)
@@ -230,44 +230,37 @@ def _tiles(opset: int) -> list:
         n("MatMul", ["q_tiles", "k_tiles_t"], ["tile_scores_t"]),             # (G, tiles, Bk, Bk)
         n("Cast", ["tile_scores_t"], ["tile_scores"], to=TensorProto.FLOAT),
         *_stats(opset, "tile_scores", "v_tiles", "tile"),
-        n("Reshape", ["tile_m", "minus_one"], ["tile_m_flat"]),               # (G * rows,)
-        n("Reshape", ["tile_l", "minus_one"], ["tile_l_flat"]),
+        n("Reshape", ["tile_lse", "minus_one"], ["tile_lse_flat"]),           # (G * rows,)
         n("Concat", ["minus_one", "d_v"], ["flat_v"], axis=0),
         n("Reshape", ["tile_o", "flat_v"], ["tile_o_flat"]),                  # (G * rows, Dv)
     ]
 
 
 def _merge(opset: int) -> list:
-    """Gather each pair's statistics back and merge them with the own block's: one softmax over the union."""
+    """Gather each pair's statistics back and merge them with the own block's: one softmax over the union.  The
+    largest part has weight 1, so the denominator is at least 1."""
     return [
         n("Sub", ["rows", "one_1"], ["last_row"]),
         n("Min", ["slot", "last_row"], ["slot_in"]),
         n("Mul", ["group_ids_4", "rows"], ["row_base"]),
         n("Add", ["row_base", "slot_in"], ["pair_row"]),                       # (B, H, N, S)
-        n("Gather", ["tile_m_flat", "pair_row"], ["pair_m_raw"], axis=0),
-        n("Gather", ["tile_l_flat", "pair_row"], ["pair_l_raw"], axis=0),
+        n("Gather", ["tile_lse_flat", "pair_row"], ["pair_lse_raw"], axis=0),
         n("Gather", ["tile_o_flat", "pair_row"], ["pair_o"], axis=0),         # (B, H, N, S, Dv)
-        n("Where", ["valid", "pair_m_raw", "lowest"], ["pair_m"]),
-        *_reduce("ReduceMax", opset, "pair_m", "pairs_max", -1),
-        n("Max", ["own_m", "pairs_max"], ["row_max"]),                         # (B, H, N, 1)
-        n("Sub", ["own_m", "row_max"], ["own_shift"]),
+        n("Where", ["valid", "pair_lse_raw", "lowest"], ["pair_lse"]),
+        *_reduce("ReduceMax", opset, "pair_lse", "pairs_max", -1),
+        n("Max", ["own_lse", "pairs_max"], ["row_max"]),                       # (B, H, N, 1)
+        n("Sub", ["own_lse", "row_max"], ["own_shift"]),
         n("Exp", ["own_shift"], ["own_w"]),
-        n("Sub", ["pair_m", "row_max"], ["pair_shift"]),
+        n("Sub", ["pair_lse", "row_max"], ["pair_shift"]),
         n("Exp", ["pair_shift"], ["pair_w_raw"]),
         n("Where", ["valid", "pair_w_raw", "zero_f"], ["pair_w"]),            # (B, H, N, S)
-        n("Mul", ["own_l", "own_w"], ["own_weight"]),
-        n("Mul", ["pair_l_raw", "pair_w"], ["pair_weight"]),
-        *_reduce("ReduceSum", opset, "pair_weight", "pairs_weight", -1),
-        n("Add", ["own_weight", "pairs_weight"], ["denominator"]),
+        *_reduce("ReduceSum", opset, "pair_w", "pairs_w", -1),
+        n("Add", ["own_w", "pairs_w"], ["denominator"]),
         n("Mul", ["own_o", "own_w"], ["own_part"]),
         n("Unsqueeze", ["pair_w", "minus_one"], ["pair_w_1"]),
         n("Mul", ["pair_o", "pair_w_1"], ["pair_part"]),
         *_reduce("ReduceSum", opset, "pair_part", "pairs_part", 3, keepdims=0),
         n("Add", ["own_part", "pairs_part"], ["numerator"]),
-        n("Greater", ["denominator", "zero_f"], ["any_key"]),
-        _float("one_f", 1.0),
-        n("Where", ["any_key", "denominator", "one_f"], ["safe_denominator"]),
-        n("Div", ["numerator", "safe_denominator"], ["merged"]),
-        n("Where", ["any_key", "merged", "zero_f"], ["merged_0"]),            # no key at all: zeros, as torch
-        _cast("merged_0", "out"),
+        n("Div", ["numerator", "denominator"], ["merged"]),
+        _cast("merged", "out"),
     ]
