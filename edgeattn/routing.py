@@ -52,7 +52,9 @@ def select_blocks(scores: torch.Tensor, allowed: torch.Tensor, count: int, name:
     """The ``count`` allowed blocks with the largest scores per query, (B, H, N, count) int64, -1 where a query has
     fewer allowed blocks; ties go to the lower block index.  A declared hard decision (:func:`decisions.top_k`):
     parity explains choices that differ only among scores within rounding of each other."""
-    values, index = decisions.top_k(scores.masked_fill(~allowed, float("-inf")), count, name)
+    # an additive 0 / -inf table rather than masked_fill: runtimes broadcast an Add much faster than a Where
+    never = torch.where(allowed, 0.0, float("-inf")).to(scores.dtype)
+    values, index = decisions.top_k(scores + never, count, name)
     return torch.where(values > float("-inf"), index, -1)
 
 

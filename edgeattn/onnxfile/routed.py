@@ -95,7 +95,7 @@ def routed(opset: int, name: str) -> FunctionProto:
     per query with its own block's: the work of the chosen blocks (see the module docstring)."""
     assert not OP_TYPES[name][1], "the routed layout takes no bias"
     nodes = _shapes() + [*_scaled_q(), _float("lowest", LOWEST), _float("zero_f", 0.0)] + _own(opset) + \
-        _selection(opset) + _slots(opset) + _tiles(opset) + _merge(opset)
+        _slots(opset) + _tiles(opset) + _merge(opset)
     return _function(name, opset, nodes, routed.__doc__)
 
 
@@ -138,56 +138,73 @@ def _own(opset: int) -> list:
 
 
 def _slots(opset: int) -> list:
-    """Where each (query, chosen block) pair goes: ``slot`` (B, H, N, S) in a group's rows [0, rows), and
-    ``slot_query`` (G * rows,), the flat query row each slot reads (padding slots read row 0: computed, unused)."""
+    """Where each (query, chosen block) pair goes, in O(N * S): ``slot`` (B, H, N, S) in a group's rows [0, rows),
+    and ``slot_query`` (G * rows,), the flat query row each slot reads (padding slots read row 0: computed, unused).
+
+    The pairs are sorted by (block, query) with one TopK on the key ``block * N + query`` (pairs without a block
+    last); a valid pair at sorted position p is the (p - first position of its block)-th of its group, so its slot
+    is p plus its block's padded start minus its unpadded start."""
     return [
         _ints("one_i", 1),
-        _ints("axis_3", 3), _ints("axis_2", 2), _ints("axis_2_1", [2]),
-        n("CumSum", ["sel", "axis_2"], ["rank"], exclusive=1),                # earlier queries that chose the block
-        # per block, how many queries chose it: the last query's rank plus its own choice
-        n("Sub", ["n_q", "one_1"], ["last_q"]),
-        n("Slice", ["rank", "last_q", "n_q", "axis_2_1"], ["rank_last"]),
-        n("Slice", ["sel", "last_q", "n_q", "axis_2_1"], ["sel_last"]),
-        n("Add", ["rank_last", "sel_last"], ["counts"]),                     # (B, H, 1, nb)
+        n("GreaterOrEqual", ["blocks", "zero_i"], ["valid"]),
+        n("Max", ["blocks", "zero_i"], ["blk"]),
+        n("Concat", ["g", "minus_one"], ["pairs_shape"], axis=0),
+        n("Reshape", ["blk", "pairs_shape"], ["pair_block"]),                # (G, P), P = N * S
+        n("Reshape", ["valid", "pairs_shape"], ["pair_valid"]),
+        n("Cast", ["pair_valid"], ["pair_one"], to=TensorProto.INT64),
+        # per block, how many queries chose it; its rows rounded up to whole tiles
+        n("Concat", ["g", "nb"], ["g_nb"], axis=0),
+        n("ConstantOfShape", ["g_nb"], ["no_count"], value=helper.make_tensor("z", TensorProto.INT64, [1], [0])),
+        n("ScatterElements", ["no_count", "pair_block", "pair_one"], ["counts"], axis=1, reduction="add"),  # (G, nb)
         n("Sub", ["bk", "one_1"], ["bk_less"]),
         n("Add", ["counts", "bk_less"], ["counts_up"]),
         # rounded down to whole tiles with Mod: OpenVINO 2026.4 folds an integer (x / bk) * bk into x
         n("Mod", ["counts_up", "bk"], ["counts_over"]),
         n("Sub", ["counts_up", "counts_over"], ["group_rows"]),
-        n("CumSum", ["group_rows", "axis_3"], ["group_end"]),
+        n("CumSum", ["group_rows", "one_i"], ["group_end"]),
         n("Sub", ["group_end", "group_rows"], ["group_start"]),
-        n("GatherElements", ["rank", "blk"], ["pair_rank"], axis=3),
-        n("Expand", ["group_start", "sel_shape"], ["group_start_q"]),
-        n("GatherElements", ["group_start_q", "blk"], ["pair_start"], axis=3),
-        n("Add", ["pair_start", "pair_rank"], ["slot"]),
+        n("CumSum", ["counts", "one_i"], ["count_start"], exclusive=1),
+        n("Sub", ["group_start", "count_start"], ["slot_shift"]),           # (G, nb)
+        # sort the pairs by (block, query)
+        n("Mul", ["n_q", "s"], ["p"]),
+        n("Squeeze", ["p"], ["p_s"]),
+        n("Range", ["zero_i", "p_s", "one_i"], ["pair_ids"]),               # (P,)
+        n("Div", ["pair_ids", "s"], ["pair_query_id"]),                     # the query of pair p: p // S
+        n("Mul", ["pair_block", "n_q"], ["block_base_key"]),
+        n("Add", ["block_base_key", "pair_query_id"], ["valid_key"]),
+        n("Mul", ["nb", "n_q"], ["none_base"]),
+        n("Add", ["none_base", "pair_query_id"], ["none_key"]),
+        n("Where", ["pair_valid", "valid_key", "none_key"], ["sort_key"]),
+        n("TopK", ["sort_key", "p"], ["sorted_key", "order"], axis=1, largest=0, sorted=1),
+        n("Div", ["sorted_key", "n_q"], ["sorted_block_raw"]),
+        n("Mod", ["sorted_key", "n_q"], ["sorted_query"]),
+        n("Less", ["sorted_block_raw", "nb"], ["sorted_valid"]),
+        n("Sub", ["nb", "one_1"], ["last_block"]),
+        n("Min", ["sorted_block_raw", "last_block"], ["sorted_block"]),
+        n("GatherElements", ["slot_shift", "sorted_block"], ["sorted_shift"], axis=1),
+        n("Add", ["pair_ids", "sorted_shift"], ["sorted_slot"]),             # (G, P)
         # rows per group: N * (S + 1); one more slot at the end takes every pair without a block
         n("Add", ["s", "one_1"], ["s_1"]),
         n("Mul", ["n_q", "s_1"], ["rows"]),
         n("Add", ["rows", "one_1"], ["rows_dummy"]),
         n("Mul", ["nb", "s_1"], ["tiles"]),
-        n("Squeeze", ["rows"], ["rows_s"]),
+        n("Where", ["sorted_valid", "sorted_slot", "rows"], ["sorted_slot_or_dummy"]),
         n("Range", ["zero_i", "g_s", "one_i"], ["group_ids"]),
-        n("Concat", ["bh", "one_1", "one_1"], ["g_shape"], axis=0),
-        n("Reshape", ["group_ids", "g_shape"], ["group_ids_4"]),              # (B, H, 1, 1)
-        n("Where", ["valid", "slot", "rows"], ["slot_or_dummy"]),
-        n("Mul", ["group_ids_4", "rows_dummy"], ["group_base"]),
-        n("Add", ["group_base", "slot_or_dummy"], ["global_slot"]),
-        n("Range", ["zero_i", "n_s", "one_i"], ["query_ids"]),
-        n("Concat", ["one_1", "one_1", "n_q", "one_1"], ["q_ids_shape"], axis=0),
-        n("Reshape", ["query_ids", "q_ids_shape"], ["query_ids_4"]),
-        n("Mul", ["group_ids_4", "n_q"], ["query_base"]),
-        n("Add", ["query_base", "query_ids_4"], ["query_row"]),              # (B, H, N, 1)
-        n("Expand", ["query_row", "blocks_shape"], ["pair_query"]),
-        n("Reshape", ["global_slot", "minus_one"], ["global_slot_flat"]),
-        n("Reshape", ["pair_query", "minus_one"], ["pair_query_flat"]),
-        n("Mul", ["g", "rows_dummy"], ["all_slots"]),
-        n("ConstantOfShape", ["all_slots"], ["no_query"], value=helper.make_tensor("z", TensorProto.INT64, [1], [0])),
-        n("ScatterElements", ["no_query", "global_slot_flat", "pair_query_flat"], ["slot_query_dummy"], axis=0),
+        n("Concat", ["g", "one_1"], ["g_col"], axis=0),
+        n("Reshape", ["group_ids", "g_col"], ["group_ids_2"]),             # (G, 1)
+        n("Mul", ["group_ids_2", "n_q"], ["query_base"]),
+        n("Add", ["query_base", "sorted_query"], ["sorted_query_row"]),
         n("Concat", ["g", "rows_dummy"], ["g_rows_dummy"], axis=0),
-        n("Reshape", ["slot_query_dummy", "g_rows_dummy"], ["slot_query_2"]),
+        n("ConstantOfShape", ["g_rows_dummy"], ["no_query"], value=helper.make_tensor("z", TensorProto.INT64, [1], [0])),
+        n("ScatterElements", ["no_query", "sorted_slot_or_dummy", "sorted_query_row"], ["slot_query_dummy"], axis=1),
         _ints("zero_i_1", [0]),
-        n("Slice", ["slot_query_2", "zero_i_1", "rows", "one_1"], ["slot_query_g"]),   # drop the dummy slot
+        n("Slice", ["slot_query_dummy", "zero_i_1", "rows", "one_1"], ["slot_query_g"]),   # drop the dummy slot
         n("Reshape", ["slot_query_g", "minus_one"], ["slot_query"]),
+        # each pair's slot, in the pairs' own order
+        n("ScatterElements", ["sort_key", "order", "sorted_slot"], ["pair_slot"], axis=1),   # order: a permutation
+        n("Reshape", ["pair_slot", "blocks_shape"], ["slot"]),              # (B, H, N, S)
+        n("Concat", ["bh", "one_1", "one_1"], ["g_shape"], axis=0),
+        n("Reshape", ["group_ids", "g_shape"], ["group_ids_4"]),            # (B, H, 1, 1)
     ]
 
 
@@ -205,15 +222,11 @@ def _tiles(opset: int) -> list:
         n("Mul", ["tile_ids", "bk"], ["tile_row"]),
         n("Concat", ["one_1", "minus_one", "one_1"], ["tile_row_shape"], axis=0),
         n("Reshape", ["tile_row", "tile_row_shape"], ["tile_row_3"]),         # (1, tiles, 1)
-        n("Concat", ["g", "one_1", "nb"], ["group_end_shape"], axis=0),
-        n("Reshape", ["group_end", "group_end_shape"], ["group_end_3"]),     # (G, 1, nb)
+        n("Unsqueeze", ["group_end", "one_1"], ["group_end_3"]),             # (G, 1, nb)
         n("LessOrEqual", ["group_end_3", "tile_row_3"], ["ended"]),
         n("Cast", ["ended"], ["ended_i"], to=TensorProto.INT64),
         *_reduce("ReduceSum", opset, "ended_i", "tile_block_raw", -1, keepdims=0),   # (G, tiles)
-        n("Sub", ["nb", "one_1"], ["last_block"]),
         n("Min", ["tile_block_raw", "last_block"], ["tile_block"]),           # tiles past the last group: padding
-        n("Concat", ["g", "one_1"], ["g_col"], axis=0),
-        n("Reshape", ["group_ids", "g_col"], ["group_ids_2"]),
         n("Mul", ["group_ids_2", "nb"], ["block_base"]),
         n("Add", ["block_base", "tile_block"], ["tile_key_block"]),
         n("Reshape", ["tile_key_block", "minus_one"], ["tile_key_block_flat"]),
