@@ -71,20 +71,24 @@ def routed_dense(opset: int, name: str) -> FunctionProto:
         n("Unsqueeze", ["sel_b", "minus_one"], ["sel_b1"]),
         n("Concat", ["bh", "n_q", "nb", "bk"], ["sel_keys_shape"], axis=0),
         n("Expand", ["sel_b1", "sel_keys_shape"], ["sel_keys"]),                   # (B, H, N, nb, Bk)
-        n("Concat", ["bh", "n_q", "n_q"], ["mask_shape"], axis=0),
+        # shapes that repeat a dimension are Tiles: onnxslim 0.1.98 fails on a node that reads one tensor twice
+        _ints("two", [2]),
+        n("Tile", ["n_q", "two"], ["n_n"]),
+        n("Concat", ["bh", "n_n"], ["mask_shape"], axis=0),
         n("Reshape", ["sel_keys", "mask_shape"], ["chosen"]),
         # own = eye(nb) (x) local: (nb, Bk, nb, Bk) -> (N, N); static, runtimes fold it
-        n("Concat", ["nb", "nb"], ["nb_nb"], axis=0),
+        n("Tile", ["nb", "two"], ["nb_nb"]),
         n("ConstantOfShape", ["nb_nb"], ["zeros_nb"], value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0])),
         n("EyeLike", ["zeros_nb"], ["eye_f"]),
         n("Cast", ["eye_f"], ["eye"], to=TensorProto.BOOL),
-        n("Concat", ["nb", "one_1", "nb", "one_1"], ["eye_shape"], axis=0),
+        n("Concat", ["nb", "one_1"], ["nb_one"], axis=0),
+        n("Tile", ["nb_one", "two"], ["eye_shape"]),
         n("Reshape", ["eye", "eye_shape"], ["eye_4"]),
-        n("Concat", ["one_1", "bk", "one_1", "bk"], ["local_shape"], axis=0),
+        n("Concat", ["one_1", "bk"], ["one_bk"], axis=0),
+        n("Tile", ["one_bk", "two"], ["local_shape"]),
         n("Reshape", ["local", "local_shape"], ["local_4"]),
         n("And", ["eye_4", "local_4"], ["own_4"]),
-        n("Concat", ["n_q", "n_q"], ["own_shape"], axis=0),
-        n("Reshape", ["own_4", "own_shape"], ["own"]),
+        n("Reshape", ["own_4", "n_n"], ["own"]),
         n("Or", ["chosen", "own"], ["mask"]),
     ] + dense_nodes(opset, False, False)
     return _function(name, opset, nodes, routed_dense.__doc__)
@@ -203,7 +207,8 @@ def _slots(opset: int) -> list:
         # each pair's slot, in the pairs' own order
         n("ScatterElements", ["sort_key", "order", "sorted_slot"], ["pair_slot"], axis=1),   # order: a permutation
         n("Reshape", ["pair_slot", "blocks_shape"], ["slot"]),              # (B, H, N, S)
-        n("Concat", ["bh", "one_1", "one_1"], ["g_shape"], axis=0),
+        _ints("one_one", [1, 1]),   # not Concat(one_1, one_1): onnxslim 0.1.98 fails on a node reading one tensor twice
+        n("Concat", ["bh", "one_one"], ["g_shape"], axis=0),
         n("Reshape", ["group_ids", "g_shape"], ["group_ids_4"]),            # (B, H, 1, 1)
     ]
 
@@ -211,8 +216,9 @@ def _slots(opset: int) -> list:
 def _tiles(opset: int) -> list:
     """Each tile of Bk slots against the Bk keys of its group's block: tile_lse_flat (G * rows,), tile_o_flat."""
     return [
-        n("Concat", ["minus_one", "d_q"], ["flat_q"], axis=0),
-        n("Reshape", ["q_scaled", "flat_q"], ["q_rows"]),                     # (G * N, D)
+        # Flatten, and no -1 in a Concat with a shape dimension below: onnxslim 0.1.98's constant folding breaks
+        # its graph on such Concats (in moba-lm)
+        n("Flatten", ["q_scaled"], ["q_rows"], axis=3),                       # (G * N, D)
         n("Gather", ["q_rows", "slot_query"], ["q_slots"], axis=0),
         n("Concat", ["g", "tiles", "bk", "d_q"], ["tile_q_shape"], axis=0),
         n("Reshape", ["q_slots", "tile_q_shape"], ["q_tiles"]),               # (G, tiles, Bk, D)
@@ -220,7 +226,7 @@ def _tiles(opset: int) -> list:
         n("Squeeze", ["tiles"], ["tiles_s"]),
         n("Range", ["zero_i", "tiles_s", "one_i"], ["tile_ids"]),
         n("Mul", ["tile_ids", "bk"], ["tile_row"]),
-        n("Concat", ["one_1", "minus_one", "one_1"], ["tile_row_shape"], axis=0),
+        _ints("tile_row_shape", [1, -1, 1]),
         n("Reshape", ["tile_row", "tile_row_shape"], ["tile_row_3"]),         # (1, tiles, 1)
         n("Unsqueeze", ["group_end", "one_1"], ["group_end_3"]),             # (G, 1, nb)
         n("LessOrEqual", ["group_end_3", "tile_row_3"], ["ended"]),
@@ -230,8 +236,9 @@ def _tiles(opset: int) -> list:
         n("Mul", ["group_ids_2", "nb"], ["block_base"]),
         n("Add", ["block_base", "tile_block"], ["tile_key_block"]),
         n("Reshape", ["tile_key_block", "minus_one"], ["tile_key_block_flat"]),
-        n("Concat", ["minus_one", "bk", "d_q"], ["key_blocks_shape"], axis=0),
-        n("Concat", ["minus_one", "bk", "d_v"], ["value_blocks_shape"], axis=0),
+        n("Mul", ["g", "nb"], ["all_blocks"]),
+        n("Concat", ["all_blocks", "bk", "d_q"], ["key_blocks_shape"], axis=0),
+        n("Concat", ["all_blocks", "bk", "d_v"], ["value_blocks_shape"], axis=0),
         n("Reshape", ["k", "key_blocks_shape"], ["k_blocks"]),                # (G * nb, Bk, D)
         n("Reshape", ["v", "value_blocks_shape"], ["v_blocks"]),
         n("Gather", ["k_blocks", "tile_key_block_flat"], ["k_tiles_flat"], axis=0),
@@ -244,8 +251,7 @@ def _tiles(opset: int) -> list:
         n("Cast", ["tile_scores_t"], ["tile_scores"], to=TensorProto.FLOAT),
         *_stats(opset, "tile_scores", "v_tiles", "tile"),
         n("Reshape", ["tile_lse", "minus_one"], ["tile_lse_flat"]),           # (G * rows,)
-        n("Concat", ["minus_one", "d_v"], ["flat_v"], axis=0),
-        n("Reshape", ["tile_o", "flat_v"], ["tile_o_flat"]),                  # (G * rows, Dv)
+        n("Flatten", ["tile_o"], ["tile_o_flat"], axis=3),                    # (G * rows, Dv)
     ]
 
 
