@@ -57,7 +57,7 @@ def bench(n, runs, eager_runs, dense, tmp):
                 out = next(iter(session.run(feeds).values()))
                 row[f"{key}_err"] = float((torch.from_numpy(out) - ref).abs().max())
                 row[f"{key}_ms"] = median_ms(lambda: session.run(feeds), runs)
-                del session
+                session = None   # free it before the next runtime loads
             except Exception as e:   # a failed row is reported, not fatal
                 row[f"{key}_error"] = str(e).splitlines()[0][:200]
         path.unlink()

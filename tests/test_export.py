@@ -32,7 +32,8 @@ def test_every_family_has_an_export_case():
 
 
 def test_every_lowering_has_a_case():
-    assert set(LOWERING_CASES) == set(LOWERINGS)
+    # the routed layout's lowerings read blocks chosen in the graph, not a mask's table: tests/test_routing.py
+    assert set(LOWERING_CASES) == {name for name, low in LOWERINGS.items() if low.layout != "routed"}
 
 
 def _export(tmp_path, layer, x, custom_op, name="m.onnx", **kwargs):

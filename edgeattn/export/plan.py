@@ -22,7 +22,7 @@ import torch
 
 from .. import tables
 from ..errors import EdgeAttnError
-from ..onnxfile import LOWERINGS, TABLE_INPUTS, attributes, table_inputs
+from ..onnxfile import LOWERINGS, attributes, table_inputs
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,8 @@ def choose_routed(requested: str) -> Choice:
     if requested == "dense":
         return Choice("routed_dense", "requested: the chosen blocks as one dense mask")
     raise EdgeAttnError(f"attention over blocks routed in the graph has no {requested} lowering; export it with "
-                        f"--lowering auto (only the chosen blocks are scored) or dense (the same choice as a dense mask)")
+                        f"--lowering auto (only the chosen blocks are scored) or dense (the same choice as a dense "
+                        f"mask)")
 
 
 @contextlib.contextmanager

@@ -61,12 +61,13 @@ ATTRIBUTES = ("scale", "mask", "dtype", "layout", "lowering", "heads", "softcap"
 @dataclass(frozen=True)
 class Lowering:
     """A body an attention node can have: the table layout it reads, the opset it needs, and whether it can
-    soft-cap the scores."""
+    soft-cap the scores and add a bias."""
     name: str
     layout: str
     min_opset: int = 17
     doc: str = ""
     softcap: bool = True
+    bias: bool = True
 
 
 LOWERINGS = {low.name: low for low in (
@@ -76,9 +77,9 @@ LOWERINGS = {low.name: low for low in (
     Lowering("contrib", "dense", doc="onnxruntime's com.microsoft.MultiHeadAttention with attention_bias",
              softcap=False),   # MultiHeadAttention has no softcap
     Lowering("routed", "routed", doc="queries grouped by the key block they chose: Scatter / Gather, batched MatMul, "
-             "softmax statistics merged per query", softcap=False),
+             "softmax statistics merged per query", softcap=False, bias=False),
     Lowering("routed_dense", "routed", doc="the routed blocks as a dense mask: MatMul / Add / Softmax / MatMul over "
-             "all keys", softcap=False),
+             "all keys", softcap=False, bias=False),
 )}
 
 
@@ -90,7 +91,8 @@ def op_type(lowering: str, has_bias: bool, softcap: bool = False) -> str:
 
 # op type -> (lowering, has_bias, softcap)
 OP_TYPES = {op_type(low.name, bias, cap): (low.name, bias, cap) for low in LOWERINGS.values()
-            for cap in ((False, True) if low.softcap else (False,)) for bias in (False, True)}
+            for cap in ((False, True) if low.softcap else (False,))
+            for bias in ((False, True) if low.bias else (False,))}
 
 
 def attention_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:

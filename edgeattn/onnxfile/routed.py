@@ -18,10 +18,14 @@ from __future__ import annotations
 
 from onnx import FunctionProto, TensorProto, helper
 
-from .bodies import OP_TYPES, _cast, _float, _function, _ints, _scaled_q, dense_nodes
+from .bodies import _cast, _float, _function, _ints, _scaled_q, dense_nodes
 
 n = helper.make_node
 LOWEST = -3.0e38   # a finite "minus infinity" for row maxima: exp(LOWEST - m) is 0 without inf - inf = NaN
+
+
+def _zero_int():
+    return helper.make_tensor("zero", TensorProto.INT64, [1], [0])
 
 
 def _reduce(op: str, opset: int, x: str, out: str, axis: int, keepdims: int = 1) -> list:
@@ -32,33 +36,39 @@ def _reduce(op: str, opset: int, x: str, out: str, axis: int, keepdims: int = 1)
 
 
 def _shapes() -> list:
-    """bh (B, H), n_q (N,), d_q, d_v, bk (Bk,), nb (N / Bk,), s (S,), g (B * H,), their scalar forms, constants."""
+    """bh (B, H), n_q (N,), bk (Bk,), nb (N / Bk,) and constants."""
     return [
         n("Shape", ["q"], ["bh"], start=0, end=2),
         n("Shape", ["q"], ["n_q"], start=2, end=3),
+        n("Shape", ["local"], ["bk"], start=0, end=1),
+        n("Div", ["n_q", "bk"], ["nb"]),
+        _ints("zero_i", 0), _ints("one_1", [1]), _ints("minus_one", [-1]),
+    ]
+
+
+def _routed_shapes() -> list:
+    """d_q, d_v, s (S,), the shape of ``blocks``, g (B * H,) and its scalar."""
+    return [
         n("Shape", ["q"], ["d_q"], start=3, end=4),
         n("Shape", ["v"], ["d_v"], start=3, end=4),
-        n("Shape", ["local"], ["bk"], start=0, end=1),
         n("Shape", ["blocks"], ["s"], start=3, end=4),
         n("Shape", ["blocks"], ["blocks_shape"]),
-        n("Div", ["n_q", "bk"], ["nb"]),
         n("ReduceProd", ["bh"], ["g"], keepdims=1),
-        _ints("zero_i", 0), _ints("one_1", [1]), _ints("minus_one", [-1]),
-        n("Squeeze", ["nb"], ["nb_s"]), n("Squeeze", ["n_q"], ["n_s"]), n("Squeeze", ["g"], ["g_s"]),
+        n("Squeeze", ["g"], ["g_s"]),
     ]
 
 
 def _selection(opset: int) -> list:
-    """``sel`` (B, H, N, nb) int64: 1 where a query chose the block; ``valid``, ``blk`` (B, H, N, S)."""
+    """``sel`` (B, H, N, nb) bool: where a query chose the block (one-hot per chosen block, any of them)."""
     return [
-        n("GreaterOrEqual", ["blocks", "zero_i"], ["valid"]),
-        n("Max", ["blocks", "zero_i"], ["blk"]),
-        # a query adds 1 at each block it chose and 0 (at block 0) for each "none": its chosen blocks are distinct,
-        # so every entry ends 0 or 1, whatever order the runtime adds in
-        n("Cast", ["valid"], ["valid_i"], to=TensorProto.INT64),
-        n("Concat", ["bh", "n_q", "nb"], ["sel_shape"], axis=0),
-        n("ConstantOfShape", ["sel_shape"], ["no_block"], value=helper.make_tensor("z", TensorProto.INT64, [1], [0])),
-        n("ScatterElements", ["no_block", "blk", "valid_i"], ["sel"], axis=3, reduction="add"),
+        n("Squeeze", ["nb"], ["nb_s"]),
+        _ints("one_i", 1),
+        n("Range", ["zero_i", "nb_s", "one_i"], ["block_ids"]),
+        n("Unsqueeze", ["blocks", "minus_one"], ["blocks_1"]),
+        n("Equal", ["blocks_1", "block_ids"], ["hit"]),                       # (B, H, N, S, nb); -1 hits nothing
+        n("Cast", ["hit"], ["hit_i"], to=TensorProto.INT32),
+        *_reduce("ReduceMax", opset, "hit_i", "sel_i", 3, keepdims=0),
+        n("Cast", ["sel_i"], ["sel"], to=TensorProto.BOOL),
     ]
 
 
@@ -67,8 +77,7 @@ def routed_dense(opset: int, name: str) -> FunctionProto:
 
     The reference lowering of the routed layout: all N^2 scores, the same choice of blocks."""
     nodes = _shapes() + _selection(opset) + [
-        n("Cast", ["sel"], ["sel_b"], to=TensorProto.BOOL),
-        n("Unsqueeze", ["sel_b", "minus_one"], ["sel_b1"]),
+        n("Unsqueeze", ["sel", "minus_one"], ["sel_b1"]),
         n("Concat", ["bh", "n_q", "nb", "bk"], ["sel_keys_shape"], axis=0),
         n("Expand", ["sel_b1", "sel_keys_shape"], ["sel_keys"]),                   # (B, H, N, nb, Bk)
         # shapes that repeat a dimension are Tiles: onnxslim 0.1.98 fails on a node that reads one tensor twice
@@ -97,9 +106,8 @@ def routed_dense(opset: int, name: str) -> FunctionProto:
 def routed(opset: int, name: str) -> FunctionProto:
     """Queries grouped by the block they chose, one Bk x Bk MatMul per tile of a group, softmax statistics merged
     per query with its own block's: the work of the chosen blocks (see the module docstring)."""
-    assert not OP_TYPES[name][1], "the routed layout takes no bias"
-    nodes = _shapes() + [*_scaled_q(), _float("lowest", LOWEST), _float("zero_f", 0.0)] + _own(opset) + \
-        _slots(opset) + _tiles(opset) + _merge(opset)
+    nodes = _shapes() + _routed_shapes() + [*_scaled_q(), _float("lowest", LOWEST), _float("zero_f", 0.0)] + \
+        _own(opset) + _slots(opset) + _tiles(opset) + _merge(opset)
     return _function(name, opset, nodes, routed.__doc__)
 
 
@@ -143,11 +151,14 @@ def _own(opset: int) -> list:
 
 def _slots(opset: int) -> list:
     """Where each (query, chosen block) pair goes, in O(N * S): ``slot`` (B, H, N, S) in a group's rows [0, rows),
-    and ``slot_query`` (G * rows,), the flat query row each slot reads (padding slots read row 0: computed, unused).
+    ``slot_query`` (G * rows,), the flat query row each slot reads, and ``tile_block`` (G, tiles), the block of each
+    tile of Bk rows (padding slots and tiles read row 0 and block 0: computed, unused).
 
-    The pairs are sorted by (block, query) with one TopK on the key ``block * N + query`` (pairs without a block
-    last); a valid pair at sorted position p is the (p - first position of its block)-th of its group, so its slot
-    is p plus its block's padded start minus its unpadded start."""
+    One TopK sorts the pairs by the key ``block * N + query`` (pairs without a block last).  In that order a
+    block's pairs are consecutive: a pair's rank in its group is its position minus its group's first position,
+    and the group starts after the rows of the groups before it, each rounded up to whole tiles (an exclusive
+    CumSum of those sizes, entered at each group's last pair).  Scatters here write distinct slots (only the
+    spare last slot, which nothing reads, is written twice): no Scatter reduction, which onnx2tf cannot convert."""
     return [
         _ints("one_i", 1),
         n("GreaterOrEqual", ["blocks", "zero_i"], ["valid"]),
@@ -155,20 +166,6 @@ def _slots(opset: int) -> list:
         n("Concat", ["g", "minus_one"], ["pairs_shape"], axis=0),
         n("Reshape", ["blk", "pairs_shape"], ["pair_block"]),                # (G, P), P = N * S
         n("Reshape", ["valid", "pairs_shape"], ["pair_valid"]),
-        n("Cast", ["pair_valid"], ["pair_one"], to=TensorProto.INT64),
-        # per block, how many queries chose it; its rows rounded up to whole tiles
-        n("Concat", ["g", "nb"], ["g_nb"], axis=0),
-        n("ConstantOfShape", ["g_nb"], ["no_count"], value=helper.make_tensor("z", TensorProto.INT64, [1], [0])),
-        n("ScatterElements", ["no_count", "pair_block", "pair_one"], ["counts"], axis=1, reduction="add"),  # (G, nb)
-        n("Sub", ["bk", "one_1"], ["bk_less"]),
-        n("Add", ["counts", "bk_less"], ["counts_up"]),
-        # rounded down to whole tiles with Mod: OpenVINO 2026.4 folds an integer (x / bk) * bk into x
-        n("Mod", ["counts_up", "bk"], ["counts_over"]),
-        n("Sub", ["counts_up", "counts_over"], ["group_rows"]),
-        n("CumSum", ["group_rows", "one_i"], ["group_end"]),
-        n("Sub", ["group_end", "group_rows"], ["group_start"]),
-        n("CumSum", ["counts", "one_i"], ["count_start"], exclusive=1),
-        n("Sub", ["group_start", "count_start"], ["slot_shift"]),           # (G, nb)
         # sort the pairs by (block, query)
         n("Mul", ["n_q", "s"], ["p"]),
         n("Squeeze", ["p"], ["p_s"]),
@@ -180,13 +177,41 @@ def _slots(opset: int) -> list:
         n("Add", ["none_base", "pair_query_id"], ["none_key"]),
         n("Where", ["pair_valid", "valid_key", "none_key"], ["sort_key"]),
         n("TopK", ["sort_key", "p"], ["sorted_key", "order"], axis=1, largest=0, sorted=1),
-        n("Div", ["sorted_key", "n_q"], ["sorted_block_raw"]),
+        n("Div", ["sorted_key", "n_q"], ["sorted_block"]),                  # nb for pairs without a block
         n("Mod", ["sorted_key", "n_q"], ["sorted_query"]),
-        n("Less", ["sorted_block_raw", "nb"], ["sorted_valid"]),
-        n("Sub", ["nb", "one_1"], ["last_block"]),
-        n("Min", ["sorted_block_raw", "last_block"], ["sorted_block"]),
-        n("GatherElements", ["slot_shift", "sorted_block"], ["sorted_shift"], axis=1),
-        n("Add", ["pair_ids", "sorted_shift"], ["sorted_slot"]),             # (G, P)
+        n("Less", ["sorted_block", "nb"], ["sorted_valid"]),
+        # where each group starts and ends in sorted order
+        n("Sub", ["p", "one_1"], ["p_less"]),
+        _ints("axis_1", [1]), _ints("zero_i_1", [0]),
+        n("Slice", ["sorted_block", "zero_i_1", "p_less", "axis_1"], ["block_before_raw"]),
+        n("Slice", ["sorted_block", "one_1", "p", "axis_1"], ["block_after_raw"]),
+        n("Concat", ["g", "one_1"], ["g_col"], axis=0),
+        n("ConstantOfShape", ["g_col"], ["no_block_col"], value=helper.make_tensor("m", TensorProto.INT64, [1], [-1])),
+        n("Concat", ["no_block_col", "block_before_raw"], ["block_before"], axis=1),
+        n("Concat", ["block_after_raw", "no_block_col"], ["block_after"], axis=1),
+        n("Equal", ["sorted_block", "block_before"], ["same_before"]),
+        n("Not", ["same_before"], ["group_starts"]),
+        n("Equal", ["sorted_block", "block_after"], ["same_after"]),
+        n("Not", ["same_after"], ["group_ends"]),
+        n("Cast", ["group_starts"], ["group_starts_i"], to=TensorProto.INT64),
+        n("CumSum", ["group_starts_i", "one_i"], ["group_count"]),
+        n("Sub", ["group_count", "one_1"], ["group_of"]),                   # (G, P): the pair's group, 0, 1, ...
+        n("Where", ["group_starts", "group_of", "p"], ["start_index"]),     # others write the spare last column
+        n("Add", ["p", "one_1"], ["p_spare"]),
+        n("Concat", ["g", "p_spare"], ["g_p_spare"], axis=0),
+        n("ConstantOfShape", ["g_p_spare"], ["no_start"], value=_zero_int()),
+        n("Shape", ["sorted_key"], ["pairs_2d"]),
+        n("Expand", ["pair_ids", "pairs_2d"], ["pair_ids_2d"]),
+        n("ScatterElements", ["no_start", "start_index", "pair_ids_2d"], ["group_first_pos"], axis=1),
+        n("GatherElements", ["group_first_pos", "group_of"], ["first_pos"], axis=1),
+        n("Sub", ["pair_ids", "first_pos"], ["rank"]),                       # the pair's rank in its group
+        # a group's rows: its pairs rounded up to whole tiles (Mod: OpenVINO 2026.4 folds (x / bk) * bk into x)
+        n("Add", ["rank", "bk"], ["count_up"]),                              # (rank + 1) + (bk - 1)
+        n("Mod", ["count_up", "bk"], ["count_over"]),
+        n("Sub", ["count_up", "count_over"], ["group_rows"]),
+        n("Where", ["group_ends", "group_rows", "zero_i"], ["rows_at_end"]),
+        n("CumSum", ["rows_at_end", "one_i"], ["group_start"], exclusive=1),
+        n("Add", ["group_start", "rank"], ["sorted_slot"]),                  # (G, P)
         # rows per group: N * (S + 1); one more slot at the end takes every pair without a block
         n("Add", ["s", "one_1"], ["s_1"]),
         n("Mul", ["n_q", "s_1"], ["rows"]),
@@ -194,16 +219,22 @@ def _slots(opset: int) -> list:
         n("Mul", ["nb", "s_1"], ["tiles"]),
         n("Where", ["sorted_valid", "sorted_slot", "rows"], ["sorted_slot_or_dummy"]),
         n("Range", ["zero_i", "g_s", "one_i"], ["group_ids"]),
-        n("Concat", ["g", "one_1"], ["g_col"], axis=0),
         n("Reshape", ["group_ids", "g_col"], ["group_ids_2"]),             # (G, 1)
         n("Mul", ["group_ids_2", "n_q"], ["query_base"]),
         n("Add", ["query_base", "sorted_query"], ["sorted_query_row"]),
         n("Concat", ["g", "rows_dummy"], ["g_rows_dummy"], axis=0),
-        n("ConstantOfShape", ["g_rows_dummy"], ["no_query"], value=helper.make_tensor("z", TensorProto.INT64, [1], [0])),
+        n("ConstantOfShape", ["g_rows_dummy"], ["no_query"], value=_zero_int()),
         n("ScatterElements", ["no_query", "sorted_slot_or_dummy", "sorted_query_row"], ["slot_query_dummy"], axis=1),
-        _ints("zero_i_1", [0]),
-        n("Slice", ["slot_query_dummy", "zero_i_1", "rows", "one_1"], ["slot_query_g"]),   # drop the dummy slot
+        n("Slice", ["slot_query_dummy", "zero_i_1", "rows", "one_1"], ["slot_query_g"]),   # drop the spare slot
         n("Reshape", ["slot_query_g", "minus_one"], ["slot_query"]),
+        # the block of each tile: the block its first slot was written for
+        n("ScatterElements", ["no_query", "sorted_slot_or_dummy", "sorted_block"], ["slot_block_dummy"], axis=1),
+        n("Slice", ["slot_block_dummy", "zero_i_1", "rows", "one_1"], ["slot_block"]),
+        n("Concat", ["g", "tiles", "bk"], ["g_tiles_bk"], axis=0),
+        n("Reshape", ["slot_block", "g_tiles_bk"], ["slot_block_3"]),
+        _ints("axis_2_1", [2]),
+        n("Slice", ["slot_block_3", "zero_i_1", "one_1", "axis_2_1"], ["tile_first_block"]),
+        n("Squeeze", ["tile_first_block", "axis_2_1"], ["tile_block"]),     # (G, tiles)
         # each pair's slot, in the pairs' own order
         n("ScatterElements", ["sort_key", "order", "sorted_slot"], ["pair_slot"], axis=1),   # order: a permutation
         n("Reshape", ["pair_slot", "blocks_shape"], ["slot"]),              # (B, H, N, S)
@@ -222,17 +253,6 @@ def _tiles(opset: int) -> list:
         n("Gather", ["q_rows", "slot_query"], ["q_slots"], axis=0),
         n("Concat", ["g", "tiles", "bk", "d_q"], ["tile_q_shape"], axis=0),
         n("Reshape", ["q_slots", "tile_q_shape"], ["q_tiles"]),               # (G, tiles, Bk, D)
-        # the block of tile t: how many groups end at or before its first row
-        n("Squeeze", ["tiles"], ["tiles_s"]),
-        n("Range", ["zero_i", "tiles_s", "one_i"], ["tile_ids"]),
-        n("Mul", ["tile_ids", "bk"], ["tile_row"]),
-        _ints("tile_row_shape", [1, -1, 1]),
-        n("Reshape", ["tile_row", "tile_row_shape"], ["tile_row_3"]),         # (1, tiles, 1)
-        n("Unsqueeze", ["group_end", "one_1"], ["group_end_3"]),             # (G, 1, nb)
-        n("LessOrEqual", ["group_end_3", "tile_row_3"], ["ended"]),
-        n("Cast", ["ended"], ["ended_i"], to=TensorProto.INT64),
-        *_reduce("ReduceSum", opset, "ended_i", "tile_block_raw", -1, keepdims=0),   # (G, tiles)
-        n("Min", ["tile_block_raw", "last_block"], ["tile_block"]),           # tiles past the last group: padding
         n("Mul", ["group_ids_2", "nb"], ["block_base"]),
         n("Add", ["block_base", "tile_block"], ["tile_key_block"]),
         n("Reshape", ["tile_key_block", "minus_one"], ["tile_key_block_flat"]),
