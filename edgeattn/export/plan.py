@@ -4,7 +4,8 @@
 ``auto`` picks ``blocked`` when the block table scores at most half of what a dense table scores (sparse masks);
 otherwise a dense-table node (``attention`` at opset >= 23, else ``dense``) that each runtime executes its fastest
 way (``Runtime.runs_as``), so one file stays portable.  Attention over a mask computed in the graph has no static
-table: it gets a dense-table node.
+table: it gets a dense-table node.  Attention over key blocks a router chooses in the graph (:mod:`edgeattn.routing`)
+gets ``routed``, or ``routed_dense`` when ``dense`` is asked for.
 
 :func:`applied` switches every ``MaskTable`` to the table layout its lowering reads for the time of the trace and
 yields the :class:`Plan`; export then gives each traced node its lowering from the plan, by the name its table has
