@@ -86,27 +86,47 @@ def bench(mask_name, n, runs, tmp, lowerings=("dense", "auto")):
     row = dict(mask=mask_name, tokens=n, density=float(dense.float().mean()), auto=describe(table),
                auto_work=getattr(table, "work_fraction", 1.0))
     for lowering in lowerings:
-        path = Path(tmp) / f"{mask_name}-{n}-{lowering}.onnx"
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            export_onnx(layer, (x,), path, lowering=lowering)
-        row[f"{lowering}_file_mb"] = path.stat().st_size / 1e6
-        for runtime in RUNTIMES:
-            key = f"{lowering}_{runtime}"
-            try:
-                session = edgeattn.load(path, runtime)
-                feeds = {session.inputs[0].name: x.numpy()}
-                out = next(iter(session.run(feeds).values()))
-                row[f"{key}_err"] = float((torch.from_numpy(out) - ref).abs().max())
-                row[f"{key}_ms"] = median_ms(lambda: session.run(feeds), runs)
-                del session
-            except Exception as e:   # a failed row is reported, not fatal
-                row[f"{key}_error"] = str(e).splitlines()[0][:200]
-        path.unlink()
+        measure_lowering(layer, x, ref, Path(tmp) / f"{mask_name}-{n}-{lowering}.onnx", lowering, runs, row)
     for runtime in RUNTIMES:
         d, a = row.get(f"dense_{runtime}_ms"), row.get(f"auto_{runtime}_ms")
         row[f"{runtime}_speedup"] = d / a if d and a else None
     return row
+
+
+def measure_lowering(model, x, ref, path, lowering, runs, row):
+    """Export ``model`` at ``x`` with ``lowering``, then per runtime record in ``row`` (keys ``<lowering>_<runtime>_``)
+    the load time, the max error against ``ref`` and the median ms; a failed runtime is reported, not fatal."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        export_onnx(model, (x,), path, lowering=lowering)
+    row[f"{lowering}_file_mb"] = path.stat().st_size / 1e6
+    for runtime in RUNTIMES:
+        key = f"{lowering}_{runtime}"
+        try:
+            start = time.perf_counter()
+            session = edgeattn.load(path, runtime)
+            row[f"{key}_load_s"] = time.perf_counter() - start
+            feeds = {session.inputs[0].name: x.numpy()}
+            out = next(iter(session.run(feeds).values()))
+            row[f"{key}_err"] = float((torch.from_numpy(out) - ref).abs().max())
+            row[f"{key}_ms"] = median_ms(lambda: session.run(feeds), runs)
+            session = None   # free it before the next runtime loads
+        except Exception as e:   # a failed row is reported, not fatal
+            row[f"{key}_error"] = str(e).splitlines()[0][:200]
+    path.unlink()
+
+
+def errors(row) -> str:
+    """The row's largest error against eager, and what failed."""
+    errs = [v for k, v in row.items() if k.endswith("_err")]
+    fails = [f"{k}: {v}" for k, v in row.items() if k.endswith("_error")]
+    return f"{max(errs, default=float('nan')):.1e}" + ("  FAILED " + "; ".join(fails) if fails else "")
+
+
+def write_json(path, rows):
+    """After each row, so a run cut short keeps what it measured."""
+    if path:
+        Path(path).write_text(json.dumps(dict(command=" ".join(sys.argv), rows=rows), indent=2))
 
 
 def fmt(v, spec):
@@ -132,14 +152,10 @@ def main():
                 rows.append(r)
                 cells = [f"{fmt(r.get(f'dense_{rt}_ms'), '8.2f')} {fmt(r.get(f'auto_{rt}_ms'), '8.2f')} "
                          f"{fmt(r.get(f'{rt}_speedup'), '5.2f')}x" for rt in RUNTIMES]
-                errs = [v for k, v in r.items() if k.endswith("_err")]
-                fails = [f"{k}: {v}" for k, v in r.items() if k.endswith("_error")]
                 print(f"{mask_name:10s} {n:6d} {r['density']:7.1%} {r['auto']:>20s} {r['auto_work']:6.1%} | "
                       + " | ".join(cells) + f" | {fmt(r.get('dense_file_mb'), '.1f')}/{r['auto_file_mb']:.1f} | "
-                      f"{max(errs, default=float('nan')):.1e}" + ("  FAILED " + "; ".join(fails) if fails else ""),
-                      flush=True)
-                if args.json:
-                    Path(args.json).write_text(json.dumps(dict(command=" ".join(sys.argv), rows=rows), indent=2))
+                      + errors(r), flush=True)
+                write_json(args.json, rows)
 
 
 if __name__ == "__main__":

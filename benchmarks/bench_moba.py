@@ -12,24 +12,15 @@ for every chosen block and the own block, fully).  Eager is edgeattn's PyTorch r
 1,024 queries with the routed mask), the module's own forward.
 """
 import argparse
-import contextlib
-import io
-import json
-import sys
 import tempfile
-import time
-import warnings
 from pathlib import Path
 
 import torch
 
-import edgeattn
-from edgeattn.export import export_onnx
 from edgeattn.models.moba import MobaBlock
 
-from bench_lm_masks import median_ms
+from bench_lm_masks import RUNTIMES, errors, fmt, measure_lowering, median_ms, write_json
 
-RUNTIMES = ["ort-cpu", "openvino-cpu"]
 BLOCK, TOP_K, DIM, HEADS = 128, 4, 64, 2
 
 
@@ -42,30 +33,8 @@ def bench(n, runs, eager_runs, dense, tmp):
         row = dict(tokens=n, eager_ms=median_ms(lambda: block(x), eager_runs))
     row["chosen_gflop"] = 4 * HEADS * (DIM // HEADS) * n * TOP_K * BLOCK / 1e9
     for lowering in ("auto", "dense") if dense else ("auto",):
-        path = Path(tmp) / f"moba-{n}-{lowering}.onnx"
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            export_onnx(block, (x,), path, lowering=lowering)
-        row[f"{lowering}_file_mb"] = path.stat().st_size / 1e6
-        for runtime in RUNTIMES:
-            key = f"{lowering}_{runtime}"
-            try:
-                start = time.perf_counter()
-                session = edgeattn.load(path, runtime)
-                row[f"{key}_load_s"] = time.perf_counter() - start
-                feeds = {session.inputs[0].name: x.numpy()}
-                out = next(iter(session.run(feeds).values()))
-                row[f"{key}_err"] = float((torch.from_numpy(out) - ref).abs().max())
-                row[f"{key}_ms"] = median_ms(lambda: session.run(feeds), runs)
-                session = None   # free it before the next runtime loads
-            except Exception as e:   # a failed row is reported, not fatal
-                row[f"{key}_error"] = str(e).splitlines()[0][:200]
-        path.unlink()
+        measure_lowering(block, x, ref, Path(tmp) / f"moba-{n}-{lowering}.onnx", lowering, runs, row)
     return row
-
-
-def fmt(v, spec):
-    return "-" if v is None else f"{v:{spec}}"
 
 
 def main():
@@ -93,13 +62,9 @@ def main():
                 r[f"{rt}_gflops"] = r["chosen_gflop"] / a * 1e3 if a else None
                 cells.append(f"{fmt(d, '8.1f')} {fmt(a, '7.1f')} {fmt(r[f'{rt}_x_dense'], '5.1f')}x "
                              f"{fmt(r[f'{rt}_x_eager'], '5.1f')}x {fmt(r[f'{rt}_gflops'], '5.1f')}")
-            errs = [v for k, v in r.items() if k.endswith("_err")]
-            fails = [f"{k}: {v}" for k, v in r.items() if k.endswith("_error")]
-            print(f"{n:6d} {r['eager_ms']:9.1f} | " + " | ".join(cells) + f" | {r['auto_file_mb']:.2f} | "
-                  f"{max(errs, default=float('nan')):.1e}" + ("  FAILED " + "; ".join(fails) if fails else ""),
+            print(f"{n:6d} {r['eager_ms']:9.1f} | " + " | ".join(cells) + f" | {r['auto_file_mb']:.2f} | " + errors(r),
                   flush=True)
-            if args.json:
-                Path(args.json).write_text(json.dumps(dict(command=" ".join(sys.argv), rows=rows), indent=2))
+            write_json(args.json, rows)
 
 
 if __name__ == "__main__":
