@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 from . import models, onnxfile, parity, plots, runtimes
 from .onnxfile import formats
-from .errors import EdgeAttnError
+from .errors import EdgeAttnError, first_line
 from .export import DEFAULT_OPSET, LOWERING_CHOICES, calibration_feeds, export_onnx
 from .export.precision import DTYPES, PRECISIONS, QUANTIZE, default_opset
 from .files import atomic_write, check_writable
@@ -71,6 +71,7 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
     if unknown:
         raise EdgeAttnError(f"unknown precision or form {unknown[0]!r}; choose from: {', '.join(PRECISIONS)} / "
                             f"{', '.join(FORMS)}")
+    every_lowering = not is_file and not lowerings and not precisions   # the default list, not asked for by name
     with tempfile.TemporaryDirectory(prefix="edgeattn-bench-") as tmp:
         given = None   # a given file's header is read once, here; a model's files are exported below
         if is_file:   # (lowering, precision, opset, form, file)
@@ -87,27 +88,38 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
                     for prec in precisions or ["fp32"] for low in lowerings for form in forms or FORMS]
         inputs = list(built.inputs.values())
         step = _stepper(progress, len(reference) + len(plan) * len(names))
-        rows, eager_ms = [], None
+        rows, eager_ms, eager_timed = [], None, False
         for lowering, precision, opset, form, path in plan:
             export_s = None
             if path is None:
                 path = Path(tmp) / f"model-{lowering}-{precision}-{form}.onnx"
                 step(f"exporting {lowering} {precision} {form}", advance=False)
                 start = time.perf_counter()
-                export_onnx(built.exported, inputs, path, opset=opset, lowering=lowering, runtimes=_targets(lowering),
-                            input_names=list(built.inputs), output_names=list(built.outputs) or None,
-                            metadata_props={"model": built.name, "config": built.config, "seed": built.seed},
-                            dtype=precision if precision in DTYPES else "fp32",
-                            quantize=precision if precision in QUANTIZE else None,
-                            calibration=calibration_feeds(built) if precision == "int8-static" else None,
-                            custom_op=form == "custom-op")
+                try:
+                    export_onnx(built.exported, inputs, path, opset=opset, lowering=lowering,
+                                runtimes=_targets(lowering), input_names=list(built.inputs),
+                                output_names=list(built.outputs) or None,
+                                metadata_props={"model": built.name, "config": built.config, "seed": built.seed},
+                                dtype=precision if precision in DTYPES else "fp32",
+                                quantize=precision if precision in QUANTIZE else None,
+                                calibration=calibration_feeds(built) if precision == "int8-static" else None,
+                                custom_op=form == "custom-op")
+                except EdgeAttnError as e:
+                    if not every_lowering:   # asked for by name: say why not
+                        raise
+                    # a lowering this model's attention has no body for (routed attention has no `attention`)
+                    for n in names:
+                        step(f"{n} {lowering}: n/a")
+                        rows.append(BenchRow(n, lowering, "n/a", form, precision, opset=opset, detail=first_line(e)))
+                    continue
                 export_s = time.perf_counter() - start
             file = given or formats.header(path)
             meta = file.metadata
             label, tables_mb = _label(lowering, meta), meta.get("table_bytes", 0) / 1e6
             feeds, outputs = parity.reference_outputs(built.module, inputs, path, file)
             # the reference (eager torch) is timed once, with the first file, before the runtimes
-            timed = names if rows else reference + names
+            timed = names if eager_timed else reference + names
+            eager_timed = True
             results = parity.check_sessions(outputs, feeds, path, timed, runs, accuracy=False, module=built.module,
                                             contents=onnxfile.Contents.of(meta),
                                             progress=lambda n: step(f"{n} {label}" if n in names else "torch eager"))
@@ -142,11 +154,12 @@ def _size_mb(path: Path) -> float:
 
 
 def _label(lowering: str, meta: dict) -> str:
-    """``auto`` shows what it chose (from the file's metadata): ``auto:blocked``."""
-    if lowering != "auto":
-        return lowering
+    """``auto`` shows what it chose (from the file's metadata): ``auto:blocked``; so does a lowering some node has
+    another body for (``dense:routed_dense``: routed attention's dense lowering)."""
     chosen = sorted({m["lowering"] for m in meta.get("masks", [])})
-    return f"auto:{'/'.join(chosen)}"
+    if lowering != "auto" and chosen in ([], [lowering]):
+        return lowering
+    return f"{lowering}:{'/'.join(chosen)}"
 
 
 def _stepper(progress, total):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeattn import EdgeAttnError, export_onnx, load, parity
+from edgeattn import EdgeAttnError, bench, export_onnx, load, parity
 from edgeattn.layers import RoutedSelfAttention
 from edgeattn.routing import candidates, moba_gate, pool_blocks, routed_attention, select_blocks
 
@@ -108,3 +108,14 @@ def test_bad_input_is_one_clear_error(tmp_path):
     with pytest.raises(EdgeAttnError, match="no attention lowering; export it with --lowering auto"):
         export_onnx(Routed(32, 3), [q, k, v], tmp_path / "x.onnx", lowering="attention", opset=23)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_bench_marks_the_lowerings_routed_attention_has_not(tmp_path):
+    rows = bench.run("moba-lm", ["ort-cpu"], runs=1, forms=["standard"])
+    by_lowering = {r.lowering: r for r in rows if r.runtime == "ort-cpu"}
+    assert by_lowering["auto:routed"].status == "ok" and by_lowering["dense:routed_dense"].status == "ok"
+    assert by_lowering["blocked:routed"].status == "ok"
+    for lowering in ("attention", "contrib"):
+        assert by_lowering[lowering].status == "n/a" and "has no" in by_lowering[lowering].detail
+    with pytest.raises(EdgeAttnError, match="has no attention lowering"):   # asked for by name: an error
+        bench.run("moba-lm", ["ort-cpu"], lowerings=["attention"], runs=1, forms=["standard"])
