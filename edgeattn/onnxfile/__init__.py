@@ -49,7 +49,8 @@ TABLE_INPUTS = {"dense": ("mask", "bias"),
                 "blocked": ("q_index", "kv_index", "q_pos", "bank", "block", "bank_bias"),
                 # content-routed blocks (MoBA): ``blocks`` (B, H, N, S) int64, computed in the graph, the key blocks
                 # each query attends in full (-1: none; distinct, never the query's own block); ``local`` (Bk, Bk)
-                # bool, static: which keys of its own block a query attends (Bk = block size, Bk divides N)
+                # bool, static: which keys of its own block a query attends (Bk = block size, Bk divides N; the
+                # diagonal True)
                 "routed": ("blocks", "local", "bias")}
 # scale: softmax scale; mask: the mask's name; dtype: ONNX element type of q, so a body types its constants
 # statically; layout: which TABLE_INPUTS follow q, k, v; lowering: the body; heads: q's head count (contrib's

@@ -1,16 +1,17 @@
 """Standard-op bodies for the ``routed`` layout: each query attends the keys of its own block that the static
 ``local`` table allows, plus every key of the blocks its ``blocks`` input lists (chosen in the graph, MoBA-style).
 
-Shapes: q, k, v (B, H, N, D); ``local`` (Bk, Bk) bool, Bk the block size, N = nb * Bk; ``blocks`` (B, H, N, S) int64
-block ids, -1 for none.  The ids of one query are distinct and never its own block (the router makes them so).
+Shapes: q, k, v (B, H, N, D); ``local`` (Bk, Bk) bool, Bk the block size, N = nb * Bk, its diagonal True (a query
+always attends itself); ``blocks`` (B, H, N, S) int64 block ids, -1 for none.  The ids of one query are distinct and
+never its own block (edgeattn.routing makes them so).
 
 ``routed`` computes only what was chosen.  Every (query, chosen block) pair gets a slot in a per-(B, H) buffer where
-the pairs are grouped by block, each group padded to whole tiles of Bk rows: a slot is the group's first tile plus the
-query's rank among the queries that chose that block (a CumSum).  The groups hold N * S pairs, and padding adds at
-most one tile per block, so N * (S + 1) rows always suffice: a static shape.  Each tile is one batched MatMul of Bk
-queries against its block's Bk keys, its softmax statistics (row max, exp-sum, exp-weighted values) are gathered back
-per pair and merged with the own block's, exactly as a softmax over the union of the keys.  The scores and the
-merge are float32 whatever q's dtype.
+the pairs are grouped by block, each group padded to whole tiles of Bk rows (see :func:`_slots`: one TopK sorts the
+pairs, CumSums place them).  The groups hold at most N * S pairs and padding adds less than one tile per block, so
+N * (S + 1) rows always suffice: a static shape.  Each tile is one batched MatMul of Bk queries against its block's
+Bk keys and one Softmax; each pair's log-sum-exp and softmax-weighted values are gathered back and merged with the
+own block's by their log-sum-exp, exactly a softmax over the union of the keys.  Softmax and merge are float32
+whatever q's dtype.
 
 ``routed_dense`` expands the same choice to a (B, H, N, N) mask and runs the dense body: the reference lowering.
 """
