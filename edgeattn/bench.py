@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 from . import models, onnxfile, parity, plots, runtimes
 from .onnxfile import formats
-from .errors import EdgeAttnError, first_line
+from .errors import EdgeAttnError, NoSuchLowering, first_line
 from .export import DEFAULT_OPSET, LOWERING_CHOICES, calibration_feeds, export_onnx
 from .export.precision import DTYPES, PRECISIONS, QUANTIZE, default_opset
 from .files import atomic_write, check_writable
@@ -104,10 +104,9 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
                                 quantize=precision if precision in QUANTIZE else None,
                                 calibration=calibration_feeds(built) if precision == "int8-static" else None,
                                 custom_op=form == "custom-op")
-                except EdgeAttnError as e:
+                except NoSuchLowering as e:   # e.g. routed attention has no `attention` body
                     if not every_lowering:   # asked for by name: say why not
                         raise
-                    # a lowering this model's attention has no body for (routed attention has no `attention`)
                     for n in names:
                         step(f"{n} {lowering}: n/a")
                         rows.append(BenchRow(n, lowering, "n/a", form, precision, opset=opset, detail=first_line(e)))

@@ -22,7 +22,7 @@ import onnx
 import torch
 
 from .. import tables
-from ..errors import EdgeAttnError
+from ..errors import EdgeAttnError, NoSuchLowering
 from ..onnxfile import LOWERINGS, attributes, table_inputs
 
 
@@ -101,7 +101,7 @@ def choose_routed(requested: str) -> Choice:
         return Choice("routed", "blocks chosen in the graph: only they are scored")
     if requested == "dense":
         return Choice("routed_dense", "requested: the chosen blocks as one dense mask")
-    raise EdgeAttnError(f"attention over blocks routed in the graph has no {requested} lowering; export it with "
+    raise NoSuchLowering(f"attention over blocks routed in the graph has no {requested} lowering; export it with "
                         f"--lowering auto (only the chosen blocks are scored) or dense (the same choice as a dense "
                         f"mask)")
 
