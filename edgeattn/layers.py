@@ -200,7 +200,7 @@ class RoutedSelfAttention(nn.Module):
                  qkv_bias: bool = True):
         super().__init__()
         self.heads, self.head_dim = heads, check_heads(dim, heads)
-        check_routing(block, block, top_k)
+        check_routing(block, top_k)
         self.block, self.top_k, self.causal, self.router = block, top_k, causal, router
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)

@@ -58,11 +58,13 @@ def select_blocks(scores: torch.Tensor, allowed: torch.Tensor, count: int, name:
     return torch.where(values > float("-inf"), index, -1)
 
 
-def check_routing(n: int, block: int, top_k: int) -> None:
+def check_routing(block: int, top_k: int, n: Optional[int] = None) -> None:
+    """One clear error for a block or top_k that is not a positive integer, or a block that does not divide ``n``
+    tokens."""
     for name, value in (("block", block), ("top_k", top_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if n % block:
+    if n is not None and n % block:
         raise ValueError(f"routed attention splits the {n} tokens into blocks of {block}, which must divide them; pad "
                          f"the sequence to a multiple of {block} or choose a block that divides {n}")
 
@@ -75,7 +77,7 @@ def routed_attention(q, k, v, block: int, top_k: int, causal: bool = True, route
     A router takes q and the mean-pooled keys (B, H, N / block, D) and returns scores per query (B, H, N, nb) or per
     query block (B, H, N / block, nb); it is traced into the exported graph, so write it with tensor ops."""
     n = q.shape[2]
-    check_routing(n, block, top_k)
+    check_routing(block, top_k, n)
     if k.shape[2] != n:
         raise ValueError(f"routed attention is self-attention over one sequence: q has {n} tokens, k {k.shape[2]}")
     scores = (router or moba_gate)(q, pool_blocks(k, block))

@@ -3,8 +3,8 @@ semantics in :mod:`edgeattn.routing`).  Each query attends its own block causall
 blocks whose mean key best matches it; the choice is computed in the exported graph and only the chosen blocks are
 scored (the ``routed`` lowering, :mod:`edgeattn.onnxfile.routed`).
 
-``moba-lm`` is :mod:`.segment_lm`'s Llama-style decoder (RMSNorm, RoPE, GQA, SwiGLU) with MoBA in every layer, as a
-prefill graph: input_ids -> logits.  MoBA's paper also trains hybrids whose last layers attend fully; a layer that
+``moba-lm`` is :mod:`.segment_lm`'s Llama-style :class:`~.segment_lm.Decoder` (RMSNorm, RoPE, GQA, SwiGLU) with MoBA
+in every layer, as a prefill graph: input_ids -> logits.  MoBA's paper also trains hybrids whose last layers attend fully; a layer that
 does is a plain causal MaskTable, which this model does not need.
 """
 from __future__ import annotations
@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import RoutedSelfAttention, check_heads
+from ..layers import RoutedSelfAttention
 from ..masks.base import check_int
 from ..routing import check_routing, routed_attention
 from . import register
 from .common import token_inputs
-from .segment_lm import Block, RMSNorm
+from .segment_lm import Decoder
 
 
 class MobaBlock(nn.Module):
@@ -25,7 +25,7 @@ class MobaBlock(nn.Module):
 
     def __init__(self, dim: int = 64, heads: int = 2, seq_len: int = 8192, block: int = 128, top_k: int = 4):
         super().__init__()
-        check_routing(check_int("seq_len", seq_len, low=1), block, top_k)
+        check_routing(block, top_k, check_int("seq_len", seq_len, low=1))
         self.seq_len = seq_len
         self.attn = RoutedSelfAttention(dim, heads, block, top_k)
 
@@ -35,47 +35,24 @@ class MobaBlock(nn.Module):
         return self.attn(tokens)
 
 
-class MobaLM(nn.Module):
+class MobaLM(Decoder):
     """input_ids (B, seq_len) int64 -> logits (B, seq_len, vocab)."""
 
     def __init__(self, vocab=512, dim=128, layers=2, heads=4, kv_heads=2, multiple_of=32, norm_eps=1e-5,
                  rope_theta=500000.0, seq_len=1024, block=64, top_k=3):
-        super().__init__()
-        for name, value in (("vocab", vocab), ("dim", dim), ("layers", layers), ("heads", heads),
-                            ("kv_heads", kv_heads), ("multiple_of", multiple_of), ("seq_len", seq_len)):
-            check_int(name, value, low=1)
-        check_routing(seq_len, block, top_k)
-        head_dim = check_heads(dim, heads, even_width=True)   # RoPE rotates channel pairs
-        if heads % kv_heads:
-            raise ValueError(f"kv_heads={kv_heads} must divide heads={heads} (grouped-query attention)")
-        self.vocab, self.seq_len, self.block, self.top_k = vocab, seq_len, block, top_k
-        hidden = multiple_of * -(-int(2 * 4 * dim / 3) // multiple_of)
-        self.tok_embeddings = nn.Embedding(vocab, dim)
-        nn.init.normal_(self.tok_embeddings.weight, std=dim ** -0.5)
-        self.layers = nn.ModuleList(Block(dim, heads, kv_heads, hidden, norm_eps) for _ in range(layers))
-        self.norm = RMSNorm(dim, norm_eps)
-        self.output = nn.Linear(dim, vocab, bias=False)
-        freqs = 1.0 / rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
-        angles = torch.outer(torch.arange(seq_len).float(), freqs)
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        super().__init__(vocab, dim, layers, heads, kv_heads, multiple_of, norm_eps, rope_theta, seq_len,
+                         positions_name="seq_len")
+        check_routing(block, top_k, seq_len)
+        self.seq_len, self.block, self.top_k = seq_len, block, top_k
 
     def forward(self, input_ids):
-        if input_ids.ndim != 2 or input_ids.shape[1] != self.seq_len or input_ids.dtype != torch.int64:
+        if input_ids.ndim != 2 or input_ids.shape[1] != self.seq_len:
             raise ValueError(f"input_ids must be int64 token ids of shape (batch, {self.seq_len}), got "
-                             f"{tuple(input_ids.shape)} {input_ids.dtype}")
-        if not torch.onnx.is_in_onnx_export() and ((input_ids < 0) | (input_ids >= self.vocab)).any():
-            raise ValueError(f"input_ids must be token ids in [0, {self.vocab})")
-
-        def attend(q, k, v):
-            return routed_attention(q, k, v, self.block, self.top_k)
-
-        h = self.tok_embeddings(input_ids)
-        for layer in self.layers:
-            q, k, v = layer.attention.qkv(layer.attention_norm(h), self.rope_cos, self.rope_sin)
-            h = h + layer.attention.out(q, k, v, attend)
-            h = h + layer.feed_forward(layer.ffn_norm(h))
-        return self.output(self.norm(h))
+                             f"{tuple(input_ids.shape)}")
+        logits, _, _ = self.run(input_ids, self.rope_cos, self.rope_sin,
+                                lambda q, k, v: routed_attention(q, k, v, self.block, self.top_k),
+                                lambda i, k, v: (k, v))
+        return logits
 
 
 register("moba-block", "causal attention block with MoBA routing, 8192 tokens, blocks of 128, each query its own "

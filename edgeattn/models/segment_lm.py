@@ -110,32 +110,20 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(dim, hidden)
 
 
-class SegmentLM(nn.Module):
-    """The weights and the layer loop shared by both graphs; :class:`Prefill` and :class:`Decode` add the inputs,
-    the mask and the cache handling.  Both take the same config and build the same parameters in the same order,
-    so one seed gives both the same weights."""
+class Decoder(nn.Module):
+    """The Llama-style decoder's weights and layer loop (:meth:`run`), with rotary tables for ``positions``
+    positions (called ``positions_name`` in errors).  Registered LMs add their inputs, masks and cache handling."""
 
-    def __init__(self, vocab=512, dim=128, layers=4, heads=4, kv_heads=2, multiple_of=32, norm_eps=1e-5,
-                 rope_theta=500000.0, segments=(16, 24, 24), n_sink=4, window=24, max_cache=128,
-                 tie_embeddings=False):
+    def __init__(self, vocab, dim, layers, heads, kv_heads, multiple_of, norm_eps, rope_theta, positions,
+                 tie_embeddings=False, positions_name="positions"):
         super().__init__()
         for name, value in (("vocab", vocab), ("dim", dim), ("layers", layers), ("heads", heads),
-                            ("kv_heads", kv_heads), ("multiple_of", multiple_of), ("max_cache", max_cache)):
+                            ("kv_heads", kv_heads), ("multiple_of", multiple_of), (positions_name, positions)):
             check_int(name, value, low=1)
         head_dim = check_heads(dim, heads, even_width=True)   # RoPE rotates channel pairs
         if heads % kv_heads:
             raise ValueError(f"kv_heads={kv_heads} must divide heads={heads} (grouped-query attention)")
-        if not isinstance(segments, (list, tuple)) or not segments:
-            raise ValueError(f"segments must be a non-empty list of segment lengths, got {segments!r}")
-        lengths = [check_int("segment length", s, low=1) for s in segments]
-        self.prompt_len = sum(lengths)
-        if self.prompt_len > max_cache:
-            raise ValueError(f"the prompt ({self.prompt_len} tokens over segments {lengths}) does not fit the cache "
-                             f"(max_cache={max_cache}); raise max_cache or shorten the segments")
-        self.segment_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-        self.n_sink = check_int("n_sink", n_sink)
-        self.window = check_int("window", window, low=1)
-        self.vocab, self.max_cache, self.kv_heads, self.head_dim = vocab, max_cache, kv_heads, head_dim
+        self.vocab, self.kv_heads, self.head_dim = vocab, kv_heads, head_dim
         hidden = int(2 * 4 * dim / 3)
         hidden = multiple_of * -(-hidden // multiple_of)
         self.tok_embeddings = nn.Embedding(vocab, dim)
@@ -145,7 +133,7 @@ class SegmentLM(nn.Module):
         self.norm = RMSNorm(dim, norm_eps)
         self.output = None if tie_embeddings else nn.Linear(dim, vocab, bias=False)
         freqs = 1.0 / rope_theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim)
-        angles = torch.outer(torch.arange(max_cache).float(), freqs)       # (max_cache, head_dim / 2)
+        angles = torch.outer(torch.arange(positions).float(), freqs)       # (positions, head_dim / 2)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
 
@@ -169,6 +157,29 @@ class SegmentLM(nn.Module):
         h = self.norm(h)
         logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
         return logits, keys, values
+
+
+class SegmentLM(Decoder):
+    """The decoder and the prompt's segments, sinks and window, shared by both graphs; :class:`Prefill` and
+    :class:`Decode` add the inputs, the mask and the cache handling.  Both take the same config and build the same parameters in the same order,
+    so one seed gives both the same weights."""
+
+    def __init__(self, vocab=512, dim=128, layers=4, heads=4, kv_heads=2, multiple_of=32, norm_eps=1e-5,
+                 rope_theta=500000.0, segments=(16, 24, 24), n_sink=4, window=24, max_cache=128,
+                 tie_embeddings=False):
+        super().__init__(vocab, dim, layers, heads, kv_heads, multiple_of, norm_eps, rope_theta, max_cache,
+                         tie_embeddings, positions_name="max_cache")
+        if not isinstance(segments, (list, tuple)) or not segments:
+            raise ValueError(f"segments must be a non-empty list of segment lengths, got {segments!r}")
+        lengths = [check_int("segment length", s, low=1) for s in segments]
+        self.prompt_len = sum(lengths)
+        if self.prompt_len > max_cache:
+            raise ValueError(f"the prompt ({self.prompt_len} tokens over segments {lengths}) does not fit the cache "
+                             f"(max_cache={max_cache}); raise max_cache or shorten the segments")
+        self.segment_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        self.n_sink = check_int("n_sink", n_sink)
+        self.window = check_int("window", window, low=1)
+        self.max_cache = max_cache
 
 
 class Prefill(SegmentLM):
