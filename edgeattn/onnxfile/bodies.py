@@ -255,11 +255,16 @@ def _cast(src: str, dst: str):
 
 
 def _reduce_max(opset: int, x: str, out: str):
-    """ReduceMax over the last axis, keepdims; axes moved from attribute to input at opset 18."""
-    if opset >= 18:
-        return [_ints("last_axis", [-1]),
-                helper.make_node("ReduceMax", [x, "last_axis"], [out], keepdims=1)]
-    return [helper.make_node("ReduceMax", [x], [out], axes=[-1], keepdims=1)]
+    """ReduceMax over the last axis, keepdims."""
+    return _reduce("ReduceMax", opset, x, out, -1)
+
+
+def _reduce(op: str, opset: int, x: str, out: str, axis: int, keepdims: int = 1) -> list:
+    """ReduceMax or ReduceSum over one axis: ReduceMax's axes moved from attribute to input at opset 18 (ReduceSum's
+    at 13, below every opset exported)."""
+    if op == "ReduceSum" or opset >= 18:
+        return [_ints(f"{out}_axis", [axis]), helper.make_node(op, [x, f"{out}_axis"], [out], keepdims=keepdims)]
+    return [helper.make_node(op, [x], [out], axes=[axis], keepdims=keepdims)]
 
 
 def _ints(name: str, values) -> onnx.NodeProto:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from onnx import FunctionProto, TensorProto, helper
 
-from .bodies import _cast, _float, _function, _ints, _scaled_q, dense_nodes
+from .bodies import _cast, _float, _function, _ints, _reduce, _scaled_q, dense_nodes
 
 n = helper.make_node
 LOWEST = -3.0e38   # a finite "minus infinity" for row maxima: exp(LOWEST - m) is 0 without inf - inf = NaN
@@ -27,13 +27,6 @@ LOWEST = -3.0e38   # a finite "minus infinity" for row maxima: exp(LOWEST - m) i
 
 def _zero_int():
     return helper.make_tensor("zero", TensorProto.INT64, [1], [0])
-
-
-def _reduce(op: str, opset: int, x: str, out: str, axis: int, keepdims: int = 1) -> list:
-    """ReduceMax / ReduceSum over one axis: axes is an input since opset 18 (ReduceSum since 13)."""
-    if op == "ReduceSum" or opset >= 18:
-        return [_ints(f"{out}_axis", [axis]), n(op, [x, f"{out}_axis"], [out], keepdims=keepdims)]
-    return [n(op, [x], [out], axes=[axis], keepdims=keepdims)]
 
 
 def _shapes() -> list:
