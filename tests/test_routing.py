@@ -119,3 +119,10 @@ def test_bench_marks_the_lowerings_routed_attention_has_not(tmp_path):
         assert by_lowering[lowering].status == "n/a" and "has no" in by_lowering[lowering].detail
     with pytest.raises(EdgeAttnError, match="has no attention lowering"):   # asked for by name: an error
         bench.run("moba-lm", ["ort-cpu"], lowerings=["attention"], runs=1, forms=["standard"])
+
+
+def test_an_opset_torch_onnx_cannot_write_is_one_clear_error(tmp_path):
+    # torch.onnx cannot take the block means' ReduceMean (axes as an input) down to opset 17 and keeps 18
+    with pytest.raises(EdgeAttnError, match="torch.onnx wrote opset 18, not the 17 asked for.*--opset 18"):
+        export_onnx(Routed(32, 3), qkv(128), tmp_path / "x.onnx", opset=17)
+    assert not (tmp_path / "x.onnx").exists()

@@ -105,6 +105,10 @@ def export_checked(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
     finally:
         model.train(was_training)
     proto = program.model_proto
+    written = next((op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")), request.opset)
+    if written != request.opset:   # torch.onnx keeps its own opset when it cannot convert down (its warning scrolls by)
+        raise EdgeAttnError(f"torch.onnx wrote opset {written}, not the {request.opset} asked for: it could not "
+                            f"convert this model's ops to opset {request.opset}; export with --opset {written}")
     masks, table_bytes = graph.finalize(proto, request, plan, extra=metadata_props)
     if request.quantize:
         if request.quantize == "int8-static" and not calibration:
