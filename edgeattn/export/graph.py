@@ -1,5 +1,6 @@
 """The traced graph -> the file's graph: each attention node gets its planned body, identical tables are stored once,
-the exporter's trace metadata goes, edgeattn's metadata comes in, and the result passes onnx's full checker.
+the exporter's trace metadata goes, edgeattn's metadata comes in, the exact rewrites of :mod:`.simplify` apply, and
+the result passes onnx's full checker.
 
 By default the bodies are inlined: the file holds standard ops only, which every runtime and converter reads without
 edgeattn.  ``custom_op`` keeps each attention node as an ``edgeattn`` op with its body as a model-local function
@@ -16,6 +17,7 @@ from onnx import helper, numpy_helper
 from .. import __version__, onnxfile, runtimes
 from ..errors import EdgeAttnError, first_line
 from ..onnxfile import DOMAIN, LOWERINGS, bodies
+from . import simplify
 from .plan import Plan
 from .request import ExportRequest
 
@@ -68,6 +70,7 @@ def finalize(proto: onnx.ModelProto, request: ExportRequest, plan: Plan, extra: 
         "dynamic_batch": request.dynamic_batch, "precision": request.precision,
         "format": request.format, **({"decisions": decisions} if decisions else {}), **(extra or {})})
     bodies.tensor_constants(proto.graph)
+    simplify.fusable_gelu(proto)
     _check(proto)
     return masks, unique_bytes
 
@@ -113,13 +116,14 @@ def _decisions(graph: onnx.GraphProto) -> list[dict]:
 
 
 def inline(proto: onnx.ModelProto) -> None:
-    """Expand every attention node into its body (standard ops only, constants as tensors) and drop the ``edgeattn``
-    opset import."""
+    """Expand every attention node into its body (standard ops only, constants as tensors), drop the ``edgeattn``
+    opset import and the bodies' row-zeroing where the table has no empty row (:mod:`.simplify`)."""
     inlined = onnx.inliner.inline_local_functions(proto)
     del inlined.opset_import[:]
     inlined.opset_import.extend(op for op in proto.opset_import if op.domain != DOMAIN)
     proto.CopyFrom(inlined)
     bodies.tensor_constants(proto.graph)
+    simplify.drop_constant_where(proto)
     _check(proto)
 
 
