@@ -16,12 +16,15 @@ timm (and RMT ``fvcore``'s FLOP counter, which it never calls).  timm does not i
 without a matching torchvision, so where it is missing the script supplies those names itself, before the
 reference code runs: in eval mode DropPath is the identity, and the other names are not used in a forward pass.
 
-Columns: median ms over --runs after 3 warm-ups; "x" = the peer's time / edgeattn's on the same runtime (above 1:
-edgeattn is faster); load s, file MB, and max abs error against eager.
+Columns: median ms over --runs after 3 warm-ups, the files of a model timed in turns on each runtime (5 rounds)
+so that the machine's drift hits all alike; "x" = the peer's time / edgeattn's on the same runtime (above 1: edgeattn is
+faster; a torch row is compared with edgeattn's faster runtime); load s, file MB (with external data), and max abs
+error against eager.
 """
 import argparse
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,11 +36,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import edgeattn
 from edgeattn import models
 from edgeattn.errors import first_line
 from edgeattn.export import export_registered
 
-from bench_attention import RUNTIMES, median_ms, peak_memory, run_onnx
+from bench_attention import RUNTIMES, WARMUP, median_ms, peak_memory
 
 warnings.filterwarnings("ignore")
 
@@ -246,23 +250,56 @@ def file_mb(path):
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*")) / 1e6
 
 
+def load(rows, row, path, x, ref):
+    """Load one file on one runtime and check its output; returns a function that runs it, or None when it failed
+    (the row then carries the error).  Peak memory covers the load and the first run."""
+    rows.append(row)
+    try:
+        with peak_memory(row):
+            start = time.perf_counter()
+            session = edgeattn.load(path, row["runtime"])
+            row["load_s"] = time.perf_counter() - start
+            feeds = {session.inputs[0].name: x.numpy()}
+            out = next(iter(session.run(feeds).values()))
+        row["max_abs_err"] = float(abs(torch.from_numpy(out) - ref).max())
+        return lambda: session.run(feeds)
+    except Exception as e:
+        row["error"] = first_line(e)
+        return None
+
+
+def interleaved_ms(fns, runs, rounds=5):
+    """Each function's median ms over ``runs`` runs after 3 warm-ups, taken in turns (``rounds`` rounds of
+    runs/rounds each), so that this machine's drift hits every row alike: one after the other, the same file
+    differed by 15% between rows."""
+    for fn in fns:
+        for _ in range(WARMUP):
+            fn()
+    samples = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, times in zip(fns, samples):
+            for _ in range(max(1, runs // rounds)):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+    return [statistics.median(t) * 1e3 for t in samples]
+
+
 def bench_model(name, refs, runs, tmp):
     built = models.build(name, seed=0)
     zoo, x = built.module.eval(), built.inputs["image"]
     with torch.inference_mode():
         ref = zoo(x)
-    rows = []
+    rows, timed = [], []   # timed: (row, run function)
     path = Path(tmp) / f"{name}.onnx"
     start = time.perf_counter()
     export_registered(name, path, lowering="auto")
-    extra = dict(model=name, export_s=time.perf_counter() - start, file_mb=file_mb(path))
-    for runtime in RUNTIMES:
-        run_onnx(rows, "edgeattn auto", runtime, path, x, ref, runs, **extra)
+    files = [("edgeattn auto", path, dict(export_s=time.perf_counter() - start))]
     for peer, build in peers(refs).get(name, []):
         if build is None:
             rows += natten_in_subprocess(name, runs)
             continue
-        path = Path(tmp) / f"{name}-peer-{len(rows)}.onnx"
+        path = Path(tmp) / f"{name}-peer-{len(files)}.onnx"
         try:
             module = build(zoo).eval()
             start = time.perf_counter()
@@ -270,10 +307,17 @@ def bench_model(name, refs, runs, tmp):
         except Exception as e:
             rows.append(dict(model=name, row=peer, runtime="-", error=first_line(e)))
             continue
-        extra = dict(model=name, exporter=exporter, export_s=time.perf_counter() - start,
-                     file_mb=file_mb(path))
+        files.append((peer, path, dict(exporter=exporter, export_s=time.perf_counter() - start)))
+    for label, path, extra in files:
         for runtime in RUNTIMES:
-            run_onnx(rows, peer, runtime, path, x, ref, runs, **extra)
+            row = dict(model=name, row=label, runtime=runtime, file_mb=file_mb(path), **extra)
+            fn = load(rows, row, path, x, ref)
+            if fn is not None:
+                timed.append((row, fn))
+    for runtime in RUNTIMES:   # in turns within a runtime: onnxruntime's spinning threads slow OpenVINO right after
+        group = [(row, fn) for row, fn in timed if row["runtime"] == runtime]
+        for (row, _), ms in zip(group, interleaved_ms([fn for _, fn in group], runs)):
+            row["ms"] = ms
     ours = {r["runtime"]: r["ms"] for r in rows if r["row"] == "edgeattn auto" and r.get("ms")}
     for r in rows:   # a torch row is compared with edgeattn's faster runtime
         mine = ours.get(r["runtime"], min(ours.values(), default=None) if r["runtime"] == "torch" else None)
