@@ -30,7 +30,8 @@ import edgeattn
 from edgeattn import tables
 from edgeattn.export import export_onnx
 from edgeattn.layers import MaskedSelfAttention, split_qkv
-from edgeattn.masks import causal, custom, materialize, or_masks, sliding_window
+from edgeattn.masks import causal, custom, or_masks, sliding_window
+from edgeattn.masks.base import evaluate, index_grid
 
 RUNTIMES = ["ort-cpu", "openvino-cpu"]
 WARMUP = 2
@@ -78,12 +79,9 @@ def bench(mask_name, n, runs, tmp, lowerings=("dense", "auto")):
     mask = MASKS[mask_name](n)
     layer = MaskedSelfAttention(64, 2, mask, seq_len=n, layout="auto").eval()
     x = torch.randn(1, n, 64)
-    dense = materialize(mask, q_len=n)
-    with torch.no_grad():   # eager with the dense boolean mask: what every row is checked against
-        q, k, v = split_qkv(layer.qkv(x), layer.heads, layer.head_dim)
-        ref = layer.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=dense).transpose(1, 2).reshape(1, n, 64))
+    ref, density = eager(layer, mask, x)
     table = layer.table.table
-    row = dict(mask=mask_name, tokens=n, density=float(dense.float().mean()), auto=describe(table),
+    row = dict(mask=mask_name, tokens=n, density=density, auto=describe(table),
                auto_work=getattr(table, "work_fraction", 1.0))
     for lowering in lowerings:
         measure_lowering(layer, x, ref, Path(tmp) / f"{mask_name}-{n}-{lowering}.onnx", lowering, runs, row)
@@ -93,9 +91,26 @@ def bench(mask_name, n, runs, tmp, lowerings=("dense", "auto")):
     return row
 
 
-def measure_lowering(model, x, ref, path, lowering, runs, row):
+def eager(layer, mask, x, chunk=2048):
+    """Eager PyTorch with the boolean mask, what every row is checked against, and the mask's density.  It runs
+    ``chunk`` query rows at a time: the whole N x N mask and scores would not fit in memory at 64k tokens."""
+    n, shape = x.shape[1], layer.table.shape   # a sequence or a grid
+    mask_mod, _ = mask.mods(shape)
+    outs, allowed = [], 0
+    with torch.no_grad():
+        q, k, v = split_qkv(layer.qkv(x), layer.heads, layer.head_dim)
+        for start in range(0, n, chunk):
+            rows = evaluate(mask_mod, index_grid(shape, 1, slice(start, start + chunk)), 1, name=mask.name)
+            allowed += int(rows.sum())
+            outs.append(F.scaled_dot_product_attention(q[:, :, start:start + chunk], k, v, attn_mask=rows))
+        out = torch.cat(outs, dim=2).transpose(1, 2).reshape(1, n, -1)
+        return layer.proj(out), allowed / n**2
+
+
+def measure_lowering(model, x, ref, path, lowering, runs, row, keep=False):
     """Export ``model`` at ``x`` with ``lowering``, then per runtime record in ``row`` (keys ``<lowering>_<runtime>_``)
-    the load time, the max error against ``ref`` and the median ms; a failed runtime is reported, not fatal."""
+    the load time, the max error against ``ref`` and the median ms; a failed runtime is reported, not fatal.  The
+    file is deleted afterwards unless ``keep``."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         export_onnx(model, (x,), path, lowering=lowering)
@@ -113,7 +128,8 @@ def measure_lowering(model, x, ref, path, lowering, runs, row):
             session = None   # free it before the next runtime loads
         except Exception as e:   # a failed row is reported, not fatal
             row[f"{key}_error"] = str(e).splitlines()[0][:200]
-    path.unlink()
+    if not keep:
+        path.unlink()
 
 
 def errors(row) -> str:
