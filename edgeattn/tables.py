@@ -41,6 +41,12 @@ AUTO_BUCKETED_GAIN = 0.6
 # ... for tables of at least this many (query, key) pairs: below it a dense node costs less than several nodes
 AUTO_BUCKETED_MIN_PAIRS = 1024 * 1024
 MAX_BUCKETS = 8
+# A sparse block table whose float32 scores (one head, batch 1) exceed this runs in chunks of consecutive tiles
+# (tables.chunked), one node each of about CHUNK_BYTES of scores: each op of a chunk then reads what the op before
+# it wrote while it is still in cache.  Sliding window 256 at 64k tokens: 1.13x faster on onnxruntime, 1.33x on
+# OpenVINO; at 4k tokens (5 MB of scores) chunks were 15% slower on onnxruntime (benchmarks/RESULTS.md).
+AUTO_CHUNK_BYTES = 8 * 2**20
+CHUNK_BYTES = 1.5 * 2**20
 DEFAULT_TILE = {1: 64, 2: 8, 3: (1, 8, 8)}   # queries per tile per grid axis when the mask gives no tiling hint
 # A hinted tile larger than this many queries is flattened from its leading axes: a 3x7x7 neighborhood on 8x28x28
 # runs fastest with 1x7x7 tiles (ORT 8.2 ms against 11.2 ms for 3x7x7 tiles; benchmarks/bench_attention.py).
@@ -196,6 +202,7 @@ class BucketedTable:
     layout: str = "bucketed"
     rpb_shape: tuple[int, ...] = ()
     bank_bias_index: Optional[torch.Tensor] = None   # never: masks with a learned rpb are not bucketed
+    by: str = "key count"                   # how the tiles were grouped, for the export's reasons
 
     @property
     def nbytes(self) -> int:
@@ -258,6 +265,31 @@ def bucketed(table: BlockTable, max_buckets: int = MAX_BUCKETS) -> BucketedTable
         rows.view(-1, tq)[tiles] = start_row + torch.arange(n).view(-1, tq)
         start_row += n
     return BucketedTable(table.name, table.shape, tuple(buckets), rows[table.q_pos].contiguous())
+
+
+def chunked(table: BlockTable, tiles: int) -> BucketedTable:
+    """``table``'s tiles in groups of ``tiles`` consecutive tiles, each group a block table of its own (one
+    attention node): the same pairs, scored a group at a time."""
+    count, tq = table.q_index.shape
+    buckets, rows = [], torch.empty(table.q_index.numel(), dtype=torch.long)
+    for lo in range(0, count, tiles):
+        group = torch.arange(lo, min(count, lo + tiles))
+        n = len(group) * tq
+        buckets.append(BlockTable(table.name, table.shape, table.tile, table.q_index[group].contiguous(),
+                                  table.kv_index[group].contiguous(), torch.arange(n), table.block[group].contiguous(),
+                                  table.bank, table.bank_bias))
+        rows.view(-1, tq)[group] = lo * tq + torch.arange(n).view(-1, tq)
+    return BucketedTable(table.name, table.shape, tuple(buckets), rows[table.q_pos].contiguous(),
+                         by=f"position, {tiles} tiles each (scores that stay in cache)")
+
+
+def _in_chunks(table: BlockTable):
+    """``table`` in chunks where its scores outgrow the cache (see :data:`AUTO_CHUNK_BYTES`), else itself."""
+    count, tq = table.q_index.shape
+    row_bytes = tq * table.kv_index.shape[1] * 4
+    if count * row_bytes <= AUTO_CHUNK_BYTES:
+        return table
+    return chunked(table, max(1, int(CHUNK_BYTES // row_bytes)))
 
 
 def _on_shared_keys(kv_index, blocks, bias, shared):
@@ -334,7 +366,8 @@ def build(mask, q_len=None, kv_len=None, grid=None, heads: int = 1, layout: str 
     ``layout="auto"`` returns the block table when its padded work is at most half the dense work, else dense;
     with ``buckets`` (masks without a learned rpb, of at least :data:`AUTO_BUCKETED_MIN_PAIRS` pairs) it returns
     the :class:`BucketedTable` instead where that scores at most :data:`AUTO_BUCKETED_MAX_WORK` of the dense work
-    (over a dense table) or :data:`AUTO_BUCKETED_GAIN` of the block table's (over a block table)."""
+    (over a dense table) or :data:`AUTO_BUCKETED_GAIN` of the block table's (over a block table), and a large
+    block table in chunks (:func:`chunked`, above :data:`AUTO_CHUNK_BYTES` of scores)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     mask = as_mask(mask)
@@ -351,7 +384,7 @@ def build(mask, q_len=None, kv_len=None, grid=None, heads: int = 1, layout: str 
                                        AUTO_BUCKETED_MAX_WORK):
                 return split
         if sparse:
-            return blocked
+            return _in_chunks(blocked) if buckets and mask.rpb is None else blocked
         return dataclasses.replace(_memoized(mask, shape, heads, "dense"), blocked_work=blocked.work_fraction)
     return _memoized(mask, shape, heads, layout, tile)
 

@@ -155,6 +155,19 @@ def test_bucketed_tables_export_one_node_per_bucket(tmp_path, custom_op, opset):
     _assert_parity(model, x, result.path, atol=1e-5)
 
 
+@pytest.mark.parametrize("custom_op", [True, False], ids=["custom-op", "standard"])
+def test_chunked_tables_export_one_blocked_node_per_chunk(tmp_path, custom_op):
+    mask = masks.custom(lambda b, h, q, kv: (kv <= q) & (q - kv < 90), bias_mod=lambda b, h, q, kv: (kv - q) / 50.0,
+                        name="sliding90_decay")
+    layer = MaskedSelfAttention(16, 2, mask, seq_len=700, layout="blocked").eval()
+    layer.table.use_layout("bucketed", tables.chunked(layer.table.table, 3))
+    x = torch.randn(2, 700, 16)
+    result = _export(tmp_path, layer, x, custom_op)
+    assert [m["lowering"] for m in result.masks] == ["blocked"] * 4   # 11 tiles of 64 queries
+    assert "4 buckets of query tiles by position, 3 tiles each" in result.masks[0]["why"]
+    _assert_parity(layer, x, result.path, atol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(lowering="attention"), "needs opset >= 23"),
     (dict(lowering="contrib"), "runs on ort-cpu, ort-cuda only, not on openvino-cpu"),

@@ -146,3 +146,28 @@ def test_bucketed_tables_keep_per_head_masks():
     t = tables.build(mask, q_len=1024, heads=2, layout="auto")
     assert isinstance(t, tables.BucketedTable)
     assert torch.equal(t.to_dense().mask, tables.build(mask, q_len=1024, heads=2).mask)
+
+
+@pytest.mark.parametrize("mask,shape", [(sliding_window(40, causal=False), dict(q_len=700)),
+                                        (custom(lambda b, h, q, kv: (kv <= q) & (q - kv < 90), bias_mod=dist_bias,
+                                                name="sliding_bias"), dict(q_len=700)),
+                                        (neighborhood(5, dilation=2), dict(grid=(30, 26)))],
+                         ids=["sliding", "sliding-bias", "na2d"])
+def test_chunked_tables_score_the_same_pairs_a_few_tiles_at_a_time(mask, shape):
+    plain = tables.build(mask, layout="blocked", **shape)
+    t = tables.chunked(plain, 3)
+    count = plain.q_index.shape[0]
+    assert [b.q_index.shape[0] for b in t.buckets] == [3] * (count // 3) + ([count % 3] if count % 3 else [])
+    assert t.work_fraction == pytest.approx(plain.work_fraction)
+    dense, ref = t.to_dense(), tables.build(mask, **shape)
+    assert torch.equal(dense.mask, ref.mask)
+    if ref.bias is not None:
+        torch.testing.assert_close(dense.bias, torch.where(ref.mask, ref.bias, 0.0))
+
+
+def test_auto_chunks_only_block_tables_whose_scores_outgrow_the_cache(monkeypatch):
+    assert isinstance(tables.build(sliding_window(256), q_len=4096, layout="auto"), tables.BlockTable)   # 5 MB
+    monkeypatch.setattr(tables, "AUTO_CHUNK_BYTES", 2**20)   # 4 MB of scores at 4k tokens: now chunked
+    t = tables.build(sliding_window(256), q_len=4096, layout="auto")
+    assert isinstance(t, tables.BucketedTable) and len(t.buckets) == 4   # 64 tiles, 1.5 MB / 80 kB = 19 per chunk
+    assert isinstance(tables.build(neighborhood(7, rpb=True), grid=(64, 64), layout="auto"), tables.BlockTable)

@@ -76,7 +76,7 @@ def choose(table: "torch.nn.Module", requested: str, opset: int) -> Choice:
 def bucket_choices(split: "tables.BucketedTable", opset: int) -> list[Choice]:
     """One choice per bucket of a bucketed table: ``blocked`` for block-table buckets, the dense-table lowering
     (``attention`` at opset >= 23, else ``dense``) for buckets that share one key list."""
-    why = f"{len(split.buckets)} buckets of query tiles by key count score {split.work_fraction:.1%} of the dense scores"
+    why = f"{len(split.buckets)} buckets of query tiles by {split.by} score {split.work_fraction:.1%} of the dense scores"
     dense = "attention" if opset >= LOWERINGS["attention"].min_opset else "dense"
     return [Choice(dense, f"{why}; this bucket's tiles share one key list") if isinstance(b, tables.DenseBucket)
             else Choice("blocked", why) for b in split.buckets]
