@@ -43,7 +43,7 @@ AUTO_BUCKETED_MIN_PAIRS = 1024 * 1024
 MAX_BUCKETS = 8
 # A sparse block table whose float32 scores (one head, batch 1) exceed this runs in chunks of consecutive tiles
 # (tables.chunked), one node each of about CHUNK_BYTES of scores: each op of a chunk then reads what the op before
-# it wrote while it is still in cache.  Sliding window 256 at 64k tokens: 1.13x faster on onnxruntime, 1.33x on
+# it wrote while it is still in cache.  Sliding window 256 at 64k tokens: 1.15x faster on onnxruntime, 1.33x on
 # OpenVINO; at 4k tokens (5 MB of scores) chunks were 15% slower on onnxruntime (benchmarks/RESULTS.md).
 AUTO_CHUNK_BYTES = 8 * 2**20
 CHUNK_BYTES = 1.5 * 2**20

@@ -18,12 +18,6 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 
-def simplify(proto: onnx.ModelProto) -> None:
-    """Both rewrites, in place."""
-    drop_constant_where(proto)
-    fusable_gelu(proto)
-
-
 def drop_constant_where(proto: onnx.ModelProto) -> int:
     """Replace every Where whose condition is a constant all-true tensor and whose output has its ``x``'s shape by
     ``x``; returns how many went."""
