@@ -42,6 +42,7 @@ from edgeattn.errors import first_line
 from edgeattn.export import export_registered
 
 from bench_attention import RUNTIMES, WARMUP, median_ms, peak_memory
+from bench_lm_masks import fmt
 
 warnings.filterwarnings("ignore")
 
@@ -324,10 +325,6 @@ def bench_model(name, refs, runs, tmp):
         if r.get("ms") and mine and r["row"] != "edgeattn auto":
             r["x"] = r["ms"] / mine
     return rows
-
-
-def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
 
 
 def table(rows):

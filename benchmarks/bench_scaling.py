@@ -22,7 +22,7 @@ import torch
 from edgeattn.layers import MaskedSelfAttention
 from edgeattn.masks import neighborhood, sliding_window
 
-from bench_lm_masks import RUNTIMES, eager, errors, measure_lowering, write_json
+from bench_lm_masks import RUNTIMES, eager, errors, fmt, measure_lowering, write_json
 
 CASES = {"na2d": lambda n: (neighborhood(7), dict(grid=(math.isqrt(n), math.isqrt(n)))),
          "sliding": lambda n: (sliding_window(256), dict(seq_len=n))}
@@ -81,8 +81,7 @@ def main():
             for n in args.tokens:
                 r = bench(case, n, args.runs, tmp, args.profile)
                 rows.append(r)
-                cells = [f"{r.get(f'auto_{rt}_ms') or float('nan'):8.2f} {r[f'{rt}_us_per_token'] or float('nan'):6.3f}"
-                         for rt in RUNTIMES]
+                cells = [f"{fmt(r.get(f'auto_{rt}_ms'), '8.2f')} {fmt(r[f'{rt}_us_per_token'], '6.3f')}" for rt in RUNTIMES]
                 print(f"{case:8s} {n:6d} {r['density']:7.2%} | " + " | ".join(cells)
                       + f" | {r['auto_file_mb']:.1f} | {errors(r)}", flush=True)
                 if args.profile:
