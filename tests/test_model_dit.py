@@ -27,7 +27,9 @@ def files(tmp_path_factory):
 @pytest.mark.parametrize("name", NAMES)
 def test_export_matches_torch_on_cpu_runtimes(files, name):
     result = files[name]
-    assert [m["lowering"] for m in result.masks] == ["blocked"]      # auto: both masks are sparse enough
+    # auto: both masks are sparse enough; radial's scores outgrow the cache, so its block table runs in chunks
+    assert {m["lowering"] for m in result.masks} == {"blocked"}
+    assert (len(result.masks) > 1) == (name == "radial-block")
     rows = parity.check_file(result.path, CPU_RUNTIMES, runs=1)
     assert [r.runtime for r in rows] == CPU_RUNTIMES
     for r in rows:
@@ -44,7 +46,8 @@ def test_cli_export_check_exits_zero(tmp_path):
 def test_radial_block_uses_the_radial_table():
     built = models.build("radial-block")
     [table] = [m for m in built.module.modules() if isinstance(m, MaskTable)]
-    assert table.mask.name == "radial_f32_b64_sink" and table.layout == "blocked"
+    assert table.mask.name == "radial_f32_b64_sink" and table.layout == "bucketed"   # a block table in chunks
+    assert all(b.layout == "blocked" for b in table.table.buckets)
     assert built.inputs["tokens"].shape == (1, 32 * 8 * 16, 64) and built.inputs["c"].shape == (1, 64)
 
 
