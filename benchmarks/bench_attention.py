@@ -123,20 +123,33 @@ def peak_memory(row):
     row["peak_rss_mb"] = (_status_kb("VmHWM") - before) / 1024
 
 
+def load_checked(row, path, x, ref):
+    """Load one file on ``row["runtime"]``, run it once on ``x`` and record ``load_s`` and ``max_abs_err`` against
+    ``ref`` in ``row``; returns a function that runs it again, or None when that failed (``row["error"]`` says why:
+    a failure is the row's, not the script's)."""
+    try:
+        start = time.perf_counter()
+        session = edgeattn.load(path, row["runtime"])
+        row["load_s"] = time.perf_counter() - start
+        feeds = {session.inputs[0].name: x.numpy()}
+        out = next(iter(session.run(feeds).values()))
+        row["max_abs_err"] = float(abs(torch.from_numpy(out) - ref).max())
+        return lambda: session.run(feeds)
+    except Exception as e:
+        row["error"] = first_line(e)
+        return None
+
+
 def run_onnx(rows, name, runtime, path, x, ref, runs, **extra):
     """Load one file on one runtime, time it and check it; a failure becomes the row's error, not the script's."""
     row = dict(row=name, runtime=runtime, **extra)
-    try:
-        with peak_memory(row):
-            start = time.perf_counter()
-            session = edgeattn.load(path, runtime)
-            row["load_s"] = time.perf_counter() - start
-            feeds = {session.inputs[0].name: x.numpy()}
-            out = next(iter(session.run(feeds).values()))
-            row["max_abs_err"] = float(abs(torch.from_numpy(out) - ref).max())
-            row["ms"] = median_ms(lambda: session.run(feeds), runs)
-    except Exception as e:
-        row["error"] = first_line(e)
+    with peak_memory(row):
+        run = load_checked(row, path, x, ref)
+        try:
+            if run is not None:
+                row["ms"] = median_ms(run, runs)
+        except Exception as e:
+            row["error"] = first_line(e)
     rows.append(row)
 
 
@@ -177,15 +190,20 @@ def flex_row(name, runs, device):
     return row
 
 
-def flex_in_subprocess(name, runs, device):
-    proc = subprocess.run([sys.executable, __file__, "--flex-row", name, "--runs", str(runs), "--device", device],
-                          capture_output=True, text=True)
+def json_of_process(command, failed_row):
+    """Run ``command`` (a benchmark's own process); the JSON on the last line it prints, or ``failed_row`` with the
+    process's exit status and last error line as its error."""
+    proc = subprocess.run(command, capture_output=True, text=True)
     try:
         return json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return dict(row="flex compiled", runtime=torch_runtime(device),
-                    error=f"its process failed (exit {proc.returncode}): {tail}")
+        return dict(failed_row, error=f"its process failed (exit {proc.returncode}): {tail}")
+
+
+def flex_in_subprocess(name, runs, device):
+    return json_of_process([sys.executable, __file__, "--flex-row", name, "--runs", str(runs), "--device", device],
+                           dict(row="flex compiled", runtime=torch_runtime(device)))
 
 
 def torch_runtime(device):

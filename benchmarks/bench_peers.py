@@ -4,7 +4,7 @@ ort-cpu and openvino-cpu; for NAT, NATTEN's flex backend under torch.compile (na
 process of its own because torch.compile's workers slow whatever runs after them.  natten 0.21 has no relative
 position bias, so NAT-Mini (which has one) gets no natten peer; nat-tiny (none) does.
 
-    python benchmarks/bench_peers.py --refs DIR [--models swin-t rmt-t ppma-t nat-tiny nat-mini] [--runs 20] [--json F]
+    python benchmarks/bench_peers.py --refs DIR [--models swin-t rmt-t ppma-t nat-tiny nat-mini] [--runs 20]
 
 DIR holds the reference repositories as cloned from GitHub, by their names: ``Swin-Transformer``
 (microsoft), ``RMT`` (qhfan), ``PPMA`` (zhongchenzhao).  A missing one makes its rows say so.  The zoo models
@@ -25,7 +25,6 @@ import argparse
 import importlib.util
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,12 +35,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import edgeattn
 from edgeattn import models
 from edgeattn.errors import first_line
 from edgeattn.export import export_registered
 
-from bench_attention import RUNTIMES, WARMUP, median_ms, peak_memory
+from bench_attention import RUNTIMES, WARMUP, json_of_process, load_checked, median_ms, peak_memory
 from bench_lm_masks import fmt
 
 warnings.filterwarnings("ignore")
@@ -145,8 +143,9 @@ def strict(build):
 def peers(refs):
     """zoo model -> [(peer name, builder(zoo module) -> module to export)]."""
     return {
-        "swin-t": [("microsoft Swin, torch.onnx", strict(reference(refs, "Swin-Transformer", "models/swin_transformer.py",
-                                                                   lambda code: code.SwinTransformer()))),
+        "swin-t": [("microsoft Swin, torch.onnx",
+                    strict(reference(refs, "Swin-Transformer", "models/swin_transformer.py",
+                                     lambda code: code.SwinTransformer()))),
                    ("transformers Swin, torch.onnx", hf_swin)],
         "rmt-t": [("qhfan RMT-T, torch.onnx", strict(reference(refs, "RMT", "classfication_release/RMT.py",
                                                                lambda code: code.RMT_T3(None))))],
@@ -220,14 +219,9 @@ def natten_rows(name, runs):
 
 
 def natten_in_subprocess(name, runs):
-    proc = subprocess.run([sys.executable, __file__, "--natten-rows", name, "--runs", str(runs)],
-                          capture_output=True, text=True)
-    try:
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return [dict(model=name, row="natten 0.21 flex", runtime="torch",
-                     error=f"its process failed (exit {proc.returncode}): {tail}")]
+    rows = json_of_process([sys.executable, __file__, "--natten-rows", name, "--runs", str(runs)],
+                           dict(model=name, row="natten 0.21 flex", runtime="torch"))
+    return rows if isinstance(rows, list) else [rows]   # a failed process gives one row
 
 
 # --- the rows -----------------------------------------------------------------------------------------------------
@@ -249,24 +243,6 @@ def plain_export(module, x, path):
 def file_mb(path):
     """The file and its external data (torch.onnx's dynamo exporter writes weights beside it)."""
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*")) / 1e6
-
-
-def load(rows, row, path, x, ref):
-    """Load one file on one runtime and check its output; returns a function that runs it, or None when it failed
-    (the row then carries the error).  Peak memory covers the load and the first run."""
-    rows.append(row)
-    try:
-        with peak_memory(row):
-            start = time.perf_counter()
-            session = edgeattn.load(path, row["runtime"])
-            row["load_s"] = time.perf_counter() - start
-            feeds = {session.inputs[0].name: x.numpy()}
-            out = next(iter(session.run(feeds).values()))
-        row["max_abs_err"] = float(abs(torch.from_numpy(out) - ref).max())
-        return lambda: session.run(feeds)
-    except Exception as e:
-        row["error"] = first_line(e)
-        return None
 
 
 def interleaved_ms(fns, runs, rounds=5):
@@ -312,7 +288,9 @@ def bench_model(name, refs, runs, tmp):
     for label, path, extra in files:
         for runtime in RUNTIMES:
             row = dict(model=name, row=label, runtime=runtime, file_mb=file_mb(path), **extra)
-            fn = load(rows, row, path, x, ref)
+            rows.append(row)
+            with peak_memory(row):   # of the load and the first run
+                fn = load_checked(row, path, x, ref)
             if fn is not None:
                 timed.append((row, fn))
     for runtime in RUNTIMES:   # in turns within a runtime: onnxruntime's spinning threads slow OpenVINO right after

@@ -81,7 +81,8 @@ def main():
             for n in args.tokens:
                 r = bench(case, n, args.runs, tmp, args.profile)
                 rows.append(r)
-                cells = [f"{fmt(r.get(f'auto_{rt}_ms'), '8.2f')} {fmt(r[f'{rt}_us_per_token'], '6.3f')}" for rt in RUNTIMES]
+                cells = [f"{fmt(r.get(f'auto_{rt}_ms'), '8.2f')} {fmt(r[f'{rt}_us_per_token'], '6.3f')}"
+                         for rt in RUNTIMES]
                 print(f"{case:8s} {n:6d} {r['density']:7.2%} | " + " | ".join(cells)
                       + f" | {r['auto_file_mb']:.1f} | {errors(r)}", flush=True)
                 if args.profile:

@@ -269,17 +269,16 @@ def bucketed(table: BlockTable, max_buckets: int = MAX_BUCKETS) -> BucketedTable
 
 def chunked(table: BlockTable, tiles: int) -> BucketedTable:
     """``table``'s tiles in groups of ``tiles`` consecutive tiles, each group a block table of its own (one
-    attention node): the same pairs, scored a group at a time."""
+    attention node): the same pairs, scored a group at a time.  The groups keep the tiles in order, so their rows,
+    concatenated, are the table's own rows and its ``q_pos`` still finds each query."""
     count, tq = table.q_index.shape
-    buckets, rows = [], torch.empty(table.q_index.numel(), dtype=torch.long)
+    buckets = []
     for lo in range(0, count, tiles):
-        group = torch.arange(lo, min(count, lo + tiles))
-        n = len(group) * tq
+        group = slice(lo, min(count, lo + tiles))
         buckets.append(BlockTable(table.name, table.shape, table.tile, table.q_index[group].contiguous(),
-                                  table.kv_index[group].contiguous(), torch.arange(n), table.block[group].contiguous(),
-                                  table.bank, table.bank_bias))
-        rows.view(-1, tq)[group] = lo * tq + torch.arange(n).view(-1, tq)
-    return BucketedTable(table.name, table.shape, tuple(buckets), rows[table.q_pos].contiguous(),
+                                  table.kv_index[group].contiguous(), torch.arange(table.q_index[group].numel()),
+                                  table.block[group].contiguous(), table.bank, table.bank_bias))
+    return BucketedTable(table.name, table.shape, tuple(buckets), table.q_pos,
                          by=f"position, {tiles} tiles each (scores that stay in cache)")
 
 

@@ -22,21 +22,13 @@ def drop_constant_where(proto: onnx.ModelProto) -> int:
     """Replace every Where whose condition is a constant all-true tensor and whose output has its ``x``'s shape by
     ``x``; returns how many went."""
     graph = proto.graph
-    wheres = [n for n in graph.node if n.op_type == "Where" and n.domain in ("", "ai.onnx")]
-    if not wheres:
-        return 0
-    shapes = _shapes(proto)
     constants = _Constants(proto)
     outputs = {o.name for o in graph.output}
-    renamed = {}
-    for node in wheres:
-        cond, x, _ = node.input
-        out = node.output[0]
-        if out in outputs or shapes.get(out) is None or shapes.get(out) != shapes.get(x):
-            continue
-        value = constants.value(cond)
-        if value is not None and value.dtype == bool and value.all():
-            renamed[out] = x
+    always = [n for n in graph.node if n.op_type == "Where" and n.domain in ("", "ai.onnx")
+              and n.output[0] not in outputs and _all_true(constants.value(n.input[0]))]
+    shapes = _shapes(proto) if always else {}   # shape inference only where a Where may go
+    renamed = {n.output[0]: n.input[1] for n in always
+               if shapes.get(n.output[0]) is not None and shapes.get(n.output[0]) == shapes.get(n.input[1])}
     if renamed:
         kept = [n for n in graph.node if not (n.op_type == "Where" and n.output[0] in renamed)]
         for n in kept:
@@ -89,6 +81,10 @@ def fusable_gelu(proto: onnx.ModelProto) -> int:
         outer.input[:] = [half.output[0], add_name]  # outer = half * (1 + erf(...))
         count += 1
     return count
+
+
+def _all_true(value: Optional[np.ndarray]) -> bool:
+    return value is not None and value.dtype == bool and bool(value.all())
 
 
 class _Constants:

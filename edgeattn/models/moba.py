@@ -4,8 +4,8 @@ blocks whose mean key best matches it; the choice is computed in the exported gr
 scored (the ``routed`` lowering, :mod:`edgeattn.onnxfile.routed`).
 
 ``moba-lm`` is :mod:`.segment_lm`'s Llama-style :class:`~.segment_lm.Decoder` (RMSNorm, RoPE, GQA, SwiGLU) with MoBA
-in every layer, as a prefill graph: input_ids -> logits.  MoBA's paper also trains hybrids whose last layers attend fully; a layer that
-does is a plain causal MaskTable, which this model does not need.
+in every layer, as a prefill graph: input_ids -> logits.  MoBA's paper also trains hybrids whose last layers attend
+fully; a layer that does is a plain causal MaskTable, which this model does not need.
 """
 from __future__ import annotations
 

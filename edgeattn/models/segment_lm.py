@@ -161,8 +161,8 @@ class Decoder(nn.Module):
 
 class SegmentLM(Decoder):
     """The decoder and the prompt's segments, sinks and window, shared by both graphs; :class:`Prefill` and
-    :class:`Decode` add the inputs, the mask and the cache handling.  Both take the same config and build the same parameters in the same order,
-    so one seed gives both the same weights."""
+    :class:`Decode` add the inputs, the mask and the cache handling.  Both take the same config and build the same
+    parameters in the same order, so one seed gives both the same weights."""
 
     def __init__(self, vocab=512, dim=128, layers=4, heads=4, kv_heads=2, multiple_of=32, norm_eps=1e-5,
                  rope_theta=500000.0, segments=(16, 24, 24), n_sink=4, window=24, max_cache=128,
