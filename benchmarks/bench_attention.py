@@ -62,6 +62,26 @@ def median_ms(fn, runs, sync=lambda: None):
     return statistics.median(times) * 1e3
 
 
+def interleaved_ms(fns, runs, rounds=5, pause_s=0.05):
+    """Each function's median ms over ``runs`` runs after 3 warm-ups, taken in turns (``rounds`` rounds of
+    runs/rounds each), so that this machine's drift hits every row alike: one after the other, the same file
+    differed by 15% between rows.  Each turn starts after a ``pause_s`` pause: the threads of the onnxruntime
+    session that ran before keep spinning a while, and without the pause they slowed the next session's runs
+    1.4-1.7x (benchmarks/RESULTS.md)."""
+    for fn in fns:
+        for _ in range(WARMUP):
+            fn()
+    samples = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, times in zip(fns, samples):
+            time.sleep(pause_s)
+            for _ in range(max(1, runs // rounds)):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+    return [statistics.median(t) * 1e3 for t in samples]
+
+
 def synchronizer(device):
     return torch.cuda.synchronize if device == "cuda" else lambda: None
 

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import io
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -33,8 +32,8 @@ from edgeattn.layers import MaskedSelfAttention, split_qkv
 from edgeattn.masks import causal, custom, or_masks, sliding_window
 from edgeattn.masks.base import evaluate, index_grid
 
-RUNTIMES = ["ort-cpu", "openvino-cpu"]
-WARMUP = 2
+from bench_attention import RUNTIMES, WARMUP, interleaved_ms
+
 
 
 def prefix_lm(n):
@@ -57,17 +56,6 @@ MASKS = {"causal": lambda n: causal(), "prefix-lm": prefix_lm, "document": docum
          "sliding": lambda n: sliding_window(256)}
 
 
-def median_ms(fn, runs):
-    for _ in range(WARMUP):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def describe(table):
     if isinstance(table, tables.BucketedTable):
         return f"blocked, {len(table.buckets)} buckets"
@@ -83,8 +71,8 @@ def bench(mask_name, n, runs, tmp, lowerings=("dense", "auto")):
     table = layer.table.table
     row = dict(mask=mask_name, tokens=n, density=density, auto=describe(table),
                auto_work=getattr(table, "work_fraction", 1.0))
-    for lowering in lowerings:
-        measure_lowering(layer, x, ref, Path(tmp) / f"{mask_name}-{n}-{lowering}.onnx", lowering, runs, row)
+    measure_lowerings(layer, x, ref, {lowering: Path(tmp) / f"{mask_name}-{n}-{lowering}.onnx"
+                                      for lowering in lowerings}, runs, row)
     for runtime in RUNTIMES:
         d, a = row.get(f"dense_{runtime}_ms"), row.get(f"auto_{runtime}_ms")
         row[f"{runtime}_speedup"] = d / a if d and a else None
@@ -108,28 +96,40 @@ def eager(layer, mask, x, chunk=2048):
 
 
 def measure_lowering(model, x, ref, path, lowering, runs, row, keep=False):
-    """Export ``model`` at ``x`` with ``lowering``, then per runtime record in ``row`` (keys ``<lowering>_<runtime>_``)
-    the load time, the max error against ``ref`` and the median ms; a failed runtime is reported, not fatal.  The
-    file is deleted afterwards unless ``keep``."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        export_onnx(model, (x,), path, lowering=lowering)
-    row[f"{lowering}_file_mb"] = path.stat().st_size / 1e6
+    """:func:`measure_lowerings` for one lowering."""
+    measure_lowerings(model, x, ref, {lowering: path}, runs, row, keep)
+
+
+def measure_lowerings(model, x, ref, paths, runs, row, keep=False):
+    """Export ``model`` at ``x`` once per lowering (``paths``: lowering -> file), then per runtime load every file
+    and record in ``row`` (keys ``<lowering>_<runtime>_``) the load time, the max error against ``ref`` and the
+    median ms, the files timed in turns so that the machine's drift hits every lowering alike.  A failed runtime is
+    reported, not fatal.  The files are deleted afterwards unless ``keep``."""
+    for lowering, path in paths.items():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            export_onnx(model, (x,), path, lowering=lowering)
+        row[f"{lowering}_file_mb"] = path.stat().st_size / 1e6
     for runtime in RUNTIMES:
-        key = f"{lowering}_{runtime}"
-        try:
-            start = time.perf_counter()
-            session = edgeattn.load(path, runtime)
-            row[f"{key}_load_s"] = time.perf_counter() - start
-            feeds = {session.inputs[0].name: x.numpy()}
-            out = next(iter(session.run(feeds).values()))
-            row[f"{key}_err"] = float((torch.from_numpy(out) - ref).abs().max())
-            row[f"{key}_ms"] = median_ms(lambda: session.run(feeds), runs)
-            session = None   # free it before the next runtime loads
-        except Exception as e:   # a failed row is reported, not fatal
-            row[f"{key}_error"] = str(e).splitlines()[0][:200]
+        timed = {}   # lowering -> run function
+        for lowering, path in paths.items():
+            key = f"{lowering}_{runtime}"
+            try:
+                start = time.perf_counter()
+                session = edgeattn.load(path, runtime)
+                row[f"{key}_load_s"] = time.perf_counter() - start
+                feeds = {session.inputs[0].name: x.numpy()}
+                out = next(iter(session.run(feeds).values()))
+                row[f"{key}_err"] = float((torch.from_numpy(out) - ref).abs().max())
+                timed[lowering] = lambda session=session, feeds=feeds: session.run(feeds)
+            except Exception as e:   # a failed row is reported, not fatal
+                row[f"{key}_error"] = str(e).splitlines()[0][:200]
+        for lowering, ms in zip(timed, interleaved_ms(list(timed.values()), runs)):
+            row[f"{lowering}_{runtime}_ms"] = ms
+        timed = None   # free the sessions before the next runtime loads
     if not keep:
-        path.unlink()
+        for path in paths.values():
+            path.unlink()
 
 
 def errors(row) -> str:
@@ -157,7 +157,7 @@ def main():
     p.add_argument("--json")
     p.add_argument("--no-dense", action="store_true", help="auto only (the dense lowering needs N^2 memory)")
     args = p.parse_args()
-    print(f"torch threads {torch.get_num_threads()}; median of {args.runs} runs after {WARMUP} warm-ups")
+    print(f"torch threads {torch.get_num_threads()}; median of {args.runs} runs after {WARMUP} warm-ups, the lowerings timed in turns")
     print(f"{'mask':10s} {'tokens':>6s} {'density':>7s} {'auto table':>20s} {'work':>6s} | "
           + " | ".join(f"{r}: dense ms, auto ms, x" for r in RUNTIMES) + " | file MB dense/auto | max err")
     rows = []

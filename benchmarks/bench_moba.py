@@ -19,7 +19,8 @@ import torch
 
 from edgeattn.models.moba import MobaBlock
 
-from bench_lm_masks import RUNTIMES, errors, fmt, measure_lowering, median_ms, write_json
+from bench_attention import median_ms
+from bench_lm_masks import RUNTIMES, errors, fmt, measure_lowering, write_json
 
 BLOCK, TOP_K, DIM, HEADS = 128, 4, 64, 2
 

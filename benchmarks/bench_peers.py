@@ -24,7 +24,6 @@ error against eager.
 import argparse
 import importlib.util
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from edgeattn import models
 from edgeattn.errors import first_line
 from edgeattn.export import export_registered
 
-from bench_attention import RUNTIMES, WARMUP, json_of_process, load_checked, median_ms, peak_memory
+from bench_attention import RUNTIMES, interleaved_ms, json_of_process, load_checked, median_ms, peak_memory
 from bench_lm_masks import fmt
 
 warnings.filterwarnings("ignore")
@@ -243,23 +242,6 @@ def plain_export(module, x, path):
 def file_mb(path):
     """The file and its external data (torch.onnx's dynamo exporter writes weights beside it)."""
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*")) / 1e6
-
-
-def interleaved_ms(fns, runs, rounds=5):
-    """Each function's median ms over ``runs`` runs after 3 warm-ups, taken in turns (``rounds`` rounds of
-    runs/rounds each), so that this machine's drift hits every row alike: one after the other, the same file
-    differed by 15% between rows."""
-    for fn in fns:
-        for _ in range(WARMUP):
-            fn()
-    samples = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, times in zip(fns, samples):
-            for _ in range(max(1, runs // rounds)):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-    return [statistics.median(t) * 1e3 for t in samples]
 
 
 def bench_model(name, refs, runs, tmp):
