@@ -65,6 +65,35 @@ def test_session_runs_and_describes_io(small_model, name):
     np.testing.assert_allclose(session.run({"x": wide})["y"], expected, atol=1e-5)
 
 
+def _flushes_denormals() -> bool:
+    return bool(np.float32(1e-39) * np.float32(1.0) == 0)
+
+
+def test_ort_flushes_denormals_only_while_it_runs(tmp_path, monkeypatch):
+    """onnxruntime sessions flush denormals (masked keys' exp makes them, slowly) on its threads and, while it runs,
+    on the caller's; the caller's thread is left as it was, and the outputs stay bitwise a plain session's."""
+    require("ort-cpu")
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    layer = MaskedSelfAttention(16, 2, masks.sliding_window(8), seq_len=64).eval()
+    x = torch.randn(1, 64, 16)
+    path = tmp_path / "sliding.onnx"
+    export_onnx(layer, [x], path, input_names=["x"], output_names=["y"])
+    assert not _flushes_denormals()
+    session = edgeattn.load(path, "ort-cpu")   # before any plain session: only then does onnxruntime's option
+    assert not _flushes_denormals()            # set the creating thread's flags, which load restores
+    options = session._session.get_session_options()
+    assert options.get_session_config_entry("session.set_denormal_as_zero") == "1"
+    during = []
+    set_flush = torch.set_flush_denormal
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda on: during.append(on) or set_flush(on))
+    out = session.run({"x": x.numpy()})["y"]
+    assert during == [True, False] and not _flushes_denormals()
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["y"], {"x": x.numpy()})[0]
+    np.testing.assert_array_equal(out, plain)
+
+
 def test_auto_prefers_onnxruntime(small_model):
     require("ort-cpu")
     if runtimes.get("ort-cuda").is_available():
