@@ -357,6 +357,10 @@ def main():
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the torch rows run")
     p.add_argument("--flex-row", choices=CASES, help=argparse.SUPPRESS)   # the FlexAttention row's own process
     args = p.parse_args()
+    # Denormals flushed to zero in both processes, as edgeattn.load does while onnxruntime runs: -inf scores make
+    # denormals in exp, and a torch user can flush them too (compiled FlexAttention on sliding-block: 11-13 ms
+    # without, 7.2-7.6 ms with; benchmarks/RESULTS.md)
+    torch.set_flush_denormal(True)
     if args.flex_row:
         print(json.dumps(flex_row(args.flex_row, args.runs, args.device)))
         return
