@@ -67,7 +67,7 @@ def interleaved_ms(fns, runs, rounds=5, pause_s=0.05):
     runs/rounds each), so that this machine's drift hits every row alike: one after the other, the same file
     differed by 15% between rows.  Each turn starts after a ``pause_s`` pause: the threads of the onnxruntime
     session that ran before keep spinning a while, and without the pause they slowed the next session's runs
-    1.4-1.7x (benchmarks/RESULTS.md)."""
+    1.3-2.1x (benchmarks/RESULTS.md)."""
     for fn in fns:
         for _ in range(WARMUP):
             fn()

@@ -35,7 +35,6 @@ from edgeattn.masks.base import evaluate, index_grid
 from bench_attention import RUNTIMES, WARMUP, interleaved_ms
 
 
-
 def prefix_lm(n):
     prefix = n // 4
     return or_masks(causal(), custom(lambda b, h, q, kv: kv < prefix, name=f"prefix{prefix}"))
@@ -157,7 +156,8 @@ def main():
     p.add_argument("--json")
     p.add_argument("--no-dense", action="store_true", help="auto only (the dense lowering needs N^2 memory)")
     args = p.parse_args()
-    print(f"torch threads {torch.get_num_threads()}; median of {args.runs} runs after {WARMUP} warm-ups, the lowerings timed in turns")
+    print(f"torch threads {torch.get_num_threads()}; median of {args.runs} runs after {WARMUP} warm-ups, "
+          "the lowerings timed in turns")
     print(f"{'mask':10s} {'tokens':>6s} {'density':>7s} {'auto table':>20s} {'work':>6s} | "
           + " | ".join(f"{r}: dense ms, auto ms, x" for r in RUNTIMES) + " | file MB dense/auto | max err")
     rows = []

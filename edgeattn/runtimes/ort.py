@@ -81,7 +81,7 @@ def flushed_denormals():
 
     Masked keys reach Softmax as -inf, and onnxruntime's exp turns each one into a denormal on its way to zero;
     on x86, denormal arithmetic is slow.  Flushing them on every thread that runs the session (onnxruntime's pool and
-    the caller, which takes a share of each parallel loop) ran nat-tiny 2.0x and na3d-block 2.8x faster here, with
+    the caller, which takes a share of each parallel loop) ran nat-tiny 1.66x and na3d-block 2.51x faster here, with
     bitwise equal outputs on every registered model (benchmarks/RESULTS.md).  Only values below 1.2e-38 can change.
     A no-op where the CPU has no such flags (torch.set_flush_denormal returns False)."""
     had = bool(np.float32(1e-39) * np.float32(1.0) == 0)   # what the thread does now
