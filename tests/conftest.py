@@ -15,8 +15,10 @@ LOWERING_LIST = [(name, *case) for name, case in sorted(LOWERING_CASES.items())]
 # Mask2Former thresholds sigmoid(mask logits) < 0.5: a logit within rounding of 0 can land on the other side on
 # another runtime and move that query's outputs by ~1e-3 (see edgeattn/models/mask2former.py).  Measured on an
 # AVX2-only CPU: 2.4e-3 on onnxruntime at batch 3, all in six queries of two images (a flipped decision cascading);
-# 1e-5 on OpenVINO.  Until parity explains ties, the fp32 bound stays loose for this model only.
-TIE_ATOL = {"mask2former-decoder": 5e-3}
+# 1e-5 on OpenVINO.  On an AVX-512 CPU: 6.5e-3 on OpenVINO from one decision of 1.6M flipped 3.6e-7 from its
+# threshold (`edgeattn check` explains it: 8.1e-6 with that decision taken from OpenVINO).  Until the deployment
+# matrix explains ties as parity does, the fp32 bound stays loose for this model only.
+TIE_ATOL = {"mask2former-decoder": 1e-2}
 
 
 @pytest.fixture(autouse=True)
