@@ -104,8 +104,9 @@ def full_size_inputs(built, seed):
 
 def test_a_mask_decision_tied_at_rounding_is_explained_and_passes(exported):
     """Full-size inputs where an interpolated mask value lies within rounding of 0.5 and lands on the other side on
-    the runtimes (3 of the first 8 seeds did, on every CPU runtime): without the runtime's decision there the
-    outputs differ by ~4e-3, with it they match to 1e-5; the row says how many flipped."""
+    a runtime (3 of the first 8 seeds did, on every CPU runtime of an AVX2 CPU; on an AVX-512 CPU some seeds tie on
+    one runtime only): without the runtime's decision there the outputs differ by ~4e-3, with it they match to
+    1e-5; the row says how many flipped."""
     built = models.build(NAME)
     for seed in (2, 7, 4, 1, 3):
         results = parity.compare_model(built.module, full_size_inputs(built, seed), exported[0] / "m.onnx",
@@ -115,7 +116,7 @@ def test_a_mask_decision_tied_at_rounding_is_explained_and_passes(exported):
     else:
         pytest.fail("no seed gave a tie on a runtime: pick inputs that do (the test needs one)")
     assert_parity(results)
-    for r in results:
+    for r in (r for r in results if "flipped" in r.detail):
         flipped, total = (int(x) for x in re.match(r"(\d+) of (\d+) decisions flipped", r.detail).groups())
         raw = float(re.search(r"without: ([0-9.e+-]+)", r.detail).group(1))
         assert 1 <= flipped <= 3 and total == 3 * 100 * (16 * 16 + 32 * 32 + 64 * 64), r.detail
