@@ -18,21 +18,19 @@ import io
 import json
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import edgeattn
 from edgeattn import tables
 from edgeattn.export import export_onnx
 from edgeattn.layers import MaskedSelfAttention, split_qkv
 from edgeattn.masks import causal, custom, or_masks, sliding_window
 from edgeattn.masks.base import evaluate, index_grid
 
-from bench_attention import RUNTIMES, WARMUP, interleaved_ms
+from bench_attention import RUNTIMES, WARMUP, interleaved_ms, load_checked
 
 
 def prefix_lm(n):
@@ -112,17 +110,13 @@ def measure_lowerings(model, x, ref, paths, runs, row, keep=False):
     for runtime in RUNTIMES:
         timed = {}   # lowering -> run function
         for lowering, path in paths.items():
-            key = f"{lowering}_{runtime}"
-            try:
-                start = time.perf_counter()
-                session = edgeattn.load(path, runtime)
-                row[f"{key}_load_s"] = time.perf_counter() - start
-                feeds = {session.inputs[0].name: x.numpy()}
-                out = next(iter(session.run(feeds).values()))
-                row[f"{key}_err"] = float((torch.from_numpy(out) - ref).abs().max())
-                timed[lowering] = lambda session=session, feeds=feeds: session.run(feeds)
-            except Exception as e:   # a failed row is reported, not fatal
-                row[f"{key}_error"] = str(e).splitlines()[0][:200]
+            part = dict(runtime=runtime)
+            run = load_checked(part, path, x, ref)   # a failure is the row's (part["error"]), not fatal
+            for name, key in (("load_s", "load_s"), ("max_abs_err", "err"), ("error", "error")):
+                if name in part:
+                    row[f"{lowering}_{runtime}_{key}"] = part[name]
+            if run is not None:
+                timed[lowering] = run
         for lowering, ms in zip(timed, interleaved_ms(list(timed.values()), runs)):
             row[f"{lowering}_{runtime}_ms"] = ms
         timed = None   # free the sessions before the next runtime loads
