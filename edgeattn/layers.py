@@ -62,6 +62,8 @@ class MaskTable(nn.Module):
             self.register_buffer(name, value if value is None or device is None else value.to(device),
                                  persistent=False)
         self._table_buffers = [name for name, _ in named]
+        self._runs = {name: _run(value) for name, value in named
+                      if name.startswith(("attn_rows", "attn_keys", "attn_order"))}
 
     def _parts(self) -> list[tuple[str, object, str]]:
         """(buffer-name suffix, table, layout) of each attention node this layer runs: one, or one per bucket."""
@@ -94,8 +96,9 @@ class MaskTable(nn.Module):
         if isinstance(self.table, tables.BucketedTable):   # no rpb: tables.build never buckets such masks
             if rpb is not None:
                 raise ValueError(f"mask {self.mask.name} has no relative position bias table, but rpb was given")
-            return torch.cat([self._bucket(q, k, v, suffix, layout, scale, softcap)
-                              for suffix, _, layout in self._parts()], 2).index_select(2, self.attn_order)
+            rows = torch.cat([self._bucket(q, k, v, suffix, layout, scale, softcap)
+                              for suffix, _, layout in self._parts()], 2)
+            return self._select(rows, "attn_order")
         tensors = [getattr(self, f"attn_{name}") for name in TABLE_INPUTS[self.layout]]
         if self.attn_rpb_index is not None:
             learned = self.gather_rpb(rpb, q.shape[1])
@@ -109,9 +112,20 @@ class MaskTable(nn.Module):
         """One bucket's rows: a block table's tile rows, or a dense bucket's queries over its shared keys."""
         tensors = [getattr(self, f"attn_{name}{suffix}") for name in TABLE_INPUTS[layout]]
         if layout == "dense":
-            rows, keys = getattr(self, f"attn_rows{suffix}"), getattr(self, f"attn_keys{suffix}")
-            q, k, v = q.index_select(2, rows), k.index_select(2, keys), v.index_select(2, keys)
+            q = self._select(q, f"attn_rows{suffix}")
+            k, v = self._select(k, f"attn_keys{suffix}"), self._select(v, f"attn_keys{suffix}")
         return attend(q, k, v, layout, tensors, scale, self.mask.name, softcap)
+
+    def _select(self, x: torch.Tensor, buffer: str) -> torch.Tensor:
+        """``x[:, :, index]`` for the index in ``buffer``.  A run of consecutive ids (a causal bucket's rows and
+        key prefix, the identity order of buckets that keep their tiles in order) is a ``narrow``: the graph gets
+        a Slice, or nothing, not a Gather that copies.  The runs are read off the table when it is built, since
+        the buffers are not concrete while an exporter traces."""
+        run = self._runs.get(buffer)
+        if run is None:
+            return x.index_select(2, getattr(self, buffer))
+        start, length = run
+        return x if start == 0 and length == x.shape[2] else x.narrow(2, start, length)
 
     def gather_rpb(self, rpb: Optional[torch.Tensor], heads: int) -> torch.Tensor:
         """The learned table (heads, *rpb_shape) -> the bias tensor of this layout: (heads, Nq, Nkv) for dense
@@ -127,6 +141,12 @@ class MaskTable(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mask={self.mask.name}, layout={self.layout}, tokens={self.shape.q_len}x{self.shape.kv_len}"
+
+
+def _run(index: torch.Tensor) -> Optional[tuple[int, int]]:
+    """(start, length) when ``index`` lists consecutive ids, else None."""
+    start = int(index[0]) if len(index) else 0
+    return (start, len(index)) if torch.equal(index.cpu(), torch.arange(start, start + len(index))) else None
 
 
 def check_heads(dim: int, heads: int, name: str = "dim", even_width: bool = False) -> int:

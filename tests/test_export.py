@@ -155,6 +155,19 @@ def test_bucketed_tables_export_one_node_per_bucket(tmp_path, custom_op, opset):
     _assert_parity(model, x, result.path, atol=1e-5)
 
 
+@pytest.mark.parametrize("seq_len, gathers", [(1024, 0), (1100, 1)])
+def test_causal_buckets_slice_their_rows_and_keys(tmp_path, seq_len, gathers):
+    # a causal bucket's queries are a run of rows and its keys a prefix: Slices, and the rows come back in order
+    # without a Gather; only a padded last tile (rows 1088..1099, then 1099 again) still needs one
+    layer = MaskedSelfAttention(16, 2, masks.causal(), seq_len=seq_len).eval()
+    assert isinstance(layer.table.table, tables.BucketedTable)
+    x = torch.randn(2, seq_len, 16)
+    result = _export(tmp_path, layer, x, custom_op=False)
+    ops = [n.op_type for n in onnx.load(result.path).graph.node]
+    assert ops.count("Gather") == gathers and ops.count("Slice") >= 2 * len(layer.table.table.buckets)
+    _assert_parity(layer, x, result.path, atol=1e-5)
+
+
 @pytest.mark.parametrize("custom_op", [True, False], ids=["custom-op", "standard"])
 def test_chunked_tables_export_one_blocked_node_per_chunk(tmp_path, custom_op):
     mask = masks.custom(lambda b, h, q, kv: (kv <= q) & (q - kv < 90), bias_mod=lambda b, h, q, kv: (kv - q) / 50.0,
