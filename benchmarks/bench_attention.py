@@ -8,12 +8,12 @@ runs in a process of its own (this script, ``--flex-row CASE``): torch.compile's
     python benchmarks/bench_attention.py --runtimes ort-cuda --device cuda --json gpu.json
 
 Every row runs the same function (qkv linear -> masked attention -> output projection, the registered block's
-weights) on the same input, and is checked against eager.  Columns: median ms over --runs after 3 warm-ups;
-"vs naive" = the naive dense version on the same runtime / this row (for torch rows the naive version is eager
-SDPA with the dense mask); "vs flex" = compiled FlexAttention / this row; "x roofline" = this row / the time the
-exact FLOPs (linears + only the allowed query-key pairs) take at the measured fp32 GEMM peak; "load s" = loading
-the file on the runtime; "+peak MB" = the peak resident memory of load plus the runs above what the process held
-before (Linux's VmHWM, reset per row); "file MB".  ``--json`` keeps every figure, with the machine and versions.
+weights) on the same input, and is checked against eager.  Columns: median ms over --runs after 3 warm-ups (the
+ONNX rows of one runtime timed in turns); "vs naive" = the naive dense version on the same runtime / this row (for
+torch rows the naive version is eager SDPA with the dense mask); "vs flex" = compiled FlexAttention / this row;
+"x roofline" = this row / the time the exact FLOPs (linears + only the allowed query-key pairs) take at the
+measured fp32 GEMM peak; "load s" = loading the file on the runtime; "+peak MB" = the peak resident memory of load
+plus the first run above what the process held before (Linux's VmHWM, reset per row); "file MB".  ``--json`` keeps every figure, with the machine and versions.
 """
 import argparse
 import contextlib
@@ -160,17 +160,38 @@ def load_checked(row, path, x, ref):
         return None
 
 
-def run_onnx(rows, name, runtime, path, x, ref, runs, **extra):
-    """Load one file on one runtime, time it and check it; a failure becomes the row's error, not the script's."""
+def load_onnx(rows, timed, name, runtime, path, x, ref, **extra):
+    """Load one file on one runtime and check it; a failure becomes the row's error, not the script's.  The row
+    goes to ``rows``, and with the function that runs it to ``timed``, to be timed with the others in turns."""
     row = dict(row=name, runtime=runtime, **extra)
-    with peak_memory(row):
+    rows.append(row)
+    with peak_memory(row):   # of the load and the first run
         run = load_checked(row, path, x, ref)
+    if run is not None:
+        timed.append((row, run))
+
+
+def time_in_turns(timed, runs):
+    """Each runtime's rows timed in turns (:func:`interleaved_ms`), the runtimes one after the other: timed one
+    after the other, the same file read 5.28 and 6.59 ms in two rows of one run (benchmarks/RESULTS.md).  A row
+    whose run fails gets the error, and the other rows their times."""
+    for runtime in dict.fromkeys(row["runtime"] for row, _ in timed):
+        group = [(row, guarded(row, run)) for row, run in timed if row["runtime"] == runtime]
+        for (row, _), ms in zip(group, interleaved_ms([run for _, run in group], runs)):
+            if "error" not in row:
+                row["ms"] = ms
+
+
+def guarded(row, run):
+    """``run``, which, once it has failed, records the error in ``row`` and does nothing more."""
+    def call():
+        if "error" in row:
+            return
         try:
-            if run is not None:
-                row["ms"] = median_ms(run, runs)
+            run()
         except Exception as e:
             row["error"] = first_line(e)
-    rows.append(row)
+    return call
 
 
 def case_inputs(name):
@@ -258,6 +279,7 @@ def bench_case(name, args, peak, tmp):
         rows.append(flex_in_subprocess(name, args.runs, args.device))
 
     # 3. the naive dense export (one self-contained file, so its size is the whole cost of shipping the table)
+    timed = []
     path = Path(tmp) / f"{name}-naive.onnx"
     try:
         if not args.runtimes:
@@ -269,7 +291,7 @@ def bench_case(name, args, peak, tmp):
             torch.onnx.export(NaiveDense(attn, dense).eval(), (x,), str(path), dynamo=True, opset_version=18,
                               external_data=False)
         for runtime in args.runtimes:
-            run_onnx(rows, "naive export", runtime, path, x, ref, args.runs, file_mb=path.stat().st_size / 1e6)
+            load_onnx(rows, timed, "naive export", runtime, path, x, ref, file_mb=path.stat().st_size / 1e6)
     except LookupError:
         pass
     except Exception as e:
@@ -291,8 +313,10 @@ def bench_case(name, args, peak, tmp):
         if len(result.masks) > 1:   # one layer: several nodes are the buckets of a bucketed table
             chosen = f"{len(result.masks)} buckets: {chosen}"
         for runtime in targets:
-            run_onnx(rows, lowering if lowering != "auto" else f"auto ({chosen})", runtime, path, x, ref, args.runs,
-                     lowering=chosen, file_mb=result.file_bytes / 1e6, table_mb=result.table_bytes / 1e6)
+            load_onnx(rows, timed, lowering if lowering != "auto" else f"auto ({chosen})", runtime, path, x, ref,
+                      lowering=chosen, file_mb=result.file_bytes / 1e6, table_mb=result.table_bytes / 1e6)
+    time_in_turns(timed, args.runs)
+    del timed   # the sessions
 
     add_ratios(case)
     return case
