@@ -21,6 +21,7 @@ import torch
 
 from edgeattn.layers import MaskedSelfAttention
 from edgeattn.masks import neighborhood, sliding_window
+from edgeattn.runtimes.ort import flushed_denormals
 
 from bench_lm_masks import RUNTIMES, eager, errors, fmt, measure_lowering, write_json
 
@@ -29,14 +30,17 @@ CASES = {"na2d": lambda n: (neighborhood(7), dict(grid=(math.isqrt(n), math.isqr
 
 
 def profile(path, x, runs, tmp):
-    """onnxruntime's kernel time per op type over ``runs`` runs, microseconds per run."""
+    """onnxruntime's kernel time per op type over ``runs`` runs, microseconds per run, with denormals flushed as
+    ``edgeattn.load`` does (else Softmax over masked scores takes several times longer)."""
     options = ort.SessionOptions()
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tmp) / "profile")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feeds = {session.get_inputs()[0].name: x.numpy()}
-    for _ in range(runs):
-        session.run(None, feeds)
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    with flushed_denormals():
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feeds = {session.get_inputs()[0].name: x.numpy()}
+        for _ in range(runs):
+            session.run(None, feeds)
     events = json.loads(Path(session.end_profiling()).read_text())
     per_op = collections.Counter()
     for e in events:
