@@ -13,7 +13,8 @@ ONNX rows of one runtime timed in turns); "vs naive" = the naive dense version o
 torch rows the naive version is eager SDPA with the dense mask); "vs flex" = compiled FlexAttention / this row;
 "x roofline" = this row / the time the exact FLOPs (linears + only the allowed query-key pairs) take at the
 measured fp32 GEMM peak; "load s" = loading the file on the runtime; "+peak MB" = the peak resident memory of load
-plus the first run above what the process held before (Linux's VmHWM, reset per row); "file MB".  ``--json`` keeps every figure, with the machine and versions.
+plus the first run above what the process held before (Linux's VmHWM, reset per row); "file MB".  ``--json`` keeps
+every figure, with the machine and versions.
 """
 import argparse
 import contextlib
