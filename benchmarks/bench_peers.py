@@ -38,7 +38,7 @@ from edgeattn import models
 from edgeattn.errors import first_line
 from edgeattn.export import export_registered
 
-from bench_attention import RUNTIMES, interleaved_ms, json_of_process, load_checked, median_ms, peak_memory
+from bench_attention import RUNTIMES, json_of_process, load_onnx, median_ms, peak_memory, time_in_turns
 from bench_lm_masks import fmt
 
 warnings.filterwarnings("ignore")
@@ -269,16 +269,8 @@ def bench_model(name, refs, runs, tmp):
         files.append((peer, path, dict(exporter=exporter, export_s=time.perf_counter() - start)))
     for label, path, extra in files:
         for runtime in RUNTIMES:
-            row = dict(model=name, row=label, runtime=runtime, file_mb=file_mb(path), **extra)
-            rows.append(row)
-            with peak_memory(row):   # of the load and the first run
-                fn = load_checked(row, path, x, ref)
-            if fn is not None:
-                timed.append((row, fn))
-    for runtime in RUNTIMES:   # in turns within a runtime: onnxruntime's spinning threads slow OpenVINO right after
-        group = [(row, fn) for row, fn in timed if row["runtime"] == runtime]
-        for (row, _), ms in zip(group, interleaved_ms([fn for _, fn in group], runs)):
-            row["ms"] = ms
+            load_onnx(rows, timed, label, runtime, path, x, ref, model=name, file_mb=file_mb(path), **extra)
+    time_in_turns(timed, runs)   # in turns within a runtime: onnxruntime's spinning threads slow OpenVINO after them
     ours = {r["runtime"]: r["ms"] for r in rows if r["row"] == "edgeattn auto" and r.get("ms")}
     for r in rows:   # a torch row is compared with edgeattn's faster runtime
         mine = ours.get(r["runtime"], min(ours.values(), default=None) if r["runtime"] == "torch" else None)
