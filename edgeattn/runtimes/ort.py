@@ -134,8 +134,9 @@ class OrtCpu(Runtime):
 class OrtCuda(OrtCpu):
     name = "ort-cuda"
     description = "onnxruntime, CUDA execution provider"
-    # TF32 is off below, so fp32 parity stays tight; kernels still differ in summation order from the CPU.
-    tolerances = {"fp32": Tolerance(atol=1e-3, min_cosine=0.9999), **REDUCED_PRECISION}
+    # TF32 is off below, so fp32 parity holds the CPU runtimes' 1e-4: kernels differ from the CPU in summation
+    # order only (8.1e-6 at worst over every registered model on an H200, benchmarks/RESULTS.md).
+    tolerances = {"fp32": Tolerance(atol=1e-4, min_cosine=0.9999), **REDUCED_PRECISION}
     refused_precisions = {}
     # Keeps the file's bodies (H200, onnxruntime-gpu 1.31, benchmarks/RESULTS.md): MultiHeadAttention was 5-24% slower
     # than the dense MatMul/Softmax body on every sparse case and 12% faster only on causal N=2048; Attention-23
