@@ -79,7 +79,12 @@ def test_openvino_precision_hints(tmp_path):
         y = deployed.run({"x": x.numpy()})["y"]
         with torch.no_grad():
             reference = layer(x).numpy()
-        assert np.isfinite(y).all() and parity.compare({"y": reference}, {"y": y})["cosine"] >= 0.995
+        # the runtime's own gate for the file's precision: fp32 max abs 1e-4 (the hint keeps it f32 on a bf16
+        # CPU), fp16/bf16 their error relative to the largest output and cosine
+        tolerance = runtimes.get("openvino-cpu").tolerance(dtype)
+        assert (tolerance.atol is not None) == (dtype == "fp32")
+        metrics = parity.compare({"y": reference}, {"y": y})
+        assert np.isfinite(y).all() and parity.passes(metrics, tolerance), (dtype, metrics, tolerance.describe())
 
 
 @pytest.mark.parametrize("mode", ["int8", "int8-static"])
