@@ -19,13 +19,26 @@ def small_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("rt") / "m.onnx"
     export_onnx(layer, [x], path, input_names=["x"], output_names=["y"])
     with torch.no_grad():
-        return path, x.numpy(), layer(x).numpy()
+        return path, x.numpy(), layer(x).numpy(), layer
 
 
-def test_registry_names_and_reasons():
+def test_registry_names_and_reasons(small_model):
     assert runtimes.runtime_names() == ["torch", "ort-cpu", "ort-cuda", "openvino-cpu"]
+    path, x, expected, _ = small_model
     for runtime in runtimes.RUNTIMES.values():
-        assert runtime.is_available() == (runtime.not_supported_reasons() == [])
+        reasons = runtime.not_supported_reasons()
+        if runtime.reference:
+            assert reasons == []   # the PyTorch reference runs wherever edgeattn imports
+        else:   # no reasons exactly when the runtime loads and runs a file here; otherwise loading says them
+            try:
+                got = edgeattn.load(path, runtime.name).run({"x": x})["y"]
+            except EdgeAttnError as e:
+                assert reasons and not runtime.is_available()
+                assert str(e) == f"runtime {runtime.name} is not available: {'; '.join(reasons)}", e
+                assert "\n" not in str(e)
+            else:
+                assert reasons == [] and runtime.is_available(), runtime.name
+                np.testing.assert_allclose(got, expected, atol=runtime.tolerance("fp32").atol)
         assert runtime.tolerance("fp32").atol >= 0
     with pytest.raises(EdgeAttnError, match="unknown runtime 'tensorrt'; choose one of"):
         runtimes.get("tensorrt")
@@ -54,7 +67,7 @@ def test_install_hints_name_the_extra_that_has_the_provider(monkeypatch):
 @pytest.mark.parametrize("name", CPU_RUNTIMES)
 def test_session_runs_and_describes_io(small_model, name):
     require(name)
-    path, x, expected = small_model
+    path, x, expected, _ = small_model
     session = edgeattn.load(path, name)
     assert session.runtime == name
     assert [(i.name, i.shape, i.dtype) for i in session.inputs] == [("x", (1, 16, 16), np.dtype("float32"))]
@@ -126,15 +139,17 @@ def test_bad_files_are_refused_clearly(tmp_path, name):
         edgeattn.load(junk, name)
 
 
-def test_torch_runtime_needs_a_registered_model(small_model):
-    with pytest.raises(EdgeAttnError, match="no edgeattn reference-model metadata"):
-        edgeattn.load(small_model[0], "torch")
+def test_torch_runtime_runs_the_module_it_is_given(small_model):
+    path, x, expected, layer = small_model
+    with pytest.raises(EdgeAttnError, match="runs the PyTorch module the file came from"):
+        edgeattn.load(path, "torch")
+    np.testing.assert_array_equal(edgeattn.load(path, "torch", module=layer).run({"x": x})["y"], expected)
 
 
 @pytest.mark.gpu
 def test_ort_cuda_parity(small_model):
     require("ort-cuda")
-    path, x, expected = small_model
+    path, x, expected, _ = small_model
     y = edgeattn.load(path, "ort-cuda").run({"x": x})["y"]
     np.testing.assert_allclose(y, expected, atol=runtimes.get("ort-cuda").tolerance().atol)
 
@@ -158,7 +173,7 @@ def test_external_data_outside_the_folder_is_refused(tmp_path, name):
 @pytest.mark.parametrize("name", CPU_RUNTIMES)
 def test_non_contiguous_and_nonfinite_feeds(small_model, name):
     require(name)
-    path, x, _ = small_model
+    path, x, _, _ = small_model
     session = edgeattn.load(path, name)
     base = np.asarray(x, dtype=np.float32)
     strided = np.asfortranarray(base)                       # same values, not C-contiguous
