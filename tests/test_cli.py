@@ -254,8 +254,10 @@ def test_export_lowering_and_targets(capsys, tmp_path):
     assert code == 0 and "(contrib)" in err
     code, out, _ = run_cli(capsys, "check", path, "--runtime", "ort-cpu", "--runs", "1")
     assert code == 0 and "lowering contrib -> contrib (standard ops) for ort-cpu" in out and "window_7 x1: contrib (requested)" in out
-    code, out, _ = run_cli(capsys, "export", "swin-tiny-block", "-o", path, "--lowering", "contrib")
+    code, out, err = run_cli(capsys, "export", "swin-tiny-block", "-o", path, "--lowering", "contrib")
     assert code == 2
+    assert err.startswith("edgeattn: error: the contrib lowering runs on ort-cpu, ort-cuda only, not on openvino-cpu")
+    assert "use --lowering auto, dense or blocked" in err and err.count("\n") == 1 and out == "", err
 
 
 def test_bench_model_writes_table_json_markdown_and_plot(capsys, tmp_path):

@@ -105,7 +105,9 @@ def test_serve_refuses_bad_options_before_starting(tmp_path, capsys, argv, messa
 
 def test_serve_a_missing_file_is_one_line(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "nope.onnx")]) == 2
-    assert "nope.onnx" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nope.onnx" in err
+    assert err.startswith("edgeattn: error: ") and "nope.onnx: no such file" in err and err.count("\n") == 1, err
 
 
 def _ray_processes(tmpdir: str) -> list[str]:
