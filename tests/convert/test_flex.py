@@ -218,10 +218,14 @@ def test_torch_compiled_flex_attention_is_converted_too():
                                                                                     device="cpu")))
     try:
         x = torch.randn(1, 2, 64, 16)
-        _, lines = edgeattn.convert(module, x, report=True)
+        converted, lines = edgeattn.convert(module, x, report=True)
         assert lines and "causal" in lines[0]
+        with torch.no_grad():
+            got, want = converted(x), module(x)   # the original runs the compiled flex_attention (inductor)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     finally:
         del globals()["_COMPILED"]
+        torch._dynamo.reset()   # leave no compiled code behind for other tests
 
 
 def test_a_module_without_attention_to_convert_is_one_error():
