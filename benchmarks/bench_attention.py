@@ -39,7 +39,7 @@ from torch import nn
 import edgeattn
 from edgeattn import models
 from edgeattn.errors import first_line
-from edgeattn.export import export_registered
+from edgeattn.registered import export_registered
 from edgeattn.layers import split_qkv
 from edgeattn.masks import Shape
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from edgeattn import models
 from edgeattn.errors import first_line
-from edgeattn.export import export_registered
+from edgeattn.registered import export_registered
 
 from bench_attention import RUNTIMES, json_of_process, load_onnx, median_ms, peak_memory, time_in_turns
 from bench_lm_masks import fmt

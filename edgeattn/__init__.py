@@ -1,17 +1,20 @@
-"""edgeattn: masked attention from PyTorch to onnxruntime and OpenVINO, with static mask tables."""
-__version__ = "0.1.0"
+"""edgeattn: masked attention from PyTorch to onnxruntime and OpenVINO, with static mask tables.
 
-from . import masks, tables  # noqa: E402
-from .attention import masked_attention  # noqa: E402
-from .errors import EdgeAttnError  # noqa: E402
-from .layers import MaskedSelfAttention  # noqa: E402
-from .masks import and_masks, materialize, or_masks  # noqa: E402
-from .convert import convert, hf_lm as _hf_lm  # noqa: E402
-from .export import export_onnx  # noqa: E402
-from .plots import plot_mask  # noqa: E402
-from .runtimes import load, runtime_names  # noqa: E402
+The package reads bottom-up in floors (see ``tests/test_floors.py``): base (errors, files, the node's signature) ->
+core (masks, tables, the torch op, layers, routing, decisions) -> converters -> file format -> runtimes -> export ->
+registered models -> the tools users call (parity, bench, inspection, plots, serve, the CLI).  This module, the
+front door, sits on top and imports from all of them."""
+from . import masks, parity, tables
+from .attention import masked_attention
+from .convert import convert
+from .errors import EdgeAttnError
+from .export import export_lm, export_onnx
+from .layers import MaskedSelfAttention
+from .masks import and_masks, materialize, or_masks
+from .plots import plot_mask
+from .runtimes import load, runtime_names
+from .version import __version__
 
-_hf_lm.install()   # transformers' "edgeattn" attention implementation, registered once transformers is imported
-
-__all__ = ["__version__", "masks", "tables", "masked_attention", "EdgeAttnError", "MaskedSelfAttention",
-           "and_masks", "or_masks", "materialize", "convert", "export_onnx", "load", "runtime_names", "plot_mask"]
+__all__ = ["__version__", "masks", "parity", "tables", "masked_attention", "EdgeAttnError", "MaskedSelfAttention",
+           "and_masks", "or_masks", "materialize", "convert", "export_lm", "export_onnx", "load", "runtime_names",
+           "plot_mask"]

@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .onnxfile import DOMAIN, OP, OP_VERSION, TABLE_INPUTS
+from .errors import InvalidArgument
+from .signature import DOMAIN, OP, OP_VERSION, TABLE_INPUTS
 
 # torch dtype -> ONNX TensorProto element type, passed to the node so its body can type constants statically
 ONNX_DTYPES = {torch.float32: 1, torch.float16: 10, torch.float64: 11, torch.bfloat16: 16}
@@ -113,7 +114,7 @@ def routed_attention_kernel(q, k, v, blocks, local, bias, scale: float, softcap:
     the keys of its block that ``local[i % Bk]`` allows and every key of the blocks ``blocks[..., i, :]`` lists
     (-1: none).  Dense over ``chunk`` queries at a time, so memory stays O(chunk * N)."""
     if bias is not None or softcap is not None:
-        raise ValueError("the routed layout takes no bias and no softcap")
+        raise InvalidArgument("the routed layout takes no bias and no softcap")
     bk, n = local.shape[0], k.shape[2]
     nb = n // bk
     key_block = torch.arange(n, device=q.device) // bk
@@ -139,8 +140,8 @@ def masked_attention(q, k, v, mask, bias=None, scale: Optional[float] = None, ma
     ``mask`` and ``bias`` broadcast to (B, H, Nq, Nkv): a static (heads or 1, Nq, Nkv) table, or tensors computed
     in the model from its inputs (data-dependent masks and decays), which export keeps as graph computations."""
     if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor (True where a query may attend a key), got {mask.dtype}; "
-                         f"pass additive float biases as bias=")
+        raise InvalidArgument(f"mask must be a bool tensor (True where a query may attend a key), got {mask.dtype}; "
+                              f"pass additive float biases as bias=")
     return attend(q, k, v, "dense", [mask, bias], scale, mask_name, softcap)
 
 
@@ -153,12 +154,12 @@ def attend(q, k, v, layout: str, tables: list, scale: Optional[float] = None, ma
     Under ONNX export this is one ``edgeattn.MaskedAttention`` node (see :mod:`edgeattn.onnxfile`); export gives
     it the body its plan chose (:mod:`edgeattn.export.plan`)."""
     if layout not in TABLE_INPUTS or len(tables) != len(TABLE_INPUTS[layout]):
-        raise ValueError(f"layout {layout!r} takes tables {TABLE_INPUTS.get(layout)}, got {len(tables)} tensors")
+        raise InvalidArgument(f"layout {layout!r} takes tables {TABLE_INPUTS.get(layout)}, got {len(tables)} tensors")
     scale = float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     softcap = check_softcap(softcap)
     if torch.onnx.is_in_onnx_export():
         if q.dtype not in ONNX_DTYPES:
-            raise ValueError(f"masked_attention exports float32/float16/bfloat16/float64 inputs, got {q.dtype}")
+            raise InvalidArgument(f"masked_attention exports float32/float16/bfloat16/float64 inputs, got {q.dtype}")
         attrs = {"scale": scale, "mask": mask_name, "dtype": ONNX_DTYPES[q.dtype], "layout": layout,
                  "heads": q.shape[1], **({"softcap": softcap} if softcap is not None else {})}
         return torch.onnx.ops.symbolic(f"{DOMAIN}::{OP}", [q, k, v, *tables], attrs, dtype=q.dtype,
@@ -171,6 +172,6 @@ def check_softcap(softcap) -> Optional[float]:
     if softcap is None:
         return None
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 < softcap < math.inf:
-        raise ValueError(f"softcap must be a positive finite float (the scores are capped to +-softcap, as Gemma 2's "
-                         f"attn_logit_softcapping) or None for no capping, got {softcap!r}")
+        raise InvalidArgument("softcap must be a positive finite float (the scores are capped to +-softcap, as Gemma "
+                              f"2's attn_logit_softcapping) or None for no capping, got {softcap!r}")
     return float(softcap)

@@ -21,10 +21,11 @@ from typing import Callable, Optional, Sequence
 
 from . import models, onnxfile, parity, plots, runtimes
 from .onnxfile import formats
-from .errors import EdgeAttnError, NoSuchLowering, first_line
-from .export import DEFAULT_OPSET, LOWERING_CHOICES, calibration_feeds, export_onnx
+from .errors import InvalidArgument, NoSuchLowering, first_line
+from .export import DEFAULT_OPSET, LOWERING_CHOICES, export_onnx
 from .export.precision import DTYPES, PRECISIONS, QUANTIZE, default_opset
 from .files import atomic_write, check_writable
+from .registered import calibration_feeds
 
 # the opset each lowering is exported at when benchmarking a model (attention needs the Attention op)
 BENCH_OPSET = {"attention": 23}
@@ -63,14 +64,14 @@ def run(target: str, runtime_names: Optional[Sequence[str]] = None, lowerings: O
     reference = [n for n, r in runtimes.RUNTIMES.items() if r.reference]
     is_file = target not in models.REGISTRY and not models.user.is_spec(target)
     if is_file and not Path(target).exists():
-        raise EdgeAttnError(f"{target!r} is neither a registered model ({', '.join(models.names())}) nor a file")
+        raise InvalidArgument(f"{target!r} is neither a registered model ({', '.join(models.names())}) nor a file")
     if is_file and (lowerings or precisions or forms):
-        raise EdgeAttnError("--lowering, --precision and --form apply when benchmarking a model; a file is timed as "
-                            "exported")
+        raise InvalidArgument("--lowering, --precision and --form apply when benchmarking a model; a file is timed as "
+                              "exported")
     unknown = [p for p in precisions or () if p not in PRECISIONS] + [f for f in forms or () if f not in FORMS]
     if unknown:
-        raise EdgeAttnError(f"unknown precision or form {unknown[0]!r}; choose from: {', '.join(PRECISIONS)} / "
-                            f"{', '.join(FORMS)}")
+        raise InvalidArgument(f"unknown precision or form {unknown[0]!r}; choose from: {', '.join(PRECISIONS)} / "
+                              f"{', '.join(FORMS)}")
     every_lowering = not is_file and not lowerings and not precisions   # the default list, not asked for by name
     with tempfile.TemporaryDirectory(prefix="edgeattn-bench-") as tmp:
         given = None   # a given file's header is read once, here; a model's files are exported below

@@ -9,11 +9,14 @@ import json
 import os
 import sys
 
-from . import __version__, bench, inspection, masks, models, parity, plots, runtimes
-from .errors import EdgeAttnError
-from .export import DEFAULT_OPSET, LOWERING_CHOICES, export_registered, precision
+from . import bench, inspection, masks, models, parity, plots, runtimes
+from .errors import EdgeAttnError, InvalidArgument
+from .export import DEFAULT_OPSET, LOWERING_CHOICES, precision
 from .files import atomic_write, check_writable
 from .onnxfile import formats
+from .registered import export_registered
+from .serve import serve
+from .version import __version__
 
 DEFAULT_RUNS = 20
 
@@ -22,7 +25,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (EdgeAttnError, ValueError, OSError) as e:
+    except (EdgeAttnError, OSError) as e:   # every refusal is an EdgeAttnError; OSError: files it cannot reach
         print(f"edgeattn: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -73,7 +76,7 @@ def cmd_runtimes(args) -> int:
 
 def cmd_export(args) -> int:
     if not args.check and (args.json or args.runs):
-        raise EdgeAttnError("--runs and --json apply to the parity check; add --check")
+        raise InvalidArgument("--runs and --json apply to the parity check; add --check")
     result = export_registered(args.model, args.output, seed=args.seed, opset=args.opset, custom_op=args.custom_op,
                                format=args.format, **_user_inputs(args),
                                lowering=args.lowering, runtimes=args.runtime, dynamic_batch=args.dynamic_batch,
@@ -87,8 +90,8 @@ def _user_inputs(args) -> dict:
     """``--input`` for a user's model (module:callable); refused for a registered one, which has its own."""
     if not models.user.is_spec(args.model):
         if args.input:
-            raise EdgeAttnError(f"--input is for a model of your own (module:callable); {args.model} has its "
-                                f"example inputs")
+            raise InvalidArgument(f"--input is for a model of your own (module:callable); {args.model} has its "
+                                  f"example inputs")
         return {}
     return {"inputs": models.user.parse_inputs(args.input)}
 
@@ -147,7 +150,6 @@ def _report(description: str, results) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import serve
     serve(args.file, runtime=args.runtime, host=args.host, port=args.port, replicas=args.replicas,
           max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, address=args.address, name=args.name,
           log=lambda line: print(line, flush=True))

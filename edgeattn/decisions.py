@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from .attention import ONNX_DTYPES
-from .errors import EdgeAttnError
-from .onnxfile import DECISION, DECISION_TOP_K, DOMAIN
+from .errors import BadFile, InvalidArgument
+from .signature import DECISION, DECISION_TOP_K, DOMAIN
 
 _LEDGER: contextvars.ContextVar[Optional["Ledger"]] = contextvars.ContextVar("edgeattn_decisions", default=None)
 
@@ -36,7 +36,7 @@ def below(value: torch.Tensor, threshold: float, name: str = "decision") -> torc
     """``value < threshold`` (bool, value's shape), declared as a hard decision named ``name``."""
     if torch.onnx.is_in_onnx_export():
         if value.dtype not in ONNX_DTYPES:
-            raise ValueError(f"decision {name}: export compares float tensors, got {value.dtype}")
+            raise InvalidArgument(f"decision {name}: export compares float tensors, got {value.dtype}")
         attrs = {"threshold": float(threshold), "name": name, "dtype": ONNX_DTYPES[value.dtype]}
         return torch.onnx.ops.symbolic(f"{DOMAIN}::{DECISION}", [value], attrs, dtype=torch.bool,
                                        shape=tuple(value.shape), version=1)
@@ -51,7 +51,7 @@ def top_k(values: torch.Tensor, count: int, name: str = "top_k") -> tuple[torch.
     named ``name``."""
     if torch.onnx.is_in_onnx_export():
         if values.dtype not in ONNX_DTYPES:
-            raise ValueError(f"decision {name}: export selects among float tensors, got {values.dtype}")
+            raise InvalidArgument(f"decision {name}: export selects among float tensors, got {values.dtype}")
         shape = (*values.shape[:-1], count)
         attrs = {"count": int(count), "name": name, "dtype": ONNX_DTYPES[values.dtype]}
         chosen, index = torch.onnx.ops.symbolic_multi_out(f"{DOMAIN}::{DECISION_TOP_K}", [values], attrs,
@@ -111,13 +111,13 @@ class Ledger:
     def _next(self, value: torch.Tensor, name: str) -> torch.Tensor:
         """The runtime's tensor for the next declared decision, checked against the model's."""
         if self.calls >= len(self.values):
-            raise EdgeAttnError(f"the model made more decisions than the file declares ({len(self.values)}): the "
-                                f"file does not come from this model")
+            raise BadFile(f"the model made more decisions than the file declares ({len(self.values)}): the "
+                          f"file does not come from this model")
         theirs = torch.from_numpy(np.asarray(self.values[self.calls])).to(value.dtype)
         self.calls += 1
         if theirs.shape != value.shape:
-            raise EdgeAttnError(f"decision {name} #{self.calls}: the file's tensor has shape {tuple(theirs.shape)}, "
-                                f"the model's {tuple(value.shape)}: the file does not come from this model")
+            raise BadFile(f"decision {name} #{self.calls}: the file's tensor has shape {tuple(theirs.shape)}, "
+                          f"the model's {tuple(value.shape)}: the file does not come from this model")
         return theirs
 
     def _count(self, total: int, tie: torch.Tensor, kept: torch.Tensor, margin: torch.Tensor) -> None:
@@ -136,8 +136,8 @@ class Ledger:
     def __exit__(self, *exc) -> None:
         _LEDGER.reset(self._token)
         if exc[0] is None and self.calls != len(self.values):
-            raise EdgeAttnError(f"the model made {self.calls} decisions, the file declares {len(self.values)}: the "
-                                f"file does not come from this model")
+            raise BadFile(f"the model made {self.calls} decisions, the file declares {len(self.values)}: the "
+                          f"file does not come from this model")
 
     def summary(self) -> str:
         return (f"{self.ties} of {self.total} decisions flipped within {self.eps:g} of their threshold (or top-k "

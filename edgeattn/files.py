@@ -9,21 +9,21 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .errors import EdgeAttnError
+from .errors import BadFile
 
 
 def check_writable(path) -> Path:
     """Fail early, in one line, when ``path`` cannot become a file (before minutes of export are spent)."""
     if not str(path).strip():
-        raise EdgeAttnError("output path is empty")
+        raise BadFile("output path is empty")
     path = Path(path)
     if path.is_dir():
-        raise EdgeAttnError(f"{path}: is a directory; give a file path such as {path / 'model.onnx'}")
+        raise BadFile(f"{path}: is a directory; give a file path such as {path / 'model.onnx'}")
     parent = next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir():
-        raise EdgeAttnError(f"{path}: cannot create it, {parent} is a file")
+        raise BadFile(f"{path}: cannot create it, {parent} is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise EdgeAttnError(f"{path}: no permission to write in {parent}")
+        raise BadFile(f"{path}: no permission to write in {parent}")
     return path
 
 
@@ -37,7 +37,7 @@ def atomic_write(path, data: bytes) -> int:
         mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise EdgeAttnError(f"{path}: cannot write: {e.strerror or e}") from e
+        raise BadFile(f"{path}: cannot write: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -49,7 +49,7 @@ def atomic_write(path, data: bytes) -> int:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(e, OSError):
-            raise EdgeAttnError(f"{path}: cannot write: {e.strerror or e}") from e
+            raise BadFile(f"{path}: cannot write: {e.strerror or e}") from e
         raise
     return len(data)
 
@@ -64,7 +64,7 @@ def staging(path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     except OSError as e:
-        raise EdgeAttnError(f"{path}: cannot write: {e.strerror or e}") from e
+        raise BadFile(f"{path}: cannot write: {e.strerror or e}") from e
     try:
         yield folder
     finally:

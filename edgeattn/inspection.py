@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 
 from . import onnxfile
-from .errors import EdgeAttnError
+from .errors import BadFile
 from .onnxfile import formats
 from .onnxfile import attention_lines, mask_label
 
@@ -25,8 +25,8 @@ def inspect_file(path) -> dict:
     if kind == "openvino":
         return _inspect_ir(Path(path))
     if kind != "onnx":
-        raise EdgeAttnError(f"{path}: inspect reads .onnx and .xml files; inspect the .onnx this {kind} file was "
-                            f"converted from")
+        raise BadFile(f"{path}: inspect reads .onnx and .xml files; inspect the .onnx this {kind} file was "
+                      f"converted from")
     model = onnxfile.read(path)
     ops = Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in _all_nodes(model.graph))
     opsets = {op.domain or "ai.onnx": op.version for op in model.opset_import}
@@ -74,8 +74,8 @@ def read_tables(path) -> list[dict]:
     model = onnxfile.read(path)
     nodes = onnxfile.read_metadata(model).get("masks", [])
     if not nodes:
-        raise EdgeAttnError(f"{path}: its metadata lists no edgeattn attention nodes (not a file from "
-                            f"edgeattn.export_onnx), so there are no tables to read")
+        raise BadFile(f"{path}: its metadata lists no edgeattn attention nodes (not a file from "
+                      f"edgeattn.export_onnx), so there are no tables to read")
     initializers = {i.name: i for i in model.graph.initializer}
     folder = str(Path(path).resolve().parent)   # external data was checked to lie inside it by onnxfile.read
     found: dict = {}
@@ -95,7 +95,7 @@ def read_tables(path) -> list[dict]:
 def check_tables_readable(path) -> None:
     """Tables are initializers of .onnx files; an IR or ORT-format file is refused by its suffix, before any work."""
     if formats.format_of(path) != "onnx":
-        raise EdgeAttnError(f"{path}: tables are read from .onnx files; use the .onnx this file was made from")
+        raise BadFile(f"{path}: tables are read from .onnx files; use the .onnx this file was made from")
 
 
 def _unreadable(node: dict, names: dict, initializers) -> str:

@@ -10,8 +10,9 @@ from torch import nn
 
 from . import tables
 from .attention import attend
+from .errors import InvalidArgument
 from .masks.base import Shape, as_mask
-from .onnxfile import TABLE_INPUTS
+from .signature import TABLE_INPUTS
 from .routing import check_routing, routed_attention
 
 
@@ -95,7 +96,7 @@ class MaskTable(nn.Module):
         """Attention over this table; ``softcap`` caps the scaled scores (see :func:`edgeattn.attention.attend`)."""
         if isinstance(self.table, tables.BucketedTable):   # no rpb: tables.build never buckets such masks
             if rpb is not None:
-                raise ValueError(f"mask {self.mask.name} has no relative position bias table, but rpb was given")
+                raise InvalidArgument(f"mask {self.mask.name} has no relative position bias table, but rpb was given")
             rows = torch.cat([self._bucket(q, k, v, suffix, layout, scale, softcap)
                               for suffix, _, layout in self._parts()], 2)
             return self._select(rows, "attn_order")
@@ -104,8 +105,8 @@ class MaskTable(nn.Module):
             learned = self.gather_rpb(rpb, q.shape[1])
             tensors[-1] = learned if tensors[-1] is None else tensors[-1] + learned
         elif rpb is not None:
-            raise ValueError(f"mask {self.mask.name} has no relative position bias table, but rpb was given; build "
-                             f"the mask with rpb=True")
+            raise InvalidArgument(f"mask {self.mask.name} has no relative position bias table, but rpb was given; "
+                                  "build the mask with rpb=True")
         return attend(q, k, v, self.layout, tensors, scale, self.mask.name, softcap)
 
     def _bucket(self, q, k, v, suffix: str, layout: str, scale, softcap):
@@ -133,8 +134,8 @@ class MaskTable(nn.Module):
         want = (heads, *self.rpb_shape)
         if rpb is None or rpb.shape[0] != heads or rpb[0].numel() != math.prod(self.rpb_shape):
             got = "nothing" if rpb is None else f"shape {tuple(rpb.shape)}"
-            raise ValueError(f"mask {self.mask.name} takes its learned relative position bias as rpb= with shape "
-                             f"{want} (or (heads, {math.prod(self.rpb_shape)})), got {got}")
+            raise InvalidArgument(f"mask {self.mask.name} takes its learned relative position bias as rpb= with shape "
+                                  f"{want} (or (heads, {math.prod(self.rpb_shape)})), got {got}")
         index = self.attn_rpb_index
         values = rpb.reshape(heads, -1).index_select(1, index.flatten()).unflatten(1, index.shape)
         return values[:, 0] if self.layout == "dense" else values[:, :, 0].transpose(0, 1)
@@ -154,11 +155,11 @@ def check_heads(dim: int, heads: int, name: str = "dim", even_width: bool = Fals
     (``name`` is what the caller calls ``dim``).  ``even_width``: heads must also be of an even width, as rotary
     embeddings (RoPE, RMT's theta shift) rotate channel pairs."""
     if heads < 1 or dim % heads:
-        raise ValueError(f"heads must be a positive divisor of {name}={dim}, got {heads}")
+        raise InvalidArgument(f"heads must be a positive divisor of {name}={dim}, got {heads}")
     head_dim = dim // heads
     if even_width and head_dim % 2:
-        raise ValueError(f"{name}={dim} must split into {heads} heads of an even width (rotary embeddings rotate "
-                         f"channel pairs), got head width {head_dim}")
+        raise InvalidArgument(f"{name}={dim} must split into {heads} heads of an even width (rotary embeddings rotate "
+                              f"channel pairs), got head width {head_dim}")
     return head_dim
 
 
@@ -185,8 +186,8 @@ class MaskedSelfAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = heads, check_heads(dim, heads)
         if grid is None and seq_len is None:
-            raise ValueError(f"{type(self).__name__} compiles its mask for a fixed number of tokens: pass seq_len=N "
-                             f"for a sequence or grid=(H, W) (1-3 axes) for tokens on a grid")
+            raise InvalidArgument(f"{type(self).__name__} compiles its mask for a fixed number of tokens: pass "
+                                  "seq_len=N for a sequence or grid=(H, W) (1-3 axes) for tokens on a grid")
         self.table = MaskTable(mask, heads, grid=grid, q_len=seq_len, layout=layout)
         self.mask, self.seq_len = self.table.mask, self.table.shape.q_len
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -201,8 +202,8 @@ class MaskedSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         if N != self.seq_len:
-            raise ValueError(f"{type(self).__name__} was built for {self.seq_len} tokens, got {N}: the mask tables are "
-                             f"static, build the layer for this shape")
+            raise InvalidArgument(f"{type(self).__name__} was built for {self.seq_len} tokens, got {N}: the mask "
+                                  "tables are static, build the layer for this shape")
         q, k, v = split_qkv(self.qkv(x), self.heads, self.head_dim)
         out = self.table(q, k, v, rpb=self.relative_bias())
         return self.proj(out.transpose(1, 2).reshape(B, N, C))

@@ -24,7 +24,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from . import decisions, onnxfile, runtimes
+from . import decisions, models, onnxfile, runtimes
 from .onnxfile import formats
 from .errors import EdgeAttnError, first_line
 from .files import atomic_write, check_writable
@@ -175,8 +175,6 @@ def check_file(path, runtime_names: Optional[Sequence[str]] = None, runs: int = 
     ``inputs``: an ``.npz`` path or a mapping of input name -> array, fed to every runtime (and the torch reference);
     default: the registered model's example inputs, or :func:`generated_feeds`.  ``report``: a JSON path for the
     results, checked before the work."""
-    from . import models
-
     if report is not None:
         check_writable(report)
     file = formats.header(path)

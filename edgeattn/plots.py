@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import inspection
-from .errors import EdgeAttnError
+from .errors import BadFile, EdgeAttnError, InvalidArgument, RuntimeUnavailable
 from .files import atomic_write, check_writable
 from .masks import as_mask, from_params, parse_value
 from .masks.base import Shape, evaluate, index_grid
@@ -46,7 +46,7 @@ def require_matplotlib(what: str = "drawing pictures") -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise EdgeAttnError(f"{what} needs matplotlib; install it with: pip install 'edgeattn[plot]'") from None
+        raise RuntimeUnavailable(f"{what} needs matplotlib; install it with: pip install 'edgeattn[plot]'") from None
 
 
 # ----------------------------------------------------------------------------- masks
@@ -66,7 +66,7 @@ def plot_mask(mask, grid=None, q_len: Optional[int] = None, kv_len: Optional[int
     note = " (its bias is not drawn)" if bias_mod is not None else ""
     if shape.grid is None or len(shape.grid) == 1:
         if query is not None:
-            raise ValueError("query picks one token of a 2-D or 3-D grid; a sequence mask is drawn whole")
+            raise InvalidArgument("query picks one token of a 2-D or 3-D grid; a sequence mask is drawn whole")
         rows = max(1, ROW_CHUNK_ELEMS // shape.kv_len)   # in row chunks, as tables are built: long sequences fit
         allowed = torch.cat([evaluate(mask_mod, index_grid(shape, q_rows=slice(start, start + rows)), 1,
                                       name=mask.name)[0] for start in range(0, shape.q_len, rows)]).numpy()
@@ -86,7 +86,7 @@ def draw_family(family: str, params: Sequence[str] = (), grid=None, q_len: Optio
     ``<mask name>.png``); ``query`` may be written ``"17"`` or ``"3,5"``.  Returns the path written."""
     require_matplotlib("masks show")
     if (grid is None) == (q_len is None):
-        raise ValueError("give a token grid (--grid HxW, HxWxD) or a sequence length (--len N), one of the two")
+        raise InvalidArgument("give a token grid (--grid HxW, HxWxD) or a sequence length (--len N), one of the two")
     mask = from_params(family, params)
     path = check_writable(path or f"{mask.name}.png")
     plot_mask(mask, grid=_parsed("grid", grid), q_len=q_len, query=_parsed("query", query), path=path)
@@ -98,7 +98,7 @@ def _parsed(label: str, value):
     try:
         return parse_value(value) if isinstance(value, str) else value
     except ValueError as e:
-        raise ValueError(f"{label} {value!r}: {e}") from None
+        raise InvalidArgument(f"{label} {value!r}: {e}") from None
 
 
 def _query(query, grid: tuple[int, ...]) -> tuple[int, ...]:
@@ -112,8 +112,8 @@ def _query(query, grid: tuple[int, ...]) -> tuple[int, ...]:
             all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c < s
                 for c, s in zip(query, grid)):
         return tuple(int(c) for c in query)
-    raise ValueError(f"query {query!r} is not a token of the {'x'.join(map(str, grid))} grid: give a flat index "
-                     f"in [0, {n}) or {len(grid)} coordinates")
+    raise InvalidArgument(f"query {query!r} is not a token of the {'x'.join(map(str, grid))} grid: give a flat index "
+                          f"in [0, {n}) or {len(grid)} coordinates")
 
 
 def _query_view(mask, mask_mod, shape: Shape, coords: tuple[int, ...], note: str):
@@ -261,7 +261,7 @@ def check_plot(path, folder) -> None:
     folder that is a file, no matplotlib."""
     inspection.check_tables_readable(path)
     if Path(folder).exists() and not Path(folder).is_dir():
-        raise EdgeAttnError(f"{folder}: is a file; --plot takes a folder to write the pictures into")
+        raise BadFile(f"{folder}: is a file; --plot takes a folder to write the pictures into")
     require_matplotlib("--plot")
 
 

@@ -25,6 +25,7 @@ import torch
 
 from . import decisions
 from .attention import attend
+from .errors import InvalidArgument
 
 # (q (B, H, N, D), pooled keys (B, H, nb, D)) -> block scores (B, H, N, nb), or (B, H, N / block, nb) for one
 # score per query block; larger is better, -inf never chosen
@@ -63,10 +64,10 @@ def check_routing(block: int, top_k: int, n: Optional[int] = None) -> None:
     tokens."""
     for name, value in (("block", block), ("top_k", top_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise InvalidArgument(f"{name} must be a positive integer, got {value!r}")
     if n is not None and n % block:
-        raise ValueError(f"routed attention splits the {n} tokens into blocks of {block}, which must divide them; pad "
-                         f"the sequence to a multiple of {block} or choose a block that divides {n}")
+        raise InvalidArgument(f"routed attention splits the {n} tokens into blocks of {block}, which must divide them; "
+                              f"pad the sequence to a multiple of {block} or choose a block that divides {n}")
 
 
 def routed_attention(q, k, v, block: int, top_k: int, causal: bool = True, router: Optional[Router] = None,
@@ -79,12 +80,12 @@ def routed_attention(q, k, v, block: int, top_k: int, causal: bool = True, route
     n = q.shape[2]
     check_routing(block, top_k, n)
     if k.shape[2] != n:
-        raise ValueError(f"routed attention is self-attention over one sequence: q has {n} tokens, k {k.shape[2]}")
+        raise InvalidArgument(f"routed attention is self-attention over one sequence: q has {n} tokens, k {k.shape[2]}")
     scores = (router or moba_gate)(q, pool_blocks(k, block))
     nb = n // block
     if scores.shape[-1] != nb or scores.shape[-2] not in (n, nb):
-        raise ValueError(f"the router must return block scores shaped (B, H, {n}, {nb}) or (B, H, {nb}, {nb}), got "
-                         f"{tuple(scores.shape)}")
+        raise InvalidArgument(f"the router must return block scores shaped (B, H, {n}, {nb}) or (B, H, {nb}, {nb}), "
+                              f"got {tuple(scores.shape)}")
     if scores.shape[-2] == nb and nb != n:   # one score row per query block: every query of the block uses it
         scores = scores.repeat_interleave(block, dim=-2)
     label = name or f"{'moba' if router is None else 'routed'}_b{block}_top{top_k}{'_causal' if causal else ''}"

@@ -34,11 +34,10 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from .errors import EdgeAttnError, first_line
+from . import runtimes
+from .export.repository import DATATYPES, batchable, model_name
 from .onnxfile import TensorInfo, formats
 
-DATATYPES = {np.dtype(t): name for t, name in [
-    (np.float32, "FP32"), (np.float16, "FP16"), (np.float64, "FP64"), (np.int64, "INT64"), (np.int32, "INT32"),
-    (np.int8, "INT8"), (np.uint8, "UINT8"), (np.bool_, "BOOL")]}
 DTYPES = {name: dtype for dtype, name in DATATYPES.items()}
 VERSION = "1"
 
@@ -49,11 +48,6 @@ class BadRequest(EdgeAttnError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
-
-
-def batchable(inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo]) -> bool:
-    """Requests may be concatenated on axis 0 when every input and output has a symbolic first axis."""
-    return all(t.shape and isinstance(t.shape[0], str) for t in [*inputs, *outputs])
 
 
 def metadata(name: str, platform: str, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo]) -> dict:
@@ -169,7 +163,6 @@ class Model:
     """What one replica serves: the file loaded on a runtime, answering parsed requests in batches."""
 
     def __init__(self, files: Mapping[str, bytes], runtime: str):
-        from . import runtimes
         folder = tempfile.mkdtemp(prefix="edgeattn-serve-")
         try:
             for filename, data in files.items():
@@ -306,8 +299,6 @@ def serve(path, runtime: str = "auto", host: str = "127.0.0.1", port: int = 8000
           max_batch_size: int = 8, batch_wait_ms: float = 5.0, address: Optional[str] = None,
           name: Optional[str] = None, log: Callable[[str], None] = print) -> None:
     """Serve ``path`` until SIGINT or SIGTERM, then shut the application (and a Ray started here) down."""
-    from . import runtimes
-    from .export.repository import model_name
     try:
         import ray
         from ray import serve as ray_serve

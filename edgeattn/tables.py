@@ -28,6 +28,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from .errors import InvalidArgument
 from .masks.base import Shape, as_mask, evaluate, index_grid, per_axis
 
 LAYOUTS = ("dense", "blocked", "auto")
@@ -368,7 +369,7 @@ def build(mask, q_len=None, kv_len=None, grid=None, heads: int = 1, layout: str 
     (over a dense table) or :data:`AUTO_BUCKETED_GAIN` of the block table's (over a block table), and a large
     block table in chunks (:func:`chunked`, above :data:`AUTO_CHUNK_BYTES` of scores)."""
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        raise InvalidArgument(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     mask = as_mask(mask)
     shape = Shape.of(q_len, kv_len, grid)
     if layout == "auto":
@@ -421,14 +422,14 @@ def _rpb_index(name: str, index_mod, index, heads: int, allowed: torch.Tensor, r
     allows the pair, 0 elsewhere; positions outside the table are an error."""
     values = evaluate(index_mod, index, heads, "rpb_index_mod", name)
     if values.shape[0] != 1:
-        raise ValueError(f"{name}: rpb_index_mod must not depend on the head (each head has its own row of the "
-                         f"table, indexed the same way)")
+        raise InvalidArgument(f"{name}: rpb_index_mod must not depend on the head (each head has its own row of the "
+                              f"table, indexed the same way)")
     entries = math.prod(rpb_shape)
     values = torch.where(allowed.any(0, keepdim=True), values, 0)
     if values.numel() and not 0 <= int(values.min()) <= int(values.max()) < entries:
         bad = values[(values < 0) | (values >= entries)][0]
-        raise ValueError(f"{name}: rpb_index_mod gives positions outside its table of {entries} entries per head "
-                         f"(e.g. {int(bad)}); indices must lie in [0, {entries})")
+        raise InvalidArgument(f"{name}: rpb_index_mod gives positions outside its table of {entries} entries per head "
+                              f"(e.g. {int(bad)}); indices must lie in [0, {entries})")
     return values.to(torch.int32)
 
 

@@ -14,8 +14,7 @@ import onnxruntime as ort
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import edgeattn  # noqa: F401  (registers attn_implementation="edgeattn" with transformers)
-from edgeattn.convert.hf_lm import export_lm
+from edgeattn.export import export_lm
 
 
 def main():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import edgeattn
 from edgeattn import models
-from edgeattn.export import export_registered
+from edgeattn.registered import export_registered
 from edgeattn.models.segment_lm import greedy, torch_step
 from edgeattn import onnxfile
 

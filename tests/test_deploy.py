@@ -28,8 +28,8 @@ import pytest
 import torch
 
 from edgeattn import models
-from edgeattn.export import export_registered
-from edgeattn.export.formats import write_openvino_ir
+from edgeattn.registered import export_registered
+from edgeattn.export.writers import write_openvino_ir
 from edgeattn.onnxfile import read_metadata
 
 from conftest import TIE_ATOL, require

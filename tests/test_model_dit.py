@@ -8,7 +8,7 @@ import torch
 
 from edgeattn import materialize, models, parity
 from edgeattn.attention import reference_attention
-from edgeattn.export import export_registered
+from edgeattn.registered import export_registered
 from edgeattn.layers import MaskTable
 from edgeattn.masks import clear
 

@@ -16,7 +16,7 @@ from torch import nn
 from edgeattn import decisions, models, onnxfile, parity, runtimes
 from edgeattn.errors import EdgeAttnError
 from edgeattn.onnxfile import formats
-from edgeattn.export import export_registered
+from edgeattn.registered import export_registered
 
 from conftest import CPU_RUNTIMES
 

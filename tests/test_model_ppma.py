@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from edgeattn import models, onnxfile, parity
-from edgeattn.export import export_registered
+from edgeattn.registered import export_registered
 from edgeattn.models.ppma import PathDecays, PathPosition, PolylineAttention
 
 from conftest import CPU_RUNTIMES

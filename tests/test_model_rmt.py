@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edgeattn import models, parity
-from edgeattn.export import export_registered
+from edgeattn.registered import export_registered
 from edgeattn.layers import MaskTable
 from edgeattn.models.rmt import RetentionRelPos2d, VisionRetentionAll, VisionRetentionChunk, VisRetNet
 

@@ -8,7 +8,7 @@ import torch
 
 import edgeattn
 from edgeattn import models, parity
-from edgeattn.export import export_registered
+from edgeattn.registered import export_registered
 from edgeattn.models.segment_lm import greedy, torch_step
 
 from conftest import CPU_RUNTIMES, require

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from edgeattn import export_onnx, models, parity, tables
-from edgeattn.export import export_registered
+from edgeattn.registered import export_registered
 from edgeattn.layers import MaskedBlock, MaskedSelfAttention, MaskTable
 from edgeattn.masks import neighborhood, window
 from edgeattn.models.swin import PatchMerging, SwinBlock

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from edgeattn import load, models, parity
-from edgeattn.export import export_registered
+from edgeattn.registered import export_registered
 
-from conftest import CPU_RUNTIMES, TIE_ATOL
+from conftest import CPU_RUNTIMES, judge_modulo_ties
 
 
 
@@ -47,8 +47,11 @@ def test_dynamic_batch_1_3_8(exported, name):
             got = session.run({k: v.numpy() for k, v in inputs.items()})
             for output, expected in zip(built.outputs, want):
                 assert got[output].shape == tuple(expected.shape), (runtime, size, output)
-                np.testing.assert_allclose(got[output], expected.numpy(), atol=TIE_ATOL.get(name, 1e-4), rtol=0,
-                                           err_msg=f"{runtime} batch {size} {output}")
+            # every output within the runtime's fp32 tolerance (1e-4), modulo hard decisions flipped at a tie
+            reference = {output: expected.numpy() for output, expected in zip(built.outputs, want)}
+            ok, error, ties = judge_modulo_ties(got, reference, built.module, inputs, path, runtime)
+            assert ok, f"{runtime} batch {size}: max abs error {error:.2e} {ties}"
+            print("PROBE", name, runtime, size, f"{error:.2e}", ties)  # TEMP
 
 
 # Files whose check fails for what quantization does to the model, checked to still fail for that reason (a change

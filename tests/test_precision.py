@@ -6,7 +6,7 @@ import torch
 
 from edgeattn import EdgeAttnError, export_onnx, load, masks, onnxfile, parity, runtimes
 from edgeattn.cli import main
-from edgeattn.export import export_registered
+from edgeattn.registered import export_registered
 from edgeattn.inspection import inspect_file
 from edgeattn.layers import MaskedSelfAttention
 from edgeattn.runtimes.base import REDUCED_PRECISION

@@ -6,18 +6,21 @@ exports with :func:`edgeattn.export_onnx` and runs on onnxruntime and OpenVINO w
 
 One converter per source, each a module of this package with ``convert(module, example_inputs, layout) ->
 list[str]``: it converts ``module`` in place and returns one line per thing it replaced (empty when it found
-nothing).  They run in :data:`CONVERTERS` order.
+nothing).  They run in :data:`CONVERTERS` order.  (This package sits right above the core: export runs the
+FlexAttention converter on a module that calls flex_attention itself.)
 """
 from __future__ import annotations
 
 import copy
-import importlib
+
 import torch
 
-from ..errors import EdgeAttnError
+from ..errors import ExportFailed, InvalidArgument
 
-# module names of the converters, in the order they run
-CONVERTERS: list[str] = ["natten", "hf_vision", "hf_lm", "flex"]
+from . import flex, hf_lm, hf_vision, natten
+
+# the converters, in the order they run
+CONVERTERS = [natten, hf_vision, hf_lm, flex]
 
 
 def convert(module: torch.nn.Module, *example_inputs, layout: str = "auto", inplace: bool = False,
@@ -30,19 +33,18 @@ def convert(module: torch.nn.Module, *example_inputs, layout: str = "auto", inpl
     replaced attention.  A module in which no converter finds anything is an error that says what is supported
     (``strict=False``: it is returned as it is, e.g. one already built from edgeattn's layers)."""
     if not isinstance(module, torch.nn.Module):
-        raise EdgeAttnError(f"convert takes a torch.nn.Module, got {type(module).__name__}")
+        raise InvalidArgument(f"convert takes a torch.nn.Module, got {type(module).__name__}")
     if layout not in ("auto", "dense", "blocked"):
-        raise EdgeAttnError(f"layout must be auto, dense or blocked, got {layout!r}")
+        raise InvalidArgument(f"layout must be auto, dense or blocked, got {layout!r}")
     target = module if inplace else copy.deepcopy(module)
     lines: list[str] = []
-    for name in CONVERTERS:
-        converter = importlib.import_module(f"{__name__}.{name}")
+    for converter in CONVERTERS:
         lines += converter.convert(target, tuple(example_inputs), layout)
     if not lines and strict:
         if not example_inputs:
-            raise EdgeAttnError(f"convert found nothing to convert in {type(module).__name__} without example "
-                                f"inputs: pass the inputs the model will be exported with, convert(model, x)")
-        raise EdgeAttnError(
+            raise InvalidArgument(f"convert found nothing to convert in {type(module).__name__} without example "
+                                  f"inputs: pass the inputs the model will be exported with, convert(model, x)")
+        raise ExportFailed(
             f"convert found nothing to convert in {type(module).__name__}: it converts NATTEN's "
             f"NeighborhoodAttention1D/2D/3D modules, transformers models (Llama, Mistral, Gemma, Qwen, Swin, "
             f"Mask2Former) and modules that call torch.nn.attention.flex_attention.flex_attention; build other "

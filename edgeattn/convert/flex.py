@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from ..attention import attend
-from ..errors import EdgeAttnError
+from ..errors import InvalidArgument
 from ..layers import MaskTable
 from ..masks.base import Shape, custom, evaluate, index_grid
-from ..onnxfile import TABLE_INPUTS
+from ..signature import TABLE_INPUTS
 from .flex_routing import ROUTER, closure_cells, mentions_flex
 
 # rows of the score grid a score_mod is probed on (first and last rows: enough to tell its form apart)
@@ -82,8 +82,8 @@ class FlexSite(nn.Module):
         _, heads, q_len, head_dim = q.shape
         kv_heads, kv_len = k.shape[1], k.shape[2]
         if enable_gqa and heads % kv_heads:
-            raise EdgeAttnError(f"flex_attention with enable_gqa needs query heads ({heads}) to be a multiple of "
-                                f"key/value heads ({kv_heads})")
+            raise InvalidArgument(f"flex_attention with enable_gqa needs query heads ({heads}) to be a multiple of "
+                                  f"key/value heads ({kv_heads})")
         self.group = heads // kv_heads if enable_gqa else 1
         self.scale = float(1.0 / math.sqrt(head_dim) if scale is None else scale)
         self.signature = _signature(q, k, v, score_mod, block_mask, scale, enable_gqa)
@@ -173,30 +173,30 @@ class FlexCalls(nn.Module):
         if self.recording:
             self.recording = False
         elif self.next != len(self.sites):
-            raise EdgeAttnError(f"{type(module).__name__} made {self.next} flex_attention calls, but it made "
-                                f"{len(self.sites)} when it was converted: a converted module must run the same "
-                                f"calls on every forward (convert it again for other inputs)")
+            raise InvalidArgument(f"{type(module).__name__} made {self.next} flex_attention calls, but it made "
+                                  f"{len(self.sites)} when it was converted: a converted module must run the same "
+                                  f"calls on every forward (convert it again for other inputs)")
 
     def call(self, query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
              return_lse=False, kernel_options=None, *, return_aux=None):
         if return_lse or return_aux is not None:
-            raise EdgeAttnError("a converted flex_attention returns the attention output only: return_lse and "
-                                "return_aux (log-sum-exp, max scores) are not supported (NATTEN's modules ask for "
-                                "them: convert a NATTEN model with edgeattn.convert(model, *inputs) before export)")
+            raise InvalidArgument("a converted flex_attention returns the attention output only: return_lse and "
+                                  "return_aux (log-sum-exp, max scores) are not supported (NATTEN's modules ask for "
+                                  "them: convert a NATTEN model with edgeattn.convert(model, *inputs) before export)")
         if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-            raise EdgeAttnError(f"flex_attention takes 4-D (B, H, N, D) query/key/value, got {query.dim()}-D")
+            raise InvalidArgument(f"flex_attention takes 4-D (B, H, N, D) query/key/value, got {query.dim()}-D")
         if self.recording:
             self.sites.append(FlexSite(query, key, value, score_mod, block_mask, scale, enable_gqa, self.layout))
         elif self.next >= len(self.sites):
-            raise EdgeAttnError(f"this forward made more flex_attention calls than the {len(self.sites)} it made "
-                                f"when it was converted; convert it again for these inputs")
+            raise InvalidArgument(f"this forward made more flex_attention calls than the {len(self.sites)} it made "
+                                  f"when it was converted; convert it again for these inputs")
         site = self.sites[self.next]
         self.next += 1
         got = _signature(query, key, value, score_mod, block_mask, scale, enable_gqa)
         if got != site.signature:
-            raise EdgeAttnError(f"flex_attention call {self.next - 1} differs from the one converted "
-                                f"({_difference(site.signature, got)}): its table was compiled for that call; "
-                                f"convert the module again for these inputs")
+            raise InvalidArgument(f"flex_attention call {self.next - 1} differs from the one converted "
+                                  f"({_difference(site.signature, got)}): its table was compiled for that call; "
+                                  f"convert the module again for these inputs")
         return site(query, key, value)
 
 
@@ -227,16 +227,16 @@ def _mask_mod(block_mask, q_len: int, kv_len: int):
     user = block_mask.mask_mod
     name = getattr(user, "__name__", "flex_mask").replace("<lambda>", "flex_mask")
     if tuple(block_mask.seq_lengths) != (q_len, kv_len):
-        raise EdgeAttnError(f"block_mask was created for {tuple(block_mask.seq_lengths)} (q_len, kv_len) but the "
-                            f"call has ({q_len}, {kv_len}); create it for the call's lengths")
+        raise InvalidArgument(f"block_mask was created for {tuple(block_mask.seq_lengths)} (q_len, kv_len) but the "
+                              f"call has ({q_len}, {kv_len}); create it for the call's lengths")
     bq, bk = block_mask.BLOCK_SIZE
     n_kb = -(-kv_len // bk)
     partial = _ordered_to_dense(block_mask.kv_num_blocks, block_mask.kv_indices, n_kb).bool()
     full = (torch.zeros_like(partial) if block_mask.full_kv_num_blocks is None else
             _ordered_to_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, n_kb).bool())
     if partial.shape[0] > 1 and not ((partial == partial[:1]).all() and (full == full[:1]).all()):
-        raise EdgeAttnError(f"block_mask of {name} differs between batch elements: a static table serves every "
-                            f"batch element; compute such a mask in the model and call edgeattn.masked_attention")
+        raise InvalidArgument(f"block_mask of {name} differs between batch elements: a static table serves every "
+                              f"batch element; compute such a mask in the model and call edgeattn.masked_attention")
     partial, full = partial[0], full[0]                      # (H or 1, nq blocks, nkv blocks)
     block_heads = partial.shape[0]
 
@@ -279,7 +279,7 @@ def _score_parts(score_mod, heads: int, shape: Shape, name: str):
             softcap = cap if cap > 0 and math.isfinite(cap) else None
             capped = None if softcap is None else softcap * torch.tanh(score[0] / softcap)
             if capped is None or not ((change - capped).abs() <= slack).all():
-                raise EdgeAttnError(
+                raise InvalidArgument(
                     f"{what} changes the score in a way edgeattn cannot carry: it supports adding a function of "
                     f"(b, h, q_idx, kv_idx) (ALiBi, relative biases) and tanh soft-capping (c * tanh(score / c)) "
                     f"before such a bias; write other score changes as a bias or a mask")

@@ -1,36 +1,35 @@
 """transformers causal LMs -> edgeattn: an ``"edgeattn"`` attention implementation with static prefill tables.
 
-Importing edgeattn registers ``"edgeattn"`` in transformers' ``AttentionInterface`` (the attention function) and
+:func:`register` adds ``"edgeattn"`` to transformers' ``AttentionInterface`` (the attention function) and
 ``AttentionMaskInterface`` (what a model's ``create_causal_mask`` / ``create_sliding_window_causal_mask`` return),
-so ``AutoModelForCausalLM.from_config(config, attn_implementation="edgeattn")`` works.  Importing transformers'
-modeling code takes seconds, so registration waits until transformers imports it (an import hook), and users who
-never touch transformers pay nothing.
+so ``AutoModelForCausalLM.from_config(config, attn_implementation="edgeattn")`` works; :func:`edgeattn.convert`
+registers before it switches a model.  Nothing happens at ``import edgeattn``: importing transformers' modeling code
+takes seconds, and users who never touch transformers pay nothing.
 
 The mask interface hands the attention function the mask function transformers composed (causal, sliding window,
 padding...), its key (see :func:`mask_key`) and the dense boolean mask.  :func:`convert` runs the model once at the
 example length, compiles one :class:`~edgeattn.layers.MaskTable` per distinct mask (``model.edgeattn_masks``, so
 export's plan sees and lowers them: blocked for sparse sliding windows) and from then on a prefill of that length
 attends through the tables.  Any other call (another length, a cache offset, padding) attends over the dense mask,
-which export keeps as a graph computation: that is how the static-cache decode step of :func:`export_lm` works.
+which export keeps as a graph computation: that is how the static-cache decode step of
+:func:`edgeattn.export.export_lm` works.
 
-Export a converted model with :func:`export_lm` (or its :class:`Prefill` wrapper) to get the tables in the file: a
-plain ``export_onnx(model, (input_ids,))`` is correct but computes its masks in the graph, since under tracing
-transformers cannot tell whether position ids pack several sequences and wraps the mask in a packing test.
+Export a converted model with :func:`edgeattn.export.export_lm` (or its :class:`Prefill` wrapper) to get the tables
+in the file: a plain ``export_onnx(model, (input_ids,))`` is correct but computes its masks in the graph, since under
+tracing transformers cannot tell whether position ids pack several sequences and wraps the mask in a packing test.
 """
 from __future__ import annotations
 
 import contextvars
-import importlib.abc
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from ..attention import masked_attention
-from ..errors import EdgeAttnError
+from ..errors import EdgeAttnError, RuntimeUnavailable
 from ..layers import MaskTable
 from ..masks.base import custom
 
@@ -129,47 +128,17 @@ def edgeattn_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
 
 
 # ----------------------------------------------------------------------------- registration
-_WATCHED = ("transformers.masking_utils", "transformers.modeling_utils")
-
-
-def register() -> bool:
-    """Register ``"edgeattn"`` with whichever of transformers' interfaces are imported; True once both are."""
-    masking, modeling = (sys.modules.get(name) for name in _WATCHED)
-    if masking is not None and hasattr(masking, "AttentionMaskInterface"):
-        masking.AttentionMaskInterface.register(NAME, edgeattn_mask)
-    if modeling is not None and hasattr(modeling, "AttentionInterface"):
-        modeling.AttentionInterface.register(NAME, edgeattn_attention)
-    return NAME in getattr(masking, "ALL_MASK_ATTENTION_FUNCTIONS", {}) and \
-        NAME in getattr(modeling, "ALL_ATTENTION_FUNCTIONS", {})
-
-
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Registers right after transformers executes a watched module; finds nothing itself."""
-
-    def find_spec(self, name, path, target=None):
-        if name not in _WATCHED:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(name, path, target)
-            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                run = spec.loader.exec_module
-
-                def exec_module(module, run=run):
-                    run(module)
-                    if register() and self in sys.meta_path:
-                        sys.meta_path.remove(self)
-
-                spec.loader.exec_module = exec_module
-                return spec
-        return None
-
-
-def install() -> None:
-    """Register now if transformers' modeling code is imported, else as soon as it is."""
-    if not register() and not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnImport())
+def register() -> None:
+    """Register ``"edgeattn"`` with transformers' ``AttentionInterface`` and ``AttentionMaskInterface``, so that
+    ``from_config(config, attn_implementation="edgeattn")`` builds a model on it.  :func:`edgeattn.convert` calls it
+    for a transformers model; call it yourself before building one with that name.  Idempotent."""
+    try:
+        from transformers import masking_utils, modeling_utils
+    except ImportError:
+        raise RuntimeUnavailable("edgeattn's transformers attention needs transformers: pip install "
+                                 "'edgeattn[transformers]'") from None
+    masking_utils.AttentionMaskInterface.register(NAME, edgeattn_mask)
+    modeling_utils.AttentionInterface.register(NAME, edgeattn_attention)
 
 
 # ----------------------------------------------------------------------------- convert
@@ -188,6 +157,7 @@ def convert(module: nn.Module, example_inputs: tuple, layout: str) -> list[str]:
         raise EdgeAttnError(f"convert takes one example input for {type(module).__name__}: input_ids, an integer "
                             f"tensor (batch, prompt_len); tables are compiled for that prompt length")
     input_ids = example_inputs[0]
+    register()
     module.set_attn_implementation(NAME)
     recorded: dict = {}
     token = _RECORDING.set(recorded)
@@ -302,40 +272,3 @@ class DecodeStep(nn.Module):
 def cache_names(layers: int, prefix: str) -> list[str]:
     """Optimum's names: ``past_key_values.N.key`` / ``.value`` (inputs), ``present.N.key`` / ``.value`` (outputs)."""
     return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-
-
-def export_lm(model: nn.Module, prompt_len: int, max_cache_len: int, folder, layout: str = "auto",
-              **export_kwargs) -> tuple[Path, Path]:
-    """Export a transformers causal LM as ``prefill.onnx`` and ``decode.onnx`` in ``folder`` for greedy generation
-    with a static cache of ``max_cache_len`` tokens.
-
-    prefill: ``input_ids`` (1, prompt_len) -> ``logits`` (1, prompt_len, vocab), ``present.N.key/value`` (1,
-    kv_heads, max_cache_len, head_dim), the prompt's keys in the first prompt_len slots.  decode: ``input_ids``
-    (1, 1), ``cache_position`` (1,) (the token's position: prompt_len for the first step), ``past_key_values.N
-    .key/value`` -> ``logits`` (1, 1, vocab) and the ``present.N.key/value`` to feed to the next step.  The prefill
-    attends through static tables (see :func:`convert`), the decode step over a mask computed from cache_position.
-    ``export_kwargs`` go to :func:`edgeattn.export_onnx` (opset, lowering, runtimes...)."""
-    from ..export import export_onnx
-    from . import convert as convert_module
-
-    if not is_causal_lm(model):
-        raise EdgeAttnError(f"export_lm exports transformers causal LMs (AutoModelForCausalLM), got "
-                            f"{type(model).__name__}")
-    if not (isinstance(prompt_len, int) and isinstance(max_cache_len, int) and 0 < prompt_len < max_cache_len):
-        raise EdgeAttnError(f"export_lm needs integers 0 < prompt_len < max_cache_len (the cache holds the prompt "
-                            f"and the generated tokens), got prompt_len={prompt_len!r}, "
-                            f"max_cache_len={max_cache_len!r}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    prompt = torch.zeros((1, prompt_len), dtype=torch.long)
-    converted = convert_module(model, prompt, layout=layout).eval()
-    layers = converted.config.get_text_config().num_hidden_layers
-    with torch.no_grad():   # example past keys/values: the shapes the prefill returns
-        past = [torch.zeros_like(t) for t in Prefill(converted, max_cache_len)(prompt)[1:]]
-    export_onnx(Prefill(converted, max_cache_len), (prompt,), folder / "prefill.onnx", input_names=["input_ids"],
-                output_names=["logits", *cache_names(layers, "present")], **export_kwargs)
-    step = (torch.zeros((1, 1), dtype=torch.long), torch.tensor([prompt_len]), *past)
-    export_onnx(DecodeStep(converted, max_cache_len), step, folder / "decode.onnx",
-                input_names=["input_ids", "cache_position", *cache_names(layers, "past_key_values")],
-                output_names=["logits", *cache_names(layers, "present")], **export_kwargs)
-    return folder / "prefill.onnx", folder / "decode.onnx"

@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import decisions, tables
 from ..attention import masked_attention
-from ..errors import EdgeAttnError
+from ..errors import EdgeAttnError, ExportFailed, InvalidArgument
 from ..layers import MaskTable
 from ..masks import window
 
@@ -56,9 +56,9 @@ def _replace(module: nn.Module, name: str, new: nn.Module) -> None:
     setattr(holder, child, new)
 
 
-def _training_error(what: str) -> EdgeAttnError:
-    return EdgeAttnError(f"{what} has attention dropout, which the converted layer does not apply: call .eval() "
-                         f"before running or exporting the converted model")
+def _training_error(what: str) -> InvalidArgument:
+    return InvalidArgument(f"{what} has attention dropout, which the converted layer does not apply: call .eval() "
+                           f"before running or exporting the converted model")
 
 
 # ---- Swin ----------------------------------------------------------------------------------------------------
@@ -68,8 +68,8 @@ def _convert_swin(module, example_inputs, layout, layer_type) -> list[str]:
     if not layers:
         return []
     if not example_inputs:
-        raise EdgeAttnError(f"{type(module).__name__} has transformers Swin layers, whose grid comes from the input: "
-                            f"call convert(model, pixel_values) with an example input of the size you will export")
+        raise InvalidArgument(f"{type(module).__name__} has transformers Swin layers, whose grid comes from the input: "
+                              f"call convert(model, pixel_values) with an example input of the size you will export")
     grids = _record_grids(module, example_inputs, layers)
     lines, masks = [], {}
     with tables.reuse():   # layers of one stage with the same shift share one table
@@ -98,14 +98,14 @@ def _record_grids(module, example_inputs, layers) -> dict[str, tuple[int, int]]:
         always = args[2] if len(args) > 2 else kwargs.get("always_partition", False)
         if not always and min(dims) < layer.window_size:
             table = layer.attention.relative_position_bias.window_size
-            raise EdgeAttnError(
+            raise ExportFailed(
                 f"{name} sees a {dims[0]}x{dims[1]} map, smaller than its window {layer.window_size}: transformers "
                 f"shrinks the window to the map but keeps the relative position bias of a {table[0]}x{table[1]} "
                 f"window, so the model itself fails at this size; use an input whose smallest stage is at least "
                 f"the window")
         if grids.setdefault(name, dims) != dims:
-            raise EdgeAttnError(f"{name} ran on {grids[name]} and {dims} grids in one call: a converted layer has "
-                                f"one static grid")
+            raise ExportFailed(f"{name} ran on {grids[name]} and {dims} grids in one call: a converted layer has "
+                               f"one static grid")
 
     handles = [layer.register_forward_pre_hook(lambda m, a, k, n=name: record(n, m, a, k), with_kwargs=True)
                for name, layer in layers.items()]
@@ -134,12 +134,12 @@ class SwinGridLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_dimensions, always_partition: bool = False, **kwargs):
         if tuple(input_dimensions) != self.grid:
-            raise EdgeAttnError(f"this Swin layer was converted for a {self.grid[0]}x{self.grid[1]} grid, got "
-                                f"{tuple(input_dimensions)}: its mask table is static, convert the model with an "
-                                f"input of this size")
+            raise InvalidArgument(f"this Swin layer was converted for a {self.grid[0]}x{self.grid[1]} grid, got "
+                                  f"{tuple(input_dimensions)}: its mask table is static, convert the model with an "
+                                  f"input of this size")
         if kwargs.get("output_attentions"):
-            raise EdgeAttnError("a converted Swin layer has no per-window attention weights to return: ask the "
-                                "original transformers model for output_attentions")
+            raise InvalidArgument("a converted Swin layer has no per-window attention weights to return: ask the "
+                                  "original transformers model for output_attentions")
         (H, W), (Hp, Wp) = self.grid, self.padded
         B, _, C = hidden_states.shape
         x = self.layernorm_before(hidden_states)
@@ -229,16 +229,16 @@ class MaskedCrossAttention(nn.Module):
     def __init__(self, mha: nn.MultiheadAttention, name: str):
         super().__init__()
         if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn or mha.in_proj_bias is None:
-            raise EdgeAttnError(f"{name}: convert takes an nn.MultiheadAttention with packed q/k/v projections and "
-                                f"biases, no bias_k/bias_v and no add_zero_attn (transformers' Mask2Former layout)")
+            raise ExportFailed(f"{name}: convert takes an nn.MultiheadAttention with packed q/k/v projections and "
+                               f"biases, no bias_k/bias_v and no add_zero_attn (transformers' Mask2Former layout)")
         self.name, self.heads, self.batch_first, self.dropout = name, mha.num_heads, mha.batch_first, mha.dropout
         self.in_proj_weight, self.in_proj_bias, self.out_proj = mha.in_proj_weight, mha.in_proj_bias, mha.out_proj
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         if key_padding_mask is not None or is_causal:
-            raise EdgeAttnError(f"{self.name}: the converted cross-attention takes attn_mask only, not "
-                                f"key_padding_mask or is_causal")
+            raise InvalidArgument(f"{self.name}: the converted cross-attention takes attn_mask only, not "
+                                  f"key_padding_mask or is_causal")
         if self.training and self.dropout > 0:
             raise _training_error(self.name)
         if not self.batch_first:
@@ -249,8 +249,8 @@ class MaskedCrossAttention(nn.Module):
         if attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v)
         elif attn_mask.dtype != torch.bool or attn_mask.shape[-2:] != (Q, S):
-            raise EdgeAttnError(f"{self.name}: the converted cross-attention takes a bool attn_mask of shape "
-                                f"(B * heads, {Q}, {S}) or ({Q}, {S}), got {attn_mask.dtype} {tuple(attn_mask.shape)}")
+            raise InvalidArgument(f"{self.name}: the converted cross-attention takes a bool attn_mask of shape (B * "
+                                  f"heads, {Q}, {S}) or ({Q}, {S}), got {attn_mask.dtype} {tuple(attn_mask.shape)}")
         else:
             allowed = ~(attn_mask.view(B, self.heads, Q, S) if attn_mask.dim() == 3 else attn_mask)
             out = masked_attention(q, k, v, allowed, mask_name="mask2former_predicted")

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import tables
-from ..errors import EdgeAttnError, first_line
+from ..errors import ExportFailed, InvalidArgument, first_line
 from ..layers import MaskTable, check_heads, split_qkv
 from ..masks import neighborhood
 
@@ -61,12 +61,12 @@ class NeighborhoodAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != len(self.grid) + 2 or tuple(x.shape[1:-1]) != self.grid:
-            raise ValueError(f"{type(self).__name__} was converted for (B, {', '.join(map(str, self.grid))}, C) "
-                             f"inputs, got shape {tuple(x.shape)}: its mask table is static; convert the model "
-                             f"again with example inputs of this size")
+            raise InvalidArgument(f"{type(self).__name__} was converted for (B, {', '.join(map(str, self.grid))}, C) "
+                                  f"inputs, got shape {tuple(x.shape)}: its mask table is static; convert the model "
+                                  f"again with example inputs of this size")
         if self.training and self.attn_drop_p > 0:
-            raise ValueError(f"this layer replaced a NATTEN module with attention dropout p={self.attn_drop_p}, "
-                             f"which edgeattn's attention does not apply: run it in eval mode")
+            raise InvalidArgument(f"this layer replaced a NATTEN module with attention dropout p={self.attn_drop_p}, "
+                                  f"which edgeattn's attention does not apply: run it in eval mode")
         B, C = x.shape[0], x.shape[-1]
         q, k, v = split_qkv(self.qkv(x.reshape(B, -1, C)), self.heads, self.head_dim)
         out = self.table(q, k, v, scale=self.scale, rpb=getattr(self, "rpb", None))
@@ -112,12 +112,12 @@ def _find(module: nn.Module) -> list[tuple[list[str], nn.Module, int]]:
             continue
         name = type(m).__name__
         if not path:
-            raise EdgeAttnError(f"the module given to convert is itself a NATTEN {name}: convert replaces NATTEN "
-                                f"modules inside their parent, so wrap it (torch.nn.Sequential(module))")
+            raise InvalidArgument(f"the module given to convert is itself a NATTEN {name}: convert replaces NATTEN "
+                                  f"modules inside their parent, so wrap it (torch.nn.Sequential(module))")
         if type(m).forward is not cls.forward:
-            raise EdgeAttnError(f"{path}: {name} subclasses NATTEN's {cls.__name__} but overrides forward, so "
-                                f"what it computes is unknown to convert; convert a plain {cls.__name__}, or build "
-                                f"the layer from edgeattn.MaskedSelfAttention")
+            raise ExportFailed(f"{path}: {name} subclasses NATTEN's {cls.__name__} but overrides forward, so "
+                               f"what it computes is unknown to convert; convert a plain {cls.__name__}, or build "
+                               f"the layer from edgeattn.MaskedSelfAttention")
         by_id.setdefault(id(m), ([], m, CLASS_NAMES[cls.__name__]))[0].append(path)
     return list(by_id.values())
 
@@ -142,8 +142,8 @@ def _record_grids(module: nn.Module, found, example_inputs: tuple) -> dict[str, 
             module(*example_inputs)
     except Exception as e:
         where = f" (in or after {entered[-1]})" if entered else ""
-        raise EdgeAttnError(f"convert runs the model once on the example inputs to learn each NATTEN module's grid, "
-                            f"and that run failed{where}: {type(e).__name__}: {first_line(e)}") from e
+        raise ExportFailed(f"convert runs the model once on the example inputs to learn each NATTEN module's grid, "
+                           f"and that run failed{where}: {type(e).__name__}: {first_line(e)}") from e
     finally:
         for handle in handles:
             handle.remove()
@@ -153,16 +153,16 @@ def _record_grids(module: nn.Module, found, example_inputs: tuple) -> dict[str, 
     for (paths, m, ndim) in found:
         seen = shapes[paths[0]]
         if not seen:
-            raise EdgeAttnError(f"{paths[0]}: this {type(m).__name__} did not run on the example inputs, so its "
-                                f"grid is unknown; pass example inputs that reach it")
+            raise InvalidArgument(f"{paths[0]}: this {type(m).__name__} did not run on the example inputs, so its "
+                                  f"grid is unknown; pass example inputs that reach it")
         axes = {s[1:-1] if s is not None and len(s) == ndim + 2 else None for s in seen}
         if None in axes:
-            raise EdgeAttnError(f"{paths[0]}: {type(m).__name__} takes one (B, {_axes(ndim)}, C) tensor, got "
-                                f"{sorted(seen, key=str)}")
+            raise ExportFailed(f"{paths[0]}: {type(m).__name__} takes one (B, {_axes(ndim)}, C) tensor, got "
+                               f"{sorted(seen, key=str)}")
         if len(axes) > 1:
-            raise EdgeAttnError(f"{paths[0]}: ran on several grids ({', '.join(sorted(map(_fmt, axes)))}); edgeattn "
-                                f"tables are static, one grid per module: convert a model that runs each module "
-                                f"at one size")
+            raise ExportFailed(f"{paths[0]}: ran on several grids ({', '.join(sorted(map(_fmt, axes)))}); edgeattn "
+                               f"tables are static, one grid per module: convert a model that runs each module "
+                               f"at one size")
         grids[paths[0]] = axes.pop()
     return grids
 
@@ -177,27 +177,27 @@ def _read(path: str, m: nn.Module, ndim: int) -> dict:
         kernel, dilation = m.kernel_size, getattr(m, "dilation", 1) or 1
         stride, causal = getattr(m, "stride", 1), getattr(m, "is_causal", False)
     except AttributeError as e:
-        raise EdgeAttnError(f"{path}: {name} lacks {e.name!r}, which NATTEN's modules have; convert knows "
-                            f"natten 0.14-0.21's NeighborhoodAttention1D/2D/3D") from None
+        raise ExportFailed(f"{path}: {name} lacks {e.name!r}, which NATTEN's modules have; convert knows "
+                           f"natten 0.14-0.21's NeighborhoodAttention1D/2D/3D") from None
     if hasattr(m, "kernel_size_d"):   # natten 0.14's 3-D module: depth kernel and dilation apart
         kernel = (m.kernel_size_d or kernel, kernel, kernel)
         dilation = (getattr(m, "dilation_d", None) or dilation, dilation, dilation)
     if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)) or qkv.out_features != 3 * qkv.in_features \
             or (proj.in_features, proj.out_features) != (qkv.in_features, qkv.in_features):
-        raise EdgeAttnError(f"{path}: {name}'s qkv must be a Linear C -> 3C and proj a Linear C -> C, got "
-                            f"{qkv} and {proj}")
+        raise ExportFailed(f"{path}: {name}'s qkv must be a Linear C -> 3C and proj a Linear C -> C, got "
+                           f"{qkv} and {proj}")
     if not isinstance(heads, int) or heads < 1 or qkv.in_features % heads:
-        raise EdgeAttnError(f"{path}: {name}.num_heads={heads!r} does not divide its width {qkv.in_features}")
+        raise ExportFailed(f"{path}: {name}.num_heads={heads!r} does not divide its width {qkv.in_features}")
     rpb = m.rpb if legacy else None
     if rpb is not None:
         want = (heads, *[2 * k - 1 for k in _tuple(kernel, ndim)])
         if not isinstance(rpb, torch.Tensor) or tuple(rpb.shape) != want:
-            raise EdgeAttnError(f"{path}: {name}.rpb must be a (heads, 2k-1, ...) table of shape {want}, got "
-                                f"{getattr(rpb, 'shape', rpb)}")
+            raise ExportFailed(f"{path}: {name}.rpb must be a (heads, 2k-1, ...) table of shape {want}, got "
+                               f"{getattr(rpb, 'shape', rpb)}")
     attn_drop = getattr(m, "attn_drop", None)
     if isinstance(attn_drop, nn.Dropout) and attn_drop.p > 0 and m.training:
-        raise EdgeAttnError(f"{path}: {name} applies attention dropout (p={attn_drop.p}) in training mode, which "
-                            f"edgeattn's attention does not do; call .eval() on the model before convert")
+        raise InvalidArgument(f"{path}: {name} applies attention dropout (p={attn_drop.p}) in training mode, which "
+                              f"edgeattn's attention does not do; call .eval() on the model before convert")
     return {"class": name, "legacy": legacy, "qkv": qkv, "proj": proj, "heads": heads, "scale": scale,
             "kernel": _tuple(kernel, ndim), "dilation": _tuple(dilation, ndim), "stride": _tuple(stride, ndim),
             "causal": _tuple(causal, ndim), "rpb": rpb, "proj_drop": getattr(m, "proj_drop", None),
@@ -207,10 +207,10 @@ def _read(path: str, m: nn.Module, ndim: int) -> dict:
 def _build(path: str, spec: dict, grid: tuple[int, ...], layout: str, masks: dict) -> NeighborhoodAttention:
     """The edgeattn layer for one module; errors name the module."""
     if spec["legacy"] and any(k * d > n for k, d, n in zip(spec["kernel"], spec["dilation"], grid)):
-        raise EdgeAttnError(f"{path}: grid {_fmt(grid)} is smaller than kernel x dilation "
-                            f"{_fmt(tuple(k * d for k, d in zip(spec['kernel'], spec['dilation'])))} on some axis; "
-                            f"NATTEN 0.14 zero-pads such inputs (later versions refuse them) and edgeattn does not "
-                            f"reproduce that padding: use inputs at least that large")
+        raise ExportFailed(f"{path}: grid {_fmt(grid)} is smaller than kernel x dilation "
+                           f"{_fmt(tuple(k * d for k, d in zip(spec['kernel'], spec['dilation'])))} on some axis; "
+                           f"NATTEN 0.14 zero-pads such inputs (later versions refuse them) and edgeattn does not "
+                           f"reproduce that padding: use inputs at least that large")
     key = tuple(spec[k] for k in ("kernel", "dilation", "stride", "causal")) + (spec["rpb"] is not None,)
     try:
         if key not in masks:   # one Mask object per configuration, so tables.reuse() shares their tables
@@ -218,9 +218,9 @@ def _build(path: str, spec: dict, grid: tuple[int, ...], layout: str, masks: dic
         return NeighborhoodAttention(spec["qkv"], spec["proj"], spec["heads"], grid, masks[key], spec["scale"],
                                      spec["rpb"], spec["proj_drop"], spec["attn_drop"], layout)
     except ValueError as e:
-        raise EdgeAttnError(f"{path}: {spec['class']}(kernel={spec['kernel']}, dilation={spec['dilation']}, "
-                            f"stride={spec['stride']}, causal={spec['causal']}, rpb={key[4]}) on grid {_fmt(grid)} "
-                            f"cannot be converted: {first_line(e)}") from None
+        raise ExportFailed(f"{path}: {spec['class']}(kernel={spec['kernel']}, dilation={spec['dilation']}, "
+                           f"stride={spec['stride']}, causal={spec['causal']}, rpb={key[4]}) on grid {_fmt(grid)} "
+                           f"cannot be converted: {first_line(e)}") from None
 
 
 def _tuple(value, ndim: int) -> tuple:

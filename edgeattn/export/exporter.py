@@ -2,11 +2,7 @@
 asked, save atomically."""
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -17,7 +13,8 @@ import torch
 from .. import onnxfile
 from ..convert import flex
 from ..errors import EdgeAttnError, first_line
-from . import formats, graph, precision, repository
+from . import graph, precision, repository, writers
+from .quiet import quiet
 from .plan import applied
 from .request import ExportRequest, check_request
 
@@ -58,7 +55,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
     ``quantize`` (int8: dynamic, int8-static: QDQ calibrated on ``calibration`` feeds, generated from the example
     inputs' shapes when not given) quantizes the linear layers of an fp32 export (see
     :mod:`edgeattn.export.precision`).  ``opset`` defaults to 18 (22 for bf16).  ``format``: onnx, openvino (IR,
-    ``.xml``) or ort (``.ort``), by default from the path's suffix (see :mod:`edgeattn.export.formats`), or a model
+    ``.xml``) or ort (``.ort``), by default from the path's suffix (see :mod:`edgeattn.export.writers`), or a model
     server repository folder: triton or ovms (see :mod:`edgeattn.export.repository`).  The file is
     replaced only on success."""
     request = check_request(dtype=dtype, quantize=quantize, opset=opset, lowering=lowering, runtimes=runtimes,
@@ -120,9 +117,9 @@ def export_checked(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
     if request.repository:   # the result names the model file inside, which `check` reads
         path, written = repository.write_repository(request.repository, proto, path, metadata, request.format)
     elif request.format == "openvino":
-        written = formats.write_openvino_ir(proto, path, metadata)
+        written = writers.write_openvino_ir(proto, path, metadata)
     elif request.format == "ort":
-        written = formats.write_ort_format(proto, path)
+        written = writers.write_ort_format(proto, path)
     else:
         written = onnxfile.save(proto, path)
     return ExportResult(Path(path), request.opset, request.custom_op, request.lowering, list(request.targets),
@@ -148,18 +145,3 @@ def _random_feeds(example_inputs, names, count: int) -> list[dict]:
     names = list(names) if names else [f"input_{i}" for i in range(len(example_inputs))]
     return [{n: (torch.randn(t.shape, generator=generator) if t.is_floating_point() else t).numpy()
              for n, t in zip(names, example_inputs)} for _ in range(count)]
-
-
-@contextlib.contextmanager
-def quiet():
-    """The dynamo exporter prints progress and warnings on every call; a CLI shows its own progress instead."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        sink = io.StringIO()  # errors still surface as exceptions
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)

@@ -14,9 +14,11 @@ import onnx
 import onnx.inliner
 from onnx import helper, numpy_helper
 
-from .. import __version__, onnxfile, runtimes
+from .. import onnxfile, runtimes
+from ..version import __version__
 from ..errors import EdgeAttnError, first_line
-from ..onnxfile import DOMAIN, LOWERINGS, bodies
+from ..onnxfile import LOWERINGS, bodies
+from ..signature import DECISION, DECISION_TOP_K, DOMAIN
 from . import simplify
 from .plan import Plan
 from .request import ExportRequest
@@ -92,9 +94,9 @@ def _decisions(graph: onnx.GraphProto) -> list[dict]:
     name, the threshold (or the selection's count) and the decision's name, in graph (= call) order."""
     found, nodes = [], []
     for node in graph.node:
-        if node.domain == DOMAIN and node.op_type in (onnxfile.DECISION, onnxfile.DECISION_TOP_K):
+        if node.domain == DOMAIN and node.op_type in (DECISION, DECISION_TOP_K):
             attrs = onnxfile.attributes(node)
-            if node.op_type == onnxfile.DECISION:
+            if node.op_type == DECISION:
                 threshold = f"{node.output[0]}_threshold"
                 nodes.append(helper.make_node("Constant", [], [threshold], value=helper.make_tensor(
                     threshold, attrs["dtype"], [], [attrs["threshold"]])))

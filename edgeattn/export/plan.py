@@ -23,6 +23,7 @@ import torch
 
 from .. import tables
 from ..errors import EdgeAttnError, NoSuchLowering
+from ..layers import MaskTable
 from ..onnxfile import LOWERINGS, attributes, table_inputs
 
 
@@ -110,8 +111,6 @@ def choose_routed(requested: str) -> Choice:
 def applied(model: torch.nn.Module, requested: str, opset: int, prefix: str = "") -> Iterator[Plan]:
     """Choose every MaskTable's lowering in ``model`` and switch its table to the layout that lowering reads;
     layouts are restored afterwards.  ``prefix``: the model's name in the traced module (a precision wrapper)."""
-    from ..layers import MaskTable
-
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MaskTable)]
     saved = [(m, m.table) for _, m in layers]
     plan = Plan(choose_dynamic(requested, opset), requested=requested)

@@ -19,16 +19,26 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+import numpy as np
 import onnx
 
 from .. import onnxfile
 from ..errors import EdgeAttnError
 from ..files import atomic_write
-from ..serve import DATATYPES, batchable
-from . import formats
+from . import writers
 
 MAX_BATCH_SIZE = 16   # what Triton's dynamic batcher may gather; the file itself takes any batch
+# KServe v2's tensor datatypes (Triton, OVMS and `edgeattn serve` speak that protocol)
+DATATYPES = {np.dtype(t): name for t, name in [
+    (np.float32, "FP32"), (np.float16, "FP16"), (np.float64, "FP64"), (np.int64, "INT64"), (np.int32, "INT32"),
+    (np.int8, "INT8"), (np.uint8, "UINT8"), (np.bool_, "BOOL")]}
 TRITON_TYPES = {dtype: f"TYPE_{name}" for dtype, name in DATATYPES.items()}   # KServe v2's names, prefixed
+
+
+def batchable(inputs: Sequence[onnxfile.TensorInfo], outputs: Sequence[onnxfile.TensorInfo]) -> bool:
+    """Requests may be concatenated on axis 0 when every input and output has a symbolic first axis."""
+    return all(t.shape and isinstance(t.shape[0], str) for t in [*inputs, *outputs])
+
 
 
 def model_name(metadata: Mapping) -> str:
@@ -64,7 +74,7 @@ def write_repository(kind: str, proto: onnx.ModelProto, folder, metadata: dict, 
         model_file = stage / name / "1" / ("model.xml" if file_format == "openvino" else "model.onnx")
         model_file.parent.mkdir(parents=True)
         if file_format == "openvino":
-            formats.write_openvino_ir(proto, model_file, metadata)
+            writers.write_openvino_ir(proto, model_file, metadata)
         else:
             onnxfile.save(proto, model_file)
         if kind == "triton":

@@ -32,7 +32,7 @@ class ExportRequest:
     targets: tuple[str, ...]     # the ONNX runtimes the file is for
     custom_op: bool = False      # keep edgeattn-domain attention nodes (default: their standard-op bodies inlined)
     dynamic_batch: bool = False
-    format: str = "onnx"         # onnx, openvino (IR) or ort (see edgeattn.export.formats)
+    format: str = "onnx"         # onnx, openvino (IR) or ort (see edgeattn.export.writers)
     repository: Optional[str] = None   # triton or ovms: a server repository folder holding the file
 
 

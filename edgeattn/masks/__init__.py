@@ -1,6 +1,7 @@
 """Mask families.  Each factory returns a :class:`Mask`; ``FAMILIES`` lists them for the CLI and the tests."""
 import inspect
 
+from ..errors import InvalidArgument
 from .base import Mask, Shape, and_masks, as_mask, custom, materialize, or_masks
 from .clear import clear
 from .decay import decay_1d, manhattan_decay
@@ -33,7 +34,7 @@ def from_params(family: str, params=()) -> Mask:
     ``kernel=7x5`` or ``3,5`` (per-axis tuples), ``causal=true``, ``gammas=0.9,0.95``.  Errors name the family's
     parameters."""
     if family not in FAMILIES:
-        raise ValueError(f"unknown mask family {family!r}; choose from: {', '.join(FAMILIES)}")
+        raise InvalidArgument(f"unknown mask family {family!r}; choose from: {', '.join(FAMILIES)}")
     factory = FAMILIES[family][0]
     signature = inspect.signature(factory).parameters.values()
     takes = ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in signature)
@@ -43,18 +44,18 @@ def from_params(family: str, params=()) -> Mask:
     for item in params:
         name, sep, text = (part.strip() for part in item.partition("="))
         if not sep or name not in names:
-            raise ValueError(f"{takes}; got {item!r} (give NAME=VALUE)")
+            raise InvalidArgument(f"{takes}; got {item!r} (give NAME=VALUE)")
         try:
             kwargs[name] = parse_value(text)
         except ValueError as e:
-            raise ValueError(f"{family} parameter {name}: {e}") from None
+            raise InvalidArgument(f"{family} parameter {name}: {e}") from None
     missing = [p.name for p in signature if p.default is p.empty and p.name not in kwargs]
     if missing:
-        raise ValueError(f"{family} needs {', '.join(missing)}; {takes}")
+        raise InvalidArgument(f"{family} needs {', '.join(missing)}; {takes}")
     try:
         return factory(**kwargs)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{family}: {str(e).splitlines()[0]} ({takes})") from None
+        raise InvalidArgument(f"{family}: {str(e).splitlines()[0]} ({takes})") from None
 
 
 def parse_value(text: str):
@@ -75,4 +76,4 @@ def _scalar(text: str):
             return kind(text)
         except ValueError:
             pass
-    raise ValueError(f"cannot read {text!r}: give an integer, a number, true/false, or a tuple such as 7x5 or 3,5")
+    raise InvalidArgument(f"cannot read {text!r}: give an integer, a number, true/false, or a tuple such as 7x5 or 3,5")

@@ -23,6 +23,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..errors import InvalidArgument
+
 MaskMod = Callable[..., torch.Tensor]
 BiasMod = Callable[..., torch.Tensor]
 IndexMod = Callable[..., torch.Tensor]
@@ -45,10 +47,11 @@ class Shape:
             n = math.prod(grid)
             for name, value in (("q_len", q_len), ("kv_len", kv_len)):
                 if value is not None and value != n:
-                    raise ValueError(f"{name}={value} does not match grid {grid} ({n} tokens); pass one or the other")
+                    raise InvalidArgument(f"{name}={value} does not match grid {grid} ({n} tokens); pass one or the "
+                                          "other")
             return cls(n, n, grid)
         if q_len is None:
-            raise ValueError("give q_len (and optionally kv_len) or grid")
+            raise InvalidArgument("give q_len (and optionally kv_len) or grid")
         q_len = check_int("q_len", q_len, low=1)
         kv_len = q_len if kv_len is None else check_int("kv_len", kv_len, low=1)
         return cls(q_len, kv_len, None)
@@ -56,8 +59,8 @@ class Shape:
     def require_grid(self, family: str, ndim: Sequence[int] = (1, 2, 3)) -> tuple[int, ...]:
         if self.grid is None or len(self.grid) not in ndim:
             dims = "/".join(f"{d}-D" for d in ndim)
-            raise ValueError(f"{family} needs a {dims} token grid, got {self.grid or 'a plain sequence'}; "
-                             f"pass grid=(...) when building tables or layers")
+            raise InvalidArgument(f"{family} needs a {dims} token grid, got {self.grid or 'a plain sequence'}; "
+                                  f"pass grid=(...) when building tables or layers")
         return self.grid
 
 
@@ -93,9 +96,9 @@ def custom(mask_mod: Optional[MaskMod] = None, bias_mod: Optional[BiasMod] = Non
     """Wrap a user's FlexAttention-style ``mask_mod`` (and/or ``bias_mod``) as a Mask."""
     for label, fn in (("mask_mod", mask_mod), ("bias_mod", bias_mod)):
         if fn is not None and (not callable(fn) or _arity(fn) not in (4, None)):
-            raise ValueError(f"{label} must be a callable (b, h, q_idx, kv_idx), got {fn!r}")
+            raise InvalidArgument(f"{label} must be a callable (b, h, q_idx, kv_idx), got {fn!r}")
     if mask_mod is None and bias_mod is None:
-        raise ValueError("custom() needs a mask_mod, a bias_mod or both")
+        raise InvalidArgument("custom() needs a mask_mod, a bias_mod or both")
     name = name or getattr(mask_mod or bias_mod, "__name__", "custom").replace("<lambda>", "custom")
     return Mask(name, lambda shape: (mask_mod or allow_all, bias_mod))
 
@@ -106,7 +109,8 @@ def as_mask(obj) -> Mask:
         return obj
     if callable(obj):
         return custom(obj)
-    raise ValueError(f"expected an edgeattn Mask or a mask_mod(b, h, q_idx, kv_idx) callable, got {type(obj).__name__}")
+    raise InvalidArgument("expected an edgeattn Mask or a mask_mod(b, h, q_idx, kv_idx) callable, got "
+                          f"{type(obj).__name__}")
 
 
 def and_masks(*masks) -> Mask:
@@ -121,14 +125,14 @@ def or_masks(*masks) -> Mask:
 
 def _combine(masks, sep, op) -> Mask:
     if not masks:
-        raise ValueError("combining masks needs at least one mask")
+        raise InvalidArgument("combining masks needs at least one mask")
     masks = [as_mask(m) for m in masks]
     learned = [m for m in masks if m.rpb is not None]
     # A pair allowed by another mask of an or, or a second table of an and, has no single place in one table.
     if len(learned) > 1 or (learned and sep == "|"):
-        raise ValueError(f"cannot combine {', '.join(m.name for m in masks)} with {'or' if sep == '|' else 'and'}: "
-                         f"a relative position bias table only covers its own mask's pairs; and_masks may hold at "
-                         f"most one mask with rpb")
+        raise InvalidArgument(f"cannot combine {', '.join(m.name for m in masks)} with "
+                              f"{'or' if sep == '|' else 'and'}: a relative position bias table only covers its own "
+                              "mask's pairs; and_masks may hold at most one mask with rpb")
 
     def mods(shape):
         parts = [m.mods(shape) for m in masks]
@@ -171,24 +175,25 @@ def evaluate(fn, index, heads: int, label: str = "mask_mod", name: str = "") -> 
     try:
         out = fn(b, h, q, kv)
     except IndexError as e:
-        raise ValueError(f"{what} indexes out of range ({str(e).splitlines()[0]}): the tensors it captures must "
-                         f"cover every query and key index of the shape the table is built for") from e
+        raise InvalidArgument(f"{what} indexes out of range ({str(e).splitlines()[0]}): the tensors it captures must "
+                              f"cover every query and key index of the shape the table is built for") from e
     except (RuntimeError, TypeError) as e:
-        raise ValueError(
+        raise InvalidArgument(
             f"{what} cannot be evaluated on index tensors ({type(e).__name__}: {str(e).splitlines()[0]}). It is "
             f"called once with tensors holding every index (b {tuple(b.shape)}, h {tuple(h.shape)}, q_idx "
             f"{tuple(q.shape)}, kv_idx {tuple(kv.shape)}), not once per pair: write conditions with &, |, ~ and "
             f"torch.where instead of Python if/and/or, and do not call .item(), int() or bool() on them") from e
     if not isinstance(out, torch.Tensor):
-        raise ValueError(f"{what} must return a tensor computed from its index arguments, got {type(out).__name__}")
+        raise InvalidArgument(f"{what} must return a tensor computed from its index arguments, got "
+                              f"{type(out).__name__}")
     if label == "mask_mod" and out.dtype != torch.bool:
-        raise ValueError(f"{what} must return a bool tensor (True = may attend), got {out.dtype}")
+        raise InvalidArgument(f"{what} must return a bool tensor (True = may attend), got {out.dtype}")
     if label == "bias_mod" and (out.dtype == torch.bool or out.is_complex()):
-        raise ValueError(f"{what} must return a real-valued tensor, got {out.dtype}")
+        raise InvalidArgument(f"{what} must return a real-valued tensor, got {out.dtype}")
     if label == "rpb_index_mod" and (out.dtype == torch.bool or out.is_floating_point() or out.is_complex()):
-        raise ValueError(f"{what} must return an integer tensor (positions in the bias table), got {out.dtype}")
+        raise InvalidArgument(f"{what} must return an integer tensor (positions in the bias table), got {out.dtype}")
     if out.ndim >= 4 and out.shape[-4] != 1:
-        raise ValueError(
+        raise InvalidArgument(
             f"{what} depends on the batch index b: a static table is shared by every batch element, so it cannot "
             f"give each element its own mask (such as document masking with per-sequence ids). Compute that mask "
             f"in the model from its inputs and call edgeattn.masked_attention(q, k, v, mask) with it (export keeps "
@@ -197,8 +202,8 @@ def evaluate(fn, index, heads: int, label: str = "mask_mod", name: str = "") -> 
     try:
         return out.broadcast_to((1,) + full)[0]
     except RuntimeError:
-        raise ValueError(f"{what} must broadcast over (b, h, q_idx, kv_idx) index tensors to {full}; "
-                         f"it returned shape {tuple(out.shape)}") from None
+        raise InvalidArgument(f"{what} must broadcast over (b, h, q_idx, kv_idx) index tensors to {full}; "
+                              f"it returned shape {tuple(out.shape)}") from None
 
 
 def materialize(mask, q_len=None, kv_len=None, grid=None, heads: int = 1) -> torch.Tensor:
@@ -214,7 +219,7 @@ def rpb_index(mask, q_len=None, kv_len=None, grid=None) -> torch.Tensor:
     shape = Shape.of(q_len, kv_len, grid)
     mask = as_mask(mask)
     if mask.rpb is None:
-        raise ValueError(f"mask {mask.name} has no relative position bias; build it with rpb=True")
+        raise InvalidArgument(f"mask {mask.name} has no relative position bias; build it with rpb=True")
     mask_mod, _ = mask.mods(shape)
     _, index_mod = mask.rpb(shape)
     index = index_grid(shape)
@@ -238,10 +243,10 @@ def check_int(name: str, value, low: int = 0, high: Optional[int] = None) -> int
     """Validate an integer parameter; the error names the parameter and the allowed range."""
     integer_tensor = isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point()
     if isinstance(value, bool) or not (isinstance(value, numbers.Integral) or integer_tensor):
-        raise ValueError(f"{name} must be an integer in {_range(low, high)}, got {value!r}")
+        raise InvalidArgument(f"{name} must be an integer in {_range(low, high)}, got {value!r}")
     value = int(value)
     if value < low or (high is not None and value > high):
-        raise ValueError(f"{name} must be in {_range(low, high)}, got {value}")
+        raise InvalidArgument(f"{name} must be in {_range(low, high)}, got {value}")
     return value
 
 
@@ -253,7 +258,7 @@ def per_axis(name: str, value, ndim: int, low: int = 0) -> tuple[int, ...]:
     """Expand an int or per-axis tuple to ``ndim`` validated ints."""
     values = (value,) * ndim if not isinstance(value, (tuple, list)) else tuple(value)
     if len(values) != ndim:
-        raise ValueError(f"{name} has {len(values)} entries for a {ndim}-D grid; give one int or {ndim} ints")
+        raise InvalidArgument(f"{name} has {len(values)} entries for a {ndim}-D grid; give one int or {ndim} ints")
     return tuple(check_int(name, v, low=low) for v in values)
 
 

@@ -12,6 +12,7 @@ rows attend every key.
 """
 from __future__ import annotations
 
+from ..errors import InvalidArgument
 from .base import Mask, Shape, check_int, per_axis
 
 
@@ -23,8 +24,8 @@ def clear(radius: int, text: int = 0, image=None) -> Mask:
     if image is not None:
         image = per_axis("image", image, 2, low=1)
     elif text:
-        raise ValueError(f"clear with text={text} needs image=(H, W): the sequence is text tokens then the image, "
-                         f"so the layer has no grid to take it from")
+        raise InvalidArgument(f"clear with text={text} needs image=(H, W): the sequence is text tokens then the image, "
+                              f"so the layer has no grid to take it from")
     name = f"clear_r{radius}" + (f"_text{text}" if text else "") + (f"_img{image[0]}x{image[1]}" if image else "")
 
     def mods(shape: Shape):
@@ -34,8 +35,9 @@ def clear(radius: int, text: int = 0, image=None) -> Mask:
             height, width = image
             n = text + height * width
             if shape.kv_len != n or shape.q_len > n or (shape.grid is not None and shape.grid != image):
-                raise ValueError(f"{name} needs {n} keys (text={text} + {height}x{width} image) and at most as many "
-                                 f"queries, got q_len={shape.q_len}, kv_len={shape.kv_len}, grid={shape.grid}")
+                raise InvalidArgument(f"{name} needs {n} keys (text={text} + {height}x{width} image) and at most as "
+                                      f"many queries, got q_len={shape.q_len}, kv_len={shape.kv_len}, "
+                                      f"grid={shape.grid}")
         offset = shape.kv_len - shape.q_len
 
         def mask_mod(b, h, q_idx, kv_idx):

@@ -19,6 +19,7 @@ import numbers
 
 import torch
 
+from ..errors import InvalidArgument
 from .base import Mask, Shape, allow_all, axis_coords
 
 
@@ -61,11 +62,11 @@ def _log_gammas(family: str, gammas) -> tuple[torch.Tensor, str]:
     values = [gammas] if isinstance(gammas, numbers.Real) else list(gammas) if isinstance(gammas, (list, tuple)) \
         else None
     if not values or any(isinstance(g, bool) or not isinstance(g, numbers.Real) for g in values):
-        raise ValueError(f"{family} takes gammas: one decay rate in (0, 1] per head (or one float for all heads), "
-                         f"got {gammas!r}")
+        raise InvalidArgument(f"{family} takes gammas: one decay rate in (0, 1] per head (or one float for all heads), "
+                              f"got {gammas!r}")
     for g in values:
         if not (0.0 < float(g) <= 1.0):
-            raise ValueError(f"{family} gammas must be in (0, 1] (log(gamma) is the per-step decay), got {g!r}")
+            raise InvalidArgument(f"{family} gammas must be in (0, 1] (log(gamma) is the per-step decay), got {g!r}")
     # log in float64 then one rounding to float32: exp() of a float32 log-decay comes back exactly
     log_gammas = torch.tensor([math.log(float(g)) for g in values], dtype=torch.float64).to(torch.float32)
     return log_gammas, "g" + "_".join(f"{float(g):.6g}" for g in values)
@@ -78,6 +79,6 @@ def _per_head(log_gammas: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     # tables evaluate every head at once with h shaped (1, heads, 1, 1); FlexAttention passes one head index
     heads = h.shape[1] if h.ndim == 4 else int(h.max()) + 1
     if (h.ndim == 4 and heads != log_gammas.numel()) or heads > log_gammas.numel():
-        raise ValueError(f"the decay has {log_gammas.numel()} gammas (one per head) but the layer has {heads} "
-                         f"heads; give one gamma per head")
+        raise InvalidArgument(f"the decay has {log_gammas.numel()} gammas (one per head) but the layer has {heads} "
+                              f"heads; give one gamma per head")
     return log_gammas[h]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidArgument
 from .base import Mask, Shape, axis_coords, fmt_axes, per_axis
 
 
@@ -36,18 +37,18 @@ def neighborhood(kernel, dilation=1, stride=1, causal=False, rpb=False) -> Mask:
         ss = per_axis("stride", stride, nd, low=1)
         cs = tuple(causal) if isinstance(causal, (tuple, list)) else (causal,) * nd
         if len(cs) != nd or not all(isinstance(c, bool) for c in cs):
-            raise ValueError(f"causal must be a bool or {nd} bools, got {causal!r}")
+            raise InvalidArgument(f"causal must be a bool or {nd} bools, got {causal!r}")
         for k, s in zip(ks, ss):
             if s > k:
-                raise ValueError(f"stride must be in [1, kernel={k}], got {s}")
+                raise InvalidArgument(f"stride must be in [1, kernel={k}], got {s}")
         return ks, ds, ss, cs
 
     ks, ds, ss, cs = resolve(ndim or 1)  # validates types now; per-axis lengths are checked against the grid later
     if not isinstance(rpb, bool):
-        raise ValueError(f"rpb must be True or False, got {rpb!r}")
+        raise InvalidArgument(f"rpb must be True or False, got {rpb!r}")
     if rpb and (any(k % 2 == 0 for k in ks) or any(s > 1 for s in ss) or any(cs)):
-        raise ValueError(f"rpb=True needs odd kernels, stride 1 and no causal axis (where NATTEN defines relative "
-                         f"position biases), got kernel={kernel}, stride={stride}, causal={causal}")
+        raise InvalidArgument(f"rpb=True needs odd kernels, stride 1 and no causal axis (where NATTEN defines relative "
+                              f"position biases), got kernel={kernel}, stride={stride}, causal={causal}")
     name = "neighborhood_k" + fmt_axes(ks)
     name += "_d" + fmt_axes(ds) if any(d > 1 for d in ds) else ""
     name += "_s" + fmt_axes(ss) if any(s > 1 for s in ss) else ""
@@ -60,8 +61,8 @@ def neighborhood(kernel, dilation=1, stride=1, causal=False, rpb=False) -> Mask:
         axes = resolve(len(grid))
         for axis, (length, k, d) in enumerate(zip(grid, axes[0], axes[1])):
             if k * d > length:
-                raise ValueError(f"kernel*dilation must be <= the grid axis length: axis {axis} has length {length}, "
-                                 f"kernel {k} x dilation {d} = {k * d}; lower kernel or dilation")
+                raise InvalidArgument(f"kernel*dilation must be <= the grid axis length: axis {axis} has length "
+                                      f"{length}, kernel {k} x dilation {d} = {k * d}; lower kernel or dilation")
         return grid, axes
 
     def mods(shape: Shape):

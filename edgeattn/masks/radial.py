@@ -29,6 +29,7 @@ from functools import lru_cache
 
 import torch
 
+from ..errors import InvalidArgument
 from .base import Mask, Shape, check_int
 
 SPLIT_THRESHOLD = 128   # the reference's hard-coded block size in get_diagonal_split_mask
@@ -41,10 +42,10 @@ def radial(frames: int, block_size: int = 128, decay_factor: float = 1.0, sink: 
     text = check_int("text", text, low=0)
     if isinstance(decay_factor, bool) or not isinstance(decay_factor, numbers.Real) \
             or not math.isfinite(decay_factor) or decay_factor <= 0:
-        raise ValueError(f"decay_factor must be a finite number > 0 (the reference uses 0.2 to 1), "
-                         f"got {decay_factor!r}")
+        raise InvalidArgument(f"decay_factor must be a finite number > 0 (the reference uses 0.2 to 1), "
+                              f"got {decay_factor!r}")
     if not isinstance(sink, bool):
-        raise ValueError(f"sink must be a bool (True: every frame attends frame 0, as Wan does), got {sink!r}")
+        raise InvalidArgument(f"sink must be a bool (True: every frame attends frame 0, as Wan does), got {sink!r}")
     decay_factor = float(decay_factor)
     name = f"radial_f{frames}_b{block_size}" + (f"_decay{decay_factor:g}" if decay_factor != 1 else "")
     name += ("_sink" if sink else "") + (f"_text{text}" if text else "")
@@ -52,15 +53,17 @@ def radial(frames: int, block_size: int = 128, decay_factor: float = 1.0, sink: 
     def mods(shape: Shape):
         n = shape.q_len
         if shape.kv_len != n or (shape.grid is not None and len(shape.grid) > 1):
-            raise ValueError(f"radial needs one frame-major sequence of queries = keys (seq_len=frames x tokens per "
-                             f"frame + text), got q_len={shape.q_len}, kv_len={shape.kv_len}, grid={shape.grid}")
+            raise InvalidArgument("radial needs one frame-major sequence of queries = keys (seq_len=frames x tokens "
+                                  f"per frame + text), got q_len={shape.q_len}, kv_len={shape.kv_len}, "
+                                  f"grid={shape.grid}")
         video = n - text
         if video < frames or video % frames:
-            raise ValueError(f"radial: {n} tokens minus text={text} must split into frames={frames} equal frames, "
-                             f"got {video} video tokens; pass seq_len = frames x tokens_per_frame + text")
+            raise InvalidArgument(f"radial: {n} tokens minus text={text} must split into frames={frames} equal frames, "
+                                  f"got {video} video tokens; pass seq_len = frames x tokens_per_frame + text")
         if video % block_size:
-            raise ValueError(f"radial: the {video} video tokens must be whole blocks of block_size={block_size} "
-                             f"(the reference's block mask covers whole blocks only); pick a block_size dividing it")
+            raise InvalidArgument(f"radial: the {video} video tokens must be whole blocks of block_size={block_size} "
+                                  "(the reference's block mask covers whole blocks only); pick a block_size dividing "
+                                  "it")
         blocks = _block_mask(frames, video // frames, block_size, decay_factor, sink)
 
         def mask_mod(b, h, q_idx, kv_idx):

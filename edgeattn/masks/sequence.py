@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidArgument
 from .base import Mask, Shape, check_int
 
 
@@ -27,7 +28,7 @@ def sliding_window(window: int, causal: bool = True) -> Mask:
     """Causal: ``0 <= q - k <= window``; non-causal: ``|q - k| <= window``."""
     window = check_int("window", window, low=1)
     if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got {causal!r}")
+        raise InvalidArgument(f"causal must be a bool, got {causal!r}")
 
     def mods(shape):
         def mask_mod(b, h, q, kv):
@@ -62,20 +63,21 @@ def segments(segment_ids) -> Mask:
     """
     ids = torch.as_tensor(segment_ids)
     if ids.ndim != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise ValueError(f"segment_ids must be a non-empty 1-D sequence of integers, got {tuple(ids.shape)} {ids.dtype}")
+        raise InvalidArgument(f"segment_ids must be a non-empty 1-D sequence of integers, got {tuple(ids.shape)} "
+                              f"{ids.dtype}")
     ids = ids.long()
     if (ids < 0).any() or (ids[1:] < ids[:-1]).any():
-        raise ValueError("segment_ids must be non-negative and non-decreasing (segments are contiguous), "
-                         f"got {ids.tolist()[:16]}{'...' if ids.numel() > 16 else ''}")
+        raise InvalidArgument("segment_ids must be non-negative and non-decreasing (segments are contiguous), "
+                              f"got {ids.tolist()[:16]}{'...' if ids.numel() > 16 else ''}")
     lengths = torch.unique_consecutive(ids, return_counts=True)[1].tolist()
 
     def mods(shape):
         if shape.q_len > shape.kv_len:
-            raise ValueError(f"segments needs q_len <= kv_len (queries are the tail of the keys), "
-                             f"got q_len={shape.q_len}, kv_len={shape.kv_len}")
+            raise InvalidArgument(f"segments needs q_len <= kv_len (queries are the tail of the keys), "
+                                  f"got q_len={shape.q_len}, kv_len={shape.kv_len}")
         if ids.numel() != shape.kv_len:
-            raise ValueError(f"segment_ids has {ids.numel()} entries but the sequence has {shape.kv_len} keys; "
-                             f"give one id per key position")
+            raise InvalidArgument(f"segment_ids has {ids.numel()} entries but the sequence has {shape.kv_len} keys; "
+                                  f"give one id per key position")
 
         def mask_mod(b, h, q, kv):
             pos = _positions(shape, q)

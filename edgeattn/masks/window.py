@@ -13,6 +13,7 @@ position minus the key's inside their (rolled) window, which is Swin's relative_
 """
 from __future__ import annotations
 
+from ..errors import InvalidArgument
 from .base import Mask, Shape, axis_coords, fmt_axes, per_axis
 
 
@@ -23,17 +24,17 @@ def window(size, shift=0, rpb=False) -> Mask:
     shifts = per_axis("shift", shift, 2, low=0)
     for s, w in zip(shifts, sizes):
         if s >= w:
-            raise ValueError(f"shift must be in [0, size-1={w - 1}], got {s}")
+            raise InvalidArgument(f"shift must be in [0, size-1={w - 1}], got {s}")
     if not isinstance(rpb, bool):
-        raise ValueError(f"rpb must be True or False, got {rpb!r}")
+        raise InvalidArgument(f"rpb must be True or False, got {rpb!r}")
     name = f"window_{fmt_axes(sizes)}" + (f"_shift{fmt_axes(shifts)}" if any(shifts) else "") + ("_rpb" if rpb else "")
 
     def checked_grid(shape: Shape):
         grid = shape.require_grid("window", (2,))
         for axis, (length, w) in enumerate(zip(grid, sizes)):
             if length % w:
-                raise ValueError(f"window size {w} must divide grid axis {axis} of length {length}; "
-                                 f"pad the feature map to a multiple of the window (as Swin does)")
+                raise InvalidArgument(f"window size {w} must divide grid axis {axis} of length {length}; "
+                                      f"pad the feature map to a multiple of the window (as Swin does)")
         return grid
 
     def mods(shape: Shape):

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..layers import MaskedSelfAttention
 from ..masks import FAMILIES
-from . import register
+from .registry import register
 from .common import token_inputs
 
 

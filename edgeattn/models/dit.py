@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidArgument
 from ..layers import MaskedSelfAttention, MaskTable, check_heads, split_qkv
 from ..masks import clear, radial
-from . import register
+from .registry import register
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -57,8 +58,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if c.ndim != 2 or c.shape[0] != x.shape[0] or c.shape[1] != x.shape[2]:
-            raise ValueError(f"conditioning c must be (batch, dim) = ({x.shape[0]}, {x.shape[2]}), "
-                             f"got {tuple(c.shape)}")
+            raise InvalidArgument(f"conditioning c must be (batch, dim) = ({x.shape[0]}, {x.shape[2]}), "
+                                  f"got {tuple(c.shape)}")
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(_modulate(self.norm1(x), shift_msa, scale_msa))
         return x + gate_mlp.unsqueeze(1) * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -92,8 +93,8 @@ class TextImageAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         if N != self.table.shape.kv_len:
-            raise ValueError(f"{type(self).__name__} was built for {self.table.shape.kv_len} tokens "
-                             f"({self.text} text + image), got {N}: the mask table is static")
+            raise InvalidArgument(f"{type(self).__name__} was built for {self.table.shape.kv_len} tokens "
+                                  f"({self.text} text + image), got {N}: the mask table is static")
         q, k, v = split_qkv(self.qkv(x), self.heads, self.head_dim)
         out = self.table(q[:, :, self.text:], k, v)
         if self.text:
@@ -113,8 +114,8 @@ class ClearDiTBlock(nn.Module):
 
     def forward(self, text: torch.Tensor, image: torch.Tensor, c: torch.Tensor):
         if text.shape[1] != self.text or image.shape[1] != math.prod(self.image):
-            raise ValueError(f"clear-block takes {self.text} text tokens and {math.prod(self.image)} image tokens "
-                             f"({self.image[0]}x{self.image[1]}), got {text.shape[1]} and {image.shape[1]}")
+            raise InvalidArgument(f"clear-block takes {self.text} text tokens and {math.prod(self.image)} image tokens "
+                                  f"({self.image[0]}x{self.image[1]}), got {text.shape[1]} and {image.shape[1]}")
         x = self.block(torch.cat([text, image], 1), c)   # FLUX order: text first
         return x[:, :self.text], x[:, self.text:]
 

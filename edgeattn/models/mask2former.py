@@ -52,7 +52,8 @@ from torch import nn
 
 from .. import decisions
 from ..attention import masked_attention
-from . import register
+from ..errors import InvalidArgument
+from .registry import register
 
 NUM_LEVELS = 3   # the reference always attends 3 scales
 STRIDES = (32, 16, 8)   # the order the pixel decoder hands them over; the mask features are at stride 4
@@ -165,11 +166,11 @@ class Mask2FormerDecoder(nn.Module):
                  dec_layers=9, mask_dim=256, num_classes=150, enforce_input_project=False):
         super().__init__()
         if hidden_dim % 2 or heads < 1 or hidden_dim % heads:
-            raise ValueError(f"hidden_dim must be even and a multiple of heads, got hidden_dim={hidden_dim}, "
-                             f"heads={heads}")
+            raise InvalidArgument(f"hidden_dim must be even and a multiple of heads, got hidden_dim={hidden_dim}, "
+                                  f"heads={heads}")
         if dec_layers < 1 or num_queries < 1 or num_classes < 1:
-            raise ValueError(f"dec_layers, num_queries and num_classes must be >= 1, got {dec_layers}, "
-                             f"{num_queries}, {num_classes}")
+            raise InvalidArgument(f"dec_layers, num_queries and num_classes must be >= 1, got {dec_layers}, "
+                                  f"{num_queries}, {num_classes}")
         self.heads, self.in_channels, self.mask_dim = heads, in_channels, mask_dim
         self.transformer_self_attention_layers = nn.ModuleList(
             SelfAttentionLayer(hidden_dim, heads) for _ in range(dec_layers))
@@ -238,16 +239,16 @@ class Mask2FormerDecoder(nn.Module):
         shapes = [tuple(x.shape) for x in (*levels, mask_features)]
         # compared, not put in a set: under a dynamic-batch export the batch sizes are unhashable symbols
         if any(len(s) != 4 for s in shapes) or any(s[0] != shapes[0][0] for s in shapes):
-            raise ValueError(f"expected 4 maps (B, C, H, W) with one batch size: 3 feature maps at strides "
-                             f"{STRIDES} and the mask features, got shapes {shapes}")
+            raise InvalidArgument(f"expected 4 maps (B, C, H, W) with one batch size: 3 feature maps at strides "
+                                  f"{STRIDES} and the mask features, got shapes {shapes}")
         if any(s[1] != self.in_channels for s in shapes[:3]) or shapes[3][1] != self.mask_dim:
-            raise ValueError(f"feature maps need {self.in_channels} channels and the mask features {self.mask_dim}, "
-                             f"got shapes {shapes}")
+            raise InvalidArgument(f"feature maps need {self.in_channels} channels and the mask features "
+                                  f"{self.mask_dim}, got shapes {shapes}")
 
 
 def _inputs(image_size, in_channels, mask_dim, **_):
     if image_size % max(STRIDES):
-        raise ValueError(f"image_size must be a multiple of {max(STRIDES)}, got {image_size}")
+        raise InvalidArgument(f"image_size must be a multiple of {max(STRIDES)}, got {image_size}")
     maps = {f"features_s{s}": (1, in_channels, image_size // s, image_size // s) for s in STRIDES}
     return {**maps, "mask_features": (1, mask_dim, image_size // MASK_STRIDE, image_size // MASK_STRIDE)}
 

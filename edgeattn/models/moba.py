@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InvalidArgument
 from ..layers import RoutedSelfAttention
 from ..masks.base import check_int
 from ..routing import check_routing, routed_attention
-from . import register
+from .registry import register
 from .common import token_inputs
 from .segment_lm import Decoder
 
@@ -31,7 +32,7 @@ class MobaBlock(nn.Module):
 
     def forward(self, tokens):
         if tokens.shape[1] != self.seq_len:   # routing works at any multiple of the block; the file is static
-            raise ValueError(f"moba-block was built for {self.seq_len} tokens, got {tokens.shape[1]}")
+            raise InvalidArgument(f"moba-block was built for {self.seq_len} tokens, got {tokens.shape[1]}")
         return self.attn(tokens)
 
 
@@ -47,8 +48,8 @@ class MobaLM(Decoder):
 
     def forward(self, input_ids):
         if input_ids.ndim != 2 or input_ids.shape[1] != self.seq_len:
-            raise ValueError(f"input_ids must be int64 token ids of shape (batch, {self.seq_len}), got "
-                             f"{tuple(input_ids.shape)}")
+            raise InvalidArgument(f"input_ids must be int64 token ids of shape (batch, {self.seq_len}), got "
+                                  f"{tuple(input_ids.shape)}")
         logits, _, _ = self.run(input_ids, self.rope_cos, self.rope_sin,
                                 lambda q, k, v: routed_attention(q, k, v, self.block, self.top_k),
                                 lambda i, k, v: (k, v))

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from .. import tables
+from ..errors import InvalidArgument
 from ..layers import MaskedBlock, init_linear
 from ..masks import neighborhood
-from . import register
+from .registry import register
 from .common import image_inputs
 
 
@@ -82,12 +83,12 @@ class NAT(nn.Module):
                  dilations=None, mlp_ratio=3.0, num_classes=1000, rpb=False):
         super().__init__()
         if not len(depths) == len(heads) == len(dilations or depths):
-            raise ValueError(f"depths, heads and dilations need one entry per level, got {list(depths)}, "
-                             f"{list(heads)} and {dilations}")
+            raise InvalidArgument(f"depths, heads and dilations need one entry per level, got {list(depths)}, "
+                                  f"{list(heads)} and {dilations}")
         dilations = dilations or [1] * len(depths)
         per_block = [[d] * n if isinstance(d, int) else list(d) for d, n in zip(dilations, depths)]
         if [len(d) for d in per_block] != list(depths):
-            raise ValueError(f"dilations {dilations} do not give one dilation per block of depths {list(depths)}")
+            raise InvalidArgument(f"dilations {dilations} do not give one dilation per block of depths {list(depths)}")
         self.patch_embed = ConvTokenizer(embed_dim)
         side = -(-image_size // 4)  # two stride-2, padding-1, 3x3 convs: ceil(ceil(n / 2) / 2)
         self.levels = nn.ModuleList()

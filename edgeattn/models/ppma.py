@@ -50,9 +50,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import masked_attention
+from ..errors import InvalidArgument
 from ..layers import check_heads, init_linear
 from ..masks.polyline import line_biases, polyline_bias
-from . import register
+from .registry import register
 from .common import image_inputs
 # identical in the reference (PPMA.py keeps RMT's code for these): the stem, depthwise convs / LePE, FFN, patch
 # merging, theta shift, the block (RetBlock = PPMA's BasicBlock), the q/k/v/LePE/out projections (Retention) and
@@ -190,8 +191,8 @@ class PPMAViT(nn.Module):
         for label, values in (("embed_dims", embed_dims), ("num_heads", num_heads), ("mlp_ratios", mlp_ratios),
                               ("chunkwise", chunkwise), ("layerscales", layerscales)):
             if len(values) != stages:
-                raise ValueError(f"{label} has {len(values)} entries for {stages} stages (depths={list(depths)}); "
-                                 f"give one per stage")
+                raise InvalidArgument(f"{label} has {len(values)} entries for {stages} stages (depths={list(depths)}); "
+                                      f"give one per stage")
         self.in_chans = in_chans
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
         self.layers = nn.ModuleList(
@@ -206,7 +207,8 @@ class PPMAViT(nn.Module):
 
     def forward(self, image):
         if image.ndim != 4 or image.shape[1] != self.in_chans:
-            raise ValueError(f"PPMA takes (batch, {self.in_chans}, height, width) images, got {tuple(image.shape)}")
+            raise InvalidArgument(f"PPMA takes (batch, {self.in_chans}, height, width) images, got "
+                                  f"{tuple(image.shape)}")
         x = self.patch_embed(image)
         for layer in self.layers:
             x = layer(x)

@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import tables
+from ..errors import InvalidArgument
 from ..layers import MaskTable, check_heads
 from ..masks import decay_1d, manhattan_decay
-from . import register
+from .registry import register
 from .common import image_inputs
 
 
@@ -274,8 +275,8 @@ class BasicLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:3]) != self.Relpos.grid:
-            raise ValueError(f"this RMT stage was built for a {self.Relpos.grid} token grid, got "
-                             f"{tuple(x.shape[1:3])}: its decay tables are static, build the model for this size")
+            raise InvalidArgument(f"this RMT stage was built for a {self.Relpos.grid} token grid, got "
+                                  f"{tuple(x.shape[1:3])}: its decay tables are static, build the model for this size")
         for block in self.blocks:
             x = block(x, self.Relpos)
         return x if self.downsample is None else self.downsample(x)
@@ -294,9 +295,9 @@ class VisRetNet(nn.Module):
                              ("heads_ranges", heads_ranges), ("mlp_ratios", mlp_ratios), ("chunkwise", chunkwise),
                              ("layerscales", layerscales)):
             if len(values) != stages:
-                raise ValueError(f"{name} needs one entry per stage ({stages}, from depths), got {list(values)}")
+                raise InvalidArgument(f"{name} needs one entry per stage ({stages}, from depths), got {list(values)}")
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+            raise InvalidArgument(f"image_size must be a positive integer, got {image_size!r}")
         self.image_size, self.in_chans = image_size, in_chans
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
         side = -(-image_size // 4)   # two stride-2, padding-1, 3x3 convs: ceil(ceil(S / 2) / 2)
@@ -315,8 +316,8 @@ class VisRetNet(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         expected = (self.in_chans, self.image_size, self.image_size)
         if image.ndim != 4 or tuple(image.shape[1:]) != expected:
-            raise ValueError(f"RMT was built for (batch, {', '.join(map(str, expected))}) images, got "
-                             f"{tuple(image.shape)}; build it with image_size= for other sizes")
+            raise InvalidArgument(f"RMT was built for (batch, {', '.join(map(str, expected))}) images, got "
+                                  f"{tuple(image.shape)}; build it with image_size= for other sizes")
         x = self.patch_embed(image)
         for layer in self.layers:
             x = layer(x)

@@ -42,9 +42,10 @@ from torch import nn
 
 from .. import masks
 from ..attention import masked_attention
+from ..errors import InvalidArgument
 from ..layers import MaskTable, check_heads
 from ..masks.base import check_int
-from . import register
+from .registry import build, register
 
 
 class RMSNorm(nn.Module):
@@ -122,7 +123,7 @@ class Decoder(nn.Module):
             check_int(name, value, low=1)
         head_dim = check_heads(dim, heads, even_width=True)   # RoPE rotates channel pairs
         if heads % kv_heads:
-            raise ValueError(f"kv_heads={kv_heads} must divide heads={heads} (grouped-query attention)")
+            raise InvalidArgument(f"kv_heads={kv_heads} must divide heads={heads} (grouped-query attention)")
         self.vocab, self.kv_heads, self.head_dim = vocab, kv_heads, head_dim
         hidden = int(2 * 4 * dim / 3)
         hidden = multiple_of * -(-hidden // multiple_of)
@@ -141,10 +142,10 @@ class Decoder(nn.Module):
         """The decoder over ``input_ids``; ``cache(layer, k, v)`` returns the keys/values to attend over (and to
         return as the present cache).  Returns logits and the per-layer cached keys and values."""
         if input_ids.dtype != torch.int64:
-            raise ValueError(f"input_ids must be int64 token ids, got {input_ids.dtype}")
+            raise InvalidArgument(f"input_ids must be int64 token ids, got {input_ids.dtype}")
         if not torch.onnx.is_in_onnx_export() and ((input_ids < 0) | (input_ids >= self.vocab)).any():
-            raise ValueError(f"input_ids must be token ids in [0, {self.vocab}), got values "
-                             f"{int(input_ids.min())}..{int(input_ids.max())}")
+            raise InvalidArgument(f"input_ids must be token ids in [0, {self.vocab}), got values "
+                                  f"{int(input_ids.min())}..{int(input_ids.max())}")
         h = self.tok_embeddings(input_ids)
         keys, values = [], []
         for i, layer in enumerate(self.layers):
@@ -170,12 +171,12 @@ class SegmentLM(Decoder):
         super().__init__(vocab, dim, layers, heads, kv_heads, multiple_of, norm_eps, rope_theta, max_cache,
                          tie_embeddings, positions_name="max_cache")
         if not isinstance(segments, (list, tuple)) or not segments:
-            raise ValueError(f"segments must be a non-empty list of segment lengths, got {segments!r}")
+            raise InvalidArgument(f"segments must be a non-empty list of segment lengths, got {segments!r}")
         lengths = [check_int("segment length", s, low=1) for s in segments]
         self.prompt_len = sum(lengths)
         if self.prompt_len > max_cache:
-            raise ValueError(f"the prompt ({self.prompt_len} tokens over segments {lengths}) does not fit the cache "
-                             f"(max_cache={max_cache}); raise max_cache or shorten the segments")
+            raise InvalidArgument(f"the prompt ({self.prompt_len} tokens over segments {lengths}) does not fit the "
+                                  f"cache (max_cache={max_cache}); raise max_cache or shorten the segments")
         self.segment_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
         self.n_sink = check_int("n_sink", n_sink)
         self.window = check_int("window", window, low=1)
@@ -195,8 +196,8 @@ class Prefill(SegmentLM):
     def forward(self, input_ids):
         T = self.prompt_len
         if input_ids.ndim != 2 or input_ids.shape[1] != T:
-            raise ValueError(f"input_ids must be (batch, {T}): the prefill mask table is static for the segments' "
-                             f"{T} tokens; got {tuple(input_ids.shape)}")
+            raise InvalidArgument(f"input_ids must be (batch, {T}): the prefill mask table is static for the segments' "
+                                  f"{T} tokens; got {tuple(input_ids.shape)}")
         logits, keys, values = self.run(input_ids, self.rope_cos[:T], self.rope_sin[:T], self.mask_table,
                                         lambda i, k, v: (k, v))
         pad = (0, 0, 0, self.max_cache - T)   # (B, kv_heads, T, D) -> (B, kv_heads, max_cache, D)
@@ -217,17 +218,17 @@ class Decode(SegmentLM):
         B = input_ids.shape[0]
         cache_shape = (len(self.layers), B, self.kv_heads, self.max_cache, self.head_dim)
         if input_ids.ndim != 2 or input_ids.shape[1] != 1:
-            raise ValueError(f"input_ids must be (batch, 1): one token per step, got {tuple(input_ids.shape)}")
+            raise InvalidArgument(f"input_ids must be (batch, 1): one token per step, got {tuple(input_ids.shape)}")
         if position.shape != (B,) or position.dtype != torch.int64:
-            raise ValueError(f"position must be an int64 tensor of shape ({B},), got {tuple(position.shape)} "
-                             f"{position.dtype}")
+            raise InvalidArgument(f"position must be an int64 tensor of shape ({B},), got {tuple(position.shape)} "
+                                  f"{position.dtype}")
         for name, past in (("past_key", past_key), ("past_value", past_value)):
             if tuple(past.shape) != cache_shape:
-                raise ValueError(f"{name} must be (layers, batch, kv_heads, max_cache, head_dim) = {cache_shape}, "
-                                 f"got {tuple(past.shape)}")
+                raise InvalidArgument(f"{name} must be (layers, batch, kv_heads, max_cache, head_dim) = {cache_shape}, "
+                                      f"got {tuple(past.shape)}")
         if not torch.onnx.is_in_onnx_export() and ((position < 0) | (position >= self.max_cache)).any():
-            raise ValueError(f"position must be in [0, {self.max_cache}) (the static cache's length), "
-                             f"got {position.tolist()}")
+            raise InvalidArgument(f"position must be in [0, {self.max_cache}) (the static cache's length), "
+                                  f"got {position.tolist()}")
         slots = torch.arange(self.max_cache, device=position.device)
         pos = position.view(B, 1, 1, 1)
         write = slots.view(1, 1, -1, 1) == pos                                   # (B, 1, max_cache, 1)
@@ -271,8 +272,6 @@ def torch_step(module: nn.Module, outputs=("logits", "present_key", "present_val
 @functools.lru_cache(maxsize=4)
 def _example_prefill(seed: int, config_json: str):
     """The prefill of the registered example prompt for this seed: what the decode example's cache holds."""
-    from . import build
-
     built = build("segment-lm", seed=seed, **json.loads(config_json))
     with torch.no_grad():
         return built.module(**built.inputs)

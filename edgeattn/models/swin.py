@@ -30,10 +30,11 @@ import torch
 from torch import nn
 
 from .. import tables
+from ..errors import InvalidArgument
 from ..layers import MaskedBlock, MaskedSelfAttention, init_linear
 from ..masks import window
 from ..masks.base import Shape, rpb_index
-from . import register
+from .registry import register
 from .common import image_inputs, token_inputs
 
 
@@ -161,11 +162,11 @@ class SwinTransformer(nn.Module):
                  window_size=7, mlp_ratio=4.0, num_classes=1000):
         super().__init__()
         if len(depths) != len(heads):
-            raise ValueError(f"depths and heads need one entry per stage, got {list(depths)} and {list(heads)}")
+            raise InvalidArgument(f"depths and heads need one entry per stage, got {list(depths)} and {list(heads)}")
         side = image_size // patch_size
         if image_size % patch_size or side % 2 ** (len(depths) - 1):
-            raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size} times "
-                             f"{2 ** (len(depths) - 1)} (patch merging halves the map {len(depths) - 1} times)")
+            raise InvalidArgument(f"image_size {image_size} must be a multiple of patch_size {patch_size} times "
+                                  f"{2 ** (len(depths) - 1)} (patch merging halves the map {len(depths) - 1} times)")
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.layers = nn.ModuleList(
             BasicLayer((side >> i, side >> i), embed_dim * 2**i, head, window_size, depth, mlp_ratio, rpb=True,

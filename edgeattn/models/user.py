@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..convert import hf_lm
+from ..convert import convert, hf_lm
 from ..errors import EdgeAttnError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
@@ -111,8 +111,6 @@ def example_inputs(specs: dict[str, str], seed: int) -> dict[str, torch.Tensor]:
 def build_module(spec: str, inputs: dict[str, torch.Tensor]):
     """The module the spec's object makes, and a copy with what edgeattn knows in it converted (the original stays
     the PyTorch reference a check compares the file with)."""
-    from ..convert import convert
-
     made = load(spec)
     if not isinstance(made, torch.nn.Module):
         if not callable(made):

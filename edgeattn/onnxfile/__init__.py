@@ -29,34 +29,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import EdgeAttnError, first_line
+from ..errors import BadFile, ExportFailed, first_line
 from ..files import atomic_write
-
-DOMAIN = "edgeattn"
-OP = "MaskedAttention"
-OP_VERSION = 3            # the newest node version, written only for files with softcapped nodes
-OLDEST_OP_VERSION = 2     # the oldest one read
-SOFTCAP_OP_VERSION = 3
-# A declared hard decision (edgeattn.decisions.below) while tracing; export replaces each by a standard Less and
-# lists the compared tensors under the ``decisions`` metadata, in the order the model makes them.
-DECISION = "Decision"
-# A declared selection (edgeattn.decisions.top_k): export replaces each by a standard TopK and lists it likewise.
-DECISION_TOP_K = "DecisionTopK"
-
-QKV = ("q", "k", "v")
-# What each table layout passes after q, k, v (see edgeattn.tables); the optional bias is always last
-TABLE_INPUTS = {"dense": ("mask", "bias"),
-                "blocked": ("q_index", "kv_index", "q_pos", "bank", "block", "bank_bias"),
-                # content-routed blocks (MoBA): ``blocks`` (B, H, N, S) int64, computed in the graph, the key blocks
-                # each query attends in full (-1: none; distinct, never the query's own block); ``local`` (Bk, Bk)
-                # bool, static: which keys of its own block a query attends (Bk = block size, Bk divides N; the
-                # diagonal True)
-                "routed": ("blocks", "local", "bias")}
-# scale: softmax scale; mask: the mask's name; dtype: ONNX element type of q, so a body types its constants
-# statically; layout: which TABLE_INPUTS follow q, k, v; lowering: the body; heads: q's head count (contrib's
-# num_heads); softcap: scaled scores s become softcap * tanh(s / softcap) before bias and mask (absent or 0: no
-# capping; set exactly on the nodes whose op type says softcap, see op_type)
-ATTRIBUTES = ("scale", "mask", "dtype", "layout", "lowering", "heads", "softcap")
+from ..signature import DOMAIN, OLDEST_OP_VERSION, OP, OP_VERSION, QKV, SOFTCAP_OP_VERSION, TABLE_INPUTS
 
 
 @dataclass(frozen=True)
@@ -199,28 +174,28 @@ def read(path, weights: bool = False) -> onnx.ModelProto:
     beside the file); their locations must be files inside the model's folder."""
     path = Path(path)
     if not path.is_file():
-        raise EdgeAttnError(f"{path}: no such file")
+        raise BadFile(f"{path}: no such file")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:
-        raise EdgeAttnError(f"{path}: not an ONNX model, or truncated/corrupted (could not parse it as an ONNX "
-                            f"protobuf)") from None
+        raise BadFile(f"{path}: not an ONNX model, or truncated/corrupted (could not parse it as an ONNX "
+                      f"protobuf)") from None
     if not model.graph.node and not model.graph.output:
-        raise EdgeAttnError(f"{path}: not an ONNX model (no graph in the file)")
+        raise BadFile(f"{path}: not an ONNX model (no graph in the file)")
     for op in model.opset_import:
         if op.domain == DOMAIN and op.version > OP_VERSION:
-            raise EdgeAttnError(f"{path}: uses {DOMAIN} opset {op.version}, this edgeattn knows up to "
-                                f"{OP_VERSION}; upgrade edgeattn or re-export the file")
+            raise BadFile(f"{path}: uses {DOMAIN} opset {op.version}, this edgeattn knows up to "
+                          f"{OP_VERSION}; upgrade edgeattn or re-export the file")
         if op.domain == DOMAIN and op.version < OLDEST_OP_VERSION:
-            raise EdgeAttnError(f"{path}: uses {DOMAIN} opset {op.version}, written by an older edgeattn (its "
-                                f"attention bodies are function overloads, which converters drop); re-export it")
+            raise BadFile(f"{path}: uses {DOMAIN} opset {op.version}, written by an older edgeattn (its "
+                          f"attention bodies are function overloads, which converters drop); re-export it")
     _check_nodes(model, path)
     check_external_data(model, path)   # even when not loading it: a file pointing elsewhere is refused everywhere
     if weights:
         try:
             onnx.load_external_data_for_model(model, str(path.resolve().parent))
         except Exception as e:
-            raise EdgeAttnError(f"{path}: could not read its external data: {first_line(e)}") from e
+            raise BadFile(f"{path}: could not read its external data: {first_line(e)}") from e
     return model
 
 
@@ -229,11 +204,11 @@ def _check_nodes(model: onnx.ModelProto, path: Path) -> None:
     runtimes read the attribute to choose how to run a node, the body computes it, and the two must agree."""
     for node in attention_nodes(model):
         if node.op_type not in OP_TYPES:
-            raise EdgeAttnError(f"{path}: attention node {node.name!r} has the unknown op type {node.op_type!r} "
-                                f"(known: {', '.join(OP_TYPES)}); upgrade edgeattn or re-export the file")
+            raise BadFile(f"{path}: attention node {node.name!r} has the unknown op type {node.op_type!r} "
+                          f"(known: {', '.join(OP_TYPES)}); upgrade edgeattn or re-export the file")
         if OP_TYPES[node.op_type][2] != (softcap(node) > 0):
-            raise EdgeAttnError(f"{path}: attention node {node.name!r} ({node.op_type}) has softcap "
-                                f"{softcap(node):g}, which its op type contradicts; re-export the file")
+            raise BadFile(f"{path}: attention node {node.name!r} ({node.op_type}) has softcap "
+                          f"{softcap(node):g}, which its op type contradicts; re-export the file")
 
 
 def check_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -246,15 +221,15 @@ def check_external_data(model: onnx.ModelProto, path: Path) -> None:
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         target = (folder / location).resolve()
         if not location or Path(location).is_absolute() or folder not in target.parents or not target.is_file():
-            raise EdgeAttnError(f"{path}: tensor {tensor.name!r} points at external data {location!r}, which is not "
-                                f"a file inside {folder}; keep the .onnx and its data file together")
+            raise BadFile(f"{path}: tensor {tensor.name!r} points at external data {location!r}, which is not "
+                          f"a file inside {folder}; keep the .onnx and its data file together")
 
 
 def save(model: onnx.ModelProto, path) -> int:
     """Write ``model`` to ``path`` through a temporary file in the same folder, so a failure leaves the old file.
     Returns the bytes written."""
     if model.ByteSize() >= 2**31 - 1:
-        raise EdgeAttnError(f"model is {model.ByteSize() / 2**30:.1f} GiB, over protobuf's 2 GiB single-file limit")
+        raise ExportFailed(f"model is {model.ByteSize() / 2**30:.1f} GiB, over protobuf's 2 GiB single-file limit")
     return atomic_write(path, model.SerializeToString())
 
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import EdgeAttnError, first_line
+from ..errors import BadFile, RuntimeUnavailable, first_line
 from . import TensorInfo, decode_metadata, encode_metadata, graph_inputs, graph_outputs, read, read_metadata, strip_prefix
 
 FORMATS = {"onnx": ".onnx", "openvino": ".xml", "ort": ".ort"}
@@ -56,7 +56,7 @@ def header(path) -> Header:
         model = read(path)
         return Header(path, kind, read_metadata(model), graph_inputs(model), graph_outputs(model))
     if not path.is_file():
-        raise EdgeAttnError(f"{path}: no such file")
+        raise BadFile(f"{path}: no such file")
     return ir_header(path, read_ir(path)) if kind == "openvino" else _ort_header(path)
 
 
@@ -76,14 +76,15 @@ def read_ir(path, core=None):
     try:
         import openvino as ov
     except ImportError:
-        raise EdgeAttnError(f"{path}: reading OpenVINO IR needs openvino: pip install 'edgeattn[openvino]'") from None
+        raise RuntimeUnavailable(f"{path}: reading OpenVINO IR needs openvino: pip install "
+                                 "'edgeattn[openvino]'") from None
     bin_path = Path(path).with_suffix(".bin")
     if not bin_path.is_file():
-        raise EdgeAttnError(f"{path}: its weights file {bin_path.name} is missing; keep the .xml and .bin together")
+        raise BadFile(f"{path}: its weights file {bin_path.name} is missing; keep the .xml and .bin together")
     try:
         return (core or ov.Core()).read_model(str(path), str(bin_path))
     except Exception as e:
-        raise EdgeAttnError(f"{path}: not a readable OpenVINO IR: {first_line(e)}") from None
+        raise BadFile(f"{path}: not a readable OpenVINO IR: {first_line(e)}") from None
 
 
 def ir_header(path, model) -> Header:
@@ -107,11 +108,12 @@ def _ort_header(path: Path) -> Header:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise EdgeAttnError(f"{path}: reading the ORT format needs onnxruntime: pip install 'edgeattn[ort]'") from None
+        raise RuntimeUnavailable(f"{path}: reading the ORT format needs onnxruntime: pip install "
+                                 "'edgeattn[ort]'") from None
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise EdgeAttnError(f"{path}: not a readable ORT-format model: {first_line(e)}") from None
+        raise BadFile(f"{path}: not a readable ORT-format model: {first_line(e)}") from None
 
     def info(arg) -> TensorInfo:
         shape = tuple(d if isinstance(d, int) else (d or "?") for d in arg.shape)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from onnx import FunctionProto, TensorProto, helper
 
-from .bodies import _cast, _float, _function, _ints, _reduce, _scaled_q, dense_nodes
+from .nodes import cast, dense_nodes, floats, function, ints, reduce, scaled_q
 
 n = helper.make_node
 LOWEST = -3.0e38   # a finite "minus infinity" for row maxima: exp(LOWEST - m) is 0 without inf - inf = NaN
@@ -36,7 +36,7 @@ def _shapes() -> list:
         n("Shape", ["q"], ["n_q"], start=2, end=3),
         n("Shape", ["local"], ["bk"], start=0, end=1),
         n("Div", ["n_q", "bk"], ["nb"]),
-        _ints("zero_i", 0), _ints("one_1", [1]), _ints("minus_one", [-1]),
+        ints("zero_i", 0), ints("one_1", [1]), ints("minus_one", [-1]),
     ]
 
 
@@ -56,12 +56,12 @@ def _selection(opset: int) -> list:
     """``sel`` (B, H, N, nb) bool: where a query chose the block (one-hot per chosen block, any of them)."""
     return [
         n("Squeeze", ["nb"], ["nb_s"]),
-        _ints("one_i", 1),
+        ints("one_i", 1),
         n("Range", ["zero_i", "nb_s", "one_i"], ["block_ids"]),
         n("Unsqueeze", ["blocks", "minus_one"], ["blocks_1"]),
         n("Equal", ["blocks_1", "block_ids"], ["hit"]),                       # (B, H, N, S, nb); -1 hits nothing
         n("Cast", ["hit"], ["hit_i"], to=TensorProto.INT32),
-        *_reduce("ReduceMax", opset, "hit_i", "sel_i", 3, keepdims=0),
+        *reduce("ReduceMax", opset, "hit_i", "sel_i", 3, keepdims=0),
         n("Cast", ["sel_i"], ["sel"], to=TensorProto.BOOL),
     ]
 
@@ -75,7 +75,7 @@ def routed_dense(opset: int, name: str) -> FunctionProto:
         n("Concat", ["bh", "n_q", "nb", "bk"], ["sel_keys_shape"], axis=0),
         n("Expand", ["sel_b1", "sel_keys_shape"], ["sel_keys"]),                   # (B, H, N, nb, Bk)
         # shapes that repeat a dimension are Tiles: onnxslim 0.1.98 fails on a node that reads one tensor twice
-        _ints("two", [2]),
+        ints("two", [2]),
         n("Tile", ["n_q", "two"], ["n_n"]),
         n("Concat", ["bh", "n_n"], ["mask_shape"], axis=0),
         n("Reshape", ["sel_keys", "mask_shape"], ["chosen"]),
@@ -94,15 +94,15 @@ def routed_dense(opset: int, name: str) -> FunctionProto:
         n("Reshape", ["own_4", "n_n"], ["own"]),
         n("Or", ["chosen", "own"], ["mask"]),
     ] + dense_nodes(opset, False, False)
-    return _function(name, opset, nodes, routed_dense.__doc__)
+    return function(name, opset, nodes, routed_dense.__doc__)
 
 
 def routed(opset: int, name: str) -> FunctionProto:
     """Queries grouped by the block they chose, one Bk x Bk MatMul per tile of a group, softmax statistics merged
     per query with its own block's: the work of the chosen blocks (see the module docstring)."""
-    nodes = _shapes() + _routed_shapes() + [*_scaled_q(), _float("lowest", LOWEST), _float("zero_f", 0.0)] + \
+    nodes = _shapes() + _routed_shapes() + [*scaled_q(), floats("lowest", LOWEST), floats("zero_f", 0.0)] + \
         _own(opset) + _slots(opset) + _tiles(opset) + _merge(opset)
-    return _function(name, opset, nodes, routed.__doc__)
+    return function(name, opset, nodes, routed.__doc__)
 
 
 def _stats(opset: int, scores: str, values: str, prefix: str) -> list:
@@ -111,11 +111,11 @@ def _stats(opset: int, scores: str, values: str, prefix: str) -> list:
     log-sum-exp from the row max m and the largest probability: lse = m - log(max p) (max p >= 1 / keys)."""
     return [
         n("Softmax", [scores], [f"{prefix}_p"], axis=-1),
-        *_reduce("ReduceMax", opset, scores, f"{prefix}_m", -1),
-        *_reduce("ReduceMax", opset, f"{prefix}_p", f"{prefix}_p_max", -1),
+        *reduce("ReduceMax", opset, scores, f"{prefix}_m", -1),
+        *reduce("ReduceMax", opset, f"{prefix}_p", f"{prefix}_p_max", -1),
         n("Log", [f"{prefix}_p_max"], [f"{prefix}_log_p_max"]),
         n("Sub", [f"{prefix}_m", f"{prefix}_log_p_max"], [f"{prefix}_lse"]),
-        _cast(f"{prefix}_p", f"{prefix}_p_t"),
+        cast(f"{prefix}_p", f"{prefix}_p_t"),
         n("MatMul", [f"{prefix}_p_t", values], [f"{prefix}_o_t"]),
         n("Cast", [f"{prefix}_o_t"], [f"{prefix}_o"], to=TensorProto.FLOAT),
     ]
@@ -132,7 +132,7 @@ def _own(opset: int) -> list:
         n("Transpose", ["k_own"], ["k_own_t"], perm=[0, 1, 2, 4, 3]),
         n("MatMul", ["q_own", "k_own_t"], ["own_scores_t"]),                  # (B, H, nb, Bk, Bk)
         n("Cast", ["own_scores_t"], ["own_scores"], to=TensorProto.FLOAT),
-        _float("neg_inf", float("-inf")),
+        floats("neg_inf", float("-inf")),
         n("Where", ["local", "zero_f", "neg_inf"], ["local_add"]),
         n("Add", ["own_scores", "local_add"], ["own_masked"]),
         *_stats(opset, "own_masked", "v_own", "own_b"),
@@ -154,7 +154,7 @@ def _slots(opset: int) -> list:
     CumSum of those sizes, entered at each group's last pair).  Scatters here write distinct slots (only the
     spare last slot, which nothing reads, is written twice): no Scatter reduction, which onnx2tf cannot convert."""
     return [
-        _ints("one_i", 1),
+        ints("one_i", 1),
         n("GreaterOrEqual", ["blocks", "zero_i"], ["valid"]),
         n("Max", ["blocks", "zero_i"], ["blk"]),
         n("Concat", ["g", "minus_one"], ["pairs_shape"], axis=0),
@@ -176,7 +176,7 @@ def _slots(opset: int) -> list:
         n("Less", ["sorted_block", "nb"], ["sorted_valid"]),
         # where each group starts and ends in sorted order
         n("Sub", ["p", "one_1"], ["p_less"]),
-        _ints("axis_1", [1]), _ints("zero_i_1", [0]),
+        ints("axis_1", [1]), ints("zero_i_1", [0]),
         n("Slice", ["sorted_block", "zero_i_1", "p_less", "axis_1"], ["block_before_raw"]),
         n("Slice", ["sorted_block", "one_1", "p", "axis_1"], ["block_after_raw"]),
         n("Concat", ["g", "one_1"], ["g_col"], axis=0),
@@ -226,13 +226,13 @@ def _slots(opset: int) -> list:
         n("Slice", ["slot_block_dummy", "zero_i_1", "rows", "one_1"], ["slot_block"]),
         n("Concat", ["g", "tiles", "bk"], ["g_tiles_bk"], axis=0),
         n("Reshape", ["slot_block", "g_tiles_bk"], ["slot_block_3"]),
-        _ints("axis_2_1", [2]),
+        ints("axis_2_1", [2]),
         n("Slice", ["slot_block_3", "zero_i_1", "one_1", "axis_2_1"], ["tile_first_block"]),
         n("Squeeze", ["tile_first_block", "axis_2_1"], ["tile_block"]),     # (G, tiles)
         # each pair's slot, in the pairs' own order
         n("ScatterElements", ["sort_key", "order", "sorted_slot"], ["pair_slot"], axis=1),   # order: a permutation
         n("Reshape", ["pair_slot", "blocks_shape"], ["slot"]),              # (B, H, N, S)
-        _ints("one_one", [1, 1]),   # not Concat(one_1, one_1): onnxslim 0.1.98 fails on a node reading one tensor twice
+        ints("one_one", [1, 1]),   # not Concat(one_1, one_1): onnxslim 0.1.98 fails on a node reading one tensor twice
         n("Concat", ["bh", "one_one"], ["g_shape"], axis=0),
         n("Reshape", ["group_ids", "g_shape"], ["group_ids_4"]),            # (B, H, 1, 1)
     ]
@@ -280,20 +280,20 @@ def _merge(opset: int) -> list:
         n("Gather", ["tile_lse_flat", "pair_row"], ["pair_lse_raw"], axis=0),
         n("Gather", ["tile_o_flat", "pair_row"], ["pair_o"], axis=0),         # (B, H, N, S, Dv)
         n("Where", ["valid", "pair_lse_raw", "lowest"], ["pair_lse"]),
-        *_reduce("ReduceMax", opset, "pair_lse", "pairs_max", -1),
+        *reduce("ReduceMax", opset, "pair_lse", "pairs_max", -1),
         n("Max", ["own_lse", "pairs_max"], ["row_max"]),                       # (B, H, N, 1)
         n("Sub", ["own_lse", "row_max"], ["own_shift"]),
         n("Exp", ["own_shift"], ["own_w"]),
         n("Sub", ["pair_lse", "row_max"], ["pair_shift"]),
         n("Exp", ["pair_shift"], ["pair_w_raw"]),
         n("Where", ["valid", "pair_w_raw", "zero_f"], ["pair_w"]),            # (B, H, N, S)
-        *_reduce("ReduceSum", opset, "pair_w", "pairs_w", -1),
+        *reduce("ReduceSum", opset, "pair_w", "pairs_w", -1),
         n("Add", ["own_w", "pairs_w"], ["denominator"]),
         n("Mul", ["own_o", "own_w"], ["own_part"]),
         n("Unsqueeze", ["pair_w", "minus_one"], ["pair_w_1"]),
         n("Mul", ["pair_o", "pair_w_1"], ["pair_part"]),
-        *_reduce("ReduceSum", opset, "pair_part", "pairs_part", 3, keepdims=0),
+        *reduce("ReduceSum", opset, "pair_part", "pairs_part", 3, keepdims=0),
         n("Add", ["own_part", "pairs_part"], ["numerator"]),
         n("Div", ["numerator", "denominator"], ["merged"]),
-        _cast("merged", "out"),
+        cast("merged", "out"),
     ]

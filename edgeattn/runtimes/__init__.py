@@ -49,13 +49,14 @@ def resolve(name: str, path=None) -> Runtime:
     return get(able[0])
 
 
-def load(path, runtime: str = "auto", accuracy: bool = False) -> Session:
+def load(path, runtime: str = "auto", accuracy: bool = False, module=None) -> Session:
     """Load an ONNX file, OpenVINO IR (.xml) or ORT-format file (.ort) on a runtime (``auto``: the first available
     of ort-cuda, ort-cpu, openvino-cpu that runs it: a bf16 file skips onnxruntime's CPU provider, an IR goes to
     OpenVINO).
 
-    ``accuracy=True`` keeps the runtime from computing below the file's precision (what parity checks use)."""
-    return resolve(runtime, path).load(path, accuracy)
+    ``accuracy=True`` keeps the runtime from computing below the file's precision (what parity checks use).
+    ``module``: for the ``torch`` runtime, the PyTorch module the file came from (it runs that module)."""
+    return resolve(runtime, path).load(path, accuracy, module)
 
 
 __all__ = ["ONNX_RUNTIMES", "RUNTIMES", "Runtime", "Session", "TensorInfo", "Tolerance", "available", "get", "load",

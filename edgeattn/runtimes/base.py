@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..errors import EdgeAttnError
+from ..errors import EdgeAttnError, InvalidArgument, RuntimeUnavailable
 from ..onnxfile import LOWERINGS, Contents, TensorInfo
 
 
@@ -131,7 +131,7 @@ class Runtime:
         decisions this way; the reference runtime has none to return)."""
         reasons = self.machine_reasons()
         if reasons:
-            raise EdgeAttnError(f"runtime {self.name} is not available: {'; '.join(reasons)}")
+            raise RuntimeUnavailable(f"runtime {self.name} is not available: {'; '.join(reasons)}")
         return self._load(Path(path), accuracy, module, tuple(observe))
 
     def _load(self, path: Path, accuracy: bool, module: Any, observe: tuple[str, ...] = ()) -> Session:
@@ -150,14 +150,14 @@ def check_feeds(inputs: Sequence[TensorInfo], feeds: Mapping[str, np.ndarray]) -
     missing = [n for n in expected if n not in feeds]
     extra = [n for n in feeds if n not in expected]
     if missing or extra:
-        raise EdgeAttnError(f"feeds do not match the model inputs: missing {missing}, unexpected {extra}; "
-                            f"expected {list(expected)}")
+        raise InvalidArgument(f"feeds do not match the model inputs: missing {missing}, unexpected {extra}; "
+                              f"expected {list(expected)}")
     out = {}
     for name, info in expected.items():
         array = np.asarray(feeds[name])
         if array.dtype != info.dtype:
-            raise EdgeAttnError(f"input {name!r}: expected dtype {info.dtype}, got {array.dtype}")
+            raise InvalidArgument(f"input {name!r}: expected dtype {info.dtype}, got {array.dtype}")
         if array.ndim != len(info.shape) or any(isinstance(d, int) and d != a for d, a in zip(info.shape, array.shape)):
-            raise EdgeAttnError(f"input {name!r}: expected shape {info.shape}, got {array.shape}")
+            raise InvalidArgument(f"input {name!r}: expected shape {info.shape}, got {array.shape}")
         out[name] = np.ascontiguousarray(array)
     return out

@@ -21,7 +21,7 @@ import onnx
 import onnx.inliner
 
 from .. import onnxfile
-from ..errors import EdgeAttnError, first_line
+from ..errors import EdgeAttnError, ExportFailed, first_line
 from ..onnxfile import DOMAIN, formats
 from .base import REDUCED_PRECISION, Runtime, Session, Tolerance
 
@@ -54,8 +54,8 @@ class OpenVinoSession(Session):
             self.fused_sdpa = sum(op.get_type_name() == "ScaledDotProductAttention" for op in ov_model.get_ordered_ops())
             self.config = _config(core, device, metadata.get("precision", "fp32"), accuracy)
             self._compiled = core.compile_model(ov_model, device, self.config)
-        except EdgeAttnError as e:
-            raise EdgeAttnError(f"{path}: {e}") from e
+        except EdgeAttnError as e:   # the same kind of error, naming the file
+            raise type(e)(f"{path}: {e}") from e
         except Exception as e:
             raise EdgeAttnError(f"{path}: OpenVINO could not compile the model: {ov_error(e)}") from e
         self._ports = [self._compiled.output(i) for i in range(len(self.outputs) + len(observe))]
@@ -119,8 +119,8 @@ def to_openvino(model: onnx.ModelProto, runtime: Runtime, core=None):
         return core.read_model(model.SerializeToString(), b"")
     except Exception as e:
         if errors:
-            raise EdgeAttnError(f"OpenVINO could not convert {DOMAIN} attention to ScaledDotProductAttention: "
-                                f"{first_line(errors[0])}") from errors[0]
+            raise ExportFailed(f"OpenVINO could not convert {DOMAIN} attention to ScaledDotProductAttention: "
+                               f"{first_line(errors[0])}") from errors[0]
         raise EdgeAttnError(f"OpenVINO could not read the model: {ov_error(e)}") from e
 
 
@@ -156,9 +156,10 @@ def to_sdpa(context):
 
     layout = context.get_attribute("layout")
     if layout != "dense":
-        raise ValueError(f"only dense-table nodes convert to ScaledDotProductAttention, this one has layout {layout!r}")
+        raise ExportFailed("only dense-table nodes convert to ScaledDotProductAttention, this one has layout "
+                           f"{layout!r}")
     if context.get_attribute("softcap", 0.0):
-        raise ValueError("a node that soft-caps its scores cannot become ScaledDotProductAttention (no softcap)")
+        raise ExportFailed("a node that soft-caps its scores cannot become ScaledDotProductAttention (no softcap)")
     q, k, v, mask = (context.get_input(i) for i in range(_BIAS))
 
     def like_q(value):   # constants in q's element type, which SDPA requires for scale and a float mask

@@ -11,7 +11,7 @@ import onnx
 import torch
 
 from .. import onnxfile
-from ..errors import EdgeAttnError, first_line
+from ..errors import EdgeAttnError, RuntimeUnavailable, first_line
 from ..onnxfile import bodies, formats
 from .base import REDUCED_PRECISION, Runtime, Session, Tolerance
 
@@ -48,7 +48,7 @@ class OrtSession(Session):
             raise EdgeAttnError(f"{path}: onnxruntime could not load the model: {first_line(e)}") from e
         wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
         if self._session.get_providers()[0] != wanted:  # ORT silently falls back to CPU otherwise
-            raise EdgeAttnError(f"onnxruntime did not enable {wanted} (got {self._session.get_providers()})")
+            raise RuntimeUnavailable(f"onnxruntime did not enable {wanted} (got {self._session.get_providers()})")
         self._names = [o.name for o in self.outputs] + list(observe)
         self._device = device
 

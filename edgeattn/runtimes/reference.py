@@ -1,13 +1,13 @@
-"""``torch``: the PyTorch eager reference, one more runtime.  It runs the torch module a file came from: the one
-given to :meth:`Runtime.load` (``compare_model``), or the registered model named in the file's metadata (name,
-config, seed), rebuilt, so any exported reference model can be compared with its source."""
+"""``torch``: the PyTorch eager reference, one more runtime.  It runs the torch module a file came from, given to
+:meth:`Runtime.load`: parity's ``compare_model`` passes the user's module, ``edgeattn check`` and ``bench`` the
+registered model they rebuild from the file's metadata (:func:`edgeattn.models.from_metadata`), above this floor."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 from ..onnxfile import formats
-from ..errors import EdgeAttnError
+from ..errors import EdgeAttnError, InvalidArgument
 from .base import Runtime, Session, Tolerance
 
 
@@ -33,7 +33,7 @@ class TorchSession(Session):
 
 class TorchRuntime(Runtime):
     name = "torch"
-    description = "PyTorch eager reference (rebuilds the registered model from the file's metadata)"
+    description = "PyTorch eager reference (runs the module the file came from)"
     # the reference: it runs the fp32 model a file of any precision was exported from
     tolerances = dict.fromkeys(("fp32", "fp16", "bf16", "int8", "int8-static"), Tolerance(atol=0.0, min_cosine=1.0))
     reference = True
@@ -42,7 +42,7 @@ class TorchRuntime(Runtime):
     def _load(self, path, accuracy, module, observe=()):
         file = formats.header(path)
         if module is None:
-            from .. import models
-
-            module = models.from_metadata(file.metadata, path).module
+            raise InvalidArgument(f"{path}: the torch runtime runs the PyTorch module the file came from, which the "
+                                  f"file does not hold: pass it (load(path, 'torch', module=...)), or run `edgeattn "
+                                  f"check`, which rebuilds a registered model from the file's metadata")
         return TorchSession(self.name, module, file.inputs, file.outputs)

@@ -16,7 +16,8 @@ import torch
 
 import edgeattn
 from edgeattn import EdgeAttnError, runtimes
-from edgeattn.convert.hf_lm import export_lm
+from edgeattn.convert import hf_lm
+from edgeattn.export import export_lm
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,6 +44,8 @@ PLAIN = Path(__file__).with_name("plain_generate.py")
 
 
 def build(name: str, attn: str = "eager", state=None, **config):
+    if attn == "edgeattn":
+        hf_lm.register()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](**config), attn_implementation=attn).eval()
     if state is not None:
@@ -168,14 +171,16 @@ def test_bad_inputs_get_one_clear_error():
         export_lm(model, 32, 16, "unused")
 
 
-def test_import_registers_lazily():
-    """import edgeattn does not import transformers; the implementation is there once transformers is imported,
-    whichever comes first."""
-    check = ("from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as A; "
-             "from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as M; "
-             "assert 'edgeattn' in A and 'edgeattn' in M")
-    for code in (f"import sys, edgeattn; assert 'transformers' not in sys.modules; {check}",
-                 f"import transformers.modeling_utils; import edgeattn; {check}"):
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                              cwd=Path(__file__).parents[2])
-        assert done.returncode == 0, done.stderr[-2000:]
+def test_import_leaves_transformers_and_the_import_system_alone():
+    """import edgeattn neither imports transformers nor touches the import machinery; register() (which convert
+    calls) adds the implementation to both of transformers' interfaces."""
+    code = ("import sys; finders = list(sys.meta_path); import edgeattn; "
+            "assert 'transformers' not in sys.modules, 'transformers imported'; "
+            "assert sys.meta_path == finders, 'import hooks installed'; "
+            "from edgeattn.convert import hf_lm; hf_lm.register(); "
+            "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as A; "
+            "from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as M; "
+            "assert 'edgeattn' in A and 'edgeattn' in M, 'not registered'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]

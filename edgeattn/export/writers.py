@@ -21,6 +21,8 @@ from .. import runtimes
 from ..errors import EdgeAttnError, first_line
 from ..files import publish, staging
 from ..onnxfile import formats
+from ..runtimes.openvino import ov_error, to_openvino
+from .quiet import quiet
 
 # what a plain compile_model of an IR should run at, per file precision (others: the device's choice, as before)
 IR_RUNTIME_OPTIONS = {"fp32": {"INFERENCE_PRECISION_HINT": "f32"}}
@@ -33,8 +35,6 @@ def write_openvino_ir(proto: onnx.ModelProto, path, metadata: dict) -> int:
         import openvino as ov
     except ImportError:
         raise EdgeAttnError("writing OpenVINO IR needs openvino: pip install 'edgeattn[openvino]'") from None
-    from ..runtimes.openvino import ov_error, to_openvino
-
     path = Path(path)
     model = to_openvino(proto, runtimes.get("openvino-cpu"))
     for key, value in IR_RUNTIME_OPTIONS.get(metadata.get("precision", "fp32"), {}).items():
@@ -56,8 +56,6 @@ def write_ort_format(proto: onnx.ModelProto, path) -> int:
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
     except ImportError:
         raise EdgeAttnError("writing the ORT format needs onnxruntime: pip install 'edgeattn[ort]'") from None
-    from .exporter import quiet
-
     path = Path(path)
     config = path.with_name(f"{path.stem}.required_operators.config")
     with staging(path) as folder:

@@ -6,11 +6,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .. import onnxfile
-from ..files import check_writable
-from . import precision
-from .exporter import ExportResult, export_checked
-from .request import check_request
+from . import models, onnxfile, parity
+from .export import precision
+from .export.exporter import ExportResult, export_checked
+from .export.request import check_request
+from .files import check_writable
 
 
 def export_registered(name: str, path, *, seed: int = 0, opset: Optional[int] = None, custom_op: bool = False,
@@ -27,8 +27,6 @@ def export_registered(name: str, path, *, seed: int = 0, opset: Optional[int] = 
     ``result.parity``.  ``calibration`` (int8-static) is an ``.npz`` path (see
     :func:`precision.load_calibration`) or a list of feeds; by default ``calibration_samples`` inputs are drawn like
     the model's example inputs, with other seeds.  Everything is validated before the model is built."""
-    from .. import models, parity
-
     request = check_request(dtype=dtype, quantize=quantize, opset=opset, lowering=lowering, runtimes=runtimes,
                             custom_op=custom_op, dynamic_batch=dynamic_batch, path=path, format=format)
     if report is not None:
@@ -60,8 +58,6 @@ def export_registered(name: str, path, *, seed: int = 0, opset: Optional[int] = 
 
 def calibration_feeds(built, count: int = precision.DEFAULT_CALIBRATION_SAMPLES) -> list[dict]:
     """int8-static calibration feeds for a registered model: its example inputs drawn with the next seeds."""
-    from .. import models
-
     def draw(seed):
         if models.user.is_spec(built.name):
             return models.user.example_inputs(built.config["inputs"], seed)
