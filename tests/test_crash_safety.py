@@ -1,6 +1,12 @@
 """An export that fails at any point leaves the previous file (or none) and no temporary files; exports are
 byte-for-byte reproducible."""
 import errno
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -57,28 +63,64 @@ def test_exports_are_byte_identical(tmp_path, lowering, opset, runtimes, custom_
     assert a.path.read_bytes() == b.path.read_bytes()
 
 
+# `edgeattn export` with one hook: torch.onnx.export says when it starts, runs, then waits (before anything is written)
+# until the test's Ctrl-C, which so always lands in the export, whether the exporter is fast or slow.
+EXPORT_WITH_A_HOOK = """
+import sys, time, torch
+export = torch.onnx.export
+
+def exporting(*args, **kwargs):
+    print("test hook: in torch.onnx.export", file=sys.__stderr__, flush=True)   # the export redirects sys.stderr
+    program = export(*args, **kwargs)
+    time.sleep(300)
+    return program
+
+torch.onnx.export = exporting
+from edgeattn.cli import run
+run()
+"""
+
+
+def _lines(stream) -> queue.Queue:
+    """The lines of ``stream`` on a queue as they come (None at its end), to wait for one with a timeout."""
+    lines = queue.Queue()
+
+    def pump():
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
 @pytest.mark.parametrize("previous", [True, False], ids=["over-old-file", "new-file"])
 def test_real_sigint_during_cli_export(tmp_path, previous):
     """A real Ctrl-C to `edgeattn export` while it works: exit 130, the old file or none, no temporaries."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     path = tmp_path / "m.onnx"
     if previous:
         path.write_bytes(b"previous model")
-    proc = subprocess.Popen([sys.executable, "-m", "edgeattn", "export", "na3d-block", "-o", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while "exporting" not in (proc.stderr.readline() or "") and time.time() < deadline:   # past imports
-        pass
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the export finished before the signal arrived")
-    assert proc.returncode == 130 and "interrupted" in err
+    proc = subprocess.Popen([sys.executable, "-c", EXPORT_WITH_A_HOOK, "export", "na3d-block", "-o", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lines, err = _lines(proc.stderr), []
+        deadline = time.monotonic() + 120
+        while not err or not err[-1].startswith("test hook: in torch.onnx.export"):
+            try:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                pytest.fail("edgeattn export did not reach torch.onnx.export in 120 s: " + "".join(err))
+            assert line is not None, f"edgeattn export ended (exit {proc.wait()}) before exporting: {''.join(err)}"
+            err.append(line)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+        while (line := lines.get(timeout=30)) is not None:
+            err.append(line)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = "".join(err)
+    assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["m.onnx"] if previous else [])
     if previous:
         assert path.read_bytes() == b"previous model"
