@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Callable, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +67,8 @@ def _backward(ctx, grad):
 _masked_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def reference_attention(q, k, v, mask, bias, scale: float, softcap: Optional[float] = None):
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                        bias: Optional[torch.Tensor], scale: float, softcap: Optional[float] = None) -> torch.Tensor:
     """q (B, H, Nq, D), k/v (B, H, Nkv, D), mask bool and bias float (or None) broadcasting to (B, H, Nq, Nkv);
     extra axes before Nq (a block table's tiles) pass through."""
     if softcap is not None:   # SDPA cannot cap its scores: the same steps written out
@@ -92,8 +93,9 @@ def _capped_attention(q, k, v, mask, bias, scale: float, softcap: float):
     return torch.matmul(probs, v)
 
 
-def blocked_attention(q, k, v, q_index, kv_index, q_pos, bank, block, bank_bias, scale: float,
-                      softcap: Optional[float] = None):
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: torch.Tensor,
+                      kv_index: torch.Tensor, q_pos: torch.Tensor, bank: torch.Tensor, block: torch.Tensor,
+                      bank_bias: Optional[torch.Tensor], scale: float, softcap: Optional[float] = None) -> torch.Tensor:
     """The same attention on a BlockTable: per tile, only its gathered keys are scored (the reference kernel on
     (B, H, T, tq, K) blocks), then the queries are put back in order."""
     bias = None if bank_bias is None else bank_bias[block].transpose(0, 1)
@@ -108,8 +110,9 @@ def _gather(x, index):
     return x.contiguous().index_select(2, index.flatten()).unflatten(2, index.shape)
 
 
-def routed_attention_kernel(q, k, v, blocks, local, bias, scale: float, softcap: Optional[float] = None,
-                            chunk: int = 1024):
+def routed_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor,
+                            local: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+                            softcap: Optional[float] = None, chunk: int = 1024) -> torch.Tensor:
     """The reference of the routed layout (see :mod:`edgeattn.onnxfile.routed`): query i of block i // Bk attends
     the keys of its block that ``local[i % Bk]`` allows and every key of the blocks ``blocks[..., i, :]`` lists
     (-1: none).  Dense over ``chunk`` queries at a time, so memory stays O(chunk * N)."""
@@ -130,7 +133,8 @@ def routed_attention_kernel(q, k, v, blocks, local, bias, scale: float, softcap:
     return torch.cat(outs, 2)
 
 
-_KERNELS = {"dense": reference_attention, "blocked": blocked_attention, "routed": routed_attention_kernel}
+_KERNELS: dict[str, Callable[..., torch.Tensor]] = {"dense": reference_attention, "blocked": blocked_attention,
+                                                    "routed": routed_attention_kernel}
 
 
 def masked_attention(q, k, v, mask, bias=None, scale: Optional[float] = None, mask_name: str = "",
@@ -171,7 +175,7 @@ def check_softcap(softcap) -> Optional[float]:
     """``softcap`` as a float, or None; one clear error for anything but a positive finite number."""
     if softcap is None:
         return None
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 < softcap < math.inf:
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 < cast(float, softcap) < math.inf:
         raise InvalidArgument("softcap must be a positive finite float (the scores are capped to +-softcap, as Gemma "
                               f"2's attn_logit_softcapping) or None for no capping, got {softcap!r}")
     return float(softcap)

@@ -20,7 +20,7 @@ changed sides lies within ``eps`` of the row's boundary (its ``count``-th larges
 from __future__ import annotations
 
 import contextvars
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ import torch
 from .attention import ONNX_DTYPES
 from .errors import BadFile, InvalidArgument
 from .signature import DECISION, DECISION_TOP_K, DOMAIN
+
+# an attribute value torch.onnx.ops.symbolic takes
+_Attr = Union[int, float, str, bool, Sequence[int], Sequence[float], Sequence[str], Sequence[bool]]
 
 _LEDGER: contextvars.ContextVar[Optional["Ledger"]] = contextvars.ContextVar("edgeattn_decisions", default=None)
 
@@ -37,7 +40,7 @@ def below(value: torch.Tensor, threshold: float, name: str = "decision") -> torc
     if torch.onnx.is_in_onnx_export():
         if value.dtype not in ONNX_DTYPES:
             raise InvalidArgument(f"decision {name}: export compares float tensors, got {value.dtype}")
-        attrs = {"threshold": float(threshold), "name": name, "dtype": ONNX_DTYPES[value.dtype]}
+        attrs: dict[str, _Attr] = {"threshold": float(threshold), "name": name, "dtype": ONNX_DTYPES[value.dtype]}
         return torch.onnx.ops.symbolic(f"{DOMAIN}::{DECISION}", [value], attrs, dtype=torch.bool,
                                        shape=tuple(value.shape), version=1)
     decided = value < threshold
@@ -53,7 +56,7 @@ def top_k(values: torch.Tensor, count: int, name: str = "top_k") -> tuple[torch.
         if values.dtype not in ONNX_DTYPES:
             raise InvalidArgument(f"decision {name}: export selects among float tensors, got {values.dtype}")
         shape = (*values.shape[:-1], count)
-        attrs = {"count": int(count), "name": name, "dtype": ONNX_DTYPES[values.dtype]}
+        attrs: dict[str, _Attr] = {"count": int(count), "name": name, "dtype": ONNX_DTYPES[values.dtype]}
         chosen, index = torch.onnx.ops.symbolic_multi_out(f"{DOMAIN}::{DECISION_TOP_K}", [values], attrs,
                                                           dtypes=[values.dtype, torch.int64], shapes=[shape, shape],
                                                           version=1)
@@ -74,7 +77,7 @@ class Ledger:
 
     Use as a context manager around one forward of the reference; then read the counts."""
 
-    def __init__(self, values: Sequence[np.ndarray], eps: float):
+    def __init__(self, values: Sequence[np.ndarray], eps: float) -> None:
         self.values, self.eps = list(values), float(eps)
         self.calls = self.total = self.ties = self.large = 0
         self.largest_tie = 0.0     # the largest margin of a flip taken from the runtime
@@ -89,7 +92,8 @@ class Ledger:
         self._count(value.numel(), tie, flipped & ~tie, margin)
         return torch.where(tie, ~decided, decided)
 
-    def choose(self, value: torch.Tensor, count: int, index: torch.Tensor, name: str):
+    def choose(self, value: torch.Tensor, count: int, index: torch.Tensor,
+               name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`top_k` under the ledger: rows whose chosen set differs from the runtime's only among entries
         within ``eps`` of the row's boundary take the runtime's set."""
         theirs = self._next(value, name)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ class MaskTable(nn.Module):
     """
 
     def __init__(self, mask, heads: int, grid=None, q_len: Optional[int] = None, kv_len: Optional[int] = None,
-                 layout: str = "auto", buckets: bool = True):
+                 layout: str = "auto", buckets: bool = True) -> None:
         super().__init__()
         self.mask = as_mask(mask)
         self.shape = Shape.of(q_len, kv_len, grid)
@@ -136,7 +136,7 @@ class MaskTable(nn.Module):
             got = "nothing" if rpb is None else f"shape {tuple(rpb.shape)}"
             raise InvalidArgument(f"mask {self.mask.name} takes its learned relative position bias as rpb= with shape "
                                   f"{want} (or (heads, {math.prod(self.rpb_shape)})), got {got}")
-        index = self.attn_rpb_index
+        index = cast(torch.Tensor, self.attn_rpb_index)   # a buffer, not None: the table has an rpb_shape
         values = rpb.reshape(heads, -1).index_select(1, index.flatten()).unflatten(1, index.shape)
         return values[:, 0] if self.layout == "dense" else values[:, :, 0].transpose(0, 1)
 
@@ -163,7 +163,7 @@ def check_heads(dim: int, heads: int, name: str = "dim", even_width: bool = Fals
     return head_dim
 
 
-def split_qkv(qkv: torch.Tensor, heads: int, head_dim: int):
+def split_qkv(qkv: torch.Tensor, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A packed q/k/v projection (B, N, 3 * heads * head_dim) -> q, k, v, each (B, heads, N, head_dim)."""
     B, N, _ = qkv.shape
     q, k, v = qkv.reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
@@ -182,7 +182,7 @@ class MaskedSelfAttention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, mask, grid=None, seq_len: Optional[int] = None,
-                 qkv_bias: bool = True, proj: bool = True, layout: str = "auto", rpb: bool = True):
+                 qkv_bias: bool = True, proj: bool = True, layout: str = "auto", rpb: bool = True) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, check_heads(dim, heads)
         if grid is None and seq_len is None:
@@ -218,7 +218,7 @@ class RoutedSelfAttention(nn.Module):
     of ``block``; nothing is compiled for a shape, so one layer serves every such N."""
 
     def __init__(self, dim: int, heads: int, block: int, top_k: int, causal: bool = True, router=None,
-                 qkv_bias: bool = True):
+                 qkv_bias: bool = True) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, check_heads(dim, heads)
         check_routing(block, top_k)
@@ -241,7 +241,7 @@ class Mlp(nn.Sequential):
     """Linear, GELU, Linear.  ``named=True`` names them fc1 / act / fc2 as timm-style references (NAT, Swin) do,
     so their checkpoints load; the default keeps positional names (``mlp.0``, ``mlp.2``)."""
 
-    def __init__(self, dim: int, ratio: float = 4.0, named: bool = False):
+    def __init__(self, dim: int, ratio: float = 4.0, named: bool = False) -> None:
         hidden = int(dim * ratio)
         layers = [nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)]
         if named:
@@ -257,7 +257,7 @@ class MaskedBlock(nn.Module):
     ``named_mlp`` names the MLP's layers fc1 / fc2."""
 
     def __init__(self, dim: int, heads: int, mask, grid=None, seq_len: Optional[int] = None, mlp_ratio: float = 4.0,
-                 layout: str = "auto", attention: type = MaskedSelfAttention, named_mlp: bool = False):
+                 layout: str = "auto", attention: type = MaskedSelfAttention, named_mlp: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = attention(dim, heads, mask, grid=grid, seq_len=seq_len, layout=layout)

@@ -61,6 +61,9 @@ _MEMO: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("edgeattn
 # Public so tests (and memory-tight machines) can set it: results do not depend on it.
 ROW_CHUNK_ELEMS = 8 * 1024 * 1024
 
+# a table's allowed pairs: (head, query, key, bias or None, heads stored), what BlockTable.pairs returns
+Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]
+
 
 @dataclass(frozen=True)
 class DenseTable:
@@ -141,7 +144,7 @@ class BlockTable:
         base = (self.q_index, self.kv_index, self.q_pos, self.bank, self.block)
         return base if self.bank_bias is None else base + (self.bank_bias,)
 
-    def pairs(self):
+    def pairs(self) -> Pairs:
         """(head, query, key, bias or None, heads stored) of every allowed pair: padding keys point at key 0 and
         are never allowed, so scattering these cannot overwrite key 0."""
         blocks = self.bank[self.block].transpose(0, 1)  # (heads, T, tq, K)
@@ -181,7 +184,7 @@ class DenseBucket:
     def work(self, shape: Shape) -> float:
         return len(self.rows) * len(self.keys) / (shape.q_len * shape.kv_len)
 
-    def pairs(self):
+    def pairs(self) -> Pairs:
         """(head, query, key, bias or None, heads stored) of every allowed pair (see BlockTable.pairs)."""
         h, i, j = self.table.mask.nonzero(as_tuple=True)
         values = None if self.table.bias is None else self.table.bias[h, i, j]
@@ -231,6 +234,7 @@ class BucketedTable:
             h = torch.arange(heads)[:, None] if hm < heads else h[None]   # a bucket stored for all heads at once
             mask[h, q, kv] = True
             if values is not None:
+                assert bias is not None   # made above when any bucket has values
                 bias[h, q, kv] = values
         return DenseTable(self.name, self.shape, mask, bias)
 
@@ -241,7 +245,8 @@ def bucketed(table: BlockTable, max_buckets: int = MAX_BUCKETS) -> BucketedTable
     counts = _key_counts(table)
     order = torch.argsort(counts, stable=True)
     groups = _partition(counts[order], max_buckets)
-    buckets, rows = [], torch.empty(table.q_index.numel(), dtype=torch.long)
+    buckets: list[BlockTable | DenseBucket] = []
+    rows = torch.empty(table.q_index.numel(), dtype=torch.long)
     start_row = 0
     tq = table.q_index.shape[1]
     for lo, hi in groups:
@@ -321,8 +326,8 @@ def _partition(sorted_counts: torch.Tensor, max_parts: int) -> list[tuple[int, i
     c = sorted_counts.double()
     n = len(c)
     if n > 2048:   # the (n x n) step would be large: equal runs of the sorted tiles
-        parts = min(max_parts, n)
-        return [(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
+        runs = min(max_parts, n)
+        return [(i * n // runs, (i + 1) * n // runs) for i in range(runs)]
     inf = float("inf")
     best = torch.full((n + 1,), inf, dtype=torch.float64)
     best[0] = 0.0
@@ -480,6 +485,7 @@ def _query_tiles(mask, shape: Shape, tile) -> tuple[tuple[int, ...], torch.Tenso
             ids = part
         else:   # combine: every earlier tile with every tile of this axis
             ids = (ids[:, None, :, None] + part[None, :, None, :]).reshape(ids.shape[0] * part.shape[0], -1)
+    assert ids is not None   # a grid has at least one axis
     return tile, ids
 
 

@@ -1,5 +1,6 @@
 """Mask families.  Each factory returns a :class:`Mask`; ``FAMILIES`` lists them for the CLI and the tests."""
 import inspect
+from typing import Callable
 
 from ..errors import InvalidArgument
 from .base import Mask, Shape, and_masks, as_mask, custom, materialize, or_masks
@@ -11,7 +12,7 @@ from .sequence import causal, segments, sinks, sliding_window
 from .window import window
 
 # name -> (factory, one-line description); what `edgeattn masks` prints
-FAMILIES = {
+FAMILIES: dict[str, tuple[Callable[..., Mask], str]] = {
     "causal": (causal, "key not after the query"),
     "sliding_window": (sliding_window, "0 <= q-k <= window (causal) or |q-k| <= window"),
     "sinks": (sinks, "causal; first n_sink keys plus a window back (StreamingLLM)"),

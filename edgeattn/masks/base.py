@@ -151,7 +151,8 @@ def _combine(masks, sep, op) -> Mask:
     return Mask(name, mods, next((m.tiling for m in masks if m.tiling), {}), learned[0].rpb if learned else None)
 
 
-def index_grid(shape: Shape, heads: int = 1, q_rows: Optional[slice] = None):
+def index_grid(shape: Shape, heads: int = 1,
+               q_rows: Optional[slice] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The (b, h, q_idx, kv_idx) tensors that mask functions are evaluated on, shaped to broadcast.
 
     Tables are shared by every batch element, so a mask must not depend on the batch index.  ``b`` holds batch

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import cast
 
 import torch
 
@@ -32,7 +33,8 @@ def manhattan_decay(gammas) -> Mask:
         grid = shape.require_grid("manhattan_decay")
 
         def bias_mod(b, h, q_idx, kv_idx):
-            distance = sum((qc - kc).abs() for qc, kc in zip(axis_coords(q_idx, grid), axis_coords(kv_idx, grid)))
+            distance = cast(torch.Tensor, sum((qc - kc).abs()   # a tensor: a grid has at least one axis
+                                              for qc, kc in zip(axis_coords(q_idx, grid), axis_coords(kv_idx, grid))))
             return distance.to(torch.float32) * _per_head(log_gammas, h)
 
         return allow_all, bias_mod

@@ -37,7 +37,9 @@ def dense_nodes(opset: int, bias: bool, cap: bool) -> list:
     ]
 
 
-def function(name: str, opset: int, nodes, doc: str, extra_opsets: Optional[dict] = None) -> FunctionProto:
+def function(name: str, opset: int, nodes: list, doc: Optional[str],
+             extra_opsets: Optional[dict[str, int]] = None) -> FunctionProto:
+    assert doc is not None, "a body builder's __doc__ (python -OO strips docstrings)"
     lowering, bias, _ = OP_TYPES[name]
     tables = list(TABLE_INPUTS[LOWERINGS[lowering].layout])
     inputs = list(QKV) + (tables if bias else tables[:-1])
@@ -46,7 +48,7 @@ def function(name: str, opset: int, nodes, doc: str, extra_opsets: Optional[dict
                                 doc_string=doc.strip().splitlines()[0])
 
 
-def from_attribute(node, attribute: str, own: Optional[str] = None):
+def from_attribute(node: onnx.NodeProto, attribute: str, own: Optional[str] = None) -> onnx.NodeProto:
     """Make the node's attribute ``own`` (default: its only one) a reference to the calling node's ``attribute``,
     substituted at expansion."""
     [target] = [a for a in node.attribute if own is None or a.name == own]
@@ -54,14 +56,14 @@ def from_attribute(node, attribute: str, own: Optional[str] = None):
     return node
 
 
-def scaled_q():
+def scaled_q() -> list[onnx.NodeProto]:
     """q * scale, with the scale taken from the node's attribute and typed like q."""
     return [from_attribute(helper.make_node("Constant", [], ["scale_f"], value_float=1.0), "scale"),
             cast("scale_f", "scale_t"),
             helper.make_node("Mul", ["q", "scale_t"], ["q_scaled"])]
 
 
-def softcap_nodes(scores: str, out: str):
+def softcap_nodes(scores: str, out: str) -> list[onnx.NodeProto]:
     """``softcap * tanh(scores / softcap)``, the softcap taken from the node's attribute and typed like q."""
     n = helper.make_node
     return [from_attribute(n("Constant", [], ["softcap_f"], value_float=1.0), "softcap"),
@@ -71,13 +73,13 @@ def softcap_nodes(scores: str, out: str):
             n("Mul", [f"{scores}_tanh", "softcap_t"], [out])]
 
 
-def zero_rows_prologue():
+def zero_rows_prologue() -> list[onnx.NodeProto]:
     """Typed -inf and 0 constants."""
     return [floats("neg_inf_f", float("-inf")), cast("neg_inf_f", "neg_inf"),
             floats("zero_f", 0.0), cast("zero_f", "zero")]
 
 
-def zero_rows(opset: int, attended: str, out: str):
+def zero_rows(opset: int, attended: str, out: str) -> list[onnx.NodeProto]:
     """Rows of the mask without any allowed key softmax to NaN; make exactly those rows zeros (as torch does).
 
     This Where gets its own zero, shaped [1] so that no optimizer merges it with the prologue's scalar zero: OpenVINO's
@@ -92,7 +94,7 @@ def zero_rows(opset: int, attended: str, out: str):
             n("Where", ["row_any", attended, "rows_zero"], [out])]
 
 
-def softmax(src: str, dst: str):
+def softmax(src: str, dst: str) -> list[onnx.NodeProto]:
     """Softmax over keys computed in float32 whatever q's dtype (fp16/bf16 exponent sums stay exact enough); the
     casts are no-ops that runtimes drop in float32 models."""
     n = helper.make_node
@@ -101,18 +103,18 @@ def softmax(src: str, dst: str):
             cast(f"{dst}_f32", dst)]
 
 
-def cast(src: str, dst: str):
+def cast(src: str, dst: str) -> onnx.NodeProto:
     """Cast to q's dtype.  A Cast with a static ``to`` (unlike CastLike on a runtime tensor) lets runtimes
     constant-fold everything derived from the tables once the function is inlined."""
     return from_attribute(helper.make_node("Cast", [src], [dst], to=TensorProto.FLOAT), "dtype")
 
 
-def reduce_max(opset: int, x: str, out: str):
+def reduce_max(opset: int, x: str, out: str) -> list[onnx.NodeProto]:
     """ReduceMax over the last axis, keepdims."""
     return reduce("ReduceMax", opset, x, out, -1)
 
 
-def reduce(op: str, opset: int, x: str, out: str, axis: int, keepdims: int = 1) -> list:
+def reduce(op: str, opset: int, x: str, out: str, axis: int, keepdims: int = 1) -> list[onnx.NodeProto]:
     """ReduceMax or ReduceSum over one axis: ReduceMax's axes moved from attribute to input at opset 18 (ReduceSum's
     at 13, below every opset exported)."""
     if op == "ReduceSum" or opset >= 18:

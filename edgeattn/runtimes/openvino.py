@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import threading
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -31,7 +32,8 @@ _BIAS = onnxfile.bias_position("dense")     # dense-table node inputs: q, k, v, 
 class OpenVinoSession(Session):
     fused_sdpa: int   # how many edgeattn nodes became OpenVINO ScaledDotProductAttention ops (the rest were inlined)
 
-    def __init__(self, runtime: Runtime, path: Path, device: str, accuracy: bool = False, observe=()):
+    def __init__(self, runtime: Runtime, path: Path, device: str, accuracy: bool = False,
+                 observe: Sequence[str] = ()) -> None:
         import openvino as ov
 
         self.runtime = runtime.name
@@ -192,7 +194,7 @@ class OpenVinoCpu(Runtime):
     runs_as_always = True
 
     @functools.cache  # noqa: B019  (one instance per process; asking OpenVINO for its devices is slow)
-    def machine_reasons(self):
+    def machine_reasons(self) -> list[str]:
         try:
             import openvino as ov
         except ImportError:

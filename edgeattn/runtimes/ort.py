@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional, Sequence, cast
 
 import numpy as np
 import onnx
@@ -17,7 +17,8 @@ from .base import REDUCED_PRECISION, Runtime, Session, Tolerance
 
 
 class OrtSession(Session):
-    def __init__(self, runtime: Runtime, path: Path, providers: list, device: str = "cpu", observe=()):
+    def __init__(self, runtime: Runtime, path: Path, providers: list, device: str = "cpu",
+                 observe: Sequence[str] = ()) -> None:
         import onnxruntime as ort
 
         self.runtime = runtime.name
@@ -76,7 +77,7 @@ class OrtSession(Session):
 
 
 @contextlib.contextmanager
-def flushed_denormals():
+def flushed_denormals() -> Iterator[None]:
     """Flush denormals to zero on the calling thread (its FTZ and DAZ flags) for the duration, then restore them.
 
     Masked keys reach Softmax as -inf, and onnxruntime's exp turns each one into a denormal on its way to zero;
@@ -92,13 +93,13 @@ def flushed_denormals():
         torch.set_flush_denormal(had)
 
 
-def for_runtime(model, runtime: Runtime, meta: Optional[dict] = None):
+def for_runtime(model: onnx.ModelProto, runtime: Runtime, meta: Optional[dict] = None) -> onnx.ModelProto:
     """Swap the bodies of the file's nodes for the ones ``runtime`` runs fastest (``Runtime.runs_as``), in memory
     (``meta``: the file's metadata, if already read)."""
     meta = onnxfile.read_metadata(model) if meta is None else meta
     requested = meta.get("lowering", "")
     return bodies.swap(model, lambda lowering, softcap: runtime.executes(lowering, requested, softcap),
-                       meta.get("opset"))
+                       cast(int, meta.get("opset")))   # every file edgeattn writes records its opset
 
 
 class OrtCpu(Runtime):
@@ -114,7 +115,7 @@ class OrtCpu(Runtime):
     provider = "CPUExecutionProvider"
     install = "install it with: pip install 'edgeattn[ort]'"
 
-    def machine_reasons(self):
+    def machine_reasons(self) -> list[str]:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -157,7 +158,7 @@ class OrtCuda(OrtCpu):
         return OrtSession(self, path, self._providers(), device="cuda", observe=observe)
 
     @functools.cache  # noqa: B019  (one instance per process; the probe starts CUDA once)
-    def machine_reasons(self):
+    def machine_reasons(self) -> list[str]:
         reasons = super().machine_reasons()
         if reasons:
             return reasons

@@ -14,7 +14,7 @@ from .base import Runtime, Session, Tolerance
 class TorchSession(Session):
     """Runs a torch module in eval mode without gradients on numpy feeds; its outputs are the reference."""
 
-    def __init__(self, runtime: str, module: torch.nn.Module, inputs, outputs):
+    def __init__(self, runtime: str, module: torch.nn.Module, inputs, outputs) -> None:
         self.runtime, self.inputs, self.outputs = runtime, inputs, outputs
         self.module = module
 
