@@ -76,9 +76,10 @@ def compare(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarra
     return worst
 
 
-def latency(run: Callable[[], object], warmup: int = 3, runs: int = 20) -> tuple[float, float]:
-    """Median and 90th-percentile wall time in ms of ``run()`` after ``warmup`` calls."""
-    for _ in range(warmup):
+def latency(run: Callable[[], object], warmup: Optional[int] = None, runs: int = 20) -> tuple[float, float]:
+    """Median and 90th-percentile wall time in ms of ``run()`` after ``warmup`` calls (default: as many as the
+    timed runs, at most 3: a one-run check warms up once)."""
+    for _ in range(min(3, max(1, runs)) if warmup is None else warmup):
         run()
     times = []
     for _ in range(max(1, runs)):

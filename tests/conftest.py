@@ -1,3 +1,7 @@
+import fcntl
+import functools
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -6,19 +10,53 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgeattn import runtimes
+from edgeattn import decisions, parity, runtimes
+from edgeattn.onnxfile import formats
+from edgeattn.registered import export_registered
 
 CPU_RUNTIMES = ["ort-cpu", "openvino-cpu"]
 # lowering -> (opset, target runtimes) it is exported and checked with
 LOWERING_CASES = {"dense": (18, None), "blocked": (18, None), "attention": (23, None), "contrib": (18, ["ort-cpu"])}
 LOWERING_LIST = [(name, *case) for name, case in sorted(LOWERING_CASES.items())]
-# Mask2Former thresholds sigmoid(mask logits) < 0.5: a logit within rounding of 0 can land on the other side on
-# another runtime and move that query's outputs by ~1e-3 (see edgeattn/models/mask2former.py).  Measured on an
-# AVX2-only CPU: 2.4e-3 on onnxruntime at batch 3, all in six queries of two images (a flipped decision cascading);
-# 1e-5 on OpenVINO.  On an AVX-512 CPU: 6.5e-3 on OpenVINO from one decision of 1.6M flipped 3.6e-7 from its
-# threshold (`edgeattn check` explains it: 8.1e-6 with that decision taken from OpenVINO).  Until the deployment
-# matrix explains ties as parity does, the fp32 bound stays loose for this model only.
-TIE_ATOL = {"mask2former-decoder": 1e-2}
+
+
+def max_abs_error(got, reference) -> float:
+    """Largest |got - reference| over the reference's outputs; inf where NaN/inf do not match."""
+    metrics = parity.compare(reference, got)
+    return float("inf") if metrics["nonfinite"] else metrics["max_abs_err"]
+
+
+def judge_modulo_ties(got, reference, module, inputs, path, runtime) -> tuple[bool, float, str]:
+    """Whether outputs ``got`` of the fp32 file ``path`` (run by ``runtime``, or by a deployment of that file on the
+    same engine) match the torch ``reference`` (``module(**inputs)`` by output name) within ``runtime``'s fp32
+    tolerance, judged as the parity gate judges them (edgeattn/parity.py, modulo_ties): plainly, or else modulo
+    the file's declared hard decisions (edgeattn/decisions.py) that came out the other way at a tie.
+    Mask2Former's ``sigmoid(mask logits) < 0.5`` is one: a logit within rounding of 0 can land on the other side on
+    a runtime and move outputs by ~1e-3 (6.5e-3 on OpenVINO from one decision of 1.6M, 3.6e-7 from its
+    threshold).  ``runtime`` then runs the file again returning the compared tensors, the reference is re-run
+    taking its decision wherever both values lie within ``decision_eps`` of the threshold, and ``got`` must match
+    that re-run within the same tolerance, with no decision that differs at a larger margin.
+    Returns (ok, the max abs error judged, what the tie analysis found)."""
+    tolerance = runtimes.get(runtime).tolerance("fp32")
+    plain = max_abs_error(got, reference)
+    declared = formats.header(path).metadata.get("decisions") or []
+    if plain <= tolerance.atol or not declared:
+        return plain <= tolerance.atol, plain, ""
+    session = _observing(str(path), runtime, tuple(d["tensor"] for d in declared))
+    observed = session.run({k: v.numpy() for k, v in inputs.items()})
+    ledger = decisions.Ledger([observed[d["tensor"]] for d in declared], tolerance.decision_eps)
+    with ledger, torch.no_grad():
+        retaken = torch.utils._pytree.tree_leaves(module(**inputs))
+    error = max_abs_error(got, dict(zip(reference, (t.numpy() for t in retaken))))
+    note = (f"{ledger.summary()}; with those taken from {runtime}, max abs err {error:.2e} (without: {plain:.2e})"
+            + (f"; not ties: {ledger.large} decisions differ at margins up to {ledger.largest_flip:.1e}"
+               if ledger.large else ""))
+    return error <= tolerance.atol and not ledger.large, error, note
+
+
+@functools.lru_cache(maxsize=2)   # one file is judged at several batch sizes, or for several consumers
+def _observing(path: str, runtime: str, tensors: tuple):
+    return runtimes.get(runtime).load(path, observe=tensors)
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +69,37 @@ def require(name: str):
     reasons = runtimes.get(name).not_supported_reasons()
     if reasons:
         pytest.skip(f"{name} unavailable: {'; '.join(reasons)}")
+
+
+# Registered models exported once per test run and shared: by the xdist workers and by the onnx2tf job (.ci/run
+# points both at one folder with EDGEATTN_TEST_EXPORTS; without it, one folder per run).  A file is written under a
+# lock, so a second process wanting it waits for it instead of exporting it again; tests treat these files as
+# read-only.
+def _exports_folder(tmp_path_factory) -> Path:
+    if os.environ.get("EDGEATTN_TEST_EXPORTS"):
+        return Path(os.environ["EDGEATTN_TEST_EXPORTS"])
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "registered-exports"
+
+
+@pytest.fixture(scope="session")
+def registered_file(tmp_path_factory):
+    """``registered_file(name, **options)``: the path of ``export_registered(name, path, **options)``, exported once
+    per run (see above)."""
+    root = _exports_folder(tmp_path_factory)
+
+    def get(name: str, **options) -> Path:
+        key = hashlib.sha256(json.dumps([name, options], sort_keys=True).encode()).hexdigest()[:16]
+        folder = root / f"{name}-{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.onnx"
+        with open(folder / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes
+            if not path.exists():           # export_registered writes atomically: present means complete
+                export_registered(name, path, **options)
+        return path
+
+    return get
 
 
 def external_data_file(folder):
@@ -56,31 +125,3 @@ def relocate_external_data(path, location):
             if entry.key == "location":
                 entry.value = location
     onnx.save(proto, str(path))
-
-
-# The deployment matrix's onnx2tf columns (tests/test_deploy.py, marked onnx2tf) take tens of minutes of mostly
-# single-threaded TensorFlow conversion.  With EDGEATTN_PARALLEL_ONNX2TF=1 (.ci/run) the session runs them as a
-# second pytest process alongside the rest, and fails if they fail.
-_ONNX2TF_LOG = Path(__file__).resolve().parents[1] / "onnx2tf-job.log"
-
-
-def pytest_sessionstart(session):
-    if os.environ.get("EDGEATTN_PARALLEL_ONNX2TF") == "1":
-        env = {k: v for k, v in os.environ.items() if k != "EDGEATTN_PARALLEL_ONNX2TF"}
-        session.config.onnx2tf_job = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-m", "onnx2tf", "-q", "-p", "no:cacheprovider",
-             str(Path(__file__).with_name("test_deploy.py"))],
-            stdout=_ONNX2TF_LOG.open("w"), stderr=subprocess.STDOUT, env=env)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    job = getattr(session.config, "onnx2tf_job", None)
-    if job is None:
-        return
-    code = job.wait()
-    lines = _ONNX2TF_LOG.read_text().splitlines()
-    said = [line for line in lines if line.startswith(("E  ", "FAILED", "ERROR"))][:40] + lines[-1:]
-    print(f"\nonnx2tf job (pytest -m onnx2tf tests/test_deploy.py, log {_ONNX2TF_LOG.name}) exited {code}:\n"
-          + "\n".join(said))
-    if code != 0:
-        session.exitstatus = 1

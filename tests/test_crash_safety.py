@@ -16,6 +16,9 @@ from edgeattn.layers import MaskedSelfAttention
 
 from conftest import LOWERING_LIST
 
+# threads, signals and servers: these run one after another on one xdist worker (README: the suite)
+pytestmark = pytest.mark.xdist_group("serial")
+
 
 def _layer():
     torch.manual_seed(0)

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from edgeattn import load, models, parity
-from edgeattn.registered import export_registered
 
 from conftest import CPU_RUNTIMES, judge_modulo_ties
 
@@ -19,39 +18,29 @@ def batched_inputs(name, size):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """name -> {precision: path}, exported once per model (fp32 with a dynamic batch axis, fp16, int8)."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            folder = tmp_path_factory.mktemp(name)
-            cache[name] = {"fp32": folder / "fp32.onnx", "fp16": folder / "fp16.onnx", "int8": folder / "int8.onnx"}
-            export_registered(name, cache[name]["fp32"], dynamic_batch=True)
-            export_registered(name, cache[name]["fp16"], dtype="fp16")
-            export_registered(name, cache[name]["int8"], quantize="int8")
-        return cache[name]
-    return get
+def exported(registered_file):
+    """(name, precision) -> path: fp32 with a dynamic batch axis, fp16 or int8 (each exported once per run)."""
+    options = {"fp32": {"dynamic_batch": True}, "fp16": {"dtype": "fp16"}, "int8": {"quantize": "int8"}}
+    return lambda name, precision: registered_file(name, **options[precision])
 
 
 @pytest.mark.parametrize("name", models.names())
 def test_dynamic_batch_1_3_8(exported, name):
-    path = exported(name)["fp32"]
+    path = exported(name, "fp32")
     built = models.build(name)
-    for runtime in CPU_RUNTIMES:
-        session = load(path, runtime)
-        for size in (1, 3, 8):
-            inputs = batched_inputs(name, size)
-            with torch.no_grad():
-                want = torch.utils._pytree.tree_leaves(built.module(**inputs))
+    sessions = {runtime: load(path, runtime) for runtime in CPU_RUNTIMES}
+    for size in (1, 3, 8):
+        inputs = batched_inputs(name, size)
+        with torch.no_grad():   # the eager reference once per batch size, for every runtime
+            want = torch.utils._pytree.tree_leaves(built.module(**inputs))
+        reference = {output: expected.numpy() for output, expected in zip(built.outputs, want)}
+        for runtime, session in sessions.items():
             got = session.run({k: v.numpy() for k, v in inputs.items()})
-            for output, expected in zip(built.outputs, want):
-                assert got[output].shape == tuple(expected.shape), (runtime, size, output)
+            for output, expected in reference.items():
+                assert got[output].shape == expected.shape, (runtime, size, output)
             # every output within the runtime's fp32 tolerance (1e-4), modulo hard decisions flipped at a tie
-            reference = {output: expected.numpy() for output, expected in zip(built.outputs, want)}
             ok, error, ties = judge_modulo_ties(got, reference, built.module, inputs, path, runtime)
             assert ok, f"{runtime} batch {size}: max abs error {error:.2e} {ties}"
-            print("PROBE", name, runtime, size, f"{error:.2e}", ties)  # TEMP
 
 
 # Files whose check fails for what quantization does to the model, checked to still fail for that reason (a change
@@ -66,12 +55,11 @@ CHANGED_DECISIONS = {
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 @pytest.mark.parametrize("name", models.names())
 def test_reduced_precision_within_tolerance(exported, name, precision):
-    files = exported(name)
-    results = parity.check_file(files[precision], CPU_RUNTIMES, runs=1)
+    results = parity.check_file(exported(name, precision), CPU_RUNTIMES, runs=1)
     assert [r.runtime for r in results] == CPU_RUNTIMES
     if (name, precision) in CHANGED_DECISIONS:
         assert all(not r.ok and "not ties" in r.detail for r in results), parity.format_table(results)
         return
     assert all(r.ok for r in results), f"{name} {precision}\n" + parity.format_table(results)
     if precision == "int8":
-        assert files["int8"].stat().st_size < files["fp32"].stat().st_size
+        assert exported(name, "int8").stat().st_size < exported(name, "fp32").stat().st_size

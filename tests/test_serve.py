@@ -1,13 +1,16 @@
 """`edgeattn serve`: a real Ray Serve deployment on 127.0.0.1 under a bounded load.  Every answer is compared with
 plain onnxruntime run on the same feeds, Triton's own HTTP client works against it, bad requests get one-line errors
 while the server keeps serving, and Ctrl-C stops it without leaving Ray's processes behind."""
+import contextlib
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +24,9 @@ from edgeattn.cli import main
 from edgeattn.layers import MaskedSelfAttention
 from edgeattn.onnxfile import TensorInfo
 from edgeattn.serve import BadRequest, infer_request, load_test, metadata, parse_request, post, response
+
+# threads, signals and servers: these run one after another on one xdist worker (README: the suite)
+pytestmark = pytest.mark.xdist_group("serial")
 
 tritonclient_http = pytest.importorskip("tritonclient.http")   # in the test extra: Triton's own HTTP client
 
@@ -84,9 +90,81 @@ def test_a_request_round_trips_exactly(binary):
 
 
 def _free_port() -> int:
+    """A port free now; something else may take it before a server binds it (see _serve)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class _Output:
+    """A child's output lines as they come, read by a thread: waiting for one has a timeout, so a hung server fails
+    the test with what it said instead of hanging the run."""
+
+    def __init__(self, proc):
+        self.lines, self._queue = [], queue.Queue()
+
+        def pump():
+            for line in proc.stdout:
+                self._queue.put(line)
+            self._queue.put(None)
+        threading.Thread(target=pump, daemon=True).start()
+
+    def until(self, prefix: str, seconds: float):
+        """Read up to the first line starting with ``prefix`` (returned) or the end of the output (None)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                line = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                pytest.fail(f"no line starting {prefix!r} within {seconds:g} s; the output so far:\n{self.text()}")
+            if line is None:
+                return None
+            self.lines.append(line)
+            if line.startswith(prefix):
+                return line
+
+    def rest(self, seconds: float = 60) -> str:
+        """All of the output, once the child has ended."""
+        self.until("\0", seconds)
+        return self.text()
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+# what `edgeattn serve` says when its --port was taken after the test chose it: by check_port, by Ray's proxy, or
+# by the wait for the model's URL (a proxy that could not bind leaves another process, or nothing, on the port)
+PORT_TAKEN = ("cannot listen on", "Failed to bind", "does not answer")
+
+
+def _serve(argv: list, env: dict, port: int, seconds: float = 240):
+    """`edgeattn serve ARGV --port PORT` up to its "serving" line: (process, output), or None when it could not
+    have the port (the caller tries another).  Any other exit fails the test with the server's output."""
+    proc = subprocess.Popen([sys.executable, "-m", "edgeattn", "serve", *map(str, argv), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    out = _Output(proc)
+    try:
+        if out.until("serving", seconds) is not None:
+            return proc, out
+        proc.wait(timeout=60)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    text = out.rest()
+    if any(said in text for said in PORT_TAKEN):
+        return None
+    pytest.fail(f"edgeattn serve exited {proc.returncode} before serving:\n{text}")
+
+
+def _stop(proc, out: _Output) -> str:
+    """Ctrl-C to a server: its output once it has exited (fails the test after two minutes)."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"edgeattn serve did not stop within 120 s of Ctrl-C:\n{out.text()}")
+    return out.rest()
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -98,7 +176,7 @@ def test_serve_refuses_bad_options_before_starting(tmp_path, capsys, argv, messa
     path = tmp_path / "m.onnx"
     torch.manual_seed(0)
     export_onnx(MaskedSelfAttention(32, 2, masks.neighborhood(3), grid=(8, 8)).eval(), [torch.randn(1, 64, 32)], path)
-    assert main(["serve", str(path), "--port", str(_free_port()), *argv]) == 2
+    assert main(["serve", str(path), *argv]) == 2   # refused before it would listen: no port needed
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
 
@@ -121,6 +199,38 @@ def _ray_processes(tmpdir: str) -> list[str]:
     return found
 
 
+@contextlib.contextmanager
+def _ray_cluster(env: dict, ray_tmp: str, log: Path):
+    """A Ray cluster of the test's own (`ray start --head --block`, on a port Ray picks, under ``ray_tmp``): yields its
+    address.  Leaving stops this cluster only: SIGTERM to its `ray start`, which takes down the processes it
+    started, never a `ray stop` of every Ray process on the machine."""
+    ray = str(Path(sys.executable).parent / "ray")
+    address_file = Path(ray_tmp) / "ray" / "ray_current_cluster"   # written once the cluster is up
+    address_file.unlink(missing_ok=True)
+    with log.open("w") as sink:
+        proc = subprocess.Popen([ray, "start", "--head", "--port", "0", "--num-cpus", "2", "--include-dashboard",
+                                 "false", "--disable-usage-stats", "--block"], env=env, stdout=sink,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not (address_file.exists() and address_file.read_text().strip()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                state = f"exited {proc.returncode}" if proc.poll() is not None else "no cluster within 180 s"
+                pytest.fail(f"ray start --head: {state}:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield address_file.read_text().strip()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        deadline = time.monotonic() + 30   # its workers go with their raylet
+        while _ray_processes(ray_tmp) and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
 def test_served_model_under_load_answers_every_request_like_a_direct_run(tmp_path):
     torch.manual_seed(0)
     layer = MaskedSelfAttention(32, 2, masks.neighborhood(3), grid=(8, 8)).eval()
@@ -132,23 +242,17 @@ def test_served_model_under_load_answers_every_request_like_a_direct_run(tmp_pat
     expected = [direct.run(None, r)[0] for r in requests]
     out = direct.get_outputs()[0].name
 
-    port = _free_port()
     ray_tmp = tempfile.mkdtemp(prefix="ea", dir="/tmp")   # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    proc = subprocess.Popen([sys.executable, "-m", "edgeattn", "serve", str(path), "--port", str(port),
-                             "--replicas", "2", "--max-batch-size", "8", "--name", "nbr"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for _ in range(3):   # a port taken between choosing it and binding it: another port
+        port = _free_port()
+        started = _serve([path, "--replicas", "2", "--max-batch-size", "8", "--name", "nbr"], env, port)
+        if started:
+            break
+    assert started, "three free ports were taken before the server could bind them"
+    proc, output = started
     try:
-        lines = []
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("serving nbr"):
-                break
-        assert lines and lines[-1].startswith("serving nbr on ort-cpu (2 replicas"), "".join(lines)
+        assert output.lines[-1].startswith("serving nbr on ort-cpu (2 replicas"), output.text()
         base = f"http://127.0.0.1:{port}/v2/models/nbr"
         import urllib.request
         with urllib.request.urlopen(base, timeout=30) as r:
@@ -181,14 +285,13 @@ def test_served_model_under_load_answers_every_request_like_a_direct_run(tmp_pat
         status, _, outputs = post(f"{base}/infer", *infer_request(requests[3]))    # and it still serves
         assert status == 200 and np.abs(outputs[out] - expected[3]).max() <= 1e-6
 
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
+        out = _stop(proc, output)
         assert proc.returncode == 0 and out.strip().endswith("stopped"), out
         assert _ray_processes(ray_tmp) == []
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
 
 
 def test_two_models_share_a_ray_cluster_and_leave_it_one_by_one(tmp_path):
@@ -212,42 +315,41 @@ def test_two_models_share_a_ray_cluster_and_leave_it_one_by_one(tmp_path):
 
     ray_tmp = tempfile.mkdtemp(prefix="ea", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    ray = str(Path(sys.executable).parent / "ray")
-    gcs, port = _free_port(), _free_port()
-    subprocess.run([ray, "start", "--head", "--port", str(gcs), "--num-cpus", "2", "--include-dashboard", "false",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
-    servers = {}
-    try:
-        for path, extra in [(ir, ["--runtime", "openvino-cpu"]), (layer, ["--name", "layer"])]:
-            servers[path] = proc = subprocess.Popen(
-                [sys.executable, "-m", "edgeattn", "serve", str(path), "--address", f"127.0.0.1:{gcs}", "--port",
-                 str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-            lines = [proc.stdout.readline()]
-            while lines[-1] and not lines[-1].startswith("serving"):
-                lines.append(proc.stdout.readline())
-            assert lines[-1].startswith("serving"), "".join(lines)
-        again = subprocess.run([sys.executable, "-m", "edgeattn", "serve", str(layer), "--address",
-                                f"127.0.0.1:{gcs}", "--port", str(port), "--name", "layer"],
-                               capture_output=True, text=True, env=env, timeout=180)
-        assert again.returncode == 2 and "a model named 'layer' is already served" in again.stderr, again.stderr
-        base = f"http://127.0.0.1:{port}/v2/models"
-        status, _, outputs = post(f"{base}/na2d-block/infer", *infer_request(tokens))
-        assert status == 200 and np.abs(outputs["output"] - expected_ir).max() <= 1e-6
-        status, _, outputs = post(f"{base}/layer/infer", *infer_request(x, binary=False))
-        assert status == 200 and np.abs(next(iter(outputs.values())) - expected_layer).max() <= 1e-6
 
-        servers[ir].send_signal(signal.SIGINT)
-        out, _ = servers[ir].communicate(timeout=120)
-        assert servers[ir].returncode == 0 and out.strip().endswith("stopped"), out
-        assert post(f"{base}/na2d-block/infer", *infer_request(tokens))[0] == 404     # its route is gone
-        status, _, outputs = post(f"{base}/layer/infer", *infer_request(x))              # the other one serves on
-        assert status == 200 and np.abs(next(iter(outputs.values())) - expected_layer).max() <= 1e-6
-        servers[layer].send_signal(signal.SIGINT)
-        assert servers[layer].wait(timeout=120) == 0
-    finally:
-        for proc in servers.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    def fleet(address, port, first):
+        servers = {ir: first}
+        try:
+            servers[layer] = _serve([layer, "--address", address, "--name", "layer"], env, port)
+            assert servers[layer], f"the second model could not join Serve's proxy on port {port}"
+            again = subprocess.run([sys.executable, "-m", "edgeattn", "serve", str(layer), "--address", address,
+                                    "--port", str(port), "--name", "layer"],
+                                   capture_output=True, text=True, env=env, timeout=180)
+            assert again.returncode == 2 and "a model named 'layer' is already served" in again.stderr, again.stderr
+            base = f"http://127.0.0.1:{port}/v2/models"
+            status, _, outputs = post(f"{base}/na2d-block/infer", *infer_request(tokens))
+            assert status == 200 and np.abs(outputs["output"] - expected_ir).max() <= 1e-6
+            status, _, outputs = post(f"{base}/layer/infer", *infer_request(x, binary=False))
+            assert status == 200 and np.abs(next(iter(outputs.values())) - expected_layer).max() <= 1e-6
+
+            out = _stop(*servers[ir])
+            assert servers[ir][0].returncode == 0 and out.strip().endswith("stopped"), out
+            assert post(f"{base}/na2d-block/infer", *infer_request(tokens))[0] == 404     # its route is gone
+            status, _, outputs = post(f"{base}/layer/infer", *infer_request(x))              # the other one serves on
+            assert status == 200 and np.abs(next(iter(outputs.values())) - expected_layer).max() <= 1e-6
+            out = _stop(*servers[layer])
+            assert servers[layer][0].returncode == 0, out
+        finally:
+            for proc, _ in filter(None, servers.values()):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+
+    for _ in range(3):   # Serve's port taken between choosing it and its proxy binding it: another cluster and port
+        with _ray_cluster(env, ray_tmp, tmp_path / "ray-start.log") as address:
+            port = _free_port()
+            first = _serve([ir, "--address", address, "--runtime", "openvino-cpu"], env, port)
+            if first:
+                fleet(address, port, first)
+                break
+    assert first, "three free ports were taken before Serve's proxy could bind them"
     assert _ray_processes(ray_tmp) == []
