@@ -1,6 +1,5 @@
 """Every registered model on the edge targets: dynamic batch at 1, 3 and 8, fp16, and int8 (smaller, within cosine),
 on onnxruntime CPU and OpenVINO CPU."""
-import numpy as np
 import pytest
 import torch
 
