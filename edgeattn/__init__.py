@@ -7,7 +7,7 @@ front door, sits on top and imports from all of them."""
 from . import masks, parity, tables
 from .attention import masked_attention
 from .convert import convert
-from .errors import EdgeAttnError
+from .errors import BadFile, EdgeAttnError, ExportFailed, InvalidArgument, NoSuchLowering, RuntimeUnavailable
 from .export import export_lm, export_onnx
 from .layers import MaskedSelfAttention
 from .masks import and_masks, materialize, or_masks
@@ -17,4 +17,4 @@ from .version import __version__
 
 __all__ = ["__version__", "masks", "parity", "tables", "masked_attention", "EdgeAttnError", "MaskedSelfAttention",
            "and_masks", "or_masks", "materialize", "convert", "export_lm", "export_onnx", "load", "runtime_names",
-           "plot_mask"]
+           "plot_mask", "InvalidArgument", "BadFile", "RuntimeUnavailable", "ExportFailed", "NoSuchLowering"]

@@ -102,7 +102,8 @@ def test_check_fails_with_numbers_when_the_file_is_off(capsys, nat_file, tmp_pat
     assert "ort-cpu  fail" in out and "parity gate FAILED on: ort-cpu" in err
 
 
-@pytest.mark.parametrize("argv, message", [
+# bad command lines and a part of the message each refusal must have (test_error_family.py runs them too)
+BAD_ARGUMENTS = [
     (["export", "resnet", "-o", "x.onnx"], "unknown model 'resnet'"),
     (["check", "missing.onnx"], "missing.onnx: no such file"),
     (["check", "README.md"], "README.md: not an ONNX model"),
@@ -119,7 +120,10 @@ def test_check_fails_with_numbers_when_the_file_is_off(capsys, nat_file, tmp_pat
      "runs on ort-cpu, ort-cuda only"),
     (["check", "nope.xml"], "no such file"),
     (["inspect", "x.ort"], "inspect reads .onnx and .xml"),
-])
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGUMENTS)
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == ""
@@ -181,19 +185,28 @@ def test_check_feeds_given_inputs(capsys, py_file, tmp_path):
     assert code == 0 and "openvino-cpu: inputs with NaN/inf: x" in out, out + err
 
 
-@pytest.mark.parametrize("arrays, message", [
+# bad --inputs for py_file's input x (float32 (batch, 20, 32)); None: a file that is not an .npz
+BAD_FEEDS = [
     ({"y": np.zeros((1, 20, 32), np.float32)}, "missing ['x'], unexpected ['y']"),
     ({"x": np.zeros((1, 20, 32), np.float32), "z": np.zeros(1)}, "unexpected ['z']"),
     ({"x": np.zeros((1, 20, 32))}, "input 'x': expected dtype float32, got float64"),
     ({"x": np.zeros((1, 21, 32), np.float32)}, "input 'x': expected shape ('batch', 20, 32), got (1, 21, 32)"),
     (None, "not an .npz archive; save them with numpy.savez(path, x=...)"),
-])
-def test_check_bad_inputs_is_one_line_and_exit_2(capsys, py_file, tmp_path, arrays, message):
-    path = tmp_path / "in.npz"
+]
+
+
+def write_feeds(path, arrays):
+    """An .npz of ``arrays`` at ``path`` for --inputs, or a file that is not one for None."""
     if arrays is None:
         path.write_text("not numpy")
     else:
         np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("arrays, message", BAD_FEEDS)
+def test_check_bad_inputs_is_one_line_and_exit_2(capsys, py_file, tmp_path, arrays, message):
+    path = write_feeds(tmp_path / "in.npz", arrays)
     code, out, err = run_cli(capsys, "check", py_file, "--inputs", path)
     assert code == 2 and out == "" and message in err and err.count("\n") == 1, err
 
@@ -291,11 +304,15 @@ def test_bench_file_keeps_its_lowering(capsys, nat_file):
                                             ("ort-cpu", "auto:blocked", "standard", "fp32", "ok")]
 
 
-@pytest.mark.parametrize("argv, message", [
+# bad bench and lowering arguments
+BAD_BENCH_ARGUMENTS = [
     (["bench", "nope"], "neither a registered model"),
     (["bench", "na2d-block", "--json", "."], "is a directory"),
     (["export", "nat-tiny", "-o", "x.onnx", "--lowering", "attention"], "needs opset >= 23"),
-])
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_BENCH_ARGUMENTS)
 def test_bench_and_lowering_bad_input(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)
     assert code == 2 and message in err and err.count("\n") == 1

@@ -149,7 +149,8 @@ def _shape_err(mask, match, **shape):
         tables.build(mask, **shape)
 
 
-@pytest.mark.parametrize("mask,shape,match", [
+# masks and shapes they cannot be built for, and a word of the error (test_error_family.py runs them too)
+BAD_SHAPES = [
     (lambda: neighborhood(7), dict(grid=(5, 5)), "kernel"),
     (lambda: neighborhood((3, 7)), dict(grid=(8, 6)), "kernel"),
     (lambda: neighborhood(3, dilation=3), dict(grid=(8,)), "dilation"),
@@ -161,12 +162,16 @@ def _shape_err(mask, match, **shape):
     (lambda: window(2), dict(grid=(8,)), "grid"),
     (lambda: segments([0, 0, 1]), dict(q_len=4), "segment_ids"),
     (lambda: segments([0, 0, 1, 1]), dict(q_len=2, kv_len=5), "segment_ids"),
-])
+]
+
+
+@pytest.mark.parametrize("mask,shape,match", BAD_SHAPES)
 def test_bad_shape_raises(mask, shape, match):
     _shape_err(mask(), match, **shape)
 
 
-@pytest.mark.parametrize("factory,match", [
+# mask factories refusing their parameters
+BAD_PARAMETERS = [
     (lambda: neighborhood(1), "kernel"), (lambda: neighborhood(3.5), "kernel"), (lambda: neighborhood("3"), "kernel"),
     (lambda: neighborhood(True), "kernel"), (lambda: neighborhood(3, dilation=0), "dilation"),
     (lambda: neighborhood(3, dilation=1.5), "dilation"), (lambda: neighborhood(3, stride=4), "stride"),
@@ -181,15 +186,21 @@ def test_bad_shape_raises(mask, shape, match):
     (lambda: sinks(1, -2), "window"), (lambda: segments([0, 1, 1, 0]), "segment_ids"),
     (lambda: segments([2, 1]), "segment_ids"), (lambda: segments([-1, 0]), "segment_ids"),
     (lambda: segments([]), "segment_ids"), (lambda: segments([0.0, 1.0]), "segment_ids"),
-])
+]
+
+
+@pytest.mark.parametrize("factory,match", BAD_PARAMETERS)
 def test_bad_parameters_raise(factory, match):
     with pytest.raises(ValueError, match=match):
         factory()
 
 
-@pytest.mark.parametrize("shape,match", [(dict(q_len=0), "q_len"), (dict(q_len=4, kv_len=0), "kv_len"),
-                                         (dict(grid=(4, 0)), "grid"), (dict(grid=(4, 4), q_len=8), "q_len"),
-                                         (dict(), "q_len")])
+# shapes no table has (for causal)
+BAD_TABLE_SHAPES = [(dict(q_len=0), "q_len"), (dict(q_len=4, kv_len=0), "kv_len"), (dict(grid=(4, 0)), "grid"),
+                    (dict(grid=(4, 4), q_len=8), "q_len"), (dict(), "q_len")]
+
+
+@pytest.mark.parametrize("shape,match", BAD_TABLE_SHAPES)
 def test_bad_shapes(shape, match):
     _shape_err(causal(), match, **shape)
 

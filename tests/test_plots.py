@@ -179,7 +179,8 @@ def test_masks_show_writes_the_picture_and_masks_still_lists(capsys, tmp_path):
     assert code == 0 and (tmp_path / "s.png").is_file()
 
 
-@pytest.mark.parametrize("argv, message", [
+# bad `masks show` and --plot command lines, and a part of each one-line message (test_error_family.py runs them too)
+BAD_ARGUMENTS = [
     (["masks", "show", "nope", "--len", "8"], "unknown mask family 'nope'; choose from: causal"),
     (["masks", "show", "neighborhood", "--param", "kernal=3", "--grid", "8x8"],
      "neighborhood takes kernel, dilation=1, stride=1, causal=False, rpb=False"),
@@ -194,7 +195,10 @@ def test_masks_show_writes_the_picture_and_masks_still_lists(capsys, tmp_path):
     (["masks", "show", "causal", "--len", "8", "-o", "README.md/m.png"], "README.md is a file"),
     (["inspect", "README.md", "--plot", "README.md"], "README.md: is a file; --plot takes a folder"),
     (["inspect", "model.xml", "--plot", "pictures"], "model.xml: tables are read from .onnx files"),
-])
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGUMENTS)
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
