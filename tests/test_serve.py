@@ -101,7 +101,7 @@ class _Output:
     the test with what it said instead of hanging the run."""
 
     def __init__(self, proc):
-        self.lines, self._queue = [], queue.Queue()
+        self.lines, self.ended, self._queue = [], False, queue.Queue()
 
         def pump():
             for line in proc.stdout:
@@ -112,16 +112,18 @@ class _Output:
     def until(self, prefix: str, seconds: float):
         """Read up to the first line starting with ``prefix`` (returned) or the end of the output (None)."""
         deadline = time.monotonic() + seconds
-        while True:
+        while not self.ended:
             try:
                 line = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
             except queue.Empty:
                 pytest.fail(f"no line starting {prefix!r} within {seconds:g} s; the output so far:\n{self.text()}")
             if line is None:
-                return None
+                self.ended = True
+                break
             self.lines.append(line)
             if line.startswith(prefix):
                 return line
+        return None
 
     def rest(self, seconds: float = 60) -> str:
         """All of the output, once the child has ended."""
