@@ -125,3 +125,40 @@ def relocate_external_data(path, location):
             if entry.key == "location":
                 entry.value = location
     onnx.save(proto, str(path))
+
+
+# CI (.ci/run exports CI=1): a skipped test fails the run unless it is a GPU one (marked gpu, or skipped for a reason
+# that names CUDA or a GPU).  CI installs every other runtime and package the tests import or require, so another
+# skip means one went missing.  The offending tests and reasons are listed at the end.  Under xdist the controller,
+# which sees every worker's reports, keeps the list.
+class _SkipsFailCI:
+    def __init__(self):
+        self.skips = []
+
+    def _note(self, report):
+        if not report.skipped or hasattr(report, "wasxfail"):
+            return
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if "gpu" not in getattr(report, "keywords", {}) and not any(w in reason.lower() for w in ("cuda", "gpu")):
+            self.skips.append(f"{report.nodeid}: {reason}")
+
+    def pytest_collectreport(self, report):   # a module-level pytest.importorskip
+        self._note(report)
+
+    def pytest_runtest_logreport(self, report):
+        self._note(report)
+
+    def pytest_sessionfinish(self, session):
+        if self.skips and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if self.skips:
+            terminalreporter.section("CI is set: only GPU tests may skip; these skipped", red=True)
+            for line in self.skips:
+                terminalreporter.line(line)
+
+
+def pytest_configure(config):
+    if os.environ.get("CI") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(_SkipsFailCI(), "edgeattn-skips-fail-ci")

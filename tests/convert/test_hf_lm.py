@@ -93,36 +93,58 @@ def test_prefill_file_matches_eager(lm, runtime):
 
 
 def greedy(session, decode, prompt):
-    """Greedy tokens from an edgeattn Session of prefill.onnx and one of decode.onnx."""
+    """Greedy tokens from an edgeattn Session of prefill.onnx and one of decode.onnx, and the logits each token was
+    chosen from (1, vocab): the prefill's last position, then each decode step's."""
     out = session.run({"input_ids": prompt.numpy()})
-    tokens = [int(out["logits"][0, -1].argmax())]
+    steps = [out["logits"][:, -1]]
+    tokens = [int(steps[-1][0].argmax())]
     for step in range(NEW_TOKENS - 1):
         feeds = {"input_ids": np.array([[tokens[-1]]]), "cache_position": np.array([PROMPT + step])}
         feeds.update({k.replace("present", "past_key_values"): v for k, v in out.items() if k != "logits"})
         out = decode.run(feeds)
-        tokens.append(int(out["logits"][0, -1].argmax()))
-    return tokens
+        steps.append(out["logits"][:, -1])
+        tokens.append(int(steps[-1][0].argmax()))
+    return tokens, steps
+
+
+def reference_generation(model, prompt):
+    """transformers' greedy ``generate``: the new tokens and its logits at each step (raw, (1, vocab) each)."""
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    return out.sequences[0, PROMPT:].tolist(), [step.numpy() for step in out.logits]
 
 
 def reference_tokens(model, prompt):
-    with torch.no_grad():
-        return model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)[0, PROMPT:].tolist()
+    return reference_generation(model, prompt)[0]
+
+
+def assert_steps_match(tokens, steps, want_tokens, want_steps, atol, label):
+    """Every step's logits within ``atol`` of transformers' (while the tokens fed so far agree), then the tokens."""
+    assert len(steps) == len(want_steps) == NEW_TOKENS, label
+    for step, (got, want) in enumerate(zip(steps, want_steps)):
+        if tokens[:step] != want_tokens[:step]:
+            break   # this step was fed another token: the token comparison below reports it
+        np.testing.assert_allclose(got, want, atol=atol, rtol=0, err_msg=f"{label}: logits of step {step}")
+    assert tokens == want_tokens, label
 
 
 @pytest.mark.parametrize("runtime", CPU_RUNTIMES)
 def test_greedy_generation_matches_generate(lm, runtime):
+    """The prefill's and every decode step's logits within the runtime's fp32 tolerance of transformers' own in
+    ``generate``, and the same greedy tokens."""
     require(runtime)
     _, model, prompt, folder = lm
     sessions = [edgeattn.load(folder / f"{part}.onnx", runtime) for part in ("prefill", "decode")]
-    assert greedy(*sessions, prompt) == reference_tokens(model, prompt)
+    atol = runtimes.get(runtime).tolerance("fp32").atol
+    assert_steps_match(*greedy(*sessions, prompt), *reference_generation(model, prompt), atol, runtime)
 
 
+@pytest.mark.parametrize("lm", SLIDING, indirect=True)   # the architectures with a sliding window (not a skip)
 def test_sliding_window_is_in_the_file(lm):
     """The prompt is 4 windows long: full causal attention would give other logits, the file gives eager's, and
     its metadata names the sliding-window table."""
     name, model, prompt, folder = lm
-    if name not in SLIDING:
-        pytest.skip("no sliding window in this architecture")
     full = build(name, state=model.state_dict(), window=4 * PROMPT)   # same weights, window beyond the prompt
     want = logits(model, prompt).numpy()
     assert np.abs(logits(full, prompt).numpy() - want).max() > 1e-2
@@ -132,19 +154,19 @@ def test_sliding_window_is_in_the_file(lm):
     assert f"sliding_window_{WINDOW}" in {m["mask"] for m in json.loads(props["edgeattn.masks"])}
 
 
+# one model is enough here: local and global layers, GQA, query_pre_attn_scalar
+@pytest.mark.parametrize("lm", ["gemma3"], indirect=True)
 def test_plain_runtimes_generate_without_edgeattn(lm, tmp_path):
     """A deployment's view: plain onnxruntime and plain OpenVINO, in a process that cannot import edgeattn."""
     name, model, prompt, folder = lm
-    if name != "gemma3":   # one model is enough here: local and global layers, GQA, query_pre_attn_scalar
-        pytest.skip("run for gemma3 only")
     np.save(tmp_path / "prompt.npy", prompt.numpy())
     done = subprocess.run([sys.executable, str(PLAIN), str(folder), str(tmp_path / "prompt.npy"), str(NEW_TOKENS),
                            str(tmp_path / "out.json")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "out.json").read_text())
-    want_tokens, want_logits = reference_tokens(model, prompt), logits(model, prompt).numpy()
+    (want_tokens, want_steps), want_logits = reference_generation(model, prompt), logits(model, prompt).numpy()
     for runtime, result in results.items():
-        assert result["tokens"] == want_tokens, runtime
+        assert_steps_match(result["tokens"], list(np.load(result["steps"])), want_tokens, want_steps, 1e-4, runtime)
         np.testing.assert_allclose(np.load(result["logits"]), want_logits, atol=1e-4, rtol=0, err_msg=runtime)
 
 
