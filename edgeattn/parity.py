@@ -26,7 +26,7 @@ import torch
 
 from . import decisions, models, onnxfile, runtimes
 from .onnxfile import formats
-from .errors import EdgeAttnError, first_line
+from .errors import BadFile, EdgeAttnError, first_line
 from .files import atomic_write, check_writable
 from .runtimes.base import check_feeds, nonfinite_inputs
 from .runtimes.reference import TorchSession
@@ -258,11 +258,11 @@ def load_inputs(inputs, file: formats.Header) -> dict[str, np.ndarray]:
             with np.load(inputs, allow_pickle=False) as data:
                 inputs = {name: data[name] for name in data.files}
         except Exception as e:
-            raise EdgeAttnError(f"{source}: cannot read inputs ({first_line(e)}); {save}") from None
+            raise BadFile(f"{source}: cannot read inputs ({first_line(e)}); {save}") from None
     try:
         return check_feeds(file.inputs, inputs)
     except EdgeAttnError as e:
-        raise EdgeAttnError(f"{source}: {e}") from None
+        raise type(e)(f"{source}: {e}") from None
 
 
 def compare_model(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path,

@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import decisions, tables
 from ..attention import masked_attention
-from ..errors import EdgeAttnError, ExportFailed, InvalidArgument
+from ..errors import ExportFailed, InvalidArgument
 from ..layers import MaskTable
 from ..masks import window
 

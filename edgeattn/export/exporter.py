@@ -12,7 +12,7 @@ import torch
 
 from .. import onnxfile
 from ..convert import flex
-from ..errors import EdgeAttnError, first_line
+from ..errors import EdgeAttnError, ExportFailed, InvalidArgument, first_line
 from . import graph, precision, repository, writers
 from .quiet import quiet
 from .plan import applied
@@ -70,7 +70,7 @@ def export_checked(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
     """:func:`export_onnx` for a request already checked (and a writable ``path``)."""
     clash = sorted(set(metadata_props or {}) & set(onnxfile.RESERVED_METADATA))
     if clash:
-        raise EdgeAttnError(f"metadata_props may not set {clash}: edgeattn writes those keys itself")
+        raise InvalidArgument(f"metadata_props may not set {clash}: edgeattn writes those keys itself")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = [example_inputs]
     was_training = model.training
@@ -79,7 +79,7 @@ def export_checked(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
         batch = torch.export.Dim("batch", min=1, max=65536)
         axes = list(batch_axes) if batch_axes is not None else [0 if t.ndim else None for t in example_inputs]
         if len(axes) != len(example_inputs):
-            raise EdgeAttnError(f"batch_axes has {len(axes)} entries for {len(example_inputs)} inputs")
+            raise InvalidArgument(f"batch_axes has {len(axes)} entries for {len(example_inputs)} inputs")
         dynamic = tuple(None if a is None else {a: batch} for a in axes)
         # torch.export specializes a size-1 example axis to the constant 1: trace with a batch of 2 instead
         example_inputs = [t if a is None or t.shape[a] != 1 else t.expand(*t.shape[:a], 2, *t.shape[a + 1:])
@@ -98,14 +98,14 @@ def export_checked(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
     except EdgeAttnError:
         raise
     except Exception as e:  # the exporter's own errors are long; keep the cause chained for debugging
-        raise EdgeAttnError(f"torch.onnx export failed: {first_line(e)}") from e
+        raise ExportFailed(f"torch.onnx export failed: {first_line(e)}") from e
     finally:
         model.train(was_training)
     proto = program.model_proto
     written = next((op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")), request.opset)
     if written != request.opset:   # torch.onnx keeps its own opset when it cannot convert down (its warning scrolls by)
-        raise EdgeAttnError(f"torch.onnx wrote opset {written}, not the {request.opset} asked for: it could not "
-                            f"convert this model's ops to opset {request.opset}; export with --opset {written}")
+        raise ExportFailed(f"torch.onnx wrote opset {written}, not the {request.opset} asked for: it could not "
+                           f"convert this model's ops to opset {request.opset}; export with --opset {written}")
     masks, table_bytes = graph.finalize(proto, request, plan, extra=metadata_props)
     if request.quantize:
         if request.quantize == "int8-static" and not calibration:

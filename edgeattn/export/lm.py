@@ -10,7 +10,7 @@ from torch import nn
 
 from ..convert import convert
 from ..convert.hf_lm import DecodeStep, Prefill, cache_names, is_causal_lm
-from ..errors import EdgeAttnError
+from ..errors import InvalidArgument
 from .exporter import export_onnx
 
 
@@ -26,12 +26,12 @@ def export_lm(model: nn.Module, prompt_len: int, max_cache_len: int, folder, lay
     attends through static tables (see :func:`convert`), the decode step over a mask computed from cache_position.
     ``export_kwargs`` go to :func:`edgeattn.export_onnx` (opset, lowering, runtimes...)."""
     if not is_causal_lm(model):
-        raise EdgeAttnError(f"export_lm exports transformers causal LMs (AutoModelForCausalLM), got "
-                            f"{type(model).__name__}")
+        raise InvalidArgument(f"export_lm exports transformers causal LMs (AutoModelForCausalLM), got "
+                              f"{type(model).__name__}")
     if not (isinstance(prompt_len, int) and isinstance(max_cache_len, int) and 0 < prompt_len < max_cache_len):
-        raise EdgeAttnError(f"export_lm needs integers 0 < prompt_len < max_cache_len (the cache holds the prompt "
-                            f"and the generated tokens), got prompt_len={prompt_len!r}, "
-                            f"max_cache_len={max_cache_len!r}")
+        raise InvalidArgument(f"export_lm needs integers 0 < prompt_len < max_cache_len (the cache holds the prompt "
+                              f"and the generated tokens), got prompt_len={prompt_len!r}, "
+                              f"max_cache_len={max_cache_len!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     prompt = torch.zeros((1, prompt_len), dtype=torch.long)

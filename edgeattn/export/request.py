@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .. import runtimes
-from ..errors import EdgeAttnError
+from ..errors import EdgeAttnError, InvalidArgument
 from ..files import check_writable
 from ..onnxfile import LOWERINGS, Contents, formats
 from .precision import check_opset, default_opset, precision_name
@@ -60,7 +60,7 @@ def check_request(*, dtype: str = "fp32", quantize: Optional[str] = None, opset:
     precision = precision_name(dtype, quantize)
     opset = default_opset(dtype, DEFAULT_OPSET) if opset is None else opset
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in OPSETS:
-        raise EdgeAttnError(f"opset must be an integer in [{OPSETS[0]}, {OPSETS[-1]}], got {opset!r}")
+        raise InvalidArgument(f"opset must be an integer in [{OPSETS[0]}, {OPSETS[-1]}], got {opset!r}")
     check_opset(dtype, opset)
     targets = _targets(runtimes, precision, format)
     _check_lowering(lowering, opset, targets)
@@ -73,11 +73,11 @@ def _check_format(format: Optional[str], path) -> str:
     if format is None:
         return formats.format_of(path) if path is not None else "onnx"
     if format not in formats.FORMATS:
-        raise EdgeAttnError(f"unknown format {format!r}; choose one of: "
-                            f"{', '.join([*formats.FORMATS, *formats.REPOSITORIES])}")
+        raise InvalidArgument(f"unknown format {format!r}; choose one of: "
+                              f"{', '.join([*formats.FORMATS, *formats.REPOSITORIES])}")
     if suffix is not None and suffix != formats.FORMATS[format]:
-        raise EdgeAttnError(f"{path}: a {format} file needs the suffix {formats.FORMATS[format]} (got "
-                            f"{suffix or 'none'}); name the output like model{formats.FORMATS[format]}")
+        raise InvalidArgument(f"{path}: a {format} file needs the suffix {formats.FORMATS[format]} (got "
+                              f"{suffix or 'none'}); name the output like model{formats.FORMATS[format]}")
     return format
 
 
@@ -87,11 +87,11 @@ def _targets(names, precision: str, format: str) -> list[str]:
     able = [n for n in runtimes.ONNX_RUNTIMES if format in runtimes.get(n).file_formats]
     names = [names] if isinstance(names, str) else names
     if names is not None and (not names or any(n not in runtimes.RUNTIMES for n in names)):
-        raise EdgeAttnError(f"target runtimes must be among {', '.join(able)}, got {list(names)}")
+        raise InvalidArgument(f"target runtimes must be among {', '.join(able)}, got {list(names)}")
     named = [n for n in dict.fromkeys(names or ()) if not runtimes.get(n).reference]
     if any(n not in able for n in named):
-        raise EdgeAttnError(f"this format runs on {', '.join(able)} only, not on "
-                            f"{', '.join(n for n in named if n not in able)}")
+        raise InvalidArgument(f"this format runs on {', '.join(able)} only, not on "
+                              f"{', '.join(n for n in named if n not in able)}")
     contents = Contents(precision)
     refused = {n: reasons for n in named or able
                if (reasons := runtimes.get(n).not_supported_reasons(contents, here=False))}
@@ -104,16 +104,16 @@ def _targets(names, precision: str, format: str) -> list[str]:
 def _check_lowering(lowering: str, opset: int, targets: Sequence[str]) -> None:
     """Refuse a lowering the opset or a target runtime cannot run, saying what to change."""
     if lowering not in LOWERING_CHOICES:
-        raise EdgeAttnError(f"unknown lowering {lowering!r}; choose one of: {', '.join(LOWERING_CHOICES)}")
+        raise InvalidArgument(f"unknown lowering {lowering!r}; choose one of: {', '.join(LOWERING_CHOICES)}")
     if lowering == "auto":
         return
     low = LOWERINGS[lowering]
     if opset < low.min_opset:
-        raise EdgeAttnError(f"the {lowering} lowering needs opset >= {low.min_opset} (the ONNX Attention op), "
-                            f"got opset {opset}; pass --opset {low.min_opset} or another lowering")
+        raise InvalidArgument(f"the {lowering} lowering needs opset >= {low.min_opset} (the ONNX Attention op), "
+                              f"got opset {opset}; pass --opset {low.min_opset} or another lowering")
     contents = Contents(lowerings=frozenset({lowering}))
     unsupported = [t for t in targets if runtimes.get(t).not_supported_reasons(contents, here=False)]
     if unsupported:
         runs = [n for n in runtimes.ONNX_RUNTIMES if not runtimes.get(n).not_supported_reasons(contents, here=False)]
-        raise EdgeAttnError(f"the {lowering} lowering runs on {', '.join(runs)} only, not on "
-                            f"{', '.join(unsupported)}; use --lowering auto, dense or blocked for those runtimes")
+        raise InvalidArgument(f"the {lowering} lowering runs on {', '.join(runs)} only, not on "
+                              f"{', '.join(unsupported)}; use --lowering auto, dense or blocked for those runtimes")

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 
 from .. import runtimes
-from ..errors import EdgeAttnError, first_line
+from ..errors import ExportFailed, RuntimeUnavailable, first_line
 from ..files import publish, staging
 from ..onnxfile import formats
 from ..runtimes.openvino import ov_error, to_openvino
@@ -34,7 +34,7 @@ def write_openvino_ir(proto: onnx.ModelProto, path, metadata: dict) -> int:
     try:
         import openvino as ov
     except ImportError:
-        raise EdgeAttnError("writing OpenVINO IR needs openvino: pip install 'edgeattn[openvino]'") from None
+        raise RuntimeUnavailable("writing OpenVINO IR needs openvino: pip install 'edgeattn[openvino]'") from None
     path = Path(path)
     model = to_openvino(proto, runtimes.get("openvino-cpu"))
     for key, value in IR_RUNTIME_OPTIONS.get(metadata.get("precision", "fp32"), {}).items():
@@ -45,7 +45,7 @@ def write_openvino_ir(proto: onnx.ModelProto, path, metadata: dict) -> int:
         try:
             ov.save_model(model, str(xml), compress_to_fp16=False)
         except Exception as e:
-            raise EdgeAttnError(f"{path}: OpenVINO could not save the model: {ov_error(e)}") from e
+            raise ExportFailed(f"{path}: OpenVINO could not save the model: {ov_error(e)}") from e
         return publish([(xml.with_suffix(".bin"), path.with_suffix(".bin")), (xml, path)])
 
 
@@ -55,7 +55,7 @@ def write_ort_format(proto: onnx.ModelProto, path) -> int:
     try:
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
     except ImportError:
-        raise EdgeAttnError("writing the ORT format needs onnxruntime: pip install 'edgeattn[ort]'") from None
+        raise RuntimeUnavailable("writing the ORT format needs onnxruntime: pip install 'edgeattn[ort]'") from None
     path = Path(path)
     config = path.with_name(f"{path.stem}.required_operators.config")
     with staging(path) as folder:
@@ -69,13 +69,13 @@ def write_ort_format(proto: onnx.ModelProto, path) -> int:
                 convert_onnx_models_to_ort(source, output_dir=folder / "out",
                                            optimization_styles=[OptimizationStyle.Fixed])
         except Exception as e:
-            raise EdgeAttnError(f"{path}: onnxruntime could not convert the model to the ORT format: "
-                                f"{first_line(e)}") from e
+            raise ExportFailed(f"{path}: onnxruntime could not convert the model to the ORT format: "
+                               f"{first_line(e)}") from e
         finally:
             chatty.setLevel(level)
         out = folder / "out"
         written = out / f"{path.stem}.ort"
         if not written.is_file():
-            raise EdgeAttnError(f"{path}: onnxruntime's ORT-format converter wrote no model; run `python -m "
-                                f"onnxruntime.tools.convert_onnx_models_to_ort` on the .onnx to see why")
+            raise ExportFailed(f"{path}: onnxruntime's ORT-format converter wrote no model; run `python -m "
+                               f"onnxruntime.tools.convert_onnx_models_to_ort` on the .onnx to see why")
         return publish([(out / config.name, config), (written, path)])

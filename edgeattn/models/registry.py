@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..errors import EdgeAttnError
+from ..errors import BadFile, EdgeAttnError, InvalidArgument
 from . import user
 
 
@@ -66,13 +66,13 @@ def build(name: str, seed: int = 0, **overrides) -> BuiltModel:
     if user.is_spec(name):
         return _build_user(name, seed, **overrides)
     if name not in REGISTRY:
-        raise EdgeAttnError(f"unknown model {name!r}; choose one of: {', '.join(names())} (see `edgeattn models`)")
+        raise InvalidArgument(f"unknown model {name!r}; choose one of: {', '.join(names())} (see `edgeattn models`)")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise EdgeAttnError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        raise InvalidArgument(f"seed must be an integer in [0, 2**63), got {seed!r}")
     spec = REGISTRY[name]
     unknown = set(overrides) - set(spec.config)
     if unknown:
-        raise EdgeAttnError(f"model {name} has no config keys {sorted(unknown)}; it takes {sorted(spec.config)}")
+        raise InvalidArgument(f"model {name} has no config keys {sorted(unknown)}; it takes {sorted(spec.config)}")
     config = {**spec.config, **overrides}
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -82,9 +82,9 @@ def build(name: str, seed: int = 0, **overrides) -> BuiltModel:
 
 def _build_user(spec: str, seed: int, inputs=None, **unknown) -> BuiltModel:
     if unknown:
-        raise EdgeAttnError(f"a model of your own takes no config keys, got {sorted(unknown)}")
+        raise InvalidArgument(f"a model of your own takes no config keys, got {sorted(unknown)}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise EdgeAttnError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        raise InvalidArgument(f"seed must be an integer in [0, 2**63), got {seed!r}")
     specs = user.parse_inputs(f"{k}={v}" for k, v in (inputs or {}).items())
     tensors = user.example_inputs(specs, seed)
     with torch.random.fork_rng():
@@ -105,9 +105,9 @@ def from_metadata(meta: dict, path, trust_code: bool = False) -> BuiltModel:
     """Rebuild the registered model an exported file (at ``path``) came from, using its ``edgeattn.*`` metadata.
     A user's model (``module:callable``) runs the user's code: only with ``trust_code=True``."""
     if "model" not in meta:
-        raise EdgeAttnError(f"{path}: has no edgeattn reference-model metadata (it was not exported by `edgeattn "
-                            f"export`), so there is no torch model to rebuild; `edgeattn check` compares its "
-                            f"runtimes with each other, edgeattn.parity.compare_model with its module from Python")
+        raise BadFile(f"{path}: has no edgeattn reference-model metadata (it was not exported by `edgeattn "
+                      f"export`), so there is no torch model to rebuild; `edgeattn check` compares its "
+                      f"runtimes with each other, edgeattn.parity.compare_model with its module from Python")
     if user.is_spec(meta["model"]) and not trust_code:
         raise EdgeAttnError(f"{path}: was exported from your model {meta['model']}; rebuilding it runs that code, "
                             f"so pass --trust-code (trust_code=True) to compare with it")

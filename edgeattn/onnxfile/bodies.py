@@ -15,7 +15,7 @@ import onnx
 import numpy as np
 from onnx import FunctionProto, TensorProto, helper, numpy_helper
 
-from ..errors import EdgeAttnError
+from ..errors import EdgeAttnError, InvalidArgument
 from . import DOMAIN, LOWERINGS, OP_TYPES, attention_nodes, attributes, op_type
 from .nodes import (cast, dense_nodes, function, from_attribute, ints, scaled_q,
                     softcap_nodes, softmax, zero_rows, zero_rows_prologue)
@@ -132,7 +132,7 @@ BODIES = {"dense": dense, "blocked": blocked, "attention": attention, "contrib":
 def body(name: str, opset: int) -> FunctionProto:
     """The function of op type ``name`` (a key of :data:`OP_TYPES`)."""
     if name not in OP_TYPES:
-        raise ValueError(f"unknown attention op type {name!r}; known: {', '.join(OP_TYPES)}")
+        raise InvalidArgument(f"unknown attention op type {name!r}; known: {', '.join(OP_TYPES)}")
     return BODIES[OP_TYPES[name][0]](opset, name)
 
 

@@ -1,7 +1,7 @@
 """Runtime registry and ``load(path, runtime="auto")``.  Optional backends are imported only when used."""
 from __future__ import annotations
 
-from ..errors import EdgeAttnError
+from ..errors import EdgeAttnError, InvalidArgument, RuntimeUnavailable
 from ..onnxfile import Contents, formats
 from .base import Runtime, Session, TensorInfo, Tolerance
 from .openvino import OpenVinoCpu
@@ -22,7 +22,7 @@ def runtime_names() -> list[str]:
 
 def get(name: str) -> Runtime:
     if name not in RUNTIMES:
-        raise EdgeAttnError(f"unknown runtime {name!r}; choose one of: {', '.join(RUNTIMES)}")
+        raise InvalidArgument(f"unknown runtime {name!r}; choose one of: {', '.join(RUNTIMES)}")
     return RUNTIMES[name]
 
 
@@ -37,7 +37,7 @@ def resolve(name: str, path=None) -> Runtime:
         return get(name)
     names = available()
     if not names:
-        raise EdgeAttnError("no ONNX runtime is available; install one: pip install 'edgeattn[all]'")
+        raise RuntimeUnavailable("no ONNX runtime is available; install one: pip install 'edgeattn[all]'")
     if path is None:
         return get(names[0])
     contents = Contents.of(formats.header(path).metadata)
