@@ -9,6 +9,7 @@ consumer that needed it would fail here as it would on a device.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -151,7 +152,10 @@ def _tool(argv, path_first=None):
     done = subprocess.run(argv, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
-        raise RuntimeError(f"{Path(argv[0]).name} exited {done.returncode}: " + " | ".join(lines[-3:]))
+        # the exception it died of (type and first message line) first: onnx2tf ends with generic advice
+        raised = next((i for i, line in enumerate(lines) if re.match(r"\w*(Error|Exception): ", line)), len(lines))
+        said = lines[raised:raised + 2] + lines[-3:]
+        raise RuntimeError(f"{Path(argv[0]).name} exited {done.returncode}: " + " | ".join(said))
 
 
 def main():
