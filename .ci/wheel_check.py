@@ -1,5 +1,6 @@
 """Run by .ci/run with the venv the wheel was installed into, outside the repository: the installed package (not
 the checkout) imports in full, carries its package data, and exports and runs a small model."""
+
 import importlib
 import pkgutil
 import sys

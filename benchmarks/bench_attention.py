@@ -16,6 +16,7 @@ measured fp32 GEMM peak; "load s" = loading the file on the runtime; "+peak MB" 
 plus the first run above what the process held before (Linux's VmHWM, reset per row); "file MB".  ``--json`` keeps
 every figure, with the machine and versions.
 """
+
 import argparse
 import contextlib
 import io
@@ -39,9 +40,9 @@ from torch import nn
 import edgeattn
 from edgeattn import models
 from edgeattn.errors import first_line
-from edgeattn.registered import export_registered
 from edgeattn.layers import split_qkv
 from edgeattn.masks import Shape
+from edgeattn.registered import export_registered
 
 CASES = ["na2d-block", "na2d-dilated-block", "swin-block", "sliding-block", "causal-block", "na3d-block"]
 LOWERINGS = ["auto", "dense", "blocked", "attention", "contrib"]
@@ -110,7 +111,13 @@ class Block(nn.Module):
 
     def __init__(self, attn, attend):
         super().__init__()
-        self.qkv, self.proj, self.heads, self.head_dim, self.attend = attn.qkv, attn.proj, attn.heads, attn.head_dim, attend
+        self.qkv, self.proj, self.heads, self.head_dim, self.attend = (
+            attn.qkv,
+            attn.proj,
+            attn.heads,
+            attn.head_dim,
+            attend,
+        )
 
     def forward(self, x):
         B, N, C = x.shape
@@ -135,9 +142,9 @@ def _status_kb(key):
 def peak_memory(row):
     """Record in ``row`` the peak resident memory the block adds over what the process held before it (MB)."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")    # resets VmHWM to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         before = _status_kb("VmRSS")
-    except OSError:   # not Linux: no per-row peak
+    except OSError:  # not Linux: no per-row peak
         yield
         return
     yield
@@ -166,7 +173,7 @@ def load_onnx(rows, timed, name, runtime, path, x, ref, **extra):
     goes to ``rows``, and with the function that runs it to ``timed``, to be timed with the others in turns."""
     row = dict(row=name, runtime=runtime, **extra)
     rows.append(row)
-    with peak_memory(row):   # of the load and the first run
+    with peak_memory(row):  # of the load and the first run
         run = load_checked(row, path, x, ref)
     if run is not None:
         timed.append((row, run))
@@ -185,6 +192,7 @@ def time_in_turns(timed, runs):
 
 def guarded(row, run):
     """``run``, which, once it has failed, records the error in ``row`` and does nothing more."""
+
     def call():
         if "error" in row:
             return
@@ -192,6 +200,7 @@ def guarded(row, run):
             run()
         except Exception as e:
             row["error"] = first_line(e)
+
     return call
 
 
@@ -212,6 +221,7 @@ def flex_row(name, runs, device):
     """Compiled FlexAttention on one case (run in its own process): the block mask skips empty 128x128 tiles, the
     kernel masks inside the rest."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
     attn, x, grid, _, _, ref = case_inputs(name)
     n = x.shape[1]
     row = dict(row="flex compiled", runtime=torch_runtime(device))
@@ -223,7 +233,7 @@ def flex_row(name, runs, device):
             flex, x = torch.compile(block), x.to(device)
             with torch.inference_mode():
                 start = time.perf_counter()
-                out = flex(x)   # the first call compiles; its time is reported apart from the medians
+                out = flex(x)  # the first call compiles; its time is reported apart from the medians
                 row["compile_s"] = time.perf_counter() - start
                 row["max_abs_err"] = float((out.cpu() - ref).abs().max())
                 row["ms"] = median_ms(lambda: flex(x), runs, synchronizer(device))
@@ -244,8 +254,10 @@ def json_of_process(command, failed_row):
 
 
 def flex_in_subprocess(name, runs, device):
-    return json_of_process([sys.executable, __file__, "--flex-row", name, "--runs", str(runs), "--device", device],
-                           dict(row="flex compiled", runtime=torch_runtime(device)))
+    return json_of_process(
+        [sys.executable, __file__, "--flex-row", name, "--runs", str(runs), "--device", device],
+        dict(row="flex compiled", runtime=torch_runtime(device)),
+    )
 
 
 def torch_runtime(device):
@@ -258,8 +270,18 @@ def bench_case(name, args, peak, tmp):
     allowed = int(dense.sum())
     dim = x.shape[-1]
     flops = 2 * n * dim * 3 * dim + 2 * n * dim * dim + 4 * attn.heads * attn.head_dim * allowed
-    case = dict(case=name, tokens=n, dim=dim, heads=attn.heads, mask=attn.mask.name, allowed_pairs=allowed,
-                density=allowed / n**2, flops=flops, roofline_ms=flops / (peak * 1e9) * 1e3, rows=[])
+    case = dict(
+        case=name,
+        tokens=n,
+        dim=dim,
+        heads=attn.heads,
+        mask=attn.mask.name,
+        allowed_pairs=allowed,
+        density=allowed / n**2,
+        flops=flops,
+        roofline_ms=flops / (peak * 1e9) * 1e3,
+        rows=[],
+    )
     rows = case["rows"]
 
     # 1. eager with the dense bool mask: the reference every other row is checked against (on the CPU)
@@ -289,8 +311,9 @@ def bench_case(name, args, peak, tmp):
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(NaiveDense(attn, dense).eval(), (x,), str(path), dynamo=True, opset_version=18,
-                              external_data=False)
+            torch.onnx.export(
+                NaiveDense(attn, dense).eval(), (x,), str(path), dynamo=True, opset_version=18, external_data=False
+            )
         for runtime in args.runtimes:
             load_onnx(rows, timed, "naive export", runtime, path, x, ref, file_mb=path.stat().st_size / 1e6)
     except LookupError:
@@ -305,19 +328,30 @@ def bench_case(name, args, peak, tmp):
         if not targets:
             continue
         try:
-            result = export_registered(name, path, lowering=lowering, opset=23 if lowering == "attention" else 18,
-                                       runtimes=targets)
+            result = export_registered(
+                name, path, lowering=lowering, opset=23 if lowering == "attention" else 18, runtimes=targets
+            )
         except Exception as e:
             rows.append(dict(row=lowering, runtime="-", error=f"export failed: {first_line(e)}"))
             continue
         chosen = ",".join(sorted({m["lowering"] for m in result.masks}))
-        if len(result.masks) > 1:   # one layer: several nodes are the buckets of a bucketed table
+        if len(result.masks) > 1:  # one layer: several nodes are the buckets of a bucketed table
             chosen = f"{len(result.masks)} buckets: {chosen}"
         for runtime in targets:
-            load_onnx(rows, timed, lowering if lowering != "auto" else f"auto ({chosen})", runtime, path, x, ref,
-                      lowering=chosen, file_mb=result.file_bytes / 1e6, table_mb=result.table_bytes / 1e6)
+            load_onnx(
+                rows,
+                timed,
+                lowering if lowering != "auto" else f"auto ({chosen})",
+                runtime,
+                path,
+                x,
+                ref,
+                lowering=chosen,
+                file_mb=result.file_bytes / 1e6,
+                table_mb=result.table_bytes / 1e6,
+            )
     time_in_turns(timed, args.runs)
-    del timed   # the sessions
+    del timed  # the sessions
 
     add_ratios(case)
     return case
@@ -325,6 +359,7 @@ def bench_case(name, args, peak, tmp):
 
 def add_ratios(case):
     """Each runtime's naive baseline: eager with the dense mask on torch, the naive export on an ONNX runtime."""
+
     def ms_of(row, runtime):
         return next((r.get("ms") for r in case["rows"] if r["row"] == row and r["runtime"] == runtime), None)
 
@@ -343,19 +378,25 @@ def fmt(value, spec, suffix=""):
 
 
 def report(case):
-    print(f"\n{case['case']}: {case['mask']}, {case['tokens']} tokens, dim {case['dim']}, {case['heads']} heads, "
-          f"{case['density']:.1%} of pairs allowed, roofline {case['roofline_ms']:.3f} ms")
-    print(f"  {'row':22s} {'runtime':13s} {'ms':>9s} {'vs naive':>9s} {'vs flex':>8s} {'x roofline':>10s} "
-          f"{'max_abs_err':>11s} {'load s':>7s} {'+peak MB':>8s} {'file MB':>8s}")
+    print(
+        f"\n{case['case']}: {case['mask']}, {case['tokens']} tokens, dim {case['dim']}, {case['heads']} heads, "
+        f"{case['density']:.1%} of pairs allowed, roofline {case['roofline_ms']:.3f} ms"
+    )
+    print(
+        f"  {'row':22s} {'runtime':13s} {'ms':>9s} {'vs naive':>9s} {'vs flex':>8s} {'x roofline':>10s} "
+        f"{'max_abs_err':>11s} {'load s':>7s} {'+peak MB':>8s} {'file MB':>8s}"
+    )
     for r in case["rows"]:
         if "error" in r:
             print(f"  {r['row']:22s} {r['runtime']:13s} FAILED: {r['error'][:120]}")
             continue
         compile_note = f"  (compile {r['compile_s']:.1f} s)" if "compile_s" in r else ""
-        print(f"  {r['row']:22s} {r['runtime']:13s} {r['ms']:9.3f} {fmt(r['vs_naive'], '8.2f', 'x')} "
-              f"{fmt(r['vs_flex'], '7.2f', 'x')} {r['x_roofline']:9.1f}x {r['max_abs_err']:11.2e} "
-              f"{fmt(r.get('load_s'), '7.2f')} {fmt(r.get('peak_rss_mb'), '8.1f')} {fmt(r.get('file_mb'), '8.2f')}"
-              f"{compile_note}")
+        print(
+            f"  {r['row']:22s} {r['runtime']:13s} {r['ms']:9.3f} {fmt(r['vs_naive'], '8.2f', 'x')} "
+            f"{fmt(r['vs_flex'], '7.2f', 'x')} {r['x_roofline']:9.1f}x {r['max_abs_err']:11.2e} "
+            f"{fmt(r.get('load_s'), '7.2f')} {fmt(r.get('peak_rss_mb'), '8.1f')} {fmt(r.get('file_mb'), '8.2f')}"
+            f"{compile_note}"
+        )
 
 
 def summary(case, runtimes):
@@ -365,9 +406,11 @@ def summary(case, runtimes):
         if auto is None or auto.get("ms") is None:
             lines.append(f"{case['case']}: auto on {runtime} failed: {auto.get('error') if auto else 'not run'}")
             continue
-        lines.append(f"{case['case']}: {auto['row']} on {runtime}: {auto['ms']:.2f} ms, "
-                     f"{fmt(auto['vs_naive'], '.1f', 'x')} vs naive {runtime}, {fmt(auto['vs_flex'], '.1f', 'x')} vs flex, "
-                     f"{auto['x_roofline']:.1f}x roofline")
+        lines.append(
+            f"{case['case']}: {auto['row']} on {runtime}: {auto['ms']:.2f} ms, "
+            f"{fmt(auto['vs_naive'], '.1f', 'x')} vs naive {runtime}, {fmt(auto['vs_flex'], '.1f', 'x')} vs flex, "
+            f"{auto['x_roofline']:.1f}x roofline"
+        )
     return "\n".join(lines)
 
 
@@ -377,10 +420,14 @@ def main():
     p.add_argument("--runs", type=int, default=20, help="timed runs per row (median), after 3 warm-ups")
     p.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention (each compile takes ~20 s)")
     p.add_argument("--json", help="also write every number to this file")
-    p.add_argument("--runtimes", nargs="*", default=RUNTIMES,
-                   help="ONNX runtimes (default: %(default)s; none named: the torch rows alone)")
+    p.add_argument(
+        "--runtimes",
+        nargs="*",
+        default=RUNTIMES,
+        help="ONNX runtimes (default: %(default)s; none named: the torch rows alone)",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the torch rows run")
-    p.add_argument("--flex-row", choices=CASES, help=argparse.SUPPRESS)   # the FlexAttention row's own process
+    p.add_argument("--flex-row", choices=CASES, help=argparse.SUPPRESS)  # the FlexAttention row's own process
     args = p.parse_args()
     # Denormals flushed to zero in both processes, as edgeattn.load does while onnxruntime runs: -inf scores make
     # denormals in exp, and a torch user can flush them too (compiled FlexAttention on sliding-block: 11-13 ms
@@ -397,19 +444,41 @@ def main():
         for name in args.cases:
             cases.append(bench_case(name, args, peak, tmp))
             report(cases[-1])
-            if args.json:   # after each case, so a run stopped part-way keeps what it measured
-                Path(args.json).write_text(json.dumps(dict(
-                    date=time.strftime("%Y-%m-%d %H:%M"), command=" ".join(sys.argv), machine=machine(),
-                    peak_gflops=peak, threads=torch.get_num_threads(), runs=args.runs, warmup=WARMUP,
-                    versions=versions(), cases=cases), indent=2))
+            if args.json:  # after each case, so a run stopped part-way keeps what it measured
+                Path(args.json).write_text(
+                    json.dumps(
+                        dict(
+                            date=time.strftime("%Y-%m-%d %H:%M"),
+                            command=" ".join(sys.argv),
+                            machine=machine(),
+                            peak_gflops=peak,
+                            threads=torch.get_num_threads(),
+                            runs=args.runs,
+                            warmup=WARMUP,
+                            versions=versions(),
+                            cases=cases,
+                        ),
+                        indent=2,
+                    )
+                )
     print()
     for case in cases:
         print(summary(case, args.runtimes))
 
 
 def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
     return dict(cpu=cpu, cores=os.cpu_count(), system=platform.platform())
 
 

@@ -7,6 +7,7 @@ Per case and path: file size, max abs error against the original module's output
 that fails says why (its first line); one that runs but disagrees with the original is marked, since a file that
 loads is not a file that is right.  One process, same inputs, same weights.
 """
+
 import argparse
 import re
 import tempfile
@@ -15,15 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_attention import median_ms  # 3 warm-ups, then the median of the timed runs
 from torch import nn
 
 import edgeattn
 from edgeattn.convert import hf_lm
 from edgeattn.models.user import PromptLogits
 
-from bench_attention import median_ms   # 3 warm-ups, then the median of the timed runs
-
-warnings.filterwarnings("ignore")   # uncompiled flex_attention warns on every call
+warnings.filterwarnings("ignore")  # uncompiled flex_attention warns on every call
 RUNTIMES = ("ort-cpu", "openvino-cpu")
 ATOL = 1e-4
 
@@ -49,8 +49,9 @@ def flex_sliding():
         def forward(self, x):
             B, N, C = x.shape
             q, k, v = self.qkv(x).view(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
-            return self.proj(flex_attention(q, k, v, score_mod=alibi, block_mask=self.mask)
-                             .transpose(1, 2).reshape(B, N, C))
+            return self.proj(
+                flex_attention(q, k, v, score_mod=alibi, block_mask=self.mask).transpose(1, 2).reshape(B, N, C)
+            )
 
     return Block(), (torch.randn(1, tokens, dim),)
 
@@ -75,9 +76,17 @@ def hf_mistral():
     """transformers Mistral (sdpa), 4 layers, hidden 256, 8 heads / 2 kv heads, sliding window 128, 1,024 tokens."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    config = MistralConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-                           num_key_value_heads=2, vocab_size=1000, sliding_window=128, use_cache=False,
-                           attn_implementation="sdpa")
+    config = MistralConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        sliding_window=128,
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
     return MistralForCausalLM(config), (torch.randint(0, 1000, (1, 1024)),)
 
 
@@ -125,10 +134,10 @@ def measure(name, runs, folder):
         with torch.no_grad():
             torch.onnx.export(model, inputs, str(plain), dynamo=True, input_names=names)
         out.append((name, "plain torch.onnx", _mb(plain), None, run_file(plain, feeds, want, runs)))
-    except Exception as e:   # what a user gets without edgeattn
+    except Exception as e:  # what a user gets without edgeattn
         out.append((name, "plain torch.onnx", None, f"export fails: {_cause(e)}", {}))
     converted = edgeattn.convert(model, *inputs)
-    if hf_lm.is_causal_lm(model):   # what `edgeattn export` does with an LM: logits through the prefill tables
+    if hf_lm.is_causal_lm(model):  # what `edgeattn export` does with an LM: logits through the prefill tables
         converted = PromptLogits(converted, inputs[0].shape[-1])
     path = Path(folder) / f"{name}-edgeattn.onnx"
     result = edgeattn.export_onnx(converted, list(inputs), path, input_names=names)
@@ -140,8 +149,15 @@ def measure(name, runs, folder):
 def _cause(error: Exception) -> str:
     """The line of an exporter's long error that names what failed."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
-    named = [line for line in lines if re.search(r"flex_attention|Unsupported|not supported|No decomposition|"
-                                                 r"translat|Error:", line)]
+    named = [
+        line
+        for line in lines
+        if re.search(
+            r"flex_attention|Unsupported|not supported|No decomposition|"
+            r"translat|Error:",
+            line,
+        )
+    ]
     return (named or lines or [type(error).__name__])[-1][:110]
 
 

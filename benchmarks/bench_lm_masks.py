@@ -12,6 +12,7 @@ each document, nothing across; documents of seeded random lengths); sliding wind
 ``auto`` chose and the share of the dense scores it computes, then per runtime the median ms of the dense
 lowering and of ``auto``, their ratio, and the files' sizes.
 """
+
 import argparse
 import contextlib
 import io
@@ -23,14 +24,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_attention import RUNTIMES, WARMUP, interleaved_ms, load_checked
 
 from edgeattn import tables
 from edgeattn.export import export_onnx
 from edgeattn.layers import MaskedSelfAttention, split_qkv
 from edgeattn.masks import causal, custom, or_masks, sliding_window
 from edgeattn.masks.base import evaluate, index_grid
-
-from bench_attention import RUNTIMES, WARMUP, interleaved_ms, load_checked
 
 
 def prefix_lm(n):
@@ -49,8 +49,12 @@ def document(n, seed=0):
     return custom(lambda b, h, q, kv: (doc[q] == doc[kv]) & (kv <= q), name=f"document_{len(lengths)}docs")
 
 
-MASKS = {"causal": lambda n: causal(), "prefix-lm": prefix_lm, "document": document,
-         "sliding": lambda n: sliding_window(256)}
+MASKS = {
+    "causal": lambda n: causal(),
+    "prefix-lm": prefix_lm,
+    "document": document,
+    "sliding": lambda n: sliding_window(256),
+}
 
 
 def describe(table):
@@ -66,10 +70,12 @@ def bench(mask_name, n, runs, tmp, lowerings=("dense", "auto")):
     x = torch.randn(1, n, 64)
     ref, density = eager(layer, mask, x)
     table = layer.table.table
-    row = dict(mask=mask_name, tokens=n, density=density, auto=describe(table),
-               auto_work=getattr(table, "work_fraction", 1.0))
-    measure_lowerings(layer, x, ref, {lowering: Path(tmp) / f"{mask_name}-{n}-{lowering}.onnx"
-                                      for lowering in lowerings}, runs, row)
+    row = dict(
+        mask=mask_name, tokens=n, density=density, auto=describe(table), auto_work=getattr(table, "work_fraction", 1.0)
+    )
+    measure_lowerings(
+        layer, x, ref, {lowering: Path(tmp) / f"{mask_name}-{n}-{lowering}.onnx" for lowering in lowerings}, runs, row
+    )
     for runtime in RUNTIMES:
         d, a = row.get(f"dense_{runtime}_ms"), row.get(f"auto_{runtime}_ms")
         row[f"{runtime}_speedup"] = d / a if d and a else None
@@ -79,7 +85,7 @@ def bench(mask_name, n, runs, tmp, lowerings=("dense", "auto")):
 def eager(layer, mask, x, chunk=2048):
     """Eager PyTorch with the boolean mask, what every row is checked against, and the mask's density.  It runs
     ``chunk`` query rows at a time: the whole N x N mask and scores would not fit in memory at 64k tokens."""
-    n, shape = x.shape[1], layer.table.shape   # a sequence or a grid
+    n, shape = x.shape[1], layer.table.shape  # a sequence or a grid
     mask_mod, _ = mask.mods(shape)
     outs, allowed = [], 0
     with torch.no_grad():
@@ -87,7 +93,7 @@ def eager(layer, mask, x, chunk=2048):
         for start in range(0, n, chunk):
             rows = evaluate(mask_mod, index_grid(shape, 1, slice(start, start + chunk)), 1, name=mask.name)
             allowed += int(rows.sum())
-            outs.append(F.scaled_dot_product_attention(q[:, :, start:start + chunk], k, v, attn_mask=rows))
+            outs.append(F.scaled_dot_product_attention(q[:, :, start : start + chunk], k, v, attn_mask=rows))
         out = torch.cat(outs, dim=2).transpose(1, 2).reshape(1, n, -1)
         return layer.proj(out), allowed / n**2
 
@@ -108,10 +114,10 @@ def measure_lowerings(model, x, ref, paths, runs, row, keep=False):
             export_onnx(model, (x,), path, lowering=lowering)
         row[f"{lowering}_file_mb"] = path.stat().st_size / 1e6
     for runtime in RUNTIMES:
-        timed = {}   # lowering -> run function
+        timed = {}  # lowering -> run function
         for lowering, path in paths.items():
             part = dict(runtime=runtime)
-            run = load_checked(part, path, x, ref)   # a failure is the row's (part["error"]), not fatal
+            run = load_checked(part, path, x, ref)  # a failure is the row's (part["error"]), not fatal
             for name, key in (("load_s", "load_s"), ("max_abs_err", "err"), ("error", "error")):
                 if name in part:
                     row[f"{lowering}_{runtime}_{key}"] = part[name]
@@ -119,7 +125,7 @@ def measure_lowerings(model, x, ref, paths, runs, row, keep=False):
                 timed[lowering] = run
         for lowering, ms in zip(timed, interleaved_ms(list(timed.values()), runs)):
             row[f"{lowering}_{runtime}_ms"] = ms
-        timed = None   # free the sessions before the next runtime loads
+        timed = None  # free the sessions before the next runtime loads
     if not keep:
         for path in paths.values():
             path.unlink()
@@ -150,21 +156,33 @@ def main():
     p.add_argument("--json")
     p.add_argument("--no-dense", action="store_true", help="auto only (the dense lowering needs N^2 memory)")
     args = p.parse_args()
-    print(f"torch threads {torch.get_num_threads()}; median of {args.runs} runs after {WARMUP} warm-ups, "
-          "the lowerings timed in turns")
-    print(f"{'mask':10s} {'tokens':>6s} {'density':>7s} {'auto table':>20s} {'work':>6s} | "
-          + " | ".join(f"{r}: dense ms, auto ms, x" for r in RUNTIMES) + " | file MB dense/auto | max err")
+    print(
+        f"torch threads {torch.get_num_threads()}; median of {args.runs} runs after {WARMUP} warm-ups, "
+        "the lowerings timed in turns"
+    )
+    print(
+        f"{'mask':10s} {'tokens':>6s} {'density':>7s} {'auto table':>20s} {'work':>6s} | "
+        + " | ".join(f"{r}: dense ms, auto ms, x" for r in RUNTIMES)
+        + " | file MB dense/auto | max err"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for mask_name in args.masks:
             for n in args.lengths:
                 r = bench(mask_name, n, args.runs, tmp, ("auto",) if args.no_dense else ("dense", "auto"))
                 rows.append(r)
-                cells = [f"{fmt(r.get(f'dense_{rt}_ms'), '8.2f')} {fmt(r.get(f'auto_{rt}_ms'), '8.2f')} "
-                         f"{fmt(r.get(f'{rt}_speedup'), '5.2f')}x" for rt in RUNTIMES]
-                print(f"{mask_name:10s} {n:6d} {r['density']:7.1%} {r['auto']:>20s} {r['auto_work']:6.1%} | "
-                      + " | ".join(cells) + f" | {fmt(r.get('dense_file_mb'), '.1f')}/{r['auto_file_mb']:.1f} | "
-                      + errors(r), flush=True)
+                cells = [
+                    f"{fmt(r.get(f'dense_{rt}_ms'), '8.2f')} {fmt(r.get(f'auto_{rt}_ms'), '8.2f')} "
+                    f"{fmt(r.get(f'{rt}_speedup'), '5.2f')}x"
+                    for rt in RUNTIMES
+                ]
+                print(
+                    f"{mask_name:10s} {n:6d} {r['density']:7.1%} {r['auto']:>20s} {r['auto_work']:6.1%} | "
+                    + " | ".join(cells)
+                    + f" | {fmt(r.get('dense_file_mb'), '.1f')}/{r['auto_file_mb']:.1f} | "
+                    + errors(r),
+                    flush=True,
+                )
                 write_json(args.json, rows)
 
 

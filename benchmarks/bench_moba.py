@@ -11,16 +11,16 @@ throughput on the work the chosen blocks need (4 * heads * head_dim * N * top_k 
 for every chosen block and the own block, fully).  Eager is edgeattn's PyTorch reference (dense over chunks of
 1,024 queries with the routed mask), the module's own forward.
 """
+
 import argparse
 import tempfile
 from pathlib import Path
 
 import torch
-
-from edgeattn.models.moba import MobaBlock
-
 from bench_attention import median_ms
 from bench_lm_masks import RUNTIMES, errors, fmt, measure_lowering, write_json
+
+from edgeattn.models.moba import MobaBlock
 
 BLOCK, TOP_K, DIM, HEADS = 128, 4, 64, 2
 
@@ -46,10 +46,15 @@ def main():
     p.add_argument("--dense-max", type=int, default=16384, help="longest length with the dense lowering (N^2 memory)")
     p.add_argument("--json")
     args = p.parse_args()
-    print(f"torch threads {torch.get_num_threads()}; median of {args.runs} runs ({args.eager_runs} for eager); "
-          f"blocks of {BLOCK}, top-{TOP_K} with the own block, {HEADS} heads x {DIM // HEADS}")
-    print(f"{'tokens':>6s} {'eager ms':>9s} | " + " | ".join(f"{r}: dense ms, routed ms, x dense, x eager, GFLOP/s"
-                                                            for r in RUNTIMES) + " | file MB | max err")
+    print(
+        f"torch threads {torch.get_num_threads()}; median of {args.runs} runs ({args.eager_runs} for eager); "
+        f"blocks of {BLOCK}, top-{TOP_K} with the own block, {HEADS} heads x {DIM // HEADS}"
+    )
+    print(
+        f"{'tokens':>6s} {'eager ms':>9s} | "
+        + " | ".join(f"{r}: dense ms, routed ms, x dense, x eager, GFLOP/s" for r in RUNTIMES)
+        + " | file MB | max err"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.lengths:
@@ -61,10 +66,14 @@ def main():
                 r[f"{rt}_x_dense"] = d / a if d and a else None
                 r[f"{rt}_x_eager"] = r["eager_ms"] / a if a else None
                 r[f"{rt}_gflops"] = r["chosen_gflop"] / a * 1e3 if a else None
-                cells.append(f"{fmt(d, '8.1f')} {fmt(a, '7.1f')} {fmt(r[f'{rt}_x_dense'], '5.1f')}x "
-                             f"{fmt(r[f'{rt}_x_eager'], '5.1f')}x {fmt(r[f'{rt}_gflops'], '5.1f')}")
-            print(f"{n:6d} {r['eager_ms']:9.1f} | " + " | ".join(cells) + f" | {r['auto_file_mb']:.2f} | " + errors(r),
-                  flush=True)
+                cells.append(
+                    f"{fmt(d, '8.1f')} {fmt(a, '7.1f')} {fmt(r[f'{rt}_x_dense'], '5.1f')}x "
+                    f"{fmt(r[f'{rt}_x_eager'], '5.1f')}x {fmt(r[f'{rt}_gflops'], '5.1f')}"
+                )
+            print(
+                f"{n:6d} {r['eager_ms']:9.1f} | " + " | ".join(cells) + f" | {r['auto_file_mb']:.2f} | " + errors(r),
+                flush=True,
+            )
             write_json(args.json, rows)
 
 

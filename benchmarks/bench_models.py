@@ -6,6 +6,7 @@ median latency and error against PyTorch eager, from `edgeattn bench MODEL --low
 
 `bench_attention.py` compares lowerings on single attention blocks.
 """
+
 import argparse
 import json
 from dataclasses import asdict
@@ -18,8 +19,18 @@ SHORT = {"ort-cpu": "ort", "openvino-cpu": "ov", "ort-cuda": "cuda"}
 
 def columns(runtimes: list[str]) -> tuple[str, ...]:
     short = [SHORT.get(r, r) for r in runtimes]
-    return ("model", "lowering", "export_s", "file_MB", "tables_MB", "torch_ms", *[f"{s}_ms" for s in short],
-            *[f"{s}_x" for s in short], "max_abs_err", "ok")
+    return (
+        "model",
+        "lowering",
+        "export_s",
+        "file_MB",
+        "tables_MB",
+        "torch_ms",
+        *[f"{s}_ms" for s in short],
+        *[f"{s}_x" for s in short],
+        "max_abs_err",
+        "ok",
+    )
 
 
 def measure(model: str, runs: int, precision: str, runtimes: list[str]) -> tuple[dict, list]:
@@ -28,9 +39,16 @@ def measure(model: str, runs: int, precision: str, runtimes: list[str]) -> tuple
     by = {r.runtime: r for r in rows}
     torch_ms, first = by["torch"].p50_ms, by[runtimes[0]]
     errors = [by[r].max_abs_err for r in runtimes if by[r].max_abs_err is not None]
-    row = {"model": model, "lowering": first.lowering, "export_s": first.export_s, "file_MB": first.file_mb,
-           "tables_MB": first.tables_mb, "torch_ms": torch_ms, "max_abs_err": max(errors, default=None),
-           "ok": all(by[r].status == "ok" for r in runtimes)}
+    row = {
+        "model": model,
+        "lowering": first.lowering,
+        "export_s": first.export_s,
+        "file_MB": first.file_mb,
+        "tables_MB": first.tables_mb,
+        "torch_ms": torch_ms,
+        "max_abs_err": max(errors, default=None),
+        "ok": all(by[r].status == "ok" for r in runtimes),
+    }
     for r in runtimes:
         ms = by[r].p50_ms
         row[f"{SHORT.get(r, r)}_ms"], row[f"{SHORT.get(r, r)}_x"] = ms, torch_ms / ms if ms else None
@@ -60,7 +78,7 @@ def main():
         row, raw[model] = measure(model, args.runs, args.precision, args.runtimes)
         summary.append(row)
         print(" ".join(cell(row[c]) for c in cols), flush=True)
-        if args.json:   # after each model, so a run stopped part-way keeps what it measured
+        if args.json:  # after each model, so a run stopped part-way keeps what it measured
             Path(args.json).write_text(json.dumps({m: [asdict(r) for r in rows] for m, rows in raw.items()}, indent=2))
     table = [cols] + [tuple(cell(r[c]) for c in cols) for r in summary]
     if args.markdown:

@@ -21,6 +21,7 @@ so that the machine's drift hits all alike; "x" = the peer's time / edgeattn's o
 faster; a torch row is compared with edgeattn's faster runtime); load s, file MB (with external data), and max abs
 error against eager.
 """
+
 import argparse
 import importlib.util
 import json
@@ -32,29 +33,30 @@ import warnings
 from pathlib import Path
 
 import torch
+from bench_attention import RUNTIMES, json_of_process, load_onnx, median_ms, peak_memory, time_in_turns
+from bench_lm_masks import fmt
 from torch import nn
 
 from edgeattn import models
 from edgeattn.errors import first_line
 from edgeattn.registered import export_registered
 
-from bench_attention import RUNTIMES, json_of_process, load_onnx, median_ms, peak_memory, time_in_turns
-from bench_lm_masks import fmt
-
 warnings.filterwarnings("ignore")
 
 
 # --- the reference code -------------------------------------------------------------------------------------------
 
+
 def supply_timm():
     """The five timm names (and fvcore's two) the reference files import, where those packages do not import."""
     try:
         import timm.models.layers  # noqa: F401
+
         return
     except Exception:
         pass
 
-    class DropPath(nn.Identity):   # stochastic depth: the identity at inference
+    class DropPath(nn.Identity):  # stochastic depth: the identity at inference
         def __init__(self, *args, **kwargs):
             super().__init__()
 
@@ -65,8 +67,12 @@ def supply_timm():
 
     module("timm")
     module("timm.models")
-    module("timm.models.layers", DropPath=DropPath, trunc_normal_=nn.init.trunc_normal_,
-           to_2tuple=lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x))
+    module(
+        "timm.models.layers",
+        DropPath=DropPath,
+        trunc_normal_=nn.init.trunc_normal_,
+        to_2tuple=lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x),
+    )
     module("timm.models.registry", register_model=lambda fn: fn)
     module("timm.models.vision_transformer", VisionTransformer=None, _cfg=lambda **kw: kw)
     module("fvcore")
@@ -75,6 +81,7 @@ def supply_timm():
 
 def reference(refs, repo, file, build):
     """A builder for the reference model defined in ``refs/repo/file``: ``build(module)`` makes it."""
+
     def make():
         path = Path(refs or "") / repo / file
         if not refs or not path.is_file():
@@ -84,16 +91,22 @@ def reference(refs, repo, file, build):
         code = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(code)
         return build(code)
+
     return make
 
 
 def hf_swin_state(state):
     """The microsoft Swin state dict (the zoo's swin-t keys) under transformers 5's SwinForImageClassification
     keys (the fused qkv split into q/k/v projections); the derived buffers are left out, transformers builds its own."""
-    renames = (("patch_embed.proj", "embeddings.patch_embeddings.projection"), ("patch_embed.norm", "embeddings.norm"),
-               ("layers.", "encoder.layers."), ("norm1", "layernorm_before"), ("norm2", "layernorm_after"),
-               ("attn.relative_position_bias_table", "attention.relative_position_bias.relative_position_bias_table"),
-               ("attn.proj", "attention.o_proj"))
+    renames = (
+        ("patch_embed.proj", "embeddings.patch_embeddings.projection"),
+        ("patch_embed.norm", "embeddings.norm"),
+        ("layers.", "encoder.layers."),
+        ("norm1", "layernorm_before"),
+        ("norm2", "layernorm_after"),
+        ("attn.relative_position_bias_table", "attention.relative_position_bias.relative_position_bias_table"),
+        ("attn.proj", "attention.o_proj"),
+    )
     out = {}
     for key, value in state.items():
         if key.endswith(("relative_position_index", "attn_mask")):
@@ -113,8 +126,12 @@ def hf_swin_state(state):
 
 def hf_swin(zoo):
     from transformers import SwinConfig, SwinForImageClassification
-    model = SwinForImageClassification(SwinConfig(image_size=224, embed_dim=96, depths=[2, 2, 6, 2],
-                                                  num_heads=[3, 6, 12, 24], window_size=7, num_labels=1000))
+
+    model = SwinForImageClassification(
+        SwinConfig(
+            image_size=224, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, num_labels=1000
+        )
+    )
     model.load_state_dict(hf_swin_state(zoo.state_dict()), strict=True)
     return Logits(model)
 
@@ -132,24 +149,41 @@ class Logits(nn.Module):
 
 def strict(build):
     """The reference model with the zoo model's weights, loaded strictly (every key, every shape)."""
+
     def make(zoo):
         model = build()
         model.load_state_dict(zoo.state_dict(), strict=True)
         return model
+
     return make
 
 
 def peers(refs):
     """zoo model -> [(peer name, builder(zoo module) -> module to export)]."""
     return {
-        "swin-t": [("microsoft Swin, torch.onnx",
-                    strict(reference(refs, "Swin-Transformer", "models/swin_transformer.py",
-                                     lambda code: code.SwinTransformer()))),
-                   ("transformers Swin, torch.onnx", hf_swin)],
-        "rmt-t": [("qhfan RMT-T, torch.onnx", strict(reference(refs, "RMT", "classfication_release/RMT.py",
-                                                               lambda code: code.RMT_T3(None))))],
-        "ppma-t": [("PPMA-T, torch.onnx", strict(reference(refs, "PPMA", "classification/models/PPMA.py",
-                                                           lambda code: code.PPMAViT_T(None))))],
+        "swin-t": [
+            (
+                "microsoft Swin, torch.onnx",
+                strict(
+                    reference(
+                        refs, "Swin-Transformer", "models/swin_transformer.py", lambda code: code.SwinTransformer()
+                    )
+                ),
+            ),
+            ("transformers Swin, torch.onnx", hf_swin),
+        ],
+        "rmt-t": [
+            (
+                "qhfan RMT-T, torch.onnx",
+                strict(reference(refs, "RMT", "classfication_release/RMT.py", lambda code: code.RMT_T3(None))),
+            )
+        ],
+        "ppma-t": [
+            (
+                "PPMA-T, torch.onnx",
+                strict(reference(refs, "PPMA", "classification/models/PPMA.py", lambda code: code.PPMAViT_T(None))),
+            )
+        ],
         "nat-tiny": [("natten 0.21 flex", None)],
         "nat-mini": [("natten 0.21 flex", None)],
     }
@@ -157,12 +191,14 @@ def peers(refs):
 
 # --- NAT on natten ------------------------------------------------------------------------------------------------
 
+
 class OnNatten(nn.Module):
     """One zoo NAT attention layer (B, N, C) computed by natten's NeighborhoodAttention2D with its weights."""
 
     def __init__(self, attn, side, kernel, dilation):
         super().__init__()
         from natten import NeighborhoodAttention2D
+
         if attn.relative_bias() is not None:
             raise ValueError("natten 0.21 has no relative position bias (removed in 0.20): no peer for NAT with rpb")
         dim = attn.qkv.in_features
@@ -192,6 +228,7 @@ def natten_rows(name, runs):
     """The zoo NAT on natten's flex backend, compiled with torch.compile and eager (run in a process of its own).
     Eager flex attention on CPU is slow, so it runs at most 3 timed runs."""
     import natten
+
     natten.allow_flex_compile(True)
     built = models.build(name, seed=0)
     x = built.inputs["image"]
@@ -199,7 +236,7 @@ def natten_rows(name, runs):
         ref = built.module.eval()(x)
     try:
         model = nat_on_natten(built).eval()
-    except ValueError as e:   # a NAT with relative position bias
+    except ValueError as e:  # a NAT with relative position bias
         return [dict(model=name, row="natten 0.21 flex", runtime="torch", error=str(e))]
     rows = []
     for how, fn, n in (("torch.compile", torch.compile(model), runs), ("eager", model, min(runs, 3))):
@@ -207,7 +244,7 @@ def natten_rows(name, runs):
         try:
             with peak_memory(row), torch.inference_mode():
                 start = time.perf_counter()
-                out = fn(x)   # a compiled model compiles on its first call
+                out = fn(x)  # a compiled model compiles on its first call
                 row["load_s"] = time.perf_counter() - start
                 row["max_abs_err"] = float((out - ref).abs().max())
                 row["ms"] = median_ms(lambda: fn(x), n)
@@ -218,12 +255,15 @@ def natten_rows(name, runs):
 
 
 def natten_in_subprocess(name, runs):
-    rows = json_of_process([sys.executable, __file__, "--natten-rows", name, "--runs", str(runs)],
-                           dict(model=name, row="natten 0.21 flex", runtime="torch"))
-    return rows if isinstance(rows, list) else [rows]   # a failed process gives one row
+    rows = json_of_process(
+        [sys.executable, __file__, "--natten-rows", name, "--runs", str(runs)],
+        dict(model=name, row="natten 0.21 flex", runtime="torch"),
+    )
+    return rows if isinstance(rows, list) else [rows]  # a failed process gives one row
 
 
 # --- the rows -----------------------------------------------------------------------------------------------------
+
 
 def plain_export(module, x, path):
     """What a user without edgeattn runs: torch.onnx.export with its defaults (the dynamo exporter in torch 2.13),
@@ -249,7 +289,7 @@ def bench_model(name, refs, runs, tmp):
     zoo, x = built.module.eval(), built.inputs["image"]
     with torch.inference_mode():
         ref = zoo(x)
-    rows, timed = [], []   # timed: (row, run function)
+    rows, timed = [], []  # timed: (row, run function)
     path = Path(tmp) / f"{name}.onnx"
     start = time.perf_counter()
     export_registered(name, path, lowering="auto")
@@ -270,9 +310,9 @@ def bench_model(name, refs, runs, tmp):
     for label, path, extra in files:
         for runtime in RUNTIMES:
             load_onnx(rows, timed, label, runtime, path, x, ref, model=name, file_mb=file_mb(path), **extra)
-    time_in_turns(timed, runs)   # in turns within a runtime: onnxruntime's spinning threads slow OpenVINO after them
+    time_in_turns(timed, runs)  # in turns within a runtime: onnxruntime's spinning threads slow OpenVINO after them
     ours = {r["runtime"]: r["ms"] for r in rows if r["row"] == "edgeattn auto" and r.get("ms")}
-    for r in rows:   # a torch row is compared with edgeattn's faster runtime
+    for r in rows:  # a torch row is compared with edgeattn's faster runtime
         mine = ours.get(r["runtime"], min(ours.values(), default=None) if r["runtime"] == "torch" else None)
         if r.get("ms") and mine and r["row"] != "edgeattn auto":
             r["x"] = r["ms"] / mine
@@ -285,9 +325,11 @@ def table(rows):
         if "error" in r:
             lines.append(f"| {r['model']} | {r['row']} | {r['runtime']} | {r['error']} | | | | |")
             continue
-        lines.append(f"| {r['model']} | {r['row']} | {r['runtime']} | {fmt(r.get('ms'), '.2f')} | "
-                     f"{fmt(r.get('x'), '.2f')} | {fmt(r.get('load_s'), '.2f')} | {fmt(r.get('file_mb'), '.1f')} | "
-                     f"{fmt(r.get('max_abs_err'), '.1e')} |")
+        lines.append(
+            f"| {r['model']} | {r['row']} | {r['runtime']} | {fmt(r.get('ms'), '.2f')} | "
+            f"{fmt(r.get('x'), '.2f')} | {fmt(r.get('load_s'), '.2f')} | {fmt(r.get('file_mb'), '.1f')} | "
+            f"{fmt(r.get('max_abs_err'), '.1e')} |"
+        )
     return "\n".join(lines)
 
 
@@ -297,7 +339,7 @@ def main():
     p.add_argument("--models", nargs="+", default=list(peers(None)), choices=list(peers(None)))
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--json", help="write every row to this file, after each model")
-    p.add_argument("--natten-rows", help=argparse.SUPPRESS)   # the natten rows' own process
+    p.add_argument("--natten-rows", help=argparse.SUPPRESS)  # the natten rows' own process
     args = p.parse_args()
     if args.natten_rows:
         print(json.dumps(natten_rows(args.natten_rows, args.runs)))

@@ -9,6 +9,7 @@ PyTorch with the boolean mask (computed a chunk of query rows at a time).  Colum
 the microseconds per token.  ``--profile`` adds onnxruntime's time per op type, in microseconds per token, to show
 which op's cost grows.
 """
+
 import argparse
 import collections
 import json
@@ -18,15 +19,16 @@ from pathlib import Path
 
 import onnxruntime as ort
 import torch
+from bench_lm_masks import RUNTIMES, eager, errors, fmt, measure_lowering, write_json
 
 from edgeattn.layers import MaskedSelfAttention
 from edgeattn.masks import neighborhood, sliding_window
 from edgeattn.runtimes.ort import flushed_denormals
 
-from bench_lm_masks import RUNTIMES, eager, errors, fmt, measure_lowering, write_json
-
-CASES = {"na2d": lambda n: (neighborhood(7), dict(grid=(math.isqrt(n), math.isqrt(n)))),
-         "sliding": lambda n: (sliding_window(256), dict(seq_len=n))}
+CASES = {
+    "na2d": lambda n: (neighborhood(7), dict(grid=(math.isqrt(n), math.isqrt(n)))),
+    "sliding": lambda n: (sliding_window(256), dict(seq_len=n)),
+}
 
 
 def profile(path, x, runs, tmp):
@@ -77,21 +79,32 @@ def main():
     p.add_argument("--profile", action="store_true", help="onnxruntime's time per op type, per token")
     p.add_argument("--json")
     args = p.parse_args()
-    print(f"{'case':8s} {'tokens':>6s} {'density':>7s} | "
-          + " | ".join(f"{r}: ms, us/token" for r in RUNTIMES) + " | file MB | max err")
+    print(
+        f"{'case':8s} {'tokens':>6s} {'density':>7s} | "
+        + " | ".join(f"{r}: ms, us/token" for r in RUNTIMES)
+        + " | file MB | max err"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
             for n in args.tokens:
                 r = bench(case, n, args.runs, tmp, args.profile)
                 rows.append(r)
-                cells = [f"{fmt(r.get(f'auto_{rt}_ms'), '8.2f')} {fmt(r[f'{rt}_us_per_token'], '6.3f')}"
-                         for rt in RUNTIMES]
-                print(f"{case:8s} {n:6d} {r['density']:7.2%} | " + " | ".join(cells)
-                      + f" | {r['auto_file_mb']:.1f} | {errors(r)}", flush=True)
+                cells = [
+                    f"{fmt(r.get(f'auto_{rt}_ms'), '8.2f')} {fmt(r[f'{rt}_us_per_token'], '6.3f')}" for rt in RUNTIMES
+                ]
+                print(
+                    f"{case:8s} {n:6d} {r['density']:7.2%} | "
+                    + " | ".join(cells)
+                    + f" | {r['auto_file_mb']:.1f} | {errors(r)}",
+                    flush=True,
+                )
                 if args.profile:
-                    print("    ort us/token: " + ", ".join(f"{op} {us:.3f}" for op, us in
-                                                      list(r["ort_us_per_token_by_op"].items())[:8]), flush=True)
+                    print(
+                        "    ort us/token: "
+                        + ", ".join(f"{op} {us:.3f}" for op, us in list(r["ort_us_per_token_by_op"].items())[:8]),
+                        flush=True,
+                    )
                 write_json(args.json, rows)
 
 

@@ -2,6 +2,7 @@
 
 The first two are what `edgeattn masks show` draws, the third what `edgeattn inspect FILE --plot DIR` draws for a
 block table (built here directly instead of read from an exported file)."""
+
 from pathlib import Path
 
 from edgeattn import masks, plot_mask, plots, tables

@@ -4,6 +4,7 @@ The package reads bottom-up in floors (see ``tests/test_floors.py``): base (erro
 core (masks, tables, the torch op, layers, routing, decisions) -> converters -> file format -> runtimes -> export ->
 registered models -> the tools users call (parity, bench, inspection, plots, serve, the CLI).  This module, the
 front door, sits on top and imports from all of them."""
+
 from . import masks, parity, tables
 from .attention import masked_attention
 from .convert import convert
@@ -15,6 +16,26 @@ from .plots import plot_mask
 from .runtimes import load, runtime_names
 from .version import __version__
 
-__all__ = ["__version__", "masks", "parity", "tables", "masked_attention", "EdgeAttnError", "MaskedSelfAttention",
-           "and_masks", "or_masks", "materialize", "convert", "export_lm", "export_onnx", "load", "runtime_names",
-           "plot_mask", "InvalidArgument", "BadFile", "RuntimeUnavailable", "ExportFailed", "NoSuchLowering"]
+__all__ = [
+    "__version__",
+    "masks",
+    "parity",
+    "tables",
+    "masked_attention",
+    "EdgeAttnError",
+    "MaskedSelfAttention",
+    "and_masks",
+    "or_masks",
+    "materialize",
+    "convert",
+    "export_lm",
+    "export_onnx",
+    "load",
+    "runtime_names",
+    "plot_mask",
+    "InvalidArgument",
+    "BadFile",
+    "RuntimeUnavailable",
+    "ExportFailed",
+    "NoSuchLowering",
+]

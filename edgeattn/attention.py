@@ -10,6 +10,7 @@ capped before the bias and the mask) and ``s`` otherwise; a query whose row of t
 (what torch's SDPA does), never NaN.  The table is dense (a (heads, Nq, Nkv) mask) or blocked
 (tiles of queries with gathered keys); both layouts compute the same numbers.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,9 +28,16 @@ ONNX_DTYPES = {torch.float32: 1, torch.float16: 10, torch.float64: 11, torch.bfl
 
 
 @torch.library.custom_op("edgeattn::masked_attention", mutates_args=())
-def _masked_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: list[torch.Tensor],
-                         bias: Optional[torch.Tensor], layout: str, scale: float,
-                         softcap: Optional[float] = None) -> torch.Tensor:
+def _masked_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tables: list[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    layout: str,
+    scale: float,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
     return _KERNELS[layout](q, k, v, *tables, bias, scale=scale, softcap=softcap)
 
 
@@ -61,17 +69,26 @@ def _backward(ctx, grad):
         grads = torch.autograd.grad(out, wrt, grad)
     bias_grad = grads[3] if bias is not None else None
     # one entry per input the op was called with: the dispatcher drops a trailing softcap=None (its default)
-    return (grads[0], grads[1], grads[2], [None] * len(tables), bias_grad, None, None, None)[:len(ctx.needs_input_grad)]
+    return (grads[0], grads[1], grads[2], [None] * len(tables), bias_grad, None, None, None)[
+        : len(ctx.needs_input_grad)
+    ]
 
 
 _masked_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                        bias: Optional[torch.Tensor], scale: float, softcap: Optional[float] = None) -> torch.Tensor:
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    scale: float,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
     """q (B, H, Nq, D), k/v (B, H, Nkv, D), mask bool and bias float (or None) broadcasting to (B, H, Nq, Nkv);
     extra axes before Nq (a block table's tiles) pass through."""
-    if softcap is not None:   # SDPA cannot cap its scores: the same steps written out
+    if softcap is not None:  # SDPA cannot cap its scores: the same steps written out
         return _capped_attention(q, k, v, mask, bias, scale, softcap)
     attn_mask = mask if bias is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
@@ -93,14 +110,31 @@ def _capped_attention(q, k, v, mask, bias, scale: float, softcap: float):
     return torch.matmul(probs, v)
 
 
-def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: torch.Tensor,
-                      kv_index: torch.Tensor, q_pos: torch.Tensor, bank: torch.Tensor, block: torch.Tensor,
-                      bank_bias: Optional[torch.Tensor], scale: float, softcap: Optional[float] = None) -> torch.Tensor:
+def blocked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_index: torch.Tensor,
+    kv_index: torch.Tensor,
+    q_pos: torch.Tensor,
+    bank: torch.Tensor,
+    block: torch.Tensor,
+    bank_bias: Optional[torch.Tensor],
+    scale: float,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
     """The same attention on a BlockTable: per tile, only its gathered keys are scored (the reference kernel on
     (B, H, T, tq, K) blocks), then the queries are put back in order."""
     bias = None if bank_bias is None else bank_bias[block].transpose(0, 1)
-    out = reference_attention(_gather(q, q_index), _gather(k, kv_index), _gather(v, kv_index),
-                              bank[block].transpose(0, 1), bias, scale, softcap)      # (B, H, T, tq, Dv)
+    out = reference_attention(
+        _gather(q, q_index),
+        _gather(k, kv_index),
+        _gather(v, kv_index),
+        bank[block].transpose(0, 1),
+        bias,
+        scale,
+        softcap,
+    )  # (B, H, T, tq, Dv)
     return out.flatten(2, 3).index_select(2, q_pos)
 
 
@@ -110,9 +144,17 @@ def _gather(x, index):
     return x.contiguous().index_select(2, index.flatten()).unflatten(2, index.shape)
 
 
-def routed_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor,
-                            local: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
-                            softcap: Optional[float] = None, chunk: int = 1024) -> torch.Tensor:
+def routed_attention_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    blocks: torch.Tensor,
+    local: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    scale: float,
+    softcap: Optional[float] = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
     """The reference of the routed layout (see :mod:`edgeattn.onnxfile.routed`): query i of block i // Bk attends
     the keys of its block that ``local[i % Bk]`` allows and every key of the blocks ``blocks[..., i, :]`` lists
     (-1: none).  Dense over ``chunk`` queries at a time, so memory stays O(chunk * N)."""
@@ -124,33 +166,47 @@ def routed_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     outs = []
     for start in range(0, q.shape[2], chunk):
         rows = torch.arange(start, min(start + chunk, q.shape[2]), device=q.device)
-        chosen = blocks[:, :, rows]                                       # (B, H, c, S)
+        chosen = blocks[:, :, rows]  # (B, H, c, S)
         hit = torch.zeros((*chosen.shape[:-1], nb + 1), dtype=torch.bool, device=q.device)
-        hit.scatter_(-1, torch.where(chosen >= 0, chosen, nb), True)      # -1 -> the spare column nb
-        mask = hit[..., :nb].index_select(-1, key_block)                  # (B, H, c, N)
+        hit.scatter_(-1, torch.where(chosen >= 0, chosen, nb), True)  # -1 -> the spare column nb
+        mask = hit[..., :nb].index_select(-1, key_block)  # (B, H, c, N)
         own = (key_block == (rows // bk)[:, None]) & local[rows % bk][:, torch.arange(n, device=q.device) % bk]
         outs.append(reference_attention(q[:, :, rows], k, v, mask | own, None, scale))
     return torch.cat(outs, 2)
 
 
-_KERNELS: dict[str, Callable[..., torch.Tensor]] = {"dense": reference_attention, "blocked": blocked_attention,
-                                                    "routed": routed_attention_kernel}
+_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
+    "dense": reference_attention,
+    "blocked": blocked_attention,
+    "routed": routed_attention_kernel,
+}
 
 
-def masked_attention(q, k, v, mask, bias=None, scale: Optional[float] = None, mask_name: str = "",
-                     softcap: Optional[float] = None) -> torch.Tensor:
+def masked_attention(
+    q, k, v, mask, bias=None, scale: Optional[float] = None, mask_name: str = "", softcap: Optional[float] = None
+) -> torch.Tensor:
     """Masked attention over a dense boolean table (True = may attend); see the module docstring.
 
     ``mask`` and ``bias`` broadcast to (B, H, Nq, Nkv): a static (heads or 1, Nq, Nkv) table, or tensors computed
     in the model from its inputs (data-dependent masks and decays), which export keeps as graph computations."""
     if mask.dtype != torch.bool:
-        raise InvalidArgument(f"mask must be a bool tensor (True where a query may attend a key), got {mask.dtype}; "
-                              f"pass additive float biases as bias=")
+        raise InvalidArgument(
+            f"mask must be a bool tensor (True where a query may attend a key), got {mask.dtype}; "
+            f"pass additive float biases as bias="
+        )
     return attend(q, k, v, "dense", [mask, bias], scale, mask_name, softcap)
 
 
-def attend(q, k, v, layout: str, tables: list, scale: Optional[float] = None, mask_name: str = "",
-           softcap: Optional[float] = None) -> torch.Tensor:
+def attend(
+    q,
+    k,
+    v,
+    layout: str,
+    tables: list,
+    scale: Optional[float] = None,
+    mask_name: str = "",
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
     """Attention over the tensors of a table of ``layout`` (``table.tensors()`` plus a None for a missing bias).
     ``softcap``: None, or a positive float that caps the scaled scores at +-softcap (``softcap * tanh(s /
     softcap)``) before the bias and the mask.
@@ -164,10 +220,22 @@ def attend(q, k, v, layout: str, tables: list, scale: Optional[float] = None, ma
     if torch.onnx.is_in_onnx_export():
         if q.dtype not in ONNX_DTYPES:
             raise InvalidArgument(f"masked_attention exports float32/float16/bfloat16/float64 inputs, got {q.dtype}")
-        attrs = {"scale": scale, "mask": mask_name, "dtype": ONNX_DTYPES[q.dtype], "layout": layout,
-                 "heads": q.shape[1], **({"softcap": softcap} if softcap is not None else {})}
-        return torch.onnx.ops.symbolic(f"{DOMAIN}::{OP}", [q, k, v, *tables], attrs, dtype=q.dtype,
-                                       shape=_out_shape(q, v, layout, tables), version=OP_VERSION)
+        attrs = {
+            "scale": scale,
+            "mask": mask_name,
+            "dtype": ONNX_DTYPES[q.dtype],
+            "layout": layout,
+            "heads": q.shape[1],
+            **({"softcap": softcap} if softcap is not None else {}),
+        }
+        return torch.onnx.ops.symbolic(
+            f"{DOMAIN}::{OP}",
+            [q, k, v, *tables],
+            attrs,
+            dtype=q.dtype,
+            shape=_out_shape(q, v, layout, tables),
+            version=OP_VERSION,
+        )
     return _masked_attention_op(q, k, v, list(tables[:-1]), tables[-1], layout, scale, softcap)
 
 
@@ -176,6 +244,8 @@ def check_softcap(softcap) -> Optional[float]:
     if softcap is None:
         return None
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 < cast(float, softcap) < math.inf:
-        raise InvalidArgument("softcap must be a positive finite float (the scores are capped to +-softcap, as Gemma "
-                              f"2's attn_logit_softcapping) or None for no capping, got {softcap!r}")
+        raise InvalidArgument(
+            "softcap must be a positive finite float (the scores are capped to +-softcap, as Gemma "
+            f"2's attn_logit_softcapping) or None for no capping, got {softcap!r}"
+        )
     return float(softcap)

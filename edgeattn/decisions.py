@@ -17,6 +17,7 @@ with :func:`below`:
 a standard ``TopK``, and a row whose chosen set differs from the runtime's counts as a tie when every entry that
 changed sides lies within ``eps`` of the row's boundary (its ``count``-th largest value) on both sides.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -41,8 +42,9 @@ def below(value: torch.Tensor, threshold: float, name: str = "decision") -> torc
         if value.dtype not in ONNX_DTYPES:
             raise InvalidArgument(f"decision {name}: export compares float tensors, got {value.dtype}")
         attrs: dict[str, _Attr] = {"threshold": float(threshold), "name": name, "dtype": ONNX_DTYPES[value.dtype]}
-        return torch.onnx.ops.symbolic(f"{DOMAIN}::{DECISION}", [value], attrs, dtype=torch.bool,
-                                       shape=tuple(value.shape), version=1)
+        return torch.onnx.ops.symbolic(
+            f"{DOMAIN}::{DECISION}", [value], attrs, dtype=torch.bool, shape=tuple(value.shape), version=1
+        )
     decided = value < threshold
     ledger = _LEDGER.get()
     return decided if ledger is None else ledger.decide(value, threshold, decided, name)
@@ -57,9 +59,14 @@ def top_k(values: torch.Tensor, count: int, name: str = "top_k") -> tuple[torch.
             raise InvalidArgument(f"decision {name}: export selects among float tensors, got {values.dtype}")
         shape = (*values.shape[:-1], count)
         attrs: dict[str, _Attr] = {"count": int(count), "name": name, "dtype": ONNX_DTYPES[values.dtype]}
-        chosen, index = torch.onnx.ops.symbolic_multi_out(f"{DOMAIN}::{DECISION_TOP_K}", [values], attrs,
-                                                          dtypes=[values.dtype, torch.int64], shapes=[shape, shape],
-                                                          version=1)
+        chosen, index = torch.onnx.ops.symbolic_multi_out(
+            f"{DOMAIN}::{DECISION_TOP_K}",
+            [values],
+            attrs,
+            dtypes=[values.dtype, torch.int64],
+            shapes=[shape, shape],
+            version=1,
+        )
         return chosen, index
     chosen, index = _stable_top(values, count)
     ledger = _LEDGER.get()
@@ -80,8 +87,8 @@ class Ledger:
     def __init__(self, values: Sequence[np.ndarray], eps: float) -> None:
         self.values, self.eps = list(values), float(eps)
         self.calls = self.total = self.ties = self.large = 0
-        self.largest_tie = 0.0     # the largest margin of a flip taken from the runtime
-        self.largest_flip = 0.0    # the largest margin of a flip kept (not a tie)
+        self.largest_tie = 0.0  # the largest margin of a flip taken from the runtime
+        self.largest_flip = 0.0  # the largest margin of a flip kept (not a tie)
 
     def decide(self, value: torch.Tensor, threshold: float, decided: torch.Tensor, name: str) -> torch.Tensor:
         theirs = self._next(value, name)
@@ -92,13 +99,14 @@ class Ledger:
         self._count(value.numel(), tie, flipped & ~tie, margin)
         return torch.where(tie, ~decided, decided)
 
-    def choose(self, value: torch.Tensor, count: int, index: torch.Tensor,
-               name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def choose(
+        self, value: torch.Tensor, count: int, index: torch.Tensor, name: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`top_k` under the ledger: rows whose chosen set differs from the runtime's only among entries
         within ``eps`` of the row's boundary take the runtime's set."""
         theirs = self._next(value, name)
         their_index = _stable_top(theirs, count)[1]
-        finite = value > float("-inf")    # entries at -inf (never allowed) are not choices
+        finite = value > float("-inf")  # entries at -inf (never allowed) are not choices
         ours = torch.zeros_like(value, dtype=torch.bool).scatter(-1, index, True) & finite
         their_set = torch.zeros_like(value, dtype=torch.bool).scatter(-1, their_index, True) & finite
         changed = ours != their_set
@@ -115,13 +123,17 @@ class Ledger:
     def _next(self, value: torch.Tensor, name: str) -> torch.Tensor:
         """The runtime's tensor for the next declared decision, checked against the model's."""
         if self.calls >= len(self.values):
-            raise BadFile(f"the model made more decisions than the file declares ({len(self.values)}): the "
-                          f"file does not come from this model")
+            raise BadFile(
+                f"the model made more decisions than the file declares ({len(self.values)}): the "
+                f"file does not come from this model"
+            )
         theirs = torch.from_numpy(np.asarray(self.values[self.calls])).to(value.dtype)
         self.calls += 1
         if theirs.shape != value.shape:
-            raise BadFile(f"decision {name} #{self.calls}: the file's tensor has shape {tuple(theirs.shape)}, "
-                          f"the model's {tuple(value.shape)}: the file does not come from this model")
+            raise BadFile(
+                f"decision {name} #{self.calls}: the file's tensor has shape {tuple(theirs.shape)}, "
+                f"the model's {tuple(value.shape)}: the file does not come from this model"
+            )
         return theirs
 
     def _count(self, total: int, tie: torch.Tensor, kept: torch.Tensor, margin: torch.Tensor) -> None:
@@ -140,10 +152,13 @@ class Ledger:
     def __exit__(self, *exc) -> None:
         _LEDGER.reset(self._token)
         if exc[0] is None and self.calls != len(self.values):
-            raise BadFile(f"the model made {self.calls} decisions, the file declares {len(self.values)}: the "
-                          f"file does not come from this model")
+            raise BadFile(
+                f"the model made {self.calls} decisions, the file declares {len(self.values)}: the "
+                f"file does not come from this model"
+            )
 
     def summary(self) -> str:
-        return (f"{self.ties} of {self.total} decisions flipped within {self.eps:g} of their threshold (or top-k "
-                f"boundary)"
-                + (f" (largest margin {self.largest_tie:.1e})" if self.ties else ""))
+        return (
+            f"{self.ties} of {self.total} decisions flipped within {self.eps:g} of their threshold (or top-k "
+            f"boundary)" + (f" (largest margin {self.largest_tie:.1e})" if self.ties else "")
+        )

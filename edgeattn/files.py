@@ -1,4 +1,5 @@
 """Output files: checked before the work starts, replaced atomically when it is done."""
+
 from __future__ import annotations
 
 import contextlib

@@ -7,6 +7,7 @@ one shows the ``edgeattn`` domain and its functions.  OpenVINO IR: op types (``o
 the rt_info ``runtime_options`` and the edgeattn metadata.
 
 :func:`read_tables` reads the static mask tables back from an .onnx file, for ``inspect --plot``."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -16,8 +17,7 @@ import onnx
 
 from . import onnxfile
 from .errors import BadFile
-from .onnxfile import formats
-from .onnxfile import attention_lines, mask_label
+from .onnxfile import attention_lines, formats, mask_label
 
 
 def inspect_file(path) -> dict:
@@ -25,8 +25,9 @@ def inspect_file(path) -> dict:
     if kind == "openvino":
         return _inspect_ir(Path(path))
     if kind != "onnx":
-        raise BadFile(f"{path}: inspect reads .onnx and .xml files; inspect the .onnx this {kind} file was "
-                      f"converted from")
+        raise BadFile(
+            f"{path}: inspect reads .onnx and .xml files; inspect the .onnx this {kind} file was converted from"
+        )
     model = onnxfile.read(path)
     ops = Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in _all_nodes(model.graph))
     opsets = {op.domain or "ai.onnx": op.version for op in model.opset_import}
@@ -74,20 +75,32 @@ def read_tables(path) -> list[dict]:
     model = onnxfile.read(path)
     nodes = onnxfile.read_metadata(model).get("masks", [])
     if not nodes:
-        raise BadFile(f"{path}: its metadata lists no edgeattn attention nodes (not a file from "
-                      f"edgeattn.export_onnx), so there are no tables to read")
+        raise BadFile(
+            f"{path}: its metadata lists no edgeattn attention nodes (not a file from "
+            f"edgeattn.export_onnx), so there are no tables to read"
+        )
     initializers = {i.name: i for i in model.graph.initializer}
-    folder = str(Path(path).resolve().parent)   # external data was checked to lie inside it by onnxfile.read
+    folder = str(Path(path).resolve().parent)  # external data was checked to lie inside it by onnxfile.read
     found: dict = {}
     for node in nodes:
         names = node.get("tables") or {}
         why = _unreadable(node, names, initializers)
         key = (mask_label(node), why) if why else tuple(sorted(names.items()))
         if key not in found:
-            arrays = None if why else {role: onnx.numpy_helper.to_array(initializers[name], folder)
-                                       for role, name in names.items()}
-            found[key] = {"mask": mask_label(node), "layout": node.get("layout"), "nodes": [],
-                          "q_len": node.get("q_len"), "kv_len": node.get("kv_len"), "arrays": arrays, "why": why}
+            arrays = (
+                None
+                if why
+                else {role: onnx.numpy_helper.to_array(initializers[name], folder) for role, name in names.items()}
+            )
+            found[key] = {
+                "mask": mask_label(node),
+                "layout": node.get("layout"),
+                "nodes": [],
+                "q_len": node.get("q_len"),
+                "kv_len": node.get("kv_len"),
+                "arrays": arrays,
+                "why": why,
+            }
         found[key]["nodes"].append(node.get("node", "?"))
     return list(found.values())
 
@@ -115,38 +128,56 @@ def _inspect_ir(path: Path) -> dict:
     rt_info = model.get_rt_info()
     options = rt_info["runtime_options"] if "runtime_options" in rt_info else {}
     meta = header.metadata
-    return {"file": str(path), "format": "openvino", "file_bytes": path.stat().st_size,
-            "weights_bytes": path.with_suffix(".bin").stat().st_size, "ops": dict(sorted(ops.items())),
-            "runtime_options": {k: v.astype(str) for k, v in options.items()},
-            "mask_table_bytes": meta.get("table_bytes"), "inputs": _io(header.inputs),
-            "outputs": _io(header.outputs), "metadata": meta}
+    return {
+        "file": str(path),
+        "format": "openvino",
+        "file_bytes": path.stat().st_size,
+        "weights_bytes": path.with_suffix(".bin").stat().st_size,
+        "ops": dict(sorted(ops.items())),
+        "runtime_options": {k: v.astype(str) for k, v in options.items()},
+        "mask_table_bytes": meta.get("table_bytes"),
+        "inputs": _io(header.inputs),
+        "outputs": _io(header.outputs),
+        "metadata": meta,
+    }
 
 
 def format_report(info: dict) -> str:
     if info.get("format") == "openvino":
-        lines = [f"{info['file']}: OpenVINO IR, {info['file_bytes'] / 1e6:.2f} MB + {info['weights_bytes'] / 1e6:.2f} "
-                 f"MB of weights (.bin)",
-                 "runtime_options: " + (", ".join(f"{k}={v}" for k, v in info["runtime_options"].items()) or "none")]
+        lines = [
+            f"{info['file']}: OpenVINO IR, {info['file_bytes'] / 1e6:.2f} MB + {info['weights_bytes'] / 1e6:.2f} "
+            f"MB of weights (.bin)",
+            "runtime_options: " + (", ".join(f"{k}={v}" for k, v in info["runtime_options"].items()) or "none"),
+        ]
         return "\n".join(lines + _tail(info))
-    lines = [f"{info['file']}: {info['file_bytes'] / 1e6:.2f} MB, IR {info['ir_version']}",
-             "opsets: " + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()),
-             "custom domains: " + (", ".join(info["custom_domains"]) or "none (standard ONNX ops only)")]
+    lines = [
+        f"{info['file']}: {info['file_bytes'] / 1e6:.2f} MB, IR {info['ir_version']}",
+        "opsets: " + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()),
+        "custom domains: " + (", ".join(info["custom_domains"]) or "none (standard ONNX ops only)"),
+    ]
     if info["functions"]:
         lines.append("functions: " + ", ".join(info["functions"]))
-    lines.append(f"initializers: {info['initializer_bytes'] / 1e6:.2f} MB in the file"
-                 + (f", {info['external_data_bytes'] / 1e6:.2f} MB in {', '.join(info['external_data_files'])}"
-                    if info["external_data_files"] else ""))
+    lines.append(
+        f"initializers: {info['initializer_bytes'] / 1e6:.2f} MB in the file"
+        + (
+            f", {info['external_data_bytes'] / 1e6:.2f} MB in {', '.join(info['external_data_files'])}"
+            if info["external_data_files"]
+            else ""
+        )
+    )
     return "\n".join(lines + _tail(info))
 
 
 def _tail(info: dict) -> list[str]:
     """Inputs and outputs, mask-table bytes, attention nodes, ops and metadata: the same for every format."""
-    lines = [f"{kind}: " + ", ".join(f"{t['name']} {t['dtype']} [{', '.join(map(str, t['shape']))}]"
-                                     for t in info[kind]) for kind in ("inputs", "outputs")]
+    lines = [
+        f"{kind}: " + ", ".join(f"{t['name']} {t['dtype']} [{', '.join(map(str, t['shape']))}]" for t in info[kind])
+        for kind in ("inputs", "outputs")
+    ]
     if info["mask_table_bytes"] is not None:
         lines.append(f"mask tables: {info['mask_table_bytes'] / 1e6:.2f} MB")
     nodes = info["metadata"].get("masks", [])
-    if nodes:   # the same lines as `check`: each node's mask, lowering, why, and what a runtime swaps it for
+    if nodes:  # the same lines as `check`: each node's mask, lowering, why, and what a runtime swaps it for
         lines.append(f"attention nodes: {len(nodes)}")
         lines += attention_lines(nodes)
     lines.append("ops:")
@@ -160,6 +191,6 @@ def _tail(info: dict) -> list[str]:
 def _all_nodes(graph):
     for node in graph.node:
         yield node
-        for attr in node.attribute:   # If/Loop/Scan bodies
+        for attr in node.attribute:  # If/Loop/Scan bodies
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                 yield from _all_nodes(sub)

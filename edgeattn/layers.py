@@ -1,4 +1,5 @@
 """nn.Modules built on the masked-attention op.  Tables are non-persistent buffers: derived, never saved."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,8 @@ from . import tables
 from .attention import attend
 from .errors import InvalidArgument
 from .masks.base import Shape, as_mask
-from .signature import TABLE_INPUTS
 from .routing import check_routing, routed_attention
+from .signature import TABLE_INPUTS
 
 
 class MaskTable(nn.Module):
@@ -31,21 +32,36 @@ class MaskTable(nn.Module):
     already folds it when the index is small).
     """
 
-    def __init__(self, mask, heads: int, grid=None, q_len: Optional[int] = None, kv_len: Optional[int] = None,
-                 layout: str = "auto", buckets: bool = True) -> None:
+    def __init__(
+        self,
+        mask,
+        heads: int,
+        grid=None,
+        q_len: Optional[int] = None,
+        kv_len: Optional[int] = None,
+        layout: str = "auto",
+        buckets: bool = True,
+    ) -> None:
         super().__init__()
         self.mask = as_mask(mask)
         self.shape = Shape.of(q_len, kv_len, grid)
         self.heads = heads
-        self.buckets = buckets   # may layout="auto" pick a bucketed block table (tables.BucketedTable)
+        self.buckets = buckets  # may layout="auto" pick a bucketed block table (tables.BucketedTable)
         self._table_buffers: list[str] = []
         self.use_layout(layout)
 
     def use_layout(self, layout: str, table=None) -> None:
         """Switch to a table of ``layout``; ``table`` is one already built for this mask and shape."""
         if table is None or table.layout != layout:
-            table = tables.build(self.mask, self.shape.q_len, self.shape.kv_len, self.shape.grid, self.heads, layout,
-                                 buckets=self.buckets)
+            table = tables.build(
+                self.mask,
+                self.shape.q_len,
+                self.shape.kv_len,
+                self.shape.grid,
+                self.heads,
+                layout,
+                buckets=self.buckets,
+            )
         device = next((b.device for b in self.buffers()), None)
         for name in self._table_buffers:
             delattr(self, name)
@@ -60,24 +76,32 @@ class MaskTable(nn.Module):
         if isinstance(table, tables.BucketedTable):
             named.append(("attn_order", table.q_pos))
         for name, value in named:
-            self.register_buffer(name, value if value is None or device is None else value.to(device),
-                                 persistent=False)
+            self.register_buffer(name, value if value is None or device is None else value.to(device), persistent=False)
         self._table_buffers = [name for name, _ in named]
-        self._runs = {name: _run(value) for name, value in named
-                      if name.startswith(("attn_rows", "attn_keys", "attn_order"))}
+        self._runs = {
+            name: _run(value) for name, value in named if name.startswith(("attn_rows", "attn_keys", "attn_order"))
+        }
 
     def _parts(self) -> list[tuple[str, object, str]]:
         """(buffer-name suffix, table, layout) of each attention node this layer runs: one, or one per bucket."""
         if isinstance(self.table, tables.BucketedTable):
-            return [(f"_{i}" if i else "", bucket, "dense" if isinstance(bucket, tables.DenseBucket) else "blocked")
-                    for i, bucket in enumerate(self.table.buckets)]
+            return [
+                (f"_{i}" if i else "", bucket, "dense" if isinstance(bucket, tables.DenseBucket) else "blocked")
+                for i, bucket in enumerate(self.table.buckets)
+            ]
         return [("", self.table, self.table.layout)]
 
     def node_tables(self) -> list[tuple[str, object, str]]:
         """(buffer that is the node's first table input, its table, its layout) for each attention node this layer
         exports."""
-        return [(f"attn_{TABLE_INPUTS[layout][0]}{suffix}", part.table if isinstance(part, tables.DenseBucket)
-                 else part, layout) for suffix, part, layout in self._parts()]
+        return [
+            (
+                f"attn_{TABLE_INPUTS[layout][0]}{suffix}",
+                part.table if isinstance(part, tables.DenseBucket) else part,
+                layout,
+            )
+            for suffix, part, layout in self._parts()
+        ]
 
     @property
     def layout(self) -> str:
@@ -91,22 +115,32 @@ class MaskTable(nn.Module):
     def rpb_shape(self) -> tuple[int, ...]:
         return self.table.rpb_shape
 
-    def forward(self, q, k, v, scale: Optional[float] = None, rpb: Optional[torch.Tensor] = None,
-                softcap: Optional[float] = None) -> torch.Tensor:
+    def forward(
+        self,
+        q,
+        k,
+        v,
+        scale: Optional[float] = None,
+        rpb: Optional[torch.Tensor] = None,
+        softcap: Optional[float] = None,
+    ) -> torch.Tensor:
         """Attention over this table; ``softcap`` caps the scaled scores (see :func:`edgeattn.attention.attend`)."""
-        if isinstance(self.table, tables.BucketedTable):   # no rpb: tables.build never buckets such masks
+        if isinstance(self.table, tables.BucketedTable):  # no rpb: tables.build never buckets such masks
             if rpb is not None:
                 raise InvalidArgument(f"mask {self.mask.name} has no relative position bias table, but rpb was given")
-            rows = torch.cat([self._bucket(q, k, v, suffix, layout, scale, softcap)
-                              for suffix, _, layout in self._parts()], 2)
+            rows = torch.cat(
+                [self._bucket(q, k, v, suffix, layout, scale, softcap) for suffix, _, layout in self._parts()], 2
+            )
             return self._select(rows, "attn_order")
         tensors = [getattr(self, f"attn_{name}") for name in TABLE_INPUTS[self.layout]]
         if self.attn_rpb_index is not None:
             learned = self.gather_rpb(rpb, q.shape[1])
             tensors[-1] = learned if tensors[-1] is None else tensors[-1] + learned
         elif rpb is not None:
-            raise InvalidArgument(f"mask {self.mask.name} has no relative position bias table, but rpb was given; "
-                                  "build the mask with rpb=True")
+            raise InvalidArgument(
+                f"mask {self.mask.name} has no relative position bias table, but rpb was given; "
+                "build the mask with rpb=True"
+            )
         return attend(q, k, v, self.layout, tensors, scale, self.mask.name, softcap)
 
     def _bucket(self, q, k, v, suffix: str, layout: str, scale, softcap):
@@ -134,9 +168,11 @@ class MaskTable(nn.Module):
         want = (heads, *self.rpb_shape)
         if rpb is None or rpb.shape[0] != heads or rpb[0].numel() != math.prod(self.rpb_shape):
             got = "nothing" if rpb is None else f"shape {tuple(rpb.shape)}"
-            raise InvalidArgument(f"mask {self.mask.name} takes its learned relative position bias as rpb= with shape "
-                                  f"{want} (or (heads, {math.prod(self.rpb_shape)})), got {got}")
-        index = cast(torch.Tensor, self.attn_rpb_index)   # a buffer, not None: the table has an rpb_shape
+            raise InvalidArgument(
+                f"mask {self.mask.name} takes its learned relative position bias as rpb= with shape "
+                f"{want} (or (heads, {math.prod(self.rpb_shape)})), got {got}"
+            )
+        index = cast(torch.Tensor, self.attn_rpb_index)  # a buffer, not None: the table has an rpb_shape
         values = rpb.reshape(heads, -1).index_select(1, index.flatten()).unflatten(1, index.shape)
         return values[:, 0] if self.layout == "dense" else values[:, :, 0].transpose(0, 1)
 
@@ -158,8 +194,10 @@ def check_heads(dim: int, heads: int, name: str = "dim", even_width: bool = Fals
         raise InvalidArgument(f"heads must be a positive divisor of {name}={dim}, got {heads}")
     head_dim = dim // heads
     if even_width and head_dim % 2:
-        raise InvalidArgument(f"{name}={dim} must split into {heads} heads of an even width (rotary embeddings rotate "
-                              f"channel pairs), got head width {head_dim}")
+        raise InvalidArgument(
+            f"{name}={dim} must split into {heads} heads of an even width (rotary embeddings rotate "
+            f"channel pairs), got head width {head_dim}"
+        )
     return head_dim
 
 
@@ -181,13 +219,25 @@ class MaskedSelfAttention(nn.Module):
     it to a subclass that owns a reference's own parameter and overrides :meth:`relative_bias`.
     """
 
-    def __init__(self, dim: int, heads: int, mask, grid=None, seq_len: Optional[int] = None,
-                 qkv_bias: bool = True, proj: bool = True, layout: str = "auto", rpb: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mask,
+        grid=None,
+        seq_len: Optional[int] = None,
+        qkv_bias: bool = True,
+        proj: bool = True,
+        layout: str = "auto",
+        rpb: bool = True,
+    ) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, check_heads(dim, heads)
         if grid is None and seq_len is None:
-            raise InvalidArgument(f"{type(self).__name__} compiles its mask for a fixed number of tokens: pass "
-                                  "seq_len=N for a sequence or grid=(H, W) (1-3 axes) for tokens on a grid")
+            raise InvalidArgument(
+                f"{type(self).__name__} compiles its mask for a fixed number of tokens: pass "
+                "seq_len=N for a sequence or grid=(H, W) (1-3 axes) for tokens on a grid"
+            )
         self.table = MaskTable(mask, heads, grid=grid, q_len=seq_len, layout=layout)
         self.mask, self.seq_len = self.table.mask, self.table.shape.q_len
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -202,8 +252,10 @@ class MaskedSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         if N != self.seq_len:
-            raise InvalidArgument(f"{type(self).__name__} was built for {self.seq_len} tokens, got {N}: the mask "
-                                  "tables are static, build the layer for this shape")
+            raise InvalidArgument(
+                f"{type(self).__name__} was built for {self.seq_len} tokens, got {N}: the mask "
+                "tables are static, build the layer for this shape"
+            )
         q, k, v = split_qkv(self.qkv(x), self.heads, self.head_dim)
         out = self.table(q, k, v, rpb=self.relative_bias())
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
@@ -217,8 +269,9 @@ class RoutedSelfAttention(nn.Module):
     or ``router``; see :func:`edgeattn.routing.routed_attention`).  Input and output are (B, N, dim), N a multiple
     of ``block``; nothing is compiled for a shape, so one layer serves every such N."""
 
-    def __init__(self, dim: int, heads: int, block: int, top_k: int, causal: bool = True, router=None,
-                 qkv_bias: bool = True) -> None:
+    def __init__(
+        self, dim: int, heads: int, block: int, top_k: int, causal: bool = True, router=None, qkv_bias: bool = True
+    ) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, check_heads(dim, heads)
         check_routing(block, top_k)
@@ -233,8 +286,10 @@ class RoutedSelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
     def extra_repr(self) -> str:
-        return f"heads={self.heads}, head_dim={self.head_dim}, block={self.block}, top_k={self.top_k}, " \
-               f"causal={self.causal}"
+        return (
+            f"heads={self.heads}, head_dim={self.head_dim}, block={self.block}, top_k={self.top_k}, "
+            f"causal={self.causal}"
+        )
 
 
 class Mlp(nn.Sequential):
@@ -256,8 +311,18 @@ class MaskedBlock(nn.Module):
     ``attention`` is the attention class (a MaskedSelfAttention subclass for a reference's own parameter names);
     ``named_mlp`` names the MLP's layers fc1 / fc2."""
 
-    def __init__(self, dim: int, heads: int, mask, grid=None, seq_len: Optional[int] = None, mlp_ratio: float = 4.0,
-                 layout: str = "auto", attention: type = MaskedSelfAttention, named_mlp: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mask,
+        grid=None,
+        seq_len: Optional[int] = None,
+        mlp_ratio: float = 4.0,
+        layout: str = "auto",
+        attention: type = MaskedSelfAttention,
+        named_mlp: bool = False,
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = attention(dim, heads, mask, grid=grid, seq_len=seq_len, layout=layout)

@@ -12,6 +12,7 @@ A failed comparison of such a file is re-judged modulo those ties: the reference
 the margin is below the tolerance's ``decision_eps`` and the row reports how many decisions flipped and the error
 that remains; a flip at a larger margin fails.  Tolerances are not loosened.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,9 @@ import numpy as np
 import torch
 
 from . import decisions, models, onnxfile, runtimes
-from .onnxfile import formats
 from .errors import BadFile, EdgeAttnError, first_line
 from .files import atomic_write, check_writable
+from .onnxfile import formats
 from .runtimes.base import check_feeds, nonfinite_inputs
 from .runtimes.reference import TorchSession
 
@@ -35,7 +36,7 @@ from .runtimes.reference import TorchSession
 @dataclass
 class ParityResult:
     runtime: str
-    status: str                      # ok | fail | unavailable | error
+    status: str  # ok | fail | unavailable | error
     max_abs_err: Optional[float] = None
     max_rel_err: Optional[float] = None
     cosine: Optional[float] = None
@@ -60,7 +61,7 @@ def compare(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarra
         out = np.asarray(outputs[name], dtype=np.float64)
         if out.shape != ref.shape:
             raise EdgeAttnError(f"output {name!r}: runtime gave shape {out.shape}, reference {ref.shape}")
-        if np.array_equal(out, ref, equal_nan=True):   # bit-identical (the reference itself): exact, whatever NaN
+        if np.array_equal(out, ref, equal_nan=True):  # bit-identical (the reference itself): exact, whatever NaN
             continue
         finite = np.isfinite(ref)
         if (np.isfinite(out) != finite).any() or (out[~finite] != ref[~finite]).any():
@@ -89,11 +90,18 @@ def latency(run: Callable[[], object], warmup: Optional[int] = None, runs: int =
     return float(np.median(times)), float(np.percentile(times, 90))
 
 
-def check_sessions(reference: Mapping[str, np.ndarray], feeds: Mapping[str, np.ndarray], path,
-                   runtime_names: Sequence[str], runs: int = 20, precision: str = "fp32",
-                   progress: Optional[Callable[[str], None]] = None, accuracy: bool = True,
-                   module: Optional[torch.nn.Module] = None, contents: Optional[onnxfile.Contents] = None
-                   ) -> list[ParityResult]:
+def check_sessions(
+    reference: Mapping[str, np.ndarray],
+    feeds: Mapping[str, np.ndarray],
+    path,
+    runtime_names: Sequence[str],
+    runs: int = 20,
+    precision: str = "fp32",
+    progress: Optional[Callable[[str], None]] = None,
+    accuracy: bool = True,
+    module: Optional[torch.nn.Module] = None,
+    contents: Optional[onnxfile.Contents] = None,
+) -> list[ParityResult]:
     """Load ``path`` on each runtime, compare with ``reference`` and time it.  Never raises for one runtime.
 
     ``accuracy`` loads runtimes in accuracy mode (the parity gate); bench loads them as a deployment would.
@@ -126,8 +134,19 @@ def check_sessions(reference: Mapping[str, np.ndarray], feeds: Mapping[str, np.n
         notes += ["NaN/inf do not match the reference"] if metrics["nonfinite"] else []
         flagged = nonfinite_inputs(feeds)
         notes += [f"inputs with NaN/inf: {', '.join(flagged)}"] if flagged else []
-        results.append(ParityResult(name, "ok" if ok else "fail", metrics["max_abs_err"], metrics["max_rel_err"],
-                                    metrics["cosine"], tol.describe(), p50, p90, "; ".join(notes)))
+        results.append(
+            ParityResult(
+                name,
+                "ok" if ok else "fail",
+                metrics["max_abs_err"],
+                metrics["max_rel_err"],
+                metrics["cosine"],
+                tol.describe(),
+                p50,
+                p90,
+                "; ".join(notes),
+            )
+        )
     return results
 
 
@@ -149,22 +168,36 @@ def modulo_ties(runtime, path, feeds, module, tol, accuracy: bool, metrics: dict
         session = runtime.load(path, accuracy=accuracy, module=module, observe=[d["tensor"] for d in declared])
         outputs = session.run(feeds)
     except EdgeAttnError as e:
-        return metrics, [f"the file declares {len(declared)} hard decisions, which {runtime.name} could not return "
-                         f"for a check modulo ties: {e}"], 0
+        return (
+            metrics,
+            [
+                f"the file declares {len(declared)} hard decisions, which {runtime.name} could not return "
+                f"for a check modulo ties: {e}"
+            ],
+            0,
+        )
     ledger = decisions.Ledger([outputs[d["tensor"]] for d in declared], tol.decision_eps)
     with ledger:
         reference = TorchSession("torch", module, file.inputs, file.outputs).run(feeds)
     retaken = compare(reference, outputs)
-    notes = [f"{ledger.summary()}; with those taken from {runtime.name}, max abs err {retaken['max_abs_err']:.2e} "
-             f"(without: {metrics['max_abs_err']:.2e})"]
+    notes = [
+        f"{ledger.summary()}; with those taken from {runtime.name}, max abs err {retaken['max_abs_err']:.2e} "
+        f"(without: {metrics['max_abs_err']:.2e})"
+    ]
     if ledger.large:
         notes.append(f"not ties: {ledger.large} decisions differ at margins up to {ledger.largest_flip:.1e}")
     return retaken, notes, ledger.large
 
 
-def check_file(path, runtime_names: Optional[Sequence[str]] = None, runs: int = 20,
-               progress: Optional[Callable[[str], None]] = None, report=None, inputs=None,
-               trust_code: bool = False) -> list[ParityResult]:
+def check_file(
+    path,
+    runtime_names: Optional[Sequence[str]] = None,
+    runs: int = 20,
+    progress: Optional[Callable[[str], None]] = None,
+    report=None,
+    inputs=None,
+    trust_code: bool = False,
+) -> list[ParityResult]:
     """What ``edgeattn check`` runs.  A file from ``edgeattn export`` names its registered model in its metadata: the
     model is rebuilt and every runtime compared with it (the torch reference runtime's row times eager PyTorch; its
     error is 0 by construction).  Any other file (exported from Python, or from elsewhere) has no PyTorch model to
@@ -184,8 +217,11 @@ def check_file(path, runtime_names: Optional[Sequence[str]] = None, runs: int = 
         results = compare_runtimes(path, feeds, runtime_names, runs, progress, file=file)
     else:
         built = models.from_metadata(file.metadata, path, trust_code)
-        example = (list(built.inputs.values()) if feeds is None
-                   else [torch.from_numpy(feeds[info.name]) for info in file.inputs])
+        example = (
+            list(built.inputs.values())
+            if feeds is None
+            else [torch.from_numpy(feeds[info.name]) for info in file.inputs]
+        )
         results = compare_model(built.module, example, path, runtime_names, runs, progress, file=file)
     if report is not None:
         write_json(results, report)
@@ -196,33 +232,47 @@ def check_file(path, runtime_names: Optional[Sequence[str]] = None, runs: int = 
 REFERENCE = "reference"
 
 
-def compare_runtimes(path, feeds: Optional[Mapping[str, np.ndarray]] = None,
-                     runtime_names: Optional[Sequence[str]] = None, runs: int = 20,
-                     progress: Optional[Callable[[str], None]] = None,
-                     file: Optional[formats.Header] = None) -> list[ParityResult]:
+def compare_runtimes(
+    path,
+    feeds: Optional[Mapping[str, np.ndarray]] = None,
+    runtime_names: Optional[Sequence[str]] = None,
+    runs: int = 20,
+    progress: Optional[Callable[[str], None]] = None,
+    file: Optional[formats.Header] = None,
+) -> list[ParityResult]:
     """Compare a file's runtimes with each other, for a file with no PyTorch model: the first of them that runs it
     (ort-cpu when it is one) is the reference, and its row's tolerance reads ``reference``.  The others are gated on
     their own tolerance for the file's precision, applied to their difference from the reference (so this finds
     runtimes that disagree, not a file that is wrong everywhere).  ``runtime_names`` default to every available ONNX
     runtime that loads the file; ``feeds`` to :func:`generated_feeds`."""
     file = file or formats.header(path)
-    meta = {**file.metadata, "format": file.format}   # a file from elsewhere carries no format metadata
+    meta = {**file.metadata, "format": file.format}  # a file from elsewhere carries no format metadata
     contents = onnxfile.Contents.of(meta)
     names = list(runtime_names or [n for n in default_runtimes(meta) if not runtimes.get(n).reference])
     torch_named = [n for n in names if runtimes.get(n).reference]
     if torch_named:
-        raise EdgeAttnError(f"{path}: names no registered model in its metadata, so {torch_named[0]} has no model to "
-                            f"run; compare it with its module from Python: edgeattn.parity.compare_model(module, "
-                            f"inputs, path)")
+        raise EdgeAttnError(
+            f"{path}: names no registered model in its metadata, so {torch_named[0]} has no model to "
+            f"run; compare it with its module from Python: edgeattn.parity.compare_model(module, "
+            f"inputs, path)"
+        )
     able = [n for n in names if not runtimes.get(n).not_supported_reasons(contents)]
     if not able:
-        raise EdgeAttnError(f"{path}: no runtime here runs it (tried {', '.join(names) or 'none'}), so there is "
-                            f"nothing to compare")
+        raise EdgeAttnError(
+            f"{path}: no runtime here runs it (tried {', '.join(names) or 'none'}), so there is nothing to compare"
+        )
     reference = "ort-cpu" if "ort-cpu" in able else able[0]
     feeds = generated_feeds(file.inputs) if feeds is None else feeds
     expected = runtimes.get(reference).load(path, accuracy=True).run(feeds)
-    results = check_sessions(expected, feeds, path, [reference] + [n for n in names if n != reference], runs,
-                             progress=progress, contents=contents)
+    results = check_sessions(
+        expected,
+        feeds,
+        path,
+        [reference] + [n for n in names if n != reference],
+        runs,
+        progress=progress,
+        contents=contents,
+    )
     for r in results:
         if r.runtime == reference:
             r.tolerance = REFERENCE
@@ -237,8 +287,11 @@ def generated_feeds(inputs: Sequence[onnxfile.TensorInfo], seed: int = 0, batch:
     feeds = {}
     for info in inputs:
         shape = tuple(d if isinstance(d, int) else batch for d in info.shape)
-        values = (rng.standard_normal(shape) if np.issubdtype(info.dtype, np.floating)
-                  else rng.integers(0, 2 if info.dtype == np.bool_ else 4, shape))
+        values = (
+            rng.standard_normal(shape)
+            if np.issubdtype(info.dtype, np.floating)
+            else rng.integers(0, 2 if info.dtype == np.bool_ else 4, shape)
+        )
         feeds[info.name] = values.astype(info.dtype)
     return feeds
 
@@ -252,7 +305,7 @@ def load_inputs(inputs, file: formats.Header) -> dict[str, np.ndarray]:
         save = f"save them with numpy.savez(path, {', '.join(f'{i.name}=...' for i in file.inputs)})"
         if not Path(inputs).is_file():
             raise EdgeAttnError(f"{inputs}: no such file")
-        if not zipfile.is_zipfile(inputs):   # numpy would try it as a pickle and say so
+        if not zipfile.is_zipfile(inputs):  # numpy would try it as a pickle and say so
             raise EdgeAttnError(f"{inputs}: not an .npz archive; {save}")
         try:
             with np.load(inputs, allow_pickle=False) as data:
@@ -265,10 +318,15 @@ def load_inputs(inputs, file: formats.Header) -> dict[str, np.ndarray]:
         raise type(e)(f"{source}: {e}") from None
 
 
-def compare_model(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path,
-                  runtime_names: Optional[Sequence[str]] = None, runs: int = 20,
-                  progress: Optional[Callable[[str], None]] = None,
-                  file: Optional[formats.Header] = None) -> list[ParityResult]:
+def compare_model(
+    module: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    path,
+    runtime_names: Optional[Sequence[str]] = None,
+    runs: int = 20,
+    progress: Optional[Callable[[str], None]] = None,
+    file: Optional[formats.Header] = None,
+) -> list[ParityResult]:
     """Compare an exported file (.onnx, .xml or .ort) with the module it came from, on the given inputs (Python API
     for any model).  ``runtime_names`` default to :func:`default_runtimes`; ``file``: its header, if already
     read."""
@@ -278,12 +336,14 @@ def compare_model(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor
     meta = file.metadata
     feeds, reference = reference_outputs(module, example_inputs, path, file)
     names = list(runtime_names) if runtime_names else default_runtimes(meta)
-    return check_sessions(reference, feeds, path, names, runs, progress=progress, module=module,
-                          contents=onnxfile.Contents.of(meta))
+    return check_sessions(
+        reference, feeds, path, names, runs, progress=progress, module=module, contents=onnxfile.Contents.of(meta)
+    )
 
 
-def reference_outputs(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path,
-                      file: Optional[formats.Header] = None):
+def reference_outputs(
+    module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path, file: Optional[formats.Header] = None
+):
     """The file's feeds for ``example_inputs`` and eager torch's outputs under the file's output names
     (``file``: its header, if already read)."""
     file = file or formats.header(path)
@@ -299,8 +359,9 @@ def default_runtimes(metadata: Optional[Mapping] = None) -> list[str]:
     targets = (metadata or {}).get("targets")
     reference = [n for n, r in runtimes.RUNTIMES.items() if r.reference]
     format = (metadata or {}).get("format", "onnx")
-    return reference + [n for n in runtimes.available()
-                        if (not targets or n in targets) and format in runtimes.get(n).file_formats]
+    return reference + [
+        n for n in runtimes.available() if (not targets or n in targets) and format in runtimes.get(n).file_formats
+    ]
 
 
 def check_available(names: Sequence[str]) -> list[str]:
@@ -319,10 +380,12 @@ def describe(path, meta: Optional[Mapping] = None) -> str:
     nodes = meta.get("masks", [])
     lowerings = sorted({m.get("lowering", "?") for m in nodes})
     targets = meta.get("targets")
-    lines = [f"{path}: model {meta.get('model', '(not a registered model)')}, opset {meta.get('opset', '?')}, "
-             f"{len(nodes)} attention nodes, lowering {meta.get('lowering', '?')} -> {'/'.join(lowerings) or '-'}"
-             f"{_form(meta)}"
-             f"{' for ' + ', '.join(targets) if targets else ''}, mask tables {meta.get('table_bytes', 0) / 1e6:.2f} MB"]
+    lines = [
+        f"{path}: model {meta.get('model', '(not a registered model)')}, opset {meta.get('opset', '?')}, "
+        f"{len(nodes)} attention nodes, lowering {meta.get('lowering', '?')} -> {'/'.join(lowerings) or '-'}"
+        f"{_form(meta)}"
+        f"{' for ' + ', '.join(targets) if targets else ''}, mask tables {meta.get('table_bytes', 0) / 1e6:.2f} MB"
+    ]
     return "\n".join(lines + onnxfile.attention_lines(nodes))
 
 
@@ -331,15 +394,18 @@ def describe_check(path, results: Sequence[ParityResult]) -> str:
     reference = next((r.runtime for r in results if r.tolerance == REFERENCE), None)
     if reference is None:
         return describe(path)
-    compared = len(results) > 1   # one runtime (an IR: OpenVINO only) ran it and was compared with nothing
-    return describe(path) + (f"\nno PyTorch reference: runtimes compared with {reference}" if compared else
-                             f"\nno PyTorch reference and no other runtime to compare with: {reference} only ran it")
+    compared = len(results) > 1  # one runtime (an IR: OpenVINO only) ran it and was compared with nothing
+    return describe(path) + (
+        f"\nno PyTorch reference: runtimes compared with {reference}"
+        if compared
+        else f"\nno PyTorch reference and no other runtime to compare with: {reference} only ran it"
+    )
 
 
 def _form(meta: Mapping) -> str:
     """How the attention is stored: standard ops (the default), custom op, or a deployment format."""
     form = formats.form_of(meta)
-    return f" ({ {'standard': 'standard ops', 'custom-op': 'custom op'}.get(form, form + ' format')})"
+    return f" ({ {'standard': 'standard ops', 'custom-op': 'custom op'}.get(form, form + ' format') })"
 
 
 def format_table(results: Sequence[ParityResult]) -> str:
@@ -347,8 +413,18 @@ def format_table(results: Sequence[ParityResult]) -> str:
     header = ("runtime", "status", "max_abs_err", "max_rel_err", "cosine", "tolerance", "p50_ms", "p90_ms")
     rows = [header]
     for r in results:
-        rows.append((r.runtime, r.status, _num(r.max_abs_err, "{:.2e}"), _num(r.max_rel_err, "{:.2e}"),
-                     _num(r.cosine, "{:.7f}"), r.tolerance or "-", _num(r.p50_ms, "{:.2f}"), _num(r.p90_ms, "{:.2f}")))
+        rows.append(
+            (
+                r.runtime,
+                r.status,
+                _num(r.max_abs_err, "{:.2e}"),
+                _num(r.max_rel_err, "{:.2e}"),
+                _num(r.cosine, "{:.7f}"),
+                r.tolerance or "-",
+                _num(r.p50_ms, "{:.2f}"),
+                _num(r.p90_ms, "{:.2f}"),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     notes = [f"  {r.runtime}: {r.detail}" for r in results if r.detail]

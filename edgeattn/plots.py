@@ -16,6 +16,7 @@ matplotlib is the optional ``[plot]`` extra: it is imported inside the functions
 naming the extra.  Figures are made without pyplot, so drawing switches no backend and keeps no global state.
 Patterns larger than :data:`MAX_CELLS` per side are drawn as the share of allowed pairs in each cell.
 """
+
 from __future__ import annotations
 
 import io
@@ -33,10 +34,10 @@ from .masks import as_mask, from_params, parse_value
 from .masks.base import Shape, evaluate, index_grid
 from .tables import ROW_CHUNK_ELEMS, BlockTable, DenseTable
 
-MAX_CELLS = 512     # drawn cells per side at most; larger patterns are averaged into blocks
-MAX_SLICES = 8      # 3-D grids: panels at most (the slices nearest the query's)
+MAX_CELLS = 512  # drawn cells per side at most; larger patterns are averaged into blocks
+MAX_SLICES = 8  # 3-D grids: panels at most (the slices nearest the query's)
 DPI = 100
-ALLOWED_CMAP = "Blues"   # 0 (masked) white .. 1 (allowed) dark blue
+ALLOWED_CMAP = "Blues"  # 0 (masked) white .. 1 (allowed) dark blue
 # block tables: skipped, computed but partly masked, computed and all allowed
 BLOCK_COLORS = ("white", "#9ecae1", "#08519c")
 BLOCK_LABELS = ("skipped", "computed, partly masked", "computed, all allowed")
@@ -50,8 +51,7 @@ def require_matplotlib(what: str = "drawing pictures") -> None:
 
 
 # ----------------------------------------------------------------------------- masks
-def plot_mask(mask, grid=None, q_len: Optional[int] = None, kv_len: Optional[int] = None, query=None,
-              path=None):
+def plot_mask(mask, grid=None, q_len: Optional[int] = None, kv_len: Optional[int] = None, query=None, path=None):
     """Draw ``mask`` (a Mask or a bare ``mask_mod(b, h, q_idx, kv_idx)``) for one shape; returns the Figure and
     writes it as PNG to ``path`` when given.
 
@@ -67,11 +67,19 @@ def plot_mask(mask, grid=None, q_len: Optional[int] = None, kv_len: Optional[int
     if shape.grid is None or len(shape.grid) == 1:
         if query is not None:
             raise InvalidArgument("query picks one token of a 2-D or 3-D grid; a sequence mask is drawn whole")
-        rows = max(1, ROW_CHUNK_ELEMS // shape.kv_len)   # in row chunks, as tables are built: long sequences fit
-        allowed = torch.cat([evaluate(mask_mod, index_grid(shape, q_rows=slice(start, start + rows)), 1,
-                                      name=mask.name)[0] for start in range(0, shape.q_len, rows)]).numpy()
-        fig = _pattern(allowed, f"{mask.name}{note}\n{shape.q_len} queries x {shape.kv_len} keys, "
-                                f"{allowed.mean():.1%} allowed", "key", "query")
+        rows = max(1, ROW_CHUNK_ELEMS // shape.kv_len)  # in row chunks, as tables are built: long sequences fit
+        allowed = torch.cat(
+            [
+                evaluate(mask_mod, index_grid(shape, q_rows=slice(start, start + rows)), 1, name=mask.name)[0]
+                for start in range(0, shape.q_len, rows)
+            ]
+        ).numpy()
+        fig = _pattern(
+            allowed,
+            f"{mask.name}{note}\n{shape.q_len} queries x {shape.kv_len} keys, {allowed.mean():.1%} allowed",
+            "key",
+            "query",
+        )
     else:
         fig = _query_view(mask, mask_mod, shape, _query(query, shape.grid), note)
     if path is not None:
@@ -79,8 +87,9 @@ def plot_mask(mask, grid=None, q_len: Optional[int] = None, kv_len: Optional[int
     return fig
 
 
-def draw_family(family: str, params: Sequence[str] = (), grid=None, q_len: Optional[int] = None, query=None,
-                path=None) -> Path:
+def draw_family(
+    family: str, params: Sequence[str] = (), grid=None, q_len: Optional[int] = None, query=None, path=None
+) -> Path:
     """``edgeattn masks show``: a registered family with ``NAME=VALUE`` parameters (:func:`masks.from_params`) on
     a grid (``"14x14"``) or a sequence of ``q_len`` tokens, drawn by :func:`plot_mask` to ``path`` (default
     ``<mask name>.png``); ``query`` may be written ``"17"`` or ``"3,5"``.  Returns the path written."""
@@ -108,12 +117,18 @@ def _query(query, grid: tuple[int, ...]) -> tuple[int, ...]:
     n = int(np.prod(grid))
     if isinstance(query, (int, np.integer)) and not isinstance(query, bool) and 0 <= query < n:
         return tuple(int(c) for c in np.unravel_index(int(query), grid))
-    if isinstance(query, (tuple, list)) and len(query) == len(grid) and \
-            all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c < s
-                for c, s in zip(query, grid)):
+    if (
+        isinstance(query, (tuple, list))
+        and len(query) == len(grid)
+        and all(
+            isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c < s for c, s in zip(query, grid)
+        )
+    ):
         return tuple(int(c) for c in query)
-    raise InvalidArgument(f"query {query!r} is not a token of the {'x'.join(map(str, grid))} grid: give a flat index "
-                          f"in [0, {n}) or {len(grid)} coordinates")
+    raise InvalidArgument(
+        f"query {query!r} is not a token of the {'x'.join(map(str, grid))} grid: give a flat index "
+        f"in [0, {n}) or {len(grid)} coordinates"
+    )
 
 
 def _query_view(mask, mask_mod, shape: Shape, coords: tuple[int, ...], note: str):
@@ -125,7 +140,7 @@ def _query_view(mask, mask_mod, shape: Shape, coords: tuple[int, ...], note: str
     title = f"{mask.name} on {'x'.join(map(str, grid))}{note}\nquery {coords} attends {int(keys.sum())} keys"
     if len(grid) == 2:
         panels = [(None, keys)]
-    else:   # the slices that hold the query or one of its keys, at most MAX_SLICES nearest the query's
+    else:  # the slices that hold the query or one of its keys, at most MAX_SLICES nearest the query's
         used = [t for t in range(grid[0]) if keys[t].any() or t == coords[0]]
         used = sorted(sorted(used, key=lambda t: abs(t - coords[0]))[:MAX_SLICES])
         panels = [(t, keys[t]) for t in used]
@@ -168,14 +183,14 @@ def _shrink(values: np.ndarray) -> tuple[np.ndarray, int]:
         return values, 1
     rows, cols = (-(-n // factor) * factor for n in values.shape)
     padded = np.zeros((rows, cols), np.float32)
-    padded[:values.shape[0], :values.shape[1]] = values
+    padded[: values.shape[0], : values.shape[1]] = values
     return padded.reshape(rows // factor, factor, cols // factor, factor).mean((1, 3)), factor
 
 
 def _image(ax, cells: np.ndarray, cmap=ALLOWED_CMAP, vmax=1.0, aspect="auto"):
     image = ax.imshow(cells, cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest", aspect=aspect)
     ax.tick_params(labelsize=7)
-    if max(cells.shape) <= 32:   # thin cell borders where cells are big enough to count
+    if max(cells.shape) <= 32:  # thin cell borders where cells are big enough to count
         ax.set_xticks(np.arange(-0.5, cells.shape[1]), minor=True)
         ax.set_yticks(np.arange(-0.5, cells.shape[0]), minor=True)
         ax.grid(which="minor", color="#d9d9d9", linewidth=0.5)
@@ -192,8 +207,12 @@ def plot_table(table, path=None, title: Optional[str] = None):
     name = title or table.name
     if isinstance(table, DenseTable):
         heads = table.mask.shape[0]
-        fig = _pattern(table.mask[0].numpy(), f"{name}: dense table, {table.density:.1%} allowed"
-                       + (f" (head 0 of {heads})" if heads > 1 else ""), "key", "query")
+        fig = _pattern(
+            table.mask[0].numpy(),
+            f"{name}: dense table, {table.density:.1%} allowed" + (f" (head 0 of {heads})" if heads > 1 else ""),
+            "key",
+            "query",
+        )
     else:
         cells, what = block_image(table)
         tiles, tq = table.q_index.shape
@@ -201,14 +220,22 @@ def plot_table(table, path=None, title: Optional[str] = None):
         ax = fig.add_subplot()
         from matplotlib.colors import ListedColormap
         from matplotlib.patches import Patch
+
         _image(ax, cells, ListedColormap(BLOCK_COLORS), vmax=2)
         ax.set_xlabel(f"key block j ({what})", fontsize=8)
         ax.set_ylabel(f"query tile ({tq} queries each)", fontsize=8)
-        ax.set_title(f"{name}: {tiles} query tiles, each scoring {table.kv_index.shape[1]} keys\ncomputes "
-                     f"{table.work_fraction:.1%} of the dense scores (padding included)", fontsize=8)
-        fig.legend(handles=[Patch(facecolor=c, edgecolor="grey", label=label)
-                            for c, label in zip(BLOCK_COLORS, BLOCK_LABELS)],
-                   loc="outside lower center", ncols=3, fontsize=7, frameon=False)
+        ax.set_title(
+            f"{name}: {tiles} query tiles, each scoring {table.kv_index.shape[1]} keys\ncomputes "
+            f"{table.work_fraction:.1%} of the dense scores (padding included)",
+            fontsize=8,
+        )
+        fig.legend(
+            handles=[Patch(facecolor=c, edgecolor="grey", label=label) for c, label in zip(BLOCK_COLORS, BLOCK_LABELS)],
+            loc="outside lower center",
+            ncols=3,
+            fontsize=7,
+            frameon=False,
+        )
     if path is not None:
         _save(fig, path)
     return fig
@@ -220,8 +247,8 @@ def block_image(table: BlockTable) -> tuple[np.ndarray, str]:
     scores there is allowed.  When queries and keys are the same tokens, key block j holds the keys at the
     positions of query tile j (2-D tiles stay 2-D); otherwise runs of as many keys as a tile has queries."""
     tiles, tq = table.q_index.shape
-    blocks = table.bank[table.block].numpy()             # (tiles, heads, tq, K)
-    used = blocks.any((1, 2))                            # padding keys are masked for every query
+    blocks = table.bank[table.block].numpy()  # (tiles, heads, tq, K)
+    used = blocks.any((1, 2))  # padding keys are masked for every query
     full = blocks.all((1, 2))
     kv = table.kv_index.numpy()
     # a bucket of a bucketed table holds some of the queries: its key blocks are runs of keys, as for cross-attention
@@ -272,8 +299,17 @@ def _table(entry: dict):
     if entry["layout"] == "dense":
         return DenseTable(entry["mask"], shape, arrays["mask"], arrays.get("bias"))
     tile = (arrays["q_index"].shape[1],)
-    return BlockTable(entry["mask"], shape, tile, arrays["q_index"], arrays["kv_index"], arrays["q_pos"],
-                      arrays["block"], arrays["bank"], arrays.get("bank_bias"))
+    return BlockTable(
+        entry["mask"],
+        shape,
+        tile,
+        arrays["q_index"],
+        arrays["kv_index"],
+        arrays["q_pos"],
+        arrays["block"],
+        arrays["bank"],
+        arrays.get("bank_bias"),
+    )
 
 
 # ----------------------------------------------------------------------------- bench
@@ -286,11 +322,15 @@ def plot_bench(rows, path=None, title: str = "edgeattn bench"):
     if not timed:
         raise EdgeAttnError("no row was timed, so there is no latency to plot")
     order = list(dict.fromkeys(r.runtime for r in timed))
-    timed.sort(key=lambda r: order.index(r.runtime))   # stable: each runtime's rows stay in export order
+    timed.sort(key=lambda r: order.index(r.runtime))  # stable: each runtime's rows stay in export order
     exported = [r for r in timed if r.lowering != "eager"]
     vary = [f for f in ("form", "precision") if len({getattr(r, f) for r in exported}) > 1]
-    labels = [f"{r.runtime}: " + " ".join([r.lowering] + [getattr(r, f) for f in vary if r.lowering != "eager"])
-              + ("" if r.status == "ok" else f" ({r.status})") for r in timed]
+    labels = [
+        f"{r.runtime}: "
+        + " ".join([r.lowering] + [getattr(r, f) for f in vary if r.lowering != "eager"])
+        + ("" if r.status == "ok" else f" ({r.status})")
+        for r in timed
+    ]
     palette = ["#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
     colors = [palette[order.index(r.runtime) % len(palette)] for r in timed]
     values = [r.p50_ms for r in timed]
@@ -299,7 +339,7 @@ def plot_bench(rows, path=None, title: str = "edgeattn bench"):
     ax.barh(range(len(timed)), values, color=colors, hatch=[None if r.status == "ok" else "//" for r in timed])
     ax.set_yticks(range(len(timed)), labels, fontsize=8)
     ax.invert_yaxis()
-    log = max(values) / max(min(values), 1e-9) > 30   # a linear axis reads at a glance unless the range is wide
+    log = max(values) / max(min(values), 1e-9) > 30  # a linear axis reads at a glance unless the range is wide
     if log:
         ax.set_xscale("log")
     for i, r in enumerate(timed):
@@ -319,6 +359,7 @@ def plot_bench(rows, path=None, title: str = "edgeattn bench"):
 # ----------------------------------------------------------------------------- figures
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
+
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 

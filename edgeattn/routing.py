@@ -17,6 +17,7 @@ differ within its ``decision_eps`` and reports how many did.
 Where this differs from MoBA's reference: the sequence length must be a multiple of the block (MoBA lets the last
 block be shorter); pad the sequence or choose a block that divides it.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -66,12 +67,23 @@ def check_routing(block: int, top_k: int, n: Optional[int] = None) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidArgument(f"{name} must be a positive integer, got {value!r}")
     if n is not None and n % block:
-        raise InvalidArgument(f"routed attention splits the {n} tokens into blocks of {block}, which must divide them; "
-                              f"pad the sequence to a multiple of {block} or choose a block that divides {n}")
+        raise InvalidArgument(
+            f"routed attention splits the {n} tokens into blocks of {block}, which must divide them; "
+            f"pad the sequence to a multiple of {block} or choose a block that divides {n}"
+        )
 
 
-def routed_attention(q, k, v, block: int, top_k: int, causal: bool = True, router: Optional[Router] = None,
-                     scale: Optional[float] = None, name: str = "") -> torch.Tensor:
+def routed_attention(
+    q,
+    k,
+    v,
+    block: int,
+    top_k: int,
+    causal: bool = True,
+    router: Optional[Router] = None,
+    scale: Optional[float] = None,
+    name: str = "",
+) -> torch.Tensor:
     """Attention where each query attends its own block (causally with ``causal``) and the ``top_k - 1`` other
     blocks with the best ``router`` scores (default :func:`moba_gate`: MoBA).  q, k, v (B, H, N, D) -> (B, H, N, Dv).
 
@@ -84,15 +96,17 @@ def routed_attention(q, k, v, block: int, top_k: int, causal: bool = True, route
     scores = (router or moba_gate)(q, pool_blocks(k, block))
     nb = n // block
     if scores.shape[-1] != nb or scores.shape[-2] not in (n, nb):
-        raise InvalidArgument(f"the router must return block scores shaped (B, H, {n}, {nb}) or (B, H, {nb}, {nb}), "
-                              f"got {tuple(scores.shape)}")
-    if scores.shape[-2] == nb and nb != n:   # one score row per query block: every query of the block uses it
+        raise InvalidArgument(
+            f"the router must return block scores shaped (B, H, {n}, {nb}) or (B, H, {nb}, {nb}), "
+            f"got {tuple(scores.shape)}"
+        )
+    if scores.shape[-2] == nb and nb != n:  # one score row per query block: every query of the block uses it
         scores = scores.repeat_interleave(block, dim=-2)
     label = name or f"{'moba' if router is None else 'routed'}_b{block}_top{top_k}{'_causal' if causal else ''}"
     count = min(top_k - 1, nb - 1)
     if count:
         blocks = select_blocks(scores, candidates(n, block, causal, q.device), count, label)
-    else:   # the own block alone
+    else:  # the own block alone
         blocks = torch.full((*scores.shape[:-1], 1), -1, dtype=torch.int64, device=q.device)
     local = torch.ones(block, block, dtype=torch.bool, device=q.device)
     local = local.tril() if causal else local

@@ -14,6 +14,7 @@ one after the other.  The file's bytes travel to the replicas through Ray, so on
 another machine needs edgeattn and the runtime installed, not the file.  There each model is routed under
 ``/v2/models/NAME`` (several share Serve's proxy) and stopping removes only that model; started alone, it owns ``/``.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -33,8 +34,8 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .errors import EdgeAttnError, first_line
 from . import runtimes
+from .errors import EdgeAttnError, first_line
 from .export.repository import DATATYPES, batchable, model_name
 from .onnxfile import TensorInfo, formats
 
@@ -52,30 +53,45 @@ class BadRequest(EdgeAttnError):
 
 def metadata(name: str, platform: str, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo]) -> dict:
     """The KServe v2 model metadata response (-1 for a symbolic axis)."""
+
     def tensors(infos):
-        return [{"name": t.name, "datatype": DATATYPES.get(t.dtype, str(t.dtype)),
-                 "shape": [-1 if isinstance(d, str) else d for d in t.shape]} for t in infos]
-    return {"name": name, "versions": [VERSION], "platform": platform, "inputs": tensors(inputs),
-            "outputs": tensors(outputs)}
+        return [
+            {
+                "name": t.name,
+                "datatype": DATATYPES.get(t.dtype, str(t.dtype)),
+                "shape": [-1 if isinstance(d, str) else d for d in t.shape],
+            }
+            for t in infos
+        ]
+
+    return {
+        "name": name,
+        "versions": [VERSION],
+        "platform": platform,
+        "inputs": tensors(inputs),
+        "outputs": tensors(outputs),
+    }
 
 
 @dataclass
 class Request:
     """A parsed infer request: the feeds, the outputs asked for (by name: binary or not), its ``id``."""
+
     feeds: dict
     outputs: dict
     id: object = None
 
 
-def parse_request(body: bytes, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo],
-                  header_length: Optional[str] = None) -> Request:
+def parse_request(
+    body: bytes, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo], header_length: Optional[str] = None
+) -> Request:
     """A KServe v2 infer request -> :class:`Request`, or :class:`BadRequest`.  ``header_length`` is the
     ``Inference-Header-Content-Length`` header: the JSON is that many bytes, binary tensors follow."""
     binary = b""
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
             raise BadRequest(f"Inference-Header-Content-Length {header_length!r} does not fit a {len(body)}-byte body")
-        body, binary = body[:int(header_length)], memoryview(body)[int(header_length):]
+        body, binary = body[: int(header_length)], memoryview(body)[int(header_length) :]
     try:
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -86,8 +102,11 @@ def parse_request(body: bytes, inputs: Sequence[TensorInfo], outputs: Sequence[T
     feeds = {}
     for item in request["inputs"]:
         size = (item.get("parameters") or {}).get("binary_data_size") if isinstance(item, dict) else None
-        if not isinstance(item, dict) or not {"name", "shape", "datatype"} <= item.keys() or \
-                ("data" not in item and size is None):
+        if (
+            not isinstance(item, dict)
+            or not {"name", "shape", "datatype"} <= item.keys()
+            or ("data" not in item and size is None)
+        ):
             raise BadRequest('each input needs "name", "shape", "datatype" and "data" (or binary_data_size)')
         name = item["name"]
         if name not in expected:
@@ -107,8 +126,10 @@ def parse_request(body: bytes, inputs: Sequence[TensorInfo], outputs: Sequence[T
         count = int(np.prod(shape))
         if size is not None:
             if not isinstance(size, int) or size != count * info.dtype.itemsize or size > len(binary):
-                raise BadRequest(f"input {name!r}: binary_data_size {size!r}, shape {shape} of {want} takes "
-                                 f"{count * info.dtype.itemsize} bytes ({len(binary)} left in the body)")
+                raise BadRequest(
+                    f"input {name!r}: binary_data_size {size!r}, shape {shape} of {want} takes "
+                    f"{count * info.dtype.itemsize} bytes ({len(binary)} left in the body)"
+                )
             array, binary = np.frombuffer(binary[:size], dtype=info.dtype), binary[size:]
         else:
             try:
@@ -170,7 +191,7 @@ class Model:
             path = Path(folder, next(iter(files)))
             self.session = runtimes.load(path, runtime)
         finally:
-            shutil.rmtree(folder, ignore_errors=True)   # the runtimes hold the model in memory (or a mapping)
+            shutil.rmtree(folder, ignore_errors=True)  # the runtimes hold the model in memory (or a mapping)
         self.inputs, self.outputs = self.session.inputs, self.session.outputs
         self.batchable = batchable(self.inputs, self.outputs)
         self.platform = "openvino" if self.session.runtime.startswith("openvino") else "onnxruntime_onnx"
@@ -207,7 +228,7 @@ def deployment(name: str, runtime: str, max_batch_size: int, batch_wait_s: float
         async def infer(self, feeds_list: list) -> list:
             try:
                 return await asyncio.to_thread(self.model.run_batch, feeds_list)
-            except Exception as e:   # the batch failed as a whole: answer each request of it alone
+            except Exception as e:  # the batch failed as a whole: answer each request of it alone
                 return [self._alone(feeds) or e for feeds in feeds_list]
 
         def _alone(self, feeds):
@@ -224,14 +245,17 @@ def deployment(name: str, runtime: str, max_batch_size: int, batch_wait_s: float
                 m = self.model
                 return JSONResponse(metadata(name, m.platform, m.inputs, m.outputs))
             if path not in (f"{prefix}/infer", f"{prefix}/versions/{VERSION}/infer"):
-                return JSONResponse({"error": f"no such endpoint {request.method} {path}; this server has "
-                                              f"POST {prefix}/infer"}, status_code=404)
+                return JSONResponse(
+                    {"error": f"no such endpoint {request.method} {path}; this server has POST {prefix}/infer"},
+                    status_code=404,
+                )
             if request.method != "POST":
                 return JSONResponse({"error": f"{path} takes POST"}, status_code=405)
             body = await request.body()
             try:
-                parsed = parse_request(body, self.model.inputs, self.model.outputs,
-                                       request.headers.get("inference-header-content-length"))
+                parsed = parse_request(
+                    body, self.model.inputs, self.model.outputs, request.headers.get("inference-header-content-length")
+                )
             except BadRequest as e:
                 return JSONResponse({"error": str(e)}, status_code=e.status)
             outputs = await self.infer(parsed.feeds)
@@ -240,8 +264,11 @@ def deployment(name: str, runtime: str, max_batch_size: int, batch_wait_s: float
             content, header_length = response(name, outputs, parsed)
             if header_length is None:
                 return Response(content, media_type="application/json")
-            return Response(content, media_type="application/octet-stream",
-                            headers={"Inference-Header-Content-Length": str(header_length)})
+            return Response(
+                content,
+                media_type="application/octet-stream",
+                headers={"Inference-Header-Content-Length": str(header_length)},
+            )
 
     return ModelServer
 
@@ -268,6 +295,7 @@ def start_serve(ray_serve, host: str, port: int) -> None:
     """Start Serve, or join the one on the cluster.  Two commands starting it at once race to create its controller
     and proxy; the loser (a taken name, or its proxy killed) tries again and joins the winner's."""
     from ray.exceptions import RayActorError
+
     for attempt in range(3):
         try:
             ray_serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "ERROR"})
@@ -281,6 +309,7 @@ def start_serve(ray_serve, host: str, port: int) -> None:
 def wait_until_ready(url: str, stop: threading.Event, seconds: float = 60.0) -> None:
     """Wait for ``url`` to answer 200: Serve on a cluster may already listen on another port than the one asked."""
     import urllib.request
+
     deadline = time.monotonic() + seconds
     while not stop.is_set():
         try:
@@ -290,14 +319,25 @@ def wait_until_ready(url: str, stop: threading.Event, seconds: float = 60.0) -> 
         except OSError:
             pass
         if time.monotonic() > deadline:
-            raise EdgeAttnError(f"the model is deployed but {url} does not answer: Ray Serve on this cluster "
-                                "listens on another host or port (see `serve status`); pass that --host and --port")
+            raise EdgeAttnError(
+                f"the model is deployed but {url} does not answer: Ray Serve on this cluster "
+                "listens on another host or port (see `serve status`); pass that --host and --port"
+            )
         time.sleep(0.5)
 
 
-def serve(path, runtime: str = "auto", host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
-          max_batch_size: int = 8, batch_wait_ms: float = 5.0, address: Optional[str] = None,
-          name: Optional[str] = None, log: Callable[[str], None] = print) -> None:
+def serve(
+    path,
+    runtime: str = "auto",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    replicas: int = 1,
+    max_batch_size: int = 8,
+    batch_wait_ms: float = 5.0,
+    address: Optional[str] = None,
+    name: Optional[str] = None,
+    log: Callable[[str], None] = print,
+) -> None:
     """Serve ``path`` until SIGINT or SIGTERM, then shut the application (and a Ray started here) down."""
     try:
         import ray
@@ -311,12 +351,14 @@ def serve(path, runtime: str = "auto", host: str = "127.0.0.1", port: int = 8000
     if replicas < 1 or max_batch_size < 1 or batch_wait_ms < 0:
         raise EdgeAttnError("--replicas and --max-batch-size must be at least 1, --batch-wait-ms at least 0")
     if address is None and replicas > (os.cpu_count() or 1):
-        raise EdgeAttnError(f"--replicas {replicas} needs {replicas} CPUs and this machine has {os.cpu_count()}: "
-                            "serve fewer here, or start a Ray cluster and pass --address auto")
-    session = runtimes.load(path, runtime)   # a bad file or an unavailable runtime fails here, in one line
+        raise EdgeAttnError(
+            f"--replicas {replicas} needs {replicas} CPUs and this machine has {os.cpu_count()}: "
+            "serve fewer here, or start a Ray cluster and pass --address auto"
+        )
+    session = runtimes.load(path, runtime)  # a bad file or an unavailable runtime fails here, in one line
     runtime = session.runtime
     del session
-    if address is None:   # on a cluster, Serve's proxy may already hold the port (and it may be on another machine)
+    if address is None:  # on a cluster, Serve's proxy may already hold the port (and it may be on another machine)
         check_port(host, port)
     files = model_files(path)
 
@@ -331,39 +373,49 @@ def serve(path, runtime: str = "auto", host: str = "127.0.0.1", port: int = 8000
         for s in previous:
             signal.signal(s, on_signal)
         if address is None:
-            ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False, configure_logging=False,
-                     object_store_memory=max(sum(map(len, files.values())) * 4, 80 * 2**20))
+            ray.init(
+                include_dashboard=False,
+                logging_level="ERROR",
+                log_to_driver=False,
+                configure_logging=False,
+                object_store_memory=max(sum(map(len, files.values())) * 4, 80 * 2**20),
+            )
         else:
             ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
-        for s in previous:   # Ray may have installed its own
+        for s in previous:  # Ray may have installed its own
             signal.signal(s, on_signal)
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)   # its INFO lines would bury ours
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines would bury ours
         app = deployment(name, runtime, max_batch_size, batch_wait_ms / 1000)
         if not stop.is_set():
             start_serve(ray_serve, host, port)
             if address is not None and name in ray_serve.status().applications:
-                taken = True   # not ours to remove on the way out
+                taken = True  # not ours to remove on the way out
                 raise EdgeAttnError(f"a model named {name!r} is already served on this cluster; pass another --name")
             # on a shared cluster each model has its own route, so several share Serve's one HTTP proxy
-            ray_serve.run(app.options(num_replicas=replicas).bind(files), name=name,
-                          route_prefix="/" if address is None else f"/v2/models/{name}",
-                          logging_config={"log_level": "ERROR"})
+            ray_serve.run(
+                app.options(num_replicas=replicas).bind(files),
+                name=name,
+                route_prefix="/" if address is None else f"/v2/models/{name}",
+                logging_config={"log_level": "ERROR"},
+            )
             wait_until_ready(f"http://{host}:{port}/v2/models/{name}/ready", stop)
         if not stop.is_set():
-            log(f"serving {name} on {runtime} ({replicas} replica{'s' if replicas > 1 else ''}, batches up to "
-                f"{max_batch_size}) at http://{host}:{port}/v2/models/{name}/infer; Ctrl-C stops")
+            log(
+                f"serving {name} on {runtime} ({replicas} replica{'s' if replicas > 1 else ''}, batches up to "
+                f"{max_batch_size}) at http://{host}:{port}/v2/models/{name}/infer; Ctrl-C stops"
+            )
         while not stop.wait(0.5):
             pass
         log("stopping")
-    except ray.exceptions.RayError as e:   # Ray's own failure, in one line (its logs are in Ray's session folder)
+    except ray.exceptions.RayError as e:  # Ray's own failure, in one line (its logs are in Ray's session folder)
         raise EdgeAttnError(f"Ray Serve failed: {first_line(e)}") from None
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not leave Ray's processes behind
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave Ray's processes behind
         try:
             if ray.is_initialized():
                 if address is None:
                     ray_serve.shutdown()
-                elif not taken:       # on a shared cluster only this application goes
+                elif not taken:  # on a shared cluster only this application goes
                     ray_serve.delete(name)
         finally:
             if ray.is_initialized():
@@ -376,8 +428,9 @@ def serve(path, runtime: str = "auto", host: str = "127.0.0.1", port: int = 8000
 @dataclass
 class LoadReport:
     """What :func:`load_test` measured: every answer by request, latencies in ms, requests per second."""
+
     sent: int = 0
-    answers: list = field(default_factory=list)        # (feeds index, outputs or error string, latency ms)
+    answers: list = field(default_factory=list)  # (feeds index, outputs or error string, latency ms)
     seconds: float = 0.0
 
     @property
@@ -392,9 +445,11 @@ class LoadReport:
         return len(self.answers) / self.seconds if self.seconds else 0.0
 
     def describe(self) -> str:
-        return (f"{len(self.answers)} answers to {self.sent} requests ({len(self.failed)} failed) in "
-                f"{self.seconds:.1f} s: {self.throughput:.1f} req/s, p50 {self.percentile(50):.1f} ms, "
-                f"p99 {self.percentile(99):.1f} ms")
+        return (
+            f"{len(self.answers)} answers to {self.sent} requests ({len(self.failed)} failed) in "
+            f"{self.seconds:.1f} s: {self.throughput:.1f} req/s, p50 {self.percentile(50):.1f} ms, "
+            f"p99 {self.percentile(99):.1f} ms"
+        )
 
 
 def infer_request(feeds: Mapping[str, np.ndarray], binary: bool = True) -> tuple[bytes, dict]:
@@ -407,24 +462,27 @@ def infer_request(feeds: Mapping[str, np.ndarray], binary: bool = True) -> tuple
     head = json.dumps(request).encode()
     if not binary:
         return head, {"Content-Type": "application/json"}
-    return head + b"".join(data for _, data in encoded), {"Content-Type": "application/octet-stream",
-                                   "Inference-Header-Content-Length": str(len(head))}
+    return head + b"".join(data for _, data in encoded), {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(head)),
+    }
 
 
 def post(url: str, body: bytes, headers: Optional[dict] = None, timeout: float = 60.0) -> tuple[int, dict, dict]:
     """POST ``body`` to ``url``: (HTTP status, the answer's JSON, its outputs as arrays by name)."""
     import urllib.error
     import urllib.request
+
     request = urllib.request.Request(url, data=body, method="POST", headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as r:
             status, raw, length = r.status, r.read(), r.headers.get("Inference-Header-Content-Length")
     except urllib.error.HTTPError as e:
         status, raw, length = e.code, e.read(), None
-    head, tail = (raw[:int(length)], memoryview(raw)[int(length):]) if length else (raw, b"")
+    head, tail = (raw[: int(length)], memoryview(raw)[int(length) :]) if length else (raw, b"")
     try:
         answer = json.loads(head or b"{}")
-    except ValueError:   # an error page of a proxy in front of the model, not a KServe answer
+    except ValueError:  # an error page of a proxy in front of the model, not a KServe answer
         return status, {"error": bytes(head).decode(errors="replace").strip()}, {}
     outputs = {}
     for o in answer.get("outputs", []):
@@ -437,8 +495,9 @@ def post(url: str, body: bytes, headers: Optional[dict] = None, timeout: float =
     return status, answer, outputs
 
 
-def load_test(url: str, requests: Sequence[Mapping[str, np.ndarray]], clients: int = 8, seconds: float = 20.0,
-              binary: bool = True) -> LoadReport:
+def load_test(
+    url: str, requests: Sequence[Mapping[str, np.ndarray]], clients: int = 8, seconds: float = 20.0, binary: bool = True
+) -> LoadReport:
     """``clients`` threads post ``requests`` round-robin to ``url`` for ``seconds``; every answer is kept."""
     bodies = [infer_request(r, binary) for r in requests]
     report, lock = LoadReport(), threading.Lock()
@@ -454,7 +513,7 @@ def load_test(url: str, requests: Sequence[Mapping[str, np.ndarray]], clients: i
             try:
                 status, answer, outputs = post(url, *bodies[i])
                 result = outputs if status == 200 else f"HTTP {status}: {answer.get('error')}"
-            except Exception as e:   # a lost request is a result, not a crash of the load test
+            except Exception as e:  # a lost request is a result, not a crash of the load test
                 result = f"{type(e).__name__}: {e}"
             with lock:
                 report.answers.append((i, result, (time.perf_counter() - t0) * 1000))

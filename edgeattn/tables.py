@@ -17,6 +17,7 @@ the values are weights: ``bias_index`` (1, Nq, Nkv) for dense tables, ``bank_bia
 bank of block tables (deduplicated with it).  Positions the mask does not allow hold 0.  The layer owning the
 weight gathers ``weight[:, index]`` at run time (:class:`edgeattn.layers.MaskTable`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,7 +49,7 @@ MAX_BUCKETS = 8
 # OpenVINO; at 4k tokens (5 MB of scores) chunks were 15% slower on onnxruntime (benchmarks/RESULTS.md).
 AUTO_CHUNK_BYTES = 8 * 2**20
 CHUNK_BYTES = 1.5 * 2**20
-DEFAULT_TILE = {1: 64, 2: 8, 3: (1, 8, 8)}   # queries per tile per grid axis when the mask gives no tiling hint
+DEFAULT_TILE = {1: 64, 2: 8, 3: (1, 8, 8)}  # queries per tile per grid axis when the mask gives no tiling hint
 # A hinted tile larger than this many queries is flattened from its leading axes: a 3x7x7 neighborhood on 8x28x28
 # runs fastest with 1x7x7 tiles (ORT 8.2 ms against 11.2 ms for 3x7x7 tiles; benchmarks/bench_attention.py).
 MAX_HINTED_TILE = 64
@@ -69,12 +70,12 @@ Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], 
 class DenseTable:
     name: str
     shape: Shape
-    mask: torch.Tensor                    # bool (heads or 1, Nq, Nkv)
-    bias: Optional[torch.Tensor] = None   # float32 (heads or 1, Nq, Nkv)
+    mask: torch.Tensor  # bool (heads or 1, Nq, Nkv)
+    bias: Optional[torch.Tensor] = None  # float32 (heads or 1, Nq, Nkv)
     layout: str = "dense"
-    bias_index: Optional[torch.Tensor] = None   # int32 (1, Nq, Nkv): position in the per-head rpb table
-    rpb_shape: tuple[int, ...] = ()             # the per-head rpb table's shape (empty: no rpb)
-    blocked_work: Optional[float] = None        # layout="auto": the work_fraction of the block table it declined
+    bias_index: Optional[torch.Tensor] = None  # int32 (1, Nq, Nkv): position in the per-head rpb table
+    rpb_shape: tuple[int, ...] = ()  # the per-head rpb table's shape (empty: no rpb)
+    blocked_work: Optional[float] = None  # layout="auto": the work_fraction of the block table it declined
 
     @property
     def nbytes(self) -> int:
@@ -99,17 +100,18 @@ class BlockTable:
     Attention on a block table: gather q at ``q_index`` and k/v at ``kv_index``, score (T, tq, K) blocks, add the
     tile's bank block, softmax, multiply, then row ``q_pos[n]`` of the flattened (T*tq) output is query n.
     """
+
     name: str
     shape: Shape
-    tile: tuple[int, ...]                  # queries per tile along each grid axis (one axis for sequences)
-    q_index: torch.Tensor                  # int64 (T, tq): query ids of each tile
-    kv_index: torch.Tensor                 # int64 (T, K): key ids of each tile; padding points at key 0
-    q_pos: torch.Tensor                    # int64 (Nq,): flat position of each query in the (T*tq) tile output
-    block: torch.Tensor                    # int64 (T,): which bank entry masks each tile
-    bank: torch.Tensor                     # bool (P, heads or 1, tq, K): unique blocks; padding keys are False
-    bank_bias: Optional[torch.Tensor] = None   # float32 (P, heads or 1, tq, K) for masks with a bias_mod
+    tile: tuple[int, ...]  # queries per tile along each grid axis (one axis for sequences)
+    q_index: torch.Tensor  # int64 (T, tq): query ids of each tile
+    kv_index: torch.Tensor  # int64 (T, K): key ids of each tile; padding points at key 0
+    q_pos: torch.Tensor  # int64 (Nq,): flat position of each query in the (T*tq) tile output
+    block: torch.Tensor  # int64 (T,): which bank entry masks each tile
+    bank: torch.Tensor  # bool (P, heads or 1, tq, K): unique blocks; padding keys are False
+    bank_bias: Optional[torch.Tensor] = None  # float32 (P, heads or 1, tq, K) for masks with a bias_mod
     layout: str = "blocked"
-    bank_bias_index: Optional[torch.Tensor] = None   # int32 (P, 1, tq, K): position in the per-head rpb table
+    bank_bias_index: Optional[torch.Tensor] = None  # int32 (P, 1, tq, K): position in the per-head rpb table
     rpb_shape: tuple[int, ...] = ()
 
     @property
@@ -173,9 +175,10 @@ class BlockTable:
 class DenseBucket:
     """Some queries (``rows``) that attend, in all, one list of keys (``keys``): a dense table over just those,
     (heads or 1, len(rows), len(keys)), run as a dense-table attention node on the gathered rows and keys."""
-    rows: torch.Tensor                     # int64 (n,): query ids
-    keys: torch.Tensor                     # int64 (K,): key ids, ascending
-    table: DenseTable                      # its shape is (n, K)
+
+    rows: torch.Tensor  # int64 (n,): query ids
+    keys: torch.Tensor  # int64 (K,): key ids, ascending
+    table: DenseTable  # its shape is (n, K)
 
     @property
     def nbytes(self) -> int:
@@ -199,14 +202,15 @@ class BucketedTable:
     on its T_b * tq rows), or a :class:`DenseBucket` when its tiles attend, in all, no more keys than its longest
     tile (causal, prefix-LM: a key prefix), so one dense node serves them.  Attention runs each bucket,
     concatenates their rows and takes row ``q_pos[n]`` for query n."""
+
     name: str
     shape: Shape
-    buckets: tuple                          # BlockTable or DenseBucket
-    q_pos: torch.Tensor                     # int64 (Nq,): row of query n in the buckets' concatenated rows
+    buckets: tuple  # BlockTable or DenseBucket
+    q_pos: torch.Tensor  # int64 (Nq,): row of query n in the buckets' concatenated rows
     layout: str = "bucketed"
     rpb_shape: tuple[int, ...] = ()
-    bank_bias_index: Optional[torch.Tensor] = None   # never: masks with a learned rpb are not bucketed
-    by: str = "key count"                   # how the tiles were grouped, for the export's reasons
+    bank_bias_index: Optional[torch.Tensor] = None  # never: masks with a learned rpb are not bucketed
+    by: str = "key count"  # how the tiles were grouped, for the export's reasons
 
     @property
     def nbytes(self) -> int:
@@ -231,10 +235,10 @@ class BucketedTable:
         mask = torch.zeros(heads, self.shape.q_len, self.shape.kv_len, dtype=torch.bool)
         bias = None if all(p[3] is None for p in pairs) else torch.zeros(mask.shape)
         for h, q, kv, values, hm in pairs:
-            h = torch.arange(heads)[:, None] if hm < heads else h[None]   # a bucket stored for all heads at once
+            h = torch.arange(heads)[:, None] if hm < heads else h[None]  # a bucket stored for all heads at once
             mask[h, q, kv] = True
             if values is not None:
-                assert bias is not None   # made above when any bucket has values
+                assert bias is not None  # made above when any bucket has values
                 bias[h, q, kv] = values
         return DenseTable(self.name, self.shape, mask, bias)
 
@@ -250,23 +254,35 @@ def bucketed(table: BlockTable, max_buckets: int = MAX_BUCKETS) -> BucketedTable
     start_row = 0
     tq = table.q_index.shape[1]
     for lo, hi in groups:
-        tiles = order[lo:hi].sort().values                         # keep tile order inside a bucket
+        tiles = order[lo:hi].sort().values  # keep tile order inside a bucket
         width = int(counts[tiles].max())
         kv_index = table.kv_index[tiles, :width]
         blocks = table.bank[table.block[tiles]][..., :width]
         bias = None if table.bank_bias is None else table.bank_bias[table.block[tiles]][..., :width]
-        shared = kv_index[blocks.flatten(1, 2).any(1)].unique()    # every key any tile of the bucket attends
+        shared = kv_index[blocks.flatten(1, 2).any(1)].unique()  # every key any tile of the bucket attends
         n = len(tiles) * tq
-        if len(shared) == width:   # causal, prefix-LM: one key list serves every tile: a dense bucket
+        if len(shared) == width:  # causal, prefix-LM: one key list serves every tile: a dense bucket
             mask, values = _on_shared_keys(kv_index, blocks, bias, shared)
-            part = DenseTable(table.name, Shape.of(n, width), _squeeze_heads(mask),
-                              None if values is None else _squeeze_heads(values))
+            part = DenseTable(
+                table.name, Shape.of(n, width), _squeeze_heads(mask), None if values is None else _squeeze_heads(values)
+            )
             buckets.append(DenseBucket(table.q_index[tiles].flatten(), shared, part))
         else:
             bank, block, bank_bias, _ = _dedupe(blocks, bias)
             bank, bank_bias = _squeeze_bank_heads(bank, bank_bias)
-            buckets.append(BlockTable(table.name, table.shape, table.tile, table.q_index[tiles].contiguous(),
-                                      kv_index.contiguous(), torch.arange(n), block, bank, bank_bias))
+            buckets.append(
+                BlockTable(
+                    table.name,
+                    table.shape,
+                    table.tile,
+                    table.q_index[tiles].contiguous(),
+                    kv_index.contiguous(),
+                    torch.arange(n),
+                    block,
+                    bank,
+                    bank_bias,
+                )
+            )
         # tile t's rows in the original (T*tq) layout now sit at start_row + its rank in the bucket
         rows.view(-1, tq)[tiles] = start_row + torch.arange(n).view(-1, tq)
         start_row += n
@@ -281,11 +297,26 @@ def chunked(table: BlockTable, tiles: int) -> BucketedTable:
     buckets = []
     for lo in range(0, count, tiles):
         group = slice(lo, min(count, lo + tiles))
-        buckets.append(BlockTable(table.name, table.shape, table.tile, table.q_index[group].contiguous(),
-                                  table.kv_index[group].contiguous(), torch.arange(table.q_index[group].numel()),
-                                  table.block[group].contiguous(), table.bank, table.bank_bias))
-    return BucketedTable(table.name, table.shape, tuple(buckets), table.q_pos,
-                         by=f"position, {tiles} tiles each (scores that stay in cache)")
+        buckets.append(
+            BlockTable(
+                table.name,
+                table.shape,
+                table.tile,
+                table.q_index[group].contiguous(),
+                table.kv_index[group].contiguous(),
+                torch.arange(table.q_index[group].numel()),
+                table.block[group].contiguous(),
+                table.bank,
+                table.bank_bias,
+            )
+        )
+    return BucketedTable(
+        table.name,
+        table.shape,
+        tuple(buckets),
+        table.q_pos,
+        by=f"position, {tiles} tiles each (scores that stay in cache)",
+    )
 
 
 def _in_chunks(table: BlockTable):
@@ -301,7 +332,7 @@ def _on_shared_keys(kv_index, blocks, bias, shared):
     """A bucket's (t, heads, tq, K) blocks over one key list ``shared`` (K keys, ascending) -> its mask and bias
     (heads, t * tq, K) as a dense table over the bucket's rows and those keys."""
     t, hm, tq, k = blocks.shape
-    column = torch.searchsorted(shared, kv_index)                  # (t, K): where each listed key sits in shared
+    column = torch.searchsorted(shared, kv_index)  # (t, K): where each listed key sits in shared
     allowed = blocks.transpose(0, 1).reshape(hm, t * tq, k)
     moved = torch.zeros(hm, t * tq, k, dtype=torch.bool)
     index = column.repeat_interleave(tq, 0).expand(hm, -1, -1)
@@ -316,7 +347,7 @@ def _on_shared_keys(kv_index, blocks, bias, shared):
 
 def _key_counts(table: BlockTable) -> torch.Tensor:
     """(T,) keys each tile attends (at least 1): its allowed keys come first, padding after."""
-    per_bank = table.bank.flatten(1, 2).any(1).sum(1)          # (P,)
+    per_bank = table.bank.flatten(1, 2).any(1).sum(1)  # (P,)
     return per_bank[table.block].clamp(min=1)
 
 
@@ -325,7 +356,7 @@ def _partition(sorted_counts: torch.Tensor, max_parts: int) -> list[tuple[int, i
     dynamic programming over the run ends."""
     c = sorted_counts.double()
     n = len(c)
-    if n > 2048:   # the (n x n) step would be large: equal runs of the sorted tiles
+    if n > 2048:  # the (n x n) step would be large: equal runs of the sorted tiles
         runs = min(max_parts, n)
         return [(i * n // runs, (i + 1) * n // runs) for i in range(runs)]
     inf = float("inf")
@@ -363,8 +394,9 @@ def reuse() -> Iterator[None]:
         _MEMO.reset(token)
 
 
-def build(mask, q_len=None, kv_len=None, grid=None, heads: int = 1, layout: str = "dense", tile=None,
-          buckets: bool = True):
+def build(
+    mask, q_len=None, kv_len=None, grid=None, heads: int = 1, layout: str = "dense", tile=None, buckets: bool = True
+):
     """Evaluate ``mask`` (a Mask or a bare mask_mod) for one shape by broadcasting over index tensors.
 
     ``layout="blocked"`` returns a :class:`BlockTable`; ``tile`` (int or per-axis) overrides the mask's hint.
@@ -382,11 +414,16 @@ def build(mask, q_len=None, kv_len=None, grid=None, heads: int = 1, layout: str 
         sparse = blocked.work_fraction <= AUTO_BLOCKED_MAX_WORK
         counts = _key_counts(blocked)
         # bucketing pays where tiles attend very different numbers of keys (at best: the mean over the longest)
-        if buckets and mask.rpb is None and shape.q_len * shape.kv_len >= AUTO_BUCKETED_MIN_PAIRS and \
-                float(counts.double().mean()) <= AUTO_BUCKETED_GAIN * int(counts.max()):
+        if (
+            buckets
+            and mask.rpb is None
+            and shape.q_len * shape.kv_len >= AUTO_BUCKETED_MIN_PAIRS
+            and float(counts.double().mean()) <= AUTO_BUCKETED_GAIN * int(counts.max())
+        ):
             split = bucketed(blocked)
-            if split.work_fraction <= (AUTO_BUCKETED_GAIN * blocked.work_fraction if sparse else
-                                       AUTO_BUCKETED_MAX_WORK):
+            if split.work_fraction <= (
+                AUTO_BUCKETED_GAIN * blocked.work_fraction if sparse else AUTO_BUCKETED_MAX_WORK
+            ):
                 return split
         if sparse:
             return _in_chunks(blocked) if buckets and mask.rpb is None else blocked
@@ -417,9 +454,14 @@ def _build_dense(mask, shape: Shape, heads: int, tile=None) -> DenseTable:
             biases.append(evaluate(bias_mod, index, heads, "bias_mod", mask.name).to(torch.float32))
         if index_mod is not None:
             indices.append(_rpb_index(mask.name, index_mod, index, heads, masks[-1], rpb_shape))
-    return DenseTable(mask.name, shape, _squeeze_heads(torch.cat(masks, 1)),
-                      _squeeze_heads(torch.cat(biases, 1)) if biases else None,
-                      bias_index=torch.cat(indices, 1) if indices else None, rpb_shape=tuple(rpb_shape))
+    return DenseTable(
+        mask.name,
+        shape,
+        _squeeze_heads(torch.cat(masks, 1)),
+        _squeeze_heads(torch.cat(biases, 1)) if biases else None,
+        bias_index=torch.cat(indices, 1) if indices else None,
+        rpb_shape=tuple(rpb_shape),
+    )
 
 
 def _rpb_index(name: str, index_mod, index, heads: int, allowed: torch.Tensor, rpb_shape) -> torch.Tensor:
@@ -427,14 +469,18 @@ def _rpb_index(name: str, index_mod, index, heads: int, allowed: torch.Tensor, r
     allows the pair, 0 elsewhere; positions outside the table are an error."""
     values = evaluate(index_mod, index, heads, "rpb_index_mod", name)
     if values.shape[0] != 1:
-        raise InvalidArgument(f"{name}: rpb_index_mod must not depend on the head (each head has its own row of the "
-                              f"table, indexed the same way)")
+        raise InvalidArgument(
+            f"{name}: rpb_index_mod must not depend on the head (each head has its own row of the "
+            f"table, indexed the same way)"
+        )
     entries = math.prod(rpb_shape)
     values = torch.where(allowed.any(0, keepdim=True), values, 0)
     if values.numel() and not 0 <= int(values.min()) <= int(values.max()) < entries:
         bad = values[(values < 0) | (values >= entries)][0]
-        raise InvalidArgument(f"{name}: rpb_index_mod gives positions outside its table of {entries} entries per head "
-                              f"(e.g. {int(bad)}); indices must lie in [0, {entries})")
+        raise InvalidArgument(
+            f"{name}: rpb_index_mod gives positions outside its table of {entries} entries per head "
+            f"(e.g. {int(bad)}); indices must lie in [0, {entries})"
+        )
     return values.to(torch.int32)
 
 
@@ -454,7 +500,7 @@ def _axis_tiles(length: int, tile: int, groups: int, offset: int) -> torch.Tenso
     for g in range(groups):
         members = order[order % groups == g]
         for start in range(0, len(members), tile):
-            run = members[start:start + tile]
+            run = members[start : start + tile]
             runs.append(torch.cat([run, run[-1:].expand(tile - len(run))]))
     return torch.stack(runs)
 
@@ -478,14 +524,14 @@ def _query_tiles(mask, shape: Shape, tile) -> tuple[tuple[int, ...], torch.Tenso
         groups, offsets = (1,), (0,)
     ids = None
     for axis, (n, t, g, o) in enumerate(zip(grid, tile, groups, offsets)):
-        coords = _axis_tiles(n, t, min(g, n), o)                   # (tiles_a, t)
-        stride = math.prod(grid[axis + 1:])
+        coords = _axis_tiles(n, t, min(g, n), o)  # (tiles_a, t)
+        stride = math.prod(grid[axis + 1 :])
         part = coords * stride
         if ids is None:
             ids = part
-        else:   # combine: every earlier tile with every tile of this axis
+        else:  # combine: every earlier tile with every tile of this axis
             ids = (ids[:, None, :, None] + part[None, :, None, :]).reshape(ids.shape[0] * part.shape[0], -1)
-    assert ids is not None   # a grid has at least one axis
+    assert ids is not None  # a grid has at least one axis
     return tile, ids
 
 
@@ -498,20 +544,23 @@ def _build_blocked(mask, shape: Shape, heads: int, tile) -> BlockTable:
     per_step = max(1, ROW_CHUNK_ELEMS // (tq * shape.kv_len))
     keys, blocks, biases, indices, n_keys = [], [], [], [], 0
     for start in range(0, n_tiles, per_step):
-        rows = q_index[start:start + per_step]                       # (t, tq)
+        rows = q_index[start : start + per_step]  # (t, tq)
         q = rows.reshape(1, 1, -1, 1)
         flat_allowed = evaluate(mask_mod, (b, h, q, kv), heads, name=mask.name)
-        allowed = _tiles(flat_allowed, len(rows))                    # (t, hm, tq, Nkv)
+        allowed = _tiles(flat_allowed, len(rows))  # (t, hm, tq, Nkv)
         positions = None
         if index_mod is not None:
-            positions = _tiles(_rpb_index(mask.name, index_mod, (b, h, q, kv), heads, flat_allowed, rpb_shape),
-                               len(rows))                            # (t, 1, tq, Nkv)
+            positions = _tiles(
+                _rpb_index(mask.name, index_mod, (b, h, q, kv), heads, flat_allowed, rpb_shape), len(rows)
+            )  # (t, 1, tq, Nkv)
         values = None
         if bias_mod is not None:
-            values = _tiles(evaluate(bias_mod, (b, h, q, kv), heads, "bias_mod", mask.name).to(torch.float32), len(rows))
+            values = _tiles(
+                evaluate(bias_mod, (b, h, q, kv), heads, "bias_mod", mask.name).to(torch.float32), len(rows)
+            )
             hm = max(allowed.shape[1], values.shape[1])
             allowed, values = (t.expand(-1, hm, -1, -1) for t in (allowed, values))
-        union = allowed.any(2).any(1)                                  # (t, Nkv)
+        union = allowed.any(2).any(1)  # (t, Nkv)
         count = int(union.sum(1).max())
         # the allowed keys of each tile first, in key order (a stable sort of "not allowed")
         order = torch.sort((~union).to(torch.uint8), dim=1, stable=True).indices[:, :count]
@@ -524,7 +573,7 @@ def _build_blocked(mask, shape: Shape, heads: int, tile) -> BlockTable:
         if positions is not None:
             indices.append(torch.where(valid[:, None, None, :], torch.gather(positions, 3, idx[:, :1]), 0))
         n_keys = max(n_keys, count)
-    n_keys = max(n_keys, 1)   # a mask that allows nothing still gets one (masked) key per tile, not empty blocks
+    n_keys = max(n_keys, 1)  # a mask that allows nothing still gets one (masked) key per tile, not empty blocks
     kv_index = torch.cat([_pad(k, n_keys, 0) for k in keys])
     hm = max(bl.shape[1] for bl in blocks)
     block_all = torch.cat([_pad(bl, n_keys, False).expand(-1, hm, -1, -1) for bl in blocks])
@@ -536,8 +585,19 @@ def _build_blocked(mask, shape: Shape, heads: int, tile) -> BlockTable:
     # a query may appear several times (tile padding): its first appearance is where its output is read
     flat = q_index.flatten()
     q_pos[flat.flip(0)] = torch.arange(flat.numel() - 1, -1, -1)
-    return BlockTable(mask.name, shape, tile, q_index.contiguous(), kv_index.contiguous(), q_pos, block, bank,
-                      bank_bias, bank_bias_index=bank_index, rpb_shape=tuple(rpb_shape))
+    return BlockTable(
+        mask.name,
+        shape,
+        tile,
+        q_index.contiguous(),
+        kv_index.contiguous(),
+        q_pos,
+        block,
+        bank,
+        bank_bias,
+        bank_bias_index=bank_index,
+        rpb_shape=tuple(rpb_shape),
+    )
 
 
 def _tiles(values: torch.Tensor, n_tiles: int) -> torch.Tensor:
@@ -562,7 +622,8 @@ def _dedupe(blocks: torch.Tensor, biases: Optional[torch.Tensor], indices: Optio
         key = torch.cat([key, indices.flatten(1).to(torch.int32)], 1)
     unique, inverse = torch.unique(key, dim=0, return_inverse=True)
     first = torch.full((len(unique),), len(key), dtype=torch.long).scatter_reduce(
-        0, inverse, torch.arange(len(key)), "amin")
+        0, inverse, torch.arange(len(key)), "amin"
+    )
     pick = [None if t is None else t[first].contiguous() for t in (biases, indices)]
     return blocks[first].contiguous(), inverse, *pick
 
@@ -572,8 +633,11 @@ def _nbytes(tensors) -> int:
 
 
 def _squeeze_bank_heads(bank, bank_bias):
-    if bank.shape[1] > 1 and bool((bank == bank[:, :1]).all()) and (
-            bank_bias is None or bool((bank_bias == bank_bias[:, :1]).all())):
+    if (
+        bank.shape[1] > 1
+        and bool((bank == bank[:, :1]).all())
+        and (bank_bias is None or bool((bank_bias == bank_bias[:, :1]).all()))
+    ):
         bank = bank[:, :1].contiguous()
         bank_bias = None if bank_bias is None else bank_bias[:, :1].contiguous()
     return bank, bank_bias

@@ -7,6 +7,7 @@ The weights are random (seeded) unless --checkpoint names the reference reposito
 its state-dict keys, so ``model.load_state_dict(torch.load(path)["model"])`` loads it.  --image takes a
 (3, H, W) float array already normalized with the ImageNet mean and std; without it a random image is used.
 """
+
 import argparse
 import tempfile
 import time
@@ -29,11 +30,11 @@ def main():
     args = parser.parse_args()
 
     built = models.build(args.model)
-    (input_name, example), = built.inputs.items()
+    ((input_name, example),) = built.inputs.items()
     model = built.module
     if args.checkpoint:
         state = torch.load(args.checkpoint, map_location="cpu")
-        model.load_state_dict(state.get("model", state))   # strict: every key must match the reference's
+        model.load_state_dict(state.get("model", state))  # strict: every key must match the reference's
     image = torch.from_numpy(np.load(args.image)).float()[None] if args.image else example
     if image.shape != example.shape:
         raise SystemExit(f"--image must have shape {tuple(example.shape[1:])}, got {tuple(image.shape[1:])}")
@@ -41,10 +42,13 @@ def main():
     # 1. Export: one file, attention as edgeattn nodes with standard-op bodies (blocked where the mask is sparse).
     path = Path(args.out) / f"{args.model}.onnx"
     start = time.perf_counter()
-    result = edgeattn.export_onnx(model, [image], path, input_names=[input_name], output_names=list(built.outputs),
-                                  dtype=args.dtype)
-    print(f"exported {path} in {time.perf_counter() - start:.1f} s: {result.file_bytes / 1e6:.1f} MB, "
-          f"{len(result.masks)} attention nodes, mask tables {result.table_bytes / 1e6:.2f} MB")
+    result = edgeattn.export_onnx(
+        model, [image], path, input_names=[input_name], output_names=list(built.outputs), dtype=args.dtype
+    )
+    print(
+        f"exported {path} in {time.perf_counter() - start:.1f} s: {result.file_bytes / 1e6:.1f} MB, "
+        f"{len(result.masks)} attention nodes, mask tables {result.table_bytes / 1e6:.2f} MB"
+    )
 
     # 2. Classify on each runtime installed here, next to PyTorch.
     with torch.no_grad():
@@ -55,8 +59,10 @@ def main():
         logits = session.run({input_name: image.numpy()})[built.outputs[0]]
         p50, _ = parity.latency(lambda: session.run({input_name: image.numpy()}), runs=10)
         same = np.array_equal(np.argsort(-logits[0])[:5], np.argsort(-reference[0])[:5])
-        print(f"{name:14s} top-5 {np.argsort(-logits[0])[:5].tolist()} ({'same as' if same else 'DIFFERS from'} "
-              f"torch), max |logit diff| {np.abs(logits - reference).max():.1e}, {p50:.1f} ms")
+        print(
+            f"{name:14s} top-5 {np.argsort(-logits[0])[:5].tolist()} ({'same as' if same else 'DIFFERS from'} "
+            f"torch), max |logit diff| {np.abs(logits - reference).max():.1e}, {p50:.1f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ is, run on onnxruntime and OpenVINO and compared with torch's own flex_attention
 
 torch.onnx cannot export flex_attention; edgeattn.export_onnx converts each call to a static mask table on the way.
 """
+
 import argparse
 import tempfile
 import warnings
@@ -48,8 +49,8 @@ def main():
     torch.manual_seed(0)
     model, x = Block().eval(), torch.randn(1, TOKENS, DIM)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # torch warns that uncompiled flex_attention is unfused: it is the reference
-        want = model(x).numpy()   # torch's own flex_attention
+        warnings.simplefilter("ignore")  # torch warns that uncompiled flex_attention is unfused: it is the reference
+        want = model(x).numpy()  # torch's own flex_attention
     folder = args.out or Path(tempfile.mkdtemp(prefix="edgeattn-flex-"))
     folder.mkdir(parents=True, exist_ok=True)
     result = edgeattn.export_onnx(model, [x], folder / "block.onnx", input_names=["x"], output_names=["y"])

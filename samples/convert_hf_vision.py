@@ -6,6 +6,7 @@ way.  Convert with an input of the size you will deploy: each Swin layer's windo
 
     python samples/convert_hf_vision.py [--out DIR]
 """
+
 import argparse
 import tempfile
 from pathlib import Path
@@ -41,8 +42,9 @@ def export_and_compare(title, original, pixels, path, *names):
     """Convert, export, run every runtime, and print each one's largest difference from the original."""
     converted, lines = edgeattn.convert(original, pixels, report=True)
     print(f"{title}: {len(lines)} modules converted, e.g.\n  " + "\n  ".join(lines[:2]))
-    edgeattn.export_onnx(Outputs(converted, *names).eval(), (pixels,), path, input_names=["pixel_values"],
-                         output_names=list(names))
+    edgeattn.export_onnx(
+        Outputs(converted, *names).eval(), (pixels,), path, input_names=["pixel_values"], output_names=list(names)
+    )
     with torch.no_grad():
         want = [w.numpy() for w in Outputs(original, *names)(pixels)]
     for runtime in RUNTIMES:
@@ -59,20 +61,43 @@ def main():
 
     # 1. A Swin-T-shaped classifier, narrower: 224x224 image, window 7, stages of 56, 28, 14 and 7 tokens a side
     #    (the last is no larger than the window, so transformers stops shifting there; the converter follows).
-    swin = SwinForImageClassification(SwinConfig(embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8],
-                                                 num_labels=10)).eval()
+    swin = SwinForImageClassification(
+        SwinConfig(embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], num_labels=10)
+    ).eval()
     export_and_compare("Swin", swin, torch.randn(1, 3, 224, 224), out / "swin.onnx", "logits")
 
     # 2. Mask2Former on a tiny Swin backbone: the backbone's windows and the decoder's masked cross-attention (mask
     #    = sigmoid(previous mask logits) < 0.5, computed in the graph) are both converted.
-    backbone = SwinConfig(image_size=128, embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8], window_size=4,
-                          out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = Mask2FormerConfig(backbone_config=backbone, hidden_dim=64, feature_size=64, mask_feature_size=64,
-                               num_queries=20, encoder_layers=2, decoder_layers=4, num_attention_heads=4,
-                               encoder_feedforward_dim=128, dim_feedforward=128, use_pretrained_backbone=False)
+    backbone = SwinConfig(
+        image_size=128,
+        embed_dim=32,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 2, 4, 8],
+        window_size=4,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = Mask2FormerConfig(
+        backbone_config=backbone,
+        hidden_dim=64,
+        feature_size=64,
+        mask_feature_size=64,
+        num_queries=20,
+        encoder_layers=2,
+        decoder_layers=4,
+        num_attention_heads=4,
+        encoder_feedforward_dim=128,
+        dim_feedforward=128,
+        use_pretrained_backbone=False,
+    )
     mask2former = Mask2FormerModel(config).eval()
-    export_and_compare("Mask2Former", mask2former, torch.randn(1, 3, 128, 128), out / "mask2former.onnx",
-                       "transformer_decoder_last_hidden_state", "masks_queries_logits")
+    export_and_compare(
+        "Mask2Former",
+        mask2former,
+        torch.randn(1, 3, 128, 128),
+        out / "mask2former.onnx",
+        "transformer_decoder_last_hidden_state",
+        "masks_queries_logits",
+    )
     print(f"files in {out}")
 
 

@@ -7,6 +7,7 @@ NATTEN has no ONNX path and, since 0.20, no CPU kernels of its own (it runs here
 `edgeattn.convert` swaps each NeighborhoodAttention1D/2D/3D for an edgeattn layer holding the same qkv / proj
 weights, with the grid the module sees on the example input; the exported file needs only onnxruntime.
 """
+
 import argparse
 import tempfile
 import warnings
@@ -47,10 +48,16 @@ def main():
     torch.manual_seed(0)
 
     # 1. A small DiNAT-style model built from NATTEN modules: patch embedding, k7 and k7 dilation 2 blocks, head.
-    model = nn.Sequential(nn.Conv2d(3, 64, 4, stride=4), Permute(0, 2, 3, 1),
-                          Block(64, 4, 7, 1), Block(64, 4, 7, 2), nn.LayerNorm(64), nn.Linear(64, 10)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 4, stride=4),
+        Permute(0, 2, 3, 1),
+        Block(64, 4, 7, 1),
+        Block(64, 4, 7, 2),
+        nn.LayerNorm(64),
+        nn.Linear(64, 10),
+    ).eval()
     image = torch.randn(1, 3, 112, 112)
-    with torch.no_grad():   # NATTEN's CPU path (FlexAttention) runs without autograd only
+    with torch.no_grad():  # NATTEN's CPU path (FlexAttention) runs without autograd only
         reference = model(image).numpy()
 
         # 2. Convert: the grid (28x28 here) comes from running the model once on the example input.
@@ -58,8 +65,9 @@ def main():
     print("\n".join(lines))
 
     # 3. Export, then run with plain onnxruntime: nothing of edgeattn or natten is needed on the device.
-    path = edgeattn.export_onnx(converted, [image], out / "dinat_small.onnx", input_names=["image"],
-                                output_names=["logits"]).path
+    path = edgeattn.export_onnx(
+        converted, [image], out / "dinat_small.onnx", input_names=["image"], output_names=["logits"]
+    ).path
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     logits = session.run(["logits"], {"image": image.numpy()})[0]
     error = float(np.abs(logits - reference).max())

@@ -1,7 +1,8 @@
 """Embed edgeattn in your own code: declare masks, build a model, export it, run it on every runtime.
 
-    python samples/export_and_run.py [--out DIR]
+python samples/export_and_run.py [--out DIR]
 """
+
 import argparse
 import tempfile
 from pathlib import Path
@@ -23,7 +24,7 @@ def main():
     grid = (16, 16)
     local = masks.neighborhood(kernel=5, dilation=2)
 
-    def same_half(b, h, q_idx, kv_idx):          # any FlexAttention mask_mod works unchanged
+    def same_half(b, h, q_idx, kv_idx):  # any FlexAttention mask_mod works unchanged
         return (q_idx < 128) == (kv_idx < 128)
 
     model = torch.nn.Sequential(

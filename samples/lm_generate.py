@@ -5,16 +5,16 @@
 Without --prefill/--decode it exports `segment-lm` and `segment-lm-decode` first.  The prompt is the registered
 example prompt (64 tokens in three segments); the cache is fed back from each step's present_key/present_value.
 """
+
 import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import edgeattn
-from edgeattn import models
-from edgeattn.registered import export_registered
+from edgeattn import models, onnxfile
 from edgeattn.models.segment_lm import greedy, torch_step
-from edgeattn import onnxfile
+from edgeattn.registered import export_registered
 
 
 def timed(generate):
@@ -43,16 +43,22 @@ def main():
             paths[name] = result.path
     # the torch reference of each file, rebuilt from its metadata (model, config, seed)
     try:
-        prefill, decode = (models.from_metadata(onnxfile.read_metadata(onnxfile.read(paths[name])), paths[name]) for name in paths)
+        prefill, decode = (
+            models.from_metadata(onnxfile.read_metadata(onnxfile.read(paths[name])), paths[name]) for name in paths
+        )
     except edgeattn.EdgeAttnError as e:
         parser.error(str(e))
     if (prefill.name, decode.name) != tuple(paths) or prefill.config != decode.config:
-        parser.error(f"--prefill/--decode must be segment-lm and segment-lm-decode files exported with the same "
-                     f"config, got {prefill.name} and {decode.name}")
+        parser.error(
+            f"--prefill/--decode must be segment-lm and segment-lm-decode files exported with the same "
+            f"config, got {prefill.name} and {decode.name}"
+        )
     prompt = prefill.inputs["input_ids"].numpy()
     if args.tokens < 1 or prompt.shape[1] + args.tokens > prefill.config["max_cache"]:
-        parser.error(f"--tokens must be at least 1 and fit the cache with the prompt: {prompt.shape[1]} + "
-                     f"{args.tokens} tokens, {prefill.config['max_cache']} positions")
+        parser.error(
+            f"--tokens must be at least 1 and fit the cache with the prompt: {prompt.shape[1]} + "
+            f"{args.tokens} tokens, {prefill.config['max_cache']} positions"
+        )
 
     # 2. Eager PyTorch first: runtime thread pools left spinning after their runs would slow it down.
     steps = torch_step(prefill.module), torch_step(decode.module)
@@ -61,7 +67,7 @@ def main():
 
     # 3. The runtime: prefill once, then one decode step per token.
     sessions = [edgeattn.load(paths[name], runtime=args.runtime) for name in ("segment-lm", "segment-lm-decode")]
-    greedy(sessions[0].run, sessions[1].run, prompt, 2)   # warm-up: first runs allocate
+    greedy(sessions[0].run, sessions[1].run, prompt, 2)  # warm-up: first runs allocate
     tokens, seconds = timed(lambda: greedy(sessions[0].run, sessions[1].run, prompt, args.tokens))
 
     print(f"{sessions[0].runtime:13s} {tokens}  {args.tokens / seconds:.0f} tokens/s")

@@ -6,6 +6,7 @@ checkpoint's ``sem_seg_head.predictor.*`` keys (prefix removed) with ``load_stat
 
     python samples/mask2former_decoder.py [--out DIR]
 """
+
 import argparse
 import tempfile
 from pathlib import Path
@@ -19,7 +20,7 @@ from edgeattn.models.mask2former import Mask2FormerDecoder
 
 def describe(logits, masks, top=5):
     """The most confident queries: (query, class, probability, mask area as a fraction of the pixels)."""
-    probs = torch.from_numpy(logits[0]).softmax(-1)[:, :-1]        # drop the last, "no object", class
+    probs = torch.from_numpy(logits[0]).softmax(-1)[:, :-1]  # drop the last, "no object", class
     score, label = probs.max(-1)
     area = (torch.from_numpy(masks[0]).sigmoid() > 0.5).float().mean((-2, -1))
     order = score.argsort(descending=True)[:top]
@@ -39,26 +40,33 @@ def main():
     features = [torch.randn(1, 256, 512 // s, 512 // s) for s in (32, 16, 8, 4)]
 
     # 2. Export: each cross-attention is an edgeattn.MaskedAttention node whose mask the graph computes.
-    result = edgeattn.export_onnx(model, features, out / "mask2former_decoder.onnx", input_names=names,
-                                  output_names=["pred_logits", "pred_masks"])
-    print(f"exported {result.path} ({result.file_bytes / 1e6:.1f} MB, {len(result.masks)} masked attentions, "
-          f"mask tables {result.table_bytes} bytes: the masks are computed at run time)")
+    result = edgeattn.export_onnx(
+        model, features, out / "mask2former_decoder.onnx", input_names=names, output_names=["pred_logits", "pred_masks"]
+    )
+    print(
+        f"exported {result.path} ({result.file_bytes / 1e6:.1f} MB, {len(result.masks)} masked attentions, "
+        f"mask tables {result.table_bytes} bytes: the masks are computed at run time)"
+    )
 
     # 3. Run the same file on every runtime installed here, on new features, and compare with PyTorch.
     features = [torch.randn(f.shape) for f in features]
     with torch.no_grad():
         reference = [t.numpy() for t in model(*features)]
-    print("torch          top queries (query, class, prob, mask area):",
-          ", ".join(f"q{q} c{c} {p:.3f} {a:.0%}" for q, c, p, a in describe(*reference)))
+    print(
+        "torch          top queries (query, class, prob, mask area):",
+        ", ".join(f"q{q} c{c} {p:.3f} {a:.0%}" for q, c, p, a in describe(*reference)),
+    )
     feeds = {name: f.numpy() for name, f in zip(names, features)}
     for runtime in edgeattn.runtimes.available():
         session = edgeattn.load(result.path, runtime=runtime)
         outputs = session.run(feeds)
         logits, masks = outputs["pred_logits"], outputs["pred_masks"]
         error = max(np.abs(logits - reference[0]).max(), np.abs(masks - reference[1]).max())
-        print(f"{runtime:14s} top queries (query, class, prob, mask area):",
-              ", ".join(f"q{q} c{c} {p:.3f} {a:.0%}" for q, c, p, a in describe(logits, masks)),
-              f"| max |diff| vs torch {error:.1e}")
+        print(
+            f"{runtime:14s} top queries (query, class, prob, mask area):",
+            ", ".join(f"q{q} c{c} {p:.3f} {a:.0%}" for q, c, p, a in describe(logits, masks)),
+            f"| max |diff| vs torch {error:.1e}",
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ may not take (later blocks with ``causal``; its own block, which it always atten
 and scores only those.  The router is traced into the exported graph, so the file chooses blocks at run time on
 every runtime, without edgeattn.
 """
+
 import argparse
 import tempfile
 from pathlib import Path

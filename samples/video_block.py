@@ -1,7 +1,8 @@
 """A video diffusion block with Radial Attention: export it, run it on every runtime, compare with PyTorch.
 
-    python samples/video_block.py [--out DIR] [--frames N] [--runs N]
+python samples/video_block.py [--out DIR] [--frames N] [--runs N]
 """
+
 import argparse
 import tempfile
 from pathlib import Path
@@ -24,20 +25,25 @@ def main():
 
     # 1. The registered reference block: DiT adaLN-Zero block, radial mask over frames x tokens (Wan: sink, block 64).
     built = models.build("radial-block", frames=args.frames)
-    block, inputs = built.module, built.inputs          # {"tokens": (1, frames*128, 64), "c": (1, 64)}
+    block, inputs = built.module, built.inputs  # {"tokens": (1, frames*128, 64), "c": (1, 64)}
     [table] = [m for m in block.modules() if isinstance(m, MaskTable)]
-    dense_bytes = table.shape.q_len * table.shape.kv_len * 4   # what a float mask of the same attention would ship
-    print(f"mask {table.mask.name}: {table.shape.q_len} tokens, keeps {table.table.density:.1%} of the pairs; "
-          f"{table.layout} table {table.table_bytes / 1e6:.2f} MB (a dense float mask: {dense_bytes / 1e6:.0f} MB)")
+    dense_bytes = table.shape.q_len * table.shape.kv_len * 4  # what a float mask of the same attention would ship
+    print(
+        f"mask {table.mask.name}: {table.shape.q_len} tokens, keeps {table.table.density:.1%} of the pairs; "
+        f"{table.layout} table {table.table_bytes / 1e6:.2f} MB (a dense float mask: {dense_bytes / 1e6:.0f} MB)"
+    )
     if table.layout == "blocked":
         print(f"  block table scores {table.table.work_fraction:.1%} of the dense scores")
 
     # 2. Export: the attention is one edgeattn.MaskedAttention node whose body uses standard ONNX ops.
     path = out / "video_block.onnx"
-    result = edgeattn.export_onnx(block, list(inputs.values()), path, input_names=list(inputs),
-                                  output_names=list(built.outputs))
-    print(f"exported {result.path} ({result.file_bytes / 1e6:.2f} MB, mask tables {result.table_bytes / 1e6:.2f} MB, "
-          f"lowering {result.masks[0]['lowering']})")
+    result = edgeattn.export_onnx(
+        block, list(inputs.values()), path, input_names=list(inputs), output_names=list(built.outputs)
+    )
+    print(
+        f"exported {result.path} ({result.file_bytes / 1e6:.2f} MB, mask tables {result.table_bytes / 1e6:.2f} MB, "
+        f"lowering {result.masks[0]['lowering']})"
+    )
 
     # 3. Run the file on every runtime installed here, the way an application would.
     feeds = {name: t.numpy() for name, t in inputs.items()}

@@ -3,8 +3,6 @@ import functools
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -48,13 +46,15 @@ def judge_modulo_ties(got, reference, module, inputs, path, runtime) -> tuple[bo
     with ledger, torch.no_grad():
         retaken = torch.utils._pytree.tree_leaves(module(**inputs))
     error = max_abs_error(got, dict(zip(reference, (t.numpy() for t in retaken))))
-    note = (f"{ledger.summary()}; with those taken from {runtime}, max abs err {error:.2e} (without: {plain:.2e})"
-            + (f"; not ties: {ledger.large} decisions differ at margins up to {ledger.largest_flip:.1e}"
-               if ledger.large else ""))
+    note = f"{ledger.summary()}; with those taken from {runtime}, max abs err {error:.2e} (without: {plain:.2e})" + (
+        f"; not ties: {ledger.large} decisions differ at margins up to {ledger.largest_flip:.1e}"
+        if ledger.large
+        else ""
+    )
     return error <= tolerance.atol and not ledger.large, error, note
 
 
-@functools.lru_cache(maxsize=2)   # one file is judged at several batch sizes, or for several consumers
+@functools.lru_cache(maxsize=2)  # one file is judged at several batch sizes, or for several consumers
 def _observing(path: str, runtime: str, tensors: tuple):
     return runtimes.get(runtime).load(path, observe=tensors)
 
@@ -94,8 +94,8 @@ def registered_file(tmp_path_factory):
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.onnx"
         with open(folder / "lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes
-            if not path.exists():           # export_registered writes atomically: present means complete
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not path.exists():  # export_registered writes atomically: present means complete
                 export_registered(name, path, **options)
         return path
 
@@ -107,7 +107,7 @@ def external_data_file(folder):
     import onnx
     import torch
 
-    model = torch.nn.Linear(512, 256).eval()   # large enough for the exporter to move its weight out
+    model = torch.nn.Linear(512, 256).eval()  # large enough for the exporter to move its weight out
     path = folder / "model.onnx"
     torch.onnx.export(model, (torch.randn(2, 512),), str(path), dynamo=True, external_data=True, input_names=["x"])
     proto = onnx.load(str(path), load_external_data=False)
@@ -142,7 +142,7 @@ class _SkipsFailCI:
         if "gpu" not in getattr(report, "keywords", {}) and not any(w in reason.lower() for w in ("cuda", "gpu")):
             self.skips.append(f"{report.nodeid}: {reason}")
 
-    def pytest_collectreport(self, report):   # a module-level pytest.importorskip
+    def pytest_collectreport(self, report):  # a module-level pytest.importorskip
         self._note(report)
 
     def pytest_runtest_logreport(self, report):

@@ -29,7 +29,9 @@ def test_custom_op_is_registered_and_consistent():
     q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
     mask = torch.tril(torch.ones(1, 6, 6, dtype=torch.bool))
     torch.library.opcheck(torch.ops.edgeattn.masked_attention.default, (q, k, v, [mask], None, "dense", 0.5))
-    torch.testing.assert_close(masked_attention(q, k, v, mask, scale=0.5), reference_attention(q, k, v, mask, None, 0.5))
+    torch.testing.assert_close(
+        masked_attention(q, k, v, mask, scale=0.5), reference_attention(q, k, v, mask, None, 0.5)
+    )
 
 
 def test_default_scale_is_inverse_sqrt_head_dim():
@@ -52,15 +54,20 @@ def test_float_masks_are_refused():
         masked_attention(q, q, q, torch.zeros(1, 4, 4))
 
 
-BLOCKED = [(neighborhood(5), dict(grid=(13, 11))), (neighborhood((3, 2), (1, 2), (2, 1), (True, False)), dict(grid=(6, 5))),
-           (window(4, 2), dict(grid=(8, 8))), (sinks(2, 3), dict(q_len=5, kv_len=11))]
+BLOCKED = [
+    (neighborhood(5), dict(grid=(13, 11))),
+    (neighborhood((3, 2), (1, 2), (2, 1), (True, False)), dict(grid=(6, 5))),
+    (window(4, 2), dict(grid=(8, 8))),
+    (sinks(2, 3), dict(q_len=5, kv_len=11)),
+]
 
 
 @pytest.mark.parametrize("mask,shape", BLOCKED, ids=[m.name for m, _ in BLOCKED])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_blocked_kernel_matches_dense(mask, shape, with_bias):
-    if with_bias:   # a relative-position bias, different per head, to exercise the bias bank
+    if with_bias:  # a relative-position bias, different per head, to exercise the bias bank
         from edgeattn.masks import custom
+
         mask = mask & custom(bias_mod=lambda b, h, q, kv: (h + 1) * 0.1 * (q - kv).float().cos(), name="cosbias")
     blocked = tables.build(mask, heads=2, layout="blocked", **shape)
     dense = tables.build(mask, heads=2, **shape)
@@ -74,5 +81,7 @@ def test_blocked_gradients_and_opcheck():
     blocked = tables.build(neighborhood((3, 2), (1, 2), (2, 1), (True, False)), grid=(6, 5), layout="blocked")
     q, k, v = (torch.randn(1, 2, 30, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     torch.autograd.gradcheck(lambda q, k, v: attend(q, k, v, "blocked", [*blocked.tensors(), None]), (q, k, v))
-    torch.library.opcheck(torch.ops.edgeattn.masked_attention.default,
-                          (q.detach(), k.detach(), v.detach(), list(blocked.tensors()), None, "blocked", 0.5))
+    torch.library.opcheck(
+        torch.ops.edgeattn.masked_attention.default,
+        (q.detach(), k.detach(), v.detach(), list(blocked.tensors()), None, "blocked", 0.5),
+    )

@@ -38,11 +38,12 @@ def test_lists(capsys):
 
 
 def test_export_with_check_prints_both_cpu_runtimes(capsys, tmp_path):
-    code, out, err = run_cli(capsys, "export", "nat-tiny", "-o", tmp_path / "n.onnx", "--check", "--runs", "2",
-                             "--json", tmp_path / "r.json")
+    code, out, err = run_cli(
+        capsys, "export", "nat-tiny", "-o", tmp_path / "n.onnx", "--check", "--runs", "2", "--json", tmp_path / "r.json"
+    )
     assert code == 0, out + err
     lines = out.splitlines()
-    table = lines[next(i for i, line in enumerate(lines) if line.startswith("runtime")) + 1:]
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("runtime")) + 1 :]
     rows = {line.split()[0]: line.split()[1] for line in table if line.strip()}
     assert rows == {"torch": "ok", "ort-cpu": "ok", "openvino-cpu": "ok"}
     assert "mask tables" in err
@@ -66,14 +67,15 @@ def test_openvino_ir_and_ort_format_export_check_bench_inspect(capsys, tmp_path)
     import openvino as ov
 
     xml, ort_file = tmp_path / "sw.xml", tmp_path / "sw.ort"
-    code, out, err = run_cli(capsys, "export", "swin-tiny-block", "-o", xml, "--lowering", "dense", "--check",
-                             "--runs", "1")
+    code, out, err = run_cli(
+        capsys, "export", "swin-tiny-block", "-o", xml, "--lowering", "dense", "--check", "--runs", "1"
+    )
     assert code == 0 and (tmp_path / "sw.bin").is_file() and "(openvino format) for openvino-cpu" in out
     assert [line.split()[:2] for line in out.splitlines()[-2:]] == [["torch", "ok"], ["openvino-cpu", "ok"]]
     model = ov.Core().read_model(str(xml))
     assert model.get_rt_info(["runtime_options", "INFERENCE_PRECISION_HINT"]).astype(str) == "f32"
     ops = {op.get_type_name() for op in model.get_ordered_ops()}
-    assert "ScaledDotProductAttention" in ops and "Softmax" not in ops    # dense-table attention is OpenVINO's SDPA
+    assert "ScaledDotProductAttention" in ops and "Softmax" not in ops  # dense-table attention is OpenVINO's SDPA
     code, out, _ = run_cli(capsys, "inspect", xml)
     assert code == 0 and "runtime_options: INFERENCE_PRECISION_HINT=f32" in out and "opset13::ScaledDotProduct" in out
     assert re.search(r"\ninputs: \w+ float32 \[1, \d+, \d+\]\noutputs: \w+ float32 \[1, ", out), out
@@ -81,12 +83,18 @@ def test_openvino_ir_and_ort_format_export_check_bench_inspect(capsys, tmp_path)
     assert code == 0 and (tmp_path / "sw.required_operators.config").read_text().strip()
     code, out, _ = run_cli(capsys, "check", ort_file, "--runs", "1")
     assert code == 0 and [line.split()[:2] for line in out.splitlines()[-2:]] == [["torch", "ok"], ["ort-cpu", "ok"]]
-    assert load(xml).runtime == "openvino-cpu" and load(ort_file).runtime == "ort-cpu"   # auto goes by the format
+    assert load(xml).runtime == "openvino-cpu" and load(ort_file).runtime == "ort-cpu"  # auto goes by the format
     code, out, _ = run_cli(capsys, "bench", xml, "--runs", "1")
-    assert code == 0 and [r.split()[:3] for r in out.splitlines()[1:]] == [["torch", "eager", "-"],
-                                                                            ["openvino-cpu", "dense", "openvino"]]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sw.bin", "sw.ort", "sw.required_operators.config",
-                                                           "sw.xml"]   # nothing staged is left behind
+    assert code == 0 and [r.split()[:3] for r in out.splitlines()[1:]] == [
+        ["torch", "eager", "-"],
+        ["openvino-cpu", "dense", "openvino"],
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "sw.bin",
+        "sw.ort",
+        "sw.required_operators.config",
+        "sw.xml",
+    ]  # nothing staged is left behind
     code, out, _ = run_cli(capsys, "check", ort_file, "--runtime", "openvino-cpu", "--runs", "1")
     assert code == 1 and "openvino-cpu does not load ort files" in out
 
@@ -116,8 +124,10 @@ BAD_ARGUMENTS = [
     (["check", "README.md", "--json", "."], "is a directory"),
     (["export", "nat-tiny", "-o", "x.onnx", "--format", "openvino"], "needs the suffix .xml"),
     (["export", "nat-tiny", "-o", "x.xml", "--runtime", "ort-cpu"], "runs on openvino-cpu only"),
-    (["export", "nat-tiny", "-o", "x.ort", "--lowering", "attention", "--opset", "23", "--runtime", "openvino-cpu"],
-     "runs on ort-cpu, ort-cuda only"),
+    (
+        ["export", "nat-tiny", "-o", "x.ort", "--lowering", "attention", "--opset", "23", "--runtime", "openvino-cpu"],
+        "runs on ort-cpu, ort-cuda only",
+    ),
     (["check", "nope.xml"], "no such file"),
     (["inspect", "x.ort"], "inspect reads .onnx and .xml"),
 ]
@@ -157,7 +167,7 @@ def py_file(tmp_path_factory):
 
 def _rows(out):
     lines = out.splitlines()
-    table = lines[next(i for i, line in enumerate(lines) if line.startswith("runtime")) + 1:]
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("runtime")) + 1 :]
     return {line.split()[0]: line.split()[1:] for line in table if line.strip() and not line.startswith(" ")}
 
 
@@ -216,8 +226,12 @@ def test_check_fails_when_runtimes_disagree(capsys, py_file, tmp_path):
     model = onnx.load(py_file)
     for node in model.graph.node:
         node.output[:] = ["y_raw" if o == "y" else o for o in node.output]
-    model.graph.node.extend([onnx.helper.make_node("RandomUniformLike", ["y_raw"], ["noise"], seed=1.0),
-                             onnx.helper.make_node("Add", ["y_raw", "noise"], ["y"])])
+    model.graph.node.extend(
+        [
+            onnx.helper.make_node("RandomUniformLike", ["y_raw"], ["noise"], seed=1.0),
+            onnx.helper.make_node("Add", ["y_raw", "noise"], ["y"]),
+        ]
+    )
     noisy = tmp_path / "noisy.onnx"
     onnx.save(model, noisy)
     code, out, err = run_cli(capsys, "check", noisy, "--runs", "1")
@@ -238,10 +252,11 @@ def test_check_without_a_registered_model_cannot_run_torch(capsys, tmp_path, nat
 
 def test_check_feeds_given_inputs_to_the_registered_model_too(capsys, nat_file, tmp_path):
     image = np.random.default_rng(1).standard_normal((1, 3, 224, 224), dtype=np.float32)
-    image[0, 0, 0, 0] = np.inf   # shows in the torch row's note: the reference ran the given inputs
+    image[0, 0, 0, 0] = np.inf  # shows in the torch row's note: the reference ran the given inputs
     np.savez(tmp_path / "in.npz", image=image)
-    code, out, err = run_cli(capsys, "check", nat_file, "--runtime", "torch", "--runs", "1",
-                             "--inputs", tmp_path / "in.npz")
+    code, out, err = run_cli(
+        capsys, "check", nat_file, "--runtime", "torch", "--runs", "1", "--inputs", tmp_path / "in.npz"
+    )
     assert code == 0 and "torch: inputs with NaN/inf: image" in out, out + err
     code, out, err = run_cli(capsys, "check", nat_file, "--runtime", "torch", "--inputs", tmp_path / "nope.npz")
     assert code == 2 and "nope.npz: no such file" in err
@@ -250,7 +265,7 @@ def test_check_feeds_given_inputs_to_the_registered_model_too(capsys, nat_file, 
 def test_inspect_text_shows_each_attention_node(capsys, py_file):
     code, out, _ = run_cli(capsys, "inspect", py_file)
     assert code == 0 and "attention nodes: 1" in out
-    assert "\n  causal x1: dense (" in out   # mask, lowering, then why
+    assert "\n  causal x1: dense (" in out  # mask, lowering, then why
     # the names to give converters (onnx2tf -kat), with the dynamic batch as a named axis
     assert "\ninputs: x float32 [batch, 20, 32]\noutputs: y float32 [batch, 20, 32]\n" in out, out
 
@@ -262,11 +277,27 @@ def test_console_entry_point_runs():
 
 def test_export_lowering_and_targets(capsys, tmp_path):
     path = tmp_path / "sw.onnx"
-    code, _, err = run_cli(capsys, "export", "swin-tiny-block", "-o", path, "--lowering", "contrib",
-                           "--runtime", "ort-cpu", "--check", "--runs", "1")
+    code, _, err = run_cli(
+        capsys,
+        "export",
+        "swin-tiny-block",
+        "-o",
+        path,
+        "--lowering",
+        "contrib",
+        "--runtime",
+        "ort-cpu",
+        "--check",
+        "--runs",
+        "1",
+    )
     assert code == 0 and "(contrib)" in err
     code, out, _ = run_cli(capsys, "check", path, "--runtime", "ort-cpu", "--runs", "1")
-    assert code == 0 and "lowering contrib -> contrib (standard ops) for ort-cpu" in out and "window_7 x1: contrib (requested)" in out
+    assert (
+        code == 0
+        and "lowering contrib -> contrib (standard ops) for ort-cpu" in out
+        and "window_7 x1: contrib (requested)" in out
+    )
     code, out, err = run_cli(capsys, "export", "swin-tiny-block", "-o", path, "--lowering", "contrib")
     assert code == 2
     assert err.startswith("edgeattn: error: the contrib lowering runs on ort-cpu, ort-cuda only, not on openvino-cpu")
@@ -274,21 +305,53 @@ def test_export_lowering_and_targets(capsys, tmp_path):
 
 
 def test_bench_model_writes_table_json_markdown_and_plot(capsys, tmp_path):
-    code, out, err = run_cli(capsys, "bench", "na2d-block", "--lowering", "auto", "--lowering", "contrib",
-                             "--runs", "1", "--json", tmp_path / "b.json", "--markdown", tmp_path / "b.md",
-                             "--plot", tmp_path / "b.png")
+    code, out, err = run_cli(
+        capsys,
+        "bench",
+        "na2d-block",
+        "--lowering",
+        "auto",
+        "--lowering",
+        "contrib",
+        "--runs",
+        "1",
+        "--json",
+        tmp_path / "b.json",
+        "--markdown",
+        tmp_path / "b.md",
+        "--plot",
+        tmp_path / "b.png",
+    )
     assert code == 0, out + err
     header, *rows = out.splitlines()
-    assert header.split() == ["runtime", "lowering", "form", "precision", "status", "size_MB", "tables_MB",
-                              "export_s", "max_abs_err", "cosine", "p50_ms", "p90_ms", "speedup"]
+    assert header.split() == [
+        "runtime",
+        "lowering",
+        "form",
+        "precision",
+        "status",
+        "size_MB",
+        "tables_MB",
+        "export_s",
+        "max_abs_err",
+        "cosine",
+        "p50_ms",
+        "p90_ms",
+        "speedup",
+    ]
     table = {tuple(r.split()[:3]): r.split()[4] for r in rows}
     # both forms side by side on each runtime: the default (standard ops) and --custom-op
-    assert table == {("torch", "eager", "-"): "ok",
-                     **{(rt, "auto:blocked", form): "ok" for rt in ("ort-cpu", "openvino-cpu")
-                        for form in ("standard", "custom-op")},
-                     ("ort-cpu", "contrib", "standard"): "ok", ("openvino-cpu", "contrib", "standard"): "n/a",
-                     ("ort-cpu", "contrib", "custom-op"): "ok", ("openvino-cpu", "contrib", "custom-op"): "n/a"}
-    assert "9/9" in err        # the progress bar counts torch + 2 lowerings x 2 forms x 2 runtimes
+    assert table == {
+        ("torch", "eager", "-"): "ok",
+        **{
+            (rt, "auto:blocked", form): "ok" for rt in ("ort-cpu", "openvino-cpu") for form in ("standard", "custom-op")
+        },
+        ("ort-cpu", "contrib", "standard"): "ok",
+        ("openvino-cpu", "contrib", "standard"): "n/a",
+        ("ort-cpu", "contrib", "custom-op"): "ok",
+        ("openvino-cpu", "contrib", "custom-op"): "n/a",
+    }
+    assert "9/9" in err  # the progress bar counts torch + 2 lowerings x 2 forms x 2 runtimes
     report = json.loads((tmp_path / "b.json").read_text())
     assert [r["lowering"] for r in report][:2] == ["eager", "auto:blocked"]
     assert all(r["max_abs_err"] < 1e-5 for r in report if r["status"] == "ok")
@@ -300,8 +363,10 @@ def test_bench_file_keeps_its_lowering(capsys, nat_file):
     code, out, _ = run_cli(capsys, "bench", nat_file, "--runtime", "ort-cpu", "--runs", "1")
     assert code == 0
     rows = [line.split() for line in out.splitlines()[1:]]
-    assert [tuple(r[:5]) for r in rows] == [("torch", "eager", "-", "fp32", "ok"),
-                                            ("ort-cpu", "auto:blocked", "standard", "fp32", "ok")]
+    assert [tuple(r[:5]) for r in rows] == [
+        ("torch", "eager", "-", "fp32", "ok"),
+        ("ort-cpu", "auto:blocked", "standard", "fp32", "ok"),
+    ]
 
 
 # bad bench and lowering arguments
@@ -320,7 +385,10 @@ def test_bench_and_lowering_bad_input(capsys, argv, message):
 
 def test_check_defaults_to_the_runtimes_a_file_is_for(capsys, tmp_path):
     path = tmp_path / "c.onnx"
-    assert run_cli(capsys, "export", "swin-tiny-block", "-o", path, "--lowering", "contrib", "--runtime", "ort-cpu")[0] == 0
+    assert (
+        run_cli(capsys, "export", "swin-tiny-block", "-o", path, "--lowering", "contrib", "--runtime", "ort-cpu")[0]
+        == 0
+    )
     code, out, _ = run_cli(capsys, "check", path, "--runs", "1")
     assert code == 0 and "openvino-cpu" not in out.split("runtime", 1)[1] and "ort-cpu  ok" in out
 
@@ -328,7 +396,9 @@ def test_check_defaults_to_the_runtimes_a_file_is_for(capsys, tmp_path):
 def test_export_dynamic_batch_reference_model(capsys, tmp_path):
     import numpy as np
     import torch
+
     from edgeattn import models
+
     path = tmp_path / "nat.onnx"
     assert run_cli(capsys, "export", "nat-tiny", "-o", path, "--dynamic-batch")[0] == 0
     built = models.build("nat-tiny")

@@ -1,5 +1,6 @@
 """One Session shared by 8 threads and 4 Sessions side by side (1,000 runs a round; one warm-up round, then 3
 measured), each run bit for bit the sequential result, and resident memory that does not grow with the run count."""
+
 import threading
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from conftest import CPU_RUNTIMES, require
 # threads, signals and servers: these run one after another on one xdist worker (README: the suite)
 pytestmark = pytest.mark.xdist_group("serial")
 
-THREADS, RUNS_PER_THREAD, SESSIONS, RUNS_PER_SESSION = 8, 100, 4, 50   # 8 x 100 + 4 x 50 = 1,000 runs
+THREADS, RUNS_PER_THREAD, SESSIONS, RUNS_PER_SESSION = 8, 100, 4, 50  # 8 x 100 + 4 x 50 = 1,000 runs
 
 
 def rss_mb() -> float:
@@ -51,7 +52,7 @@ def test_threads_and_sessions_give_sequential_results(model_file, name):
                 k = (i + offset) % len(inputs)
                 if not np.array_equal(session.run({"x": inputs[k]})["y"], expected[k]):
                     mismatches.append(k)
-        except Exception as e:   # a thread's exception would otherwise vanish
+        except Exception as e:  # a thread's exception would otherwise vanish
             errors.append(e)
 
     def round_():
@@ -62,10 +63,10 @@ def test_threads_and_sessions_give_sequential_results(model_file, name):
         for t in threads:
             t.join()
 
-    round_()                       # warm: thread pools, per-thread infer requests, allocator arenas
+    round_()  # warm: thread pools, per-thread infer requests, allocator arenas
     before = rss_mb()
     for _ in range(3):
-        round_()                   # 3,000 more runs
+        round_()  # 3,000 more runs
     growth = rss_mb() - before
     print(f"{name}: 4,000 runs from {THREADS} threads + {SESSIONS} sessions, RSS {before:.0f} MB, +{growth:.1f} MB")
     assert not errors and not mismatches, (errors[:1], len(mismatches))

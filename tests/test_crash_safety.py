@@ -1,5 +1,6 @@
 """An export that fails at any point leaves the previous file (or none) and no temporary files; exports are
 byte-for-byte reproducible."""
+
 import errno
 import queue
 import signal
@@ -25,16 +26,27 @@ def _layer():
     return MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(6, 6)).eval(), torch.randn(1, 36, 16)
 
 
-@pytest.mark.parametrize("target,error", [
-    ("torch.onnx.export", RuntimeError("exporter exploded")),
-    ("torch.onnx.export", KeyboardInterrupt()),
-    ("edgeattn.export.graph.finalize", KeyboardInterrupt()),
-    ("onnx.ModelProto.SerializeToString", MemoryError()),
-    ("os.fsync", OSError(errno.ENOSPC, "No space left on device")),
-    ("os.replace", KeyboardInterrupt()),
-    ("os.fchmod", OSError(errno.EDQUOT, "Disk quota exceeded")),
-], ids=["exporter-error", "sigint-in-exporter", "sigint-in-finalize", "out-of-memory", "disk-full", "sigint-at-rename",
-        "quota"])
+@pytest.mark.parametrize(
+    "target,error",
+    [
+        ("torch.onnx.export", RuntimeError("exporter exploded")),
+        ("torch.onnx.export", KeyboardInterrupt()),
+        ("edgeattn.export.graph.finalize", KeyboardInterrupt()),
+        ("onnx.ModelProto.SerializeToString", MemoryError()),
+        ("os.fsync", OSError(errno.ENOSPC, "No space left on device")),
+        ("os.replace", KeyboardInterrupt()),
+        ("os.fchmod", OSError(errno.EDQUOT, "Disk quota exceeded")),
+    ],
+    ids=[
+        "exporter-error",
+        "sigint-in-exporter",
+        "sigint-in-finalize",
+        "out-of-memory",
+        "disk-full",
+        "sigint-at-rename",
+        "quota",
+    ],
+)
 @pytest.mark.parametrize("previous", [True, False], ids=["over-old-file", "new-file"])
 def test_interrupted_export_leaves_old_file_or_none(tmp_path, monkeypatch, target, error, previous):
     layer, x = _layer()
@@ -52,7 +64,7 @@ def test_interrupted_export_leaves_old_file_or_none(tmp_path, monkeypatch, targe
     assert sorted(p.name for p in tmp_path.iterdir()) == (["m.onnx"] if previous else [])
     if previous:
         assert path.read_bytes() == b"previous model"
-    export_onnx(layer, [x], path)        # and the next export works
+    export_onnx(layer, [x], path)  # and the next export works
     assert path.stat().st_size > 1000
 
 
@@ -60,9 +72,13 @@ def test_interrupted_export_leaves_old_file_or_none(tmp_path, monkeypatch, targe
 @pytest.mark.parametrize("custom_op", [True, False], ids=["custom-op", "standard"])
 def test_exports_are_byte_identical(tmp_path, lowering, opset, runtimes, custom_op):
     layer, x = _layer()
-    a = export_onnx(layer, [x], tmp_path / "a.onnx", lowering=lowering, opset=opset, runtimes=runtimes, custom_op=custom_op)
+    a = export_onnx(
+        layer, [x], tmp_path / "a.onnx", lowering=lowering, opset=opset, runtimes=runtimes, custom_op=custom_op
+    )
     layer2, x2 = _layer()
-    b = export_onnx(layer2, [x2], tmp_path / "b.onnx", lowering=lowering, opset=opset, runtimes=runtimes, custom_op=custom_op)
+    b = export_onnx(
+        layer2, [x2], tmp_path / "b.onnx", lowering=lowering, opset=opset, runtimes=runtimes, custom_op=custom_op
+    )
     assert a.path.read_bytes() == b.path.read_bytes()
 
 
@@ -92,6 +108,7 @@ def _lines(stream) -> queue.Queue:
         for line in stream:
             lines.put(line)
         lines.put(None)
+
     threading.Thread(target=pump, daemon=True).start()
     return lines
 
@@ -102,8 +119,12 @@ def test_real_sigint_during_cli_export(tmp_path, previous):
     path = tmp_path / "m.onnx"
     if previous:
         path.write_bytes(b"previous model")
-    proc = subprocess.Popen([sys.executable, "-c", EXPORT_WITH_A_HOOK, "export", "na3d-block", "-o", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", EXPORT_WITH_A_HOOK, "export", "na3d-block", "-o", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         lines, err = _lines(proc.stderr), []
         deadline = time.monotonic() + 120

@@ -16,6 +16,7 @@ ops and layouts, a third of the nodes.  ``EDGEATTN_ONNX2TF_FULL=1`` converts the
 The ``ort-cuda`` column (plain onnxruntime-gpu, TF32 off) is marked ``gpu``: it skips without a CUDA GPU.
 ``EDGEATTN_DEPLOY_MATRIX=FILE`` appends each column's max errors to FILE as JSON lines.
 """
+
 import json
 import os
 import re
@@ -36,50 +37,73 @@ from conftest import judge_modulo_ties, require
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSUME = Path(__file__).with_name("deploy") / "consume.py"
-ATOL = 1e-4   # fp32 against torch, for every consumer (onnxruntime's and OpenVINO's fp32 gate; onnx2tf's target;
+ATOL = 1e-4  # fp32 against torch, for every consumer (onnxruntime's and OpenVINO's fp32 gate; onnx2tf's target;
 # ort-cuda with TF32 off: 8.1e-6 at worst on an H200, benchmarks/RESULTS.md)
 # The edgeattn runtime on each consumer's engine: a file with declared hard decisions (mask2former-decoder's mask
 # threshold) that misses ATOL is judged as `edgeattn check` judges it, modulo decisions that flipped at a tie, with
 # the flipped decisions read from that runtime (conftest.judge_modulo_ties).  onnx2tf's LiteRT has none: plain ATOL.
-ENGINES = {**dict.fromkeys(("ort", "ort-format", "onnxsim", "onnxslim"), "ort-cpu"), "ort-cuda": "ort-cuda",
-           **dict.fromkeys(("openvino", "openvino-convert", "ovc"), "openvino-cpu")}
+ENGINES = {
+    **dict.fromkeys(("ort", "ort-format", "onnxsim", "onnxslim"), "ort-cpu"),
+    "ort-cuda": "ort-cuda",
+    **dict.fromkeys(("openvino", "openvino-convert", "ovc"), "openvino-cpu"),
+}
 O2T_VENV = Path(os.environ.get("EDGEATTN_ONNX2TF_VENV", ROOT / ".venv-onnx2tf"))
 
 # (consumer, form, python): the consumers each form is for
 MATRIX = [
-    *[(c, "default", "main") for c in ("ort", "ort-format", "openvino", "openvino-convert", "ovc", "onnxsim",
-                                       "onnxslim")],
-    ("onnxsim", "default", "onnx2tf-venv"), ("onnx2tf", "default", "onnx2tf-venv"),
+    *[
+        (c, "default", "main")
+        for c in ("ort", "ort-format", "openvino", "openvino-convert", "ovc", "onnxsim", "onnxslim")
+    ],
+    ("onnxsim", "default", "onnx2tf-venv"),
+    ("onnx2tf", "default", "onnx2tf-venv"),
     *[(c, "custom-op", "main") for c in ("ort", "ort-format", "onnxsim", "onnxslim")],
     ("openvino", "ir", "main"),
-    ("ort-cuda", "default", "main"),    # marked gpu: needs onnxruntime-gpu and a CUDA GPU
+    ("ort-cuda", "default", "main"),  # marked gpu: needs onnxruntime-gpu and a CUDA GPU
 ]
 # Cells that fail for a reason outside edgeattn, checked to still fail with the error recorded (a fix upstream, or a
 # failure of another kind, turns the test red): consumer, model -> (a regex every failure line of the model matches,
 # why)
 KNOWN_FAILURES = {
-    ("onnx2tf", "segment-lm-decode"): (r"onnx2tf exited 1: ValueError: .*\| Dimensions must be equal, but are 128 "
-                                       r"and 32 .*with input shapes: \[1,1,1,128\], \[1,2,1,32\]",
-                                       "onnx2tf 1.29.24 moves the decode step's masks computed from `position` "
-                                       "(B, 1, max_cache, 1) to NHWC but not the caches they select from"),
+    ("onnx2tf", "segment-lm-decode"): (
+        r"onnx2tf exited 1: ValueError: .*\| Dimensions must be equal, but are 128 "
+        r"and 32 .*with input shapes: \[1,1,1,128\], \[1,2,1,32\]",
+        "onnx2tf 1.29.24 moves the decode step's masks computed from `position` "
+        "(B, 1, max_cache, 1) to NHWC but not the caches they select from",
+    ),
     # the routed lowering's ScatterElements come out of onnx2tf with the shape of another ScatterElements of the
     # graph (its own check, -cotof, reports (2, 769) for (2, 513)); LiteRT then gathers out of bounds
-    **{("onnx2tf", name): (r"RuntimeError: gather index out of bounds ?Node number \d+ \(GATHER\) failed to invoke",
-                           "onnx2tf 1.29.24 gives the routed lowering's ScatterElements wrong shapes")
-       for name in ("moba-block", "moba-lm")},
+    **{
+        ("onnx2tf", name): (
+            r"RuntimeError: gather index out of bounds ?Node number \d+ \(GATHER\) failed to invoke",
+            "onnx2tf 1.29.24 gives the routed lowering's ScatterElements wrong shapes",
+        )
+        for name in ("moba-block", "moba-lm")
+    },
 }
 # the onnx2tf column's configs for the large models (see the module docstring)
-ONNX2TF_CONFIGS = {} if os.environ.get("EDGEATTN_ONNX2TF_FULL") == "1" else {
-    "dinat-mini": {"depths": [2, 2, 2, 2], "dilations": [[1, 8], [1, 4], [1, 2], [1, 1]]},
-    "nat-mini": {"depths": [1, 1, 1, 1]},
-    "ppma-t": {"depths": [1, 1, 1, 1]},
-    "rmt-t": {"depths": [1, 1, 1, 1]},
-    "swin-t": {"depths": [2, 2, 2, 2]},
-    "mask2former-decoder": {"dec_layers": 3},
-}
-PARAMS = [pytest.param(c, f, p, id=f"{c}-{f}{'-o2t' if p != 'main' else ''}",
-                       marks=[pytest.mark.onnx2tf] if p != "main" else [pytest.mark.gpu] if c == "ort-cuda" else [])
-          for c, f, p in MATRIX]
+ONNX2TF_CONFIGS = (
+    {}
+    if os.environ.get("EDGEATTN_ONNX2TF_FULL") == "1"
+    else {
+        "dinat-mini": {"depths": [2, 2, 2, 2], "dilations": [[1, 8], [1, 4], [1, 2], [1, 1]]},
+        "nat-mini": {"depths": [1, 1, 1, 1]},
+        "ppma-t": {"depths": [1, 1, 1, 1]},
+        "rmt-t": {"depths": [1, 1, 1, 1]},
+        "swin-t": {"depths": [2, 2, 2, 2]},
+        "mask2former-decoder": {"dec_layers": 3},
+    }
+)
+PARAMS = [
+    pytest.param(
+        c,
+        f,
+        p,
+        id=f"{c}-{f}{'-o2t' if p != 'main' else ''}",
+        marks=[pytest.mark.onnx2tf] if p != "main" else [pytest.mark.gpu] if c == "ort-cuda" else [],
+    )
+    for c, f, p in MATRIX
+]
 
 
 def _python(which: str) -> str:
@@ -88,8 +112,10 @@ def _python(which: str) -> str:
     python = O2T_VENV / "bin" / "python"
     if not python.is_file():
         if os.environ.get("EDGEATTN_REQUIRE_ONNX2TF") == "1":
-            pytest.fail(f"{python} is missing: build it with `python3 -m venv {O2T_VENV} && "
-                        f"{O2T_VENV}/bin/pip install onnx2tf==1.29.24` (.ci/run does)")
+            pytest.fail(
+                f"{python} is missing: build it with `python3 -m venv {O2T_VENV} && "
+                f"{O2T_VENV}/bin/pip install onnx2tf==1.29.24` (.ci/run does)"
+            )
         pytest.skip(f"no onnx2tf environment at {O2T_VENV} (see this module's docstring)")
     return str(python)
 
@@ -111,8 +137,12 @@ class Artifacts:
             with torch.no_grad():
                 reference = torch.utils._pytree.tree_leaves(built.module(**built.inputs))
             np.savez(folder / "feeds.npz", **{k: v.numpy() for k, v in built.inputs.items()})
-            self.cache[key] = {"folder": folder, "feeds": folder / "feeds.npz", "config": config,
-                               "reference": dict(zip(built.outputs, (t.numpy() for t in reference)))}
+            self.cache[key] = {
+                "folder": folder,
+                "feeds": folder / "feeds.npz",
+                "config": config,
+                "reference": dict(zip(built.outputs, (t.numpy() for t in reference))),
+            }
         return self.cache[key]
 
     def file(self, name: str, form: str, config: dict) -> Path:
@@ -123,7 +153,7 @@ class Artifacts:
                 entry[form] = self.registered_file(name, **config)
             elif form == "custom-op":
                 entry[form] = self.registered_file(name, custom_op=True, **config)
-            else:   # the IR writer behind --format openvino, on the custom-op file (no second trace)
+            else:  # the IR writer behind --format openvino, on the custom-op file (no second trace)
                 proto = onnx.load(str(self.file(name, "custom-op", config)))
                 entry[form] = folder / "ir.xml"
                 write_openvino_ir(proto, entry[form], {**read_metadata(proto), "format": "openvino"})
@@ -141,13 +171,24 @@ def test_deployment_matrix(artifacts, tmp_path, consumer, form, python):
         require("ort-cuda")
     python = _python(python)
     configs = {name: ONNX2TF_CONFIGS.get(name, {}) if consumer == "onnx2tf" else {} for name in models.names()}
-    jobs = [{"name": name, "file": str(artifacts.file(name, form, configs[name])),
-             "feeds": str(artifacts.model(name, configs[name])["feeds"]), "work": str(tmp_path / name)}
-            for name in models.names()]
+    jobs = [
+        {
+            "name": name,
+            "file": str(artifacts.file(name, form, configs[name])),
+            "feeds": str(artifacts.model(name, configs[name])["feeds"]),
+            "work": str(tmp_path / name),
+        }
+        for name in models.names()
+    ]
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([python, str(CONSUME), consumer, str(tmp_path / "jobs.json"), str(tmp_path / "out.json")],
-                          capture_output=True, text=True, env=env, timeout=3000)
+    done = subprocess.run(
+        [python, str(CONSUME), consumer, str(tmp_path / "jobs.json"), str(tmp_path / "out.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3000,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "out.json").read_text())
     errors, failures = {}, []
@@ -174,8 +215,14 @@ def test_deployment_matrix(artifacts, tmp_path, consumer, form, python):
         ok, ties = worst <= ATOL, ""
         if not ok and worst < float("inf") and consumer in ENGINES:
             built = models.build(name, **configs[name])
-            ok, worst, ties = judge_modulo_ties(got, a["reference"], built.module, built.inputs,
-                                                artifacts.file(name, form, configs[name]), ENGINES[consumer])
+            ok, worst, ties = judge_modulo_ties(
+                got,
+                a["reference"],
+                built.module,
+                built.inputs,
+                artifacts.file(name, form, configs[name]),
+                ENGINES[consumer],
+            )
         errors[name] = worst
         if not ok:
             failures.append(f"{name}: max abs error {worst:.2e}, gate {ATOL:.0e}{' (' + ties + ')' if ties else ''}")
@@ -193,8 +240,11 @@ def test_deployment_matrix(artifacts, tmp_path, consumer, form, python):
         errors[name] = f"known failure: {why}"
     report = os.environ.get("EDGEATTN_DEPLOY_MATRIX")
     if report:
-        label = consumer + (" (onnx2tf venv)" if python != sys.executable else "") + \
-            (" (large models reduced)" if any(configs.values()) else "")
+        label = (
+            consumer
+            + (" (onnx2tf venv)" if python != sys.executable else "")
+            + (" (large models reduced)" if any(configs.values()) else "")
+        )
         with open(report, "a") as f:
             f.write(json.dumps({"consumer": label, "form": form, "errors": errors}) + "\n")
     assert not failures, f"{consumer} on {form} files:\n" + "\n".join(failures)
@@ -207,7 +257,7 @@ def test_files_pass_onnx_full_check_and_strict_shape_inference(artifacts, form):
         model = onnx.load(str(artifacts.file(name, form, {})))
         onnx.checker.check_model(model, full_check=True)
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
-        assert not any(f.overload for f in model.functions), name      # converters drop or merge overloads
+        assert not any(f.overload for f in model.functions), name  # converters drop or merge overloads
         # constants are tensor values (onnxsim 0.4.36 and onnx2tf read no other form), except a function's scale,
         # which refers to its node's attribute until inlined
         for graph in [model.graph, *model.functions]:

@@ -4,13 +4,18 @@ prints that line alone and exits 2.
 
 The corpus is the other modules' own: bad files from test_untrusted, feeds and command lines from test_cli, masks
 from test_masks and test_fuzz_mask_functions, `masks show` and --plot command lines from test_plots."""
+
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_cli import BAD_ARGUMENTS, BAD_BENCH_ARGUMENTS, BAD_FEEDS, py_file, write_feeds  # noqa: F401 (a fixture)
+from test_fuzz_mask_functions import HEADS, as_mask_mod, mask_functions
+from test_masks import BAD_PARAMETERS, BAD_SHAPES, BAD_TABLE_SHAPES, causal_with_if, causal_with_item
+from test_plots import BAD_ARGUMENTS as BAD_PLOT_ARGUMENTS
+from test_untrusted import bad_files, good  # noqa: F401 (a fixture)
 
 import edgeattn
 from edgeattn import errors, runtimes, tables
@@ -21,23 +26,36 @@ from edgeattn.layers import MaskedSelfAttention
 from edgeattn.masks import custom, materialize
 
 from conftest import CPU_RUNTIMES
-from test_cli import BAD_ARGUMENTS, BAD_BENCH_ARGUMENTS, BAD_FEEDS, py_file, write_feeds  # noqa: F401 (a fixture)
-from test_fuzz_mask_functions import HEADS, as_mask_mod, mask_functions
-from test_masks import BAD_PARAMETERS, BAD_SHAPES, BAD_TABLE_SHAPES, causal_with_if, causal_with_item
-from test_plots import BAD_ARGUMENTS as BAD_PLOT_ARGUMENTS
-from test_untrusted import bad_files, good  # noqa: F401 (a fixture)
 
-ROOT = Path(__file__).resolve().parents[1]   # test_cli's command lines name README.md and write nothing
-FAMILY = [errors.EdgeAttnError, errors.InvalidArgument, errors.BadFile, errors.RuntimeUnavailable,
-          errors.ExportFailed, errors.NoSuchLowering]
+ROOT = Path(__file__).resolve().parents[1]  # test_cli's command lines name README.md and write nothing
+FAMILY = [
+    errors.EdgeAttnError,
+    errors.InvalidArgument,
+    errors.BadFile,
+    errors.RuntimeUnavailable,
+    errors.ExportFailed,
+    errors.NoSuchLowering,
+]
 # the subclass of the command-line refusals (by their corpus message) raised where edgeattn says which; the rest
 # are at least EdgeAttnErrors
-KIND = {**dict.fromkeys(["missing.onnx: no such file", "README.md: not an ONNX model", "is a directory", "no such file",
-                         "inspect reads .onnx and .xml", "README.md is a file",
-                         "README.md: is a file; --plot takes a folder", "model.xml: tables are read from .onnx files"],
-                        BadFile),
-        **dict.fromkeys(["add --check", "neither a registered model", *(m for _, m in BAD_PLOT_ARGUMENTS[:9])],
-                        InvalidArgument)}
+KIND = {
+    **dict.fromkeys(
+        [
+            "missing.onnx: no such file",
+            "README.md: not an ONNX model",
+            "is a directory",
+            "no such file",
+            "inspect reads .onnx and .xml",
+            "README.md is a file",
+            "README.md: is a file; --plot takes a folder",
+            "model.xml: tables are read from .onnx files",
+        ],
+        BadFile,
+    ),
+    **dict.fromkeys(
+        ["add --check", "neither a registered model", *(m for _, m in BAD_PLOT_ARGUMENTS[:9])], InvalidArgument
+    ),
+}
 
 
 def refused(action, kind=EdgeAttnError) -> str:
@@ -53,8 +71,9 @@ def refused(action, kind=EdgeAttnError) -> str:
 def test_every_class_is_an_edgeattn_error_and_argument_errors_stay_value_errors():
     assert all(issubclass(cls, EdgeAttnError) for cls in FAMILY)
     assert issubclass(errors.InvalidArgument, ValueError) and issubclass(errors.NoSuchLowering, ValueError)
-    assert not any(issubclass(cls, ValueError) for cls in (errors.BadFile, errors.RuntimeUnavailable,
-                                                         errors.ExportFailed))
+    assert not any(
+        issubclass(cls, ValueError) for cls in (errors.BadFile, errors.RuntimeUnavailable, errors.ExportFailed)
+    )
     assert all(cls.__name__ in edgeattn.__all__ and getattr(edgeattn, cls.__name__) is cls for cls in FAMILY)
     assert all(cls.__doc__ for cls in FAMILY)
 
@@ -88,10 +107,12 @@ def test_mask_functions_written_per_pair(fn):
 def test_mask_functions_that_use_the_batch_index(data):
     length = data.draw(st.integers(2, 8))
     expr = data.draw(mask_functions(length, batch=True).filter(lambda e: e.uses_batch))
-    assert "depends on the batch index b" in refused(lambda: tables.build(as_mask_mod(expr), length, heads=HEADS),
-                                                     InvalidArgument)
     assert "depends on the batch index b" in refused(
-        lambda: MaskedSelfAttention(HEADS * 4, HEADS, as_mask_mod(expr), seq_len=length), InvalidArgument)
+        lambda: tables.build(as_mask_mod(expr), length, heads=HEADS), InvalidArgument
+    )
+    assert "depends on the batch index b" in refused(
+        lambda: MaskedSelfAttention(HEADS * 4, HEADS, as_mask_mod(expr), seq_len=length), InvalidArgument
+    )
 
 
 # ----------------------------------------------------------------------------- files
@@ -134,7 +155,7 @@ def cli_refuses(capsys, argv, message):
     assert message in err and "Traceback" not in err
     args = _parser().parse_args(argv)
     kind = KIND.get(message, EdgeAttnError)
-    assert refused(lambda: args.func(args), kind) == err[len("edgeattn: error: "):-1]
+    assert refused(lambda: args.func(args), kind) == err[len("edgeattn: error: ") : -1]
 
 
 @pytest.mark.parametrize("argv, message", BAD_ARGUMENTS + BAD_BENCH_ARGUMENTS + BAD_PLOT_ARGUMENTS)
@@ -150,6 +171,7 @@ def test_bad_inputs_on_the_command_line(capsys, py_file, tmp_path, arrays, messa
 
 def test_a_missing_optional_package(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert "needs matplotlib" in refused(lambda: edgeattn.plot_mask(edgeattn.masks.causal(), q_len=4),
-                                         RuntimeUnavailable)
+    assert "needs matplotlib" in refused(
+        lambda: edgeattn.plot_mask(edgeattn.masks.causal(), q_len=4), RuntimeUnavailable
+    )
     cli_refuses(capsys, ["masks", "show", "causal", "--len", "4"], "masks show needs matplotlib")

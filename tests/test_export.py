@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from edgeattn import EdgeAttnError, export_onnx, masks, onnxfile, parity, tables
+from edgeattn.layers import MaskedSelfAttention
 from edgeattn.onnxfile import DOMAIN, LOWERINGS, TABLE_INPUTS
 from edgeattn.runtimes.ort import for_runtime
-from edgeattn.layers import MaskedSelfAttention
 
 from conftest import CPU_RUNTIMES, LOWERING_CASES, LOWERING_LIST
 
@@ -37,7 +37,9 @@ def test_every_lowering_has_a_case():
 
 
 def _export(tmp_path, layer, x, custom_op, name="m.onnx", **kwargs):
-    return export_onnx(layer, [x], tmp_path / name, custom_op=custom_op, input_names=["x"], output_names=["y"], **kwargs)
+    return export_onnx(
+        layer, [x], tmp_path / name, custom_op=custom_op, input_names=["x"], output_names=["y"], **kwargs
+    )
 
 
 def _assert_parity(layer, x, path, runtimes=CPU_RUNTIMES, atol=1e-4):
@@ -67,7 +69,7 @@ def test_family_exports_and_matches_torch(tmp_path, family, lowering, custom_op)
         # masks with a bias_mod (decays, relative position biases) pass it as the last input and use the _bias body
         [node] = [n for n in model.graph.node if n.domain == DOMAIN]
         has_bias = len(node.input) == 3 + len(TABLE_INPUTS[result.masks[0]["layout"]])
-        op_type = f"MaskedAttention_{lowering}{'_bias' if has_bias else ''}"   # one function per body, no overloads
+        op_type = f"MaskedAttention_{lowering}{'_bias' if has_bias else ''}"  # one function per body, no overloads
         assert node.op_type == op_type and not node.overload
         assert [(f.domain, f.name, f.overload) for f in model.functions] == [(DOMAIN, op_type, "")]
     onnx.checker.check_model(model, full_check=True)
@@ -84,6 +86,7 @@ def test_fully_masked_rows_are_zeros_on_every_runtime(tmp_path, custom_op, lower
     x = torch.randn(1, 12, 16)
     path = _export(tmp_path, layer, x, custom_op, lowering=lowering, opset=opset, runtimes=runtimes).path
     from edgeattn import load
+
     runtimes = [r for r in CPU_RUNTIMES if runtimes is None or r in runtimes]
     for name in runtimes:
         y = load(path, name).run({"x": x.numpy()})["y"]
@@ -93,8 +96,9 @@ def test_fully_masked_rows_are_zeros_on_every_runtime(tmp_path, custom_op, lower
 
 
 def test_bias_mod_exports_with_its_own_body(tmp_path):
-    alibi = masks.custom(lambda b, h, q, kv: kv <= q, bias_mod=lambda b, h, q, kv: -(h + 1) * 0.1 * (q - kv).abs(),
-                         name="alibi")
+    alibi = masks.custom(
+        lambda b, h, q, kv: kv <= q, bias_mod=lambda b, h, q, kv: -(h + 1) * 0.1 * (q - kv).abs(), name="alibi"
+    )
     layer = MaskedSelfAttention(16, 2, alibi, seq_len=10, layout="dense").eval()
     assert layer.table.attn_bias.shape == (2, 10, 10)
     x = torch.randn(1, 10, 16)
@@ -109,25 +113,30 @@ def test_bias_mod_exports_with_its_own_body(tmp_path):
 @pytest.mark.parametrize("lowering", ["dense", "blocked"])
 def test_metadata_and_deduplicated_tables(tmp_path, lowering):
     mask = masks.neighborhood(3)
-    model = torch.nn.Sequential(MaskedSelfAttention(16, 2, mask, grid=(6, 6)),
-                                MaskedSelfAttention(16, 2, mask, grid=(6, 6))).eval()
+    model = torch.nn.Sequential(
+        MaskedSelfAttention(16, 2, mask, grid=(6, 6)), MaskedSelfAttention(16, 2, mask, grid=(6, 6))
+    ).eval()
     x = torch.randn(1, 36, 16)
     result = _export(tmp_path, model, x, custom_op=True, lowering=lowering)
     proto = onnx.load(result.path)
     meta = onnxfile.read_metadata(proto)
     assert meta["version"] and meta["opset"] == 18 and meta["inline"] is False
     assert meta["lowering"] == lowering and meta["targets"] == ["ort-cpu", "ort-cuda", "openvino-cpu"]
-    assert [(m["mask"], m["lowering"], m["why"]) for m in meta["masks"]] == [("neighborhood_k3", lowering, "requested")] * 2
+    assert [(m["mask"], m["lowering"], m["why"]) for m in meta["masks"]] == [
+        ("neighborhood_k3", lowering, "requested")
+    ] * 2
     one_table = model[0].table.table if lowering == "blocked" else tables.build(mask, grid=(6, 6))
-    assert meta["table_bytes"] == result.table_bytes == one_table.nbytes   # both layers share one table
+    assert meta["table_bytes"] == result.table_bytes == one_table.nbytes  # both layers share one table
     inputs = [list(n.input) for n in proto.graph.node if n.domain == DOMAIN]
     assert inputs[0][3:] == inputs[1][3:]
-    assert model[0].table.layout == "blocked"    # export restored the layers' own layout
+    assert model[0].table.layout == "blocked"  # export restored the layers' own layout
 
 
 def test_auto_records_its_reason_per_layer(tmp_path):
-    model = torch.nn.Sequential(MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(12, 12)),
-                                MaskedSelfAttention(16, 2, masks.causal(), seq_len=144)).eval()
+    model = torch.nn.Sequential(
+        MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(12, 12)),
+        MaskedSelfAttention(16, 2, masks.causal(), seq_len=144),
+    ).eval()
     result = _export(tmp_path, model, torch.randn(1, 144, 16), custom_op=True)
     first, second = onnxfile.read_metadata(onnx.load(result.path))["masks"]
     assert first["lowering"] == "blocked" and "block table scores" in first["why"]
@@ -147,10 +156,13 @@ def test_bucketed_tables_export_one_node_per_bucket(tmp_path, custom_op, opset):
     x = torch.randn(1, 1024, 16)
     result = _export(tmp_path, model, x, custom_op, opset=opset)
     dense = "attention" if opset >= 23 else "dense"
-    assert [m["lowering"] for m in result.masks] == [dense if isinstance(b, tables.DenseBucket) else "blocked"
-                                                     for split in splits for b in split.buckets]
-    assert all(f"{len(split.buckets)} buckets" in m["why"] for split, m in
-               zip([s for s in splits for _ in s.buckets], result.masks))
+    assert [m["lowering"] for m in result.masks] == [
+        dense if isinstance(b, tables.DenseBucket) else "blocked" for split in splits for b in split.buckets
+    ]
+    assert all(
+        f"{len(split.buckets)} buckets" in m["why"]
+        for split, m in zip([s for s in splits for _ in s.buckets], result.masks)
+    )
     assert {"blocked", dense} == {m["lowering"] for m in result.masks}
     _assert_parity(model, x, result.path, atol=1e-5)
 
@@ -170,23 +182,29 @@ def test_causal_buckets_slice_their_rows_and_keys(tmp_path, seq_len, gathers):
 
 @pytest.mark.parametrize("custom_op", [True, False], ids=["custom-op", "standard"])
 def test_chunked_tables_export_one_blocked_node_per_chunk(tmp_path, custom_op):
-    mask = masks.custom(lambda b, h, q, kv: (kv <= q) & (q - kv < 90), bias_mod=lambda b, h, q, kv: (kv - q) / 50.0,
-                        name="sliding90_decay")
+    mask = masks.custom(
+        lambda b, h, q, kv: (kv <= q) & (q - kv < 90),
+        bias_mod=lambda b, h, q, kv: (kv - q) / 50.0,
+        name="sliding90_decay",
+    )
     layer = MaskedSelfAttention(16, 2, mask, seq_len=700, layout="blocked").eval()
     layer.table.use_layout("bucketed", tables.chunked(layer.table.table, 3))
     x = torch.randn(2, 700, 16)
     result = _export(tmp_path, layer, x, custom_op)
-    assert [m["lowering"] for m in result.masks] == ["blocked"] * 4   # 11 tiles of 64 queries
+    assert [m["lowering"] for m in result.masks] == ["blocked"] * 4  # 11 tiles of 64 queries
     assert "4 buckets of query tiles by position, 3 tiles each" in result.masks[0]["why"]
     _assert_parity(layer, x, result.path, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(lowering="attention"), "needs opset >= 23"),
-    (dict(lowering="contrib"), "runs on ort-cpu, ort-cuda only, not on openvino-cpu"),
-    (dict(lowering="sparse"), "unknown lowering 'sparse'"),
-    (dict(runtimes=["tensorrt"]), "target runtimes must be among"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lowering="attention"), "needs opset >= 23"),
+        (dict(lowering="contrib"), "runs on ort-cpu, ort-cuda only, not on openvino-cpu"),
+        (dict(lowering="sparse"), "unknown lowering 'sparse'"),
+        (dict(runtimes=["tensorrt"]), "target runtimes must be among"),
+    ],
+)
 def test_bad_lowering_requests_are_clear_errors(tmp_path, kwargs, message):
     layer = MaskedSelfAttention(16, 2, masks.causal(), seq_len=4)
     with pytest.raises(EdgeAttnError, match=message):
@@ -236,11 +254,14 @@ def test_written_files_get_normal_permissions(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
-@pytest.mark.parametrize("target, message", [
-    (".", "is a directory"),
-    ("afile/m.onnx", "afile is a file"),
-    ("", "output path is empty"),
-])
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        (".", "is a directory"),
+        ("afile/m.onnx", "afile is a file"),
+        ("", "output path is empty"),
+    ],
+)
 def test_bad_output_paths_fail_before_exporting(tmp_path, monkeypatch, target, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("x")
@@ -278,6 +299,7 @@ def test_parity_flattens_nested_outputs(tmp_path):
 
 def test_auto_dense_nodes_run_their_fastest_way_per_runtime(tmp_path):
     from edgeattn import runtimes
+
     layer = MaskedSelfAttention(16, 2, masks.causal(), seq_len=64).eval()
     x = torch.randn(1, 64, 16)
     result = _export(tmp_path, layer, x, custom_op=True)
@@ -298,9 +320,18 @@ def test_auto_dense_nodes_run_their_fastest_way_per_runtime(tmp_path):
 @pytest.mark.parametrize("lowering,opset,runtimes", LOWERING_LIST, ids=[c[0] for c in LOWERING_LIST])
 def test_dynamic_batch_runs_at_1_3_and_8(tmp_path, lowering, opset, runtimes):
     from edgeattn import load
+
     layer = MaskedSelfAttention(16, 2, masks.neighborhood(3), grid=(6, 6)).eval()
-    result = _export(tmp_path, layer, torch.randn(1, 36, 16), custom_op=True, lowering=lowering, opset=opset,
-                     runtimes=runtimes, dynamic_batch=True)
+    result = _export(
+        tmp_path,
+        layer,
+        torch.randn(1, 36, 16),
+        custom_op=True,
+        lowering=lowering,
+        opset=opset,
+        runtimes=runtimes,
+        dynamic_batch=True,
+    )
     assert onnxfile.read_metadata(onnx.load(result.path))["dynamic_batch"] is True
     for name in [r for r in CPU_RUNTIMES if runtimes is None or r in runtimes]:
         session = load(result.path, name)

@@ -2,6 +2,7 @@
 functions counted), and edgeattn modules are never imported lazily (only optional third-party packages are).
 
 Read from the source with ``ast``, so the check sees every import whether or not it runs."""
+
 import ast
 import shutil
 from pathlib import Path
@@ -53,14 +54,14 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> list[tuple[str, in
             targets = []
             if isinstance(child, ast.ImportFrom):
                 if child.level:
-                    base = package[:len(package) - (child.level - 1)]
+                    base = package[: len(package) - (child.level - 1)]
                     target = ".".join(base + ([child.module] if child.module else []))
                 elif child.module and child.module.split(".")[0] == "edgeattn":
                     target = child.module.partition(".")[2]
                 else:
                     target = None
                 if target is not None:
-                    for alias in child.names:   # `from . import x` may name a submodule
+                    for alias in child.names:  # `from . import x` may name a submodule
                         sub = f"{target}.{alias.name}" if target else alias.name
                         targets.append(sub if sub in known else target)
             elif isinstance(child, ast.Import):
@@ -86,8 +87,10 @@ def violations(root: Path = PACKAGE) -> list[str]:
             graph[name].add(target)
             where = f"edgeattn.{name or '__init__'} line {line}"
             if floor_of(target) > here:
-                problems.append(f"{where} imports edgeattn.{target or '__init__'}, on a higher floor "
-                                f"({FLOORS[floor_of(target)][0]} above {FLOORS[here][0]})")
+                problems.append(
+                    f"{where} imports edgeattn.{target or '__init__'}, on a higher floor "
+                    f"({FLOORS[floor_of(target)][0]} above {FLOORS[here][0]})"
+                )
             if lazy:
                 problems.append(f"{where} imports edgeattn.{target or '__init__'} inside a function")
     problems += [f"import cycle: {' -> '.join(cycle)}" for cycle in cycles(graph)]

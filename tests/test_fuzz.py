@@ -3,6 +3,7 @@ in reference/ (masks and decay biases, the ones the test_masks*.py modules use),
 attention kernels on random masks (fully-masked rows, fp16).
 
 CI runs a modest number of examples; set EDGEATTN_FUZZ_EXAMPLES (e.g. 2000) for a long run."""
+
 import os
 
 import torch
@@ -11,8 +12,20 @@ from hypothesis import strategies as st
 
 from edgeattn import tables
 from edgeattn.attention import attend
-from edgeattn.masks import (FAMILIES, causal, clear, custom, decay_1d, manhattan_decay, neighborhood, radial,
-                             segments, sinks, sliding_window, window)
+from edgeattn.masks import (
+    FAMILIES,
+    causal,
+    clear,
+    custom,
+    decay_1d,
+    manhattan_decay,
+    neighborhood,
+    radial,
+    segments,
+    sinks,
+    sliding_window,
+    window,
+)
 
 from reference.decay import brute_1d, brute_manhattan
 from reference.masks import ref_clear, ref_neighborhood, ref_radial, ref_seq, ref_window
@@ -74,7 +87,10 @@ def test_fuzz_sequence_masks(data):
     is_causal = data.draw(st.booleans())
     cases = [
         (causal(), lambda q, k: k <= q),
-        (sliding_window(w, causal=is_causal), (lambda q, k: 0 <= q - k <= w) if is_causal else (lambda q, k: abs(q - k) <= w)),
+        (
+            sliding_window(w, causal=is_causal),
+            (lambda q, k: 0 <= q - k <= w) if is_causal else (lambda q, k: abs(q - k) <= w),
+        ),
         (sinks(n, w), lambda q, k: k <= q and (k < n or q - k <= w)),
     ]
     for mask, pred in cases:
@@ -84,11 +100,12 @@ def test_fuzz_sequence_masks(data):
 @FUZZ
 @given(st.lists(st.integers(0, 3), min_size=1, max_size=30), st.data())
 def test_fuzz_segments(steps, data):
-    ids = [sum(steps[:i + 1]) for i in range(len(steps))]     # non-decreasing, with repeats
+    ids = [sum(steps[: i + 1]) for i in range(len(steps))]  # non-decreasing, with repeats
     q_len = data.draw(st.integers(1, len(ids)))
     pred = lambda q, k: ids[k] == ids[q] or (ids[k] < ids[q] and k <= q)  # noqa: E731
-    check_both_layouts(segments(ids), ref_seq(pred, q_len, len(ids)), data.draw(st.integers(1, 8)),
-                       q_len=q_len, kv_len=len(ids))
+    check_both_layouts(
+        segments(ids), ref_seq(pred, q_len, len(ids)), data.draw(st.integers(1, 8)), q_len=q_len, kv_len=len(ids)
+    )
 
 
 @FUZZ
@@ -103,11 +120,12 @@ def test_fuzz_radial(data):
         frames, per_frame, max_block = data.draw(st.integers(3, 5)), data.draw(st.integers(128, 160)), 32
     video = frames * per_frame
     block = data.draw(st.sampled_from([b for b in range(1, (max_block or video) + 1) if video % b == 0]))
-    decay = data.draw(st.floats(0.0, 4.0, exclude_min=True))    # the band is 64*decay wide at distance 2 there
+    decay = data.draw(st.floats(0.0, 4.0, exclude_min=True))  # the band is 64*decay wide at distance 2 there
     sink, text = data.draw(st.booleans()), data.draw(st.integers(0, 3))
     mask = radial(frames, block_size=block, decay_factor=decay, sink=sink, text=text)
-    check_both_layouts(mask, ref_radial(frames, per_frame, block, decay, sink, text),
-                       data.draw(st.integers(1, 16)), q_len=video + text)
+    check_both_layouts(
+        mask, ref_radial(frames, per_frame, block, decay, sink, text), data.draw(st.integers(1, 16)), q_len=video + text
+    )
 
 
 @FUZZ
@@ -116,11 +134,16 @@ def test_fuzz_clear(data):
     radius, text = data.draw(st.integers(1, 5)), data.draw(st.integers(0, 4))
     height, width = data.draw(st.integers(1, 7)), data.draw(st.integers(1, 7))
     n = text + height * width
-    q_len = data.draw(st.integers(1, n))                     # the last q_len tokens query every key
+    q_len = data.draw(st.integers(1, n))  # the last q_len tokens query every key
     tile = data.draw(st.integers(1, 16))
-    check_both_layouts(clear(radius, text=text, image=(height, width)),
-                       ref_clear(radius, text, height, width, q_len), tile, q_len=q_len, kv_len=n)
-    if text == 0:   # the layer's own 2-D grid, with 2-D tiles
+    check_both_layouts(
+        clear(radius, text=text, image=(height, width)),
+        ref_clear(radius, text, height, width, q_len),
+        tile,
+        q_len=q_len,
+        kv_len=n,
+    )
+    if text == 0:  # the layer's own 2-D grid, with 2-D tiles
         tile = (data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4)))
         check_both_layouts(clear(radius), ref_clear(radius, 0, height, width), tile, grid=(height, width))
 
@@ -129,11 +152,13 @@ def check_decay(mask, want, tile, **shape):
     """Both layouts allow every key and carry the brute-force bias: float64 log(gamma) * distance there, one float32
     rounding of log(gamma) and one of the product here, so within a few float32 ulps (relative)."""
     heads = want.shape[0]
-    for table in (tables.build(mask, heads=heads, **shape),
-                  tables.build(mask, heads=heads, layout="blocked", tile=tile, **shape).to_dense()):
+    for table in (
+        tables.build(mask, heads=heads, **shape),
+        tables.build(mask, heads=heads, layout="blocked", tile=tile, **shape).to_dense(),
+    ):
         assert table.mask.all() and table.fully_masked_rows == 0
         assert table.bias.dtype == torch.float32
-        torch.testing.assert_close(table.bias.double().expand_as(want), want, rtol=2.0 ** -22, atol=0.0)
+        torch.testing.assert_close(table.bias.double().expand_as(want), want, rtol=2.0**-22, atol=0.0)
 
 
 GAMMAS = st.lists(st.floats(0.0, 1.0, exclude_min=True, exclude_max=True), min_size=1, max_size=4)
@@ -154,13 +179,24 @@ def test_fuzz_decay_1d(data):
     kv_len = data.draw(st.integers(1, 40))
     q_len = data.draw(st.integers(1, kv_len))
     gammas = data.draw(GAMMAS)
-    check_decay(decay_1d(gammas), brute_1d(q_len, kv_len, gammas), data.draw(st.integers(1, 16)),
-                q_len=q_len, kv_len=kv_len)
+    check_decay(
+        decay_1d(gammas), brute_1d(q_len, kv_len, gammas), data.draw(st.integers(1, 16)), q_len=q_len, kv_len=kv_len
+    )
 
 
 def test_every_family_is_fuzzed():
-    fuzzed = {"neighborhood", "window", "causal", "sliding_window", "sinks", "segments",
-              "manhattan_decay", "decay_1d", "radial", "clear"}
+    fuzzed = {
+        "neighborhood",
+        "window",
+        "causal",
+        "sliding_window",
+        "sinks",
+        "segments",
+        "manhattan_decay",
+        "decay_1d",
+        "radial",
+        "clear",
+    }
     assert fuzzed == set(FAMILIES)
 
 
@@ -177,7 +213,7 @@ def test_fuzz_kernels_on_random_masks(data):
     dense = tables.build(mask, q_len=n, heads=2)
     blocked = tables.build(mask, q_len=n, heads=2, layout="blocked", tile=data.draw(st.integers(1, 8)))
     q, k, v = (torch.randn(1, 2, n, 8, generator=gen) for _ in range(3))
-    empty = ~table.any(-1)                                                 # (heads, n)
+    empty = ~table.any(-1)  # (heads, n)
     for dtype, atol in ((torch.float32, 1e-5), (torch.float16, 2e-2)):
         args = [t.to(dtype) for t in (q, k, v)]
         want = attend(*args, "dense", [dense.mask, None])

@@ -5,6 +5,7 @@ force).  Tables in both layouts and attention in eager and on every CPU runtime 
 function that uses the batch index must be refused with one clear error, since a static table cannot honour it.
 
 CI runs a modest number of examples; EDGEATTN_FUZZ_EXAMPLES raises it (the runtime test runs a quarter of them)."""
+
 import math
 import os
 
@@ -21,8 +22,11 @@ from conftest import CPU_RUNTIMES
 
 EXAMPLES = int(os.environ.get("EDGEATTN_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-FUZZ_RUNTIMES = settings(max_examples=max(4, EXAMPLES // 4), deadline=None,
-                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ_RUNTIMES = settings(
+    max_examples=max(4, EXAMPLES // 4),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 HEADS = 3
 
 
@@ -43,11 +47,18 @@ def linear(draw):
     a, c, e = (draw(st.integers(-2, 2)) for _ in range(3))
     f = draw(st.integers(-6, 6))
     op = draw(st.sampled_from(["<", "<=", "==", ">=", ">"]))
-    cmp = {"<": lambda x: x < 0, "<=": lambda x: x <= 0, "==": lambda x: x == 0, ">=": lambda x: x >= 0,
-           ">": lambda x: x > 0}[op]
-    return Expr(f"({a}q{c:+d}kv{e:+d}h{f:+d} {op} 0)",
-                lambda b, h, q, kv: cmp(a * q + c * kv + e * h + f),
-                lambda b, h, q, kv: cmp(a * q + c * kv + e * h + f))
+    cmp = {
+        "<": lambda x: x < 0,
+        "<=": lambda x: x <= 0,
+        "==": lambda x: x == 0,
+        ">=": lambda x: x >= 0,
+        ">": lambda x: x > 0,
+    }[op]
+    return Expr(
+        f"({a}q{c:+d}kv{e:+d}h{f:+d} {op} 0)",
+        lambda b, h, q, kv: cmp(a * q + c * kv + e * h + f),
+        lambda b, h, q, kv: cmp(a * q + c * kv + e * h + f),
+    )
 
 
 @st.composite
@@ -55,9 +66,11 @@ def modular(draw):
     m = draw(st.integers(2, 5))
     r = draw(st.integers(0, m - 1))
     with_head = draw(st.booleans())
-    return Expr(f"((q-kv{'+h' if with_head else ''}) % {m} == {r})",
-                lambda b, h, q, kv: (q - kv + (h if with_head else 0)) % m == r,
-                lambda b, h, q, kv: (q - kv + (h if with_head else 0)) % m == r)
+    return Expr(
+        f"((q-kv{'+h' if with_head else ''}) % {m} == {r})",
+        lambda b, h, q, kv: (q - kv + (h if with_head else 0)) % m == r,
+        lambda b, h, q, kv: (q - kv + (h if with_head else 0)) % m == r,
+    )
 
 
 @st.composite
@@ -65,19 +78,26 @@ def lookup(draw, length):
     """Same segment (ids captured from the enclosing scope) or a per-head band |q - kv| <= width[h]."""
     if draw(st.booleans()):
         ids = torch.tensor(sorted(draw(st.lists(st.integers(0, 3), min_size=length, max_size=length))))
-        return Expr(f"(ids{ids.tolist()}[q] == ids[kv])", lambda b, h, q, kv: ids[q] == ids[kv],
-                    lambda b, h, q, kv: bool(ids[q] == ids[kv]))
+        return Expr(
+            f"(ids{ids.tolist()}[q] == ids[kv])",
+            lambda b, h, q, kv: ids[q] == ids[kv],
+            lambda b, h, q, kv: bool(ids[q] == ids[kv]),
+        )
     width = torch.tensor(draw(st.lists(st.integers(0, 4), min_size=HEADS, max_size=HEADS)))
-    return Expr(f"(|q-kv| <= width{width.tolist()}[h])", lambda b, h, q, kv: (q - kv).abs() <= width[h],
-                lambda b, h, q, kv: abs(q - kv) <= int(width[h]))
+    return Expr(
+        f"(|q-kv| <= width{width.tolist()}[h])",
+        lambda b, h, q, kv: (q - kv).abs() <= width[h],
+        lambda b, h, q, kv: abs(q - kv) <= int(width[h]),
+    )
 
 
 @st.composite
 def batch_dependent(draw, length):
     """Per-sequence document ids (FlexAttention's document masking) or an arithmetic use of b."""
     if draw(st.booleans()):
-        docs = torch.tensor([sorted(draw(st.lists(st.integers(0, 2), min_size=length, max_size=length)))
-                             for _ in range(2)])
+        docs = torch.tensor(
+            [sorted(draw(st.lists(st.integers(0, 2), min_size=length, max_size=length))) for _ in range(2)]
+        )
         return Expr("(docs[b, q] == docs[b, kv])", lambda b, h, q, kv: docs[b, q] == docs[b, kv], None, True)
     return Expr("(q + b >= kv)", lambda b, h, q, kv: q + b >= kv, None, True)
 
@@ -89,10 +109,19 @@ def combine(children):
             return Expr(f"~{left}", lambda *i: ~left.tensor(*i), lambda *i: not left.scalar(*i), left.uses_batch)
         both = left.uses_batch or right.uses_batch
         if op == "&":
-            return Expr(f"({left} & {right})", lambda *i: left.tensor(*i) & right.tensor(*i),
-                        lambda *i: left.scalar(*i) and right.scalar(*i), both)
-        return Expr(f"({left} | {right})", lambda *i: left.tensor(*i) | right.tensor(*i),
-                    lambda *i: left.scalar(*i) or right.scalar(*i), both)
+            return Expr(
+                f"({left} & {right})",
+                lambda *i: left.tensor(*i) & right.tensor(*i),
+                lambda *i: left.scalar(*i) and right.scalar(*i),
+                both,
+            )
+        return Expr(
+            f"({left} | {right})",
+            lambda *i: left.tensor(*i) | right.tensor(*i),
+            lambda *i: left.scalar(*i) or right.scalar(*i),
+            both,
+        )
+
     return st.tuples(st.sampled_from(["&", "|", "~"]), children, children).map(join)
 
 
@@ -106,12 +135,14 @@ def mask_functions(length, batch=False):
 def as_mask_mod(expr):
     def mask_mod(b, h, q_idx, kv_idx):
         return expr.tensor(b, h, q_idx, kv_idx)
+
     return mask_mod
 
 
 def brute_force(expr, q_len, kv_len, heads=HEADS):
-    return torch.tensor([[[bool(expr.scalar(0, h, q, kv)) for kv in range(kv_len)] for q in range(q_len)]
-                         for h in range(heads)])
+    return torch.tensor(
+        [[[bool(expr.scalar(0, h, q, kv)) for kv in range(kv_len)] for q in range(q_len)] for h in range(heads)]
+    )
 
 
 @FUZZ
@@ -122,8 +153,9 @@ def test_tables_of_generated_mask_functions_match_brute_force(data):
     want = brute_force(expr, q_len, kv_len)
     dense = tables.build(as_mask_mod(expr), q_len, kv_len, heads=HEADS)
     assert torch.equal(dense.mask.expand(HEADS, -1, -1), want), expr
-    blocked = tables.build(as_mask_mod(expr), q_len, kv_len, heads=HEADS, layout="blocked",
-                           tile=data.draw(st.integers(1, 5)))
+    blocked = tables.build(
+        as_mask_mod(expr), q_len, kv_len, heads=HEADS, layout="blocked", tile=data.draw(st.integers(1, 5))
+    )
     assert torch.equal(blocked.to_dense().mask.expand(HEADS, -1, -1), want), expr
 
 
@@ -161,7 +193,7 @@ def test_attention_with_generated_mask_functions_matches_brute_force_in_eager_an
     q_len, kv_len = data.draw(st.integers(1, 10)), data.draw(st.integers(1, 10))
     expr = data.draw(mask_functions(max(q_len, kv_len)))
     layout = data.draw(st.sampled_from(["dense", "blocked"]))
-    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16)))
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     q = torch.randn(2, HEADS, q_len, 8, generator=generator)
     k, v = (torch.randn(2, HEADS, kv_len, 8, generator=generator) for _ in range(2))
     want = reference_attention(q, k, v, brute_force(expr, q_len, kv_len))

@@ -27,7 +27,7 @@ def test_bucketed_layer_matches_the_dense_layout_and_trains():
     assert len(layer.table.node_tables()) == len(layer.table.table.buckets) > 1
     x = torch.randn(2, 1024, 16, requires_grad=True)
     out = layer(x)
-    grad, = torch.autograd.grad(out.square().sum(), x)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
     layer.table.use_layout("dense")
     assert not any(n.endswith(("_1", "rows", "order")) for n, _ in layer.named_buffers())
     dense = layer(x)
@@ -35,9 +35,14 @@ def test_bucketed_layer_matches_the_dense_layout_and_trains():
     torch.testing.assert_close(grad, torch.autograd.grad(dense.square().sum(), x)[0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("mask,shape", [(masks.neighborhood(5, dilation=2), dict(grid=(14, 13))),
-                                        (masks.window(4, 2), dict(grid=(8, 12))),
-                                        (masks.sliding_window(9), dict(seq_len=70))])
+@pytest.mark.parametrize(
+    "mask,shape",
+    [
+        (masks.neighborhood(5, dilation=2), dict(grid=(14, 13))),
+        (masks.window(4, 2), dict(grid=(8, 12))),
+        (masks.sliding_window(9), dict(seq_len=70)),
+    ],
+)
 def test_layouts_compute_the_same_attention(mask, shape):
     layer = MaskedSelfAttention(16, 2, mask, layout="dense", **shape).eval()
     x = torch.randn(2, layer.seq_len, 16)
@@ -69,8 +74,9 @@ def test_dim_must_split_into_heads():
         MaskedSelfAttention(10, 3, masks.causal(), seq_len=4)
 
 
-@pytest.mark.parametrize("mask,grid", [(masks.neighborhood(5, dilation=2, rpb=True), (14, 13)),
-                                       (masks.window(4, 2, rpb=True), (8, 12))])
+@pytest.mark.parametrize(
+    "mask,grid", [(masks.neighborhood(5, dilation=2, rpb=True), (14, 13)), (masks.window(4, 2, rpb=True), (8, 12))]
+)
 def test_rpb_layouts_compute_the_same_attention(mask, grid):
     layer = MaskedSelfAttention(16, 2, mask, grid=grid, layout="dense").eval()
     assert layer.rpb.shape == (2, *layer.table.rpb_shape) and "rpb" in layer.state_dict()

@@ -1,5 +1,6 @@
 """Mask families against independent brute-force references written from the spec (plain Python, no torch; in
 reference/masks.py)."""
+
 import math
 
 import pytest
@@ -7,8 +8,7 @@ import torch
 
 from edgeattn import tables
 from edgeattn.layers import MaskedSelfAttention
-from edgeattn.masks import (FAMILIES, causal, custom, materialize, neighborhood, segments, sinks, sliding_window,
-                            window)
+from edgeattn.masks import FAMILIES, causal, custom, materialize, neighborhood, segments, sinks, sliding_window, window
 
 from reference.masks import axis_tuple, ref_neighborhood, ref_seq, ref_window, swin_literal
 
@@ -34,8 +34,7 @@ R = lambda a, b: set(range(a, b + 1))  # noqa: E731
 WORKED = [
     ((7, 3), [{0, 1, 2}, {0, 1, 2}, {1, 2, 3}, {2, 3, 4}, {3, 4, 5}, {4, 5, 6}, {4, 5, 6}]),
     ((8, 4), [R(0, 3)] * 3 + [R(1, 4), R(2, 5), R(3, 6), R(4, 7), R(4, 7)]),
-    ((9, 3, 2), [{0, 2, 4}, {1, 3, 5}, {0, 2, 4}, {1, 3, 5}, {2, 4, 6}, {3, 5, 7}, {4, 6, 8}, {3, 5, 7},
-                 {4, 6, 8}]),
+    ((9, 3, 2), [{0, 2, 4}, {1, 3, 5}, {0, 2, 4}, {1, 3, 5}, {2, 4, 6}, {3, 5, 7}, {4, 6, 8}, {3, 5, 7}, {4, 6, 8}]),
     ((6, 3, 1, 1, True), [{0}, {0, 1}, {0, 1, 2}, {1, 2, 3}, {2, 3, 4}, {3, 4, 5}]),
     ((8, 4, 1, 2), [R(0, 3)] * 2 + [R(1, 4)] * 2 + [R(3, 6)] * 2 + [R(4, 7)] * 2),
     ((8, 4, 1, 2, True), [{0}, {0, 1}, R(0, 2), R(0, 3), R(2, 4), R(2, 5), R(4, 6), R(4, 7)]),
@@ -49,14 +48,36 @@ def test_neighborhood_worked_examples(args, expected):
     assert [{j for j, ok in enumerate(r) if ok} for r in ref] == expected
 
 
-NA_1D = [(7, 3, 1, 1, False), (10, 3, 3, 1, False), (11, 4, 2, 1, False), (11, 4, 2, 3, True), (13, 5, 2, 2, False),
-         (9, 5, 1, 5, False), (10, 4, 1, 3, False), (10, 4, 1, 3, True), (7, 7, 1, 1, False), (7, 7, 1, 7, True),
-         (12, 2, 1, 1, False), (12, 2, 3, 2, True), (14, 3, 4, 2, False), (14, 3, 4, 3, True), (5, 2, 2, 1, False)]
-NA_ND = [((6, 7), 3, 1, 1, False), ((6, 7), (3, 4), 1, 1, False), ((8, 6), (3, 2), (2, 1), (1, 2), (True, False)),
-         ((9, 10), (4, 3), (2, 3), (2, 3), (False, True)), ((5, 5), 5, 1, 1, False), ((7, 8), 3, 1, 1, True),
-         ((7, 5), (5, 2), (1, 2), (4, 1), False), ((4, 5, 6), (3, 2, 4), 1, 1, False),
-         ((4, 6, 5), 3, (1, 2, 1), (1, 2, 3), (True, False, True)), ((5, 4, 6), (2, 2, 3), (2, 1, 2), 1, False),
-         ((3, 4, 5), 3, 1, (1, 2, 3), True)]
+NA_1D = [
+    (7, 3, 1, 1, False),
+    (10, 3, 3, 1, False),
+    (11, 4, 2, 1, False),
+    (11, 4, 2, 3, True),
+    (13, 5, 2, 2, False),
+    (9, 5, 1, 5, False),
+    (10, 4, 1, 3, False),
+    (10, 4, 1, 3, True),
+    (7, 7, 1, 1, False),
+    (7, 7, 1, 7, True),
+    (12, 2, 1, 1, False),
+    (12, 2, 3, 2, True),
+    (14, 3, 4, 2, False),
+    (14, 3, 4, 3, True),
+    (5, 2, 2, 1, False),
+]
+NA_ND = [
+    ((6, 7), 3, 1, 1, False),
+    ((6, 7), (3, 4), 1, 1, False),
+    ((8, 6), (3, 2), (2, 1), (1, 2), (True, False)),
+    ((9, 10), (4, 3), (2, 3), (2, 3), (False, True)),
+    ((5, 5), 5, 1, 1, False),
+    ((7, 8), 3, 1, 1, True),
+    ((7, 5), (5, 2), (1, 2), (4, 1), False),
+    ((4, 5, 6), (3, 2, 4), 1, 1, False),
+    ((4, 6, 5), 3, (1, 2, 1), (1, 2, 3), (True, False, True)),
+    ((5, 4, 6), (2, 2, 3), (2, 1, 2), 1, False),
+    ((3, 4, 5), 3, 1, (1, 2, 3), True),
+]
 
 
 @pytest.mark.parametrize("grid,k,d,s,c", [((L,), k, d, s, c) for L, k, d, s, c in NA_1D] + NA_ND)
@@ -69,8 +90,19 @@ def test_neighborhood_matches_reference(grid, k, d, s, c):
 
 
 # ----------------------------------------------------------------------------- Swin windows
-SWIN = [((8, 8), 4, 0), ((8, 8), 4, 2), ((8, 8), 4, 1), ((8, 8), 4, 3), ((12, 8), (4, 2), (2, 1)), ((6, 9), 3, 1),
-        ((12, 12), (3, 4), (1, 2)), ((8, 6), (4, 3), (2, 0)), ((8, 8), 2, 1), ((4, 4), 4, 2), ((6, 4), (2, 4), 0)]
+SWIN = [
+    ((8, 8), 4, 0),
+    ((8, 8), 4, 2),
+    ((8, 8), 4, 1),
+    ((8, 8), 4, 3),
+    ((12, 8), (4, 2), (2, 1)),
+    ((6, 9), 3, 1),
+    ((12, 12), (3, 4), (1, 2)),
+    ((8, 6), (4, 3), (2, 0)),
+    ((8, 8), 2, 1),
+    ((4, 4), 4, 2),
+    ((6, 4), (2, 4), 0),
+]
 
 
 @pytest.mark.parametrize("grid,size,shift", SWIN)
@@ -107,13 +139,23 @@ def test_query_alignment_literal():
 @pytest.mark.parametrize("q_len,kv_len", [(8, 8), (4, 10), (1, 7)])
 @pytest.mark.parametrize("n,w", [(0, 2), (2, 1), (3, 0), (1, 10), (12, 0)])
 def test_sinks(q_len, kv_len, n, w):
-    check(sinks(n, w), ref_seq(lambda q, k: k <= q and (k < n or q - k <= w), q_len, kv_len), q_len=q_len,
-          kv_len=kv_len)
+    check(
+        sinks(n, w), ref_seq(lambda q, k: k <= q and (k < n or q - k <= w), q_len, kv_len), q_len=q_len, kv_len=kv_len
+    )
 
 
-@pytest.mark.parametrize("ids,q_len", [([0, 0, 1, 1, 1, 2], None), ([0] * 5, None), ([0, 1, 2, 3], None),
-                                       ([3, 3, 5, 5, 5, 9, 9], None), ([0, 0, 1, 1, 1, 2, 2], 3),
-                                       ([0, 0, 0, 1, 1], 1), (torch.tensor([1, 1, 2, 2, 2, 2]), 4)])
+@pytest.mark.parametrize(
+    "ids,q_len",
+    [
+        ([0, 0, 1, 1, 1, 2], None),
+        ([0] * 5, None),
+        ([0, 1, 2, 3], None),
+        ([3, 3, 5, 5, 5, 9, 9], None),
+        ([0, 0, 1, 1, 1, 2, 2], 3),
+        ([0, 0, 0, 1, 1], 1),
+        (torch.tensor([1, 1, 2, 2, 2, 2]), 4),
+    ],
+)
 def test_segments(ids, q_len):
     seg = [int(x) for x in ids]
     kv_len = len(seg)
@@ -128,8 +170,14 @@ def test_segments_more_queries_than_keys(q_len):
         materialize(segments([0, 0, 1, 1]), q_len=q_len, kv_len=4)
 
 
-@pytest.mark.parametrize("factory", [lambda: neighborhood(torch.tensor(3.5)), lambda: window(torch.tensor(2.5)),
-                                     lambda: sliding_window(torch.tensor(2.7))])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: neighborhood(torch.tensor(3.5)),
+        lambda: window(torch.tensor(2.5)),
+        lambda: sliding_window(torch.tensor(2.7)),
+    ],
+)
 def test_float_tensor_sizes_rejected(factory):
     with pytest.raises(ValueError):
         factory()
@@ -172,20 +220,36 @@ def test_bad_shape_raises(mask, shape, match):
 
 # mask factories refusing their parameters
 BAD_PARAMETERS = [
-    (lambda: neighborhood(1), "kernel"), (lambda: neighborhood(3.5), "kernel"), (lambda: neighborhood("3"), "kernel"),
-    (lambda: neighborhood(True), "kernel"), (lambda: neighborhood(3, dilation=0), "dilation"),
-    (lambda: neighborhood(3, dilation=1.5), "dilation"), (lambda: neighborhood(3, stride=4), "stride"),
-    (lambda: neighborhood(3, stride=0), "stride"), (lambda: neighborhood((3, 3), stride=(1, 4)), "stride"),
+    (lambda: neighborhood(1), "kernel"),
+    (lambda: neighborhood(3.5), "kernel"),
+    (lambda: neighborhood("3"), "kernel"),
+    (lambda: neighborhood(True), "kernel"),
+    (lambda: neighborhood(3, dilation=0), "dilation"),
+    (lambda: neighborhood(3, dilation=1.5), "dilation"),
+    (lambda: neighborhood(3, stride=4), "stride"),
+    (lambda: neighborhood(3, stride=0), "stride"),
+    (lambda: neighborhood((3, 3), stride=(1, 4)), "stride"),
     (lambda: neighborhood((3, 3), dilation=(1, 1, 1)), "dilation"),
-    (lambda: neighborhood((3, 3), causal=(True,)), "causal"), (lambda: neighborhood(3, causal=1), "causal"),
-    (lambda: window(2.0), "size"), (lambda: window(0), "size"), (lambda: window(4, 4), "shift"),
-    (lambda: window(4, 5), "shift"), (lambda: window((4, 2), (1, 2)), "shift"), (lambda: window(4, -1), "shift"),
-    (lambda: window((4, 4, 4)), "size"), (lambda: window(4, (1, 1, 1)), "shift"),
-    (lambda: sliding_window(0), "window"), (lambda: sliding_window(2.5), "window"),
-    (lambda: sliding_window(2, causal="yes"), "causal"), (lambda: sinks(-1, 2), "n_sink"),
-    (lambda: sinks(1, -2), "window"), (lambda: segments([0, 1, 1, 0]), "segment_ids"),
-    (lambda: segments([2, 1]), "segment_ids"), (lambda: segments([-1, 0]), "segment_ids"),
-    (lambda: segments([]), "segment_ids"), (lambda: segments([0.0, 1.0]), "segment_ids"),
+    (lambda: neighborhood((3, 3), causal=(True,)), "causal"),
+    (lambda: neighborhood(3, causal=1), "causal"),
+    (lambda: window(2.0), "size"),
+    (lambda: window(0), "size"),
+    (lambda: window(4, 4), "shift"),
+    (lambda: window(4, 5), "shift"),
+    (lambda: window((4, 2), (1, 2)), "shift"),
+    (lambda: window(4, -1), "shift"),
+    (lambda: window((4, 4, 4)), "size"),
+    (lambda: window(4, (1, 1, 1)), "shift"),
+    (lambda: sliding_window(0), "window"),
+    (lambda: sliding_window(2.5), "window"),
+    (lambda: sliding_window(2, causal="yes"), "causal"),
+    (lambda: sinks(-1, 2), "n_sink"),
+    (lambda: sinks(1, -2), "window"),
+    (lambda: segments([0, 1, 1, 0]), "segment_ids"),
+    (lambda: segments([2, 1]), "segment_ids"),
+    (lambda: segments([-1, 0]), "segment_ids"),
+    (lambda: segments([]), "segment_ids"),
+    (lambda: segments([0.0, 1.0]), "segment_ids"),
 ]
 
 
@@ -196,8 +260,13 @@ def test_bad_parameters_raise(factory, match):
 
 
 # shapes no table has (for causal)
-BAD_TABLE_SHAPES = [(dict(q_len=0), "q_len"), (dict(q_len=4, kv_len=0), "kv_len"), (dict(grid=(4, 0)), "grid"),
-                    (dict(grid=(4, 4), q_len=8), "q_len"), (dict(), "q_len")]
+BAD_TABLE_SHAPES = [
+    (dict(q_len=0), "q_len"),
+    (dict(q_len=4, kv_len=0), "kv_len"),
+    (dict(grid=(4, 0)), "grid"),
+    (dict(grid=(4, 4), q_len=8), "q_len"),
+    (dict(), "q_len"),
+]
 
 
 @pytest.mark.parametrize("shape,match", BAD_TABLE_SHAPES)
@@ -216,8 +285,11 @@ def test_document_mask_indexed_by_batch_is_refused_with_what_to_do():
     """FlexAttention's document masking: a static table would give every batch element batch 0's mask."""
     doc = torch.tensor([[0] * 4 + [1] * 4, [0] * 2 + [1] * 6])
     for layout in ("dense", "blocked", "auto"):
-        with pytest.raises(ValueError, match=r"mask_mod of mask custom depends on the batch index b.*"
-                                             r"edgeattn\.masked_attention\(q, k, v, mask\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"mask_mod of mask custom depends on the batch index b.*"
+            r"edgeattn\.masked_attention\(q, k, v, mask\)",
+        ):
             tables.build(lambda b, h, q_idx, kv_idx: doc[b, q_idx] == doc[b, kv_idx], q_len=8, layout=layout)
 
 
@@ -231,12 +303,20 @@ def causal_with_item(b, h, q_idx, kv_idx):
     return torch.tensor((q_idx - kv_idx).item() >= 0)
 
 
-@pytest.mark.parametrize("fn,cause", [(causal_with_if, "Boolean value of Tensor"),
-                                      (causal_with_item, "a Tensor with 64 elements cannot be converted to Scalar")])
+@pytest.mark.parametrize(
+    "fn,cause",
+    [
+        (causal_with_if, "Boolean value of Tensor"),
+        (causal_with_item, "a Tensor with 64 elements cannot be converted to Scalar"),
+    ],
+)
 def test_mask_functions_written_per_pair_get_one_error_naming_the_mask_and_the_fix(fn, cause):
     for layout in ("dense", "blocked"):
-        with pytest.raises(ValueError, match=rf"mask_mod of mask {fn.__name__} cannot be evaluated on index "
-                                             rf"tensors \(RuntimeError: {cause}.*&, \|, ~ and torch.where"):
+        with pytest.raises(
+            ValueError,
+            match=rf"mask_mod of mask {fn.__name__} cannot be evaluated on index "
+            rf"tensors \(RuntimeError: {cause}.*&, \|, ~ and torch.where",
+        ):
             tables.build(fn, q_len=8, layout=layout)
     with pytest.raises(ValueError, match=rf"bias_mod of mask {fn.__name__} cannot be evaluated"):
         tables.build(custom(bias_mod=lambda b, h, q, kv: fn(b, h, q, kv).float(), name=fn.__name__), q_len=8)

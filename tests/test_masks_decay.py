@@ -1,4 +1,5 @@
 """Retention decay masks (RMT): tables against brute-force loops, in both layouts; names; bad parameters."""
+
 import math
 
 import pytest
@@ -29,7 +30,7 @@ def test_manhattan_decay_matches_brute_force(grid):
 
 def test_one_gamma_is_shared_by_every_head():
     table = tables.build(manhattan_decay(0.8), grid=(3, 3), heads=4)
-    assert table.bias.shape == (1, 9, 9)     # stored once, broadcast over heads
+    assert table.bias.shape == (1, 9, 9)  # stored once, broadcast over heads
     assert torch.allclose(table.bias.double(), brute_manhattan((3, 3), [0.8]), atol=1e-6)
 
 

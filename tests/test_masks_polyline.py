@@ -1,5 +1,6 @@
 """Polyline path masks (PPMA) against naive sums over the path, written from the definition with plain loops
 (reference/polyline.py)."""
+
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ def _decays(*shape, seed=0):
 
 def test_segment_helper_is_the_half_open_interval():
     values = [1.0, 10.0, 100.0, 1000.0]
-    assert segment(values, 0, 2) == 110.0 and segment(values, 2, 0) == 110.0      # (0, 2] = 1, 2
+    assert segment(values, 0, 2) == 110.0 and segment(values, 2, 0) == 110.0  # (0, 2] = 1, 2
     assert segment(values, 3, 3) == 0.0 and segment(values, 0, 3) == 1110.0
 
 
@@ -39,13 +40,12 @@ def test_1d_mask_of_nonpositive_decays_is_minus_abs_cumsum_difference():
 def test_2d_mask_matches_the_polyline_path_sum(grid, first):
     for seed in range(2):
         for row_decay, col_decay in zip(*(_decays(2, 3, *grid, seed=seed + 10 * k) for k in range(2))):
-            fast = polyline_bias(row_decay, col_decay, first)          # (2 batch, 3 heads, N, N)
+            fast = polyline_bias(row_decay, col_decay, first)  # (2 batch, 3 heads, N, N)
             assert fast.shape == (2, 3, grid[0] * grid[1], grid[0] * grid[1])
             for b in range(2):
                 for h in range(3):
                     naive = naive_2d(row_decay[b, h].tolist(), col_decay[b, h].tolist(), first)
-                    torch.testing.assert_close(fast[b, h], torch.tensor(naive, dtype=torch.float64),
-                                               rtol=0, atol=1e-12)
+                    torch.testing.assert_close(fast[b, h], torch.tensor(naive, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 def test_orientations_are_transposes_and_the_row_mask_is_not_symmetric():
@@ -61,11 +61,13 @@ def test_line_biases_are_the_1d_masks_of_each_row_and_column():
     assert rows.shape == (2, 3, 4, 4) and cols.shape == (2, 4, 3, 3)
     for b in range(2):
         for r in range(3):
-            torch.testing.assert_close(rows[b, r], torch.tensor(naive_1d(row_decay[b, r].tolist()),
-                                                                dtype=torch.float64), rtol=0, atol=1e-12)
+            torch.testing.assert_close(
+                rows[b, r], torch.tensor(naive_1d(row_decay[b, r].tolist()), dtype=torch.float64), rtol=0, atol=1e-12
+            )
         for c in range(4):
-            torch.testing.assert_close(cols[b, c], torch.tensor(naive_1d(col_decay[b, :, c].tolist()),
-                                                                dtype=torch.float64), rtol=0, atol=1e-12)
+            torch.testing.assert_close(
+                cols[b, c], torch.tensor(naive_1d(col_decay[b, :, c].tolist()), dtype=torch.float64), rtol=0, atol=1e-12
+            )
 
 
 def test_float32_nonpositive_decays_give_exact_symmetric_line_masks():

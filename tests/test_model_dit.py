@@ -1,5 +1,6 @@
 """radial-block and clear-block: DiT blocks with static sparse masks, exported and checked on onnxruntime and
 OpenVINO."""
+
 import subprocess
 import sys
 
@@ -8,14 +9,14 @@ import torch
 
 from edgeattn import materialize, models, parity
 from edgeattn.attention import reference_attention
-from edgeattn.registered import export_registered
 from edgeattn.layers import MaskTable
 from edgeattn.masks import clear
+from edgeattn.registered import export_registered
 
 from conftest import CPU_RUNTIMES
 
 NAMES = ["radial-block", "clear-block"]
-ATOL = 1e-4   # fp32
+ATOL = 1e-4  # fp32
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,22 @@ def test_export_matches_torch_on_cpu_runtimes(files, name):
 
 
 def test_cli_export_check_exits_zero(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "edgeattn", "export", "clear-block", "-o", str(tmp_path / "x.onnx"),
-                           "--check", "--runs", "1"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgeattn",
+            "export",
+            "clear-block",
+            "-o",
+            str(tmp_path / "x.onnx"),
+            "--check",
+            "--runs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "openvino-cpu  ok" in proc.stdout and "ort-cpu       ok" in proc.stdout
 
@@ -46,7 +61,7 @@ def test_cli_export_check_exits_zero(tmp_path):
 def test_radial_block_uses_the_radial_table():
     built = models.build("radial-block")
     [table] = [m for m in built.module.modules() if isinstance(m, MaskTable)]
-    assert table.mask.name == "radial_f32_b64_sink" and table.layout == "bucketed"   # a block table in chunks
+    assert table.mask.name == "radial_f32_b64_sink" and table.layout == "bucketed"  # a block table in chunks
     assert all(b.layout == "blocked" for b in table.table.buckets)
     assert built.inputs["tokens"].shape == (1, 32 * 8 * 16, 64) and built.inputs["c"].shape == (1, 64)
 
@@ -60,8 +75,9 @@ def test_clear_split_attention_is_one_attention_over_the_joint_sequence():
     B, N, C = x.shape
     q, k, v = attn.qkv(x).reshape(B, N, 3, attn.heads, C // attn.heads).permute(2, 0, 3, 1, 4)
     full = materialize(clear(radius, text=text, image=image), q_len=N)
-    expected = attn.proj(reference_attention(q, k, v, full, None, scale=(C // attn.heads) ** -0.5)
-                         .transpose(1, 2).reshape(B, N, C))
+    expected = attn.proj(
+        reference_attention(q, k, v, full, None, scale=(C // attn.heads) ** -0.5).transpose(1, 2).reshape(B, N, C)
+    )
     with torch.no_grad():
         assert torch.allclose(attn(x), expected, atol=1e-6)
 

@@ -1,6 +1,7 @@
 """ppma-t: the official checkpoint's keys load strictly, the decays and both attention forms follow the reference's
 formulas (checked against naive path sums: reference/attention.py), and the exported file matches PyTorch on
 onnxruntime and OpenVINO with its masks computed in the graph, not stored."""
+
 import json
 import math
 import shutil
@@ -14,8 +15,8 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from edgeattn import models, onnxfile, parity
-from edgeattn.registered import export_registered
 from edgeattn.models.ppma import PathDecays, PathPosition, PolylineAttention
+from edgeattn.registered import export_registered
 
 from conftest import CPU_RUNTIMES
 from reference.attention import ppma_attention
@@ -74,12 +75,14 @@ def ppma():
 
 
 def test_official_checkpoint_keys_load_strictly():
-    ppma = models.build("ppma-t").module       # its own copy: the checkpoint overwrites the weights
+    ppma = models.build("ppma-t").module  # its own copy: the checkpoint overwrites the weights
     expected = reference_state_dict_shapes()
     assert {k: tuple(v.shape) for k, v in ppma.state_dict().items()} == expected
     g = torch.Generator().manual_seed(0)
-    checkpoint = {k: torch.randn(shape, generator=g) if not k.endswith("num_batches_tracked")
-                  else torch.tensor(7) for k, shape in expected.items()}
+    checkpoint = {
+        k: torch.randn(shape, generator=g) if not k.endswith("num_batches_tracked") else torch.tensor(7)
+        for k, shape in expected.items()
+    }
     result = ppma.load_state_dict(checkpoint, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     state = ppma.state_dict()
@@ -106,9 +109,9 @@ def test_decays_are_softplus_of_the_per_head_linear_times_minus_exp_a_log():
     x = torch.randn(2, 3, 4, 24)
     row, col = decays(x)
     assert row.shape == col.shape == (2, 3, 3, 4)
-    W = decays.dt_linear.weight                                   # (2, head_dim), shared by the heads
+    W = decays.dt_linear.weight  # (2, head_dim), shared by the heads
     for h in range(3):
-        dt = x[..., 8 * h:8 * (h + 1)] @ W.T                      # this head's channels
+        dt = x[..., 8 * h : 8 * (h + 1)] @ W.T  # this head's channels
         scale = -math.exp(decays.A_log[h].item())
         torch.testing.assert_close(row[:, h], F.softplus(dt[..., 0] + decays.dt_bias[h]) * scale)
         torch.testing.assert_close(col[:, h], F.softplus(dt[..., 1] + decays.dt_bias[h]) * scale)
@@ -122,12 +125,12 @@ def test_attention_forms_match_the_reference_formulas_with_naive_masks(chunk):
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(B, n, H, W, d, generator=g, dtype=torch.float64) for _ in range(3))
     row_decay, col_decay = (-2 * torch.rand(B, n, H, W, generator=g, dtype=torch.float64) for _ in range(2))
-    out = attn.attend(q, k, v, PathPosition(None, None, row_decay, col_decay))       # (B, H, W, n*d)
+    out = attn.attend(q, k, v, PathPosition(None, None, row_decay, col_decay))  # (B, H, W, n*d)
     assert out.shape == (B, H, W, n * d)
     for b in range(B):
         for h in range(n):
             expected = ppma_attention(q[b, h], k[b, h], v[b, h], row_decay[b, h], col_decay[b, h], chunk)
-            torch.testing.assert_close(out[b, :, :, h * d:(h + 1) * d], expected, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(out[b, :, :, h * d : (h + 1) * d], expected, rtol=1e-10, atol=1e-12)
 
 
 def test_decays_depend_on_the_input(ppma):
@@ -153,12 +156,12 @@ def _assert_masks_computed_in_the_graph(path, token_counts, param_bytes):
     nodes = [n for n in model.graph.node if n.domain == onnxfile.DOMAIN]
     assert len(nodes) == len(masks) and all("computed in the graph" in m["why"] for m in masks)
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for node in nodes:   # q, k, v, the all-true (1, 1, 1, 1) mask, then the bias: an output of another node
+    for node in nodes:  # q, k, v, the all-true (1, 1, 1, 1) mask, then the bias: an output of another node
         assert inits[node.input[3]].shape == (1, 1, 1, 1) and node.input[4] not in inits
     for name, array in inits.items():
         assert not any(array.shape[-2:] == (n, n) for n in token_counts), (name, array.shape)
     extra = sum(a.nbytes for a in inits.values()) - param_bytes
-    assert extra < 500_000, f"{extra} bytes stored beyond the weights"   # a 56x56-token dense fp32 mask: 39 MB
+    assert extra < 500_000, f"{extra} bytes stored beyond the weights"  # a 56x56-token dense fp32 mask: 39 MB
     return masks
 
 
@@ -167,8 +170,10 @@ def test_reduced_ppma_exports_and_matches_on_onnx_runtimes(tmp_path):
     config = dict(image_size=48, depths=[1, 1, 1, 1])
     result = export_registered("ppma-t", tmp_path / "m.onnx", custom_op=True, **config)
     # per chunk block col(row(v)) then row(col(v)); per full block the mask M then its transpose
-    chunk, full = ["polyline_rows", "polyline_columns", "polyline_columns", "polyline_rows"], ["polyline_row",
-                                                                                            "polyline_column"]
+    chunk, full = (
+        ["polyline_rows", "polyline_columns", "polyline_columns", "polyline_rows"],
+        ["polyline_row", "polyline_column"],
+    )
     assert [m["mask"] for m in result.masks] == chunk * 2 + full * 2
     module = models.build("ppma-t", **config).module
     params = sum(t.numel() * 4 for t in module.state_dict().values() if t.is_floating_point())
@@ -180,9 +185,28 @@ def test_reduced_ppma_exports_and_matches_on_onnx_runtimes(tmp_path):
 
 def test_cli_exports_and_checks_the_registered_ppma_t(tmp_path, ppma):
     path, report = tmp_path / "ppma-t.onnx", tmp_path / "parity.json"
-    run = subprocess.run([*EDGEATTN, "export", "ppma-t", "-o", str(path), "--custom-op", "--check", "--runs", "1",
-                          "--runtime", "ort-cpu", "--runtime", "openvino-cpu", "--json", str(report)],
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            *EDGEATTN,
+            "export",
+            "ppma-t",
+            "-o",
+            str(path),
+            "--custom-op",
+            "--check",
+            "--runs",
+            "1",
+            "--runtime",
+            "ort-cpu",
+            "--runtime",
+            "openvino-cpu",
+            "--json",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     rows = json.loads(report.read_text())
     assert {r["runtime"] for r in rows} == set(CPU_RUNTIMES)
@@ -191,4 +215,4 @@ def test_cli_exports_and_checks_the_registered_ppma_t(tmp_path, ppma):
     # the weights plus the exporter's per-node metadata (~2 MB): one stage-1 dense fp32 mask would add 39 MB
     assert path.stat().st_size < 1.05 * params
     masks = _assert_masks_computed_in_the_graph(path, (3136, 784, 196, 49), params)
-    assert len(masks) == 4 * (2 + 2) + 2 * (8 + 2)        # 4 per chunk block (stages 1-2), 2 per full block
+    assert len(masks) == 4 * (2 + 2) + 2 * (8 + 2)  # 4 per chunk block (stages 1-2), 2 per full block

@@ -1,20 +1,28 @@
 """rmt-t: checkpoint key compatibility, decay tables, separable/full retention against the direct formulas, and
 export parity on onnxruntime and OpenVINO."""
+
 import math
 
 import pytest
 import torch
 
 from edgeattn import models, parity
-from edgeattn.registered import export_registered
 from edgeattn.layers import MaskTable
 from edgeattn.models.rmt import RetentionRelPos2d, VisionRetentionAll, VisionRetentionChunk, VisRetNet
+from edgeattn.registered import export_registered
 
 from conftest import CPU_RUNTIMES
 
-DIMS, DEPTHS, HEADS, RANGES, MLP, PROJECTION, CLASSES = (64, 128, 256, 512), (2, 2, 8, 2), (4, 4, 8, 16), \
-    (4, 4, 6, 6), 3, 1024, 1000
-GRIDS = (56, 28, 14, 7)   # tokens per side of each stage for 224x224 images
+DIMS, DEPTHS, HEADS, RANGES, MLP, PROJECTION, CLASSES = (
+    (64, 128, 256, 512),
+    (2, 2, 8, 2),
+    (4, 4, 8, 16),
+    (4, 4, 6, 6),
+    3,
+    1024,
+    1000,
+)
+GRIDS = (56, 28, 14, 7)  # tokens per side of each stage for 224x224 images
 
 
 def reference_state_dict_shapes():
@@ -36,7 +44,7 @@ def reference_state_dict_shapes():
     def layernorm(name, c):
         shapes.update({f"{name}.weight": (c,), f"{name}.bias": (c,)})
 
-    half = DIMS[0] // 2   # PatchEmbed.proj: conv, BN, GELU, conv, BN, GELU, conv, BN, GELU, conv, BN
+    half = DIMS[0] // 2  # PatchEmbed.proj: conv, BN, GELU, conv, BN, GELU, conv, BN, GELU, conv, BN
     for index, (c_in, c_out) in zip((0, 3, 6, 9), ((3, half), (half, half), (half, DIMS[0]), (DIMS[0], DIMS[0]))):
         conv(f"patch_embed.proj.{index}", c_in, c_out, 3)
         batchnorm(f"patch_embed.proj.{index + 1}", c_out)
@@ -83,7 +91,7 @@ def test_official_checkpoint_keys_load_strictly(rmt):
             checkpoint[k] = torch.tensor(7)
         elif k.endswith("running_var"):
             checkpoint[k] = checkpoint[k].abs() + 0.5
-        elif k.endswith("Relpos.decay"):   # log-decays: negative (a positive one is refused, see below)
+        elif k.endswith("Relpos.decay"):  # log-decays: negative (a positive one is refused, see below)
             checkpoint[k] = -checkpoint[k].abs()
     model = VisRetNet().eval()
     model.load_state_dict(checkpoint, strict=True)
@@ -95,8 +103,12 @@ def test_official_checkpoint_keys_load_strictly(rmt):
 def test_relpos_buffers_hold_the_reference_values(rmt):
     # float32 like the reference: 1 - 2^-x rounds to ~6e-8, so the log-decays agree to an absolute 2e-7
     for layer, heads, heads_range in zip(rmt.layers, HEADS, RANGES):
-        assert torch.allclose(layer.Relpos.decay.double(), torch.tensor(reference_log_gammas(heads, heads_range),
-                                                                         dtype=torch.float64), rtol=0, atol=2e-7)
+        assert torch.allclose(
+            layer.Relpos.decay.double(),
+            torch.tensor(reference_log_gammas(heads, heads_range), dtype=torch.float64),
+            rtol=0,
+            atol=2e-7,
+        )
         half = layer.Relpos.angle.numel() // 2
         angle = [10000 ** (-j / (half - 1)) for j in range(half) for _ in range(2)]
         assert torch.allclose(layer.Relpos.angle.double(), torch.tensor(angle, dtype=torch.float64), rtol=1e-6)
@@ -109,12 +121,12 @@ def test_decay_tables_are_log_gamma_times_manhattan_distance(rmt):
         log_gammas = reference_log_gammas(heads, heads_range)
         relpos = layer.Relpos
         assert relpos.chunkwise == (i < 2) and relpos.grid == (side, side)
-        if relpos.chunkwise:     # separable stages: |dx| along a row, |dy| along a column (square grids here)
+        if relpos.chunkwise:  # separable stages: |dx| along a row, |dy| along a column (square grids here)
             want = torch.tensor([[[g * abs(a - b) for b in range(side)] for a in range(side)] for g in log_gammas])
             for table in (relpos.table_w, relpos.table_h):
                 assert table.layout == "dense" and table.attn_mask.all()
                 assert torch.allclose(table.attn_bias, want, rtol=1e-5, atol=1e-5)
-        else:                    # full stages: |dy| + |dx| between flat tokens
+        else:  # full stages: |dy| + |dx| between flat tokens
             cells = [(y, x) for y in range(side) for x in range(side)]
             distance = torch.tensor([[abs(a[0] - b[0]) + abs(a[1] - b[1]) for b in cells] for a in cells])
             want = torch.tensor(log_gammas)[:, None, None] * distance
@@ -129,17 +141,18 @@ def _direct_retention(module, x, chunkwise, freq_scale=1.0, decay_scale=1.0):
     ``angle`` / ``decay`` buffers)."""
     B, H, W, C = x.shape
     n, d = module.heads, C // module.heads
-    heads_first = lambda t: t.view(B, H, W, n, d).permute(0, 3, 1, 2, 4)          # noqa: E731
+    heads_first = lambda t: t.view(B, H, W, n, d).permute(0, 3, 1, 2, 4)  # noqa: E731
     position = torch.arange(H * W, dtype=torch.float64).view(H, W, 1)
     freq = torch.tensor([10000 ** (-j / (d // 2 - 1)) for j in range(d // 2)], dtype=torch.float64) * freq_scale
     rotation = torch.polar(torch.ones(H, W, d // 2, dtype=torch.float64), position * freq)
 
     def rotate(t):
-        return torch.view_as_real(torch.view_as_complex(t.double().unflatten(-1, (-1, 2)).contiguous())
-                                  * rotation).flatten(-2)
+        return torch.view_as_real(
+            torch.view_as_complex(t.double().unflatten(-1, (-1, 2)).contiguous()) * rotation
+        ).flatten(-2)
 
     q = rotate(heads_first(module.q_proj(x)))
-    k = rotate(heads_first(module.k_proj(x))) * d ** -0.5
+    k = rotate(heads_first(module.k_proj(x))) * d**-0.5
     v = heads_first(module.v_proj(x)).double()
     log_gamma = torch.tensor(reference_log_gammas(n, 4), dtype=torch.float64).view(n, 1, 1) * decay_scale
     if chunkwise:
@@ -160,7 +173,7 @@ def _direct_retention(module, x, chunkwise, freq_scale=1.0, decay_scale=1.0):
 
 @pytest.mark.parametrize("chunkwise", [True, False], ids=["separable", "full"])
 def test_retention_matches_the_direct_formula(chunkwise):
-    grid = (5, 7)   # not square: a swapped row/column would show
+    grid = (5, 7)  # not square: a swapped row/column would show
     relpos = RetentionRelPos2d(32, 2, initial_value=2, heads_range=4, grid=grid, chunkwise=chunkwise)
     module = (VisionRetentionChunk if chunkwise else VisionRetentionAll)(32, 2).eval()
     x = torch.randn(2, *grid, 32)
@@ -183,7 +196,7 @@ def test_retention_follows_loaded_angle_and_decay(chunkwise):
         want = _direct_retention(module, x, chunkwise, freq_scale=1.5, decay_scale=0.7)
         formula = _direct_retention(module, x, chunkwise)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
-    assert not torch.allclose(got, formula, atol=1e-3)   # the loaded values matter
+    assert not torch.allclose(got, formula, atol=1e-3)  # the loaded values matter
 
 
 def test_loaded_decay_gives_the_outputs_of_the_model_it_was_saved_from():
@@ -199,16 +212,19 @@ def test_loaded_decay_gives_the_outputs_of_the_model_it_was_saved_from():
 
 def test_a_decay_that_is_no_decay_rate_is_refused():
     relpos = RetentionRelPos2d(32, 2, initial_value=2, heads_range=4, grid=(3, 3), chunkwise=False)
-    with pytest.raises(RuntimeError, match=r"decay: cannot build the decay tables from the checkpoint's values: "
-                                           r"manhattan_decay gammas must be in \(0, 1\]"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"decay: cannot build the decay tables from the checkpoint's values: "
+        r"manhattan_decay gammas must be in \(0, 1\]",
+    ):
         relpos.load_state_dict({"angle": relpos.angle, "decay": -relpos.decay})
 
 
 def test_rmt_t_exports_and_matches_on_onnx_runtimes(tmp_path):
     result = export_registered("rmt-t", tmp_path / "m.onnx")
-    assert len(result.masks) == sum(DEPTHS[:2]) * 2 + sum(DEPTHS[2:])   # separable blocks run two attentions
-    assert result.table_bytes < 2e6                                     # one table per stage, shared by its blocks
-    assert {m["lowering"] for m in result.masks} == {"dense"}            # all-allowed masks: dense tables
+    assert len(result.masks) == sum(DEPTHS[:2]) * 2 + sum(DEPTHS[2:])  # separable blocks run two attentions
+    assert result.table_bytes < 2e6  # one table per stage, shared by its blocks
+    assert {m["lowering"] for m in result.masks} == {"dense"}  # all-allowed masks: dense tables
     rows = parity.check_file(result.path, CPU_RUNTIMES, runs=1)
     for row in rows:
         assert row.ok, parity.format_table(rows)

@@ -1,5 +1,6 @@
 """segment-lm: the prefill graph (static segment + sinks/window table) and the decode-step graph (static KV cache,
 mask computed in the graph from `position`), in torch and on onnxruntime / OpenVINO."""
+
 import subprocess
 import sys
 
@@ -8,8 +9,8 @@ import torch
 
 import edgeattn
 from edgeattn import models, parity
-from edgeattn.registered import export_registered
 from edgeattn.models.segment_lm import greedy, torch_step
+from edgeattn.registered import export_registered
 
 from conftest import CPU_RUNTIMES, require
 
@@ -77,7 +78,7 @@ def test_decode_after_prefill_equals_full_recomputation(config):
         logits, key, value = prefill.module(prompt)
         prompt_logits = logits
         tokens.append(int(logits[0, -1].argmax()))
-        for i in range(STEPS):   # past the window (24) and its sinks: the mask evicts the middle of the prompt
+        for i in range(STEPS):  # past the window (24) and its sinks: the mask evicts the middle of the prompt
             logits, key, value = decode.module(torch.tensor([[tokens[-1]]]), torch.tensor([T + i]), key, value)
             step_logits.append(logits[0, 0])
             tokens.append(int(logits[0, 0].argmax()))
@@ -87,7 +88,7 @@ def test_decode_after_prefill_equals_full_recomputation(config):
     torch.testing.assert_close(full_logits[0, T:], torch.stack(step_logits), atol=1e-5, rtol=0)
     torch.testing.assert_close(full_key, key, atol=1e-5, rtol=0)
     torch.testing.assert_close(full_value, value, atol=1e-5, rtol=0)
-    assert full_logits[0, T - 1:].argmax(-1).tolist() == tokens
+    assert full_logits[0, T - 1 :].argmax(-1).tolist() == tokens
     # the window evicts: without it (window 128) the same tokens get other logits
     unwindowed = recompute(prompt, tokens[:STEPS], **{**config, "window": 128})[0]
     assert (unwindowed[0, T:] - full_logits[0, T:]).abs().max() > 1e-2
@@ -107,12 +108,26 @@ def test_greedy_generation_on_runtime_matches_torch(files, lm, runtime):
     expected = greedy(torch_step(prefill.module), torch_step(decode.module), prompt, STEPS)
     sessions = [edgeattn.load(files[name], runtime=runtime) for name in ("segment-lm", "segment-lm-decode")]
     assert greedy(sessions[0].run, sessions[1].run, prompt, STEPS) == expected
-    assert len(set(expected)) > 1   # a real sequence, not one token repeated
+    assert len(set(expected)) > 1  # a real sequence, not one token repeated
 
 
 def test_cli_export_check_exits_0(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "edgeattn", "export", "segment-lm-decode", "-o",
-                           str(tmp_path / "decode.onnx"), "--check", "--runs", "1"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgeattn",
+            "export",
+            "segment-lm-decode",
+            "-o",
+            str(tmp_path / "decode.onnx"),
+            "--check",
+            "--runs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "decode_sinks_s4_w24" in proc.stdout
 
@@ -138,4 +153,3 @@ def test_bad_inputs_are_clear_errors(lm):
         models.build("segment-lm", segments=[100, 100])
     with pytest.raises(ValueError, match="segments must be a non-empty list"):
         models.build("segment-lm", segments=[])
-

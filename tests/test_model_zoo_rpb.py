@@ -7,6 +7,7 @@ NATTEN's NeighborhoodAttention2D(rel_pos_bias=True) (qkv, rpb, proj), and micros
 models/swin_transformer.py (PatchEmbed, SwinTransformerBlock with its attn_mask buffer, WindowAttention with
 relative_position_bias_table and the relative_position_index buffer, PatchMerging, BasicLayer, SwinTransformer).
 """
+
 import math
 
 import onnx
@@ -14,10 +15,10 @@ import pytest
 import torch
 
 from edgeattn import export_onnx, models, parity, tables
-from edgeattn.registered import export_registered
 from edgeattn.layers import MaskedBlock, MaskedSelfAttention, MaskTable
 from edgeattn.masks import neighborhood, window
 from edgeattn.models.swin import PatchMerging, SwinBlock
+from edgeattn.registered import export_registered
 
 from conftest import CPU_RUNTIMES
 from reference.attention import natten_attention
@@ -38,15 +39,24 @@ def _linear(prefix, n_in, n_out, bias=True):
 
 def _block(prefix, dim, mlp_ratio):
     hidden = int(dim * mlp_ratio)
-    return {**_norm(f"{prefix}.norm1", dim), **_linear(f"{prefix}.attn.qkv", dim, 3 * dim),
-            **_linear(f"{prefix}.attn.proj", dim, dim), **_norm(f"{prefix}.norm2", dim),
-            **_linear(f"{prefix}.mlp.fc1", dim, hidden), **_linear(f"{prefix}.mlp.fc2", hidden, dim)}
+    return {
+        **_norm(f"{prefix}.norm1", dim),
+        **_linear(f"{prefix}.attn.qkv", dim, 3 * dim),
+        **_linear(f"{prefix}.attn.proj", dim, dim),
+        **_norm(f"{prefix}.norm2", dim),
+        **_linear(f"{prefix}.mlp.fc1", dim, hidden),
+        **_linear(f"{prefix}.mlp.fc2", hidden, dim),
+    }
 
 
 def nat_keys(embed=64, depths=(3, 4, 6, 5), heads=(2, 4, 8, 16), kernel=7, mlp_ratio=3, classes=1000):
-    keys = {"patch_embed.proj.0.weight": (embed // 2, 3, 3, 3), "patch_embed.proj.0.bias": (embed // 2,),
-            "patch_embed.proj.1.weight": (embed, embed // 2, 3, 3), "patch_embed.proj.1.bias": (embed,),
-            **_norm("patch_embed.norm", embed)}
+    keys = {
+        "patch_embed.proj.0.weight": (embed // 2, 3, 3, 3),
+        "patch_embed.proj.0.bias": (embed // 2,),
+        "patch_embed.proj.1.weight": (embed, embed // 2, 3, 3),
+        "patch_embed.proj.1.bias": (embed,),
+        **_norm("patch_embed.norm", embed),
+    }
     for i, (depth, h) in enumerate(zip(depths, heads)):
         dim = embed * 2**i
         for j in range(depth):
@@ -59,10 +69,14 @@ def nat_keys(embed=64, depths=(3, 4, 6, 5), heads=(2, 4, 8, 16), kernel=7, mlp_r
     return {**keys, **_norm("norm", features), **_linear("head", features, classes)}
 
 
-def swin_keys(image=224, patch=4, embed=96, depths=(2, 2, 6, 2), heads=(3, 6, 12, 24), window_size=7,
-              mlp_ratio=4, classes=1000):
-    keys = {"patch_embed.proj.weight": (embed, 3, patch, patch), "patch_embed.proj.bias": (embed,),
-            **_norm("patch_embed.norm", embed)}
+def swin_keys(
+    image=224, patch=4, embed=96, depths=(2, 2, 6, 2), heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4, classes=1000
+):
+    keys = {
+        "patch_embed.proj.weight": (embed, 3, patch, patch),
+        "patch_embed.proj.bias": (embed,),
+        **_norm("patch_embed.norm", embed),
+    }
     side = image // patch
     for i, (depth, h) in enumerate(zip(depths, heads)):
         dim, res = embed * 2**i, side >> i
@@ -72,7 +86,7 @@ def swin_keys(image=224, patch=4, embed=96, depths=(2, 2, 6, 2), heads=(3, 6, 12
             keys.update(_block(p, dim, mlp_ratio))
             keys[f"{p}.attn.relative_position_bias_table"] = ((2 * w - 1) ** 2, h)
             keys[f"{p}.attn.relative_position_index"] = (w * w, w * w)
-            if j % 2 and res > window_size:   # shifted blocks; a window covering the map is not shifted
+            if j % 2 and res > window_size:  # shifted blocks; a window covering the map is not shifted
                 keys[f"{p}.attn_mask"] = ((res // w) ** 2, w * w, w * w)
         if i + 1 < len(depths):
             keys[f"layers.{i}.downsample.reduction.weight"] = (2 * dim, 4 * dim)
@@ -106,6 +120,7 @@ def zoo():
         if name not in cache:
             cache[name] = models.build(name)
         return cache[name]
+
     return get
 
 
@@ -125,7 +140,7 @@ def test_reference_checkpoint_loads_strictly_and_drives_the_output(name, zoo):
         assert model.load_state_dict(checkpoint, strict=True)
         loaded = model(image)
         bias_key = next(k for k in checkpoint if k.endswith((".attn.rpb", "relative_position_bias_table")))
-        checkpoint[bias_key] = checkpoint[bias_key] + 1.0   # only the first block's relative position bias
+        checkpoint[bias_key] = checkpoint[bias_key] + 1.0  # only the first block's relative position bias
         model.load_state_dict(checkpoint, strict=True)
         moved = model(image)
     assert all(torch.equal(v, checkpoint[k]) for k, v in model.state_dict().items())
@@ -159,11 +174,12 @@ def test_swin_without_the_derived_buffers_loads_its_own_state():
 @pytest.mark.parametrize("layout", ["dense", "blocked"])
 @pytest.mark.parametrize("grid, kernel, dilation", [((9, 11), 5, 1), ((12, 13), 3, 3), ((7, 7), 7, 1)])
 def test_nat_block_matches_natten(grid, kernel, dilation, layout):
-    block = MaskedBlock(16, 2, neighborhood(kernel, dilation=dilation, rpb=True), grid=grid, layout=layout,
-                        named_mlp=True).eval()
+    block = MaskedBlock(
+        16, 2, neighborhood(kernel, dilation=dilation, rpb=True), grid=grid, layout=layout, named_mlp=True
+    ).eval()
     attn = block.attn
     assert attn.rpb.shape == (2, 2 * kernel - 1, 2 * kernel - 1) and attn.table.layout == layout
-    torch.nn.init.normal_(attn.rpb)   # large enough to move the softmax
+    torch.nn.init.normal_(attn.rpb)  # large enough to move the softmax
     x = torch.randn(2, grid[0] * grid[1], 16)
     q, k, v = attn.qkv(x).reshape(2, -1, 3, 2, 8).permute(2, 0, 3, 1, 4)
     want = attn.proj(natten_attention(q, k, v, attn.rpb, grid, kernel, dilation).transpose(1, 2).reshape(x.shape))
@@ -219,22 +235,26 @@ def test_stage_four_window_is_shrunk_and_not_shifted(zoo):
     assert [b.attn.mask.name for b in layers[0].blocks] == ["window_7_rpb", "window_7_shift3_rpb"]
     assert [b.attn.mask.name for b in layers[3].blocks] == ["window_7_rpb"] * 2
     assert layers[3].blocks[1].attn_mask is None
-    small = models.build("swin-tiny-block", grid=[6, 6], window_size=7).module   # window 7 > map 6: shrunk to 6
+    small = models.build("swin-tiny-block", grid=[6, 6], window_size=7).module  # window 7 > map 6: shrunk to 6
     assert [b.attn.mask.name for b in small.blocks] == ["window_6", "window_6"]
 
 
 def test_dinat_mini_uses_the_references_dilations(zoo):
     names = [[b.attn.mask.name for b in level.blocks] for level in zoo("dinat-mini").module.levels]
-    assert names == [["neighborhood_k7_rpb", "neighborhood_k7_d8_rpb", "neighborhood_k7_rpb"],
-                     ["neighborhood_k7_rpb", "neighborhood_k7_d4_rpb"] * 2,
-                     ["neighborhood_k7_rpb", "neighborhood_k7_d2_rpb"] * 3, ["neighborhood_k7_rpb"] * 5]
+    assert names == [
+        ["neighborhood_k7_rpb", "neighborhood_k7_d8_rpb", "neighborhood_k7_rpb"],
+        ["neighborhood_k7_rpb", "neighborhood_k7_d4_rpb"] * 2,
+        ["neighborhood_k7_rpb", "neighborhood_k7_d2_rpb"] * 3,
+        ["neighborhood_k7_rpb"] * 5,
+    ]
 
 
 def test_auto_layout_is_blocked_where_the_mask_is_sparse(zoo):
     def layouts(module):
         return [m.layout for m in module.modules() if isinstance(m, MaskTable)]
-    assert layouts(zoo("nat-mini").module) == ["blocked"] * 7 + ["dense"] * 11      # 56x56, 28x28 | 14x14, 7x7
-    assert layouts(zoo("swin-t").module) == ["blocked"] * 10 + ["dense"] * 2        # one window covers 7x7
+
+    assert layouts(zoo("nat-mini").module) == ["blocked"] * 7 + ["dense"] * 11  # 56x56, 28x28 | 14x14, 7x7
+    assert layouts(zoo("swin-t").module) == ["blocked"] * 10 + ["dense"] * 2  # one window covers 7x7
 
 
 # ----------------------------------------------------------------------------- learned bias through export
@@ -256,23 +276,29 @@ def _ancestors(model, name):
 # grids large enough that the exporter keeps the Gather: onnxscript's optimizer folds constant subgraphs whose
 # inputs have at most 8192 elements into one constant, which is just as exact (test below)
 @pytest.mark.parametrize("lowering", ["blocked", "dense"])
-@pytest.mark.parametrize("mask, grid", [(neighborhood(5, dilation=2, rpb=True), (28, 28)),
-                                        (window(8, shift=4, rpb=True), (16, 16))], ids=["nat", "swin"])
+@pytest.mark.parametrize(
+    "mask, grid",
+    [(neighborhood(5, dilation=2, rpb=True), (28, 28)), (window(8, shift=4, rpb=True), (16, 16))],
+    ids=["nat", "swin"],
+)
 def test_rpb_exports_as_a_gather_on_the_weight_and_matches_torch(tmp_path, mask, grid, lowering):
     layer = MaskedSelfAttention(32, 2, mask, grid=grid).eval()
     torch.nn.init.normal_(layer.rpb)
     x = torch.randn(2, layer.seq_len, 32)
-    result = export_onnx(layer, [x], tmp_path / "m.onnx", lowering=lowering, input_names=["x"], output_names=["y"],
-                         custom_op=True)
+    result = export_onnx(
+        layer, [x], tmp_path / "m.onnx", lowering=lowering, input_names=["x"], output_names=["y"], custom_op=True
+    )
     assert [m["lowering"] for m in result.masks] == [lowering]
     model = onnx.load(result.path)
     [node] = [n for n in model.graph.node if n.domain == "edgeattn"]
-    ops, sources = _ancestors(model, node.input[-1])         # the bias input is computed from the weight
+    ops, sources = _ancestors(model, node.input[-1])  # the bias input is computed from the weight
     table = tables.build(mask, grid=grid, layout="dense" if lowering == "dense" else "blocked")
     index = table.bias_index if lowering == "dense" else table.bank_bias_index
     assert "Gather" in ops
-    assert any(a.shape == (2, math.prod(layer.rpb.shape[1:])) and (a == layer.rpb.detach().flatten(1).numpy()).all()
-               for a in sources.values())
+    assert any(
+        a.shape == (2, math.prod(layer.rpb.shape[1:])) and (a == layer.rpb.detach().flatten(1).numpy()).all()
+        for a in sources.values()
+    )
     assert any(a.dtype.name == "int32" and a.size == index.numel() for a in sources.values())
     results = parity.compare_model(layer, [x], result.path, CPU_RUNTIMES, runs=1)
     for r in results:
@@ -283,12 +309,13 @@ def test_small_rpb_tables_are_folded_by_the_exporter_and_still_exact(tmp_path):
     layer = MaskedSelfAttention(32, 2, window(4, shift=2, rpb=True), grid=(8, 8)).eval()
     torch.nn.init.normal_(layer.rpb)
     x = torch.randn(2, 64, 32)
-    result = export_onnx(layer, [x], tmp_path / "m.onnx", lowering="blocked", input_names=["x"], output_names=["y"],
-                         custom_op=True)
+    result = export_onnx(
+        layer, [x], tmp_path / "m.onnx", lowering="blocked", input_names=["x"], output_names=["y"], custom_op=True
+    )
     model = onnx.load(result.path)
     [node] = [n for n in model.graph.node if n.domain == "edgeattn"]
     _, sources = _ancestors(model, node.input[-1])
-    assert list(sources) == [node.input[-1]]                 # one constant: the gathered (P, heads, tq, K) bias
+    assert list(sources) == [node.input[-1]]  # one constant: the gathered (P, heads, tq, K) bias
     results = parity.compare_model(layer, [x], result.path, CPU_RUNTIMES, runs=1)
     for r in results:
         assert r.ok and r.max_abs_err <= 1e-5, parity.format_table(results)
@@ -299,8 +326,16 @@ def test_rpb_runs_with_the_other_dense_table_lowerings(tmp_path, lowering, opset
     layer = MaskedSelfAttention(32, 2, neighborhood(5, dilation=2, rpb=True), grid=(12, 12)).eval()
     torch.nn.init.normal_(layer.rpb)
     x = torch.randn(2, 144, 32)
-    path = export_onnx(layer, [x], tmp_path / "m.onnx", lowering=lowering, opset=opset, runtimes=targets,
-                       input_names=["x"], output_names=["y"]).path
+    path = export_onnx(
+        layer,
+        [x],
+        tmp_path / "m.onnx",
+        lowering=lowering,
+        opset=opset,
+        runtimes=targets,
+        input_names=["x"],
+        output_names=["y"],
+    ).path
     results = parity.compare_model(layer, [x], path, targets, runs=1)
     for r in results:
         assert r.ok and r.max_abs_err <= 1e-5, parity.format_table(results)
@@ -320,9 +355,11 @@ def test_rpb_is_trainable_and_required():
 # ----------------------------------------------------------------------------- the registered models exported
 # lowering auto: per layer, blocked where the block table scores at most half of the dense pairs
 # (dinat-mini's dilation-2 blocks on 14x14 cover one 7x7 group each: blocked at 25% of the dense scores)
-AUTO_LOWERINGS = {"nat-mini": ["blocked"] * 7 + ["dense"] * 11,
-                  "dinat-mini": ["blocked"] * 7 + ["dense", "blocked"] * 3 + ["dense"] * 5,
-                  "swin-t": ["blocked"] * 10 + ["dense"] * 2}
+AUTO_LOWERINGS = {
+    "nat-mini": ["blocked"] * 7 + ["dense"] * 11,
+    "dinat-mini": ["blocked"] * 7 + ["dense", "blocked"] * 3 + ["dense"] * 5,
+    "swin-t": ["blocked"] * 10 + ["dense"] * 2,
+}
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -1,5 +1,6 @@
 """Every registered model on the edge targets: dynamic batch at 1, 3 and 8, fp16, and int8 (smaller, within cosine),
 on onnxruntime CPU and OpenVINO CPU."""
+
 import re
 
 import pytest
@@ -8,7 +9,6 @@ import torch
 from edgeattn import load, models, parity
 
 from conftest import CPU_RUNTIMES, judge_modulo_ties
-
 
 
 def batched_inputs(name, size):
@@ -32,7 +32,7 @@ def test_dynamic_batch_1_3_8(exported, name):
     sessions = {runtime: load(path, runtime) for runtime in CPU_RUNTIMES}
     for size in (1, 3, 8):
         inputs = batched_inputs(name, size)
-        with torch.no_grad():   # the eager reference once per batch size, for every runtime
+        with torch.no_grad():  # the eager reference once per batch size, for every runtime
             want = torch.utils._pytree.tree_leaves(built.module(**inputs))
         reference = {output: expected.numpy() for output, expected in zip(built.outputs, want)}
         for runtime, session in sessions.items():
@@ -49,10 +49,13 @@ def test_dynamic_batch_1_3_8(exported, name):
 # say, the cosine it must keep, why).  Recorded: "not ties: 69 decisions differ at margins up to 1.1e-01", cosine
 # 0.99808 on both CPU runtimes.
 CHANGED_DECISIONS = {
-    ("moba-lm", "int8"): (r"; not ties: \d+ decisions differ at margins up to", 0.997,
-                          "int8 activations move the MoBA gates of the second layer (after a quantized first layer) "
-                          "by up to 0.1: about 1% of the queries attend other key blocks than the float model's, "
-                          "which the check reports as decisions that are not ties (cosine stays 0.997)"),
+    ("moba-lm", "int8"): (
+        r"; not ties: \d+ decisions differ at margins up to",
+        0.997,
+        "int8 activations move the MoBA gates of the second layer (after a quantized first layer) "
+        "by up to 0.1: about 1% of the queries attend other key blocks than the float model's, "
+        "which the check reports as decisions that are not ties (cosine stays 0.997)",
+    ),
 }
 
 
@@ -63,8 +66,9 @@ def test_reduced_precision_within_tolerance(exported, name, precision):
     assert [r.runtime for r in results] == CPU_RUNTIMES
     if (name, precision) in CHANGED_DECISIONS:
         said, min_cosine, why = CHANGED_DECISIONS[name, precision]
-        assert all(r.status == "fail" and re.search(said, r.detail) and r.cosine >= min_cosine for r in results), \
+        assert all(r.status == "fail" and re.search(said, r.detail) and r.cosine >= min_cosine for r in results), (
             f"{name} {precision} no longer fails as recorded ({why})\n" + parity.format_table(results)
+        )
         return
     assert all(r.ok for r in results), f"{name} {precision}\n" + parity.format_table(results)
     if precision == "int8":

@@ -40,13 +40,22 @@ def test_unknown_model_and_config_are_clear_errors():
 SMALL = {
     "causal-block": dict(seq_len=128),
     "dinat-mini": dict(image_size=64, embed_dim=16, depths=[2, 2], heads=[2, 2], kernel=3, dilations=[[1, 2], [1, 2]]),
-    "mask2former-decoder": dict(image_size=64, in_channels=24, hidden_dim=32, heads=4, dim_feedforward=48,
-                                num_queries=6, dec_layers=3, mask_dim=16, num_classes=5),
+    "mask2former-decoder": dict(
+        image_size=64,
+        in_channels=24,
+        hidden_dim=32,
+        heads=4,
+        dim_feedforward=48,
+        num_queries=6,
+        dec_layers=3,
+        mask_dim=16,
+        num_classes=5,
+    ),
     "nat-mini": dict(image_size=64, embed_dim=16, depths=[2, 2], heads=[2, 2], kernel=3),
     "nat-tiny": dict(image_size=64, kernel=3),
     "ppma-t": dict(image_size=48, embed_dims=[16] * 4, depths=[1] * 4, num_heads=[2] * 4),
     "radial-block": dict(frames=4),
-    "rmt-t": dict(image_size=48, embed_dims=[16] * 4, depths=[1] * 4, heads=[2] * 4),   # every stage's grid > 1x1
+    "rmt-t": dict(image_size=48, embed_dims=[16] * 4, depths=[1] * 4, heads=[2] * 4),  # every stage's grid > 1x1
     "segment-lm": dict(vocab=64, dim=32, layers=2, segments=[4, 4], window=4, max_cache=16),
     "segment-lm-decode": dict(vocab=64, dim=32, layers=2, segments=[4, 4], window=4, max_cache=16),
     "swin-t": dict(image_size=64, embed_dim=16, depths=[2, 2, 2, 2], heads=[1, 1, 2, 2], window_size=4),
@@ -78,11 +87,12 @@ def test_every_saved_buffer_is_used_as_loaded(name):
                 fresh.load_state_dict({**state, key: changed}, strict=True)
             except RuntimeError as error:
                 assert key in str(error), f"{key}: loading a perturbed value failed without naming it: {error}"
-                fresh.load_state_dict(state, strict=True)   # and the refused value was not kept
+                fresh.load_state_dict(state, strict=True)  # and the refused value was not kept
                 continue
             after = _outputs(fresh, built.inputs)
-            assert any(not torch.equal(a, b) for a, b in zip(before, after)), \
+            assert any(not torch.equal(a, b) for a, b in zip(before, after)), (
                 f"{name}: {key} was loaded with other values but the outputs did not change"
+            )
 
 
 @pytest.mark.parametrize("name", models.names())

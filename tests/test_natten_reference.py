@@ -3,6 +3,7 @@
 NATTEN builds from source without CUDA as a pure-Python package: ``pip install --no-build-isolation natten==0.21.7``
 (the README's test command does it).  CI must have it; elsewhere the test is skipped with that hint.
 """
+
 import os
 import random
 
@@ -15,8 +16,7 @@ from edgeattn.masks import materialize, neighborhood
 if os.environ.get("CI"):
     import natten.backends.flex as natten_flex
 else:
-    natten_flex = pytest.importorskip("natten.backends.flex",
-                                      reason="pip install --no-build-isolation natten==0.21.7")
+    natten_flex = pytest.importorskip("natten.backends.flex", reason="pip install --no-build-isolation natten==0.21.7")
 
 
 def natten_mask(grid, kernel, dilation, stride, causal):
@@ -45,11 +45,11 @@ def random_configs(count, seed=0):
 
 EDGE_CASES = [
     ((7,), (3,), (1,), (1,), (False,)),
-    ((8,), (4,), (1,), (1,), (False,)),          # even kernel leans left
-    ((9,), (3,), (2,), (1,), (False,)),          # dilation, unequal group lengths
-    ((9,), (3,), (3,), (1,), (True,)),           # kernel * dilation == length, causal
-    ((7,), (4,), (1,), (3,), (False,)),          # partial last stride block
-    ((8,), (4,), (1,), (2,), (True,)),           # causal + stride
+    ((8,), (4,), (1,), (1,), (False,)),  # even kernel leans left
+    ((9,), (3,), (2,), (1,), (False,)),  # dilation, unequal group lengths
+    ((9,), (3,), (3,), (1,), (True,)),  # kernel * dilation == length, causal
+    ((7,), (4,), (1,), (3,), (False,)),  # partial last stride block
+    ((8,), (4,), (1,), (2,), (True,)),  # causal + stride
     ((14, 14), (7, 7), (1, 2), (1, 1), (False, False)),
     ((6, 10), (3, 5), (2, 1), (3, 2), (True, False)),
     ((4, 6, 5), (2, 3, 5), (2, 1, 1), (1, 2, 3), (False, True, False)),
@@ -63,8 +63,11 @@ def test_neighborhood_matches_natten(grid, kernel, dilation, stride, causal):
     assert torch.equal(ours, theirs), f"first differing query: {(ours != theirs).any(-1).nonzero()[0].item()}"
 
 
-RPB_CASES = [c for c in EDGE_CASES + random_configs(60, seed=1)
-             if all(k % 2 for k in c[1]) and all(s == 1 for s in c[3]) and not any(c[4])]
+RPB_CASES = [
+    c
+    for c in EDGE_CASES + random_configs(60, seed=1)
+    if all(k % 2 for k in c[1]) and all(s == 1 for s in c[3]) and not any(c[4])
+]
 
 
 @pytest.mark.parametrize("grid, kernel, dilation, stride, causal", RPB_CASES)

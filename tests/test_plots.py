@@ -1,4 +1,5 @@
 """Pictures: the arrays drawn are the masks and tables themselves, the files are real PNGs, errors are one line."""
+
 import sys
 
 import numpy as np
@@ -15,7 +16,7 @@ from edgeattn.errors import EdgeAttnError
 from edgeattn.layers import MaskedSelfAttention
 
 pytest.importorskip("matplotlib")
-from matplotlib.image import imread  # noqa: E402
+from matplotlib.image import imread
 
 
 def drawn(fig, panel=0):
@@ -29,8 +30,9 @@ def read_png(path):
     return image
 
 
-@pytest.mark.parametrize("mask, q_len, kv_len", [(masks.sliding_window(3), 16, None), (masks.causal(), 6, 10),
-                                                  (masks.sinks(2, 3), 12, None)])
+@pytest.mark.parametrize(
+    "mask, q_len, kv_len", [(masks.sliding_window(3), 16, None), (masks.causal(), 6, 10), (masks.sinks(2, 3), 12, None)]
+)
 def test_sequence_pattern_is_materialize(tmp_path, mask, q_len, kv_len):
     fig = edgeattn.plot_mask(mask, q_len=q_len, kv_len=kv_len, path=tmp_path / "m.png")
     want = edgeattn.materialize(mask, q_len=q_len, kv_len=kv_len)[0].numpy()
@@ -38,12 +40,15 @@ def test_sequence_pattern_is_materialize(tmp_path, mask, q_len, kv_len):
     read_png(tmp_path / "m.png")
 
 
-@pytest.mark.parametrize("mask, grid, query, coords", [
-    (masks.neighborhood(5, dilation=2), (14, 14), None, (1, 1)),     # default: one in from the corner
-    (masks.neighborhood(3), (9, 11), 0, (0, 0)),
-    (masks.window(4, shift=2), (8, 8), (7, 6), (7, 6)),
-    (masks.clear(3), (12, 12), 6 * 12 + 6, (6, 6)),
-])
+@pytest.mark.parametrize(
+    "mask, grid, query, coords",
+    [
+        (masks.neighborhood(5, dilation=2), (14, 14), None, (1, 1)),  # default: one in from the corner
+        (masks.neighborhood(3), (9, 11), 0, (0, 0)),
+        (masks.window(4, shift=2), (8, 8), (7, 6), (7, 6)),
+        (masks.clear(3), (12, 12), 6 * 12 + 6, (6, 6)),
+    ],
+)
 def test_grid_query_view_is_the_querys_row_of_materialize(mask, grid, query, coords):
     fig = edgeattn.plot_mask(mask, grid=grid, query=query)
     flat = int(np.ravel_multi_index(coords, grid))
@@ -77,10 +82,10 @@ def test_blocked_table_picture_matches_the_table(tmp_path):
     fig = plots.plot_table(table, tmp_path / "t.png")
     cells = drawn(fig)
     tiles = table.q_index.shape[0]
-    tile_of = {int(q): t for t in range(tiles) for q in table.q_index[t]}   # key block j: the keys of query tile j
+    tile_of = {int(q): t for t in range(tiles) for q in table.q_index[t]}  # key block j: the keys of query tile j
     expected = set()
     for t in range(tiles):
-        keys = table.kv_index[t][table.bank[table.block[t]].any(0).any(0)]   # padding keys are masked everywhere
+        keys = table.kv_index[t][table.bank[table.block[t]].any(0).any(0)]  # padding keys are masked everywhere
         expected |= {(t, tile_of[int(k)]) for k in keys}
     assert {tuple(c) for c in np.argwhere(cells > 0)} == expected and cells.shape == (tiles, tiles)
     assert f"{table.work_fraction:.1%}" in fig.axes[0].get_title()
@@ -147,15 +152,21 @@ def test_inspect_plot_draws_each_table_read_from_the_file(capsys, tmp_path, mixe
 
 
 def test_bench_chart_groups_runtimes_and_labels_what_differs(tmp_path):
-    rows = [BenchRow("torch", "eager", "ok", "-", p50_ms=10.0, speedup=1.0),
-            BenchRow("ort-cpu", "dense", "ok", "standard", p50_ms=5.0, speedup=2.0),
-            BenchRow("openvino-cpu", "dense", "ok", "standard", p50_ms=4.0, speedup=2.5),
-            BenchRow("ort-cpu", "blocked", "fail", "custom-op", p50_ms=2.0, speedup=5.0),
-            BenchRow("openvino-cpu", "contrib", "n/a", "standard")]
+    rows = [
+        BenchRow("torch", "eager", "ok", "-", p50_ms=10.0, speedup=1.0),
+        BenchRow("ort-cpu", "dense", "ok", "standard", p50_ms=5.0, speedup=2.0),
+        BenchRow("openvino-cpu", "dense", "ok", "standard", p50_ms=4.0, speedup=2.5),
+        BenchRow("ort-cpu", "blocked", "fail", "custom-op", p50_ms=2.0, speedup=5.0),
+        BenchRow("openvino-cpu", "contrib", "n/a", "standard"),
+    ]
     fig = plots.plot_bench(rows, tmp_path / "b.png", title="t")
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
-    assert labels == ["torch: eager", "ort-cpu: dense standard", "ort-cpu: blocked custom-op (fail)",
-                      "openvino-cpu: dense standard"]
+    assert labels == [
+        "torch: eager",
+        "ort-cpu: dense standard",
+        "ort-cpu: blocked custom-op (fail)",
+        "openvino-cpu: dense standard",
+    ]
     assert [p.get_width() for p in fig.axes[0].patches] == [10.0, 5.0, 2.0, 4.0]
     read_png(tmp_path / "b.png")
 
@@ -170,27 +181,57 @@ def test_masks_show_writes_the_picture_and_masks_still_lists(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "masks")
     assert code == 0 and out.startswith("causal")
     out_png = tmp_path / "n.png"
-    code, out, err = run_cli(capsys, "masks", "show", "neighborhood", "--param", "kernel=5", "--param",
-                             "dilation=2", "--grid", "12x12", "--query", "3,5", "-o", out_png)
+    code, out, err = run_cli(
+        capsys,
+        "masks",
+        "show",
+        "neighborhood",
+        "--param",
+        "kernel=5",
+        "--param",
+        "dilation=2",
+        "--grid",
+        "12x12",
+        "--query",
+        "3,5",
+        "-o",
+        out_png,
+    )
     assert code == 0 and out == f"wrote {out_png}\n", err
     read_png(out_png)
-    code, out, _ = run_cli(capsys, "masks", "show", "sliding_window", "--param", "window=3", "--param",
-                           "causal=false", "--len", "20", "-o", tmp_path / "s.png")
+    code, out, _ = run_cli(
+        capsys,
+        "masks",
+        "show",
+        "sliding_window",
+        "--param",
+        "window=3",
+        "--param",
+        "causal=false",
+        "--len",
+        "20",
+        "-o",
+        tmp_path / "s.png",
+    )
     assert code == 0 and (tmp_path / "s.png").is_file()
 
 
 # bad `masks show` and --plot command lines, and a part of each one-line message (test_error_family.py runs them too)
 BAD_ARGUMENTS = [
     (["masks", "show", "nope", "--len", "8"], "unknown mask family 'nope'; choose from: causal"),
-    (["masks", "show", "neighborhood", "--param", "kernal=3", "--grid", "8x8"],
-     "neighborhood takes kernel, dilation=1, stride=1, causal=False, rpb=False"),
+    (
+        ["masks", "show", "neighborhood", "--param", "kernal=3", "--grid", "8x8"],
+        "neighborhood takes kernel, dilation=1, stride=1, causal=False, rpb=False",
+    ),
     (["masks", "show", "neighborhood", "--param", "kernel=x", "--grid", "8x8"], "kernel: cannot read"),
     (["masks", "show", "neighborhood", "--param", "kernel=9", "--grid", "8x8"], "kernel*dilation must be <="),
     (["masks", "show", "window", "--param", "size=4"], "give a token grid (--grid HxW"),
     (["masks", "show", "causal", "--len", "8", "--grid", "8"], "one of the two"),
     (["masks", "show", "window", "--param", "size=4", "--grid", "8xy"], "grid '8xy': cannot read 'y'"),
-    (["masks", "show", "neighborhood", "--param", "kernel=3", "--grid", "8x8", "--query", "8,0"],
-     "query (8, 0) is not a token of the 8x8 grid"),
+    (
+        ["masks", "show", "neighborhood", "--param", "kernel=3", "--grid", "8x8", "--query", "8,0"],
+        "query (8, 0) is not a token of the 8x8 grid",
+    ),
     (["masks", "show", "causal", "--len", "8", "--query", "3"], "a sequence mask is drawn whole"),
     (["masks", "show", "causal", "--len", "8", "-o", "README.md/m.png"], "README.md is a file"),
     (["inspect", "README.md", "--plot", "README.md"], "README.md: is a file; --plot takes a folder"),
@@ -206,9 +247,13 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
 
 def test_without_matplotlib_one_line_names_the_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(EdgeAttnError, match=r"^plot_mask needs matplotlib; install it with: pip install "
-                                            r"'edgeattn\[plot\]'$"):
+    with pytest.raises(
+        EdgeAttnError,
+        match=r"^plot_mask needs matplotlib; install it with: pip install "
+        r"'edgeattn\[plot\]'$",
+    ):
         edgeattn.plot_mask(masks.causal(), q_len=4)
     code, out, err = run_cli(capsys, "masks", "show", "causal", "--len", "4")
-    assert code == 2 and err == ("edgeattn: error: masks show needs matplotlib; install it with: "
-                                 "pip install 'edgeattn[plot]'\n")
+    assert code == 2 and err == (
+        "edgeattn: error: masks show needs matplotlib; install it with: pip install 'edgeattn[plot]'\n"
+    )

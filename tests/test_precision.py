@@ -1,4 +1,5 @@
 """fp16 / bf16 / int8 files, OpenVINO precision hints, and exports at every opset from 17 to 23."""
+
 import numpy as np
 import onnx
 import pytest
@@ -6,9 +7,9 @@ import torch
 
 from edgeattn import EdgeAttnError, export_onnx, load, masks, onnxfile, parity, runtimes
 from edgeattn.cli import main
-from edgeattn.registered import export_registered
 from edgeattn.inspection import inspect_file
 from edgeattn.layers import MaskedSelfAttention
+from edgeattn.registered import export_registered
 from edgeattn.runtimes.base import REDUCED_PRECISION
 
 from conftest import CPU_RUNTIMES
@@ -18,7 +19,9 @@ HOLES = masks.custom(lambda b, h, q, kv: (q % 3 != 0) & ((kv - q).abs() <= 4), n
 
 
 def _runnable(precision):
-    return [r for r in CPU_RUNTIMES if not runtimes.get(r).not_supported_reasons(onnxfile.Contents(precision), here=False)]
+    return [
+        r for r in CPU_RUNTIMES if not runtimes.get(r).not_supported_reasons(onnxfile.Contents(precision), here=False)
+    ]
 
 
 def _layer(seq_len=24):
@@ -30,8 +33,9 @@ def _layer(seq_len=24):
 def test_reduced_precision_keeps_fully_masked_rows_zero(tmp_path, dtype, lowering, opset):
     layer, x = _layer(), torch.randn(2, 24, 32)
     path = tmp_path / "m.onnx"
-    result = export_onnx(layer, [x], path, dtype=dtype, lowering=lowering, opset=opset,
-                         input_names=["x"], output_names=["y"])
+    result = export_onnx(
+        layer, [x], path, dtype=dtype, lowering=lowering, opset=opset, input_names=["x"], output_names=["y"]
+    )
     assert result.precision == dtype and onnxfile.read_metadata(onnx.load(str(path)))["precision"] == dtype
     model = onnx.load(str(path))
     # inputs and outputs stay float32; weights (and any float table) are stored in the target dtype
@@ -44,7 +48,7 @@ def test_reduced_precision_keeps_fully_masked_rows_zero(tmp_path, dtype, lowerin
     for name in _runnable(dtype):
         y = load(path, name).run({"x": x.numpy()})["y"]
         assert np.isfinite(y).all()
-        with torch.no_grad():   # the empty rows give exactly proj(0) = the projection bias
+        with torch.no_grad():  # the empty rows give exactly proj(0) = the projection bias
             expected = layer.proj.bias.to(torch.float16 if dtype == "fp16" else torch.bfloat16).float().numpy()
         np.testing.assert_allclose(y[:, ::3], np.broadcast_to(expected, y[:, ::3].shape), rtol=1e-2, atol=1e-2)
 
@@ -60,7 +64,7 @@ def test_bf16_is_refused_where_it_cannot_run(tmp_path, capsys):
     assert not (tmp_path / "m.onnx").exists()
     path = tmp_path / "ok.onnx"
     result = export_onnx(layer, [x], path, dtype="bf16", input_names=["x"], output_names=["y"])
-    assert result.opset == 22 and "ort-cpu" not in result.targets   # bf16 defaults to opset 22 and its runtimes
+    assert result.opset == 22 and "ort-cpu" not in result.targets  # bf16 defaults to opset 22 and its runtimes
     [ort] = parity.compare_model(layer, [x], path, ["ort-cpu"], runs=1)
     assert ort.status == "unavailable" and "no bfloat16 kernels" in ort.detail
 
@@ -94,13 +98,17 @@ def test_int8_quantizes_linear_layers_only(tmp_path, mode):
     result = export_registered("na2d-block", int8, quantize=mode, custom_op=True)
     assert result.precision == mode and int8.stat().st_size < fp32.stat().st_size
     info = inspect_file(int8)
-    quantized_ops = {"ai.onnx::MatMulInteger", "ai.onnx::DynamicQuantizeLinear"} if mode == "int8" else \
-        {"ai.onnx::QuantizeLinear", "ai.onnx::DequantizeLinear"}
+    quantized_ops = (
+        {"ai.onnx::MatMulInteger", "ai.onnx::DynamicQuantizeLinear"}
+        if mode == "int8"
+        else {"ai.onnx::QuantizeLinear", "ai.onnx::DequantizeLinear"}
+    )
     assert quantized_ops <= set(info["ops"])
     # attention stays one float edgeattn node with its standard-op body
     assert info["ops"]["edgeattn::MaskedAttention_blocked"] == 1
-    assert not any(n.op_type in ("MatMulInteger", "QuantizeLinear") for f in onnx.load(str(int8)).functions
-                   for n in f.node)
+    assert not any(
+        n.op_type in ("MatMulInteger", "QuantizeLinear") for f in onnx.load(str(int8)).functions for n in f.node
+    )
     # the default (standard-op) file is quantized the same way: its inlined attention stays float
     standard = export_registered("na2d-block", tmp_path / "standard.onnx", quantize=mode).path
     standard_ops = inspect_file(standard)["ops"]
@@ -118,19 +126,44 @@ def test_static_calibration_file(tmp_path, capsys):
     data = tmp_path / "calib.npz"
     np.savez(data, tokens=np.stack([b.inputs["tokens"].numpy() for b in built]))
     out = tmp_path / "q.onnx"
-    assert main(["export", "na2d-block", "-o", str(out), "--quantize", "int8-static", "--calibration", str(data),
-                 "--check", "--runs", "1"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "na2d-block",
+                "-o",
+                str(out),
+                "--quantize",
+                "int8-static",
+                "--calibration",
+                str(data),
+                "--check",
+                "--runs",
+                "1",
+            ]
+        )
+        == 0
+    )
     np.savez(tmp_path / "bad.npz", image=np.zeros((2, 3)))
-    code = main(["export", "na2d-block", "-o", str(tmp_path / "bad.onnx"), "--quantize", "int8-static",
-                 "--calibration", str(tmp_path / "bad.npz")])
+    code = main(
+        [
+            "export",
+            "na2d-block",
+            "-o",
+            str(tmp_path / "bad.onnx"),
+            "--quantize",
+            "int8-static",
+            "--calibration",
+            str(tmp_path / "bad.npz"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "calibration data lacks inputs ['tokens']" in err
     assert not (tmp_path / "bad.onnx").exists()
 
 
 # Every lowering at every opset from 17 to 23 (Attention from 23), as a custom-op file and inlined.
-OPSET_CASES = [(opset, low) for opset in range(17, 24) for low in ("dense", "blocked", "contrib")] + \
-              [(23, "attention")]
+OPSET_CASES = [(opset, low) for opset in range(17, 24) for low in ("dense", "blocked", "contrib")] + [(23, "attention")]
 
 
 @pytest.mark.parametrize("custom_op", [True, False], ids=["custom-op", "standard"])
@@ -140,8 +173,17 @@ def test_every_opset_from_17_to_23(tmp_path, opset, lowering, custom_op):
     x = torch.randn(2, 36, 16)
     targets = ["ort-cpu"] if lowering == "contrib" else None
     path = tmp_path / "m.onnx"
-    export_onnx(layer, [x], path, opset=opset, lowering=lowering, custom_op=custom_op, runtimes=targets,
-                input_names=["x"], output_names=["y"])
+    export_onnx(
+        layer,
+        [x],
+        path,
+        opset=opset,
+        lowering=lowering,
+        custom_op=custom_op,
+        runtimes=targets,
+        input_names=["x"],
+        output_names=["y"],
+    )
     info = inspect_file(path)
     assert info["opsets"]["ai.onnx"] == opset
     expected_domains = (["edgeattn"] if custom_op else []) + (["com.microsoft"] if lowering == "contrib" else [])

@@ -1,6 +1,7 @@
 """`edgeattn export --format triton / ovms`: model server repositories, each config checked against the server's own
 schema (Triton's ModelConfig protobuf from tritonclient, OVMS's model_config_list layout) and each model file run with
 the plain runtime against the torch reference."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from edgeattn import models, runtimes
 from edgeattn.cli import main
 
-MODEL = "na2d-block"   # one attention layer: the smallest registered model with a real mask
+MODEL = "na2d-block"  # one attention layer: the smallest registered model with a real mask
 
 tritonclient = pytest.importorskip("tritonclient")
 from google.protobuf import text_format  # noqa: E402  (tritonclient brings protobuf along)
@@ -73,9 +74,9 @@ def test_triton_onnxruntime_repository_with_dynamic_batch(triton_onnx):
     for declared, actual in zip([*config.input, *config.output], [*session.get_inputs(), *session.get_outputs()]):
         assert (declared.name, model_config_pb2.DataType.Name(declared.data_type)) == (actual.name, "TYPE_FP32")
         assert actual.type == "tensor(float)"
-        assert isinstance(actual.shape[0], str) and list(declared.dims) == actual.shape[1:]   # batch axis left out
+        assert isinstance(actual.shape[0], str) and list(declared.dims) == actual.shape[1:]  # batch axis left out
     tokens, expected = reference(batch=2)
-    out, = session.run(None, {config.input[0].name: tokens})
+    (out,) = session.run(None, {config.input[0].name: tokens})
     assert np.abs(out - expected).max() <= atol("ort-cpu")
 
 
@@ -94,18 +95,28 @@ def test_triton_openvino_repository_static(tmp_path):
 
 
 def test_ovms_repository_keeps_other_models_and_replaces_its_own(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_config_list": [
-        {"config": {"name": "other", "base_path": "other"}},
-        {"config": {"name": MODEL, "base_path": "stale"}}]}))
-    (tmp_path / MODEL / "7").mkdir(parents=True)   # an older export's version folder goes with the replaced model
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_config_list": [
+                    {"config": {"name": "other", "base_path": "other"}},
+                    {"config": {"name": MODEL, "base_path": "stale"}},
+                ]
+            }
+        )
+    )
+    (tmp_path / MODEL / "7").mkdir(parents=True)  # an older export's version folder goes with the replaced model
     model_dir = export(tmp_path, "--format", "ovms")
     entries = json.loads((tmp_path / "config.json").read_text())["model_config_list"]
-    assert [e["config"] for e in entries] == [{"name": "other", "base_path": "other"},
-                                              {"name": MODEL, "base_path": MODEL}]
+    assert [e["config"] for e in entries] == [
+        {"name": "other", "base_path": "other"},
+        {"name": MODEL, "base_path": MODEL},
+    ]
     assert sorted(p.name for p in model_dir.iterdir()) == ["1"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", MODEL]   # no staging folder left
-    compiled = ov.Core().compile_model(str(tmp_path / MODEL / "1" / "model.xml"), "CPU",
-                                       {"INFERENCE_PRECISION_HINT": "f32"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", MODEL]  # no staging folder left
+    compiled = ov.Core().compile_model(
+        str(tmp_path / MODEL / "1" / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
     tokens, expected = reference()
     assert np.abs(compiled({"tokens": tokens})["output"] - expected).max() <= atol("openvino-cpu")
 

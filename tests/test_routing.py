@@ -1,5 +1,6 @@
 """Attention over key blocks routed in the graph (edgeattn.routing): MoBA's semantics against a brute-force reference,
 the routed and routed_dense lowerings against eager on both CPU runtimes, ties, your own router, and errors."""
+
 import numpy as np
 import pytest
 import torch
@@ -22,7 +23,7 @@ def qkv(n, heads=2, dim=16, batch=1, seed=0):
 def test_moba_matches_the_reference_semantics(n, block, top_k):
     q, k, v = qkv(n)
     got = routed_attention(q, k, v, block, top_k)
-    want = moba_attention(q, k, v, block, top_k, scale=16 ** -0.5)
+    want = moba_attention(q, k, v, block, top_k, scale=16**-0.5)
     assert torch.allclose(got.double(), want, atol=1e-5), (got.double() - want).abs().max()
 
 
@@ -81,7 +82,7 @@ def test_your_own_router_per_query_block(tmp_path):
     q, k, v = qkv(256, batch=2)
     model = Routed(32, 3, router=pooled_router)
     out = model(q, k, v)
-    assert not torch.allclose(out, Routed(32, 3)(q, k, v))   # another choice than MoBA's per-query gate
+    assert not torch.allclose(out, Routed(32, 3)(q, k, v))  # another choice than MoBA's per-query gate
     check_export(tmp_path, model, [q, k, v], "auto", "routed")
 
 
@@ -117,7 +118,7 @@ def test_bench_marks_the_lowerings_routed_attention_has_not(tmp_path):
     assert by_lowering["blocked:routed"].status == "ok"
     for lowering in ("attention", "contrib"):
         assert by_lowering[lowering].status == "n/a" and "has no" in by_lowering[lowering].detail
-    with pytest.raises(EdgeAttnError, match="has no attention lowering"):   # asked for by name: an error
+    with pytest.raises(EdgeAttnError, match="has no attention lowering"):  # asked for by name: an error
         bench.run("moba-lm", ["ort-cpu"], lowerings=["attention"], runs=1, forms=["standard"])
 
 

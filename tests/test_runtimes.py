@@ -28,8 +28,8 @@ def test_registry_names_and_reasons(small_model):
     for runtime in runtimes.RUNTIMES.values():
         reasons = runtime.not_supported_reasons()
         if runtime.reference:
-            assert reasons == []   # the PyTorch reference runs wherever edgeattn imports
-        else:   # no reasons exactly when the runtime loads and runs a file here; otherwise loading says them
+            assert reasons == []  # the PyTorch reference runs wherever edgeattn imports
+        else:  # no reasons exactly when the runtime loads and runs a file here; otherwise loading says them
             try:
                 got = edgeattn.load(path, runtime.name).run({"x": x})["y"]
             except EdgeAttnError as e:
@@ -57,10 +57,10 @@ def test_ort_cuda_explains_why_not(small_model):
 
 def test_install_hints_name_the_extra_that_has_the_provider(monkeypatch):
     # the CUDA provider ships only in onnxruntime-gpu, which edgeattn[ort-gpu] installs; edgeattn[ort] never has it
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)   # import onnxruntime now fails, as when not installed
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now fails, as when not installed
     cpu, cuda = runtimes.get("ort-cpu"), runtimes.get("ort-cuda")
     assert cpu.machine_reasons() == ["onnxruntime is not installed; install it with: pip install 'edgeattn[ort]'"]
-    uncached = type(cuda).machine_reasons.__wrapped__   # the cached probe must not keep this fake answer
+    uncached = type(cuda).machine_reasons.__wrapped__  # the cached probe must not keep this fake answer
     assert uncached(cuda) == ["onnxruntime is not installed; install it with: pip install 'edgeattn[ort-gpu]'"]
 
 
@@ -94,8 +94,8 @@ def test_ort_flushes_denormals_only_while_it_runs(tmp_path, monkeypatch):
     path = tmp_path / "sliding.onnx"
     export_onnx(layer, [x], path, input_names=["x"], output_names=["y"])
     assert not _flushes_denormals()
-    session = edgeattn.load(path, "ort-cpu")   # before any plain session: only then does onnxruntime's option
-    assert not _flushes_denormals()            # set the creating thread's flags, which load restores
+    session = edgeattn.load(path, "ort-cpu")  # before any plain session: only then does onnxruntime's option
+    assert not _flushes_denormals()  # set the creating thread's flags, which load restores
     options = session._session.get_session_options()
     assert options.get_session_config_entry("session.set_denormal_as_zero") == "1"
     during = []
@@ -115,13 +115,16 @@ def test_auto_prefers_onnxruntime(small_model):
 
 
 @pytest.mark.parametrize("name", CPU_RUNTIMES)
-@pytest.mark.parametrize("feeds, message", [
-    ({}, r"missing \['x'\]"),
-    ({"x": np.zeros((1, 16, 16), np.float32), "z": np.zeros(1)}, r"unexpected \['z'\]"),
-    ({"x": np.zeros((1, 16, 16), np.float64)}, "input 'x': expected dtype float32, got float64"),
-    ({"x": np.zeros((1, 15, 16), np.float32)}, r"input 'x': expected shape \(1, 16, 16\), got \(1, 15, 16\)"),
-    ({"x": np.zeros((16, 16), np.float32)}, r"input 'x': expected shape"),
-])
+@pytest.mark.parametrize(
+    "feeds, message",
+    [
+        ({}, r"missing \['x'\]"),
+        ({"x": np.zeros((1, 16, 16), np.float32), "z": np.zeros(1)}, r"unexpected \['z'\]"),
+        ({"x": np.zeros((1, 16, 16), np.float64)}, "input 'x': expected dtype float32, got float64"),
+        ({"x": np.zeros((1, 15, 16), np.float32)}, r"input 'x': expected shape \(1, 16, 16\), got \(1, 15, 16\)"),
+        ({"x": np.zeros((16, 16), np.float32)}, r"input 'x': expected shape"),
+    ],
+)
 def test_bad_feeds_get_the_same_clear_error(small_model, name, feeds, message):
     require(name)
     with pytest.raises(EdgeAttnError, match=message):
@@ -176,18 +179,20 @@ def test_non_contiguous_and_nonfinite_feeds(small_model, name):
     path, x, _, _ = small_model
     session = edgeattn.load(path, name)
     base = np.asarray(x, dtype=np.float32)
-    strided = np.asfortranarray(base)                       # same values, not C-contiguous
+    strided = np.asfortranarray(base)  # same values, not C-contiguous
     np.testing.assert_array_equal(session.run({"x": strided})["y"], session.run({"x": base})["y"])
     bad = base.copy()
     bad[0, 3, 1], bad[0, 15, 2] = np.nan, np.inf
-    out = session.run({"x": bad})["y"]                      # runs; NaN stays where attention reads it
+    out = session.run({"x": bad})["y"]  # runs; NaN stays where attention reads it
     assert np.isnan(out).any()
     from edgeattn.runtimes.base import nonfinite_inputs
+
     assert nonfinite_inputs({"x": bad}) == ["x"] and nonfinite_inputs({"x": base}) == []
 
 
 def test_parity_report_flags_nonfinite_inputs(small_model):
     from edgeattn import parity
+
     path, x = small_model[0], small_model[1].copy()
     x[0, 0, 0] = np.nan
     reference = edgeattn.load(path, "ort-cpu").run({"x": x})

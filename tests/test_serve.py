@@ -1,6 +1,7 @@
 """`edgeattn serve`: a real Ray Serve deployment on 127.0.0.1 under a bounded load.  Every answer is compared with
 plain onnxruntime run on the same feeds, Triton's own HTTP client works against it, bad requests get one-line errors
 while the server keeps serving, and Ctrl-C stops it without leaving Ray's processes behind."""
+
 import contextlib
 import json
 import os
@@ -28,7 +29,7 @@ from edgeattn.serve import BadRequest, infer_request, load_test, metadata, parse
 # threads, signals and servers: these run one after another on one xdist worker (README: the suite)
 pytestmark = pytest.mark.xdist_group("serial")
 
-tritonclient_http = pytest.importorskip("tritonclient.http")   # in the test extra: Triton's own HTTP client
+tritonclient_http = pytest.importorskip("tritonclient.http")  # in the test extra: Triton's own HTTP client
 
 LOAD_SECONDS = 20
 CLIENTS = 8
@@ -42,31 +43,38 @@ def _request(**change) -> bytes:
 
 
 def _binary(size: int, extra: bytes = b"") -> tuple[bytes, str]:
-    head = json.dumps({"inputs": [{"name": "x", "shape": [1, 64, 32], "datatype": "FP32",
-                                   "parameters": {"binary_data_size": size}}]}).encode()
+    head = json.dumps(
+        {"inputs": [{"name": "x", "shape": [1, 64, 32], "datatype": "FP32", "parameters": {"binary_data_size": size}}]}
+    ).encode()
     return head + bytes(size) + extra, str(len(head))
 
 
-@pytest.mark.parametrize("body,message", [
-    (b"{not json", "not JSON"),
-    (b'{"inputs": 3}', '"inputs" list'),
-    (_request(shape=[1, 64, 31]), "shape [1, 64, 31], the model takes [-1, 64, 32]"),
-    (_request(datatype="FP64"), "datatype 'FP64', the model takes FP32"),
-    (_request(name="y"), "unexpected input 'y'"),
-    (_request(data=[1.0, 2.0]), "2 values for shape [1, 64, 32]"),
-    (_request(data=["a"] * 2048), "not a list of FP32 numbers"),
-    (b'{"inputs": []}', "missing input 'x'"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        (b"{not json", "not JSON"),
+        (b'{"inputs": 3}', '"inputs" list'),
+        (_request(shape=[1, 64, 31]), "shape [1, 64, 31], the model takes [-1, 64, 32]"),
+        (_request(datatype="FP64"), "datatype 'FP64', the model takes FP32"),
+        (_request(name="y"), "unexpected input 'y'"),
+        (_request(data=[1.0, 2.0]), "2 values for shape [1, 64, 32]"),
+        (_request(data=["a"] * 2048), "not a list of FP32 numbers"),
+        (b'{"inputs": []}', "missing input 'x'"),
+    ],
+)
 def test_bad_requests_are_one_line_each(body, message):
     with pytest.raises(BadRequest, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_request(body, INPUTS, OUTPUTS)
 
 
-@pytest.mark.parametrize("body,length,message", [
-    (*_binary(8192)[:1], "99999", "does not fit"),
-    (*_binary(4096), "binary_data_size 4096, shape [1, 64, 32] of FP32 takes 8192 bytes"),
-    (*_binary(8192, b"xx"), "2 bytes of binary data after the inputs"),
-])
+@pytest.mark.parametrize(
+    "body,length,message",
+    [
+        (*_binary(8192)[:1], "99999", "does not fit"),
+        (*_binary(4096), "binary_data_size 4096, shape [1, 64, 32] of FP32 takes 8192 bytes"),
+        (*_binary(8192, b"xx"), "2 bytes of binary data after the inputs"),
+    ],
+)
 def test_bad_binary_requests_are_one_line_each(body, length, message):
     with pytest.raises(BadRequest, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_request(body, INPUTS, OUTPUTS, length)
@@ -86,7 +94,8 @@ def test_a_request_round_trips_exactly(binary):
         data = json.loads(content)["outputs"][0]["data"]
         assert length is None and np.array_equal(np.asarray(data, np.float32).reshape(x.shape), x * 2)
     assert metadata("m", "onnxruntime_onnx", INPUTS, OUTPUTS)["inputs"] == [
-        {"name": "x", "datatype": "FP32", "shape": [-1, 64, 32]}]
+        {"name": "x", "datatype": "FP32", "shape": [-1, 64, 32]}
+    ]
 
 
 def _free_port() -> int:
@@ -107,6 +116,7 @@ class _Output:
             for line in proc.stdout:
                 self._queue.put(line)
             self._queue.put(None)
+
         threading.Thread(target=pump, daemon=True).start()
 
     def until(self, prefix: str, seconds: float):
@@ -142,8 +152,13 @@ PORT_TAKEN = ("cannot listen on", "Failed to bind", "does not answer")
 def _serve(argv: list, env: dict, port: int, seconds: float = 240):
     """`edgeattn serve ARGV --port PORT` up to its "serving" line: (process, output), or None when it could not
     have the port (the caller tries another).  Any other exit fails the test with the server's output."""
-    proc = subprocess.Popen([sys.executable, "-m", "edgeattn", "serve", *map(str, argv), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeattn", "serve", *map(str, argv), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     out = _Output(proc)
     try:
         if out.until("serving", seconds) is not None:
@@ -169,16 +184,19 @@ def _stop(proc, out: _Output) -> str:
     return out.rest()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--replicas", "64"], "--replicas 64 needs 64 CPUs"),
-    (["--runtime", "tensorrt"], "unknown runtime 'tensorrt'"),
-    (["--name", "a/b"], "--name 'a/b': a model name in a URL"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--replicas", "64"], "--replicas 64 needs 64 CPUs"),
+        (["--runtime", "tensorrt"], "unknown runtime 'tensorrt'"),
+        (["--name", "a/b"], "--name 'a/b': a model name in a URL"),
+    ],
+)
 def test_serve_refuses_bad_options_before_starting(tmp_path, capsys, argv, message):
     path = tmp_path / "m.onnx"
     torch.manual_seed(0)
     export_onnx(MaskedSelfAttention(32, 2, masks.neighborhood(3), grid=(8, 8)).eval(), [torch.randn(1, 64, 32)], path)
-    assert main(["serve", str(path), *argv]) == 2   # refused before it would listen: no port needed
+    assert main(["serve", str(path), *argv]) == 2  # refused before it would listen: no port needed
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
 
@@ -207,12 +225,27 @@ def _ray_cluster(env: dict, ray_tmp: str, log: Path):
     address.  Leaving stops this cluster only: SIGTERM to its `ray start`, which takes down the processes it
     started, never a `ray stop` of every Ray process on the machine."""
     ray = str(Path(sys.executable).parent / "ray")
-    address_file = Path(ray_tmp) / "ray" / "ray_current_cluster"   # written once the cluster is up
+    address_file = Path(ray_tmp) / "ray" / "ray_current_cluster"  # written once the cluster is up
     address_file.unlink(missing_ok=True)
     with log.open("w") as sink:
-        proc = subprocess.Popen([ray, "start", "--head", "--port", "0", "--num-cpus", "2", "--include-dashboard",
-                                 "false", "--disable-usage-stats", "--block"], env=env, stdout=sink,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                ray,
+                "start",
+                "--head",
+                "--port",
+                "0",
+                "--num-cpus",
+                "2",
+                "--include-dashboard",
+                "false",
+                "--disable-usage-stats",
+                "--block",
+            ],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 180
         while not (address_file.exists() and address_file.read_text().strip()):
@@ -228,7 +261,7 @@ def _ray_cluster(env: dict, ray_tmp: str, log: Path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        deadline = time.monotonic() + 30   # its workers go with their raylet
+        deadline = time.monotonic() + 30  # its workers go with their raylet
         while _ray_processes(ray_tmp) and time.monotonic() < deadline:
             time.sleep(0.5)
 
@@ -244,9 +277,9 @@ def test_served_model_under_load_answers_every_request_like_a_direct_run(tmp_pat
     expected = [direct.run(None, r)[0] for r in requests]
     out = direct.get_outputs()[0].name
 
-    ray_tmp = tempfile.mkdtemp(prefix="ea", dir="/tmp")   # short: Ray's socket paths live under it
+    ray_tmp = tempfile.mkdtemp(prefix="ea", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    for _ in range(3):   # a port taken between choosing it and binding it: another port
+    for _ in range(3):  # a port taken between choosing it and binding it: another port
         port = _free_port()
         started = _serve([path, "--replicas", "2", "--max-batch-size", "8", "--name", "nbr"], env, port)
         if started:
@@ -257,14 +290,17 @@ def test_served_model_under_load_answers_every_request_like_a_direct_run(tmp_pat
         assert output.lines[-1].startswith("serving nbr on ort-cpu (2 replicas"), output.text()
         base = f"http://127.0.0.1:{port}/v2/models/nbr"
         import urllib.request
+
         with urllib.request.urlopen(base, timeout=30) as r:
             assert json.loads(r.read())["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 64, 32]}]
 
         for binary, seconds in [(True, LOAD_SECONDS), (False, LOAD_SECONDS / 4)]:
             report = load_test(f"{base}/infer", requests, clients=CLIENTS, seconds=seconds, binary=binary)
             worst = max(float(np.abs(outputs[out] - expected[i]).max()) for i, outputs, _ in report.answers)
-            print(f"\n{CLIENTS} clients, {seconds:g} s, 2 replicas, {'binary' if binary else 'JSON'}: "
-                  f"{report.describe()}; largest difference from a direct onnxruntime run {worst:.1e}")
+            print(
+                f"\n{CLIENTS} clients, {seconds:g} s, 2 replicas, {'binary' if binary else 'JSON'}: "
+                f"{report.describe()}; largest difference from a direct onnxruntime run {worst:.1e}"
+            )
             assert report.sent == len(report.answers) > CLIENTS and not report.failed, report.failed[:3]
             assert worst <= 1e-6
 
@@ -275,16 +311,18 @@ def test_served_model_under_load_answers_every_request_like_a_direct_run(tmp_pat
         result = client.infer("nbr", [x])
         assert np.abs(result.as_numpy(out) - expected[1]).max() <= 1e-6
 
-        bad = [(_request(shape=[1, 64, 31]), 400, "the model takes [-1, 64, 32]"),
-               (_request(datatype="INT64"), 400, "the model takes FP32"),
-               (b'{"inputs": []}', 400, "missing input 'x'"),
-               (b"{", 400, "not JSON")]
+        bad = [
+            (_request(shape=[1, 64, 31]), 400, "the model takes [-1, 64, 32]"),
+            (_request(datatype="INT64"), 400, "the model takes FP32"),
+            (b'{"inputs": []}', 400, "missing input 'x'"),
+            (b"{", 400, "not JSON"),
+        ]
         for body, want, message in bad:
             status, answer, _ = post(f"{base}/infer", body)
             assert status == want and message in answer["error"], answer
         status, answer, _ = post(f"http://127.0.0.1:{port}/v2/models/other/infer", *infer_request(requests[0]))
         assert status == 404 and "POST /v2/models/nbr/infer" in answer["error"]
-        status, _, outputs = post(f"{base}/infer", *infer_request(requests[3]))    # and it still serves
+        status, _, outputs = post(f"{base}/infer", *infer_request(requests[3]))  # and it still serves
         assert status == 200 and np.abs(outputs[out] - expected[3]).max() <= 1e-6
 
         out = _stop(proc, output)
@@ -323,9 +361,25 @@ def test_two_models_share_a_ray_cluster_and_leave_it_one_by_one(tmp_path):
         try:
             servers[layer] = _serve([layer, "--address", address, "--name", "layer"], env, port)
             assert servers[layer], f"the second model could not join Serve's proxy on port {port}"
-            again = subprocess.run([sys.executable, "-m", "edgeattn", "serve", str(layer), "--address", address,
-                                    "--port", str(port), "--name", "layer"],
-                                   capture_output=True, text=True, env=env, timeout=180)
+            again = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "edgeattn",
+                    "serve",
+                    str(layer),
+                    "--address",
+                    address,
+                    "--port",
+                    str(port),
+                    "--name",
+                    "layer",
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=180,
+            )
             assert again.returncode == 2 and "a model named 'layer' is already served" in again.stderr, again.stderr
             base = f"http://127.0.0.1:{port}/v2/models"
             status, _, outputs = post(f"{base}/na2d-block/infer", *infer_request(tokens))
@@ -335,8 +389,8 @@ def test_two_models_share_a_ray_cluster_and_leave_it_one_by_one(tmp_path):
 
             out = _stop(*servers[ir])
             assert servers[ir][0].returncode == 0 and out.strip().endswith("stopped"), out
-            assert post(f"{base}/na2d-block/infer", *infer_request(tokens))[0] == 404     # its route is gone
-            status, _, outputs = post(f"{base}/layer/infer", *infer_request(x))              # the other one serves on
+            assert post(f"{base}/na2d-block/infer", *infer_request(tokens))[0] == 404  # its route is gone
+            status, _, outputs = post(f"{base}/layer/infer", *infer_request(x))  # the other one serves on
             assert status == 200 and np.abs(next(iter(outputs.values())) - expected_layer).max() <= 1e-6
             out = _stop(*servers[layer])
             assert servers[layer][0].returncode == 0, out
@@ -346,7 +400,7 @@ def test_two_models_share_a_ray_cluster_and_leave_it_one_by_one(tmp_path):
                     proc.kill()
                     proc.wait()
 
-    for _ in range(3):   # Serve's port taken between choosing it and its proxy binding it: another cluster and port
+    for _ in range(3):  # Serve's port taken between choosing it and its proxy binding it: another cluster and port
         with _ray_cluster(env, ray_tmp, tmp_path / "ray-start.log") as address:
             port = _free_port()
             first = _serve([ir, "--address", address, "--runtime", "openvino-cpu"], env, port)

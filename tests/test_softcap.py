@@ -1,5 +1,6 @@
 """Soft-capped scores (Gemma 2, FlexAttention's soft-capping score_mod): softcap * tanh(q k^T * scale / softcap), then
 the bias and the mask, on every kernel, lowering and runtime."""
+
 import json
 import math
 import subprocess
@@ -21,12 +22,12 @@ from edgeattn.runtimes.ort import for_runtime
 from conftest import CPU_RUNTIMES
 from reference.attention import naive_attention
 
-CONSUME = Path(__file__).with_name("deploy") / "consume.py"   # runs files with edgeattn blocked
-CAP = 2.0       # small against scores of ~+-10 (inputs times 3): the cap changes the outputs a lot
+CONSUME = Path(__file__).with_name("deploy") / "consume.py"  # runs files with edgeattn blocked
+CAP = 2.0  # small against scores of ~+-10 (inputs times 3): the cap changes the outputs a lot
 HEADS, N, D = 2, 64, 16
 
 
-def _band(b, h, q, kv):   # a band of 11 keys; every query q = 3 (mod 8) allowed no key at all
+def _band(b, h, q, kv):  # a band of 11 keys; every query q = 3 (mod 8) allowed no key at all
     return (q % 8 != 3) & ((q - kv).abs() <= 5)
 
 
@@ -53,8 +54,9 @@ class Capped(torch.nn.Module):
 
 
 def _export(tmp_path, model, inputs, name="m.onnx", **kwargs):
-    return export_onnx(model.eval(), inputs, tmp_path / name, input_names=list("qkvb")[:len(inputs)],
-                       output_names=["y"], **kwargs)
+    return export_onnx(
+        model.eval(), inputs, tmp_path / name, input_names=list("qkvb")[: len(inputs)], output_names=["y"], **kwargs
+    )
 
 
 def _assert_parity(model, inputs, path, atol=1e-5):
@@ -71,27 +73,33 @@ def test_kernels_match_the_brute_force_reference(layout, with_bias):
     q, k, v = _qkv(torch.float64)
     got = Capped(mask, layout)(q, k, v)
     dense = tables.build(mask, q_len=N, heads=HEADS)
-    want = naive_attention(q, k, v, dense.mask, dense.bias, D ** -0.5, softcap=CAP)
+    want = naive_attention(q, k, v, dense.mask, dense.bias, D**-0.5, softcap=CAP)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
     assert (got[:, :, 3::8] == 0).all() and not got.isnan().any()
     # the cap really changes the numbers, and a dense bias tensor passed at the call goes after the cap too
-    assert (got - naive_attention(q, k, v, dense.mask, dense.bias, D ** -0.5)).abs().max() > 0.1
+    assert (got - naive_attention(q, k, v, dense.mask, dense.bias, D**-0.5)).abs().max() > 0.1
     if layout == "dense" and dense.bias is not None:
         torch.testing.assert_close(masked_attention(q, k, v, dense.mask, dense.bias, softcap=CAP), want)
 
 
 @pytest.mark.parametrize("layout", ["dense", "blocked"])
 def test_gradients_and_opcheck(layout):
-    table = MaskTable(masks.custom(lambda b, h, q, kv: (q != 2) & (kv <= q), bias_mod=_alibi, name="causal_row2"),
-                      HEADS, q_len=6, layout=layout)
+    table = MaskTable(
+        masks.custom(lambda b, h, q, kv: (q != 2) & (kv <= q), bias_mod=_alibi, name="causal_row2"),
+        HEADS,
+        q_len=6,
+        layout=layout,
+    )
     q, k, v = (torch.randn(1, HEADS, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     out = table(q, k, v, softcap=0.5)
     out.sum().backward()
-    assert all(t.grad.isfinite().all() for t in (q, k, v))   # the fully masked row 2 leaks no NaN
+    assert all(t.grad.isfinite().all() for t in (q, k, v))  # the fully masked row 2 leaks no NaN
     torch.autograd.gradcheck(lambda q, k, v: table(q, k, v, softcap=0.5), (q, k, v))
     tensors = [getattr(table, f"attn_{name}") for name in onnxfile.TABLE_INPUTS[layout]]
-    torch.library.opcheck(torch.ops.edgeattn.masked_attention.default,
-                          (q.detach(), k.detach(), v.detach(), tensors[:-1], tensors[-1], layout, 0.5, 0.5))
+    torch.library.opcheck(
+        torch.ops.edgeattn.masked_attention.default,
+        (q.detach(), k.detach(), v.detach(), tensors[:-1], tensors[-1], layout, 0.5, 0.5),
+    )
 
 
 @pytest.mark.parametrize("softcap", [0, -1.0, math.nan, math.inf, True, "50", torch.tensor(2.0)])
@@ -112,11 +120,11 @@ def test_every_lowering_matches_torch_on_both_runtimes(tmp_path, lowering, opset
         [node] = onnxfile.attention_nodes(proto)
         assert node.op_type == f"MaskedAttention_{lowering}_softcap_bias" and onnxfile.softcap(node) == CAP
         assert {op.domain: op.version for op in proto.opset_import}[DOMAIN] == onnxfile.SOFTCAP_OP_VERSION
-        assert load(result.path, "openvino-cpu").fused_sdpa == 0     # SDPA has no softcap: the body runs
+        assert load(result.path, "openvino-cpu").fused_sdpa == 0  # SDPA has no softcap: the body runs
     else:
         ops = [n for n in proto.graph.node if n.op_type in ("Tanh", "Attention")]
         assert ops and all(n.domain == "" for n in proto.graph.node)
-        if lowering == "attention":     # the Attention op's own softcap, which both runtimes apply before the mask
+        if lowering == "attention":  # the Attention op's own softcap, which both runtimes apply before the mask
             [attention] = ops
             assert onnx.helper.get_attribute_value(next(a for a in attention.attribute if a.name == "softcap")) == CAP
     _assert_parity(model, inputs, result.path)
@@ -150,7 +158,7 @@ class _ComputedMask(torch.nn.Module):
 @pytest.mark.parametrize("opset", [18, 23])
 def test_mask_computed_in_the_graph(tmp_path, opset):
     inputs = [*_qkv(), torch.randn(1, HEADS, N, N)]
-    inputs[3][:, :, 5] = -2.0                                       # row 5 allows no key
+    inputs[3][:, :, 5] = -2.0  # row 5 allows no key
     result = _export(tmp_path, _ComputedMask(), inputs, custom_op=True, opset=opset)
     assert [(m["lowering"], m["softcap"]) for m in result.masks] == [("attention" if opset == 23 else "dense", CAP)]
     _assert_parity(_ComputedMask(), inputs, result.path)
@@ -161,13 +169,23 @@ def test_plain_runtimes_without_edgeattn(tmp_path):
     model, inputs = Capped(MASKS["bias"]), _qkv()
     want = model(*inputs).detach().numpy()
     np.savez(tmp_path / "feeds.npz", **{name: t.numpy() for name, t in zip("qkv", inputs)})
-    jobs = [{"name": low, "file": str(_export(tmp_path, model, inputs, f"{low}.onnx", lowering=low, opset=opset).path),
-             "feeds": str(tmp_path / "feeds.npz"), "work": str(tmp_path / low)}
-            for low, opset in (("dense", 18), ("blocked", 18), ("attention", 23))]
+    jobs = [
+        {
+            "name": low,
+            "file": str(_export(tmp_path, model, inputs, f"{low}.onnx", lowering=low, opset=opset).path),
+            "feeds": str(tmp_path / "feeds.npz"),
+            "work": str(tmp_path / low),
+        }
+        for low, opset in (("dense", 18), ("blocked", 18), ("attention", 23))
+    ]
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     for consumer in ("ort", "openvino"):
-        done = subprocess.run([sys.executable, str(CONSUME), consumer, str(tmp_path / "jobs.json"),
-                               str(tmp_path / "out.json")], capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, str(CONSUME), consumer, str(tmp_path / "jobs.json"), str(tmp_path / "out.json")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         for name, outcome in json.loads((tmp_path / "out.json").read_text()).items():
             assert "outputs" in outcome, f"{consumer} on {name}: {outcome}"
@@ -194,7 +212,7 @@ def test_a_node_whose_softcap_contradicts_its_body_is_refused(tmp_path):
     path = _export(tmp_path, Capped(MASKS["mask"]), _qkv(), custom_op=True, lowering="dense").path
     proto = onnx.load(path)
     [node] = onnxfile.attention_nodes(proto)
-    node.op_type = "MaskedAttention_dense"    # a body without the cap, the attribute still set
+    node.op_type = "MaskedAttention_dense"  # a body without the cap, the attribute still set
     onnx.save(proto, path)
     with pytest.raises(EdgeAttnError, match="has softcap 2, which its op type contradicts"):
         load(path, "openvino-cpu")

@@ -1,11 +1,23 @@
 """Dense tables: agreement with materialize(), FlexAttention mask_mods, composition, biases, table properties."""
+
 import pytest
 import torch
 from torch.nn.attention.flex_attention import create_mask
 
 from edgeattn import tables
-from edgeattn.masks import (Mask, and_masks, causal, custom, materialize, neighborhood, or_masks, segments,
-                            sinks, sliding_window, window)
+from edgeattn.masks import (
+    Mask,
+    and_masks,
+    causal,
+    custom,
+    materialize,
+    neighborhood,
+    or_masks,
+    segments,
+    sinks,
+    sliding_window,
+    window,
+)
 
 from reference.mods import SHAPED, causal_mod, dist_bias, doc_mod, head_bias, head_mod, loop_table
 
@@ -28,13 +40,17 @@ def test_build_matches_materialize(mask, shape, heads, chunk_rows, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- FlexAttention compatibility
-@pytest.mark.parametrize("mod,per_head", [(causal_mod, False), (doc_mod, False), (head_mod, True),
-                                          (lambda b, h, q, kv: (q >= kv) | (h < 0), False)])
+@pytest.mark.parametrize(
+    "mod,per_head",
+    [(causal_mod, False), (doc_mod, False), (head_mod, True), (lambda b, h, q, kv: (q >= kv) | (h < 0), False)],
+)
 @pytest.mark.parametrize("q_len,kv_len", [(Q, KV), (5, KV)])
 def test_flex_mask_mod(mod, per_head, q_len, kv_len):
     flex = create_mask(mod, 1, H, q_len, kv_len, device="cpu")[0]
-    for t in (tables.build(mod, q_len=q_len, kv_len=kv_len, heads=H),
-              tables.build(custom(mod), q_len=q_len, kv_len=kv_len, heads=H)):
+    for t in (
+        tables.build(mod, q_len=q_len, kv_len=kv_len, heads=H),
+        tables.build(custom(mod), q_len=q_len, kv_len=kv_len, heads=H),
+    ):
         assert t.mask.shape == (H if per_head else 1, q_len, kv_len)
         assert torch.equal(t.mask.broadcast_to(flex.shape), flex)
     assert torch.equal(materialize(mod, q_len=q_len, kv_len=kv_len, heads=H), flex)
@@ -48,17 +64,22 @@ def test_flex_and_edgeattn_masks_compose():
 
 
 def test_flex_library_combinators():
-    from torch.nn.attention.flex_attention import and_masks as flex_and, noop_mask, or_masks as flex_or
+    from torch.nn.attention.flex_attention import and_masks as flex_and
+    from torch.nn.attention.flex_attention import noop_mask
+    from torch.nn.attention.flex_attention import or_masks as flex_or
+
     for mod in (flex_and(causal_mod, doc_mod), flex_or(doc_mod, head_mod), noop_mask):
         flex = create_mask(mod, 1, H, Q, KV, device="cpu")[0]
         assert torch.equal(tables.build(mod, q_len=Q, heads=H).mask.broadcast_to(flex.shape), flex)
 
 
 # ----------------------------------------------------------------------------- composition
-PAIRS = [(causal(), sliding_window(2, causal=False), dict(q_len=9)),
-         (sinks(1, 2), custom(doc_mod), dict(q_len=Q)),
-         (neighborhood(3), window(4, 2), dict(grid=(8, 8))),
-         (segments([0, 0, 1, 1, 2, 2, 2]), sliding_window(1), dict(q_len=4, kv_len=7))]
+PAIRS = [
+    (causal(), sliding_window(2, causal=False), dict(q_len=9)),
+    (sinks(1, 2), custom(doc_mod), dict(q_len=Q)),
+    (neighborhood(3), window(4, 2), dict(grid=(8, 8))),
+    (segments([0, 0, 1, 1, 2, 2, 2]), sliding_window(1), dict(q_len=4, kv_len=7)),
+]
 
 
 @pytest.mark.parametrize("a,b,shape", PAIRS)
@@ -149,11 +170,14 @@ def test_large_neighborhood_table():
         assert keys == {y * 56 + x for y in range(cr - 3, cr + 4) for x in range(cc - 3, cc + 4)}
 
 
-@pytest.mark.parametrize("fn, message", [
-    (lambda b, h, q, kv: (q - kv).float(), "must return a bool tensor"),
-    (lambda b, h, q, kv: None, "must return a tensor"),
-    (lambda b, h, q, kv: torch.ones(3, 3, dtype=torch.bool), "must broadcast"),
-])
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        (lambda b, h, q, kv: (q - kv).float(), "must return a bool tensor"),
+        (lambda b, h, q, kv: None, "must return a tensor"),
+        (lambda b, h, q, kv: torch.ones(3, 3, dtype=torch.bool), "must broadcast"),
+    ],
+)
 def test_bad_mask_mods_are_clear_errors(fn, message):
     with pytest.raises(ValueError, match=message):
         tables.build(fn, q_len=5)

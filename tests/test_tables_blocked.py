@@ -1,4 +1,5 @@
 """Block tables: they encode exactly the dense mask, stay small, and tile grids so a tile's keys are compact."""
+
 import pytest
 import torch
 
@@ -49,26 +50,26 @@ def test_neighborhood_56x56_is_compact():
     t = tables.build(neighborhood(7), grid=(56, 56), layout="blocked")
     dense_fp32 = 3136 * 3136 * 4
     assert t.nbytes <= 0.01 * dense_fp32
-    assert t.tile == (7, 7) and t.kv_index.shape == (64, 169)          # 13x13 key region per 7x7 query tile
-    assert len(t.bank) == 9                                             # 3 positions per axis: border, inner, border
+    assert t.tile == (7, 7) and t.kv_index.shape == (64, 169)  # 13x13 key region per 7x7 query tile
+    assert len(t.bank) == 9  # 3 positions per axis: border, inner, border
     assert t.work_fraction == pytest.approx(64 * 49 * 169 / 3136**2)
     check_against_materialize(t, neighborhood(7), 1, grid=(56, 56))
 
 
 def test_tiling_hints_keep_dilation_groups_and_shifted_windows_compact():
     dilated = tables.build(neighborhood(7, dilation=2), grid=(56, 56), layout="blocked")
-    assert dilated.kv_index.shape[1] == 169                             # tiles stay inside one dilation group
+    assert dilated.kv_index.shape[1] == 169  # tiles stay inside one dilation group
     shifted = tables.build(window(7, 3), grid=(56, 56), layout="blocked")
-    assert shifted.kv_index.shape[1] == 49                              # one tile per shifted window
+    assert shifted.kv_index.shape[1] == 49  # one tile per shifted window
     assert bool(tables.build(window(7), grid=(56, 56), layout="blocked").full.all())
-    assert not bool(shifted.full.all()) and bool(shifted.full.any())    # the last row/column's regions split
+    assert not bool(shifted.full.all()) and bool(shifted.full.any())  # the last row/column's regions split
 
 
 def test_3d_grid_builds_by_broadcasting():
     t = tables.build(neighborhood((3, 7, 7)), grid=(16, 32, 32), layout="blocked")
     assert t.tile == (1, 7, 7) and t.q_index.shape == (16 * 25, 49) and t.kv_index.shape[1] == 3 * 13 * 13
     assert t.nbytes <= 0.01 * (16 * 32 * 32) ** 2 * 4
-    rows = t.bank[t.block].sum(-1)                                      # every query sees 3*7*7 keys
+    rows = t.bank[t.block].sum(-1)  # every query sees 3*7*7 keys
     assert bool((rows == 147).all())
 
 
@@ -81,7 +82,7 @@ def test_auto_layout_and_tile_override():
         tables.build(neighborhood(7), grid=(56, 56), layout="blocked", tile=(4, 8, 2))
 
 
-def test_a_mask_that_allows_nothing_still_builds():   # found by the fuzz tests: empty blocks broke the dedupe
+def test_a_mask_that_allows_nothing_still_builds():  # found by the fuzz tests: empty blocks broke the dedupe
     t = tables.build(custom(lambda b, h, q, kv: q < 0), q_len=6, layout="blocked", tile=4)
     assert t.kv_index.shape == (2, 1) and t.fully_masked_rows == 6 and not t.to_dense().mask.any()
 
@@ -92,8 +93,12 @@ def _document(n, lengths):
     return custom(lambda b, h, q, kv: (doc[q] == doc[kv]) & (kv <= q), name="document")
 
 
-LM_MASKS = [causal(), causal() | custom(lambda b, h, q, kv: kv < 300, name="prefix300"),
-            _document(1024, [100, 400, 60, 300, 164]), custom(lambda b, h, q, kv: kv <= q, bias_mod=dist_bias)]
+LM_MASKS = [
+    causal(),
+    causal() | custom(lambda b, h, q, kv: kv < 300, name="prefix300"),
+    _document(1024, [100, 400, 60, 300, 164]),
+    custom(lambda b, h, q, kv: kv <= q, bias_mod=dist_bias),
+]
 
 
 @pytest.mark.parametrize("mask", LM_MASKS, ids=["causal", "prefix-lm", "document", "causal-bias"])
@@ -101,9 +106,9 @@ def test_bucketed_tables_encode_the_mask_at_less_work(mask):
     t = tables.build(mask, q_len=1024, layout="auto")
     plain = tables.build(mask, q_len=1024, layout="blocked")
     assert isinstance(t, tables.BucketedTable) and t.layout == "bucketed" and 1 < len(t.buckets) <= tables.MAX_BUCKETS
-    if plain.work_fraction > tables.AUTO_BLOCKED_MAX_WORK:   # instead of a dense table
+    if plain.work_fraction > tables.AUTO_BLOCKED_MAX_WORK:  # instead of a dense table
         assert t.work_fraction <= tables.AUTO_BUCKETED_MAX_WORK
-    else:   # instead of a plain block table (documents)
+    else:  # instead of a plain block table (documents)
         assert t.work_fraction <= tables.AUTO_BUCKETED_GAIN * plain.work_fraction
     dense, ref = t.to_dense(), tables.build(mask, q_len=1024)
     assert torch.equal(dense.mask, ref.mask)
@@ -113,14 +118,14 @@ def test_bucketed_tables_encode_the_mask_at_less_work(mask):
     rows = torch.cat([b.rows if isinstance(b, tables.DenseBucket) else b.q_index.flatten() for b in t.buckets])
     assert torch.equal(rows[t.q_pos], torch.arange(1024))
     for b in t.buckets:
-        if isinstance(b, tables.DenseBucket):   # queries sharing one key list: a dense table over those keys
+        if isinstance(b, tables.DenseBucket):  # queries sharing one key list: a dense table over those keys
             assert b.table.mask.shape[1:] == (len(b.rows), len(b.keys)) and b.table.mask[..., -1].any()
-        else:   # a block table of its own tiles, padded to its longest tile only
+        else:  # a block table of its own tiles, padded to its longest tile only
             assert torch.equal(b.q_pos, torch.arange(b.q_index.numel()))
             assert b.bank[b.block].flatten(1, 2).any(1)[:, -1].any()
-    if "document" not in mask.name:   # every bucket's tiles attend a key prefix
+    if "document" not in mask.name:  # every bucket's tiles attend a key prefix
         assert all(isinstance(b, tables.DenseBucket) for b in t.buckets)
-    else:   # tiles of several documents: their own keys each
+    else:  # tiles of several documents: their own keys each
         assert any(isinstance(b, tables.BlockTable) for b in t.buckets)
 
 
@@ -130,14 +135,18 @@ def test_partition_minimizes_the_padded_work():
     assert tables._partition(torch.tensor([5, 5, 5, 5]), 3) == [(0, 4)]
     counts = torch.arange(1, 33)
     parts = tables._partition(counts, 4)
-    brute = min(sum((j - i) * int(counts[j - 1]) for i, j in zip((0, a, b), (a, b, c)))
-                + (32 - c) * 32 for a in range(1, 32) for b in range(a, 32) for c in range(b, 32))
+    brute = min(
+        sum((j - i) * int(counts[j - 1]) for i, j in zip((0, a, b), (a, b, c))) + (32 - c) * 32
+        for a in range(1, 32)
+        for b in range(a, 32)
+        for c in range(b, 32)
+    )
     assert sum((j - i) * int(counts[j - 1]) for i, j in parts) == brute
 
 
 def test_auto_buckets_only_large_tables_without_a_learned_bias():
     assert isinstance(tables.build(causal(), q_len=1024, layout="auto", buckets=False), tables.DenseTable)
-    assert isinstance(tables.build(causal(), q_len=512, layout="auto"), tables.DenseTable)   # under MIN_PAIRS
+    assert isinstance(tables.build(causal(), q_len=512, layout="auto"), tables.DenseTable)  # under MIN_PAIRS
     assert isinstance(tables.build(causal(), q_len=1024, layout="blocked"), tables.BlockTable)
 
 
@@ -148,11 +157,18 @@ def test_bucketed_tables_keep_per_head_masks():
     assert torch.equal(t.to_dense().mask, tables.build(mask, q_len=1024, heads=2).mask)
 
 
-@pytest.mark.parametrize("mask,shape", [(sliding_window(40, causal=False), dict(q_len=700)),
-                                        (custom(lambda b, h, q, kv: (kv <= q) & (q - kv < 90), bias_mod=dist_bias,
-                                                name="sliding_bias"), dict(q_len=700)),
-                                        (neighborhood(5, dilation=2), dict(grid=(30, 26)))],
-                         ids=["sliding", "sliding-bias", "na2d"])
+@pytest.mark.parametrize(
+    "mask,shape",
+    [
+        (sliding_window(40, causal=False), dict(q_len=700)),
+        (
+            custom(lambda b, h, q, kv: (kv <= q) & (q - kv < 90), bias_mod=dist_bias, name="sliding_bias"),
+            dict(q_len=700),
+        ),
+        (neighborhood(5, dilation=2), dict(grid=(30, 26))),
+    ],
+    ids=["sliding", "sliding-bias", "na2d"],
+)
 def test_chunked_tables_score_the_same_pairs_a_few_tiles_at_a_time(mask, shape):
     plain = tables.build(mask, layout="blocked", **shape)
     t = tables.chunked(plain, 3)
@@ -166,8 +182,8 @@ def test_chunked_tables_score_the_same_pairs_a_few_tiles_at_a_time(mask, shape):
 
 
 def test_auto_chunks_only_block_tables_whose_scores_outgrow_the_cache(monkeypatch):
-    assert isinstance(tables.build(sliding_window(256), q_len=4096, layout="auto"), tables.BlockTable)   # 5 MB
-    monkeypatch.setattr(tables, "AUTO_CHUNK_BYTES", 2**20)   # 4 MB of scores at 4k tokens: now chunked
+    assert isinstance(tables.build(sliding_window(256), q_len=4096, layout="auto"), tables.BlockTable)  # 5 MB
+    monkeypatch.setattr(tables, "AUTO_CHUNK_BYTES", 2**20)  # 4 MB of scores at 4k tokens: now chunked
     t = tables.build(sliding_window(256), q_len=4096, layout="auto")
-    assert isinstance(t, tables.BucketedTable) and len(t.buckets) == 4   # 64 tiles, 1.5 MB / 80 kB = 19 per chunk
+    assert isinstance(t, tables.BucketedTable) and len(t.buckets) == 4  # 64 tiles, 1.5 MB / 80 kB = 19 per chunk
     assert isinstance(tables.build(neighborhood(7, rpb=True), grid=(64, 64), layout="auto"), tables.BlockTable)

@@ -7,6 +7,7 @@ pointwise_neighborhood_*d.hpp): for query i the kernel visits keys ``start + ki 
 models/swin_transformer.py): the map is rolled by -shift and cut into windows; inside a window, query a and key b
 get ``relative_position_index[a, b] = (ya - yb + Wh - 1)(2Ww - 1) + (xa - xb + Ww - 1)``.
 """
+
 import dataclasses
 
 import pytest
@@ -18,11 +19,18 @@ from edgeattn.masks.base import rpb_index
 
 from reference.rpb import natten_index_loop, swin_index_loop
 
-
 # ----------------------------------------------------------------------------- NATTEN (reference/rpb.py)
-NA_CASES = [((9,), (3,), (1,)), ((11,), (5,), (2,)), ((10,), (3,), (3,)), ((7, 7), (7, 7), (1, 1)),
-            ((14, 13), (3, 5), (2, 1)), ((12, 12), (5, 5), (2, 2)), ((56, 56), (7, 7), (8, 8)),
-            ((5, 10, 6), (3, 5, 3), (1, 2, 1)), ((6, 6, 7), (3, 3, 3), (2, 1, 2))]
+NA_CASES = [
+    ((9,), (3,), (1,)),
+    ((11,), (5,), (2,)),
+    ((10,), (3,), (3,)),
+    ((7, 7), (7, 7), (1, 1)),
+    ((14, 13), (3, 5), (2, 1)),
+    ((12, 12), (5, 5), (2, 2)),
+    ((56, 56), (7, 7), (8, 8)),
+    ((5, 10, 6), (3, 5, 3), (1, 2, 1)),
+    ((6, 6, 7), (3, 3, 3), (2, 1, 2)),
+]
 
 
 @pytest.mark.parametrize("grid, kernel, dilation", NA_CASES)
@@ -34,8 +42,13 @@ def test_neighborhood_rpb_index_matches_natten_loop(grid, kernel, dilation):
 
 
 # ----------------------------------------------------------------------------- Swin (reference/rpb.py)
-SWIN_CASES = [((14, 14), (7, 7), (0, 0)), ((14, 14), (7, 7), (3, 3)), ((8, 12), (4, 3), (2, 1)),
-              ((7, 7), (7, 7), (0, 0)), ((56, 56), (7, 7), (3, 3))]
+SWIN_CASES = [
+    ((14, 14), (7, 7), (0, 0)),
+    ((14, 14), (7, 7), (3, 3)),
+    ((8, 12), (4, 3), (2, 1)),
+    ((7, 7), (7, 7), (0, 0)),
+    ((56, 56), (7, 7), (3, 3)),
+]
 
 
 @pytest.mark.parametrize("grid, size, shift", SWIN_CASES)
@@ -60,9 +73,11 @@ def check_tables(mask, grid, want, rpb_shape):
     assert blocked.bank_bias_index.shape == (len(blocked.bank), 1) + blocked.bank.shape[2:]
     back = blocked.to_dense()
     assert torch.equal(back.mask, dense.mask) and torch.equal(back.bias_index, dense.bias_index)
-    assert not blocked.bank_bias_index[~blocked.bank.expand_as(blocked.bank_bias_index)].any()   # padding is 0
-    assert blocked.nbytes == sum(t.numel() * t.element_size() for t in blocked.tensors()) + \
-        4 * blocked.bank_bias_index.numel()
+    assert not blocked.bank_bias_index[~blocked.bank.expand_as(blocked.bank_bias_index)].any()  # padding is 0
+    assert (
+        blocked.nbytes
+        == sum(t.numel() * t.element_size() for t in blocked.tensors()) + 4 * blocked.bank_bias_index.numel()
+    )
 
 
 def test_rpb_bank_dedupes_like_the_mask_bank():
@@ -87,35 +102,45 @@ def test_and_masks_keep_the_rpb_index():
     want = natten_index_loop((9, 9), (5, 5), (1, 1))
     want[:, 1::2] = -1
     assert torch.equal(rpb_index(both, grid=(9, 9)), want)
-    assert torch.equal(tables.build(both, grid=(9, 9), layout="blocked").to_dense().bias_index[0].long(),
-                       want.clamp(min=0))
+    assert torch.equal(
+        tables.build(both, grid=(9, 9), layout="blocked").to_dense().bias_index[0].long(), want.clamp(min=0)
+    )
 
 
-@pytest.mark.parametrize("factory, match", [
-    (lambda: neighborhood(4, rpb=True), "odd kernels"),
-    (lambda: neighborhood(5, stride=2, rpb=True), "stride 1"),
-    (lambda: neighborhood(5, causal=True, rpb=True), "causal"),
-    (lambda: neighborhood(5, rpb=1), "rpb must be True or False"),
-    (lambda: window(4, rpb="yes"), "rpb must be True or False"),
-    (lambda: or_masks(neighborhood(3, rpb=True), causal()), "at most one mask with rpb"),
-    (lambda: and_masks(neighborhood(3, rpb=True), window(4, rpb=True)), "at most one mask with rpb"),
-])
+@pytest.mark.parametrize(
+    "factory, match",
+    [
+        (lambda: neighborhood(4, rpb=True), "odd kernels"),
+        (lambda: neighborhood(5, stride=2, rpb=True), "stride 1"),
+        (lambda: neighborhood(5, causal=True, rpb=True), "causal"),
+        (lambda: neighborhood(5, rpb=1), "rpb must be True or False"),
+        (lambda: window(4, rpb="yes"), "rpb must be True or False"),
+        (lambda: or_masks(neighborhood(3, rpb=True), causal()), "at most one mask with rpb"),
+        (lambda: and_masks(neighborhood(3, rpb=True), window(4, rpb=True)), "at most one mask with rpb"),
+    ],
+)
 def test_bad_rpb_masks_are_clear_errors(factory, match):
     with pytest.raises(ValueError, match=match):
         factory()
 
 
 def _custom_rpb(index_mod, entries=4):
-    return Mask("toy_rpb", lambda shape: (lambda b, h, q, kv: (q - kv).abs() <= 1, None),
-                rpb=lambda shape: ((entries,), index_mod))
+    return Mask(
+        "toy_rpb",
+        lambda shape: (lambda b, h, q, kv: (q - kv).abs() <= 1, None),
+        rpb=lambda shape: ((entries,), index_mod),
+    )
 
 
 @pytest.mark.parametrize("layout", ["dense", "blocked"])
-@pytest.mark.parametrize("index_mod, match", [
-    (lambda b, h, q, kv: q - kv + 1, "outside its table of 2 entries"),   # offsets -1..1 need 3 entries
-    (lambda b, h, q, kv: (q - kv + 1) + 3 * h, "must not depend on the head"),
-    (lambda b, h, q, kv: (q - kv).float(), "integer tensor"),
-])
+@pytest.mark.parametrize(
+    "index_mod, match",
+    [
+        (lambda b, h, q, kv: q - kv + 1, "outside its table of 2 entries"),  # offsets -1..1 need 3 entries
+        (lambda b, h, q, kv: (q - kv + 1) + 3 * h, "must not depend on the head"),
+        (lambda b, h, q, kv: (q - kv).float(), "integer tensor"),
+    ],
+)
 def test_bad_index_mods_are_clear_errors(index_mod, match, layout):
     mask = _custom_rpb(index_mod, entries=2 if "outside" in match else 6)
     with pytest.raises(ValueError, match=match):
@@ -125,8 +150,9 @@ def test_bad_index_mods_are_clear_errors(index_mod, match, layout):
 def test_a_custom_rpb_mask_builds_in_both_layouts():
     mask = _custom_rpb(lambda b, h, q, kv: q - kv + 1, entries=3)
     dense, blocked = tables.build(mask, q_len=7), tables.build(mask, q_len=7, layout="blocked", tile=2)
-    want = torch.where((torch.arange(7)[:, None] - torch.arange(7)).abs() <= 1,
-                       torch.arange(7)[:, None] - torch.arange(7) + 1, 0)
+    want = torch.where(
+        (torch.arange(7)[:, None] - torch.arange(7)).abs() <= 1, torch.arange(7)[:, None] - torch.arange(7) + 1, 0
+    )
     assert torch.equal(dense.bias_index[0].long(), want)
     assert torch.equal(blocked.to_dense().bias_index, dense.bias_index)
 
@@ -134,14 +160,14 @@ def test_a_custom_rpb_mask_builds_in_both_layouts():
 def test_reuse_builds_a_shared_mask_once():
     calls = []
 
-    def counted(mask):   # the same Mask (name, tiling, rpb), noting each table built from it (one mods() call each)
+    def counted(mask):  # the same Mask (name, tiling, rpb), noting each table built from it (one mods() call each)
         return dataclasses.replace(mask, mods=lambda shape: calls.append(1) or mask.mods(shape))
 
     mask = counted(neighborhood(3, rpb=True))
     with tables.reuse():
         first = tables.build(mask, grid=(9, 9), layout="auto")
         assert tables.build(mask, grid=(9, 9), layout="auto") is first
-        other = counted(neighborhood(3, rpb=True))                                  # an equal mask, another object
+        other = counted(neighborhood(3, rpb=True))  # an equal mask, another object
         assert tables.build(other, grid=(9, 9), layout="auto") is not first
-    assert tables.build(mask, grid=(9, 9), layout="auto") is not first    # the memo ends with the block
+    assert tables.build(mask, grid=(9, 9), layout="auto") is not first  # the memo ends with the block
     assert len(calls) == 3

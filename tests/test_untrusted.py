@@ -1,5 +1,6 @@
 """Files from elsewhere: every bad file gets one EdgeAttnError from load (each runtime), inspect and check; never
 another exception, never a read outside the model's folder."""
+
 import os
 import shutil
 
@@ -43,13 +44,15 @@ def bad_files(good, folder):
     # flipped bytes: refused when the structure breaks; inside tensor data the file stays a valid model with other
     # weights (only a parity check can tell), so for those either outcome is fine, but never another exception
     for i, at in enumerate((0, 4, 20, 64, 300, 1000, len(data) // 2, len(data) - 500, len(data) - 40, len(data) - 8)):
-        flipped = data[:at] + bytes(b ^ 0xFF for b in data[at:at + 16]) + data[at + 16:]
+        flipped = data[:at] + bytes(b ^ 0xFF for b in data[at : at + 16]) + data[at + 16 :]
         out.append((f"corrupted@{at}", write(f"flip{i}.onnx", flipped), None))
     out.append(("missing", folder / "nope.onnx", "no such file"))
     out.append(("directory", folder, "no such file"))
 
-    for version, name, message in ((OP_VERSION + 1, "future", "upgrade edgeattn"),
-                                   (OLDEST_OP_VERSION - 1, "past", "written by an older edgeattn")):
+    for version, name, message in (
+        (OP_VERSION + 1, "future", "upgrade edgeattn"),
+        (OLDEST_OP_VERSION - 1, "past", "written by an older edgeattn"),
+    ):
         other = onnx.load(str(good))
         for op in other.opset_import:
             if op.domain == "edgeattn":
@@ -59,8 +62,12 @@ def bad_files(good, folder):
 
     secret = folder.parent / f"{folder.name}-secret.data"
     secret.write_bytes(b"\0" * 600_000)
-    for label, location in (("absolute location", str(secret)), ("'..' location", f"../{secret.name}"),
-                            ("missing data file", "gone.data"), ("symlink out", "link.data")):
+    for label, location in (
+        ("absolute location", str(secret)),
+        ("'..' location", f"../{secret.name}"),
+        ("missing data file", "gone.data"),
+        ("symlink out", "link.data"),
+    ):
         sub = folder / label.replace(" ", "_").replace("'", "")
         sub.mkdir()
         _, path = external_data_file(sub)
@@ -116,4 +123,4 @@ def test_external_data_inside_the_folder_is_fine(tmp_path):
     assert inspect_file(path)["external_data_files"] == ["model.onnx.data"]
     moved = tmp_path / "moved"
     shutil.copytree(tmp_path, moved, ignore=shutil.ignore_patterns("moved"))
-    edgeattn.load(moved / "model.onnx", "ort-cpu")   # the pair travels together
+    edgeattn.load(moved / "model.onnx", "ort-cpu")  # the pair travels together

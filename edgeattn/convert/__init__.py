@@ -9,6 +9,7 @@ list[str]``: it converts ``module`` in place and returns one line per thing it r
 nothing).  They run in :data:`CONVERTERS` order.  (This package sits right above the core: export runs the
 FlexAttention converter on a module that calls flex_attention itself.)
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,15 +17,20 @@ import copy
 import torch
 
 from ..errors import ExportFailed, InvalidArgument
-
 from . import flex, hf_lm, hf_vision, natten
 
 # the converters, in the order they run
 CONVERTERS = [natten, hf_vision, hf_lm, flex]
 
 
-def convert(module: torch.nn.Module, *example_inputs, layout: str = "auto", inplace: bool = False,
-            report: bool = False, strict: bool = True):
+def convert(
+    module: torch.nn.Module,
+    *example_inputs,
+    layout: str = "auto",
+    inplace: bool = False,
+    report: bool = False,
+    strict: bool = True,
+):
     """``module`` with its attention on edgeattn tables, ready for :func:`edgeattn.export_onnx`.
 
     ``example_inputs`` are the inputs the module will be exported with: tables are compiled for their shapes.
@@ -42,13 +48,16 @@ def convert(module: torch.nn.Module, *example_inputs, layout: str = "auto", inpl
         lines += converter.convert(target, tuple(example_inputs), layout)
     if not lines and strict:
         if not example_inputs:
-            raise InvalidArgument(f"convert found nothing to convert in {type(module).__name__} without example "
-                                  f"inputs: pass the inputs the model will be exported with, convert(model, x)")
+            raise InvalidArgument(
+                f"convert found nothing to convert in {type(module).__name__} without example "
+                f"inputs: pass the inputs the model will be exported with, convert(model, x)"
+            )
         raise ExportFailed(
             f"convert found nothing to convert in {type(module).__name__}: it converts NATTEN's "
             f"NeighborhoodAttention1D/2D/3D modules, transformers models (Llama, Mistral, Gemma, Qwen, Swin, "
             f"Mask2Former) and modules that call torch.nn.attention.flex_attention.flex_attention; build other "
-            f"attention from edgeattn.MaskedSelfAttention or edgeattn.masked_attention")
+            f"attention from edgeattn.MaskedSelfAttention or edgeattn.masked_attention"
+        )
     return (target, lines) if report else target
 
 

@@ -19,6 +19,7 @@ Exact semantics of a call (FlexAttention's):
 - a query with no allowed key returns zeros.
 Masks may not depend on the batch index (one table serves every batch element).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,9 +42,12 @@ PROBE_ROWS = 32
 
 def convert(module: nn.Module, example_inputs, layout: str) -> list[str]:
     """Give every flex_attention call ``module`` makes on ``example_inputs`` an edgeattn site (see the module doc)."""
-    if "torch.nn.attention.flex_attention" not in sys.modules or isinstance(getattr(module, SITES, None), FlexCalls) \
-            or not example_inputs:
-        return []   # nothing can call flex_attention before its module is imported; calls are found by running
+    if (
+        "torch.nn.attention.flex_attention" not in sys.modules
+        or isinstance(getattr(module, SITES, None), FlexCalls)
+        or not example_inputs
+    ):
+        return []  # nothing can call flex_attention before its module is imported; calls are found by running
     calls = FlexCalls(layout)
     calls.attach(module)
     try:
@@ -58,7 +62,7 @@ def convert(module: nn.Module, example_inputs, layout: str) -> list[str]:
     return [f"flex_attention call {i}: {site.describe()}" for i, site in enumerate(calls.sites)]
 
 
-SITES = "edgeattn_flex"   # the attribute of a converted module holding its FlexCalls
+SITES = "edgeattn_flex"  # the attribute of a converted module holding its FlexCalls
 
 
 @contextlib.contextmanager
@@ -82,8 +86,10 @@ class FlexSite(nn.Module):
         _, heads, q_len, head_dim = q.shape
         kv_heads, kv_len = k.shape[1], k.shape[2]
         if enable_gqa and heads % kv_heads:
-            raise InvalidArgument(f"flex_attention with enable_gqa needs query heads ({heads}) to be a multiple of "
-                                  f"key/value heads ({kv_heads})")
+            raise InvalidArgument(
+                f"flex_attention with enable_gqa needs query heads ({heads}) to be a multiple of "
+                f"key/value heads ({kv_heads})"
+            )
         self.group = heads // kv_heads if enable_gqa else 1
         self.scale = float(1.0 / math.sqrt(head_dim) if scale is None else scale)
         self.signature = _signature(q, k, v, score_mod, block_mask, scale, enable_gqa)
@@ -99,8 +105,10 @@ class FlexSite(nn.Module):
         extras = [f"softcap {self.softcap:g}"] if self.softcap else []
         extras += ["trainable bias"] * self.trainable_bias
         extras += [f"gqa x{self.group}"] * (self.group > 1)
-        return (f"-> edgeattn {self.table.mask.name} ({self.table.shape.q_len}x{self.table.shape.kv_len}, "
-                f"{self.table.layout}{''.join(', ' + e for e in extras)})")
+        return (
+            f"-> edgeattn {self.table.mask.name} ({self.table.shape.q_len}x{self.table.shape.kv_len}, "
+            f"{self.table.layout}{''.join(', ' + e for e in extras)})"
+        )
 
     def forward(self, q, k, v):
         if self.group > 1:
@@ -119,7 +127,7 @@ class FlexSite(nn.Module):
         if self.table.layout == "dense":
             q = torch.arange(self.table.shape.q_len).view(1, 1, -1, 1)
             kv = torch.arange(self.table.shape.kv_len).view(1, 1, 1, -1)
-            tensors[-1] = self._bias(zero_b, h, q, kv)[0]                        # (heads or 1, Nq, Nkv)
+            tensors[-1] = self._bias(zero_b, h, q, kv)[0]  # (heads or 1, Nq, Nkv)
             return tensors
         q_index, kv_index, q_pos, bank, block, _ = tensors
         tiles = q_index.shape[0]
@@ -173,30 +181,50 @@ class FlexCalls(nn.Module):
         if self.recording:
             self.recording = False
         elif self.next != len(self.sites):
-            raise InvalidArgument(f"{type(module).__name__} made {self.next} flex_attention calls, but it made "
-                                  f"{len(self.sites)} when it was converted: a converted module must run the same "
-                                  f"calls on every forward (convert it again for other inputs)")
+            raise InvalidArgument(
+                f"{type(module).__name__} made {self.next} flex_attention calls, but it made "
+                f"{len(self.sites)} when it was converted: a converted module must run the same "
+                f"calls on every forward (convert it again for other inputs)"
+            )
 
-    def call(self, query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
-             return_lse=False, kernel_options=None, *, return_aux=None):
+    def call(
+        self,
+        query,
+        key,
+        value,
+        score_mod=None,
+        block_mask=None,
+        scale=None,
+        enable_gqa=False,
+        return_lse=False,
+        kernel_options=None,
+        *,
+        return_aux=None,
+    ):
         if return_lse or return_aux is not None:
-            raise InvalidArgument("a converted flex_attention returns the attention output only: return_lse and "
-                                  "return_aux (log-sum-exp, max scores) are not supported (NATTEN's modules ask for "
-                                  "them: convert a NATTEN model with edgeattn.convert(model, *inputs) before export)")
+            raise InvalidArgument(
+                "a converted flex_attention returns the attention output only: return_lse and "
+                "return_aux (log-sum-exp, max scores) are not supported (NATTEN's modules ask for "
+                "them: convert a NATTEN model with edgeattn.convert(model, *inputs) before export)"
+            )
         if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
             raise InvalidArgument(f"flex_attention takes 4-D (B, H, N, D) query/key/value, got {query.dim()}-D")
         if self.recording:
             self.sites.append(FlexSite(query, key, value, score_mod, block_mask, scale, enable_gqa, self.layout))
         elif self.next >= len(self.sites):
-            raise InvalidArgument(f"this forward made more flex_attention calls than the {len(self.sites)} it made "
-                                  f"when it was converted; convert it again for these inputs")
+            raise InvalidArgument(
+                f"this forward made more flex_attention calls than the {len(self.sites)} it made "
+                f"when it was converted; convert it again for these inputs"
+            )
         site = self.sites[self.next]
         self.next += 1
         got = _signature(query, key, value, score_mod, block_mask, scale, enable_gqa)
         if got != site.signature:
-            raise InvalidArgument(f"flex_attention call {self.next - 1} differs from the one converted "
-                                  f"({_difference(site.signature, got)}): its table was compiled for that call; "
-                                  f"convert the module again for these inputs")
+            raise InvalidArgument(
+                f"flex_attention call {self.next - 1} differs from the one converted "
+                f"({_difference(site.signature, got)}): its table was compiled for that call; "
+                f"convert the module again for these inputs"
+            )
         return site(query, key, value)
 
 
@@ -204,8 +232,16 @@ def _signature(q, k, v, score_mod, block_mask, scale, enable_gqa) -> tuple:
     """What a site's table and score analysis depend on (the batch size does not count)."""
     mask_mod = getattr(block_mask, "mask_mod", None)
     block = None if block_mask is None else (tuple(block_mask.shape[1:]), tuple(block_mask.BLOCK_SIZE))
-    return (tuple(q.shape[1:]), tuple(k.shape[1:]), tuple(v.shape[1:]), _code(score_mod), _code(mask_mod), block,
-            scale, bool(enable_gqa))
+    return (
+        tuple(q.shape[1:]),
+        tuple(k.shape[1:]),
+        tuple(v.shape[1:]),
+        _code(score_mod),
+        _code(mask_mod),
+        block,
+        scale,
+        bool(enable_gqa),
+    )
 
 
 def _code(fn):
@@ -213,8 +249,16 @@ def _code(fn):
 
 
 def _difference(want: tuple, got: tuple) -> str:
-    labels = ["query shape", "key shape", "value shape", "score_mod", "mask_mod", "block mask shape", "scale",
-              "enable_gqa"]
+    labels = [
+        "query shape",
+        "key shape",
+        "value shape",
+        "score_mod",
+        "mask_mod",
+        "block mask shape",
+        "scale",
+        "enable_gqa",
+    ]
     return "; ".join(f"{label} {w} -> {g}" for label, w, g in zip(labels, want, got) if w != g)
 
 
@@ -227,17 +271,24 @@ def _mask_mod(block_mask, q_len: int, kv_len: int):
     user = block_mask.mask_mod
     name = getattr(user, "__name__", "flex_mask").replace("<lambda>", "flex_mask")
     if tuple(block_mask.seq_lengths) != (q_len, kv_len):
-        raise InvalidArgument(f"block_mask was created for {tuple(block_mask.seq_lengths)} (q_len, kv_len) but the "
-                              f"call has ({q_len}, {kv_len}); create it for the call's lengths")
+        raise InvalidArgument(
+            f"block_mask was created for {tuple(block_mask.seq_lengths)} (q_len, kv_len) but the "
+            f"call has ({q_len}, {kv_len}); create it for the call's lengths"
+        )
     bq, bk = block_mask.BLOCK_SIZE
     n_kb = -(-kv_len // bk)
     partial = _ordered_to_dense(block_mask.kv_num_blocks, block_mask.kv_indices, n_kb).bool()
-    full = (torch.zeros_like(partial) if block_mask.full_kv_num_blocks is None else
-            _ordered_to_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, n_kb).bool())
+    full = (
+        torch.zeros_like(partial)
+        if block_mask.full_kv_num_blocks is None
+        else _ordered_to_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, n_kb).bool()
+    )
     if partial.shape[0] > 1 and not ((partial == partial[:1]).all() and (full == full[:1]).all()):
-        raise InvalidArgument(f"block_mask of {name} differs between batch elements: a static table serves every "
-                              f"batch element; compute such a mask in the model and call edgeattn.masked_attention")
-    partial, full = partial[0], full[0]                      # (H or 1, nq blocks, nkv blocks)
+        raise InvalidArgument(
+            f"block_mask of {name} differs between batch elements: a static table serves every "
+            f"batch element; compute such a mask in the model and call edgeattn.masked_attention"
+        )
+    partial, full = partial[0], full[0]  # (H or 1, nq blocks, nkv blocks)
     block_heads = partial.shape[0]
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -255,8 +306,7 @@ def _score_parts(score_mod, heads: int, shape: Shape, name: str):
     if score_mod is None or score_mod is _identity:
         return None, None, False
     what = f"score_mod of the flex_attention call with mask {name}"
-    rows = sorted(set(range(min(PROBE_ROWS, shape.q_len))) | set(range(max(shape.q_len - PROBE_ROWS, 0),
-                                                                         shape.q_len)))
+    rows = sorted(set(range(min(PROBE_ROWS, shape.q_len))) | set(range(max(shape.q_len - PROBE_ROWS, 0), shape.q_len)))
     b, h, _, kv = index_grid(shape, heads)
     q = torch.tensor(rows).view(1, 1, -1, 1)
 
@@ -282,7 +332,8 @@ def _score_parts(score_mod, heads: int, shape: Shape, name: str):
                 raise InvalidArgument(
                     f"{what} changes the score in a way edgeattn cannot carry: it supports adding a function of "
                     f"(b, h, q_idx, kv_idx) (ALiBi, relative biases) and tanh soft-capping (c * tanh(score / c)) "
-                    f"before such a bias; write other score changes as a bias or a mask")
+                    f"before such a bias; write other score changes as a bias or a mask"
+                )
     if not trainable and not base.any():
         return softcap, None, False
 

@@ -2,6 +2,7 @@
 converted module runs, to a router that hands each call to the converted module running on this thread (the real
 function otherwise).  Rebound: the flex_attention module's attribute and every name bound to it, or to a
 torch.compile of it, in loaded modules, and the closure cells of the model's methods that hold it."""
+
 from __future__ import annotations
 
 import sys
@@ -52,9 +53,9 @@ class Router:
 
     def _patch(self, code_modules, cells) -> None:
         original = _original()
-        if len(sys.modules) != self.scanned:   # every loaded module, again when more were loaded
+        if len(sys.modules) != self.scanned:  # every loaded module, again when more were loaded
             self.scanned = len(sys.modules)
-            with warnings.catch_warnings():   # reading some modules' attributes warns of deprecations
+            with warnings.catch_warnings():  # reading some modules' attributes warns of deprecations
                 warnings.simplefilter("ignore")
                 self.bindings = _bindings(original, sys.modules.values())
         # the model's own modules every time: their names may have been bound after the last full scan
@@ -105,6 +106,7 @@ def closure_cells(classes) -> list:
 
 def mentions_flex(module: nn.Module) -> bool:
     """Whether a method of the module's classes (torch's own excluded) names ``flex_attention``."""
+
     def names(code):
         yield from code.co_names + code.co_freevars
         for const in code.co_consts:
@@ -125,7 +127,7 @@ def mentions_flex(module: nn.Module) -> bool:
 def _cell_filled(cell) -> bool:
     try:
         cell.cell_contents
-    except ValueError:   # an empty cell
+    except ValueError:  # an empty cell
         return False
     return True
 

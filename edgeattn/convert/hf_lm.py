@@ -18,6 +18,7 @@ Export a converted model with :func:`edgeattn.export.export_lm` (or its :class:`
 in the file: a plain ``export_onnx(model, (input_ids,))`` is correct but computes its masks in the graph, since under
 tracing transformers cannot tell whether position ids pack several sequences and wraps the mask in a packing test.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -68,21 +69,42 @@ def mask_key(fn) -> Optional[tuple]:
     return tuple(parts)
 
 
-def edgeattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
-                  mask_function: Optional[Callable] = None, attention_mask: Optional[torch.Tensor] = None,
-                  **kwargs) -> HFMask:
+def edgeattn_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset=0,
+    mask_function: Optional[Callable] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    **kwargs,
+) -> HFMask:
     """transformers' mask interface: the mask as an :class:`HFMask`."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     mask_function = mask_function or causal_mask_function
-    kwargs.pop("allow_is_causal_skip", None)   # we always need the mask itself, never sdpa's is_causal shortcut
+    kwargs.pop("allow_is_causal_skip", None)  # we always need the mask itself, never sdpa's is_causal shortcut
     kwargs.pop("allow_is_bidirectional_skip", None)
-    dense = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                      allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs)
+    dense = sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        allow_is_causal_skip=False,
+        allow_is_bidirectional_skip=False,
+        **kwargs,
+    )
     # a static table covers a prefill from position 0 without padding; anything else depends on the input
-    static = (_no_padding(attention_mask) and isinstance(q_offset, int) and isinstance(kv_offset, int)
-              and q_offset == kv_offset == 0 and q_length == kv_length)
+    static = (
+        _no_padding(attention_mask)
+        and isinstance(q_offset, int)
+        and isinstance(kv_offset, int)
+        and q_offset == kv_offset == 0
+        and q_length == kv_length
+    )
     return HFMask(mask_function, mask_key(mask_function) if static else None, dense)
 
 
@@ -95,19 +117,31 @@ def _no_padding(attention_mask: Optional[torch.Tensor]) -> bool:
     return bool(attention_mask.all())
 
 
-def edgeattn_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask, scaling: Optional[float] = None, dropout: float = 0.0,
-                       softcap: Optional[float] = None, **kwargs):
+def edgeattn_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    softcap: Optional[float] = None,
+    **kwargs,
+):
     """transformers' attention interface: q (B, H, Nq, D), k/v (B, Hkv, Nkv, D) -> ((B, Nq, H, D), None)."""
     where = type(module).__name__
     if dropout and module.training:
-        raise EdgeAttnError(f"{where} asks for attention dropout {dropout} in training mode; edgeattn's attention "
-                            f"is for inference and export: call model.eval()")
+        raise EdgeAttnError(
+            f"{where} asks for attention dropout {dropout} in training mode; edgeattn's attention "
+            f"is for inference and export: call model.eval()"
+        )
     if kwargs.get("output_attentions"):
-        raise EdgeAttnError("edgeattn's attention does not return attention weights; use attn_implementation="
-                            "'eager' for output_attentions=True")
+        raise EdgeAttnError(
+            "edgeattn's attention does not return attention weights; use attn_implementation="
+            "'eager' for output_attentions=True"
+        )
     groups = query.shape[1] // key.shape[1]
-    if groups > 1:   # grouped-query attention: each key/value head serves `groups` consecutive query heads
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` consecutive query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     if isinstance(attention_mask, HFMask):
         table = getattr(module, "_edgeattn_tables", {}).get(attention_mask.key)
@@ -122,8 +156,10 @@ def edgeattn_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         out = masked_attention(query, key, value, attention_mask, scale=scaling, softcap=softcap)
     else:
         got = "no mask" if attention_mask is None else f"a {type(attention_mask).__name__}"
-        raise EdgeAttnError(f"{where} got {got} as its attention mask; edgeattn needs the mask transformers builds "
-                            f"through its mask interface (pass a 2-D attention_mask of 0/1, or a 4-D boolean one)")
+        raise EdgeAttnError(
+            f"{where} got {got} as its attention mask; edgeattn needs the mask transformers builds "
+            f"through its mask interface (pass a 2-D attention_mask of 0/1, or a 4-D boolean one)"
+        )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -135,27 +171,38 @@ def register() -> None:
     try:
         from transformers import masking_utils, modeling_utils
     except ImportError:
-        raise RuntimeUnavailable("edgeattn's transformers attention needs transformers: pip install "
-                                 "'edgeattn[transformers]'") from None
+        raise RuntimeUnavailable(
+            "edgeattn's transformers attention needs transformers: pip install 'edgeattn[transformers]'"
+        ) from None
     masking_utils.AttentionMaskInterface.register(NAME, edgeattn_mask)
     modeling_utils.AttentionInterface.register(NAME, edgeattn_attention)
 
 
 # ----------------------------------------------------------------------------- convert
 def is_causal_lm(module: nn.Module) -> bool:
-    transformers = sys.modules.get("transformers")   # not imported: the module cannot be one of its models
-    return transformers is not None and isinstance(module, transformers.PreTrainedModel) and \
-        module.can_generate() and not getattr(module.config, "is_encoder_decoder", False)
+    transformers = sys.modules.get("transformers")  # not imported: the module cannot be one of its models
+    return (
+        transformers is not None
+        and isinstance(module, transformers.PreTrainedModel)
+        and module.can_generate()
+        and not getattr(module.config, "is_encoder_decoder", False)
+    )
 
 
 def convert(module: nn.Module, example_inputs: tuple, layout: str) -> list[str]:
     """Switch a transformers causal LM to ``"edgeattn"`` and compile its prefill tables for the example length."""
     if not is_causal_lm(module):
         return []
-    if len(example_inputs) != 1 or not isinstance(example_inputs[0], torch.Tensor) or example_inputs[0].ndim != 2 \
-            or example_inputs[0].is_floating_point():
-        raise EdgeAttnError(f"convert takes one example input for {type(module).__name__}: input_ids, an integer "
-                            f"tensor (batch, prompt_len); tables are compiled for that prompt length")
+    if (
+        len(example_inputs) != 1
+        or not isinstance(example_inputs[0], torch.Tensor)
+        or example_inputs[0].ndim != 2
+        or example_inputs[0].is_floating_point()
+    ):
+        raise EdgeAttnError(
+            f"convert takes one example input for {type(module).__name__}: input_ids, an integer "
+            f"tensor (batch, prompt_len); tables are compiled for that prompt length"
+        )
     input_ids = example_inputs[0]
     register()
     module.set_attn_implementation(NAME)
@@ -166,25 +213,33 @@ def convert(module: nn.Module, example_inputs: tuple, layout: str) -> list[str]:
             module(input_ids=input_ids, use_cache=False)
     finally:
         _RECORDING.reset(token)
-    tables: dict = {}   # mask key -> MaskTable
+    tables: dict = {}  # mask key -> MaskTable
     lines = []
     for name, m in module.named_modules():
         if m not in recorded:
             continue
         mask = recorded[m]
         if mask.key is None:
-            raise EdgeAttnError(f"{name} ({type(m).__name__}) attends with a mask that depends on the input "
-                                f"(padding, token types), which a static table cannot hold")
+            raise EdgeAttnError(
+                f"{name} ({type(m).__name__}) attends with a mask that depends on the input "
+                f"(padding, token types), which a static table cannot hold"
+            )
         if mask.key not in tables:
             label = _label(mask.dense[0, 0])
             # a sliding window no shorter than the prompt is causal at this length: still its own table
             label = label if label not in {t.mask.name for t in tables.values()} else f"{label}_{len(tables)}"
-            tables[mask.key] = MaskTable(custom(mask.mask_function, name=label), m.config.num_attention_heads,
-                                         q_len=input_ids.shape[1], layout=layout)
+            tables[mask.key] = MaskTable(
+                custom(mask.mask_function, name=label),
+                m.config.num_attention_heads,
+                q_len=input_ids.shape[1],
+                layout=layout,
+            )
         table = tables[mask.key]
-        m._edgeattn_tables = tables   # a plain dict: the tables are registered once, under edgeattn_masks
-        lines.append(f"{name}: transformers {type(m).__name__} -> edgeattn {table.mask.name} "
-                     f"({input_ids.shape[1]} tokens, {table.layout})")
+        m._edgeattn_tables = tables  # a plain dict: the tables are registered once, under edgeattn_masks
+        lines.append(
+            f"{name}: transformers {type(m).__name__} -> edgeattn {table.mask.name} "
+            f"({input_ids.shape[1]} tokens, {table.layout})"
+        )
     module.edgeattn_masks = nn.ModuleDict({t.mask.name: t for t in tables.values()})
     # a plain forward returns logits only, so export_onnx(model, (input_ids,)) writes input_ids -> logits (a
     # transformers cache is no output a graph can have); generate() keeps its cache (generation_config.use_cache)
@@ -264,8 +319,7 @@ class DecodeStep(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor, *past: torch.Tensor):
         cache = ExportCache(self.max_len, cache_position, past[0::2], past[1::2])
-        logits = self.model(input_ids=input_ids, position_ids=cache_position[None], cache=cache,
-                            use_cache=True).logits
+        logits = self.model(input_ids=input_ids, position_ids=cache_position[None], cache=cache, use_cache=True).logits
         return (logits, *cache.outputs())
 
 

@@ -14,9 +14,19 @@ the models.
 
 The file format itself (node signature, bodies, metadata, reading and writing) is :mod:`edgeattn.onnxfile`.
 """
+
 from .exporter import ExportResult, export_checked, export_onnx
 from .lm import export_lm
 from .request import DEFAULT_OPSET, LOWERING_CHOICES, OPSETS, ExportRequest, check_request
 
-__all__ = ["DEFAULT_OPSET", "LOWERING_CHOICES", "OPSETS", "ExportRequest", "ExportResult", "check_request",
-           "export_checked", "export_lm", "export_onnx"]
+__all__ = [
+    "DEFAULT_OPSET",
+    "LOWERING_CHOICES",
+    "OPSETS",
+    "ExportRequest",
+    "ExportResult",
+    "check_request",
+    "export_checked",
+    "export_lm",
+    "export_onnx",
+]

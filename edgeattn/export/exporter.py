@@ -1,5 +1,6 @@
 """torch -> ONNX: trace the model under its lowering plan with the dynamo exporter, finalize the graph, quantize if
 asked, save atomically."""
+
 from __future__ import annotations
 
 import tempfile
@@ -14,8 +15,8 @@ from .. import onnxfile
 from ..convert import flex
 from ..errors import EdgeAttnError, ExportFailed, InvalidArgument, first_line
 from . import graph, precision, repository, writers
-from .quiet import quiet
 from .plan import applied
+from .quiet import quiet
 from .request import ExportRequest, check_request
 
 
@@ -27,21 +28,33 @@ class ExportResult:
     lowering: str
     targets: list[str]
     precision: str = "fp32"
-    masks: list[dict] = field(default_factory=list)   # one entry per attention node
-    table_bytes: int = 0                              # unique mask-table bytes in the file
+    masks: list[dict] = field(default_factory=list)  # one entry per attention node
+    table_bytes: int = 0  # unique mask-table bytes in the file
     file_bytes: int = 0
-    metadata: dict = field(default_factory=dict, repr=False)   # the file's edgeattn.* metadata
-    parity: list = field(default_factory=list)        # ParityResults, when the export was checked
-    format: str = "onnx"                              # onnx, openvino (IR) or ort
+    metadata: dict = field(default_factory=dict, repr=False)  # the file's edgeattn.* metadata
+    parity: list = field(default_factory=list)  # ParityResults, when the export was checked
+    format: str = "onnx"  # onnx, openvino (IR) or ort
 
 
-def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path, *, opset: Optional[int] = None,
-                custom_op: bool = False, lowering: str = "auto", runtimes: Optional[Sequence[str]] = None,
-                dynamic_batch: bool = False, batch_axes: Optional[Sequence[Optional[int]]] = None,
-                input_names: Optional[Sequence[str]] = None,
-                output_names: Optional[Sequence[str]] = None, metadata_props: Optional[dict[str, Any]] = None,
-                dtype: str = "fp32", quantize: Optional[str] = None,
-                calibration: Optional[Sequence[dict]] = None, format: Optional[str] = None) -> ExportResult:
+def export_onnx(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    path,
+    *,
+    opset: Optional[int] = None,
+    custom_op: bool = False,
+    lowering: str = "auto",
+    runtimes: Optional[Sequence[str]] = None,
+    dynamic_batch: bool = False,
+    batch_axes: Optional[Sequence[Optional[int]]] = None,
+    input_names: Optional[Sequence[str]] = None,
+    output_names: Optional[Sequence[str]] = None,
+    metadata_props: Optional[dict[str, Any]] = None,
+    dtype: str = "fp32",
+    quantize: Optional[str] = None,
+    calibration: Optional[Sequence[dict]] = None,
+    format: Optional[str] = None,
+) -> ExportResult:
     """Export ``model`` at the example inputs' shapes.
 
     Each attention becomes the standard ops of its lowering (``lowering``: auto, dense, blocked, attention, contrib;
@@ -58,15 +71,42 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
     ``.xml``) or ort (``.ort``), by default from the path's suffix (see :mod:`edgeattn.export.writers`), or a model
     server repository folder: triton or ovms (see :mod:`edgeattn.export.repository`).  The file is
     replaced only on success."""
-    request = check_request(dtype=dtype, quantize=quantize, opset=opset, lowering=lowering, runtimes=runtimes,
-                            custom_op=custom_op, dynamic_batch=dynamic_batch, path=path, format=format)
-    return export_checked(model, example_inputs, path, request, batch_axes=batch_axes, input_names=input_names,
-                          output_names=output_names, metadata_props=metadata_props, calibration=calibration)
+    request = check_request(
+        dtype=dtype,
+        quantize=quantize,
+        opset=opset,
+        lowering=lowering,
+        runtimes=runtimes,
+        custom_op=custom_op,
+        dynamic_batch=dynamic_batch,
+        path=path,
+        format=format,
+    )
+    return export_checked(
+        model,
+        example_inputs,
+        path,
+        request,
+        batch_axes=batch_axes,
+        input_names=input_names,
+        output_names=output_names,
+        metadata_props=metadata_props,
+        calibration=calibration,
+    )
 
 
-def export_checked(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path, request: ExportRequest, *,
-                   batch_axes=None, input_names=None, output_names=None, metadata_props=None,
-                   calibration=None) -> ExportResult:
+def export_checked(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    path,
+    request: ExportRequest,
+    *,
+    batch_axes=None,
+    input_names=None,
+    output_names=None,
+    metadata_props=None,
+    calibration=None,
+) -> ExportResult:
     """:func:`export_onnx` for a request already checked (and a writable ``path``)."""
     clash = sorted(set(metadata_props or {}) & set(onnxfile.RESERVED_METADATA))
     if clash:
@@ -82,19 +122,33 @@ def export_checked(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
             raise InvalidArgument(f"batch_axes has {len(axes)} entries for {len(example_inputs)} inputs")
         dynamic = tuple(None if a is None else {a: batch} for a in axes)
         # torch.export specializes a size-1 example axis to the constant 1: trace with a batch of 2 instead
-        example_inputs = [t if a is None or t.shape[a] != 1 else t.expand(*t.shape[:a], 2, *t.shape[a + 1:])
-                          for t, a in zip(example_inputs, axes)]
+        example_inputs = [
+            t if a is None or t.shape[a] != 1 else t.expand(*t.shape[:a], 2, *t.shape[a + 1 :])
+            for t, a in zip(example_inputs, axes)
+        ]
     try:
         # the plan switches the model's table layouts; a reduced-precision copy is made of the switched model;
         # flex_attention calls of an unconverted model get tables for the time of the export
-        with torch.no_grad(), quiet(), flex.converted_for_export(model.eval(), example_inputs), \
-                applied(model, request.lowering, request.opset, precision.name_prefix(request.dtype)) as plan:
+        with (
+            torch.no_grad(),
+            quiet(),
+            flex.converted_for_export(model.eval(), example_inputs),
+            applied(model, request.lowering, request.opset, precision.name_prefix(request.dtype)) as plan,
+        ):
             traced = precision.in_dtype(model, request.dtype)
             # bf16 skips the exporter's optimizer: its constant folding goes through numpy (no bfloat16) and left
             # float32 Conv weights in bf16 graphs; the runtimes optimize the graph themselves
-            program = torch.onnx.export(traced, tuple(example_inputs), dynamo=True, opset_version=request.opset,
-                                        input_names=input_names, output_names=output_names, verbose=False,
-                                        dynamic_shapes=dynamic, optimize=request.dtype != "bf16")
+            program = torch.onnx.export(
+                traced,
+                tuple(example_inputs),
+                dynamo=True,
+                opset_version=request.opset,
+                input_names=input_names,
+                output_names=output_names,
+                verbose=False,
+                dynamic_shapes=dynamic,
+                optimize=request.dtype != "bf16",
+            )
     except EdgeAttnError:
         raise
     except Exception as e:  # the exporter's own errors are long; keep the cause chained for debugging
@@ -103,18 +157,20 @@ def export_checked(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
         model.train(was_training)
     proto = program.model_proto
     written = next((op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")), request.opset)
-    if written != request.opset:   # torch.onnx keeps its own opset when it cannot convert down (its warning scrolls by)
-        raise ExportFailed(f"torch.onnx wrote opset {written}, not the {request.opset} asked for: it could not "
-                           f"convert this model's ops to opset {request.opset}; export with --opset {written}")
+    if written != request.opset:  # torch.onnx keeps its own opset when it cannot convert down (its warning scrolls by)
+        raise ExportFailed(
+            f"torch.onnx wrote opset {written}, not the {request.opset} asked for: it could not "
+            f"convert this model's ops to opset {request.opset}; export with --opset {written}"
+        )
     masks, table_bytes = graph.finalize(proto, request, plan, extra=metadata_props)
     if request.quantize:
         if request.quantize == "int8-static" and not calibration:
             calibration = _random_feeds(example_inputs, input_names, precision.DEFAULT_CALIBRATION_SAMPLES)
-        proto = _quantized(proto, request.quantize, calibration)   # attention nodes hide their MatMuls from it
+        proto = _quantized(proto, request.quantize, calibration)  # attention nodes hide their MatMuls from it
     if not request.custom_op:
         graph.inline(proto)
     metadata = onnxfile.read_metadata(proto)
-    if request.repository:   # the result names the model file inside, which `check` reads
+    if request.repository:  # the result names the model file inside, which `check` reads
         path, written = repository.write_repository(request.repository, proto, path, metadata, request.format)
     elif request.format == "openvino":
         written = writers.write_openvino_ir(proto, path, metadata)
@@ -122,9 +178,19 @@ def export_checked(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
         written = writers.write_ort_format(proto, path)
     else:
         written = onnxfile.save(proto, path)
-    return ExportResult(Path(path), request.opset, request.custom_op, request.lowering, list(request.targets),
-                        request.precision, masks, table_bytes, file_bytes=written, metadata=metadata,
-                        format=request.format)
+    return ExportResult(
+        Path(path),
+        request.opset,
+        request.custom_op,
+        request.lowering,
+        list(request.targets),
+        request.precision,
+        masks,
+        table_bytes,
+        file_bytes=written,
+        metadata=metadata,
+        format=request.format,
+    )
 
 
 def _quantized(proto: onnx.ModelProto, mode: str, calibration) -> onnx.ModelProto:
@@ -134,7 +200,7 @@ def _quantized(proto: onnx.ModelProto, mode: str, calibration) -> onnx.ModelProt
         onnx.save(proto, str(src))
         precision.quantize(src, dst, mode, calibration)
         quantized = onnx.load(str(dst))
-    del quantized.metadata_props[:]   # the quantizer keeps them, but its own copy may lag behind: take ours
+    del quantized.metadata_props[:]  # the quantizer keeps them, but its own copy may lag behind: take ours
     quantized.metadata_props.extend(proto.metadata_props)
     return quantized
 
@@ -143,5 +209,10 @@ def _random_feeds(example_inputs, names, count: int) -> list[dict]:
     """Calibration feeds shaped like the example inputs: normal noise for float inputs, the example otherwise."""
     generator = torch.Generator().manual_seed(0)
     names = list(names) if names else [f"input_{i}" for i in range(len(example_inputs))]
-    return [{n: (torch.randn(t.shape, generator=generator) if t.is_floating_point() else t).numpy()
-             for n, t in zip(names, example_inputs)} for _ in range(count)]
+    return [
+        {
+            n: (torch.randn(t.shape, generator=generator) if t.is_floating_point() else t).numpy()
+            for n, t in zip(names, example_inputs)
+        }
+        for _ in range(count)
+    ]

@@ -11,6 +11,7 @@ gets ``routed``, or ``routed_dense`` when ``dense`` is asked for.
 yields the :class:`Plan`; export then gives each traced node its lowering from the plan, by the name its table has
 in the graph, and records the choice and its reason in the file's metadata.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,14 +32,14 @@ from ..onnxfile import LOWERINGS, attributes, table_inputs
 class Choice:
     lowering: str
     reason: str
-    table: Optional[object] = None    # the table for this lowering (choose(): if it built one; applied(): always)
+    table: Optional[object] = None  # the table for this lowering (choose(): if it built one; applied(): always)
 
 
 @dataclass
 class Plan:
-    dynamic: Choice                                          # attention over masks computed in the graph
+    dynamic: Choice  # attention over masks computed in the graph
     static: dict[str, Choice] = field(default_factory=dict)  # a MaskTable's first table tensor's name -> choice
-    requested: str = "auto"                                  # the lowering asked for (routed nodes follow it)
+    requested: str = "auto"  # the lowering asked for (routed nodes follow it)
 
     def choice_for(self, node: onnx.NodeProto) -> Choice:
         """The choice for a traced attention node: its MaskTable's, found by the name of its first table tensor
@@ -47,9 +48,11 @@ class Plan:
             return choose_routed(self.requested)
         first = table_inputs(node)[:1]
         if not first or first[0] not in self.static:
-            if first and first[0].rsplit(".", 1)[-1].startswith("attn_"):   # a MaskTable's buffer, unplanned
-                raise EdgeAttnError(f"internal error: attention node {node.name} reads table {first[0]}, which the "
-                                    f"export plan does not know; please report this")
+            if first and first[0].rsplit(".", 1)[-1].startswith("attn_"):  # a MaskTable's buffer, unplanned
+                raise EdgeAttnError(
+                    f"internal error: attention node {node.name} reads table {first[0]}, which the "
+                    f"export plan does not know; please report this"
+                )
             return self.dynamic
         return self.static[first[0]]
 
@@ -60,11 +63,12 @@ def choose(table: "torch.nn.Module", requested: str, opset: int) -> Choice:
         return Choice(requested, "requested")
     if table.layout == "blocked":
         blocked, work = table.table, table.table.work_fraction
-    else:   # a dense table built by layout="auto" already knows the work of the block table it declined
+    else:  # a dense table built by layout="auto" already knows the work of the block table it declined
         blocked, work = None, table.table.blocked_work
     if work is None:
-        blocked = tables.build(table.mask, table.shape.q_len, table.shape.kv_len, table.shape.grid, table.heads,
-                               "blocked")
+        blocked = tables.build(
+            table.mask, table.shape.q_len, table.shape.kv_len, table.shape.grid, table.heads, "blocked"
+        )
         work = blocked.work_fraction
     if work <= tables.AUTO_BLOCKED_MAX_WORK:
         return Choice("blocked", f"block table scores {work:.1%} of the dense scores", blocked)
@@ -77,10 +81,16 @@ def choose(table: "torch.nn.Module", requested: str, opset: int) -> Choice:
 def bucket_choices(split: "tables.BucketedTable", opset: int) -> list[Choice]:
     """One choice per bucket of a bucketed table: ``blocked`` for block-table buckets, the dense-table lowering
     (``attention`` at opset >= 23, else ``dense``) for buckets that share one key list."""
-    why = f"{len(split.buckets)} buckets of query tiles by {split.by} score {split.work_fraction:.1%} of the dense scores"
+    why = (
+        f"{len(split.buckets)} buckets of query tiles by {split.by} score {split.work_fraction:.1%} of the dense scores"
+    )
     dense = "attention" if opset >= LOWERINGS["attention"].min_opset else "dense"
-    return [Choice(dense, f"{why}; this bucket's tiles share one key list") if isinstance(b, tables.DenseBucket)
-            else Choice("blocked", why) for b in split.buckets]
+    return [
+        Choice(dense, f"{why}; this bucket's tiles share one key list")
+        if isinstance(b, tables.DenseBucket)
+        else Choice("blocked", why)
+        for b in split.buckets
+    ]
 
 
 def choose_dynamic(requested: str, opset: int) -> Choice:
@@ -102,9 +112,11 @@ def choose_routed(requested: str) -> Choice:
         return Choice("routed", "blocks chosen in the graph: only they are scored")
     if requested == "dense":
         return Choice("routed_dense", "requested: the chosen blocks as one dense mask")
-    raise NoSuchLowering(f"attention over blocks routed in the graph has no {requested} lowering; export it with "
-                        f"--lowering auto (only the chosen blocks are scored) or dense (the same choice as a dense "
-                        f"mask)")
+    raise NoSuchLowering(
+        f"attention over blocks routed in the graph has no {requested} lowering; export it with "
+        f"--lowering auto (only the chosen blocks are scored) or dense (the same choice as a dense "
+        f"mask)"
+    )
 
 
 @contextlib.contextmanager
@@ -116,7 +128,7 @@ def applied(model: torch.nn.Module, requested: str, opset: int, prefix: str = ""
     plan = Plan(choose_dynamic(requested, opset), requested=requested)
     try:
         for name, m in layers:
-            if requested == "auto" and isinstance(m.table, tables.BucketedTable):   # auto chose it when built
+            if requested == "auto" and isinstance(m.table, tables.BucketedTable):  # auto chose it when built
                 choices = bucket_choices(m.table, opset)
             else:
                 choice = choose(m, requested, opset)

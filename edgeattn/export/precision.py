@@ -8,6 +8,7 @@ Masks cannot overflow: tables are boolean and become 0 / -inf in the compute dty
 after it.  int8 quantizes only the linear layers (MatMul / Gemm with a weight initializer): attention stays in float,
 as it is inside the ``edgeattn`` function bodies.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,7 +32,7 @@ DEFAULT_CALIBRATION_SAMPLES = 16
 REDUCE_RANGE = True
 # ONNX gave Conv, Pooling and others bfloat16 at opset 22; a bf16 file below it fails the checker on convolutions
 DTYPE_MIN_OPSET = {"bf16": 22}
-PRECISIONS = (*DTYPES, *QUANTIZE)   # what a file's metadata calls its precision
+PRECISIONS = (*DTYPES, *QUANTIZE)  # what a file's metadata calls its precision
 
 
 def default_opset(dtype: str, default: int) -> int:
@@ -40,8 +41,10 @@ def default_opset(dtype: str, default: int) -> int:
 
 def check_opset(dtype: str, opset: int) -> None:
     if opset < DTYPE_MIN_OPSET.get(dtype, 0):
-        raise EdgeAttnError(f"{dtype} files need opset >= {DTYPE_MIN_OPSET[dtype]} (where ONNX Conv and other ops "
-                            f"accept bfloat16), got opset {opset}; pass --opset {DTYPE_MIN_OPSET[dtype]}")
+        raise EdgeAttnError(
+            f"{dtype} files need opset >= {DTYPE_MIN_OPSET[dtype]} (where ONNX Conv and other ops "
+            f"accept bfloat16), got opset {opset}; pass --opset {DTYPE_MIN_OPSET[dtype]}"
+        )
 
 
 def precision_name(dtype: str, quantize: Optional[str]) -> str:
@@ -93,18 +96,24 @@ def quantize(src: Path, dst: Path, mode: str, calibration: Optional[Iterable[Map
     ``int8``: dynamic quantization (int8 weights, activations quantized per run).  ``int8-static``: QDQ with
     activation ranges calibrated on ``calibration`` feeds (per-channel int8 weights, uint8 activations)."""
     try:
-        from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                              quantize_static)
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            QuantFormat,
+            QuantType,
+            quantize_dynamic,
+            quantize_static,
+        )
     except ImportError:
         raise EdgeAttnError("--quantize needs onnxruntime; install it with: pip install 'edgeattn[ort]'") from None
     nodes = linear_nodes(onnx.load(str(src), load_external_data=False))
     if not nodes:
         raise EdgeAttnError(f"{src}: no linear layers (MatMul/Gemm with weights) to quantize")
-    logging.disable(logging.WARNING)   # the quantizer logs advice about pre-processing on every call
+    logging.disable(logging.WARNING)  # the quantizer logs advice about pre-processing on every call
     try:
         if mode == "int8":
-            quantize_dynamic(str(src), str(dst), nodes_to_quantize=nodes, weight_type=QuantType.QInt8,
-                             reduce_range=REDUCE_RANGE)
+            quantize_dynamic(
+                str(src), str(dst), nodes_to_quantize=nodes, weight_type=QuantType.QInt8, reduce_range=REDUCE_RANGE
+            )
         else:
             feeds = list(calibration or [])
             if not feeds:
@@ -117,9 +126,17 @@ def quantize(src: Path, dst: Path, mode: str, calibration: Optional[Iterable[Map
                 def get_next(self):
                     return next(self._feeds, None)
 
-            quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, nodes_to_quantize=nodes,
-                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            reduce_range=REDUCE_RANGE)
+            quantize_static(
+                str(src),
+                str(dst),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                nodes_to_quantize=nodes,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                reduce_range=REDUCE_RANGE,
+            )
     except EdgeAttnError:
         raise
     except Exception as e:
@@ -136,12 +153,14 @@ def load_calibration(path, input_names: list[str]) -> list[dict[str, np.ndarray]
     try:
         data = np.load(path)
     except Exception as e:
-        raise EdgeAttnError(f"{path}: cannot read calibration data ({first_line(e)}); save it with "
-                            f"numpy.savez(path, {'=..., '.join(input_names)}=...)") from None
+        raise EdgeAttnError(
+            f"{path}: cannot read calibration data ({first_line(e)}); save it with "
+            f"numpy.savez(path, {'=..., '.join(input_names)}=...)"
+        ) from None
     missing = [n for n in input_names if n not in data.files]
     if missing:
         raise EdgeAttnError(f"{path}: calibration data lacks inputs {missing}; it has {data.files}")
-    arrays = {n: data[n] for n in input_names}   # each data[n] reads and decompresses the array again
+    arrays = {n: data[n] for n in input_names}  # each data[n] reads and decompresses the array again
     counts = {len(a) for a in arrays.values()}
     if len(counts) != 1:
         raise EdgeAttnError(f"{path}: calibration inputs have different sample counts {sorted(counts)}")

@@ -1,4 +1,5 @@
 """Silence for the exporters and converters edgeattn drives: their own progress and warnings would bury the CLI's."""
+
 from __future__ import annotations
 
 import contextlib

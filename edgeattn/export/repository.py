@@ -9,6 +9,7 @@
 
 ``<name>/`` is built in a folder beside it and moved in when complete, so a failure leaves the old one.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,18 +28,27 @@ from ..errors import EdgeAttnError
 from ..files import atomic_write
 from . import writers
 
-MAX_BATCH_SIZE = 16   # what Triton's dynamic batcher may gather; the file itself takes any batch
+MAX_BATCH_SIZE = 16  # what Triton's dynamic batcher may gather; the file itself takes any batch
 # KServe v2's tensor datatypes (Triton, OVMS and `edgeattn serve` speak that protocol)
-DATATYPES = {np.dtype(t): name for t, name in [
-    (np.float32, "FP32"), (np.float16, "FP16"), (np.float64, "FP64"), (np.int64, "INT64"), (np.int32, "INT32"),
-    (np.int8, "INT8"), (np.uint8, "UINT8"), (np.bool_, "BOOL")]}
-TRITON_TYPES = {dtype: f"TYPE_{name}" for dtype, name in DATATYPES.items()}   # KServe v2's names, prefixed
+DATATYPES = {
+    np.dtype(t): name
+    for t, name in [
+        (np.float32, "FP32"),
+        (np.float16, "FP16"),
+        (np.float64, "FP64"),
+        (np.int64, "INT64"),
+        (np.int32, "INT32"),
+        (np.int8, "INT8"),
+        (np.uint8, "UINT8"),
+        (np.bool_, "BOOL"),
+    ]
+}
+TRITON_TYPES = {dtype: f"TYPE_{name}" for dtype, name in DATATYPES.items()}  # KServe v2's names, prefixed
 
 
 def batchable(inputs: Sequence[onnxfile.TensorInfo], outputs: Sequence[onnxfile.TensorInfo]) -> bool:
     """Requests may be concatenated on axis 0 when every input and output has a symbolic first axis."""
     return all(t.shape and isinstance(t.shape[0], str) for t in [*inputs, *outputs])
-
 
 
 def model_name(metadata: Mapping) -> str:
@@ -58,12 +68,13 @@ def check_folder(path, kind: str) -> Path:
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise EdgeAttnError(f"{path}: no permission to write in {parent}")
     if kind == "ovms" and path.is_dir():
-        _ovms_config(path / "config.json")   # refuse an unreadable config.json before the export
+        _ovms_config(path / "config.json")  # refuse an unreadable config.json before the export
     return path
 
 
-def write_repository(kind: str, proto: onnx.ModelProto, folder, metadata: dict, file_format: str,
-                     name: Optional[str] = None) -> tuple[Path, int]:
+def write_repository(
+    kind: str, proto: onnx.ModelProto, folder, metadata: dict, file_format: str, name: Optional[str] = None
+) -> tuple[Path, int]:
     """Write ``proto`` into the ``kind`` (triton, ovms) repository at ``folder`` as ``file_format`` (onnx or
     openvino); returns the model file written and the bytes of the repository's new files."""
     folder = check_folder(folder, kind)
@@ -82,7 +93,7 @@ def write_repository(kind: str, proto: onnx.ModelProto, folder, metadata: dict, 
             atomic_write(stage / name / "config.pbtxt", config.encode())
         written = sum(f.stat().st_size for f in (stage / name).rglob("*") if f.is_file())
         target = folder / name
-        if target.exists():   # a folder cannot replace a non-empty one: move the old one into the stage first
+        if target.exists():  # a folder cannot replace a non-empty one: move the old one into the stage first
             os.replace(target, stage / "old")
         os.replace(stage / name, target)
     except OSError as e:
@@ -94,8 +105,9 @@ def write_repository(kind: str, proto: onnx.ModelProto, folder, metadata: dict, 
     return target / "1" / model_file.name, written
 
 
-def triton_config(name: str, file_format: str, inputs: Sequence[onnxfile.TensorInfo],
-                  outputs: Sequence[onnxfile.TensorInfo]) -> str:
+def triton_config(
+    name: str, file_format: str, inputs: Sequence[onnxfile.TensorInfo], outputs: Sequence[onnxfile.TensorInfo]
+) -> str:
     """Triton's ``config.pbtxt`` (protobuf text of ``inference.ModelConfig``) for a model file of ``file_format``."""
     tensors = [*inputs, *outputs]
     batched = batchable(inputs, outputs)
@@ -108,12 +120,15 @@ def triton_config(name: str, file_format: str, inputs: Sequence[onnxfile.TensorI
         shape = f"dims: [ {', '.join(map(str, dims))} ]" if dims else "dims: [ 1 ]\n    reshape { shape: [ ] }"
         return f"  {{\n    name: {json.dumps(t.name)}\n    data_type: {TRITON_TYPES[t.dtype]}\n    {shape}\n  }}"
 
-    lines = [f"name: {json.dumps(name)}",
-             'backend: "openvino"\ndefault_model_filename: "model.xml"' if file_format == "openvino"
-             else 'platform: "onnxruntime_onnx"',
-             f"max_batch_size: {MAX_BATCH_SIZE if batched else 0}",
-             "input [\n" + ",\n".join(map(tensor, inputs)) + "\n]",
-             "output [\n" + ",\n".join(map(tensor, outputs)) + "\n]"]
+    lines = [
+        f"name: {json.dumps(name)}",
+        'backend: "openvino"\ndefault_model_filename: "model.xml"'
+        if file_format == "openvino"
+        else 'platform: "onnxruntime_onnx"',
+        f"max_batch_size: {MAX_BATCH_SIZE if batched else 0}",
+        "input [\n" + ",\n".join(map(tensor, inputs)) + "\n]",
+        "output [\n" + ",\n".join(map(tensor, outputs)) + "\n]",
+    ]
     if batched:
         lines.append("dynamic_batching { }")
     lines.append("instance_group [ { kind: KIND_CPU, count: 1 } ]")
@@ -135,8 +150,9 @@ def _ovms_config(path: Path) -> dict:
         return {"model_config_list": []}
     try:
         config = json.loads(path.read_text())
-        if not isinstance(config.setdefault("model_config_list", []), list) or \
-                not all(isinstance(e, dict) for e in config["model_config_list"]):
+        if not isinstance(config.setdefault("model_config_list", []), list) or not all(
+            isinstance(e, dict) for e in config["model_config_list"]
+        ):
             raise ValueError("model_config_list is not a list of objects")
         return config
     except (OSError, ValueError, AttributeError) as e:

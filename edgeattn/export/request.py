@@ -3,6 +3,7 @@
 The runtimes answer for themselves (:meth:`Runtime.not_supported_reasons` with ``here=False``: an export may target
 a runtime this machine lacks); this module only turns their answers into one error that says what to change.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,29 +18,37 @@ from .precision import check_opset, default_opset, precision_name
 from .repository import check_folder
 
 DEFAULT_OPSET = 18
-OPSETS = range(17, 26)   # the opsets exported and run on onnxruntime and OpenVINO here
+OPSETS = range(17, 26)  # the opsets exported and run on onnxruntime and OpenVINO here
 # what --lowering takes: a routed node gets routed for auto and blocked, routed_dense for dense (export.plan)
 LOWERING_CHOICES = ("auto", *(name for name, low in LOWERINGS.items() if low.layout != "routed"))
 
 
 @dataclass(frozen=True)
 class ExportRequest:
-    precision: str               # fp32, fp16, bf16, int8 or int8-static
-    dtype: str                   # the compute dtype (fp32 for quantized files)
+    precision: str  # fp32, fp16, bf16, int8 or int8-static
+    dtype: str  # the compute dtype (fp32 for quantized files)
     quantize: Optional[str]
     opset: int
-    lowering: str                # requested: auto or one of LOWERINGS
-    targets: tuple[str, ...]     # the ONNX runtimes the file is for
-    custom_op: bool = False      # keep edgeattn-domain attention nodes (default: their standard-op bodies inlined)
+    lowering: str  # requested: auto or one of LOWERINGS
+    targets: tuple[str, ...]  # the ONNX runtimes the file is for
+    custom_op: bool = False  # keep edgeattn-domain attention nodes (default: their standard-op bodies inlined)
     dynamic_batch: bool = False
-    format: str = "onnx"         # onnx, openvino (IR) or ort (see edgeattn.export.writers)
-    repository: Optional[str] = None   # triton or ovms: a server repository folder holding the file
+    format: str = "onnx"  # onnx, openvino (IR) or ort (see edgeattn.export.writers)
+    repository: Optional[str] = None  # triton or ovms: a server repository folder holding the file
 
 
-def check_request(*, dtype: str = "fp32", quantize: Optional[str] = None, opset: Optional[int] = None,
-                  lowering: str = "auto", runtimes: Optional[Sequence[str]] = None,
-                  custom_op: bool = False, dynamic_batch: bool = False, path=None,
-                  format: Optional[str] = None) -> ExportRequest:
+def check_request(
+    *,
+    dtype: str = "fp32",
+    quantize: Optional[str] = None,
+    opset: Optional[int] = None,
+    lowering: str = "auto",
+    runtimes: Optional[Sequence[str]] = None,
+    custom_op: bool = False,
+    dynamic_batch: bool = False,
+    path=None,
+    format: Optional[str] = None,
+) -> ExportRequest:
     """Validate an export request; the opset defaults for the dtype, the targets to every runtime of the format
     that can run the precision (named targets that cannot are an error).  ``runtimes`` may name the torch
     reference, which checks files but is no target.  ``path``, when given, must be writable and its suffix must
@@ -56,7 +65,7 @@ def check_request(*, dtype: str = "fp32", quantize: Optional[str] = None, opset:
         if path is not None:
             check_writable(path)
     if format == "openvino":
-        custom_op = True   # the IR is built from the custom-op form: dense-table nodes become OpenVINO's SDPA
+        custom_op = True  # the IR is built from the custom-op form: dense-table nodes become OpenVINO's SDPA
     precision = precision_name(dtype, quantize)
     opset = default_opset(dtype, DEFAULT_OPSET) if opset is None else opset
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in OPSETS:
@@ -64,8 +73,9 @@ def check_request(*, dtype: str = "fp32", quantize: Optional[str] = None, opset:
     check_opset(dtype, opset)
     targets = _targets(runtimes, precision, format)
     _check_lowering(lowering, opset, targets)
-    return ExportRequest(precision, dtype, quantize, opset, lowering, tuple(targets), custom_op, dynamic_batch,
-                         format, repository)
+    return ExportRequest(
+        precision, dtype, quantize, opset, lowering, tuple(targets), custom_op, dynamic_batch, format, repository
+    )
 
 
 def _check_format(format: Optional[str], path) -> str:
@@ -73,11 +83,14 @@ def _check_format(format: Optional[str], path) -> str:
     if format is None:
         return formats.format_of(path) if path is not None else "onnx"
     if format not in formats.FORMATS:
-        raise InvalidArgument(f"unknown format {format!r}; choose one of: "
-                              f"{', '.join([*formats.FORMATS, *formats.REPOSITORIES])}")
+        raise InvalidArgument(
+            f"unknown format {format!r}; choose one of: {', '.join([*formats.FORMATS, *formats.REPOSITORIES])}"
+        )
     if suffix is not None and suffix != formats.FORMATS[format]:
-        raise InvalidArgument(f"{path}: a {format} file needs the suffix {formats.FORMATS[format]} (got "
-                              f"{suffix or 'none'}); name the output like model{formats.FORMATS[format]}")
+        raise InvalidArgument(
+            f"{path}: a {format} file needs the suffix {formats.FORMATS[format]} (got "
+            f"{suffix or 'none'}); name the output like model{formats.FORMATS[format]}"
+        )
     return format
 
 
@@ -90,11 +103,13 @@ def _targets(names, precision: str, format: str) -> list[str]:
         raise InvalidArgument(f"target runtimes must be among {', '.join(able)}, got {list(names)}")
     named = [n for n in dict.fromkeys(names or ()) if not runtimes.get(n).reference]
     if any(n not in able for n in named):
-        raise InvalidArgument(f"this format runs on {', '.join(able)} only, not on "
-                              f"{', '.join(n for n in named if n not in able)}")
+        raise InvalidArgument(
+            f"this format runs on {', '.join(able)} only, not on {', '.join(n for n in named if n not in able)}"
+        )
     contents = Contents(precision)
-    refused = {n: reasons for n in named or able
-               if (reasons := runtimes.get(n).not_supported_reasons(contents, here=False))}
+    refused = {
+        n: reasons for n in named or able if (reasons := runtimes.get(n).not_supported_reasons(contents, here=False))
+    }
     if refused and named:
         name, reasons = next(iter(refused.items()))
         raise EdgeAttnError(f"{name} cannot run {precision} files: {reasons[0]}")
@@ -109,11 +124,15 @@ def _check_lowering(lowering: str, opset: int, targets: Sequence[str]) -> None:
         return
     low = LOWERINGS[lowering]
     if opset < low.min_opset:
-        raise InvalidArgument(f"the {lowering} lowering needs opset >= {low.min_opset} (the ONNX Attention op), "
-                              f"got opset {opset}; pass --opset {low.min_opset} or another lowering")
+        raise InvalidArgument(
+            f"the {lowering} lowering needs opset >= {low.min_opset} (the ONNX Attention op), "
+            f"got opset {opset}; pass --opset {low.min_opset} or another lowering"
+        )
     contents = Contents(lowerings=frozenset({lowering}))
     unsupported = [t for t in targets if runtimes.get(t).not_supported_reasons(contents, here=False)]
     if unsupported:
         runs = [n for n in runtimes.ONNX_RUNTIMES if not runtimes.get(n).not_supported_reasons(contents, here=False)]
-        raise InvalidArgument(f"the {lowering} lowering runs on {', '.join(runs)} only, not on "
-                              f"{', '.join(unsupported)}; use --lowering auto, dense or blocked for those runtimes")
+        raise InvalidArgument(
+            f"the {lowering} lowering runs on {', '.join(runs)} only, not on "
+            f"{', '.join(unsupported)}; use --lowering auto, dense or blocked for those runtimes"
+        )

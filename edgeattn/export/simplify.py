@@ -8,6 +8,7 @@
   onnxruntime fuses only ``(x * 0.5) * (1 + erf(x / sqrt 2))`` into its Gelu kernel.  Multiplying by 0.5 is exact
   in binary floating point (short of subnormals), so the reordered product has the same value.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -24,11 +25,20 @@ def drop_constant_where(proto: onnx.ModelProto) -> int:
     graph = proto.graph
     constants = _Constants(proto)
     outputs = {o.name for o in graph.output}
-    always = [n for n in graph.node if n.op_type == "Where" and n.domain in ("", "ai.onnx")
-              and n.output[0] not in outputs and _all_true(constants.value(n.input[0]))]
-    shapes = _shapes(proto) if always else {}   # shape inference only where a Where may go
-    renamed = {n.output[0]: n.input[1] for n in always
-               if shapes.get(n.output[0]) is not None and shapes.get(n.output[0]) == shapes.get(n.input[1])}
+    always = [
+        n
+        for n in graph.node
+        if n.op_type == "Where"
+        and n.domain in ("", "ai.onnx")
+        and n.output[0] not in outputs
+        and _all_true(constants.value(n.input[0]))
+    ]
+    shapes = _shapes(proto) if always else {}  # shape inference only where a Where may go
+    renamed = {
+        n.output[0]: n.input[1]
+        for n in always
+        if shapes.get(n.output[0]) is not None and shapes.get(n.output[0]) == shapes.get(n.input[1])
+    }
     if renamed:
         kept = [n for n in graph.node if not (n.op_type == "Where" and n.output[0] in renamed)]
         for n in kept:
@@ -77,7 +87,7 @@ def fusable_gelu(proto: onnx.ModelProto) -> int:
         [outer] = consumers[half.output[0]]
         if outer.op_type != "Mul" or sorted(outer.input) != sorted([x, half.output[0]]):
             continue
-        half.input[:] = [x, c]                       # half = x * 0.5
+        half.input[:] = [x, c]  # half = x * 0.5
         outer.input[:] = [half.output[0], add_name]  # outer = half * (1 + erf(...))
         count += 1
     return count
@@ -114,16 +124,21 @@ class _Constants:
                 continue
             node = self.producers.get(value)
             if node is None or node.domain not in ("", "ai.onnx") or any(a.g.node or a.graphs for a in node.attribute):
-                return None   # a graph input, a custom op or a subgraph: not a constant we evaluate
+                return None  # a graph input, a custom op or a subgraph: not a constant we evaluate
             needed.update(node.output)
             stack.extend(node.input)
         nodes = [n for n in self.proto.graph.node if n.output[0] in needed]
-        graph = helper.make_graph(nodes, "constant", [], [helper.make_value_info(name, onnx.TypeProto())],
-                                  [self.initializers[i] for i in sorted(used)])
+        graph = helper.make_graph(
+            nodes,
+            "constant",
+            [],
+            [helper.make_value_info(name, onnx.TypeProto())],
+            [self.initializers[i] for i in sorted(used)],
+        )
         model = helper.make_model(graph, opset_imports=self.proto.opset_import, ir_version=self.proto.ir_version)
         try:
             return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
-        except Exception:   # an op the reference runtime lacks: leave the node as it is
+        except Exception:  # an op the reference runtime lacks: leave the node as it is
             return None
 
 
@@ -131,13 +146,15 @@ def _shapes(proto: onnx.ModelProto) -> dict:
     """Inferred static shapes, name -> tuple of dims (ints or symbols); None where a dim is unknown."""
     try:
         inferred = onnx.shape_inference.infer_shapes(proto)
-    except Exception:   # a model over protobuf's 2 GB cannot be inferred in memory: rewrite nothing
+    except Exception:  # a model over protobuf's 2 GB cannot be inferred in memory: rewrite nothing
         return {}
     shapes = {}
     for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                    for d in info.type.tensor_type.shape.dim]
+            dims = [
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                for d in info.type.tensor_type.shape.dim
+            ]
             shapes[info.name] = None if None in dims else tuple(dims)
     return shapes
 

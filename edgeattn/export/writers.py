@@ -10,6 +10,7 @@
 
 Both are written beside the target and moved in when complete.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,21 +62,25 @@ def write_ort_format(proto: onnx.ModelProto, path) -> int:
     with staging(path) as folder:
         source = folder / f"{path.stem}.onnx"
         onnx.save(proto, str(source))
-        chatty = logging.getLogger("ort_format_model.utils")   # logs each config it writes at INFO, on stderr
+        chatty = logging.getLogger("ort_format_model.utils")  # logs each config it writes at INFO, on stderr
         level = chatty.level
         chatty.setLevel(logging.WARNING)
         try:
             with quiet():
-                convert_onnx_models_to_ort(source, output_dir=folder / "out",
-                                           optimization_styles=[OptimizationStyle.Fixed])
+                convert_onnx_models_to_ort(
+                    source, output_dir=folder / "out", optimization_styles=[OptimizationStyle.Fixed]
+                )
         except Exception as e:
-            raise ExportFailed(f"{path}: onnxruntime could not convert the model to the ORT format: "
-                               f"{first_line(e)}") from e
+            raise ExportFailed(
+                f"{path}: onnxruntime could not convert the model to the ORT format: {first_line(e)}"
+            ) from e
         finally:
             chatty.setLevel(level)
         out = folder / "out"
         written = out / f"{path.stem}.ort"
         if not written.is_file():
-            raise ExportFailed(f"{path}: onnxruntime's ORT-format converter wrote no model; run `python -m "
-                               f"onnxruntime.tools.convert_onnx_models_to_ort` on the .onnx to see why")
+            raise ExportFailed(
+                f"{path}: onnxruntime's ORT-format converter wrote no model; run `python -m "
+                f"onnxruntime.tools.convert_onnx_models_to_ort` on the .onnx to see why"
+            )
         return publish([(out / config.name, config), (written, path)])

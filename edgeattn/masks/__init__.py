@@ -1,4 +1,5 @@
 """Mask families.  Each factory returns a :class:`Mask`; ``FAMILIES`` lists them for the CLI and the tests."""
+
 import inspect
 from typing import Callable
 
@@ -25,9 +26,28 @@ FAMILIES: dict[str, tuple[Callable[..., Mask], str]] = {
     "clear": (clear, "CLEAR: circular local window dy^2+dx^2 < r^2 on the image grid, text tokens dense"),
 }
 
-__all__ = ["Mask", "Shape", "and_masks", "or_masks", "as_mask", "custom", "materialize", "FAMILIES",
-           "causal", "sliding_window", "sinks", "segments", "neighborhood", "window",
-           "manhattan_decay", "decay_1d", "radial", "clear", "from_params", "parse_value"]
+__all__ = [
+    "Mask",
+    "Shape",
+    "and_masks",
+    "or_masks",
+    "as_mask",
+    "custom",
+    "materialize",
+    "FAMILIES",
+    "causal",
+    "sliding_window",
+    "sinks",
+    "segments",
+    "neighborhood",
+    "window",
+    "manhattan_decay",
+    "decay_1d",
+    "radial",
+    "clear",
+    "from_params",
+    "parse_value",
+]
 
 
 def from_params(family: str, params=()) -> Mask:

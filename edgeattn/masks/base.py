@@ -13,6 +13,7 @@ constant of the mask: a Mask declares it with ``rpb(shape) -> (table_shape, rpb_
 ``table_shape``, of the bias the pair (q_idx, kv_idx) gets.  Tables store that index; the layer that owns the
 weight gathers ``weight[h, index]`` at run time.  The index only matters where the mask allows the pair.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -47,8 +48,9 @@ class Shape:
             n = math.prod(grid)
             for name, value in (("q_len", q_len), ("kv_len", kv_len)):
                 if value is not None and value != n:
-                    raise InvalidArgument(f"{name}={value} does not match grid {grid} ({n} tokens); pass one or the "
-                                          "other")
+                    raise InvalidArgument(
+                        f"{name}={value} does not match grid {grid} ({n} tokens); pass one or the other"
+                    )
             return cls(n, n, grid)
         if q_len is None:
             raise InvalidArgument("give q_len (and optionally kv_len) or grid")
@@ -59,8 +61,10 @@ class Shape:
     def require_grid(self, family: str, ndim: Sequence[int] = (1, 2, 3)) -> tuple[int, ...]:
         if self.grid is None or len(self.grid) not in ndim:
             dims = "/".join(f"{d}-D" for d in ndim)
-            raise InvalidArgument(f"{family} needs a {dims} token grid, got {self.grid or 'a plain sequence'}; "
-                                  f"pass grid=(...) when building tables or layers")
+            raise InvalidArgument(
+                f"{family} needs a {dims} token grid, got {self.grid or 'a plain sequence'}; "
+                f"pass grid=(...) when building tables or layers"
+            )
         return self.grid
 
 
@@ -76,8 +80,7 @@ class Mask:
     # which keys are allowed, only how much padding a block table carries.
     tiling: dict = field(default_factory=dict, repr=False, compare=False)
     # Learned relative position bias: shape -> (per-head table shape, rpb_index_mod); None when the mask has none.
-    rpb: Optional[Callable[[Shape], tuple[tuple[int, ...], IndexMod]]] = field(default=None, repr=False,
-                                                                               compare=False)
+    rpb: Optional[Callable[[Shape], tuple[tuple[int, ...], IndexMod]]] = field(default=None, repr=False, compare=False)
 
     def __and__(self, other: "Mask") -> "Mask":
         return and_masks(self, other)
@@ -85,7 +88,7 @@ class Mask:
     def __or__(self, other: "Mask") -> "Mask":
         return or_masks(self, other)
 
-    def __rand__(self, other) -> "Mask":   # mask_mod & Mask
+    def __rand__(self, other) -> "Mask":  # mask_mod & Mask
         return and_masks(other, self)
 
     def __ror__(self, other) -> "Mask":
@@ -109,8 +112,9 @@ def as_mask(obj) -> Mask:
         return obj
     if callable(obj):
         return custom(obj)
-    raise InvalidArgument("expected an edgeattn Mask or a mask_mod(b, h, q_idx, kv_idx) callable, got "
-                          f"{type(obj).__name__}")
+    raise InvalidArgument(
+        f"expected an edgeattn Mask or a mask_mod(b, h, q_idx, kv_idx) callable, got {type(obj).__name__}"
+    )
 
 
 def and_masks(*masks) -> Mask:
@@ -130,9 +134,11 @@ def _combine(masks, sep, op) -> Mask:
     learned = [m for m in masks if m.rpb is not None]
     # A pair allowed by another mask of an or, or a second table of an and, has no single place in one table.
     if len(learned) > 1 or (learned and sep == "|"):
-        raise InvalidArgument(f"cannot combine {', '.join(m.name for m in masks)} with "
-                              f"{'or' if sep == '|' else 'and'}: a relative position bias table only covers its own "
-                              "mask's pairs; and_masks may hold at most one mask with rpb")
+        raise InvalidArgument(
+            f"cannot combine {', '.join(m.name for m in masks)} with "
+            f"{'or' if sep == '|' else 'and'}: a relative position bias table only covers its own "
+            "mask's pairs; and_masks may hold at most one mask with rpb"
+        )
 
     def mods(shape):
         parts = [m.mods(shape) for m in masks]
@@ -151,8 +157,9 @@ def _combine(masks, sep, op) -> Mask:
     return Mask(name, mods, next((m.tiling for m in masks if m.tiling), {}), learned[0].rpb if learned else None)
 
 
-def index_grid(shape: Shape, heads: int = 1,
-               q_rows: Optional[slice] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def index_grid(
+    shape: Shape, heads: int = 1, q_rows: Optional[slice] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The (b, h, q_idx, kv_idx) tensors that mask functions are evaluated on, shaped to broadcast.
 
     Tables are shared by every batch element, so a mask must not depend on the batch index.  ``b`` holds batch
@@ -176,17 +183,21 @@ def evaluate(fn, index, heads: int, label: str = "mask_mod", name: str = "") -> 
     try:
         out = fn(b, h, q, kv)
     except IndexError as e:
-        raise InvalidArgument(f"{what} indexes out of range ({str(e).splitlines()[0]}): the tensors it captures must "
-                              f"cover every query and key index of the shape the table is built for") from e
+        raise InvalidArgument(
+            f"{what} indexes out of range ({str(e).splitlines()[0]}): the tensors it captures must "
+            f"cover every query and key index of the shape the table is built for"
+        ) from e
     except (RuntimeError, TypeError) as e:
         raise InvalidArgument(
             f"{what} cannot be evaluated on index tensors ({type(e).__name__}: {str(e).splitlines()[0]}). It is "
             f"called once with tensors holding every index (b {tuple(b.shape)}, h {tuple(h.shape)}, q_idx "
             f"{tuple(q.shape)}, kv_idx {tuple(kv.shape)}), not once per pair: write conditions with &, |, ~ and "
-            f"torch.where instead of Python if/and/or, and do not call .item(), int() or bool() on them") from e
+            f"torch.where instead of Python if/and/or, and do not call .item(), int() or bool() on them"
+        ) from e
     if not isinstance(out, torch.Tensor):
-        raise InvalidArgument(f"{what} must return a tensor computed from its index arguments, got "
-                              f"{type(out).__name__}")
+        raise InvalidArgument(
+            f"{what} must return a tensor computed from its index arguments, got {type(out).__name__}"
+        )
     if label == "mask_mod" and out.dtype != torch.bool:
         raise InvalidArgument(f"{what} must return a bool tensor (True = may attend), got {out.dtype}")
     if label == "bias_mod" and (out.dtype == torch.bool or out.is_complex()):
@@ -198,13 +209,16 @@ def evaluate(fn, index, heads: int, label: str = "mask_mod", name: str = "") -> 
             f"{what} depends on the batch index b: a static table is shared by every batch element, so it cannot "
             f"give each element its own mask (such as document masking with per-sequence ids). Compute that mask "
             f"in the model from its inputs and call edgeattn.masked_attention(q, k, v, mask) with it (export keeps "
-            f"it as a graph computation), or write the mask from h, q_idx and kv_idx only")
+            f"it as a graph computation), or write the mask from h, q_idx and kv_idx only"
+        )
     full = (heads if out.ndim >= 3 and out.shape[-3] != 1 else 1, q.shape[2], kv.shape[3])
     try:
         return out.broadcast_to((1,) + full)[0]
     except RuntimeError:
-        raise InvalidArgument(f"{what} must broadcast over (b, h, q_idx, kv_idx) index tensors to {full}; "
-                              f"it returned shape {tuple(out.shape)}") from None
+        raise InvalidArgument(
+            f"{what} must broadcast over (b, h, q_idx, kv_idx) index tensors to {full}; "
+            f"it returned shape {tuple(out.shape)}"
+        ) from None
 
 
 def materialize(mask, q_len=None, kv_len=None, grid=None, heads: int = 1) -> torch.Tensor:

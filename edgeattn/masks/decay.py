@@ -12,6 +12,7 @@ Reference: RMT, "Retentive Networks Meet Vision Transformers" (CVPR 2024), githu
 The product is formed in float32 (distance as float32 times float32 ``log(gamma_h)``), as the reference does, so
 gammas given as ``exp`` of the reference's float32 log-decays reproduce its tables bit for bit.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,13 @@ def manhattan_decay(gammas) -> Mask:
         grid = shape.require_grid("manhattan_decay")
 
         def bias_mod(b, h, q_idx, kv_idx):
-            distance = cast(torch.Tensor, sum((qc - kc).abs()   # a tensor: a grid has at least one axis
-                                              for qc, kc in zip(axis_coords(q_idx, grid), axis_coords(kv_idx, grid))))
+            distance = cast(
+                torch.Tensor,
+                sum(
+                    (qc - kc).abs()  # a tensor: a grid has at least one axis
+                    for qc, kc in zip(axis_coords(q_idx, grid), axis_coords(kv_idx, grid))
+                ),
+            )
             return distance.to(torch.float32) * _per_head(log_gammas, h)
 
         return allow_all, bias_mod
@@ -47,7 +53,7 @@ def decay_1d(gammas) -> Mask:
     log_gammas, label = _log_gammas("decay_1d", gammas)
 
     def mods(shape: Shape):
-        offset = shape.kv_len - shape.q_len   # queries are the last q_len positions
+        offset = shape.kv_len - shape.q_len  # queries are the last q_len positions
 
         def bias_mod(b, h, q_idx, kv_idx):
             return (q_idx + offset - kv_idx).abs().to(torch.float32) * _per_head(log_gammas, h)
@@ -61,11 +67,13 @@ def _log_gammas(family: str, gammas) -> tuple[torch.Tensor, str]:
     """Validate gammas -> (float32 log-gammas, name label ``g0.75_0.875``).  A single float gives one entry."""
     if isinstance(gammas, torch.Tensor):
         gammas = gammas.tolist()
-    values = [gammas] if isinstance(gammas, numbers.Real) else list(gammas) if isinstance(gammas, (list, tuple)) \
-        else None
+    values = (
+        [gammas] if isinstance(gammas, numbers.Real) else list(gammas) if isinstance(gammas, (list, tuple)) else None
+    )
     if not values or any(isinstance(g, bool) or not isinstance(g, numbers.Real) for g in values):
-        raise InvalidArgument(f"{family} takes gammas: one decay rate in (0, 1] per head (or one float for all heads), "
-                              f"got {gammas!r}")
+        raise InvalidArgument(
+            f"{family} takes gammas: one decay rate in (0, 1] per head (or one float for all heads), got {gammas!r}"
+        )
     for g in values:
         if not (0.0 < float(g) <= 1.0):
             raise InvalidArgument(f"{family} gammas must be in (0, 1] (log(gamma) is the per-step decay), got {g!r}")
@@ -81,6 +89,8 @@ def _per_head(log_gammas: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     # tables evaluate every head at once with h shaped (1, heads, 1, 1); FlexAttention passes one head index
     heads = h.shape[1] if h.ndim == 4 else int(h.max()) + 1
     if (h.ndim == 4 and heads != log_gammas.numel()) or heads > log_gammas.numel():
-        raise InvalidArgument(f"the decay has {log_gammas.numel()} gammas (one per head) but the layer has {heads} "
-                              f"heads; give one gamma per head")
+        raise InvalidArgument(
+            f"the decay has {log_gammas.numel()} gammas (one per head) but the layer has {heads} "
+            f"heads; give one gamma per head"
+        )
     return log_gammas[h]

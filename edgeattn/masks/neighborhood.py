@@ -18,6 +18,7 @@ NATTEN <= 0.17): the bias of key j for query i sits at ``j // d - i // d + k - 1
 key's offset from the query inside the dilation group, also where the window shifts at a border.  NATTEN defines
 it for odd kernels, stride 1 and non-causal axes only, so other combinations are refused.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,8 +48,10 @@ def neighborhood(kernel, dilation=1, stride=1, causal=False, rpb=False) -> Mask:
     if not isinstance(rpb, bool):
         raise InvalidArgument(f"rpb must be True or False, got {rpb!r}")
     if rpb and (any(k % 2 == 0 for k in ks) or any(s > 1 for s in ss) or any(cs)):
-        raise InvalidArgument(f"rpb=True needs odd kernels, stride 1 and no causal axis (where NATTEN defines relative "
-                              f"position biases), got kernel={kernel}, stride={stride}, causal={causal}")
+        raise InvalidArgument(
+            f"rpb=True needs odd kernels, stride 1 and no causal axis (where NATTEN defines relative "
+            f"position biases), got kernel={kernel}, stride={stride}, causal={causal}"
+        )
     name = "neighborhood_k" + fmt_axes(ks)
     name += "_d" + fmt_axes(ds) if any(d > 1 for d in ds) else ""
     name += "_s" + fmt_axes(ss) if any(s > 1 for s in ss) else ""
@@ -61,8 +64,10 @@ def neighborhood(kernel, dilation=1, stride=1, causal=False, rpb=False) -> Mask:
         axes = resolve(len(grid))
         for axis, (length, k, d) in enumerate(zip(grid, axes[0], axes[1])):
             if k * d > length:
-                raise InvalidArgument(f"kernel*dilation must be <= the grid axis length: axis {axis} has length "
-                                      f"{length}, kernel {k} x dilation {d} = {k * d}; lower kernel or dilation")
+                raise InvalidArgument(
+                    f"kernel*dilation must be <= the grid axis length: axis {axis} has length "
+                    f"{length}, kernel {k} x dilation {d} = {k * d}; lower kernel or dilation"
+                )
         return grid, axes
 
     def mods(shape: Shape):
@@ -81,13 +86,13 @@ def neighborhood(kernel, dilation=1, stride=1, causal=False, rpb=False) -> Mask:
         grid, (kernels, dilations, *_) = checked(shape)
         table = tuple(2 * k - 1 for k in kernels)
 
-        def group_position(idx):   # row-major position of the token's dilation-group coordinates in the table
+        def group_position(idx):  # row-major position of the token's dilation-group coordinates in the table
             flat = 0
             for coord, d, size in zip(axis_coords(idx, grid), dilations, table):
                 flat = flat * size + coord // d
             return flat
 
-        centre = 0   # table position of a zero offset: (k-1, k-1, ...)
+        centre = 0  # table position of a zero offset: (k-1, k-1, ...)
         for k, size in zip(kernels, table):
             centre = centre * size + k - 1
 
@@ -99,8 +104,7 @@ def neighborhood(kernel, dilation=1, stride=1, causal=False, rpb=False) -> Mask:
         return table, rpb_index_mod
 
     # Tiles of one kernel per axis inside one dilation group: a tile's keys span about 2 kernels per axis.
-    return Mask(name, mods, {"tile": ks if ndim else ks[0], "groups": ds if ndim else ds[0]},
-                rpb_mods if rpb else None)
+    return Mask(name, mods, {"tile": ks if ndim else ks[0], "groups": ds if ndim else ds[0]}, rpb_mods if rpb else None)
 
 
 def _axis_allowed(i, j, length, k, d, s, causal):

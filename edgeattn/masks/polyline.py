@@ -18,6 +18,7 @@ with a cumsum and broadcast adds: nothing of size (H*W)^2 is stored.  The masks 
 (``mask_mod`` / ``bias_mod`` over indices) because they depend on the input; pass them to
 ``edgeattn.attention.masked_attention`` as ``bias``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,8 +56,9 @@ def polyline_bias(row_decay: torch.Tensor, col_decay: torch.Tensor, first: str =
     ``first="column"``: ``M[(a,p), (b,q)] = cols[p, a, b] + rows[b, p, q]`` (the query's column, then the key's
     row), the transpose of the ``"row"`` mask.  Both come from broadcast adds of the 1-D masks."""
     if first not in ORIENTATIONS:
-        raise InvalidArgument(f"first must be one of {ORIENTATIONS} (which line the path from the query follows "
-                              f"first), got {first!r}")
+        raise InvalidArgument(
+            f"first must be one of {ORIENTATIONS} (which line the path from the query follows first), got {first!r}"
+        )
     rows, cols = line_biases(row_decay, col_decay)
     H, W = row_decay.shape[-2:]
     if first == "row":
@@ -70,15 +72,22 @@ def polyline_bias(row_decay: torch.Tensor, col_decay: torch.Tensor, first: str =
 
 def _check_decay(name: str, decay, min_ndim: int) -> None:
     if not isinstance(decay, torch.Tensor) or not decay.is_floating_point() or decay.ndim < min_ndim:
-        got = f"{decay.dtype} tensor of shape {tuple(decay.shape)}" if isinstance(decay, torch.Tensor) \
+        got = (
+            f"{decay.dtype} tensor of shape {tuple(decay.shape)}"
+            if isinstance(decay, torch.Tensor)
             else type(decay).__name__
-        raise InvalidArgument(f"{name} must be a floating-point tensor with at least {min_ndim} dimension(s) "
-                              f"(..., {'H, W' if min_ndim == 2 else 'L'}), got {got}")
+        )
+        raise InvalidArgument(
+            f"{name} must be a floating-point tensor with at least {min_ndim} dimension(s) "
+            f"(..., {'H, W' if min_ndim == 2 else 'L'}), got {got}"
+        )
 
 
 def _check_pair(row_decay, col_decay) -> None:
     _check_decay("row_decay", row_decay, 2)
     _check_decay("col_decay", col_decay, 2)
     if row_decay.shape != col_decay.shape:
-        raise InvalidArgument(f"row_decay and col_decay must both be laid on the grid with the same shape (..., H, W), "
-                              f"got {tuple(row_decay.shape)} and {tuple(col_decay.shape)}")
+        raise InvalidArgument(
+            f"row_decay and col_decay must both be laid on the grid with the same shape (..., H, W), "
+            f"got {tuple(row_decay.shape)} and {tuple(col_decay.shape)}"
+        )

@@ -21,6 +21,7 @@ the reference does), and a block is kept iff more than 60% of its non-empty colu
 A sequence block is allowed iff any frame pair keeps it.  ``text`` tokens after the video (HunyuanVideo's
 layout) attend everything and are attended by everything.  Pairs allowed: ``block[q // B, k // B]``.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,7 @@ import torch
 from ..errors import InvalidArgument
 from .base import Mask, Shape, check_int
 
-SPLIT_THRESHOLD = 128   # the reference's hard-coded block size in get_diagonal_split_mask
+SPLIT_THRESHOLD = 128  # the reference's hard-coded block size in get_diagonal_split_mask
 
 
 def radial(frames: int, block_size: int = 128, decay_factor: float = 1.0, sink: bool = False, text: int = 0) -> Mask:
@@ -40,10 +41,15 @@ def radial(frames: int, block_size: int = 128, decay_factor: float = 1.0, sink: 
     frames = check_int("frames", frames, low=1)
     block_size = check_int("block_size", block_size, low=1)
     text = check_int("text", text, low=0)
-    if isinstance(decay_factor, bool) or not isinstance(decay_factor, numbers.Real) \
-            or not math.isfinite(decay_factor) or decay_factor <= 0:
-        raise InvalidArgument(f"decay_factor must be a finite number > 0 (the reference uses 0.2 to 1), "
-                              f"got {decay_factor!r}")
+    if (
+        isinstance(decay_factor, bool)
+        or not isinstance(decay_factor, numbers.Real)
+        or not math.isfinite(decay_factor)
+        or decay_factor <= 0
+    ):
+        raise InvalidArgument(
+            f"decay_factor must be a finite number > 0 (the reference uses 0.2 to 1), got {decay_factor!r}"
+        )
     if not isinstance(sink, bool):
         raise InvalidArgument(f"sink must be a bool (True: every frame attends frame 0, as Wan does), got {sink!r}")
     decay_factor = float(decay_factor)
@@ -53,17 +59,23 @@ def radial(frames: int, block_size: int = 128, decay_factor: float = 1.0, sink: 
     def mods(shape: Shape):
         n = shape.q_len
         if shape.kv_len != n or (shape.grid is not None and len(shape.grid) > 1):
-            raise InvalidArgument("radial needs one frame-major sequence of queries = keys (seq_len=frames x tokens "
-                                  f"per frame + text), got q_len={shape.q_len}, kv_len={shape.kv_len}, "
-                                  f"grid={shape.grid}")
+            raise InvalidArgument(
+                "radial needs one frame-major sequence of queries = keys (seq_len=frames x tokens "
+                f"per frame + text), got q_len={shape.q_len}, kv_len={shape.kv_len}, "
+                f"grid={shape.grid}"
+            )
         video = n - text
         if video < frames or video % frames:
-            raise InvalidArgument(f"radial: {n} tokens minus text={text} must split into frames={frames} equal frames, "
-                                  f"got {video} video tokens; pass seq_len = frames x tokens_per_frame + text")
+            raise InvalidArgument(
+                f"radial: {n} tokens minus text={text} must split into frames={frames} equal frames, "
+                f"got {video} video tokens; pass seq_len = frames x tokens_per_frame + text"
+            )
         if video % block_size:
-            raise InvalidArgument(f"radial: the {video} video tokens must be whole blocks of block_size={block_size} "
-                                  "(the reference's block mask covers whole blocks only); pick a block_size dividing "
-                                  "it")
+            raise InvalidArgument(
+                f"radial: the {video} video tokens must be whole blocks of block_size={block_size} "
+                "(the reference's block mask covers whole blocks only); pick a block_size dividing "
+                "it"
+            )
         blocks = _block_mask(frames, video // frames, block_size, decay_factor, sink)
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -81,14 +93,14 @@ def _block_mask(frames: int, per_frame: int, block: int, decay: float, sink: boo
     """(video blocks, video blocks) bool: the union over frame pairs of their coarsened token masks."""
     n_blocks, span = frames * per_frame // block, -(-per_frame // block)
     out = torch.zeros(n_blocks, n_blocks, dtype=torch.bool)
-    pairs = {}   # the coarsened pair mask depends only on (distance, row offset, column offset, sink)
+    pairs = {}  # the coarsened pair mask depends only on (distance, row offset, column offset, sink)
     for i in range(frames):
         for j in range(frames):
             key = (abs(i - j), i * per_frame % block, j * per_frame % block, sink and j == 0)
             if key not in pairs:
                 pairs[key] = _coarsen(_pair_mask(per_frame, key[0], block, decay, key[3]), key[1], key[2], block, span)
             r, c = i * per_frame // block, j * per_frame // block
-            out[r:r + span, c:c + span] |= pairs[key]
+            out[r : r + span, c : c + span] |= pairs[key]
     return out
 
 
@@ -109,8 +121,8 @@ def _coarsen(local: torch.Tensor, row_offset: int, col_offset: int, block: int, 
     side = span * block
     canvas = torch.zeros(side, side, dtype=torch.bool)
     rows, cols = min(local.shape[0], side - row_offset), min(local.shape[1], side - col_offset)
-    canvas[row_offset:row_offset + rows, col_offset:col_offset + cols] = local[:rows, :cols]
-    counts = canvas.view(span, block, span, block).sum(1)           # (row block, col block, column): rows set
+    canvas[row_offset : row_offset + rows, col_offset : col_offset + cols] = local[:rows, :cols]
+    counts = canvas.view(span, block, span, block).sum(1)  # (row block, col block, column): rows set
     # integer forms of the reference's float tests: count / block > 1/3 and high / non-empty > 0.6
     high = (3 * counts > block).sum(-1)
     nonempty = (counts > 0).sum(-1)

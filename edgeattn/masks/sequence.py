@@ -4,6 +4,7 @@ Queries are aligned to the end of the keys (query i sits at position ``i + kv_le
 top-left causal when ``q_len == kv_len`` and the usual alignment when queries are the tail of a KV cache.
 Window conventions follow FlexAttention's attention-gym examples: ``window`` is how far a query looks back.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,6 +19,7 @@ def _positions(shape: Shape, q_idx):
 
 def causal() -> Mask:
     """Key allowed iff it is not after the query."""
+
     def mods(shape):
         return (lambda b, h, q, kv: kv <= _positions(shape, q)), None
 
@@ -63,21 +65,28 @@ def segments(segment_ids) -> Mask:
     """
     ids = torch.as_tensor(segment_ids)
     if ids.ndim != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise InvalidArgument(f"segment_ids must be a non-empty 1-D sequence of integers, got {tuple(ids.shape)} "
-                              f"{ids.dtype}")
+        raise InvalidArgument(
+            f"segment_ids must be a non-empty 1-D sequence of integers, got {tuple(ids.shape)} {ids.dtype}"
+        )
     ids = ids.long()
     if (ids < 0).any() or (ids[1:] < ids[:-1]).any():
-        raise InvalidArgument("segment_ids must be non-negative and non-decreasing (segments are contiguous), "
-                              f"got {ids.tolist()[:16]}{'...' if ids.numel() > 16 else ''}")
+        raise InvalidArgument(
+            "segment_ids must be non-negative and non-decreasing (segments are contiguous), "
+            f"got {ids.tolist()[:16]}{'...' if ids.numel() > 16 else ''}"
+        )
     lengths = torch.unique_consecutive(ids, return_counts=True)[1].tolist()
 
     def mods(shape):
         if shape.q_len > shape.kv_len:
-            raise InvalidArgument(f"segments needs q_len <= kv_len (queries are the tail of the keys), "
-                                  f"got q_len={shape.q_len}, kv_len={shape.kv_len}")
+            raise InvalidArgument(
+                f"segments needs q_len <= kv_len (queries are the tail of the keys), "
+                f"got q_len={shape.q_len}, kv_len={shape.kv_len}"
+            )
         if ids.numel() != shape.kv_len:
-            raise InvalidArgument(f"segment_ids has {ids.numel()} entries but the sequence has {shape.kv_len} keys; "
-                                  f"give one id per key position")
+            raise InvalidArgument(
+                f"segment_ids has {ids.numel()} entries but the sequence has {shape.kv_len} keys; "
+                f"give one id per key position"
+            )
 
         def mask_mod(b, h, q, kv):
             pos = _positions(shape, q)

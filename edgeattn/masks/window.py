@@ -11,6 +11,7 @@ scores of other regions; we mask them, which differs by at most exp(-100).
 table of (2Wh-1)(2Ww-1) entries): a pair's entry is ``(dy + Wh-1)(2Ww-1) + (dx + Ww-1)`` with (dy, dx) the query's
 position minus the key's inside their (rolled) window, which is Swin's relative_position_index.
 """
+
 from __future__ import annotations
 
 from ..errors import InvalidArgument
@@ -33,8 +34,10 @@ def window(size, shift=0, rpb=False) -> Mask:
         grid = shape.require_grid("window", (2,))
         for axis, (length, w) in enumerate(zip(grid, sizes)):
             if length % w:
-                raise InvalidArgument(f"window size {w} must divide grid axis {axis} of length {length}; "
-                                      f"pad the feature map to a multiple of the window (as Swin does)")
+                raise InvalidArgument(
+                    f"window size {w} must divide grid axis {axis} of length {length}; "
+                    f"pad the feature map to a multiple of the window (as Swin does)"
+                )
         return grid
 
     def mods(shape: Shape):
@@ -61,7 +64,7 @@ def window(size, shift=0, rpb=False) -> Mask:
         grid = checked_grid(shape)
         wh, ww = sizes
 
-        def position(idx):   # (y, x) inside the window of the rolled map, as y * (2Ww-1) + x
+        def position(idx):  # (y, x) inside the window of the rolled map, as y * (2Ww-1) + x
             y, x = ((c - s) % length % w for c, length, w, s in zip(axis_coords(idx, grid), grid, sizes, shifts))
             return y * (2 * ww - 1) + x
 

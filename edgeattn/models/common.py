@@ -11,6 +11,7 @@ stages on (B, N, C) tokens; RMT has a 4-conv BatchNorm stem, merges with a strid
 runs retention stages on (B, H, W, C) maps.  Each module tree also keeps its reference's state-dict keys.  PPMA
 reuses RMT's pieces from :mod:`.rmt` itself.
 """
+
 from __future__ import annotations
 
 import math

@@ -26,6 +26,7 @@ default initialisation instead, so a parity check exercises every path rather th
   attention over the joint sequence.  FLUX itself uses MM-DiT blocks (separate text/image weights) and RoPE;
   this block keeps DiT's single set of weights and no positional encoding.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,9 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if c.ndim != 2 or c.shape[0] != x.shape[0] or c.shape[1] != x.shape[2]:
-            raise InvalidArgument(f"conditioning c must be (batch, dim) = ({x.shape[0]}, {x.shape[2]}), "
-                                  f"got {tuple(c.shape)}")
+            raise InvalidArgument(
+                f"conditioning c must be (batch, dim) = ({x.shape[0]}, {x.shape[2]}), got {tuple(c.shape)}"
+            )
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(_modulate(self.norm1(x), shift_msa, scale_msa))
         return x + gate_mlp.unsqueeze(1) * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -68,8 +70,9 @@ class DiTBlock(nn.Module):
 class RadialDiTBlock(nn.Module):
     """(B, frames*h*w, dim) video tokens (frame-major) and (B, dim) conditioning -> tokens."""
 
-    def __init__(self, frames=32, frame_grid=(8, 16), dim=64, heads=2, block_size=64, decay_factor=1.0,
-                 sink=True, mlp_ratio=4.0):
+    def __init__(
+        self, frames=32, frame_grid=(8, 16), dim=64, heads=2, block_size=64, decay_factor=1.0, sink=True, mlp_ratio=4.0
+    ):
         super().__init__()
         mask = radial(frames, block_size=block_size, decay_factor=decay_factor, sink=sink)
         attn = MaskedSelfAttention(dim, heads, mask, seq_len=frames * math.prod(frame_grid))
@@ -93,12 +96,14 @@ class TextImageAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         if N != self.table.shape.kv_len:
-            raise InvalidArgument(f"{type(self).__name__} was built for {self.table.shape.kv_len} tokens "
-                                  f"({self.text} text + image), got {N}: the mask table is static")
+            raise InvalidArgument(
+                f"{type(self).__name__} was built for {self.table.shape.kv_len} tokens "
+                f"({self.text} text + image), got {N}: the mask table is static"
+            )
         q, k, v = split_qkv(self.qkv(x), self.heads, self.head_dim)
-        out = self.table(q[:, :, self.text:], k, v)
+        out = self.table(q[:, :, self.text :], k, v)
         if self.text:
-            out = torch.cat([F.scaled_dot_product_attention(q[:, :, :self.text], k, v), out], 2)
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, : self.text], k, v), out], 2)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -114,10 +119,12 @@ class ClearDiTBlock(nn.Module):
 
     def forward(self, text: torch.Tensor, image: torch.Tensor, c: torch.Tensor):
         if text.shape[1] != self.text or image.shape[1] != math.prod(self.image):
-            raise InvalidArgument(f"clear-block takes {self.text} text tokens and {math.prod(self.image)} image tokens "
-                                  f"({self.image[0]}x{self.image[1]}), got {text.shape[1]} and {image.shape[1]}")
-        x = self.block(torch.cat([text, image], 1), c)   # FLUX order: text first
-        return x[:, :self.text], x[:, self.text:]
+            raise InvalidArgument(
+                f"clear-block takes {self.text} text tokens and {math.prod(self.image)} image tokens "
+                f"({self.image[0]}x{self.image[1]}), got {text.shape[1]} and {image.shape[1]}"
+            )
+        x = self.block(torch.cat([text, image], 1), c)  # FLUX order: text first
+        return x[:, : self.text], x[:, self.text :]
 
 
 def _radial_inputs(frames, frame_grid, dim, **_):
@@ -128,15 +135,34 @@ def _clear_inputs(text, image, dim, **_):
     return {"text": (1, text, dim), "image": (1, math.prod(image), dim), "c": (1, dim)}
 
 
-@register("radial-block", "DiT block, radial attention (Wan: sink, block 64), 32 frames x 8x16 tokens, dim 64, "
-          "2 heads", _radial_inputs, frames=32, frame_grid=[8, 16], dim=64, heads=2, block_size=64,
-          decay_factor=1.0, sink=True, mlp_ratio=4.0)
+@register(
+    "radial-block",
+    "DiT block, radial attention (Wan: sink, block 64), 32 frames x 8x16 tokens, dim 64, 2 heads",
+    _radial_inputs,
+    frames=32,
+    frame_grid=[8, 16],
+    dim=64,
+    heads=2,
+    block_size=64,
+    decay_factor=1.0,
+    sink=True,
+    mlp_ratio=4.0,
+)
 def radial_block(**config) -> RadialDiTBlock:
     return RadialDiTBlock(**config)
 
 
-@register("clear-block", "DiT block, CLEAR radius-8 circular window on 32x32 image tokens + 64 dense text tokens, "
-          "dim 64, 2 heads", _clear_inputs, outputs=("text_out", "image_out"), text=64, image=[32, 32], radius=8,
-          dim=64, heads=2, mlp_ratio=4.0)
+@register(
+    "clear-block",
+    "DiT block, CLEAR radius-8 circular window on 32x32 image tokens + 64 dense text tokens, dim 64, 2 heads",
+    _clear_inputs,
+    outputs=("text_out", "image_out"),
+    text=64,
+    image=[32, 32],
+    radius=8,
+    dim=64,
+    heads=2,
+    mlp_ratio=4.0,
+)
 def clear_block(**config) -> ClearDiTBlock:
     return ClearDiTBlock(**config)

@@ -42,6 +42,7 @@ fewer, which moves outputs by ~4e-3 (3 of 8 random full-size inputs have one suc
 as a hard decision (:mod:`edgeattn.decisions`), so the parity check recognises a tie, re-runs the reference with
 the runtime's decision there and reports "1 of 1612800 decisions flipped ..." with the error that remains.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,8 @@ from ..attention import masked_attention
 from ..errors import InvalidArgument
 from .registry import register
 
-NUM_LEVELS = 3   # the reference always attends 3 scales
-STRIDES = (32, 16, 8)   # the order the pixel decoder hands them over; the mask features are at stride 4
+NUM_LEVELS = 3  # the reference always attends 3 scales
+STRIDES = (32, 16, 8)  # the order the pixel decoder hands them over; the mask features are at stride 4
 MASK_STRIDE = 4
 
 
@@ -79,11 +80,11 @@ class MultiheadAttention(nn.Module):
     def _heads(self, x, index):
         weight, bias = self.in_proj_weight.chunk(3)[index], self.in_proj_bias.chunk(3)[index]
         B, N, _ = x.shape
-        return F.linear(x, weight, bias).reshape(B, N, self.heads, -1).transpose(1, 2)   # (B, heads, N, d)
+        return F.linear(x, weight, bias).reshape(B, N, self.heads, -1).transpose(1, 2)  # (B, heads, N, d)
 
     def forward(self, query, key, value, mask=None):
         q, k, v = self._heads(query, 0), self._heads(key, 1), self._heads(value, 2)
-        if mask is None:   # self-attention: nothing to mask, so no all-true table; exports as MatMul/Softmax
+        if mask is None:  # self-attention: nothing to mask, so no all-true table; exports as MatMul/Softmax
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             out = masked_attention(q, k, v, mask)
@@ -146,12 +147,13 @@ class MLP(nn.Module):
 def sine_position_embedding(height: int, width: int, channels: int, temperature: float = 10000.0):
     """(height * width, 2 * channels): DETR's normalized sine encoding of an unpadded map, y half then x half;
     within each half sin and cos alternate, the pair k using frequency temperature ** (2k / channels)."""
+
     def encode(length):
         pos = torch.arange(1, length + 1, dtype=torch.float32)
-        pos = pos / (pos[-1:] + 1e-6) * (2 * math.pi)        # normalized to (0, 2 pi]
+        pos = pos / (pos[-1:] + 1e-6) * (2 * math.pi)  # normalized to (0, 2 pi]
         freq = temperature ** (torch.arange(0, channels, 2, dtype=torch.float32) / channels)
         angle = pos[:, None] / freq
-        return torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(1)   # (length, channels)
+        return torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(1)  # (length, channels)
 
     y = encode(height)[:, None, :].expand(height, width, channels)
     x = encode(width)[None, :, :].expand(height, width, channels)
@@ -162,35 +164,52 @@ class Mask2FormerDecoder(nn.Module):
     """forward(features_s32, features_s16, features_s8, mask_features) -> (pred_logits, pred_masks):
     (B, queries, classes + 1) class logits (the last is "no object") and (B, queries, H/4, W/4) mask logits."""
 
-    def __init__(self, in_channels=256, hidden_dim=256, num_queries=100, heads=8, dim_feedforward=2048,
-                 dec_layers=9, mask_dim=256, num_classes=150, enforce_input_project=False):
+    def __init__(
+        self,
+        in_channels=256,
+        hidden_dim=256,
+        num_queries=100,
+        heads=8,
+        dim_feedforward=2048,
+        dec_layers=9,
+        mask_dim=256,
+        num_classes=150,
+        enforce_input_project=False,
+    ):
         super().__init__()
         if hidden_dim % 2 or heads < 1 or hidden_dim % heads:
-            raise InvalidArgument(f"hidden_dim must be even and a multiple of heads, got hidden_dim={hidden_dim}, "
-                                  f"heads={heads}")
+            raise InvalidArgument(
+                f"hidden_dim must be even and a multiple of heads, got hidden_dim={hidden_dim}, heads={heads}"
+            )
         if dec_layers < 1 or num_queries < 1 or num_classes < 1:
-            raise InvalidArgument(f"dec_layers, num_queries and num_classes must be >= 1, got {dec_layers}, "
-                                  f"{num_queries}, {num_classes}")
+            raise InvalidArgument(
+                f"dec_layers, num_queries and num_classes must be >= 1, got {dec_layers}, {num_queries}, {num_classes}"
+            )
         self.heads, self.in_channels, self.mask_dim = heads, in_channels, mask_dim
         self.transformer_self_attention_layers = nn.ModuleList(
-            SelfAttentionLayer(hidden_dim, heads) for _ in range(dec_layers))
+            SelfAttentionLayer(hidden_dim, heads) for _ in range(dec_layers)
+        )
         self.transformer_cross_attention_layers = nn.ModuleList(
-            CrossAttentionLayer(hidden_dim, heads) for _ in range(dec_layers))
+            CrossAttentionLayer(hidden_dim, heads) for _ in range(dec_layers)
+        )
         self.transformer_ffn_layers = nn.ModuleList(FFNLayer(hidden_dim, dim_feedforward) for _ in range(dec_layers))
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.query_feat = nn.Embedding(num_queries, hidden_dim)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.level_embed = nn.Embedding(NUM_LEVELS, hidden_dim)
         self.input_proj = nn.ModuleList(
-            self._projection(in_channels, hidden_dim) if in_channels != hidden_dim or enforce_input_project
-            else nn.Identity() for _ in range(NUM_LEVELS))
+            self._projection(in_channels, hidden_dim)
+            if in_channels != hidden_dim or enforce_input_project
+            else nn.Identity()
+            for _ in range(NUM_LEVELS)
+        )
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
 
     @staticmethod
     def _projection(in_channels, hidden_dim):
         conv = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
-        nn.init.kaiming_uniform_(conv.weight, a=1)   # Caffe2's xavier fill, as the reference's input_proj
+        nn.init.kaiming_uniform_(conv.weight, a=1)  # Caffe2's xavier fill, as the reference's input_proj
         nn.init.zeros_(conv.bias)
         return conv
 
@@ -202,15 +221,16 @@ class Mask2FormerDecoder(nn.Module):
         for i, x in enumerate(levels):
             h, w = x.shape[-2:]
             sizes.append((h, w))
-            memory_pos.append(sine_position_embedding(h, w, C // 2).to(x.dtype))       # (HW, C), batch-free
+            memory_pos.append(sine_position_embedding(h, w, C // 2).to(x.dtype))  # (HW, C), batch-free
             memory.append((self.input_proj[i](x).flatten(2) + self.level_embed.weight[i][:, None]).transpose(1, 2))
         query_pos = self.query_embed.weight.expand(B, -1, -1)
         queries = self.query_feat.weight.expand(B, -1, -1)
 
         # the first prediction comes from the learned queries alone and masks layer 0's cross-attention
         logits, masks = self.predict(queries, mask_features)
-        layers = zip(self.transformer_cross_attention_layers, self.transformer_self_attention_layers,
-                     self.transformer_ffn_layers)
+        layers = zip(
+            self.transformer_cross_attention_layers, self.transformer_self_attention_layers, self.transformer_ffn_layers
+        )
         for i, (cross, self_attn, ffn) in enumerate(layers):
             level = i % NUM_LEVELS
             allowed = self.attention_mask(masks, sizes[level])
@@ -239,11 +259,15 @@ class Mask2FormerDecoder(nn.Module):
         shapes = [tuple(x.shape) for x in (*levels, mask_features)]
         # compared, not put in a set: under a dynamic-batch export the batch sizes are unhashable symbols
         if any(len(s) != 4 for s in shapes) or any(s[0] != shapes[0][0] for s in shapes):
-            raise InvalidArgument(f"expected 4 maps (B, C, H, W) with one batch size: 3 feature maps at strides "
-                                  f"{STRIDES} and the mask features, got shapes {shapes}")
+            raise InvalidArgument(
+                f"expected 4 maps (B, C, H, W) with one batch size: 3 feature maps at strides "
+                f"{STRIDES} and the mask features, got shapes {shapes}"
+            )
         if any(s[1] != self.in_channels for s in shapes[:3]) or shapes[3][1] != self.mask_dim:
-            raise InvalidArgument(f"feature maps need {self.in_channels} channels and the mask features "
-                                  f"{self.mask_dim}, got shapes {shapes}")
+            raise InvalidArgument(
+                f"feature maps need {self.in_channels} channels and the mask features "
+                f"{self.mask_dim}, got shapes {shapes}"
+            )
 
 
 def _inputs(image_size, in_channels, mask_dim, **_):
@@ -253,9 +277,22 @@ def _inputs(image_size, in_channels, mask_dim, **_):
     return {**maps, "mask_features": (1, mask_dim, image_size // MASK_STRIDE, image_size // MASK_STRIDE)}
 
 
-@register("mask2former-decoder", "Mask2Former masked-attention decoder, 9 layers, 100 queries, 256 wide, "
-          "512x512 image (16/32/64 px maps, 128 px mask features) -> class and mask logits", _inputs,
-          outputs=("pred_logits", "pred_masks"), image_size=512, in_channels=256, hidden_dim=256, num_queries=100,
-          heads=8, dim_feedforward=2048, dec_layers=9, mask_dim=256, num_classes=150, enforce_input_project=False)
+@register(
+    "mask2former-decoder",
+    "Mask2Former masked-attention decoder, 9 layers, 100 queries, 256 wide, "
+    "512x512 image (16/32/64 px maps, 128 px mask features) -> class and mask logits",
+    _inputs,
+    outputs=("pred_logits", "pred_masks"),
+    image_size=512,
+    in_channels=256,
+    hidden_dim=256,
+    num_queries=100,
+    heads=8,
+    dim_feedforward=2048,
+    dec_layers=9,
+    mask_dim=256,
+    num_classes=150,
+    enforce_input_project=False,
+)
 def mask2former_decoder(image_size, **config) -> Mask2FormerDecoder:
     return Mask2FormerDecoder(**config)

@@ -21,6 +21,7 @@ Dropout and stochastic depth are identities at inference and are left out.
 ``nat-tiny`` is a small 2-level variant without rpb, with dilation 2 in its second level, so both NATTEN code
 paths are exercised quickly.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,8 @@ from .. import tables
 from ..errors import InvalidArgument
 from ..layers import MaskedBlock, init_linear
 from ..masks import neighborhood
-from .registry import register
 from .common import image_inputs
+from .registry import register
 
 
 class ConvTokenizer(nn.Module):
@@ -63,8 +64,9 @@ class NATLevel(nn.Module):
 
     def __init__(self, dim, heads, side, masks, mlp_ratio, downsample):
         super().__init__()
-        self.blocks = nn.ModuleList(MaskedBlock(dim, heads, mask, grid=(side, side), mlp_ratio=mlp_ratio,
-                                                named_mlp=True) for mask in masks)
+        self.blocks = nn.ModuleList(
+            MaskedBlock(dim, heads, mask, grid=(side, side), mlp_ratio=mlp_ratio, named_mlp=True) for mask in masks
+        )
         self.downsample = ConvDownsampler(dim) if downsample else None
 
     def forward(self, x):
@@ -79,12 +81,24 @@ class NATLevel(nn.Module):
 class NAT(nn.Module):
     """NAT / DiNAT classifier.  ``dilations``: per level an int (every block) or one int per block."""
 
-    def __init__(self, image_size=224, embed_dim=64, depths=(3, 4, 6, 5), heads=(2, 4, 8, 16), kernel=7,
-                 dilations=None, mlp_ratio=3.0, num_classes=1000, rpb=False):
+    def __init__(
+        self,
+        image_size=224,
+        embed_dim=64,
+        depths=(3, 4, 6, 5),
+        heads=(2, 4, 8, 16),
+        kernel=7,
+        dilations=None,
+        mlp_ratio=3.0,
+        num_classes=1000,
+        rpb=False,
+    ):
         super().__init__()
         if not len(depths) == len(heads) == len(dilations or depths):
-            raise InvalidArgument(f"depths, heads and dilations need one entry per level, got {list(depths)}, "
-                                  f"{list(heads)} and {dilations}")
+            raise InvalidArgument(
+                f"depths, heads and dilations need one entry per level, got {list(depths)}, "
+                f"{list(heads)} and {dilations}"
+            )
         dilations = dilations or [1] * len(depths)
         per_block = [[d] * n if isinstance(d, int) else list(d) for d, n in zip(dilations, depths)]
         if [len(d) for d in per_block] != list(depths):
@@ -93,10 +107,18 @@ class NAT(nn.Module):
         side = -(-image_size // 4)  # two stride-2, padding-1, 3x3 convs: ceil(ceil(n / 2) / 2)
         self.levels = nn.ModuleList()
         masks = {d: neighborhood(kernel, dilation=d, rpb=rpb) for d in sorted({d for ds in per_block for d in ds})}
-        with tables.reuse():   # blocks of a level with the same mask share one table
+        with tables.reuse():  # blocks of a level with the same mask share one table
             for i, (head, level_dilations) in enumerate(zip(heads, per_block)):
-                self.levels.append(NATLevel(embed_dim * 2**i, head, side, [masks[d] for d in level_dilations],
-                                            mlp_ratio, downsample=i + 1 < len(depths)))
+                self.levels.append(
+                    NATLevel(
+                        embed_dim * 2**i,
+                        head,
+                        side,
+                        [masks[d] for d in level_dilations],
+                        mlp_ratio,
+                        downsample=i + 1 < len(depths),
+                    )
+                )
                 side = (side + 1) // 2
         features = embed_dim * 2 ** (len(depths) - 1)
         self.norm = nn.LayerNorm(features)
@@ -104,30 +126,61 @@ class NAT(nn.Module):
         init_linear(self)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(image)                       # (B, H, W, C)
+        x = self.patch_embed(image)  # (B, H, W, C)
         for level in self.levels:
             x = level(x)
         return self.head(self.norm(x).mean(dim=(1, 2)))
 
 
-@register("nat-tiny", "NAT, 2 stages (56x56 k7, 28x28 k7 dilation 2), 224x224 image -> 10 logits",
-          image_inputs, outputs=("logits",), image_size=224, embed_dim=32, depths=[2, 2], heads=[2, 4], kernel=7,
-          dilations=[1, 2], num_classes=10)
+@register(
+    "nat-tiny",
+    "NAT, 2 stages (56x56 k7, 28x28 k7 dilation 2), 224x224 image -> 10 logits",
+    image_inputs,
+    outputs=("logits",),
+    image_size=224,
+    embed_dim=32,
+    depths=[2, 2],
+    heads=[2, 4],
+    kernel=7,
+    dilations=[1, 2],
+    num_classes=10,
+)
 def nat_tiny(**config) -> NAT:
     return NAT(**config)
 
 
-@register("nat-mini", "NAT-Mini (SHI-Labs nat_mini): depths 3/4/6/5, k7, rpb, 224x224 image -> 1000 logits",
-          image_inputs, outputs=("logits",), image_size=224, embed_dim=64, depths=[3, 4, 6, 5], heads=[2, 4, 8, 16],
-          kernel=7, mlp_ratio=3.0, num_classes=1000, rpb=True)
+@register(
+    "nat-mini",
+    "NAT-Mini (SHI-Labs nat_mini): depths 3/4/6/5, k7, rpb, 224x224 image -> 1000 logits",
+    image_inputs,
+    outputs=("logits",),
+    image_size=224,
+    embed_dim=64,
+    depths=[3, 4, 6, 5],
+    heads=[2, 4, 8, 16],
+    kernel=7,
+    mlp_ratio=3.0,
+    num_classes=1000,
+    rpb=True,
+)
 def nat_mini(**config) -> NAT:
     return NAT(**config)
 
 
-@register("dinat-mini", "DiNAT-Mini (SHI-Labs dinat_mini): NAT-Mini with per-block dilations up to 8, rpb, "
-          "224x224 image -> 1000 logits", image_inputs, outputs=("logits",), image_size=224, embed_dim=64,
-          depths=[3, 4, 6, 5], heads=[2, 4, 8, 16], kernel=7,
-          dilations=[[1, 8, 1], [1, 4, 1, 4], [1, 2, 1, 2, 1, 2], [1, 1, 1, 1, 1]], mlp_ratio=3.0, num_classes=1000,
-          rpb=True)
+@register(
+    "dinat-mini",
+    "DiNAT-Mini (SHI-Labs dinat_mini): NAT-Mini with per-block dilations up to 8, rpb, 224x224 image -> 1000 logits",
+    image_inputs,
+    outputs=("logits",),
+    image_size=224,
+    embed_dim=64,
+    depths=[3, 4, 6, 5],
+    heads=[2, 4, 8, 16],
+    kernel=7,
+    dilations=[[1, 8, 1], [1, 4, 1, 4], [1, 2, 1, 2, 1, 2], [1, 1, 1, 1, 1]],
+    mlp_ratio=3.0,
+    num_classes=1000,
+    rpb=True,
+)
 def dinat_mini(**config) -> NAT:
     return NAT(**config)

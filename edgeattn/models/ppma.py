@@ -39,6 +39,7 @@ Linear weights, Mamba-style ``dt_bias`` / ``A_log``).  Inference only: drop path
 Tolerance: the default fp32 gate (1e-4 absolute) holds; measured max |error| against eager PyTorch is below 1e-6
 on onnxruntime and OpenVINO.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,13 +54,13 @@ from ..attention import masked_attention
 from ..errors import InvalidArgument
 from ..layers import check_heads, init_linear
 from ..masks.polyline import line_biases, polyline_bias
-from .registry import register
 from .common import image_inputs
+from .registry import register
+
 # identical in the reference (PPMA.py keeps RMT's code for these): the stem, depthwise convs / LePE, FFN, patch
 # merging, theta shift, the block (RetBlock = PPMA's BasicBlock), the q/k/v/LePE/out projections (Retention) and
 # the row / column batching of the separable attention
-from .rmt import (PatchEmbed, PatchMerging, RetBlock, Retention, per_column, per_row, rotary_angle,
-                  rotary_sin_cos)
+from .rmt import PatchEmbed, PatchMerging, RetBlock, Retention, per_column, per_row, rotary_angle, rotary_sin_cos
 
 
 class RotaryPosition(nn.Module):
@@ -98,10 +99,10 @@ class PathDecays(nn.Module):
 
     def forward(self, x):
         B, H, W, C = x.shape
-        dt = self.dt_linear(x.reshape(B, H, W, self.heads, C // self.heads))         # (b, h, w, heads, 2)
+        dt = self.dt_linear(x.reshape(B, H, W, self.heads, C // self.heads))  # (b, h, w, heads, 2)
         A = -torch.exp(self.A_log)
         decays = F.softplus(dt + self.dt_bias[:, None]) * A[:, None]
-        row, col = decays.permute(4, 0, 3, 1, 2)       # alpha (along rows), beta (along columns): (b, heads, h, w)
+        row, col = decays.permute(4, 0, 3, 1, 2)  # alpha (along rows), beta (along columns): (b, heads, h, w)
         return row, col
 
 
@@ -121,7 +122,7 @@ class PolylineAttention(Retention):
     retention projections plus ``path_embed``, the selective decays."""
 
     def __init__(self, dim: int, heads: int, chunk: bool):
-        check_heads(dim, heads, even_width=True)   # the theta shift rotates channel pairs
+        check_heads(dim, heads, even_width=True)  # the theta shift rotates channel pairs
         super().__init__(dim, heads)
         self.chunk = chunk
         self.path_embed = PathDecays(dim, heads)
@@ -134,28 +135,29 @@ class PolylineAttention(Retention):
     def attend(self, q, k, v, pos: PathPosition):
         B, n, H, W, d = v.shape
         out = (self._separable if self.chunk else self._full)(q, k, v, pos.row_decay, pos.col_decay)
-        return out.permute(0, 2, 3, 1, 4).reshape(B, H, W, n * d)                     # (b, h, w, n*d)
+        return out.permute(0, 2, 3, 1, 4).reshape(B, H, W, n * d)  # (b, h, w, n*d)
 
     @staticmethod
     def _full(q, k, v, row_decay, col_decay):
         """0.5 softmax(QK^T + M) V + 0.5 softmax(QK^T + M^T) V over all h*w tokens."""
         B, n, H, W, d = q.shape
         q, k, v = (t.flatten(2, 3) for t in (q, k, v))
-        mask = polyline_bias(row_decay, col_decay, "row")                                 # (b, n, hw, hw)
-        out = 0.5 * _attend(q, k, v, mask, "polyline_row") + \
-            0.5 * _attend(q, k, v, mask.transpose(-1, -2), "polyline_column")
+        mask = polyline_bias(row_decay, col_decay, "row")  # (b, n, hw, hw)
+        out = 0.5 * _attend(q, k, v, mask, "polyline_row") + 0.5 * _attend(
+            q, k, v, mask.transpose(-1, -2), "polyline_column"
+        )
         return out.unflatten(2, (H, W))
 
     @staticmethod
     def _separable(q, k, v, row_decay, col_decay):
         """0.5 col(row(v)) + 0.5 row(col(v)): softmax along each row with its 1-D mask, along each column with its."""
         B = q.shape[0]
-        rows, cols = line_biases(row_decay, col_decay)         # (b, n, h, w, w), (b, n, w, h, h)
-        q_r, k_r, bias_r = per_row(q), per_row(k), per_row(rows)          # per row: (b*h, n, w, .)
+        rows, cols = line_biases(row_decay, col_decay)  # (b, n, h, w, w), (b, n, w, h, h)
+        q_r, k_r, bias_r = per_row(q), per_row(k), per_row(rows)  # per row: (b*h, n, w, .)
         # per column: (b*w, n, h, .); cols is laid out per column already, so per_row batches its columns
         q_c, k_c, bias_c = per_column(q), per_column(k), per_row(cols)
 
-        def along_rows(t):       # (b, n, h, w, d) -> same, each row attended with its row mask
+        def along_rows(t):  # (b, n, h, w, d) -> same, each row attended with its row mask
             return _unlines(_attend(q_r, k_r, per_row(t), bias_r, "polyline_rows"), B)
 
         def along_cols(t):
@@ -167,12 +169,23 @@ class PolylineAttention(Retention):
 class PPMALayer(nn.Module):
     """One stage (reference: BasicLayer): blocks sharing the theta-shift angles, then optional patch merging."""
 
-    def __init__(self, dim: int, out_dim, depth: int, heads: int, ffn_dim: int, chunk: bool, layerscale: bool,
-                 layer_init_values: float):
+    def __init__(
+        self,
+        dim: int,
+        out_dim,
+        depth: int,
+        heads: int,
+        ffn_dim: int,
+        chunk: bool,
+        layerscale: bool,
+        layer_init_values: float,
+    ):
         super().__init__()
         self.Relpos = RotaryPosition(dim, heads)
-        self.blocks = nn.ModuleList(RetBlock(PolylineAttention(dim, heads, chunk), dim, ffn_dim, layerscale,
-                                             layer_init_values) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            RetBlock(PolylineAttention(dim, heads, chunk), dim, ffn_dim, layerscale, layer_init_values)
+            for _ in range(depth)
+        )
         self.downsample = PatchMerging(dim, out_dim) if out_dim else None
 
     def forward(self, x):
@@ -183,42 +196,79 @@ class PPMALayer(nn.Module):
 
 
 class PPMAViT(nn.Module):
-    def __init__(self, embed_dims=(64, 128, 256, 512), depths=(2, 2, 8, 2), num_heads=(4, 4, 8, 16),
-                 mlp_ratios=(3, 3, 3, 3), chunkwise=(True, True, False, False), layerscales=(False,) * 4,
-                 layer_init_values=1e-6, projection=1024, num_classes=1000, in_chans=3):
+    def __init__(
+        self,
+        embed_dims=(64, 128, 256, 512),
+        depths=(2, 2, 8, 2),
+        num_heads=(4, 4, 8, 16),
+        mlp_ratios=(3, 3, 3, 3),
+        chunkwise=(True, True, False, False),
+        layerscales=(False,) * 4,
+        layer_init_values=1e-6,
+        projection=1024,
+        num_classes=1000,
+        in_chans=3,
+    ):
         super().__init__()
         stages = len(depths)
-        for label, values in (("embed_dims", embed_dims), ("num_heads", num_heads), ("mlp_ratios", mlp_ratios),
-                              ("chunkwise", chunkwise), ("layerscales", layerscales)):
+        for label, values in (
+            ("embed_dims", embed_dims),
+            ("num_heads", num_heads),
+            ("mlp_ratios", mlp_ratios),
+            ("chunkwise", chunkwise),
+            ("layerscales", layerscales),
+        ):
             if len(values) != stages:
-                raise InvalidArgument(f"{label} has {len(values)} entries for {stages} stages (depths={list(depths)}); "
-                                      f"give one per stage")
+                raise InvalidArgument(
+                    f"{label} has {len(values)} entries for {stages} stages (depths={list(depths)}); give one per stage"
+                )
         self.in_chans = in_chans
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
         self.layers = nn.ModuleList(
-            PPMALayer(embed_dims[i], embed_dims[i + 1] if i + 1 < stages else None, depths[i], num_heads[i],
-                      int(mlp_ratios[i] * embed_dims[i]), chunkwise[i], layerscales[i], layer_init_values)
-            for i in range(stages))
+            PPMALayer(
+                embed_dims[i],
+                embed_dims[i + 1] if i + 1 < stages else None,
+                depths[i],
+                num_heads[i],
+                int(mlp_ratios[i] * embed_dims[i]),
+                chunkwise[i],
+                layerscales[i],
+                layer_init_values,
+            )
+            for i in range(stages)
+        )
         self.proj = nn.Linear(embed_dims[-1], projection)
         self.norm = nn.BatchNorm2d(projection)
-        self.swish = nn.SiLU()   # the reference's MemoryEfficientSwish: x * sigmoid(x)
+        self.swish = nn.SiLU()  # the reference's MemoryEfficientSwish: x * sigmoid(x)
         self.head = nn.Linear(projection, num_classes) if num_classes > 0 else nn.Identity()
-        init_linear(self)   # the reference's initialisation (it overrides the attention's xavier init as well)
+        init_linear(self)  # the reference's initialisation (it overrides the attention's xavier init as well)
 
     def forward(self, image):
         if image.ndim != 4 or image.shape[1] != self.in_chans:
-            raise InvalidArgument(f"PPMA takes (batch, {self.in_chans}, height, width) images, got "
-                                  f"{tuple(image.shape)}")
+            raise InvalidArgument(
+                f"PPMA takes (batch, {self.in_chans}, height, width) images, got {tuple(image.shape)}"
+            )
         x = self.patch_embed(image)
         for layer in self.layers:
             x = layer(x)
-        x = self.norm(self.proj(x).permute(0, 3, 1, 2))       # (b, projection, h, w)
+        x = self.norm(self.proj(x).permute(0, 3, 1, 2))  # (b, projection, h, w)
         return self.head(self.swish(x).mean(dim=(2, 3)))
 
 
-@register("ppma-t", "PPMA-T (polyline path masked attention ViT), 224x224 image -> 1000 logits", image_inputs,
-          outputs=("logits",), image_size=224, embed_dims=[64, 128, 256, 512], depths=[2, 2, 8, 2],
-          num_heads=[4, 4, 8, 16], mlp_ratios=[3, 3, 3, 3], chunkwise=[True, True, False, False],
-          layerscales=[False] * 4, projection=1024, num_classes=1000)
+@register(
+    "ppma-t",
+    "PPMA-T (polyline path masked attention ViT), 224x224 image -> 1000 logits",
+    image_inputs,
+    outputs=("logits",),
+    image_size=224,
+    embed_dims=[64, 128, 256, 512],
+    depths=[2, 2, 8, 2],
+    num_heads=[4, 4, 8, 16],
+    mlp_ratios=[3, 3, 3, 3],
+    chunkwise=[True, True, False, False],
+    layerscales=[False] * 4,
+    projection=1024,
+    num_classes=1000,
+)
 def ppma_t(image_size, **config) -> PPMAViT:
-    return PPMAViT(**config)     # any image size runs: the masks follow the feature map; image_size sets the input
+    return PPMAViT(**config)  # any image size runs: the masks follow the feature map; image_size sets the input

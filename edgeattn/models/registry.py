@@ -4,6 +4,7 @@ re-check it.
 A model is rebuilt exactly from (name, config, seed): weights are initialised under ``torch.manual_seed(seed)``
 and example inputs are drawn from a generator seeded with the same seed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,12 +20,12 @@ from . import user
 class ModelSpec:
     name: str
     description: str
-    make: Callable[..., torch.nn.Module]          # config -> module
+    make: Callable[..., torch.nn.Module]  # config -> module
     # config -> input name -> a shape (float32 normal noise) or a function of a torch.Generator returning the tensor
     inputs: Callable[..., dict[str, object]]
-    outputs: tuple[str, ...]                      # output names in the exported file
+    outputs: tuple[str, ...]  # output names in the exported file
     config: dict = field(default_factory=dict)
-    batch_axes: dict = field(default_factory=dict)   # input name -> its batch axis (None: none); default 0
+    batch_axes: dict = field(default_factory=dict)  # input name -> its batch axis (None: none); default 0
 
 
 @dataclass
@@ -48,11 +49,18 @@ class BuiltModel:
 REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register(name: str, description: str, inputs: Callable[..., dict[str, object]], outputs=("output",),
-             batch_axes: Optional[dict] = None, **config):
+def register(
+    name: str,
+    description: str,
+    inputs: Callable[..., dict[str, object]],
+    outputs=("output",),
+    batch_axes: Optional[dict] = None,
+    **config,
+):
     def decorate(make):
         REGISTRY[name] = ModelSpec(name, description, make, inputs, tuple(outputs), config, dict(batch_axes or {}))
         return make
+
     return decorate
 
 
@@ -97,18 +105,24 @@ def example_inputs(name: str, seed: int = 0, **config) -> dict[str, torch.Tensor
     """The registered model's example inputs for ``seed`` (without building the model)."""
     spec = REGISTRY[name]
     generator = torch.Generator().manual_seed(seed)
-    return {k: make(generator) if callable(make) else torch.randn(make, generator=generator)
-            for k, make in spec.inputs(**{**spec.config, **config}).items()}
+    return {
+        k: make(generator) if callable(make) else torch.randn(make, generator=generator)
+        for k, make in spec.inputs(**{**spec.config, **config}).items()
+    }
 
 
 def from_metadata(meta: dict, path, trust_code: bool = False) -> BuiltModel:
     """Rebuild the registered model an exported file (at ``path``) came from, using its ``edgeattn.*`` metadata.
     A user's model (``module:callable``) runs the user's code: only with ``trust_code=True``."""
     if "model" not in meta:
-        raise BadFile(f"{path}: has no edgeattn reference-model metadata (it was not exported by `edgeattn "
-                      f"export`), so there is no torch model to rebuild; `edgeattn check` compares its "
-                      f"runtimes with each other, edgeattn.parity.compare_model with its module from Python")
+        raise BadFile(
+            f"{path}: has no edgeattn reference-model metadata (it was not exported by `edgeattn "
+            f"export`), so there is no torch model to rebuild; `edgeattn check` compares its "
+            f"runtimes with each other, edgeattn.parity.compare_model with its module from Python"
+        )
     if user.is_spec(meta["model"]) and not trust_code:
-        raise EdgeAttnError(f"{path}: was exported from your model {meta['model']}; rebuilding it runs that code, "
-                            f"so pass --trust-code (trust_code=True) to compare with it")
+        raise EdgeAttnError(
+            f"{path}: was exported from your model {meta['model']}; rebuilding it runs that code, "
+            f"so pass --trust-code (trust_code=True) to compare with it"
+        )
     return build(meta["model"], seed=int(meta.get("seed", 0)), **meta.get("config", {}))

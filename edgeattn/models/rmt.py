@@ -23,6 +23,7 @@ Parameter and buffer names follow the reference's state dict (``layers.0.blocks.
 checkpoint loads with ``strict=True``.  Inference only: drop path and dropout (identity in eval) are left out.
 The building blocks are importable on their own (PPMA is built on the same code).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,8 @@ from .. import tables
 from ..errors import InvalidArgument
 from ..layers import MaskTable, check_heads
 from ..masks import decay_1d, manhattan_decay
-from .registry import register
 from .common import image_inputs
+from .registry import register
 
 
 # ----------------------------------------------------------------------------- positional pieces
@@ -91,21 +92,23 @@ class RetentionRelPos2d(nn.Module):
         gammas = [math.exp(d) for d in self.decay.tolist()]
         if self.chunkwise:
             line = decay_1d(gammas)
-            with tables.reuse():   # a square map's rows and columns share one table
+            with tables.reuse():  # a square map's rows and columns share one table
                 self.table_w = MaskTable(line, self.heads, q_len=self.grid[1]).to(self.decay)
                 self.table_h = MaskTable(line, self.heads, q_len=self.grid[0]).to(self.decay)
         else:
             self.table = MaskTable(manhattan_decay(gammas), self.heads, grid=self.grid).to(self.decay)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         # The reference computes its rotation and decay from these buffers on every call, so a checkpoint whose
         # values differ from the formula's must change the outputs here too: derive again from what was loaded.
         try:
             self.derive()
-        except ValueError as error:   # e.g. a positive decay: gamma > 1 is no decay rate
+        except ValueError as error:  # e.g. a positive decay: gamma > 1 is no decay rate
             error_msgs.append(f"{prefix}decay: cannot build the decay tables from the checkpoint's values: {error}")
 
     def extra_repr(self) -> str:
@@ -146,10 +149,18 @@ class PatchEmbed(nn.Module):
         super().__init__()
         half = embed_dim // 2
         self.proj = nn.Sequential(
-            nn.Conv2d(in_chans, half, 3, 2, 1), nn.BatchNorm2d(half), nn.GELU(),
-            nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
-            nn.Conv2d(half, embed_dim, 3, 2, 1), nn.BatchNorm2d(embed_dim), nn.GELU(),
-            nn.Conv2d(embed_dim, embed_dim, 3, 1, 1), nn.BatchNorm2d(embed_dim))
+            nn.Conv2d(in_chans, half, 3, 2, 1),
+            nn.BatchNorm2d(half),
+            nn.GELU(),
+            nn.Conv2d(half, half, 3, 1, 1),
+            nn.BatchNorm2d(half),
+            nn.GELU(),
+            nn.Conv2d(half, embed_dim, 3, 2, 1),
+            nn.BatchNorm2d(embed_dim),
+            nn.GELU(),
+            nn.Conv2d(embed_dim, embed_dim, 3, 1, 1),
+            nn.BatchNorm2d(embed_dim),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).permute(0, 2, 3, 1)
@@ -177,7 +188,7 @@ class Retention(nn.Module):
     def __init__(self, embed_dim: int, heads: int):
         super().__init__()
         self.heads, self.key_dim = heads, check_heads(embed_dim, heads, "embed_dim")
-        self.scaling = self.key_dim ** -0.5
+        self.scaling = self.key_dim**-0.5
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)
@@ -194,11 +205,13 @@ class Retention(nn.Module):
 
     def _heads_first(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = x.shape
-        return x.view(B, H, W, self.heads, -1).permute(0, 3, 1, 2, 4)     # (B, heads, H, W, d)
+        return x.view(B, H, W, self.heads, -1).permute(0, 3, 1, 2, 4)  # (B, heads, H, W, d)
 
     def attend(self, q, k, v, rel_pos):
-        raise NotImplementedError(f"{type(self).__name__} is a base class: use VisionRetentionAll (full) or "
-                                  f"VisionRetentionChunk (separable), or override attend()")
+        raise NotImplementedError(
+            f"{type(self).__name__} is a base class: use VisionRetentionAll (full) or "
+            f"VisionRetentionChunk (separable), or override attend()"
+        )
 
 
 class VisionRetentionAll(Retention):
@@ -206,7 +219,7 @@ class VisionRetentionAll(Retention):
 
     def attend(self, q, k, v, rel_pos):
         B, n, H, W, d = v.shape
-        out = rel_pos.table(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), scale=1.0)   # (B, n, H*W, d)
+        out = rel_pos.table(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), scale=1.0)  # (B, n, H*W, d)
         return out.transpose(1, 2).reshape(B, H, W, n * d)
 
 
@@ -218,9 +231,9 @@ class VisionRetentionChunk(Retention):
         # rows: each of the B*H rows is one batch element of a W-long attention with the |dx| decay
         v = rel_pos.table_w(per_row(q), per_row(k), per_row(v), scale=1.0).unflatten(0, (B, H))  # (B, H, n, W, d)
         # then columns, on the row outputs: B*W batch elements of an H-long attention with the |dy| decay
-        v = v.permute(0, 3, 2, 1, 4).flatten(0, 1)                                               # (B*W, n, H, d)
-        out = rel_pos.table_h(per_column(q), per_column(k), v, scale=1.0).unflatten(0, (B, W))   # (B, W, n, H, d)
-        return out.permute(0, 3, 1, 2, 4).flatten(-2)                                            # (B, H, W, n*d)
+        v = v.permute(0, 3, 2, 1, 4).flatten(0, 1)  # (B*W, n, H, d)
+        out = rel_pos.table_h(per_column(q), per_column(k), v, scale=1.0).unflatten(0, (B, W))  # (B, W, n, H, d)
+        return out.permute(0, 3, 1, 2, 4).flatten(-2)  # (B, H, W, n*d)
 
 
 def per_row(t: torch.Tensor) -> torch.Tensor:
@@ -239,8 +252,14 @@ class RetBlock(nn.Module):
 
     ``retention`` is any module called as ``retention(x, rel_pos)`` (PPMA plugs its own in)."""
 
-    def __init__(self, retention: nn.Module, embed_dim: int, ffn_dim: int, layerscale: bool = False,
-                 layer_init_values: float = 1e-5):
+    def __init__(
+        self,
+        retention: nn.Module,
+        embed_dim: int,
+        ffn_dim: int,
+        layerscale: bool = False,
+        layer_init_values: float = 1e-5,
+    ):
         super().__init__()
         self.layerscale = layerscale
         self.retention_layer_norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -264,19 +283,35 @@ class BasicLayer(nn.Module):
     """One stage on a fixed (H, W) grid: ``Relpos`` (decay tables, rotary), ``depth`` RetBlocks, then an
     optional PatchMerging ``downsample`` to ``out_dim``."""
 
-    def __init__(self, embed_dim: int, out_dim, depth: int, heads: int, init_value: float, heads_range: float,
-                 ffn_dim: int, grid, chunkwise: bool, layerscale: bool = False, layer_init_values: float = 1e-5):
+    def __init__(
+        self,
+        embed_dim: int,
+        out_dim,
+        depth: int,
+        heads: int,
+        init_value: float,
+        heads_range: float,
+        ffn_dim: int,
+        grid,
+        chunkwise: bool,
+        layerscale: bool = False,
+        layer_init_values: float = 1e-5,
+    ):
         super().__init__()
         self.Relpos = RetentionRelPos2d(embed_dim, heads, init_value, heads_range, grid, chunkwise)
         retention = VisionRetentionChunk if chunkwise else VisionRetentionAll
-        self.blocks = nn.ModuleList(RetBlock(retention(embed_dim, heads), embed_dim, ffn_dim, layerscale,
-                                             layer_init_values) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            RetBlock(retention(embed_dim, heads), embed_dim, ffn_dim, layerscale, layer_init_values)
+            for _ in range(depth)
+        )
         self.downsample = PatchMerging(embed_dim, out_dim) if out_dim else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:3]) != self.Relpos.grid:
-            raise InvalidArgument(f"this RMT stage was built for a {self.Relpos.grid} token grid, got "
-                                  f"{tuple(x.shape[1:3])}: its decay tables are static, build the model for this size")
+            raise InvalidArgument(
+                f"this RMT stage was built for a {self.Relpos.grid} token grid, got "
+                f"{tuple(x.shape[1:3])}: its decay tables are static, build the model for this size"
+            )
         for block in self.blocks:
             x = block(x, self.Relpos)
         return x if self.downsample is None else self.downsample(x)
@@ -285,50 +320,93 @@ class BasicLayer(nn.Module):
 class VisRetNet(nn.Module):
     """The RMT classifier for ``image_size`` x ``image_size`` images; (B, 3, S, S) -> (B, num_classes) logits."""
 
-    def __init__(self, image_size=224, in_chans=3, num_classes=1000, embed_dims=(64, 128, 256, 512),
-                 depths=(2, 2, 8, 2), heads=(4, 4, 8, 16), init_values=(2, 2, 2, 2), heads_ranges=(4, 4, 6, 6),
-                 mlp_ratios=(3, 3, 3, 3), chunkwise=(True, True, False, False),
-                 layerscales=(False, False, False, False), layer_init_values=1e-6, projection=1024):
+    def __init__(
+        self,
+        image_size=224,
+        in_chans=3,
+        num_classes=1000,
+        embed_dims=(64, 128, 256, 512),
+        depths=(2, 2, 8, 2),
+        heads=(4, 4, 8, 16),
+        init_values=(2, 2, 2, 2),
+        heads_ranges=(4, 4, 6, 6),
+        mlp_ratios=(3, 3, 3, 3),
+        chunkwise=(True, True, False, False),
+        layerscales=(False, False, False, False),
+        layer_init_values=1e-6,
+        projection=1024,
+    ):
         super().__init__()
         stages = len(depths)
-        for name, values in (("embed_dims", embed_dims), ("heads", heads), ("init_values", init_values),
-                             ("heads_ranges", heads_ranges), ("mlp_ratios", mlp_ratios), ("chunkwise", chunkwise),
-                             ("layerscales", layerscales)):
+        for name, values in (
+            ("embed_dims", embed_dims),
+            ("heads", heads),
+            ("init_values", init_values),
+            ("heads_ranges", heads_ranges),
+            ("mlp_ratios", mlp_ratios),
+            ("chunkwise", chunkwise),
+            ("layerscales", layerscales),
+        ):
             if len(values) != stages:
                 raise InvalidArgument(f"{name} needs one entry per stage ({stages}, from depths), got {list(values)}")
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise InvalidArgument(f"image_size must be a positive integer, got {image_size!r}")
         self.image_size, self.in_chans = image_size, in_chans
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
-        side = -(-image_size // 4)   # two stride-2, padding-1, 3x3 convs: ceil(ceil(S / 2) / 2)
+        side = -(-image_size // 4)  # two stride-2, padding-1, 3x3 convs: ceil(ceil(S / 2) / 2)
         self.layers = nn.ModuleList()
         for i in range(stages):
-            self.layers.append(BasicLayer(
-                embed_dims[i], embed_dims[i + 1] if i + 1 < stages else None, depths[i], heads[i], init_values[i],
-                heads_ranges[i], int(mlp_ratios[i] * embed_dims[i]), (side, side), chunkwise[i], layerscales[i],
-                layer_init_values))
+            self.layers.append(
+                BasicLayer(
+                    embed_dims[i],
+                    embed_dims[i + 1] if i + 1 < stages else None,
+                    depths[i],
+                    heads[i],
+                    init_values[i],
+                    heads_ranges[i],
+                    int(mlp_ratios[i] * embed_dims[i]),
+                    (side, side),
+                    chunkwise[i],
+                    layerscales[i],
+                    layer_init_values,
+                )
+            )
             side = (side + 1) // 2
         self.proj = nn.Linear(embed_dims[-1], projection)
         self.norm = nn.BatchNorm2d(projection)
-        self.swish = nn.SiLU()   # x * sigmoid(x), the reference's MemoryEfficientSwish
+        self.swish = nn.SiLU()  # x * sigmoid(x), the reference's MemoryEfficientSwish
         self.head = nn.Linear(projection, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         expected = (self.in_chans, self.image_size, self.image_size)
         if image.ndim != 4 or tuple(image.shape[1:]) != expected:
-            raise InvalidArgument(f"RMT was built for (batch, {', '.join(map(str, expected))}) images, got "
-                                  f"{tuple(image.shape)}; build it with image_size= for other sizes")
+            raise InvalidArgument(
+                f"RMT was built for (batch, {', '.join(map(str, expected))}) images, got "
+                f"{tuple(image.shape)}; build it with image_size= for other sizes"
+            )
         x = self.patch_embed(image)
         for layer in self.layers:
             x = layer(x)
-        x = self.norm(self.proj(x).permute(0, 3, 1, 2))       # BatchNorm over the projected channels
+        x = self.norm(self.proj(x).permute(0, 3, 1, 2))  # BatchNorm over the projected channels
         return self.head(self.swish(x).mean(dim=(2, 3)))
 
 
-@register("rmt-t", "RMT-T: 4 stages 64/128/256/512, separable decay attention at 56x56/28x28, Manhattan decay at "
-          "14x14/7x7, 224x224 image -> 1000 logits", image_inputs, outputs=("logits",),
-          image_size=224, embed_dims=[64, 128, 256, 512], depths=[2, 2, 8, 2], heads=[4, 4, 8, 16],
-          init_values=[2, 2, 2, 2], heads_ranges=[4, 4, 6, 6], mlp_ratios=[3, 3, 3, 3],
-          chunkwise=[True, True, False, False], layerscales=[False, False, False, False], num_classes=1000)
+@register(
+    "rmt-t",
+    "RMT-T: 4 stages 64/128/256/512, separable decay attention at 56x56/28x28, Manhattan decay at "
+    "14x14/7x7, 224x224 image -> 1000 logits",
+    image_inputs,
+    outputs=("logits",),
+    image_size=224,
+    embed_dims=[64, 128, 256, 512],
+    depths=[2, 2, 8, 2],
+    heads=[4, 4, 8, 16],
+    init_values=[2, 2, 2, 2],
+    heads_ranges=[4, 4, 6, 6],
+    mlp_ratios=[3, 3, 3, 3],
+    chunkwise=[True, True, False, False],
+    layerscales=[False, False, False, False],
+    num_classes=1000,
+)
 def rmt_t(**config) -> VisRetNet:
     return VisRetNet(**config)

@@ -31,6 +31,7 @@ static cache keeps absolute positions and evicts by masking, as FlexAttention's 
 attention-gym, ``attn_gym/masks/sink_attn.py``: causal and (``q - k <= window`` or ``k < sink_size``)).
 So decoding after the prefill equals a full recomputation whose generated tokens are one-token segments.
 """
+
 from __future__ import annotations
 
 import functools
@@ -85,9 +86,9 @@ class Attention(nn.Module):
     def out(self, q, k, v, attend):
         """Attend q over (cached) k, v with ``attend(q, k, v)``, then project; GQA repeats each kv head."""
         rep = self.heads // self.kv_heads
-        if rep > 1:   # kv head j serves query heads j*rep .. j*rep+rep-1
+        if rep > 1:  # kv head j serves query heads j*rep .. j*rep+rep-1
             k, v = (t.unsqueeze(2).expand(-1, -1, rep, -1, -1).flatten(1, 2) for t in (k, v))
-        out = attend(q, k, v)                                   # (B, heads, N, D)
+        out = attend(q, k, v)  # (B, heads, N, D)
         return self.wo(out.transpose(1, 2).flatten(2))
 
 
@@ -115,13 +116,32 @@ class Decoder(nn.Module):
     """The Llama-style decoder's weights and layer loop (:meth:`run`), with rotary tables for ``positions``
     positions (called ``positions_name`` in errors).  Registered LMs add their inputs, masks and cache handling."""
 
-    def __init__(self, vocab, dim, layers, heads, kv_heads, multiple_of, norm_eps, rope_theta, positions,
-                 tie_embeddings=False, positions_name="positions"):
+    def __init__(
+        self,
+        vocab,
+        dim,
+        layers,
+        heads,
+        kv_heads,
+        multiple_of,
+        norm_eps,
+        rope_theta,
+        positions,
+        tie_embeddings=False,
+        positions_name="positions",
+    ):
         super().__init__()
-        for name, value in (("vocab", vocab), ("dim", dim), ("layers", layers), ("heads", heads),
-                            ("kv_heads", kv_heads), ("multiple_of", multiple_of), (positions_name, positions)):
+        for name, value in (
+            ("vocab", vocab),
+            ("dim", dim),
+            ("layers", layers),
+            ("heads", heads),
+            ("kv_heads", kv_heads),
+            ("multiple_of", multiple_of),
+            (positions_name, positions),
+        ):
             check_int(name, value, low=1)
-        head_dim = check_heads(dim, heads, even_width=True)   # RoPE rotates channel pairs
+        head_dim = check_heads(dim, heads, even_width=True)  # RoPE rotates channel pairs
         if heads % kv_heads:
             raise InvalidArgument(f"kv_heads={kv_heads} must divide heads={heads} (grouped-query attention)")
         self.vocab, self.kv_heads, self.head_dim = vocab, kv_heads, head_dim
@@ -129,12 +149,12 @@ class Decoder(nn.Module):
         hidden = multiple_of * -(-hidden // multiple_of)
         self.tok_embeddings = nn.Embedding(vocab, dim)
         # The reference loads trained weights; random ones at std dim^-0.5 keep a tied head's logits at unit scale.
-        nn.init.normal_(self.tok_embeddings.weight, std=dim ** -0.5)
+        nn.init.normal_(self.tok_embeddings.weight, std=dim**-0.5)
         self.layers = nn.ModuleList(Block(dim, heads, kv_heads, hidden, norm_eps) for _ in range(layers))
         self.norm = RMSNorm(dim, norm_eps)
         self.output = None if tie_embeddings else nn.Linear(dim, vocab, bias=False)
         freqs = 1.0 / rope_theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim)
-        angles = torch.outer(torch.arange(positions).float(), freqs)       # (positions, head_dim / 2)
+        angles = torch.outer(torch.arange(positions).float(), freqs)  # (positions, head_dim / 2)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
 
@@ -144,8 +164,10 @@ class Decoder(nn.Module):
         if input_ids.dtype != torch.int64:
             raise InvalidArgument(f"input_ids must be int64 token ids, got {input_ids.dtype}")
         if not torch.onnx.is_in_onnx_export() and ((input_ids < 0) | (input_ids >= self.vocab)).any():
-            raise InvalidArgument(f"input_ids must be token ids in [0, {self.vocab}), got values "
-                                  f"{int(input_ids.min())}..{int(input_ids.max())}")
+            raise InvalidArgument(
+                f"input_ids must be token ids in [0, {self.vocab}), got values "
+                f"{int(input_ids.min())}..{int(input_ids.max())}"
+            )
         h = self.tok_embeddings(input_ids)
         keys, values = [], []
         for i, layer in enumerate(self.layers):
@@ -165,18 +187,44 @@ class SegmentLM(Decoder):
     :class:`Decode` add the inputs, the mask and the cache handling.  Both take the same config and build the same
     parameters in the same order, so one seed gives both the same weights."""
 
-    def __init__(self, vocab=512, dim=128, layers=4, heads=4, kv_heads=2, multiple_of=32, norm_eps=1e-5,
-                 rope_theta=500000.0, segments=(16, 24, 24), n_sink=4, window=24, max_cache=128,
-                 tie_embeddings=False):
-        super().__init__(vocab, dim, layers, heads, kv_heads, multiple_of, norm_eps, rope_theta, max_cache,
-                         tie_embeddings, positions_name="max_cache")
+    def __init__(
+        self,
+        vocab=512,
+        dim=128,
+        layers=4,
+        heads=4,
+        kv_heads=2,
+        multiple_of=32,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        segments=(16, 24, 24),
+        n_sink=4,
+        window=24,
+        max_cache=128,
+        tie_embeddings=False,
+    ):
+        super().__init__(
+            vocab,
+            dim,
+            layers,
+            heads,
+            kv_heads,
+            multiple_of,
+            norm_eps,
+            rope_theta,
+            max_cache,
+            tie_embeddings,
+            positions_name="max_cache",
+        )
         if not isinstance(segments, (list, tuple)) or not segments:
             raise InvalidArgument(f"segments must be a non-empty list of segment lengths, got {segments!r}")
         lengths = [check_int("segment length", s, low=1) for s in segments]
         self.prompt_len = sum(lengths)
         if self.prompt_len > max_cache:
-            raise InvalidArgument(f"the prompt ({self.prompt_len} tokens over segments {lengths}) does not fit the "
-                                  f"cache (max_cache={max_cache}); raise max_cache or shorten the segments")
+            raise InvalidArgument(
+                f"the prompt ({self.prompt_len} tokens over segments {lengths}) does not fit the "
+                f"cache (max_cache={max_cache}); raise max_cache or shorten the segments"
+            )
         self.segment_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
         self.n_sink = check_int("n_sink", n_sink)
         self.window = check_int("window", window, low=1)
@@ -189,18 +237,22 @@ class Prefill(SegmentLM):
 
     def __init__(self, **config):
         super().__init__(**config)
-        mask = masks.segments(self.segment_ids) & (masks.sinks(self.n_sink, self.window)
-                                                   | masks.sliding_window(self.window, causal=False))
+        mask = masks.segments(self.segment_ids) & (
+            masks.sinks(self.n_sink, self.window) | masks.sliding_window(self.window, causal=False)
+        )
         self.mask_table = MaskTable(mask, heads=1, q_len=self.prompt_len)
 
     def forward(self, input_ids):
         T = self.prompt_len
         if input_ids.ndim != 2 or input_ids.shape[1] != T:
-            raise InvalidArgument(f"input_ids must be (batch, {T}): the prefill mask table is static for the segments' "
-                                  f"{T} tokens; got {tuple(input_ids.shape)}")
-        logits, keys, values = self.run(input_ids, self.rope_cos[:T], self.rope_sin[:T], self.mask_table,
-                                        lambda i, k, v: (k, v))
-        pad = (0, 0, 0, self.max_cache - T)   # (B, kv_heads, T, D) -> (B, kv_heads, max_cache, D)
+            raise InvalidArgument(
+                f"input_ids must be (batch, {T}): the prefill mask table is static for the segments' "
+                f"{T} tokens; got {tuple(input_ids.shape)}"
+            )
+        logits, keys, values = self.run(
+            input_ids, self.rope_cos[:T], self.rope_sin[:T], self.mask_table, lambda i, k, v: (k, v)
+        )
+        pad = (0, 0, 0, self.max_cache - T)  # (B, kv_heads, T, D) -> (B, kv_heads, max_cache, D)
         return logits, stack_layers([F.pad(k, pad) for k in keys]), stack_layers([F.pad(v, pad) for v in values])
 
 
@@ -220,26 +272,34 @@ class Decode(SegmentLM):
         if input_ids.ndim != 2 or input_ids.shape[1] != 1:
             raise InvalidArgument(f"input_ids must be (batch, 1): one token per step, got {tuple(input_ids.shape)}")
         if position.shape != (B,) or position.dtype != torch.int64:
-            raise InvalidArgument(f"position must be an int64 tensor of shape ({B},), got {tuple(position.shape)} "
-                                  f"{position.dtype}")
+            raise InvalidArgument(
+                f"position must be an int64 tensor of shape ({B},), got {tuple(position.shape)} {position.dtype}"
+            )
         for name, past in (("past_key", past_key), ("past_value", past_value)):
             if tuple(past.shape) != cache_shape:
-                raise InvalidArgument(f"{name} must be (layers, batch, kv_heads, max_cache, head_dim) = {cache_shape}, "
-                                      f"got {tuple(past.shape)}")
+                raise InvalidArgument(
+                    f"{name} must be (layers, batch, kv_heads, max_cache, head_dim) = {cache_shape}, "
+                    f"got {tuple(past.shape)}"
+                )
         if not torch.onnx.is_in_onnx_export() and ((position < 0) | (position >= self.max_cache)).any():
-            raise InvalidArgument(f"position must be in [0, {self.max_cache}) (the static cache's length), "
-                                  f"got {position.tolist()}")
+            raise InvalidArgument(
+                f"position must be in [0, {self.max_cache}) (the static cache's length), got {position.tolist()}"
+            )
         slots = torch.arange(self.max_cache, device=position.device)
         pos = position.view(B, 1, 1, 1)
-        write = slots.view(1, 1, -1, 1) == pos                                   # (B, 1, max_cache, 1)
+        write = slots.view(1, 1, -1, 1) == pos  # (B, 1, max_cache, 1)
         keep = slots.view(1, 1, 1, -1)
-        mask = (keep <= pos) & ((keep < self.n_sink) | (pos - keep <= self.window))   # (B, 1, 1, max_cache)
+        mask = (keep <= pos) & ((keep < self.n_sink) | (pos - keep <= self.window))  # (B, 1, 1, max_cache)
         name = f"decode_sinks_s{self.n_sink}_w{self.window}"
         cos = self.rope_cos.index_select(0, position).view(B, 1, 1, -1)
         sin = self.rope_sin.index_select(0, position).view(B, 1, 1, -1)
         logits, keys, values = self.run(
-            input_ids, cos, sin, lambda q, k, v: masked_attention(q, k, v, mask, mask_name=name),
-            lambda i, k, v: (torch.where(write, k, past_key[i]), torch.where(write, v, past_value[i])))
+            input_ids,
+            cos,
+            sin,
+            lambda q, k, v: masked_attention(q, k, v, mask, mask_name=name),
+            lambda i, k, v: (torch.where(write, k, past_key[i]), torch.where(write, v, past_value[i])),
+        )
         return logits, stack_layers(keys), stack_layers(values)
 
 
@@ -253,8 +313,14 @@ def greedy(prefill, decode, input_ids, steps: int) -> list[int]:
     tokens = [int(out["logits"][0, -1].argmax())]
     key, value, position = out["present_key"], out["present_value"], np.asarray(input_ids).shape[1]
     for _ in range(steps - 1):
-        out = decode({"input_ids": np.array([[tokens[-1]]], dtype=np.int64),
-                      "position": np.array([position], dtype=np.int64), "past_key": key, "past_value": value})
+        out = decode(
+            {
+                "input_ids": np.array([[tokens[-1]]], dtype=np.int64),
+                "position": np.array([position], dtype=np.int64),
+                "past_key": key,
+                "past_value": value,
+            }
+        )
         tokens.append(int(out["logits"][0, -1].argmax()))
         key, value, position = out["present_key"], out["present_value"], position + 1
     return tokens
@@ -262,10 +328,12 @@ def greedy(prefill, decode, input_ids, steps: int) -> list[int]:
 
 def torch_step(module: nn.Module, outputs=("logits", "present_key", "present_value")):
     """A module as a numpy-feeds function (what :func:`greedy` takes)."""
+
     def run(feeds):
         with torch.no_grad():
             result = module(**{k: torch.from_numpy(v) for k, v in feeds.items()})
         return {name: t.numpy() for name, t in zip(outputs, result)}
+
     return run
 
 
@@ -284,28 +352,55 @@ def _prefill_inputs(vocab, segments, **_):
 def _decode_inputs(**config):
     key = json.dumps(config, sort_keys=True)
 
-    def cache(index):   # same seed -> same weights and prompt as the segment-lm example
+    def cache(index):  # same seed -> same weights and prompt as the segment-lm example
         return lambda g: _example_prefill(g.initial_seed(), key)[index].clone()
 
-    return {"input_ids": lambda g: torch.randint(0, config["vocab"], (1, 1), generator=g),
-            "position": lambda g: torch.tensor([sum(config["segments"])]),
-            "past_key": cache(1), "past_value": cache(2)}
+    return {
+        "input_ids": lambda g: torch.randint(0, config["vocab"], (1, 1), generator=g),
+        "position": lambda g: torch.tensor([sum(config["segments"])]),
+        "past_key": cache(1),
+        "past_value": cache(2),
+    }
 
 
-CONFIG = dict(vocab=512, dim=128, layers=4, heads=4, kv_heads=2, multiple_of=32, norm_eps=1e-5, rope_theta=500000.0,
-              segments=[16, 24, 24], n_sink=4, window=24, max_cache=128, tie_embeddings=False)
+CONFIG = dict(
+    vocab=512,
+    dim=128,
+    layers=4,
+    heads=4,
+    kv_heads=2,
+    multiple_of=32,
+    norm_eps=1e-5,
+    rope_theta=500000.0,
+    segments=[16, 24, 24],
+    n_sink=4,
+    window=24,
+    max_cache=128,
+    tie_embeddings=False,
+)
 OUTPUTS = ("logits", "present_key", "present_value")
 
 
-@register("segment-lm", "Llama-style LM prefill, 64 tokens in segments 16/24/24 (bidirectional inside, causal "
-          "across, 4 sinks + window 24), 4 layers, GQA 4/2 heads -> logits and a 128-slot KV cache",
-          _prefill_inputs, outputs=OUTPUTS, **CONFIG)
+@register(
+    "segment-lm",
+    "Llama-style LM prefill, 64 tokens in segments 16/24/24 (bidirectional inside, causal "
+    "across, 4 sinks + window 24), 4 layers, GQA 4/2 heads -> logits and a 128-slot KV cache",
+    _prefill_inputs,
+    outputs=OUTPUTS,
+    **CONFIG,
+)
 def segment_lm(**config) -> Prefill:
     return Prefill(**config)
 
 
-@register("segment-lm-decode", "segment-lm decode step: one token at `position` over the static 128-slot KV cache, "
-          "sinks + window mask computed in the graph", _decode_inputs, outputs=OUTPUTS,
-          batch_axes={"past_key": 1, "past_value": 1}, **CONFIG)
+@register(
+    "segment-lm-decode",
+    "segment-lm decode step: one token at `position` over the static 128-slot KV cache, "
+    "sinks + window mask computed in the graph",
+    _decode_inputs,
+    outputs=OUTPUTS,
+    batch_axes={"past_key": 1, "past_value": 1},
+    **CONFIG,
+)
 def segment_lm_decode(**config) -> Decode:
     return Decode(**config)

@@ -22,6 +22,7 @@ are kept under the same names, built from our masks, so an official checkpoint l
 whose derived buffers differ from ours (another window, shift or resolution) is refused with the key named.
 Weight init follows the reference (truncated-normal linear weights and bias table, std 0.02; zero linear biases).
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,8 +35,8 @@ from ..errors import InvalidArgument
 from ..layers import MaskedBlock, MaskedSelfAttention, init_linear
 from ..masks import window
 from ..masks.base import Shape, rpb_index
-from .registry import register
 from .common import image_inputs, token_inputs
+from .registry import register
 
 
 class WindowAttention(MaskedSelfAttention):
@@ -47,18 +48,21 @@ class WindowAttention(MaskedSelfAttention):
         self.window_size = window_size
         if self.mask.rpb is not None:
             self.relative_position_bias_table = nn.Parameter(
-                nn.init.trunc_normal_(torch.empty(*self.table.rpb_shape, heads), std=0.02))
+                nn.init.trunc_normal_(torch.empty(*self.table.rpb_shape, heads), std=0.02)
+            )
             # Swin's index inside one window: the same mask's index on a one-window grid (nothing rolled)
-            self.register_buffer("relative_position_index", rpb_index(window(window_size, rpb=True),
-                                                                      grid=(window_size, window_size)))
+            self.register_buffer(
+                "relative_position_index", rpb_index(window(window_size, rpb=True), grid=(window_size, window_size))
+            )
 
     def relative_bias(self):
         table = getattr(self, "relative_position_bias_table", None)
         return None if table is None else table.t()
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
-        state_dict = _check_derived(self, state_dict, prefix, "relative_position_index", args[-1],
-                                    f"window {self.window_size}")
+        state_dict = _check_derived(
+            self, state_dict, prefix, "relative_position_index", args[-1], f"window {self.window_size}"
+        )
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
@@ -66,8 +70,15 @@ class SwinBlock(MaskedBlock):
     """SwinTransformerBlock; a shifted block also keeps Swin's ``attn_mask`` buffer (nW, N, N) of 0 / -100."""
 
     def __init__(self, dim, heads, grid, mask, window_size, shift, mlp_ratio):
-        super().__init__(dim, heads, mask, grid=grid, mlp_ratio=mlp_ratio, named_mlp=True,
-                         attention=functools.partial(WindowAttention, window_size=window_size))
+        super().__init__(
+            dim,
+            heads,
+            mask,
+            grid=grid,
+            mlp_ratio=mlp_ratio,
+            named_mlp=True,
+            attention=functools.partial(WindowAttention, window_size=window_size),
+        )
         self.register_buffer("attn_mask", _swin_attn_mask(mask, grid, window_size, shift) if shift else None)
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
@@ -82,10 +93,12 @@ def _check_derived(module, state_dict, prefix, name, error_msgs, what):
     key, ours = prefix + name, getattr(module, name, None)
     theirs = state_dict.get(key)
     if theirs is None or ours is None:
-        return state_dict   # strict loading reports a missing or unexpected key itself
+        return state_dict  # strict loading reports a missing or unexpected key itself
     if theirs.shape != ours.shape or not torch.equal(theirs.to(ours.dtype), ours):
-        error_msgs.append(f"{key}: the checkpoint's values differ from the ones this model derives for {what}; "
-                          f"it was saved for another window size, shift or input resolution: build the model for it")
+        error_msgs.append(
+            f"{key}: the checkpoint's values differ from the ones this model derives for {what}; "
+            f"it was saved for another window size, shift or input resolution: build the model for it"
+        )
         # keep ours: torch copies the other tensors before it raises, and a refused copy would make this buffer
         # disagree with the mask it stands for (and refuse the next, correct, checkpoint)
         return {**state_dict, key: ours}
@@ -96,7 +109,7 @@ def _swin_attn_mask(mask, grid, size, shift) -> torch.Tensor:
     """Swin's attn_mask, from our mask: windows of the map rolled by -shift (row-major), tokens row-major inside
     each window; 0 where the pair may attend, -100 where Swin separates regions."""
     H, W = grid
-    rolled = ((torch.arange(H)[:, None] + shift) % H) * W + (torch.arange(W)[None, :] + shift) % W   # token ids
+    rolled = ((torch.arange(H)[:, None] + shift) % H) * W + (torch.arange(W)[None, :] + shift) % W  # token ids
     tokens = rolled.reshape(H // size, size, W // size, size).transpose(1, 2).reshape(-1, size * size)
     mask_mod, _ = mask.mods(Shape.of(grid=grid))
     zero = torch.zeros((), dtype=torch.long)
@@ -137,8 +150,9 @@ class BasicLayer(nn.Module):
     """One stage: blocks alternating shift 0 and window//2 on a ``grid`` of tokens, then optional patch merging.
     Swin's rule: a window no smaller than the map is shrunk to the map and not shifted."""
 
-    def __init__(self, grid=(56, 56), dim=64, heads=2, window_size=7, depth=2, mlp_ratio=4.0, rpb=False,
-                 downsample=False):
+    def __init__(
+        self, grid=(56, 56), dim=64, heads=2, window_size=7, depth=2, mlp_ratio=4.0, rpb=False, downsample=False
+    ):
         super().__init__()
         grid = tuple(grid)
         shift = window_size // 2
@@ -146,9 +160,10 @@ class BasicLayer(nn.Module):
             window_size, shift = min(grid), 0
         shifts = [shift if i % 2 else 0 for i in range(depth)]
         masks = {s: window(window_size, shift=s, rpb=rpb) for s in set(shifts)}
-        with tables.reuse():   # blocks with the same shift share one table
-            self.blocks = nn.ModuleList(SwinBlock(dim, heads, grid, masks[s], window_size, s, mlp_ratio)
-                                        for s in shifts)
+        with tables.reuse():  # blocks with the same shift share one table
+            self.blocks = nn.ModuleList(
+                SwinBlock(dim, heads, grid, masks[s], window_size, s, mlp_ratio) for s in shifts
+            )
         self.downsample = PatchMerging(grid, dim) if downsample else None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -158,20 +173,40 @@ class BasicLayer(nn.Module):
 
 
 class SwinTransformer(nn.Module):
-    def __init__(self, image_size=224, patch_size=4, embed_dim=96, depths=(2, 2, 6, 2), heads=(3, 6, 12, 24),
-                 window_size=7, mlp_ratio=4.0, num_classes=1000):
+    def __init__(
+        self,
+        image_size=224,
+        patch_size=4,
+        embed_dim=96,
+        depths=(2, 2, 6, 2),
+        heads=(3, 6, 12, 24),
+        window_size=7,
+        mlp_ratio=4.0,
+        num_classes=1000,
+    ):
         super().__init__()
         if len(depths) != len(heads):
             raise InvalidArgument(f"depths and heads need one entry per stage, got {list(depths)} and {list(heads)}")
         side = image_size // patch_size
         if image_size % patch_size or side % 2 ** (len(depths) - 1):
-            raise InvalidArgument(f"image_size {image_size} must be a multiple of patch_size {patch_size} times "
-                                  f"{2 ** (len(depths) - 1)} (patch merging halves the map {len(depths) - 1} times)")
+            raise InvalidArgument(
+                f"image_size {image_size} must be a multiple of patch_size {patch_size} times "
+                f"{2 ** (len(depths) - 1)} (patch merging halves the map {len(depths) - 1} times)"
+            )
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.layers = nn.ModuleList(
-            BasicLayer((side >> i, side >> i), embed_dim * 2**i, head, window_size, depth, mlp_ratio, rpb=True,
-                       downsample=i + 1 < len(depths))
-            for i, (depth, head) in enumerate(zip(depths, heads)))
+            BasicLayer(
+                (side >> i, side >> i),
+                embed_dim * 2**i,
+                head,
+                window_size,
+                depth,
+                mlp_ratio,
+                rpb=True,
+                downsample=i + 1 < len(depths),
+            )
+            for i, (depth, head) in enumerate(zip(depths, heads))
+        )
         features = embed_dim * 2 ** (len(depths) - 1)
         self.norm = nn.LayerNorm(features)
         self.head = nn.Linear(features, num_classes)
@@ -184,15 +219,34 @@ class SwinTransformer(nn.Module):
         return self.head(self.norm(x).mean(dim=1))
 
 
-@register("swin-tiny-block", "Swin stage: window 7 + shifted window 7 blocks on 56x56 tokens, dim 64, 2 heads",
-          token_inputs, grid=[56, 56], dim=64, heads=2, window_size=7, depth=2)
+@register(
+    "swin-tiny-block",
+    "Swin stage: window 7 + shifted window 7 blocks on 56x56 tokens, dim 64, 2 heads",
+    token_inputs,
+    grid=[56, 56],
+    dim=64,
+    heads=2,
+    window_size=7,
+    depth=2,
+)
 def swin_tiny_block(**config) -> BasicLayer:
     return BasicLayer(**config)
 
 
-@register("swin-t", "Swin-T (microsoft swin_tiny_patch4_window7_224): depths 2/2/6/2, window 7, shifted windows, "
-          "relative position bias, 224x224 image -> 1000 logits", image_inputs, outputs=("logits",),
-          image_size=224, patch_size=4, embed_dim=96, depths=[2, 2, 6, 2], heads=[3, 6, 12, 24], window_size=7,
-          mlp_ratio=4.0, num_classes=1000)
+@register(
+    "swin-t",
+    "Swin-T (microsoft swin_tiny_patch4_window7_224): depths 2/2/6/2, window 7, shifted windows, "
+    "relative position bias, 224x224 image -> 1000 logits",
+    image_inputs,
+    outputs=("logits",),
+    image_size=224,
+    patch_size=4,
+    embed_dim=96,
+    depths=[2, 2, 6, 2],
+    heads=[3, 6, 12, 24],
+    window_size=7,
+    mlp_ratio=4.0,
+    num_classes=1000,
+)
 def swin_t(**config) -> SwinTransformer:
     return SwinTransformer(**config)

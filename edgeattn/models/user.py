@@ -11,6 +11,7 @@ module built from edgeattn's layers stays as it is); the original module is the 
 Building runs the user's code: a file's metadata naming such a spec is only rebuilt when the caller trusts it
 (``edgeattn check --trust-code``), as transformers' ``trust_remote_code``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,9 +25,15 @@ import torch
 from ..convert import convert, hf_lm
 from ..errors import EdgeAttnError
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
-          "int32": torch.int32, "bool": torch.bool}
-INT_HIGH = 100   # integer inputs are drawn from [0, INT_HIGH)
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+INT_HIGH = 100  # integer inputs are drawn from [0, INT_HIGH)
 
 
 def is_spec(name: str) -> bool:
@@ -46,19 +53,20 @@ def load(spec: str):
         module_name = f"edgeattn_user_{path.stem}"
         loader = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(loader)
-        sys.modules[module_name] = module   # dataclasses and pickling look modules up by name
+        sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
         try:
             loader.loader.exec_module(module)
         except Exception as e:
             raise EdgeAttnError(f"model {spec!r}: running {path} failed: {type(e).__name__}: {e}") from e
     else:
         if "" not in sys.path and str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))   # as uvicorn and gunicorn do: the spec names a module from here
+            sys.path.insert(0, str(Path.cwd()))  # as uvicorn and gunicorn do: the spec names a module from here
         try:
             module = importlib.import_module(where)
         except ImportError as e:
-            raise EdgeAttnError(f"model {spec!r}: cannot import {where} ({e}); is it on PYTHONPATH or installed?") \
-                from e
+            raise EdgeAttnError(
+                f"model {spec!r}: cannot import {where} ({e}); is it on PYTHONPATH or installed?"
+            ) from e
     if not hasattr(module, attr):
         raise EdgeAttnError(f"model {spec!r}: {where} has no {attr!r}")
     return getattr(module, attr)
@@ -76,8 +84,10 @@ def parse_inputs(items) -> dict[str, str]:
         _shape_dtype(name, text)
         specs[name] = text
     if not specs:
-        raise EdgeAttnError("a model of your own needs its inputs: --input NAME=SHAPE[:DTYPE], repeatable, in the "
-                            "order forward() takes them (e.g. --input x=1x3x224x224)")
+        raise EdgeAttnError(
+            "a model of your own needs its inputs: --input NAME=SHAPE[:DTYPE], repeatable, in the "
+            "order forward() takes them (e.g. --input x=1x3x224x224)"
+        )
     return specs
 
 
@@ -91,8 +101,9 @@ def _shape_dtype(name: str, text: str):
     except ValueError:
         shape = ()
     if not shape or any(d < 1 for d in shape) or math.prod(shape) > 2**31:
-        raise EdgeAttnError(f"--input {name}: shape {shape_text!r} must be positive integers joined by x, e.g. "
-                            f"1x3x224x224")
+        raise EdgeAttnError(
+            f"--input {name}: shape {shape_text!r} must be positive integers joined by x, e.g. 1x3x224x224"
+        )
     return shape, DTYPES[dtype]
 
 
@@ -114,8 +125,9 @@ def build_module(spec: str, inputs: dict[str, torch.Tensor]):
     made = load(spec)
     if not isinstance(made, torch.nn.Module):
         if not callable(made):
-            raise EdgeAttnError(f"model {spec!r} is a {type(made).__name__}: name an nn.Module or a callable "
-                                f"returning one")
+            raise EdgeAttnError(
+                f"model {spec!r} is a {type(made).__name__}: name an nn.Module or a callable returning one"
+            )
         try:
             made = made()
         except Exception as e:
@@ -124,8 +136,8 @@ def build_module(spec: str, inputs: dict[str, torch.Tensor]):
             raise EdgeAttnError(f"model {spec!r} returned a {type(made).__name__}, not a torch.nn.Module")
     made.eval()
     converted = convert(made, *inputs.values(), strict=False)
-    if hf_lm.is_causal_lm(made):   # a transformers LM: logits for a prompt of the example's length, static tables
-        made.config.use_cache = False   # the reference returns logits only, as the file does
+    if hf_lm.is_causal_lm(made):  # a transformers LM: logits for a prompt of the example's length, static tables
+        made.config.use_cache = False  # the reference returns logits only, as the file does
         converted = PromptLogits(converted, next(iter(inputs.values())).shape[-1])
     return made, converted
 

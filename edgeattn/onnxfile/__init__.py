@@ -17,6 +17,7 @@ without the cap).
 Only files exported with ``--custom-op`` keep these nodes; the default file holds their bodies inlined, standard
 ops only, so that every runtime and converter reads it without edgeattn.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,6 +39,7 @@ from ..signature import DOMAIN, OLDEST_OP_VERSION, OP, OP_VERSION, QKV, SOFTCAP_
 class Lowering:
     """A body an attention node can have: the table layout it reads, the opset it needs, and whether it can
     soft-cap the scores and add a bias."""
+
     name: str
     layout: str
     min_opset: int = 17
@@ -46,17 +48,32 @@ class Lowering:
     bias: bool = True
 
 
-LOWERINGS = {low.name: low for low in (
-    Lowering("dense", "dense", doc="MatMul / Add / Softmax / MatMul over the whole table"),
-    Lowering("blocked", "blocked", doc="per query tile: Gather its keys, batched MatMul, bank mask, Softmax"),
-    Lowering("attention", "dense", min_opset=23, doc="the ONNX Attention op with the dense mask"),
-    Lowering("contrib", "dense", doc="onnxruntime's com.microsoft.MultiHeadAttention with attention_bias",
-             softcap=False),   # MultiHeadAttention has no softcap
-    Lowering("routed", "routed", doc="queries grouped by the key block they chose: Scatter / Gather, batched MatMul, "
-             "softmax statistics merged per query", softcap=False, bias=False),
-    Lowering("routed_dense", "routed", doc="the routed blocks as a dense mask: MatMul / Add / Softmax / MatMul over "
-             "all keys", softcap=False, bias=False),
-)}
+LOWERINGS = {
+    low.name: low
+    for low in (
+        Lowering("dense", "dense", doc="MatMul / Add / Softmax / MatMul over the whole table"),
+        Lowering("blocked", "blocked", doc="per query tile: Gather its keys, batched MatMul, bank mask, Softmax"),
+        Lowering("attention", "dense", min_opset=23, doc="the ONNX Attention op with the dense mask"),
+        Lowering(
+            "contrib", "dense", doc="onnxruntime's com.microsoft.MultiHeadAttention with attention_bias", softcap=False
+        ),  # MultiHeadAttention has no softcap
+        Lowering(
+            "routed",
+            "routed",
+            doc="queries grouped by the key block they chose: Scatter / Gather, batched MatMul, "
+            "softmax statistics merged per query",
+            softcap=False,
+            bias=False,
+        ),
+        Lowering(
+            "routed_dense",
+            "routed",
+            doc="the routed blocks as a dense mask: MatMul / Add / Softmax / MatMul over all keys",
+            softcap=False,
+            bias=False,
+        ),
+    )
+}
 
 
 def op_type(lowering: str, has_bias: bool, softcap: bool = False) -> str:
@@ -66,9 +83,12 @@ def op_type(lowering: str, has_bias: bool, softcap: bool = False) -> str:
 
 
 # op type -> (lowering, has_bias, softcap)
-OP_TYPES = {op_type(low.name, bias, cap): (low.name, bias, cap) for low in LOWERINGS.values()
-            for cap in ((False, True) if low.softcap else (False,))
-            for bias in ((False, True) if low.bias else (False,))}
+OP_TYPES = {
+    op_type(low.name, bias, cap): (low.name, bias, cap)
+    for low in LOWERINGS.values()
+    for cap in ((False, True) if low.softcap else (False,))
+    for bias in ((False, True) if low.bias else (False,))
+}
 
 
 def attention_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -103,15 +123,26 @@ def has_bias(node: onnx.NodeProto, layout: Optional[str] = None) -> bool:
 
 def table_inputs(node: onnx.NodeProto) -> list[str]:
     """Names of the node's table tensors (and bias), after q, k, v."""
-    return list(node.input[len(QKV):])
+    return list(node.input[len(QKV) :])
 
 
 # ---- metadata: what a file says about itself, in metadata_props under edgeattn.* keys ----
 
 METADATA_PREFIX = "edgeattn."
 # written by export itself; a user's metadata_props may not set them
-RESERVED_METADATA = ("version", "opset", "inline", "masks", "table_bytes", "lowering", "targets", "dynamic_batch",
-                     "precision", "format", "decisions")
+RESERVED_METADATA = (
+    "version",
+    "opset",
+    "inline",
+    "masks",
+    "table_bytes",
+    "lowering",
+    "targets",
+    "dynamic_batch",
+    "precision",
+    "format",
+    "decisions",
+)
 
 
 def encode_metadata(values: Mapping[str, Any]) -> dict[str, str]:
@@ -145,7 +176,7 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
 
 def strip_prefix(props: Mapping[str, str]) -> dict[str, Any]:
     """The decoded ``edgeattn.*`` entries of a key -> value map, without the prefix."""
-    return decode_metadata({k[len(METADATA_PREFIX):]: v for k, v in props.items() if k.startswith(METADATA_PREFIX)})
+    return decode_metadata({k[len(METADATA_PREFIX) :]: v for k, v in props.items() if k.startswith(METADATA_PREFIX)})
 
 
 @dataclass(frozen=True)
@@ -153,6 +184,7 @@ class Contents:
     """What a runtime must support to run a file (or a file an export will write): its precision, the lowerings its
     nodes have, the lowering asked for at export (``auto`` lets a runtime swap dense-table bodies) and its format
     (onnx, openvino, ort: see :mod:`edgeattn.onnxfile.formats`)."""
+
     precision: str = "fp32"
     lowerings: frozenset = frozenset()
     requested: str = "auto"
@@ -160,12 +192,16 @@ class Contents:
 
     @classmethod
     def of(cls, metadata: Mapping[str, Any]) -> "Contents":
-        return cls(metadata.get("precision", "fp32"),
-                   frozenset(m.get("lowering", "") for m in metadata.get("masks", [])) - {""},
-                   metadata.get("lowering", "auto"), metadata.get("format", "onnx"))
+        return cls(
+            metadata.get("precision", "fp32"),
+            frozenset(m.get("lowering", "") for m in metadata.get("masks", [])) - {""},
+            metadata.get("lowering", "auto"),
+            metadata.get("format", "onnx"),
+        )
 
 
 # ---- reading and writing files ----
+
 
 def read(path, weights: bool = False) -> onnx.ModelProto:
     """Load an ONNX file or say in one line why it cannot be used.
@@ -178,19 +214,24 @@ def read(path, weights: bool = False) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:
-        raise BadFile(f"{path}: not an ONNX model, or truncated/corrupted (could not parse it as an ONNX "
-                      f"protobuf)") from None
+        raise BadFile(
+            f"{path}: not an ONNX model, or truncated/corrupted (could not parse it as an ONNX protobuf)"
+        ) from None
     if not model.graph.node and not model.graph.output:
         raise BadFile(f"{path}: not an ONNX model (no graph in the file)")
     for op in model.opset_import:
         if op.domain == DOMAIN and op.version > OP_VERSION:
-            raise BadFile(f"{path}: uses {DOMAIN} opset {op.version}, this edgeattn knows up to "
-                          f"{OP_VERSION}; upgrade edgeattn or re-export the file")
+            raise BadFile(
+                f"{path}: uses {DOMAIN} opset {op.version}, this edgeattn knows up to "
+                f"{OP_VERSION}; upgrade edgeattn or re-export the file"
+            )
         if op.domain == DOMAIN and op.version < OLDEST_OP_VERSION:
-            raise BadFile(f"{path}: uses {DOMAIN} opset {op.version}, written by an older edgeattn (its "
-                          f"attention bodies are function overloads, which converters drop); re-export it")
+            raise BadFile(
+                f"{path}: uses {DOMAIN} opset {op.version}, written by an older edgeattn (its "
+                f"attention bodies are function overloads, which converters drop); re-export it"
+            )
     _check_nodes(model, path)
-    check_external_data(model, path)   # even when not loading it: a file pointing elsewhere is refused everywhere
+    check_external_data(model, path)  # even when not loading it: a file pointing elsewhere is refused everywhere
     if weights:
         try:
             onnx.load_external_data_for_model(model, str(path.resolve().parent))
@@ -204,11 +245,15 @@ def _check_nodes(model: onnx.ModelProto, path: Path) -> None:
     runtimes read the attribute to choose how to run a node, the body computes it, and the two must agree."""
     for node in attention_nodes(model):
         if node.op_type not in OP_TYPES:
-            raise BadFile(f"{path}: attention node {node.name!r} has the unknown op type {node.op_type!r} "
-                          f"(known: {', '.join(OP_TYPES)}); upgrade edgeattn or re-export the file")
+            raise BadFile(
+                f"{path}: attention node {node.name!r} has the unknown op type {node.op_type!r} "
+                f"(known: {', '.join(OP_TYPES)}); upgrade edgeattn or re-export the file"
+            )
         if OP_TYPES[node.op_type][2] != (softcap(node) > 0):
-            raise BadFile(f"{path}: attention node {node.name!r} ({node.op_type}) has softcap "
-                          f"{softcap(node):g}, which its op type contradicts; re-export the file")
+            raise BadFile(
+                f"{path}: attention node {node.name!r} ({node.op_type}) has softcap "
+                f"{softcap(node):g}, which its op type contradicts; re-export the file"
+            )
 
 
 def check_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -221,8 +266,10 @@ def check_external_data(model: onnx.ModelProto, path: Path) -> None:
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         target = (folder / location).resolve()
         if not location or Path(location).is_absolute() or folder not in target.parents or not target.is_file():
-            raise BadFile(f"{path}: tensor {tensor.name!r} points at external data {location!r}, which is not "
-                          f"a file inside {folder}; keep the .onnx and its data file together")
+            raise BadFile(
+                f"{path}: tensor {tensor.name!r} points at external data {location!r}, which is not "
+                f"a file inside {folder}; keep the .onnx and its data file together"
+            )
 
 
 def save(model: onnx.ModelProto, path) -> int:
@@ -236,7 +283,7 @@ def save(model: onnx.ModelProto, path) -> int:
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    shape: tuple            # ints for static axes, names for symbolic ones
+    shape: tuple  # ints for static axes, names for symbolic ones
     dtype: np.dtype
 
 
@@ -271,7 +318,20 @@ def mask_label(node: Mapping) -> str:
 def attention_lines(nodes: Sequence[Mapping]) -> list[str]:
     """One line per distinct (mask, lowering, softcap, why, runs_as) of a file's ``masks`` metadata (what ``check``
     and ``inspect`` print): ``  window_7 x2: blocked, softcap 50 (why); openvino-cpu runs dense``."""
-    counts = Counter((mask_label(m), m.get("lowering", "?"), m.get("softcap"), m.get("why", ""),
-                      ", ".join(f"{rt} runs {how}" for rt, how in m.get("runs_as", {}).items())) for m in nodes)
-    return [f"  {mask} x{n}: {low}" + (f", softcap {cap:g}" if cap else "") + (f" ({why})" if why else "")
-            + (f"; {runs}" if runs else "") for (mask, low, cap, why, runs), n in counts.items()]
+    counts = Counter(
+        (
+            mask_label(m),
+            m.get("lowering", "?"),
+            m.get("softcap"),
+            m.get("why", ""),
+            ", ".join(f"{rt} runs {how}" for rt, how in m.get("runs_as", {}).items()),
+        )
+        for m in nodes
+    )
+    return [
+        f"  {mask} x{n}: {low}"
+        + (f", softcap {cap:g}" if cap else "")
+        + (f" ({why})" if why else "")
+        + (f"; {runs}" if runs else "")
+        for (mask, low, cap, why, runs), n in counts.items()
+    ]

@@ -7,18 +7,29 @@ refer to the node's ``scale`` and ``softcap`` attributes until the body is inlin
 rewrites them).  A ``softcap_nodes`` body caps the scaled scores, ``softcap * tanh(s / softcap)``, right after their
 MatMul, before bias and mask (the Attention op does the same with its own ``softcap`` attribute).
 """
+
 from __future__ import annotations
 
 from typing import Callable
 
-import onnx
 import numpy as np
+import onnx
 from onnx import FunctionProto, TensorProto, helper, numpy_helper
 
 from ..errors import EdgeAttnError, InvalidArgument
 from . import DOMAIN, LOWERINGS, OP_TYPES, attention_nodes, attributes, op_type
-from .nodes import (cast, dense_nodes, function, from_attribute, ints, scaled_q,
-                    softcap_nodes, softmax, zero_rows, zero_rows_prologue)
+from .nodes import (
+    cast,
+    dense_nodes,
+    from_attribute,
+    function,
+    ints,
+    scaled_q,
+    softcap_nodes,
+    softmax,
+    zero_rows,
+    zero_rows_prologue,
+)
 from .routed import routed, routed_dense
 
 
@@ -42,25 +53,28 @@ def blocked(opset: int, name: str) -> FunctionProto:
     n = helper.make_node
     nodes = [
         *scaled_q(),
-        n("Gather", ["q_scaled", "q_index"], ["q_tiles"], axis=2),        # (B, H, T, tq, D)
-        n("Gather", ["k", "kv_index"], ["k_tiles"], axis=2),              # (B, H, T, K, D)
+        n("Gather", ["q_scaled", "q_index"], ["q_tiles"], axis=2),  # (B, H, T, tq, D)
+        n("Gather", ["k", "kv_index"], ["k_tiles"], axis=2),  # (B, H, T, K, D)
         n("Gather", ["v", "kv_index"], ["v_tiles"], axis=2),
         n("Transpose", ["k_tiles"], ["k_tiles_t"], perm=[0, 1, 2, 4, 3]),
-        n("MatMul", ["q_tiles", "k_tiles_t"], ["scores"]),                 # (B, H, T, tq, K)
+        n("MatMul", ["q_tiles", "k_tiles_t"], ["scores"]),  # (B, H, T, tq, K)
         *(softcap_nodes("scores", "capped") if cap else []),
-        n("Gather", ["bank", "block"], ["blocks_t"], axis=0),             # (T, heads or 1, tq, K)
-        n("Transpose", ["blocks_t"], ["mask"], perm=[1, 0, 2, 3]),        # (heads or 1, T, tq, K)
+        n("Gather", ["bank", "block"], ["blocks_t"], axis=0),  # (T, heads or 1, tq, K)
+        n("Transpose", ["blocks_t"], ["mask"], perm=[1, 0, 2, 3]),  # (heads or 1, T, tq, K)
         *zero_rows_prologue(),
         n("Where", ["mask", "zero", "neg_inf"], ["mask_add"]),
     ]
     if bias:
-        nodes += [n("Gather", ["bank_bias", "block"], ["bias_blocks_t"], axis=0),
-                  n("Transpose", ["bias_blocks_t"], ["bias_blocks"], perm=[1, 0, 2, 3]),
-                  cast("bias_blocks", "bias_t"), n("Add", ["bias_t", "mask_add"], ["bias_add"])]
+        nodes += [
+            n("Gather", ["bank_bias", "block"], ["bias_blocks_t"], axis=0),
+            n("Transpose", ["bias_blocks_t"], ["bias_blocks"], perm=[1, 0, 2, 3]),
+            cast("bias_blocks", "bias_t"),
+            n("Add", ["bias_t", "mask_add"], ["bias_add"]),
+        ]
     nodes += [
         n("Add", ["capped" if cap else "scores", "bias_add" if bias else "mask_add"], ["masked"]),
         *softmax("masked", "probs"),
-        n("MatMul", ["probs", "v_tiles"], ["attended"]),                   # (B, H, T, tq, Dv)
+        n("MatMul", ["probs", "v_tiles"], ["attended"]),  # (B, H, T, tq, Dv)
         *zero_rows(opset, "attended", "attended_0"),
         # (B, H, T*tq, Dv): B and H from q, Dv from v
         n("Shape", ["q"], ["batch_heads"], start=0, end=2),
@@ -68,7 +82,7 @@ def blocked(opset: int, name: str) -> FunctionProto:
         ints("minus_one", [-1]),
         n("Concat", ["batch_heads", "minus_one", "head_dim"], ["flat_shape"], axis=0),
         n("Reshape", ["attended_0", "flat_shape"], ["flat"]),
-        n("Gather", ["flat", "q_pos"], ["out"], axis=2),                  # back to query order
+        n("Gather", ["flat", "q_pos"], ["out"], axis=2),  # back to query order
     ]
     return function(name, opset, nodes, blocked.__doc__)
 
@@ -83,8 +97,18 @@ def attention(opset: int, name: str) -> FunctionProto:
     nodes = zero_rows_prologue()
     if bias:
         nodes += [cast("bias", "bias_t"), n("Where", ["mask", "bias_t", "neg_inf"], ["attn_mask"])]
-    attend = from_attribute(n("Attention", ["q", "k", "v", "attn_mask" if bias else "mask"], ["attended"], scale=1.0,
-                               softmax_precision=TensorProto.FLOAT, softcap=1.0 if cap else None), "scale", "scale")
+    attend = from_attribute(
+        n(
+            "Attention",
+            ["q", "k", "v", "attn_mask" if bias else "mask"],
+            ["attended"],
+            scale=1.0,
+            softmax_precision=TensorProto.FLOAT,
+            softcap=1.0 if cap else None,
+        ),
+        "scale",
+        "scale",
+    )
     if cap:
         from_attribute(attend, "softcap", "softcap")
     nodes += [attend, *zero_rows(opset, "attended", "out")]
@@ -111,9 +135,22 @@ def contrib(opset: int, name: str) -> FunctionProto:
         n("Transpose", ["q"], ["q_bsnh"], perm=[0, 2, 1, 3]),
         ints("bsh", [0, 0, -1]),
         n("Reshape", ["q_bsnh", "bsh"], ["query"]),
-        from_attribute(from_attribute(
-            n("MultiHeadAttention", ["query", "k", "v", "", "", "attention_bias"], ["attended_bsh"],
-              domain="com.microsoft", num_heads=1, scale=1.0), "heads", "num_heads"), "scale", "scale"),
+        from_attribute(
+            from_attribute(
+                n(
+                    "MultiHeadAttention",
+                    ["query", "k", "v", "", "", "attention_bias"],
+                    ["attended_bsh"],
+                    domain="com.microsoft",
+                    num_heads=1,
+                    scale=1.0,
+                ),
+                "heads",
+                "num_heads",
+            ),
+            "scale",
+            "scale",
+        ),
         n("Shape", ["q"], ["heads_dim"], start=1, end=2),
         ints("zero_zero", [0, 0]),
         ints("minus_one", [-1]),
@@ -125,8 +162,14 @@ def contrib(opset: int, name: str) -> FunctionProto:
     return function(name, opset, nodes, contrib.__doc__, extra_opsets={"com.microsoft": 1})
 
 
-BODIES = {"dense": dense, "blocked": blocked, "attention": attention, "contrib": contrib, "routed": routed,
-          "routed_dense": routed_dense}
+BODIES = {
+    "dense": dense,
+    "blocked": blocked,
+    "attention": attention,
+    "contrib": contrib,
+    "routed": routed,
+    "routed_dense": routed_dense,
+}
 
 
 def body(name: str, opset: int) -> FunctionProto:
@@ -145,9 +188,11 @@ def swap(model: onnx.ModelProto, runs_as: Callable[[str, bool], str], opset: int
         _, bias, cap = OP_TYPES[node.op_type]
         target = runs_as(lowering, cap) if lowering else None
         if target and target != lowering and target in LOWERINGS:
-            if cap and not LOWERINGS[target].softcap:   # Runtime.executes never asks this; a body must not drop it
-                raise EdgeAttnError(f"internal error: node {node.name} soft-caps its scores, the {target} body "
-                                    f"cannot; please report this")
+            if cap and not LOWERINGS[target].softcap:  # Runtime.executes never asks this; a body must not drop it
+                raise EdgeAttnError(
+                    f"internal error: node {node.name} soft-caps its scores, the {target} body "
+                    f"cannot; please report this"
+                )
             node.op_type = op_type(target, bias, cap)
             swapped.add(node.op_type)
     have = {f.name for f in model.functions if f.domain == DOMAIN}
@@ -165,8 +210,7 @@ def import_domains(model) -> None:
 
 
 # Constant attributes that hold a value directly, and the tensor each becomes
-_CONSTANT_FORMS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
-                   "value_ints": np.int64}
+_CONSTANT_FORMS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
 
 
 def tensor_constants(graph: onnx.GraphProto) -> None:

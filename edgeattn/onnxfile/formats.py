@@ -8,6 +8,7 @@ format (``.ort``, onnxruntime's mobile and minimal builds).  Each carries the sa
 
 :func:`header` reads what every consumer needs first (format, metadata, inputs, outputs) without loading weights.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,7 +18,16 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import BadFile, RuntimeUnavailable, first_line
-from . import TensorInfo, decode_metadata, encode_metadata, graph_inputs, graph_outputs, read, read_metadata, strip_prefix
+from . import (
+    TensorInfo,
+    decode_metadata,
+    encode_metadata,
+    graph_inputs,
+    graph_outputs,
+    read,
+    read_metadata,
+    strip_prefix,
+)
 
 FORMATS = {"onnx": ".onnx", "openvino": ".xml", "ort": ".ort"}
 # model server repositories (folders): the file format inside is onnx or openvino (see edgeattn.export.repository)
@@ -76,8 +86,9 @@ def read_ir(path, core=None):
     try:
         import openvino as ov
     except ImportError:
-        raise RuntimeUnavailable(f"{path}: reading OpenVINO IR needs openvino: pip install "
-                                 "'edgeattn[openvino]'") from None
+        raise RuntimeUnavailable(
+            f"{path}: reading OpenVINO IR needs openvino: pip install 'edgeattn[openvino]'"
+        ) from None
     bin_path = Path(path).with_suffix(".bin")
     if not bin_path.is_file():
         raise BadFile(f"{path}: its weights file {bin_path.name} is missing; keep the .xml and .bin together")
@@ -94,22 +105,35 @@ def ir_header(path, model) -> Header:
         shape = tuple(d.get_length() if d.is_static else "?" for d in port.get_partial_shape())
         return TensorInfo(port.get_any_name(), shape, np.dtype(port.get_element_type().to_dtype()))
 
-    return Header(Path(path), "openvino", read_ir_metadata(model), [info(p) for p in model.inputs],
-                  [info(p) for p in model.outputs])
+    return Header(
+        Path(path),
+        "openvino",
+        read_ir_metadata(model),
+        [info(p) for p in model.inputs],
+        [info(p) for p in model.outputs],
+    )
 
 
 # onnxruntime's type strings -> numpy
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
-              "tensor(bool)": np.bool_}
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
 
 
 def _ort_header(path: Path) -> Header:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise RuntimeUnavailable(f"{path}: reading the ORT format needs onnxruntime: pip install "
-                                 "'edgeattn[ort]'") from None
+        raise RuntimeUnavailable(
+            f"{path}: reading the ORT format needs onnxruntime: pip install 'edgeattn[ort]'"
+        ) from None
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:

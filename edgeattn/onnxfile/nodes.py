@@ -1,6 +1,7 @@
 """Node builders shared by the standard-op bodies (:mod:`.bodies`, :mod:`.routed`): each returns ONNX nodes whose
 types follow the calling node's ``dtype`` attribute and whose scale and softcap refer to its attributes until the body
 is inlined."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -37,15 +38,24 @@ def dense_nodes(opset: int, bias: bool, cap: bool) -> list:
     ]
 
 
-def function(name: str, opset: int, nodes: list, doc: Optional[str],
-             extra_opsets: Optional[dict[str, int]] = None) -> FunctionProto:
+def function(
+    name: str, opset: int, nodes: list, doc: Optional[str], extra_opsets: Optional[dict[str, int]] = None
+) -> FunctionProto:
     assert doc is not None, "a body builder's __doc__ (python -OO strips docstrings)"
     lowering, bias, _ = OP_TYPES[name]
     tables = list(TABLE_INPUTS[LOWERINGS[lowering].layout])
     inputs = list(QKV) + (tables if bias else tables[:-1])
     opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in (extra_opsets or {}).items()]
-    return helper.make_function(DOMAIN, name, inputs, ["out"], nodes, opsets, attributes=list(ATTRIBUTES),
-                                doc_string=doc.strip().splitlines()[0])
+    return helper.make_function(
+        DOMAIN,
+        name,
+        inputs,
+        ["out"],
+        nodes,
+        opsets,
+        attributes=list(ATTRIBUTES),
+        doc_string=doc.strip().splitlines()[0],
+    )
 
 
 def from_attribute(node: onnx.NodeProto, attribute: str, own: Optional[str] = None) -> onnx.NodeProto:
@@ -58,25 +68,33 @@ def from_attribute(node: onnx.NodeProto, attribute: str, own: Optional[str] = No
 
 def scaled_q() -> list[onnx.NodeProto]:
     """q * scale, with the scale taken from the node's attribute and typed like q."""
-    return [from_attribute(helper.make_node("Constant", [], ["scale_f"], value_float=1.0), "scale"),
-            cast("scale_f", "scale_t"),
-            helper.make_node("Mul", ["q", "scale_t"], ["q_scaled"])]
+    return [
+        from_attribute(helper.make_node("Constant", [], ["scale_f"], value_float=1.0), "scale"),
+        cast("scale_f", "scale_t"),
+        helper.make_node("Mul", ["q", "scale_t"], ["q_scaled"]),
+    ]
 
 
 def softcap_nodes(scores: str, out: str) -> list[onnx.NodeProto]:
     """``softcap * tanh(scores / softcap)``, the softcap taken from the node's attribute and typed like q."""
     n = helper.make_node
-    return [from_attribute(n("Constant", [], ["softcap_f"], value_float=1.0), "softcap"),
-            cast("softcap_f", "softcap_t"),
-            n("Div", [scores, "softcap_t"], [f"{scores}_over_cap"]),
-            n("Tanh", [f"{scores}_over_cap"], [f"{scores}_tanh"]),
-            n("Mul", [f"{scores}_tanh", "softcap_t"], [out])]
+    return [
+        from_attribute(n("Constant", [], ["softcap_f"], value_float=1.0), "softcap"),
+        cast("softcap_f", "softcap_t"),
+        n("Div", [scores, "softcap_t"], [f"{scores}_over_cap"]),
+        n("Tanh", [f"{scores}_over_cap"], [f"{scores}_tanh"]),
+        n("Mul", [f"{scores}_tanh", "softcap_t"], [out]),
+    ]
 
 
 def zero_rows_prologue() -> list[onnx.NodeProto]:
     """Typed -inf and 0 constants."""
-    return [floats("neg_inf_f", float("-inf")), cast("neg_inf_f", "neg_inf"),
-            floats("zero_f", 0.0), cast("zero_f", "zero")]
+    return [
+        floats("neg_inf_f", float("-inf")),
+        cast("neg_inf_f", "neg_inf"),
+        floats("zero_f", 0.0),
+        cast("zero_f", "zero"),
+    ]
 
 
 def zero_rows(opset: int, attended: str, out: str) -> list[onnx.NodeProto]:
@@ -87,20 +105,25 @@ def zero_rows(opset: int, attended: str, out: str) -> list[onnx.NodeProto]:
     consumers of a Scalar expression are expected to have the same loop IDs"), which happened for masks computed in
     the graph (Mask2Former), where the mask's Where is not folded away."""
     n = helper.make_node
-    return [n("Cast", ["mask"], ["mask_i"], to=TensorProto.INT32),
-            *reduce_max(opset, "mask_i", "row_any_i"),
-            n("Cast", ["row_any_i"], ["row_any"], to=TensorProto.BOOL),
-            floats("rows_zero_f", [0.0]), cast("rows_zero_f", "rows_zero"),
-            n("Where", ["row_any", attended, "rows_zero"], [out])]
+    return [
+        n("Cast", ["mask"], ["mask_i"], to=TensorProto.INT32),
+        *reduce_max(opset, "mask_i", "row_any_i"),
+        n("Cast", ["row_any_i"], ["row_any"], to=TensorProto.BOOL),
+        floats("rows_zero_f", [0.0]),
+        cast("rows_zero_f", "rows_zero"),
+        n("Where", ["row_any", attended, "rows_zero"], [out]),
+    ]
 
 
 def softmax(src: str, dst: str) -> list[onnx.NodeProto]:
     """Softmax over keys computed in float32 whatever q's dtype (fp16/bf16 exponent sums stay exact enough); the
     casts are no-ops that runtimes drop in float32 models."""
     n = helper.make_node
-    return [n("Cast", [src], [f"{src}_f32"], to=TensorProto.FLOAT),
-            n("Softmax", [f"{src}_f32"], [f"{dst}_f32"], axis=-1),
-            cast(f"{dst}_f32", dst)]
+    return [
+        n("Cast", [src], [f"{src}_f32"], to=TensorProto.FLOAT),
+        n("Softmax", [f"{src}_f32"], [f"{dst}_f32"], axis=-1),
+        cast(f"{dst}_f32", dst),
+    ]
 
 
 def cast(src: str, dst: str) -> onnx.NodeProto:

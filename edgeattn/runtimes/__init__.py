@@ -1,4 +1,5 @@
 """Runtime registry and ``load(path, runtime="auto")``.  Optional backends are imported only when used."""
+
 from __future__ import annotations
 
 from ..errors import EdgeAttnError, InvalidArgument, RuntimeUnavailable
@@ -44,8 +45,9 @@ def resolve(name: str, path=None) -> Runtime:
     refused = {n: get(n).not_supported_reasons(contents) for n in names}
     able = [n for n in names if not refused[n]]
     if not able:
-        raise EdgeAttnError(f"{path}: no available runtime can run it: "
-                            + "; ".join(f"{n}: {'; '.join(r)}" for n, r in refused.items()))
+        raise EdgeAttnError(
+            f"{path}: no available runtime can run it: " + "; ".join(f"{n}: {'; '.join(r)}" for n, r in refused.items())
+        )
     return get(able[0])
 
 
@@ -59,5 +61,15 @@ def load(path, runtime: str = "auto", accuracy: bool = False, module=None) -> Se
     return resolve(runtime, path).load(path, accuracy, module)
 
 
-__all__ = ["ONNX_RUNTIMES", "RUNTIMES", "Runtime", "Session", "TensorInfo", "Tolerance", "available", "get", "load",
-           "runtime_names"]
+__all__ = [
+    "ONNX_RUNTIMES",
+    "RUNTIMES",
+    "Runtime",
+    "Session",
+    "TensorInfo",
+    "Tolerance",
+    "available",
+    "get",
+    "load",
+    "runtime_names",
+]

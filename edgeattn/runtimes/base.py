@@ -5,6 +5,7 @@ the node bodies (lowerings) it executes, and how it executes dense-table nodes o
 :meth:`Runtime.not_supported_reasons` answers for this machine, for a file's :class:`~edgeattn.onnxfile.Contents`,
 or both; export's target check, ``auto``, parity and bench all ask it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,30 +26,37 @@ class Tolerance:
 
     ``decision_eps``: the largest margin ``|value - threshold|`` at which a declared hard decision
     (:mod:`edgeattn.decisions`) that comes out the other way on the runtime counts as a tie, not an error."""
+
     min_cosine: float
     atol: Optional[float] = None
     rtol: Optional[float] = None
     decision_eps: float = 1e-4
 
     def passes(self, max_abs_err: float, max_rel_err: float, cosine: float) -> bool:
-        return (cosine >= self.min_cosine and (self.atol is None or max_abs_err <= self.atol)
-                and (self.rtol is None or max_rel_err <= self.rtol))
+        return (
+            cosine >= self.min_cosine
+            and (self.atol is None or max_abs_err <= self.atol)
+            and (self.rtol is None or max_rel_err <= self.rtol)
+        )
 
     def describe(self) -> str:
         if self.atol == 0 and self.min_cosine == 1:
             return "exact"
-        bounds = ([f"abs {self.atol:.0e}"] if self.atol is not None else []) + \
-                 ([f"rel {self.rtol:.0e}"] if self.rtol is not None else [])
+        bounds = ([f"abs {self.atol:.0e}"] if self.atol is not None else []) + (
+            [f"rel {self.rtol:.0e}"] if self.rtol is not None else []
+        )
         return " ".join(bounds + [f"cos {self.min_cosine:g}"])
 
 
 # What a file's precision (export metadata) is checked against on the CPU runtimes, from the fp32 PyTorch model.
 # Reduced precision is gated on error relative to the largest output and on cosine; tests/test_model_zoo_targets.py
 # checks every registered model against them (the worst measured: ppma-t int8 cosine 0.99987, bf16 rel 6e-3).
-REDUCED_PRECISION = {"fp16": Tolerance(min_cosine=0.9995, rtol=2e-2, decision_eps=1e-2),
-                     "bf16": Tolerance(min_cosine=0.995, rtol=8e-2, decision_eps=3e-2),
-                     "int8": Tolerance(min_cosine=0.995, decision_eps=3e-2),
-                     "int8-static": Tolerance(min_cosine=0.98, decision_eps=5e-2)}
+REDUCED_PRECISION = {
+    "fp16": Tolerance(min_cosine=0.9995, rtol=2e-2, decision_eps=1e-2),
+    "bf16": Tolerance(min_cosine=0.995, rtol=8e-2, decision_eps=3e-2),
+    "int8": Tolerance(min_cosine=0.995, decision_eps=3e-2),
+    "int8-static": Tolerance(min_cosine=0.98, decision_eps=5e-2),
+}
 
 
 class Session:
@@ -68,7 +76,7 @@ class Session:
 class Runtime:
     name: str = ""
     description: str = ""
-    tolerances: Mapping[str, Tolerance] = {}    # the parity gate per file precision
+    tolerances: Mapping[str, Tolerance] = {}  # the parity gate per file precision
     refused_precisions: Mapping[str, str] = {}  # precision -> why it cannot run files of it
     lowerings: frozenset = frozenset(LOWERINGS)  # the node bodies it executes
     file_formats: frozenset = frozenset({"onnx"})  # the file formats it loads (edgeattn.onnxfile.formats)
@@ -76,7 +84,7 @@ class Runtime:
     # (or in every file, with runs_as_always) -- the file keeps its portable body, the runtime swaps at load
     runs_as: Mapping[str, str] = {}
     runs_as_always: bool = False
-    reference: bool = False                     # runs the torch model a file came from, not the file
+    reference: bool = False  # runs the torch model a file came from, not the file
 
     def machine_reasons(self) -> list[str]:
         """Why this runtime cannot run on this machine (not installed, no device); empty when it can."""
@@ -85,18 +93,19 @@ class Runtime:
     def not_supported_reasons(self, contents: Optional[Contents] = None, here: bool = True) -> list[str]:
         """Why this runtime cannot run a file with ``contents`` (None: any file) on this machine (``here=False``:
         on a machine that has it, which is what an export for it asks); empty when it can."""
-        reasons = list(self.machine_reasons()) if here else []   # a copy: machine_reasons may be cached
+        reasons = list(self.machine_reasons()) if here else []  # a copy: machine_reasons may be cached
         if contents is not None:
             if contents.format not in self.file_formats:
-                reasons.append(f"{self.name} does not load {contents.format} files (it loads "
-                               f"{', '.join(sorted(self.file_formats))})")
+                reasons.append(
+                    f"{self.name} does not load {contents.format} files (it loads "
+                    f"{', '.join(sorted(self.file_formats))})"
+                )
             refused = self.refused_precisions.get(contents.precision)
             reasons += [refused] if refused else []
             others = sorted(contents.lowerings - self.lowerings)
             if others:
                 runs = sorted(self.lowerings)
-                reasons.append(f"{self.name} does not run the {', '.join(others)} lowering (it runs "
-                               f"{', '.join(runs)})")
+                reasons.append(f"{self.name} does not run the {', '.join(others)} lowering (it runs {', '.join(runs)})")
         return reasons
 
     def is_available(self) -> bool:
@@ -119,8 +128,9 @@ class Runtime:
 
     def tolerance(self, precision: str = "fp32") -> Tolerance:
         if precision not in self.tolerances:
-            raise EdgeAttnError(f"{self.name} has no parity tolerance for {precision} files yet "
-                                f"(known: {', '.join(self.tolerances)})")
+            raise EdgeAttnError(
+                f"{self.name} has no parity tolerance for {precision} files yet (known: {', '.join(self.tolerances)})"
+            )
         return self.tolerances[precision]
 
     def load(self, path, accuracy: bool = False, module: Any = None, observe: Sequence[str] = ()) -> Session:
@@ -140,8 +150,11 @@ class Runtime:
 
 def nonfinite_inputs(feeds: Mapping[str, np.ndarray]) -> list[str]:
     """Names of float feeds holding NaN or inf: such feeds run, and reports flag them."""
-    return [name for name, a in feeds.items()
-            if np.issubdtype(np.asarray(a).dtype, np.floating) and not np.isfinite(a).all()]
+    return [
+        name
+        for name, a in feeds.items()
+        if np.issubdtype(np.asarray(a).dtype, np.floating) and not np.isfinite(a).all()
+    ]
 
 
 def check_feeds(inputs: Sequence[TensorInfo], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -150,8 +163,9 @@ def check_feeds(inputs: Sequence[TensorInfo], feeds: Mapping[str, np.ndarray]) -
     missing = [n for n in expected if n not in feeds]
     extra = [n for n in feeds if n not in expected]
     if missing or extra:
-        raise InvalidArgument(f"feeds do not match the model inputs: missing {missing}, unexpected {extra}; "
-                              f"expected {list(expected)}")
+        raise InvalidArgument(
+            f"feeds do not match the model inputs: missing {missing}, unexpected {extra}; expected {list(expected)}"
+        )
     out = {}
     for name, info in expected.items():
         array = np.asarray(feeds[name])

@@ -10,6 +10,7 @@ custom-domain nodes (it ignores model-local functions), so before it reads a ``-
 - every other node (blocked tables; contrib, which OpenVINO cannot run; nodes that soft-cap their scores, which SDPA
   cannot) is inlined into its standard-op function body.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,20 +27,21 @@ from ..errors import EdgeAttnError, ExportFailed, first_line
 from ..onnxfile import DOMAIN, formats
 from .base import REDUCED_PRECISION, Runtime, Session, Tolerance
 
-_BIAS = onnxfile.bias_position("dense")     # dense-table node inputs: q, k, v, mask, then the optional bias
+_BIAS = onnxfile.bias_position("dense")  # dense-table node inputs: q, k, v, mask, then the optional bias
 
 
 class OpenVinoSession(Session):
-    fused_sdpa: int   # how many edgeattn nodes became OpenVINO ScaledDotProductAttention ops (the rest were inlined)
+    fused_sdpa: int  # how many edgeattn nodes became OpenVINO ScaledDotProductAttention ops (the rest were inlined)
 
-    def __init__(self, runtime: Runtime, path: Path, device: str, accuracy: bool = False,
-                 observe: Sequence[str] = ()) -> None:
+    def __init__(
+        self, runtime: Runtime, path: Path, device: str, accuracy: bool = False, observe: Sequence[str] = ()
+    ) -> None:
         import openvino as ov
 
         self.runtime = runtime.name
         core = ov.Core()
         is_ir = formats.format_of(path) == "openvino"
-        if is_ir:   # an IR is read once, here; an ONNX file is converted below
+        if is_ir:  # an IR is read once, here; an ONNX file is converted below
             ov_model = formats.read_ir(path, core)
             file = formats.ir_header(path, ov_model)
             metadata, self.inputs, self.outputs = file.metadata, file.inputs, file.outputs
@@ -51,12 +53,14 @@ class OpenVinoSession(Session):
         try:
             if not is_ir:
                 ov_model = to_openvino(model, runtime, core)
-            if observe:   # extra results, after the file's outputs
+            if observe:  # extra results, after the file's outputs
                 ov_model.add_outputs(list(observe))
-            self.fused_sdpa = sum(op.get_type_name() == "ScaledDotProductAttention" for op in ov_model.get_ordered_ops())
+            self.fused_sdpa = sum(
+                op.get_type_name() == "ScaledDotProductAttention" for op in ov_model.get_ordered_ops()
+            )
             self.config = _config(core, device, metadata.get("precision", "fp32"), accuracy)
             self._compiled = core.compile_model(ov_model, device, self.config)
-        except EdgeAttnError as e:   # the same kind of error, naming the file
+        except EdgeAttnError as e:  # the same kind of error, naming the file
             raise type(e)(f"{path}: {e}") from e
         except Exception as e:
             raise EdgeAttnError(f"{path}: OpenVINO could not compile the model: {ov_error(e)}") from e
@@ -93,9 +97,11 @@ def _config(core, device: str, precision: str, accuracy: bool) -> dict:
 
 def _converts_to_sdpa(node: onnx.NodeProto, runtime: Runtime) -> bool:
     attributes = onnxfile.attributes(node)
-    softcap = onnxfile.softcap(node) > 0   # SDPA has no softcap: executes() keeps such nodes' bodies
-    return attributes.get("layout") == "dense" and runtime.executes(attributes.get("lowering", ""),
-                                                                    softcap=softcap) == "sdpa"
+    softcap = onnxfile.softcap(node) > 0  # SDPA has no softcap: executes() keeps such nodes' bodies
+    return (
+        attributes.get("layout") == "dense"
+        and runtime.executes(attributes.get("lowering", ""), softcap=softcap) == "sdpa"
+    )
 
 
 def to_openvino(model: onnx.ModelProto, runtime: Runtime, core=None):
@@ -116,13 +122,14 @@ def to_openvino(model: onnx.ModelProto, runtime: Runtime, core=None):
 
     core = core or ov.Core()
     for name in sorted({n.op_type for n in onnxfile.attention_nodes(model)}):
-        core.add_extension(ConversionExtension(name, DOMAIN, convert))   # only applies to later reads
+        core.add_extension(ConversionExtension(name, DOMAIN, convert))  # only applies to later reads
     try:
         return core.read_model(model.SerializeToString(), b"")
     except Exception as e:
         if errors:
-            raise ExportFailed(f"OpenVINO could not convert {DOMAIN} attention to ScaledDotProductAttention: "
-                               f"{first_line(errors[0])}") from errors[0]
+            raise ExportFailed(
+                f"OpenVINO could not convert {DOMAIN} attention to ScaledDotProductAttention: {first_line(errors[0])}"
+            ) from errors[0]
         raise EdgeAttnError(f"OpenVINO could not read the model: {ov_error(e)}") from e
 
 
@@ -154,24 +161,24 @@ def to_sdpa(context):
     """ConversionExtension body: one dense-table ``MaskedAttention`` node -> ``ScaledDotProductAttention``.
 
     q, k, v (B, H, N, D); mask bool (H or 1, Nq, Nkv), True = attend, as SDPA takes it; optional float bias."""
-    import openvino.opset13 as ops   # the newest opset with SDPA; later opsets do not redefine it
+    import openvino.opset13 as ops  # the newest opset with SDPA; later opsets do not redefine it
 
     layout = context.get_attribute("layout")
     if layout != "dense":
-        raise ExportFailed("only dense-table nodes convert to ScaledDotProductAttention, this one has layout "
-                           f"{layout!r}")
+        raise ExportFailed(
+            f"only dense-table nodes convert to ScaledDotProductAttention, this one has layout {layout!r}"
+        )
     if context.get_attribute("softcap", 0.0):
         raise ExportFailed("a node that soft-caps its scores cannot become ScaledDotProductAttention (no softcap)")
     q, k, v, mask = (context.get_input(i) for i in range(_BIAS))
 
-    def like_q(value):   # constants in q's element type, which SDPA requires for scale and a float mask
+    def like_q(value):  # constants in q's element type, which SDPA requires for scale and a float mask
         return ops.convert_like(ops.constant(np.array(value, np.float32)), q)
 
     # An absent optional input is not a shorter input list: it arrives as the output of a "NullNode".
-    has_bias = (context.get_input_size() > _BIAS
-                and context.get_input(_BIAS).get_node().get_type_name() != "NullNode")
+    has_bias = context.get_input_size() > _BIAS and context.get_input(_BIAS).get_node().get_type_name() != "NullNode"
     attn_mask = mask
-    if has_bias:   # SDPA has one mask input, added to the scores when float: bias where allowed, -inf elsewhere
+    if has_bias:  # SDPA has one mask input, added to the scores when float: bias where allowed, -inf elsewhere
         attn_mask = ops.select(mask, ops.convert_like(context.get_input(_BIAS), q), like_q(-np.inf))
     out = ops.scaled_dot_product_attention(q, k, v, attn_mask, like_q(context.get_attribute("scale")), causal=False)
     # SDPA gives NaN on a query row with no allowed key, edgeattn gives zeros; a constant mask without such rows
@@ -187,13 +194,13 @@ class OpenVinoCpu(Runtime):
     name = "openvino-cpu"
     description = "OpenVINO, CPU plugin"
     tolerances = {"fp32": Tolerance(atol=1e-4, min_cosine=0.99999), **REDUCED_PRECISION}
-    lowerings = frozenset({"dense", "blocked", "attention", "routed", "routed_dense"})   # contrib is onnxruntime's
+    lowerings = frozenset({"dense", "blocked", "attention", "routed", "routed_dense"})  # contrib is onnxruntime's
     file_formats = frozenset({"onnx", "openvino"})
     # every dense-table node becomes OpenVINO's ScaledDotProductAttention (see the module docstring)
     runs_as = {"dense": "sdpa", "attention": "sdpa"}
     runs_as_always = True
 
-    @functools.cache  # noqa: B019  (one instance per process; asking OpenVINO for its devices is slow)
+    @functools.cache
     def machine_reasons(self) -> list[str]:
         try:
             import openvino as ov

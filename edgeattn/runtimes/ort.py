@@ -1,4 +1,5 @@
 """onnxruntime: ``ort-cpu`` and ``ort-cuda``.  ORT expands the edgeattn local functions itself."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,17 +18,20 @@ from .base import REDUCED_PRECISION, Runtime, Session, Tolerance
 
 
 class OrtSession(Session):
-    def __init__(self, runtime: Runtime, path: Path, providers: list, device: str = "cpu",
-                 observe: Sequence[str] = ()) -> None:
+    def __init__(
+        self, runtime: Runtime, path: Path, providers: list, device: str = "cpu", observe: Sequence[str] = ()
+    ) -> None:
         import onnxruntime as ort
 
         self.runtime = runtime.name
-        if formats.format_of(path) == "ort":   # already optimized, and not an ONNX protobuf: load as it is
+        if formats.format_of(path) == "ort":  # already optimized, and not an ONNX protobuf: load as it is
             file = formats.header(path)
             runtime.check_file(file.metadata, path)
             if observe:
-                raise EdgeAttnError(f"{path}: an ORT-format file cannot return tensors inside its graph; check the "
-                                    f".onnx file it was converted from")
+                raise EdgeAttnError(
+                    f"{path}: an ORT-format file cannot return tensors inside its graph; check the "
+                    f".onnx file it was converted from"
+                )
             source, self.inputs, self.outputs = str(path), file.inputs, file.outputs
         else:
             model = onnxfile.read(path, weights=True)
@@ -43,7 +47,7 @@ class OrtSession(Session):
         # Denormals flushed to zero on onnxruntime's own threads (and on the calling thread while it runs, _run)
         options.add_session_config_entry("session.set_denormal_as_zero", "1")
         try:
-            with flushed_denormals():   # the option also sets the creating thread's flags: restore them after
+            with flushed_denormals():  # the option also sets the creating thread's flags: restore them after
                 self._session = ort.InferenceSession(source, options, providers=providers)
         except Exception as e:
             raise EdgeAttnError(f"{path}: onnxruntime could not load the model: {first_line(e)}") from e
@@ -85,7 +89,7 @@ def flushed_denormals() -> Iterator[None]:
     the caller, which takes a share of each parallel loop) ran nat-tiny 1.66x and na3d-block 2.51x faster here, with
     bitwise equal outputs on every registered model (benchmarks/RESULTS.md).  Only values below 1.2e-38 can change.
     A no-op where the CPU has no such flags (torch.set_flush_denormal returns False)."""
-    had = bool(np.float32(1e-39) * np.float32(1.0) == 0)   # what the thread does now
+    had = bool(np.float32(1e-39) * np.float32(1.0) == 0)  # what the thread does now
     torch.set_flush_denormal(True)
     try:
         yield
@@ -98,8 +102,9 @@ def for_runtime(model: onnx.ModelProto, runtime: Runtime, meta: Optional[dict] =
     (``meta``: the file's metadata, if already read)."""
     meta = onnxfile.read_metadata(model) if meta is None else meta
     requested = meta.get("lowering", "")
-    return bodies.swap(model, lambda lowering, softcap: runtime.executes(lowering, requested, softcap),
-                       cast(int, meta.get("opset")))   # every file edgeattn writes records its opset
+    return bodies.swap(
+        model, lambda lowering, softcap: runtime.executes(lowering, requested, softcap), cast(int, meta.get("opset"))
+    )  # every file edgeattn writes records its opset
 
 
 class OrtCpu(Runtime):
@@ -107,8 +112,10 @@ class OrtCpu(Runtime):
     description = "onnxruntime, CPU execution provider"
     tolerances = {"fp32": Tolerance(atol=1e-4, min_cosine=0.99999), **REDUCED_PRECISION}
     file_formats = frozenset({"onnx", "ort"})
-    refused_precisions = {"bf16": "onnxruntime's CPU provider has no bfloat16 kernels (Conv, MatMul...); run bf16 "
-                                  "files on openvino-cpu or ort-cuda"}
+    refused_precisions = {
+        "bf16": "onnxruntime's CPU provider has no bfloat16 kernels (Conv, MatMul...); run bf16 "
+        "files on openvino-cpu or ort-cuda"
+    }
     # Dense-table nodes of auto files run as the fused contrib MultiHeadAttention (causal N=2048, 2 heads x 32:
     # 4.2 ms against 12.2 ms for MatMul/Softmax and 6.5 ms for Attention-23).
     runs_as = {"dense": "contrib", "attention": "contrib"}
@@ -121,8 +128,9 @@ class OrtCpu(Runtime):
         except ImportError:
             return [f"onnxruntime is not installed; {self.install}"]
         if self.provider not in ort.get_available_providers():
-            return [f"{self.provider} is not among onnxruntime's providers {ort.get_available_providers()}; "
-                    f"{self.install}"]
+            return [
+                f"{self.provider} is not among onnxruntime's providers {ort.get_available_providers()}; {self.install}"
+            ]
         return []
 
     def _providers(self):
@@ -150,14 +158,24 @@ class OrtCuda(OrtCpu):
     def _providers(self):
         # use_tf32 0: fp32 files compute in fp32 (TF32 matmuls would miss the fp32 tolerance); cuDNN picks conv
         # algorithms by measuring them once (EXHAUSTIVE) and the memory arena grows only by what is requested.
-        return [(self.provider, {"device_id": 0, "use_tf32": 0, "cudnn_conv_algo_search": "EXHAUSTIVE",
-                                 "arena_extend_strategy": "kSameAsRequested", "do_copy_in_default_stream": 1}),
-                "CPUExecutionProvider"]
+        return [
+            (
+                self.provider,
+                {
+                    "device_id": 0,
+                    "use_tf32": 0,
+                    "cudnn_conv_algo_search": "EXHAUSTIVE",
+                    "arena_extend_strategy": "kSameAsRequested",
+                    "do_copy_in_default_stream": 1,
+                },
+            ),
+            "CPUExecutionProvider",
+        ]
 
     def _load(self, path, accuracy, module, observe=()):
         return OrtSession(self, path, self._providers(), device="cuda", observe=observe)
 
-    @functools.cache  # noqa: B019  (one instance per process; the probe starts CUDA once)
+    @functools.cache
     def machine_reasons(self) -> list[str]:
         reasons = super().machine_reasons()
         if reasons:
@@ -166,15 +184,22 @@ class OrtCuda(OrtCpu):
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
-        try:   # CUDA and cuDNN from pip's nvidia-* packages ([ort-gpu]), where installed; the probe below tells
+        try:  # CUDA and cuDNN from pip's nvidia-* packages ([ort-gpu]), where installed; the probe below tells
             ort.preload_dlls()
-        except Exception:   # noqa: BLE001  (older onnxruntime-gpu has no preload_dlls; a library may be missing)
+        except Exception:
             pass
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
         # IR 8 / opset 13: any onnxruntime since 1.10 reads it (onnx's default IR can be newer than the runtime's)
-        probe = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x],
-                                                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]),
-                                  ir_version=8, opset_imports=[helper.make_opsetid("", 13)])
+        probe = helper.make_model(
+            helper.make_graph(
+                [helper.make_node("Identity", ["x"], ["y"])],
+                "probe",
+                [x],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+            ),
+            ir_version=8,
+            opset_imports=[helper.make_opsetid("", 13)],
+        )
         try:
             session = ort.InferenceSession(probe.SerializeToString(), providers=self._providers())
         except Exception as e:

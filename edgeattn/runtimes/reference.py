@@ -1,13 +1,14 @@
 """``torch``: the PyTorch eager reference, one more runtime.  It runs the torch module a file came from, given to
 :meth:`Runtime.load`: parity's ``compare_model`` passes the user's module, ``edgeattn check`` and ``bench`` the
 registered model they rebuild from the file's metadata (:func:`edgeattn.models.from_metadata`), above this floor."""
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ..onnxfile import formats
 from ..errors import EdgeAttnError, InvalidArgument
+from ..onnxfile import formats
 from .base import Runtime, Session, Tolerance
 
 
@@ -25,7 +26,7 @@ class TorchSession(Session):
                 out = self.module.eval()(*(torch.from_numpy(feeds[i.name]) for i in self.inputs))
         finally:
             self.module.train(was_training)
-        out = torch.utils._pytree.tree_leaves(out)   # the exporter flattens nested outputs the same way
+        out = torch.utils._pytree.tree_leaves(out)  # the exporter flattens nested outputs the same way
         if len(out) != len(self.outputs):
             raise EdgeAttnError(f"the file has {len(self.outputs)} outputs, the model returns {len(out)} tensors")
         return {info.name: np.asarray(t.detach().cpu().numpy()) for info, t in zip(self.outputs, out)}
@@ -42,7 +43,9 @@ class TorchRuntime(Runtime):
     def _load(self, path, accuracy, module, observe=()):
         file = formats.header(path)
         if module is None:
-            raise InvalidArgument(f"{path}: the torch runtime runs the PyTorch module the file came from, which the "
-                                  f"file does not hold: pass it (load(path, 'torch', module=...)), or run `edgeattn "
-                                  f"check`, which rebuilds a registered model from the file's metadata")
+            raise InvalidArgument(
+                f"{path}: the torch runtime runs the PyTorch module the file came from, which the "
+                f"file does not hold: pass it (load(path, 'torch', module=...)), or run `edgeattn "
+                f"check`, which rebuilds a registered model from the file's metadata"
+            )
         return TorchSession(self.name, module, file.inputs, file.outputs)

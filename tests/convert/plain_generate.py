@@ -6,11 +6,12 @@ Writes {"onnxruntime": {"tokens": [...], "logits": path, "steps": path}, "openvi
 the prefill's logits and the logits each token was chosen from (.npy: prefill's last position, then each decode
 step's, stacked: (steps, 1, vocab)).  Importing edgeattn is blocked, as on a device that does not have it.
 """
+
 import json
 import sys
 from pathlib import Path
 
-sys.modules["edgeattn"] = None   # any `import edgeattn` now raises ImportError
+sys.modules["edgeattn"] = None  # any `import edgeattn` now raises ImportError
 
 import numpy as np  # noqa: E402
 
@@ -44,9 +45,11 @@ def generate(runner, folder: Path, prompt: np.ndarray, steps: int):
     chosen_from = [logits[:, -1]]
     tokens = [int(logits[0, -1].argmax())]
     for step in range(steps - 1):
-        feeds = {"input_ids": np.array([[tokens[-1]]], dtype=np.int64),
-                 "cache_position": np.array([prompt.shape[1] + step], dtype=np.int64)}
-        feeds.update(zip(names[2:], cache))   # past_key_values.N.key/value, in the order present.* came out
+        feeds = {
+            "input_ids": np.array([[tokens[-1]]], dtype=np.int64),
+            "cache_position": np.array([prompt.shape[1] + step], dtype=np.int64),
+        }
+        feeds.update(zip(names[2:], cache))  # past_key_values.N.key/value, in the order present.* came out
         out, *cache = decode(feeds)
         chosen_from.append(out[:, -1])
         tokens.append(int(out[0, -1].argmax()))
@@ -60,8 +63,11 @@ def main():
         tokens, logits, chosen_from = generate(runner, folder, prompt, steps)
         np.save(out.with_name(f"{name}_logits.npy"), logits)
         np.save(out.with_name(f"{name}_steps.npy"), chosen_from)
-        results[name] = {"tokens": tokens, "logits": str(out.with_name(f"{name}_logits.npy")),
-                         "steps": str(out.with_name(f"{name}_steps.npy"))}
+        results[name] = {
+            "tokens": tokens,
+            "logits": str(out.with_name(f"{name}_logits.npy")),
+            "steps": str(out.with_name(f"{name}_steps.npy")),
+        }
     out.write_text(json.dumps(results))
 
 

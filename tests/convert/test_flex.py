@@ -1,5 +1,6 @@
 """FlexAttention code converted to edgeattn: the converted module against torch's own flex_attention (eager), the
 exported file on onnxruntime and OpenVINO, and in a plain runtime that never imports edgeattn."""
+
 import json
 import subprocess
 import sys
@@ -12,15 +13,16 @@ from torch import nn
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import edgeattn
-
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 from edgeattn.errors import EdgeAttnError
 
 from conftest import CPU_RUNTIMES, require
 
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
 CONSUME = Path(__file__).parents[1] / "deploy" / "consume.py"
 N, HEADS, DIM = 96, 4, 64
-DOC = torch.tensor([0] * 40 + [1] * 30 + [2] * 26)   # document ids of the tokens (the same for every sequence)
+_COMPILED = None  # set by test_torch_compiled_flex_attention_is_converted_too
+DOC = torch.tensor([0] * 40 + [1] * 30 + [2] * 26)  # document ids of the tokens (the same for every sequence)
 
 
 def causal(b, h, q, kv):
@@ -60,8 +62,9 @@ class Attention(nn.Module):
         self.q = nn.Linear(DIM, DIM)
         self.kv = nn.Linear(DIM, 2 * kv_heads * self.head_dim)
         self.proj = nn.Linear(DIM, DIM)
-        self.block_mask = None if mask_mod is None else create_block_mask(mask_mod, None, None, N, N, device="cpu",
-                                                                          BLOCK_SIZE=32)
+        self.block_mask = (
+            None if mask_mod is None else create_block_mask(mask_mod, None, None, N, N, device="cpu", BLOCK_SIZE=32)
+        )
         self.score_mod, self.scale = score_mod, scale
         self.rel = nn.Parameter(torch.randn(HEADS, 2 * N - 1) * 0.5) if rel_bias else None
 
@@ -73,10 +76,18 @@ class Attention(nn.Module):
         if self.rel is not None:
             rel = self.rel
 
-            def score_mod(score, b, h, qi, ki):   # a learned relative bias, read from a Parameter
+            def score_mod(score, b, h, qi, ki):  # a learned relative bias, read from a Parameter
                 return score + rel[h, qi - ki + n - 1]
-        y = flex_attention(q, k, v, score_mod=score_mod, block_mask=self.block_mask, scale=self.scale,
-                           enable_gqa=self.kv_heads != HEADS)
+
+        y = flex_attention(
+            q,
+            k,
+            v,
+            score_mod=score_mod,
+            block_mask=self.block_mask,
+            scale=self.scale,
+            enable_gqa=self.kv_heads != HEADS,
+        )
         return self.proj(y.transpose(1, 2).reshape(B, n, DIM))
 
 
@@ -87,8 +98,9 @@ CASES = {
     "document-scale": dict(mask_mod=document, scale=0.3),
     "dilated-rel-bias": dict(mask_mod=dilated, rel_bias=True),
     "no-mask-softcap": dict(score_mod=softcap),
-    "causal-softcap-alibi": dict(mask_mod=causal, score_mod=lambda s, b, h, q, kv: softcap(s, b, h, q, kv)
-                                 + alibi(0.0, b, h, q, kv)),
+    "causal-softcap-alibi": dict(
+        mask_mod=causal, score_mod=lambda s, b, h, q, kv: softcap(s, b, h, q, kv) + alibi(0.0, b, h, q, kv)
+    ),
 }
 
 
@@ -105,7 +117,7 @@ def test_converted_module_matches_flex_attention(case, layout):
     converted = edgeattn.convert(model, x, layout=layout)
     with torch.no_grad():
         want, got = model(x), converted(x)
-    assert not hasattr(model, "edgeattn_flex")     # the original is left as it was
+    assert not hasattr(model, "edgeattn_flex")  # the original is left as it was
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     assert all(site.table.layout == layout for site in converted.edgeattn_flex.sites)
 
@@ -127,7 +139,7 @@ def test_trainable_bias_keeps_its_gradient():
     _dense_reference(model, x).square().sum().backward()
     converted(x).square().sum().backward()
     torch.testing.assert_close(converted.rel.grad, model.rel.grad, atol=1e-5, rtol=1e-4)
-    with torch.no_grad():   # the bias follows the weight: it is read on every call, not compiled into the table
+    with torch.no_grad():  # the bias follows the weight: it is read on every call, not compiled into the table
         model.rel.add_(1.0)
         converted.rel.add_(1.0)
         torch.testing.assert_close(converted(x), model(x), atol=2e-6, rtol=1e-5)
@@ -141,7 +153,7 @@ def exported(tmp_path_factory):
         model, x = _pair(case)
         with torch.no_grad():
             want = model(x).numpy()
-        path = folder / f"{case}.onnx"   # the unconverted module: export converts it on the way
+        path = folder / f"{case}.onnx"  # the unconverted module: export converts it on the way
         result = edgeattn.export_onnx(model, [x], path, input_names=["x"], output_names=["y"])
         assert not hasattr(model, "edgeattn_flex")
         files[case] = (path, x.numpy(), want, result)
@@ -167,12 +179,17 @@ def test_plain_runtimes_run_the_file(exported, tmp_path):
     jobs = []
     for case, (path, x, want, _) in exported.items():
         np.savez(tmp_path / f"{case}.npz", x=x)
-        jobs.append({"name": case, "file": str(path), "feeds": str(tmp_path / f"{case}.npz"),
-                     "work": str(tmp_path / case)})
+        jobs.append(
+            {"name": case, "file": str(path), "feeds": str(tmp_path / f"{case}.npz"), "work": str(tmp_path / case)}
+        )
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     for consumer in ("ort", "openvino"):
-        done = subprocess.run([sys.executable, str(CONSUME), consumer, str(tmp_path / "jobs.json"),
-                               str(tmp_path / "out.json")], capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, str(CONSUME), consumer, str(tmp_path / "jobs.json"), str(tmp_path / "out.json")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         results = json.loads((tmp_path / "out.json").read_text())
         for case, (_, _, want, _) in exported.items():
@@ -185,15 +202,26 @@ def _flex_module(fn):
     class Module(nn.Module):
         def forward(self, x):
             return fn(x)
+
     return Module()
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda x: flex_attention(x, x, x, score_mod=lambda s, b, h, q, kv: s * 2), "changes the score"),
-    (lambda x: flex_attention(x, x, x, return_lse=True)[0], "return_lse"),
-    (lambda x: flex_attention(x, x, x, block_mask=create_block_mask(
-        lambda b, h, q, kv: (q >= kv) & (b == 0), 2, None, 64, 64, device="cpu")), "batch"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda x: flex_attention(x, x, x, score_mod=lambda s, b, h, q, kv: s * 2), "changes the score"),
+        (lambda x: flex_attention(x, x, x, return_lse=True)[0], "return_lse"),
+        (
+            lambda x: flex_attention(
+                x,
+                x,
+                x,
+                block_mask=create_block_mask(lambda b, h, q, kv: (q >= kv) & (b == 0), 2, None, 64, 64, device="cpu"),
+            ),
+            "batch",
+        ),
+    ],
+)
 def test_what_cannot_be_converted_is_one_error(call, message):
     x = torch.randn(2, 2, 64, 16)
     with pytest.raises(EdgeAttnError, match=message):
@@ -213,19 +241,33 @@ def test_a_call_that_changed_since_conversion_is_refused():
 
 def test_torch_compiled_flex_attention_is_converted_too():
     # a module-level binding, as user code has it
-    globals()["_COMPILED"] = torch.compile(flex_attention)
-    module = _flex_module(lambda x: _COMPILED(x, x, x, block_mask=create_block_mask(causal, None, None, 64, 64,  # noqa: F821
-                                                                                    device="cpu")))
+    global _COMPILED
+    _COMPILED = torch.compile(flex_attention)
+    module = _flex_module(
+        lambda x: _COMPILED(
+            x,
+            x,
+            x,
+            block_mask=create_block_mask(
+                causal,
+                None,
+                None,
+                64,
+                64,
+                device="cpu",
+            ),
+        )
+    )
     try:
         x = torch.randn(1, 2, 64, 16)
         converted, lines = edgeattn.convert(module, x, report=True)
         assert lines and "causal" in lines[0]
         with torch.no_grad():
-            got, want = converted(x), module(x)   # the original runs the compiled flex_attention (inductor)
+            got, want = converted(x), module(x)  # the original runs the compiled flex_attention (inductor)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     finally:
         del globals()["_COMPILED"]
-        torch._dynamo.reset()   # leave no compiled code behind for other tests
+        torch._dynamo.reset()  # leave no compiled code behind for other tests
 
 
 def test_a_module_without_attention_to_convert_is_one_error():

@@ -1,6 +1,7 @@
 """edgeattn.convert on transformers' Swin and Mask2Former (tiny configs, random weights): the converted model's outputs
 equal the transformers model's in eager PyTorch, after export on onnxruntime and OpenVINO, and in a process that
 never imports edgeattn."""
+
 import json
 import os
 import subprocess
@@ -20,20 +21,27 @@ from edgeattn.errors import EdgeAttnError
 transformers = pytest.importorskip("transformers")
 
 CONSUME = Path(__file__).resolve().parents[1] / "deploy" / "consume.py"
-ATOL = 1e-5   # eager, converted vs transformers (abs and rel): the same sums in another order
+ATOL = 1e-5  # eager, converted vs transformers (abs and rel): the same sums in another order
 
 
 def tiny_swin(image_size, window_size=4, seed=0):
     """SwinForImageClassification, 2 stages; transformers zero-fills the bias tables: random ones, so they count."""
     torch.manual_seed(seed)
-    config = transformers.SwinConfig(image_size=image_size, patch_size=4, embed_dim=24, depths=[2, 2],
-                                     num_heads=[2, 4], window_size=window_size, num_labels=10)
+    config = transformers.SwinConfig(
+        image_size=image_size,
+        patch_size=4,
+        embed_dim=24,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=window_size,
+        num_labels=10,
+    )
     model = transformers.SwinForImageClassification(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("relative_position_bias_table"):
                 p.normal_(0, 1.0)
-            elif p.dim() == 2:   # larger weights than transformers' init: attention far from uniform
+            elif p.dim() == 2:  # larger weights than transformers' init: attention far from uniform
                 p.normal_(0, 0.2)
     return model, torch.randn(2, 3, *image_size)
 
@@ -42,13 +50,29 @@ def tiny_mask2former():
     """Mask2FormerModel on a 4-stage tiny Swin backbone (Mask2FormerForUniversalSegmentation adds only the loss and
     a class head, and its loss needs scipy); 3 decoder layers, so the round-robin over 3 levels is complete."""
     torch.manual_seed(0)
-    backbone = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
-                                       num_heads=[1, 1, 2, 2], window_size=4,
-                                       out_features=["stage1", "stage2", "stage3", "stage4"])
+    backbone = transformers.SwinConfig(
+        image_size=64,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=4,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
     config = transformers.Mask2FormerConfig(
-        backbone_config=backbone, hidden_dim=32, feature_size=32, mask_feature_size=32, num_queries=8,
-        encoder_layers=1, decoder_layers=4, num_attention_heads=2, encoder_feedforward_dim=64, dim_feedforward=64,
-        num_labels=5, use_pretrained_backbone=False)
+        backbone_config=backbone,
+        hidden_dim=32,
+        feature_size=32,
+        mask_feature_size=32,
+        num_queries=8,
+        encoder_layers=1,
+        decoder_layers=4,
+        num_attention_heads=2,
+        encoder_feedforward_dim=64,
+        dim_feedforward=64,
+        num_labels=5,
+        use_pretrained_backbone=False,
+    )
     return transformers.Mask2FormerModel(config).eval(), torch.randn(1, 3, 64, 64)
 
 
@@ -80,9 +104,14 @@ def consume(tmp_path, path, feeds, reference):
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     for consumer in ("ort", "openvino"):
-        done = subprocess.run([sys.executable, str(CONSUME), consumer, str(tmp_path / "jobs.json"),
-                               str(tmp_path / "out.json")], capture_output=True, text=True, env=env, timeout=300,
-                              check=False)
+        done = subprocess.run(
+            [sys.executable, str(CONSUME), consumer, str(tmp_path / "jobs.json"), str(tmp_path / "out.json")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         result = json.loads((tmp_path / "out.json").read_text())["m"]
         assert "outputs" in result, f"{consumer}: {result}"
@@ -99,13 +128,22 @@ def assert_close(outputs, reference, atol=ATOL):
 
 # ---- Swin ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("image_size, kinds", [
-    ((64, 64), ["window_4_rpb on 16x16", "window_4_shift2_rpb on 16x16", "window_4_shift2_rpb on 8x8"]),
-    # 8x14 then 4x7 tokens: padded to window multiples, and the 4x7 stage is no larger than the window on one axis,
-    # so transformers resets its shift to 0 (both of its layers unshifted)
-    ((32, 56), ["window_4_shift2_rpb on 8x14 tokens, padded to 8x16",
-                "layers.1.blocks.1: transformers SwinLayer -> masked attention window_4_rpb on 4x7 tokens, padded"]),
-])
+
+@pytest.mark.parametrize(
+    "image_size, kinds",
+    [
+        ((64, 64), ["window_4_rpb on 16x16", "window_4_shift2_rpb on 16x16", "window_4_shift2_rpb on 8x8"]),
+        # 8x14 then 4x7 tokens: padded to window multiples, and the 4x7 stage is no larger than the window on one axis,
+        # so transformers resets its shift to 0 (both of its layers unshifted)
+        (
+            (32, 56),
+            [
+                "window_4_shift2_rpb on 8x14 tokens, padded to 8x16",
+                "layers.1.blocks.1: transformers SwinLayer -> masked attention window_4_rpb on 4x7 tokens, padded",
+            ],
+        ),
+    ],
+)
 def test_swin_converted_equals_transformers(image_size, kinds):
     model, pixels = tiny_swin(image_size)
     with torch.no_grad():
@@ -119,7 +157,8 @@ def test_swin_converted_equals_transformers(image_size, kinds):
     # the bias table is still the trainable weight the converted layers read
     with torch.no_grad():
         converted.swin.encoder.layers[0].blocks[1].attention.relative_position_bias.relative_position_bias_table.add_(
-            torch.linspace(0, 3, 49)[:, None])
+            torch.linspace(0, 3, 49)[:, None]
+        )
         assert (converted(pixels).logits - want.logits).abs().max() > 1e-3
 
 
@@ -162,6 +201,7 @@ def test_swin_file_runs_without_edgeattn(swin_file, tmp_path):
 
 # ---- Mask2Former ---------------------------------------------------------------------------------------------
 
+
 def test_mask2former_converted_equals_transformers():
     model, pixels = tiny_mask2former()
     with torch.no_grad():
@@ -172,14 +212,18 @@ def test_mask2former_converted_equals_transformers():
     assert sum("cross_attn: nn.MultiheadAttention" in line for line in lines) == 3
     assert sum("declared decision" in line for line in lines) == 1
     assert converted.state_dict().keys() == model.state_dict().keys()
-    for key in ("encoder_last_hidden_state", "pixel_decoder_last_hidden_state",
-                "transformer_decoder_last_hidden_state"):
+    for key in (
+        "encoder_last_hidden_state",
+        "pixel_decoder_last_hidden_state",
+        "transformer_decoder_last_hidden_state",
+    ):
         assert_close([got[key]], [want[key]])
     assert_close(got.masks_queries_logits, want.masks_queries_logits)
     # the masks matter: some queries attend only part of the map
     predictor = converted.transformer_module.decoder.mask_predictor
-    _, masked = predictor(converted.transformer_module.decoder.layernorm(torch.randn(8, 1, 32)),
-                          torch.randn(1, 32, 16, 16), (8, 8))
+    _, masked = predictor(
+        converted.transformer_module.decoder.layernorm(torch.randn(8, 1, 32)), torch.randn(1, 32, 16, 16), (8, 8)
+    )
     assert masked.any() and not masked.all()
 
 
@@ -191,8 +235,13 @@ def decoder_file(tmp_path_factory):
     inputs = [torch.randn(2, 32, s, s) for s in (4, 8, 16, 32)]
     converted = edgeattn.convert(Decoder(model))
     path = tmp_path_factory.mktemp("hf_m2f") / "decoder.onnx"
-    edgeattn.export_onnx(converted, inputs, path, input_names=["features_s32", "features_s16", "features_s8",
-                                                               "mask_features"], output_names=["queries", "masks"])
+    edgeattn.export_onnx(
+        converted,
+        inputs,
+        path,
+        input_names=["features_s32", "features_s16", "features_s8", "mask_features"],
+        output_names=["queries", "masks"],
+    )
     with torch.no_grad():
         return path, converted, inputs, [t.numpy() for t in Decoder(model)(*inputs)]
 
@@ -210,7 +259,7 @@ def test_mask2former_decoder_exported_equals_transformers(decoder_file):
     # the module with a runtime's decisions
     ort = runtimes.get("ort-cpu")
     _, notes, large = parity.modulo_ties(ort, path, feeds, converted, ort.tolerance(), False, {"max_abs_err": 0.0})
-    assert large == 0 and notes[0].startswith("0 of 5376 decisions flipped"), notes   # 2 x 8 queries x (16+64+256)
+    assert large == 0 and notes[0].startswith("0 of 5376 decisions flipped"), notes  # 2 x 8 queries x (16+64+256)
 
 
 def test_mask2former_decoder_file_runs_without_edgeattn(decoder_file, tmp_path):

@@ -5,6 +5,7 @@ compared directly.  The 0.14-0.17 API (SHI-Labs' NAT / DiNAT checkpoints, ``rpb`
 today's torch: :func:`legacy` builds modules with its constructor, attributes and forward layout, computing
 attention by brute force from the reference loops (tests/reference: NATTEN's neighborhoods and rpb indices).
 """
+
 import json
 import math
 import os
@@ -20,10 +21,10 @@ from torch import nn
 import edgeattn
 from edgeattn import EdgeAttnError, runtimes
 from edgeattn.convert.natten import NeighborhoodAttention
-from reference.masks import ref_neighborhood
-from reference.rpb import natten_index_loop
 
 from conftest import CPU_RUNTIMES, require
+from reference.masks import ref_neighborhood
+from reference.rpb import natten_index_loop
 
 if os.environ.get("CI"):
     import natten
@@ -38,13 +39,27 @@ DIM, HEADS = 32, 2
 class _LegacyNeighborhoodAttention(nn.Module):
     """NATTEN <= 0.17's module: (B, *grid, C) in and out; q * scale, q k^T + rpb over the neighborhood, softmax,
     attention dropout, v, proj, proj dropout.  ``kernel_size_d`` / ``dilation_d``: 0.14's 3-D depth arguments."""
+
     ndim = 0
 
-    def __init__(self, dim, num_heads, kernel_size, dilation=1, is_causal=False, bias=True, qkv_bias=True,
-                 qk_scale=None, attn_drop=0.0, proj_drop=0.0, kernel_size_d=None, dilation_d=None):
+    def __init__(
+        self,
+        dim,
+        num_heads,
+        kernel_size,
+        dilation=1,
+        is_causal=False,
+        bias=True,
+        qkv_bias=True,
+        qk_scale=None,
+        attn_drop=0.0,
+        proj_drop=0.0,
+        kernel_size_d=None,
+        dilation_d=None,
+    ):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.scale = qk_scale or self.head_dim ** -0.5
+        self.scale = qk_scale or self.head_dim**-0.5
         self.kernel_size, self.dilation, self.is_causal = kernel_size, dilation, is_causal
         if kernel_size_d is not None:
             self.kernel_size_d, self.dilation_d = kernel_size_d, dilation_d
@@ -56,9 +71,16 @@ class _LegacyNeighborhoodAttention(nn.Module):
         self.attn_drop, self.proj, self.proj_drop = nn.Dropout(attn_drop), nn.Linear(dim, dim), nn.Dropout(proj_drop)
 
     def forward(self, x):
-        B, *size, C = x.shape   # 0.14 zero-pads axes shorter than kernel x dilation at the end, then crops
-        x = nn.functional.pad(x, [0, 0] + [p for k, d, n in zip(self.kernels[::-1], self.dilations[::-1], size[::-1])
-                                           for p in (0, max(0, k * d - n))])   # (before, after) pairs: C, W, H..
+        B, *size, C = x.shape  # 0.14 zero-pads axes shorter than kernel x dilation at the end, then crops
+        x = nn.functional.pad(
+            x,
+            [0, 0]
+            + [
+                p
+                for k, d, n in zip(self.kernels[::-1], self.dilations[::-1], size[::-1])
+                for p in (0, max(0, k * d - n))
+            ],
+        )  # (before, after) pairs: C, W, H..
         grid, n = x.shape[1:-1], math.prod(x.shape[1:-1])
         q, k, v = self.qkv(x).reshape(B, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         scores = (q * self.scale) @ k.transpose(-2, -1)
@@ -81,19 +103,24 @@ def legacy(ndim, *args, **kwargs):
 
 
 # ----------------------------------------------------------------------------- single modules, eager
-MODULES = {   # id -> (constructor, grid)
+MODULES = {  # id -> (constructor, grid)
     "1d-k5": (lambda: natten.NeighborhoodAttention1D(DIM, HEADS, 5), (20,)),
     "1d-k4-s2-causal": (lambda: natten.NeighborhoodAttention1D(DIM, HEADS, 4, stride=2, is_causal=True), (20,)),
     "2d-k7-d2": (lambda: natten.NeighborhoodAttention2D(DIM, HEADS, 7, dilation=2), (14, 14)),
-    "2d-k4x5-s2x1-causal10": (lambda: natten.NeighborhoodAttention2D(DIM, HEADS, (4, 5), stride=(2, 1),
-                                                                     is_causal=(True, False), qk_scale=0.3), (10, 12)),
+    "2d-k4x5-s2x1-causal10": (
+        lambda: natten.NeighborhoodAttention2D(
+            DIM, HEADS, (4, 5), stride=(2, 1), is_causal=(True, False), qk_scale=0.3
+        ),
+        (10, 12),
+    ),
     "3d-k3-d1x1x2": (lambda: natten.NeighborhoodAttention3D(DIM, HEADS, 3, dilation=(1, 1, 2)), (4, 5, 6)),
-    "3d-k2x3x3-s1x2x3-causal": (lambda: natten.NeighborhoodAttention3D(DIM, HEADS, (2, 3, 3), stride=(1, 2, 3),
-                                                                       is_causal=True, qkv_bias=False), (4, 5, 6)),
+    "3d-k2x3x3-s1x2x3-causal": (
+        lambda: natten.NeighborhoodAttention3D(DIM, HEADS, (2, 3, 3), stride=(1, 2, 3), is_causal=True, qkv_bias=False),
+        (4, 5, 6),
+    ),
     "legacy-1d-k5-d2-rpb": (lambda: legacy(1, 5, dilation=2), (20,)),
     "legacy-2d-k5-d2-rpb": (lambda: legacy(2, 5, dilation=2), (14, 14)),
-    "legacy-2d-k3x5-causal": (lambda: legacy(2, (3, 5), dilation=(1, 2), is_causal=(False, True), bias=False),
-                              (9, 12)),
+    "legacy-2d-k3x5-causal": (lambda: legacy(2, (3, 5), dilation=(1, 2), is_causal=(False, True), bias=False), (9, 12)),
     "legacy-3d-depth-args-rpb": (lambda: legacy(3, 3, dilation=2, kernel_size_d=3, dilation_d=1), (4, 6, 6)),
 }
 
@@ -110,20 +137,20 @@ def test_converted_module_matches_the_original(case):
     assert isinstance(converted[0], NeighborhoodAttention)
     assert len(lines) == 1 and lines[0].startswith(f"0: natten.{type(model[0]).__name__}")
     assert f"({'x'.join(map(str, grid))}, " in lines[0]
-    assert converted.state_dict().keys() == model.state_dict().keys()   # qkv, proj, rpb: checkpoints load
+    assert converted.state_dict().keys() == model.state_dict().keys()  # qkv, proj, rpb: checkpoints load
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_dense_layout_shared_module_and_grads():
     shared = legacy(2, 3, dilation=2)
-    model = nn.Sequential(shared, shared)   # one module under two names: replaced under both by one layer
+    model = nn.Sequential(shared, shared)  # one module under two names: replaced under both by one layer
     x = torch.randn(1, 8, 8, DIM)
     converted, lines = edgeattn.convert(model.eval(), x, layout="dense", report=True)
     assert [line.split(":")[0] for line in lines] == ["0", "1"] and converted[0] is converted[1]
     assert converted[0].table.layout == "dense" and "(8x8, dense)" in lines[0]
     converted.train()
     torch.testing.assert_close(converted(x), model(x), atol=1e-5, rtol=1e-5)
-    converted(x).square().sum().backward()   # the replaced layer trains: rpb gets its gradient through the table
+    converted(x).square().sum().backward()  # the replaced layer trains: rpb gets its gradient through the table
     assert converted[0].rpb.grad is not None and converted[0].rpb.grad.abs().sum() > 0
 
 
@@ -145,8 +172,9 @@ class TinyNAT(nn.Module):
 
 
 MODELS = {
-    "natten": lambda: TinyNAT(natten.NeighborhoodAttention2D(DIM, HEADS, 5),
-                              natten.NeighborhoodAttention2D(DIM, HEADS, 3, dilation=2)),
+    "natten": lambda: TinyNAT(
+        natten.NeighborhoodAttention2D(DIM, HEADS, 5), natten.NeighborhoodAttention2D(DIM, HEADS, 3, dilation=2)
+    ),
     "legacy": lambda: TinyNAT(legacy(2, 5), legacy(2, 3, dilation=2)),
 }
 
@@ -162,8 +190,7 @@ def exported(tmp_path_factory):
             want = model(x)
             converted, lines = edgeattn.convert(model, x, report=True)
             got = converted(x)
-        path = edgeattn.export_onnx(converted, [x], folder / f"{name}.onnx", input_names=["x"],
-                                    output_names=["y"]).path
+        path = edgeattn.export_onnx(converted, [x], folder / f"{name}.onnx", input_names=["x"], output_names=["y"]).path
         out[name] = (want, got, path, x, lines)
     return out
 
@@ -188,12 +215,18 @@ def test_files_run_without_edgeattn(exported, tmp_path, consumer):
     jobs = []
     for name, (want, _, path, x, _) in exported.items():
         np.savez(tmp_path / f"{name}.npz", x=x.numpy())
-        jobs.append({"name": name, "file": str(path), "feeds": str(tmp_path / f"{name}.npz"),
-                     "work": str(tmp_path / name)})
+        jobs.append(
+            {"name": name, "file": str(path), "feeds": str(tmp_path / f"{name}.npz"), "work": str(tmp_path / name)}
+        )
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, str(CONSUME), consumer, str(tmp_path / "jobs.json"),
-                           str(tmp_path / "out.json")], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(CONSUME), consumer, str(tmp_path / "jobs.json"), str(tmp_path / "out.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "out.json").read_text())
     for name, (want, *_) in exported.items():
@@ -232,9 +265,10 @@ def test_errors_name_the_module_and_the_fix():
     message = _error(nn.Sequential(legacy(2, 3, dilation=3)), x)
     assert message.startswith("0: grid 6x6 is smaller than kernel x dilation 9x9") and "pads" in message
     odd = legacy(2, 3)
-    odd.rpb = nn.Parameter(torch.zeros(HEADS, 9, 9))   # runs (indices fit) but is not a k=3 table
+    odd.rpb = nn.Parameter(torch.zeros(HEADS, 9, 9))  # runs (indices fit) but is not a k=3 table
     assert "0: NeighborhoodAttention2D.rpb must be a (heads, 2k-1, ...) table of shape (2, 5, 5)" in _error(
-        nn.Sequential(odd), x)
+        nn.Sequential(odd), x
+    )
     message = _error(Calls(legacy(2, 3), lambda attn, x: attn(x[:, :4, :4]).sum() + attn(x).sum()), x)
     assert message.startswith("attn: ran on several grids (4x4, 6x6)")
     message = _error(Calls(legacy(2, 3), lambda attn, x: x), x)

@@ -7,6 +7,7 @@ the consumer loads (or converts, then loads) the file, runs the feeds and saves 
 RESULTS.json maps each name to {"outputs": path} or {"error": "what failed"}.  Importing edgeattn is blocked, so a
 consumer that needed it would fail here as it would on a device.
 """
+
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import sys
 import traceback
 from pathlib import Path
 
-sys.modules["edgeattn"] = None   # any `import edgeattn` now raises ImportError
+sys.modules["edgeattn"] = None  # any `import edgeattn` now raises ImportError
 
 import numpy as np  # noqa: E402
 
@@ -25,7 +26,7 @@ def run_onnxruntime(path, feeds, providers=("CPUExecutionProvider",)):
 
     session = ort.InferenceSession(str(path), providers=list(providers))
     wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
-    if session.get_providers()[0] != wanted:   # onnxruntime falls back to the CPU silently
+    if session.get_providers()[0] != wanted:  # onnxruntime falls back to the CPU silently
         raise RuntimeError(f"onnxruntime did not enable {wanted}: {session.get_providers()}")
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))
@@ -51,15 +52,23 @@ def ort_cuda(job, feeds):
     on Ampere and later GPUs: a precision choice, like fp16, not what an fp32 file promises)."""
     import onnxruntime
 
-    onnxruntime.preload_dlls()   # the CUDA and cuDNN libraries of pip's nvidia-* packages, as onnxruntime's docs say
+    onnxruntime.preload_dlls()  # the CUDA and cuDNN libraries of pip's nvidia-* packages, as onnxruntime's docs say
     return run_onnxruntime(job["file"], feeds, [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"])
 
 
 def ort_format(job, feeds):
     """onnxruntime's converter to the ORT format (mobile and minimal builds), then the .ort file."""
     work = Path(job["work"])
-    _tool([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", job["file"], "--output_dir",
-           str(work / "ort")])
+    _tool(
+        [
+            sys.executable,
+            "-m",
+            "onnxruntime.tools.convert_onnx_models_to_ort",
+            job["file"],
+            "--output_dir",
+            str(work / "ort"),
+        ]
+    )
     stem = Path(job["file"]).stem
     if not (work / "ort" / f"{stem}.required_operators.config").is_file():
         raise RuntimeError("the converter wrote no required_operators.config")
@@ -83,8 +92,15 @@ def ovc(job, feeds):
     import openvino as ov
 
     xml = Path(job["work"]) / "ovc" / "model.xml"
-    _tool([str(Path(sys.executable).with_name("ovc")), job["file"], "--output_model", str(xml),
-           "--compress_to_fp16=False"])
+    _tool(
+        [
+            str(Path(sys.executable).with_name("ovc")),
+            job["file"],
+            "--output_model",
+            str(xml),
+            "--compress_to_fp16=False",
+        ]
+    )
     return run_openvino(ov.Core().read_model(str(xml)), feeds)
 
 
@@ -118,8 +134,21 @@ def onnx2tf(job, feeds):
     inputs = [i.name for i in graph.input if i.name not in initializers]
     out = Path(job["work"]) / "tflite"
     # -kat: keep every input's ONNX shape (no NCHW -> NHWC); -rtpo Erf: GELU's Erf as builtin ops (no Flex delegate)
-    _tool([str(Path(sys.executable).with_name("onnx2tf")), "-i", job["file"], "-o", str(out), "-kat", *inputs,
-           "-rtpo", "Erf", "-n"], path_first=str(Path(sys.executable).parent))   # it runs `onnxsim` from PATH
+    _tool(
+        [
+            str(Path(sys.executable).with_name("onnx2tf")),
+            "-i",
+            job["file"],
+            "-o",
+            str(out),
+            "-kat",
+            *inputs,
+            "-rtpo",
+            "Erf",
+            "-n",
+        ],
+        path_first=str(Path(sys.executable).parent),
+    )  # it runs `onnxsim` from PATH
     [model] = out.glob("*_float32.tflite")
     return run_tflite(model, feeds, [o.name for o in graph.output])
 
@@ -134,17 +163,27 @@ def run_tflite(model, feeds, output_names):
         return {k: np.asarray(v) for k, v in interpreter.get_signature_runner()(**feeds).items()}
     inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
     if len(inputs) != 1 or len(outputs) != 1 or len(feeds) != 1 or len(output_names) != 1:
-        raise RuntimeError(f"the TFLite model has no signature and {len(inputs)} inputs, {len(outputs)} outputs: "
-                           f"no safe way to map them to the ONNX names")
+        raise RuntimeError(
+            f"the TFLite model has no signature and {len(inputs)} inputs, {len(outputs)} outputs: "
+            f"no safe way to map them to the ONNX names"
+        )
     interpreter.allocate_tensors()
     interpreter.set_tensor(inputs[0]["index"], next(iter(feeds.values())))
     interpreter.invoke()
     return {output_names[0]: np.array(interpreter.get_tensor(outputs[0]["index"]))}
 
 
-CONSUMERS = {"ort": ort, "ort-cuda": ort_cuda, "ort-format": ort_format, "openvino": openvino_read,
-             "openvino-convert": openvino_convert, "ovc": ovc, "onnxsim": onnxsim, "onnxslim": onnxslim,
-             "onnx2tf": onnx2tf}
+CONSUMERS = {
+    "ort": ort,
+    "ort-cuda": ort_cuda,
+    "ort-format": ort_format,
+    "openvino": openvino_read,
+    "openvino-convert": openvino_convert,
+    "ovc": ovc,
+    "onnxsim": onnxsim,
+    "onnxslim": onnxslim,
+    "onnx2tf": onnx2tf,
+}
 
 
 def _tool(argv, path_first=None):
@@ -154,7 +193,7 @@ def _tool(argv, path_first=None):
         lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
         # the exception it died of (type and first message line) first: onnx2tf ends with generic advice
         raised = next((i for i, line in enumerate(lines) if re.match(r"\w*(Error|Exception): ", line)), len(lines))
-        said = lines[raised:raised + 2] + lines[-3:]
+        said = lines[raised : raised + 2] + lines[-3:]
         raise RuntimeError(f"{Path(argv[0]).name} exited {done.returncode}: " + " | ".join(said))
 
 
@@ -168,7 +207,7 @@ def main():
             target = Path(job["work"]) / "outputs.npz"
             np.savez(target, **outputs)
             results[job["name"]] = {"outputs": str(target)}
-        except Exception as e:   # one line per failure: the matrix shows it
+        except Exception as e:  # one line per failure: the matrix shows it
             last = traceback.format_exception_only(type(e), e)[-1].strip()
             results[job["name"]] = {"error": " ".join(last.split())[:400]}
     assert "edgeattn" not in {m.split(".")[0] for m, v in sys.modules.items() if v is not None}

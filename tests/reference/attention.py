@@ -1,5 +1,6 @@
 """Attention written out with explicit softmax and loops: masked attention as edgeattn defines it, and the
 references' attention (NATTEN's neighborhood attention, PPMA's two forms) on top of the other reference modules."""
+
 import torch
 
 from .polyline import naive_1d, naive_2d
@@ -48,7 +49,7 @@ def ppma_attention(q, k, v, row_decay, col_decay, chunk):
     element and head: q, k, v (H, W, d), decays (H, W) -> (H, W, d); ``chunk`` selects the separable form."""
     H, W, d = q.shape
     rows = row_decay.tolist()
-    columns = col_decay.T.tolist()                                 # columns[c]: column c's decays, top to bottom
+    columns = col_decay.T.tolist()  # columns[c]: column c's decays, top to bottom
     if not chunk:
         scores = q.reshape(H * W, d) @ k.reshape(H * W, d).T
         M = torch.tensor(naive_2d(rows, col_decay.tolist(), "row"), dtype=q.dtype)
@@ -56,8 +57,9 @@ def ppma_attention(q, k, v, row_decay, col_decay, chunk):
         return (P @ v.reshape(H * W, d)).reshape(H, W, d)
     # one W x W softmax per row (its row's 1-D mask), one H x H softmax per column (its column's)
     A_row = [torch.softmax(q[r] @ k[r].T + torch.tensor(naive_1d(rows[r]), dtype=q.dtype), -1) for r in range(H)]
-    A_col = [torch.softmax(q[:, c] @ k[:, c].T + torch.tensor(naive_1d(columns[c]), dtype=q.dtype), -1)
-             for c in range(W)]
-    along_rows = lambda t: torch.stack([A_row[r] @ t[r] for r in range(H)])                 # noqa: E731
-    along_cols = lambda t: torch.stack([A_col[c] @ t[:, c] for c in range(W)], dim=1)      # noqa: E731
+    A_col = [
+        torch.softmax(q[:, c] @ k[:, c].T + torch.tensor(naive_1d(columns[c]), dtype=q.dtype), -1) for c in range(W)
+    ]
+    along_rows = lambda t: torch.stack([A_row[r] @ t[r] for r in range(H)])  # noqa: E731
+    along_cols = lambda t: torch.stack([A_col[c] @ t[:, c] for c in range(W)], dim=1)  # noqa: E731
     return 0.5 * along_cols(along_rows(v)) + 0.5 * along_rows(along_cols(v))

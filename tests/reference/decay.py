@@ -1,4 +1,5 @@
 """Retention decay biases (RMT, github.com/qhfan/RMT): log(gamma) times a distance, looped over every pair, float64."""
+
 import itertools
 import math
 
@@ -7,7 +8,7 @@ import torch
 
 def brute_manhattan(grid, gammas):
     """(heads, N, N) float64 RMT 2-D decay bias: log(gamma_h) * Manhattan distance between row-major grid cells."""
-    cells = list(itertools.product(*[range(n) for n in grid]))   # row-major, like the flat token index
+    cells = list(itertools.product(*[range(n) for n in grid]))  # row-major, like the flat token index
     out = torch.empty(len(gammas), len(cells), len(cells), dtype=torch.float64)
     for h, g in enumerate(gammas):
         for i, a in enumerate(cells):

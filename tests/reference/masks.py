@@ -1,5 +1,6 @@
 """Boolean masks, brute force from the references' rules (scalar logic, no package code): ``[q][kv]`` lists of lists
 of bools or bool tensors, True where the query may attend the key."""
+
 import math
 
 import torch
@@ -42,8 +43,9 @@ def ref_neighborhood(grid, k, d=1, s=1, c=False):
     nd, n = len(grid), math.prod(grid)
     axes = list(zip(grid, axis_tuple(k, nd), axis_tuple(d, nd), axis_tuple(s, nd), axis_tuple(c, nd)))
     co = [coords(x, grid) for x in range(n)]
-    return [[all(natten_axis(qi, kj, *ax) for qi, kj, ax in zip(co[q], co[kv], axes)) for kv in range(n)]
-            for q in range(n)]
+    return [
+        [all(natten_axis(qi, kj, *ax) for qi, kj, ax in zip(co[q], co[kv], axes)) for kv in range(n)] for q in range(n)
+    ]
 
 
 def swin_labels(coord, L, size, shift):
@@ -76,7 +78,7 @@ def swin_literal(grid, size, shift):
     out = torch.zeros(H * W, H * W, dtype=torch.bool)
     for a in range(0, H, sh):
         for b in range(0, W, sw):
-            t, lab = tok[a:a + sh, b:b + sw].reshape(-1), img[a:a + sh, b:b + sw].reshape(-1)
+            t, lab = tok[a : a + sh, b : b + sw].reshape(-1), img[a : a + sh, b : b + sw].reshape(-1)
             out[t[:, None], t[None, :]] = lab[:, None] == lab[None, :]
     return out
 
@@ -85,8 +87,8 @@ def swin_attn_mask(res, w, shift):
     """Swin's ``attn_mask`` buffer (windows, w*w, w*w) for a square map of side ``res``, computed the reference's
     way: the 3x3 region labels of the rolled map, partitioned into windows, -100 between different labels."""
     band = torch.zeros(res, dtype=torch.long)
-    band[res - w:res - shift], band[res - shift:] = 1, 2
-    labels = band[:, None] * 3 + band[None, :]                          # rolled map, (res, res)
+    band[res - w : res - shift], band[res - shift :] = 1, 2
+    labels = band[:, None] * 3 + band[None, :]  # rolled map, (res, res)
     windows = labels.reshape(res // w, w, res // w, w).transpose(1, 2).reshape(-1, w * w)
     return torch.where(windows[:, :, None] == windows[:, None, :], 0.0, -100.0)
 
@@ -111,6 +113,7 @@ def ref_radial(frames, per_frame, block, decay=1.0, sink=False, text=0):
         for j in range(frames):
             d = abs(i - j)
             if sink and j == 0:
+
                 def local(r, c):
                     return True
             else:
@@ -120,21 +123,28 @@ def ref_radial(frames, per_frame, block, decay=1.0, sink=False, text=0):
 
                 def local(r, c, width=width, split=split):
                     return split and abs(c - r) <= width
+
             ro, co = i * per_frame % block, j * per_frame % block
             for a in range(span):
                 for b in range(span):
                     dens = []
                     for col in range(block):
                         c = b * block + col - co
-                        count = sum(1 for row in range(block) if 0 <= a * block + row - ro < per_frame
-                                    and 0 <= c < per_frame and local(a * block + row - ro, c))
+                        count = sum(
+                            1
+                            for row in range(block)
+                            if 0 <= a * block + row - ro < per_frame
+                            and 0 <= c < per_frame
+                            and local(a * block + row - ro, c)
+                        )
                         dens.append(count / block)
                     nonzero, high = sum(x > 0 for x in dens), sum(x > 1 / 3 for x in dens)
                     if high / (nonzero + 1e-9) > 0.6:
                         keep[i * per_frame // block + a][j * per_frame // block + b] = True
     n = video + text
-    return torch.tensor([[q >= video or k >= video or keep[q // block][k // block] for k in range(n)]
-                         for q in range(n)])
+    return torch.tensor(
+        [[q >= video or k >= video or keep[q // block][k // block] for k in range(n)] for q in range(n)]
+    )
 
 
 def ref_clear(radius, text, height, width, q_len=None):
@@ -146,7 +156,7 @@ def ref_clear(radius, text, height, width, q_len=None):
         if q < text or k < text:
             return True
         (qy, qx), (ky, kx) = divmod(q - text, width), divmod(k - text, width)
-        return (qy - ky) ** 2 + (qx - kx) ** 2 < radius ** 2
+        return (qy - ky) ** 2 + (qx - kx) ** 2 < radius**2
 
     rows = range(n - (q_len or n), n)
     return torch.tensor([[allowed(q, k) for k in range(n)] for q in rows])

@@ -1,10 +1,11 @@
 """FlexAttention-signature ``(b, h, q, kv)`` mask_mods and bias_mods written from scratch, the scalar loop that
 evaluates one the brute-force way, and the shaped mask cases the dense and block table tests share."""
+
 import torch
 
 from edgeattn.masks import causal, custom, neighborhood, segments, sinks, sliding_window, window
 
-DOC = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3])   # document ids of 12 tokens, for doc_mod
+DOC = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3])  # document ids of 12 tokens, for doc_mod
 
 
 def causal_mod(b, h, q, kv):
@@ -47,9 +48,13 @@ def loop_table(fn, heads, q_len, kv_len, dtype=torch.bool):
 # (mask, shape) for each kind of mask the table builders must agree with materialize() on: every sequence family,
 # dilated/strided/causal/3-D neighborhoods, a shifted window, a per-head and a data-dependent custom mask_mod
 SHAPED = [
-    (causal(), dict(q_len=9, kv_len=13)), (sliding_window(3, causal=False), dict(q_len=10)),
-    (sinks(2, 3), dict(q_len=5, kv_len=11)), (segments([0, 0, 1, 1, 1, 2, 3, 3]), dict(q_len=8)),
+    (causal(), dict(q_len=9, kv_len=13)),
+    (sliding_window(3, causal=False), dict(q_len=10)),
+    (sinks(2, 3), dict(q_len=5, kv_len=11)),
+    (segments([0, 0, 1, 1, 1, 2, 3, 3]), dict(q_len=8)),
     (neighborhood((3, 2), (1, 2), (2, 1), (True, False)), dict(grid=(6, 5))),
-    (neighborhood(3, 2, 2), dict(grid=(6, 7, 6))), (window((2, 4), (1, 3)), dict(grid=(6, 8))),
-    (custom(head_mod), dict(q_len=12)), (custom(doc_mod), dict(q_len=12)),
+    (neighborhood(3, 2, 2), dict(grid=(6, 7, 6))),
+    (window((2, 4), (1, 3)), dict(grid=(6, 8))),
+    (custom(head_mod), dict(q_len=12)),
+    (custom(doc_mod), dict(q_len=12)),
 ]

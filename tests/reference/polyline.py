@@ -29,9 +29,9 @@ def naive_2d(row_decay, col_decay, first):
         for p in range(W):
             for b in range(H):
                 for q in range(W):
-                    if first == "row":   # along row a from column p to q, then along column q from row a to b
+                    if first == "row":  # along row a from column p to q, then along column q from row a to b
                         total = segment(row_decay[a], p, q) + segment([r[q] for r in col_decay], a, b)
-                    else:                # along column p from row a to b, then along row b from column p to q
+                    else:  # along column p from row a to b, then along row b from column p to q
                         total = segment([r[p] for r in col_decay], a, b) + segment(row_decay[b], p, q)
                     out[a * W + p][b * W + q] = total
     return out

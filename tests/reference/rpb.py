@@ -6,6 +6,7 @@ pointwise_neighborhood_*d.hpp): for query i the kernel visits keys ``start + ki 
 models/swin_transformer.py): the map is rolled by -shift and cut into windows; inside a window, query a and key b
 get ``relative_position_index[a, b] = (ya - yb + Wh - 1)(2Ww - 1) + (xa - xb + Ww - 1)``.
 """
+
 import itertools
 import math
 
@@ -70,7 +71,7 @@ def swin_index_loop(grid, size, shift):
     for axis, (length, w, s) in enumerate(zip(grid, size, shift)):
         if s:
             r = torch.zeros(length, dtype=torch.long)
-            r[length - w:length - s], r[length - s:] = 1, 2
+            r[length - w : length - s], r[length - s :] = 1, 2
             region = region * 3 + (r[:, None] if axis == 0 else r[None, :])
     ys, xs = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()
@@ -78,8 +79,8 @@ def swin_index_loop(grid, size, shift):
     out = torch.full((H * W, H * W), -1, dtype=torch.long)
     for top in range(0, H, wh):
         for left in range(0, W, ww):
-            ids = tokens[top:top + wh, left:left + ww].flatten()
-            labels = region[top:top + wh, left:left + ww].flatten()
+            ids = tokens[top : top + wh, left : left + ww].flatten()
+            labels = region[top : top + wh, left : left + ww].flatten()
             out[ids[:, None], ids[None, :]] = torch.where(labels[:, None] == labels[None, :], relative, -1)
     return out
 
