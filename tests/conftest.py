@@ -18,6 +18,23 @@ LOWERING_CASES = {"dense": (18, None), "blocked": (18, None), "attention": (23, 
 LOWERING_LIST = [(name, *case) for name, case in sorted(LOWERING_CASES.items())]
 
 
+# The large registered models with fewer blocks per stage (every stage and every kind of block kept: the same ops
+# and layouts, a third of the nodes), for tests whose property does not depend on depth: the deployment matrix's
+# converter columns and the zoo's batch and precision targets.  EDGEATTN_FULL_SIZE=1 runs them at full size.
+REDUCED_CONFIGS = (
+    {}
+    if os.environ.get("EDGEATTN_FULL_SIZE") == "1"
+    else {
+        "dinat-mini": {"depths": [2, 2, 2, 2], "dilations": [[1, 8], [1, 4], [1, 2], [1, 1]]},
+        "nat-mini": {"depths": [1, 1, 1, 1]},
+        "ppma-t": {"depths": [1, 1, 1, 1]},
+        "rmt-t": {"depths": [1, 1, 1, 1]},
+        "swin-t": {"depths": [2, 2, 2, 2]},
+        "mask2former-decoder": {"dec_layers": 3},
+    }
+)
+
+
 def max_abs_error(got, reference) -> float:
     """Largest |got - reference| over the reference's outputs; inf where NaN/inf do not match."""
     metrics = parity.compare(reference, got)
@@ -100,6 +117,19 @@ def registered_file(tmp_path_factory):
         return path
 
     return get
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Under ``-n N --dist loadgroup`` (README), xdist sends each xdist_group to one worker by a suffix it adds to the
+    test ids; a pytest that ignores the suffix would run the serial group's tests on several workers at once."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and config.getoption("dist", None) == "loadgroup":
+        lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+        if lost:
+            raise pytest.UsageError(
+                f"pytest-xdist's loadgroup does not group with this pytest ({lost[0]} has no group suffix); "
+                f"install the versions pyproject.toml's test extra allows"
+            )
 
 
 def external_data_file(folder):

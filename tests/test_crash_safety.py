@@ -82,15 +82,16 @@ def test_exports_are_byte_identical(tmp_path, lowering, opset, runtimes, custom_
     assert a.path.read_bytes() == b.path.read_bytes()
 
 
-# `edgeattn export` with one hook: torch.onnx.export says when it starts, runs, then waits (before anything is written)
-# until the test's Ctrl-C, which so always lands in the export, whether the exporter is fast or slow.
+# `edgeattn export` with one hook: torch.onnx.export traces, says so, then waits (before edgeattn writes anything)
+# until the test's Ctrl-C, which so always lands in edgeattn's export, whether the exporter is fast or slow.  (Sent
+# while torch was still tracing, the interrupt did not always reach the CLI: the child ran on, past the timeout.)
 EXPORT_WITH_A_HOOK = """
 import sys, time, torch
 export = torch.onnx.export
 
 def exporting(*args, **kwargs):
-    print("test hook: in torch.onnx.export", file=sys.__stderr__, flush=True)   # the export redirects sys.stderr
     program = export(*args, **kwargs)
+    print("test hook: traced by torch.onnx.export", file=sys.__stderr__, flush=True)   # the export redirects sys.stderr
     time.sleep(300)
     return program
 
@@ -128,7 +129,7 @@ def test_real_sigint_during_cli_export(tmp_path, previous):
     try:
         lines, err = _lines(proc.stderr), []
         deadline = time.monotonic() + 120
-        while not err or not err[-1].startswith("test hook: in torch.onnx.export"):
+        while not err or not err[-1].startswith("test hook: traced by torch.onnx.export"):
             try:
                 line = lines.get(timeout=max(deadline - time.monotonic(), 0))
             except queue.Empty:

@@ -10,9 +10,11 @@ onnxruntime): ``$EDGEATTN_ONNX2TF_VENV``, default ``.venv-onnx2tf`` at the repos
 onnx2tf==1.29.24``).  Those columns are marked ``onnx2tf`` and deselected by default (TFLite conversion takes
 minutes per model): ``pytest -m onnx2tf tests/test_deploy.py`` runs them, and `.ci/run` runs them as a second job
 alongside the rest of the suite.  Without the venv they skip, unless ``EDGEATTN_REQUIRE_ONNX2TF=1`` (CI).
-onnx2tf takes 8 to 15 minutes per full-size ImageNet model here, so its column converts the six large models at a
-reduced depth (:data:`ONNX2TF_CONFIGS`: every stage and every kind of block kept, fewer blocks per stage): the same
-ops and layouts, a third of the nodes.  ``EDGEATTN_ONNX2TF_FULL=1`` converts them at full size.
+The registered models run at full size through onnxruntime and OpenVINO (:data:`FULL_SIZE`); the converter columns
+take the six large models at a reduced depth (``conftest.REDUCED_CONFIGS``: every stage and every kind of block kept,
+fewer blocks per stage: the same ops and layouts, a third of the nodes), since a conversion's correctness does not
+depend on depth and onnx2tf takes 8 to 15 minutes per full-size ImageNet model here.  ``EDGEATTN_FULL_SIZE=1`` runs
+every column at full size.
 The ``ort-cuda`` column (plain onnxruntime-gpu, TF32 off) is marked ``gpu``: it skips without a CUDA GPU.
 ``EDGEATTN_DEPLOY_MATRIX=FILE`` appends each column's max errors to FILE as JSON lines.
 """
@@ -33,7 +35,7 @@ from edgeattn import models
 from edgeattn.export.writers import write_openvino_ir
 from edgeattn.onnxfile import read_metadata
 
-from conftest import judge_modulo_ties, require
+from conftest import REDUCED_CONFIGS, judge_modulo_ties, require
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSUME = Path(__file__).with_name("deploy") / "consume.py"
@@ -49,6 +51,9 @@ ENGINES = {
 }
 O2T_VENV = Path(os.environ.get("EDGEATTN_ONNX2TF_VENV", ROOT / ".venv-onnx2tf"))
 
+# the columns that run the registered models at full size; the others (converters, and files kept for tools) take
+# the large ones at REDUCED_CONFIGS (tests/conftest.py)
+FULL_SIZE = {("ort", "default"), ("openvino", "default"), ("ort-cuda", "default")}
 # (consumer, form, python): the consumers each form is for
 MATRIX = [
     *[
@@ -82,18 +87,6 @@ KNOWN_FAILURES = {
     },
 }
 # the onnx2tf column's configs for the large models (see the module docstring)
-ONNX2TF_CONFIGS = (
-    {}
-    if os.environ.get("EDGEATTN_ONNX2TF_FULL") == "1"
-    else {
-        "dinat-mini": {"depths": [2, 2, 2, 2], "dilations": [[1, 8], [1, 4], [1, 2], [1, 1]]},
-        "nat-mini": {"depths": [1, 1, 1, 1]},
-        "ppma-t": {"depths": [1, 1, 1, 1]},
-        "rmt-t": {"depths": [1, 1, 1, 1]},
-        "swin-t": {"depths": [2, 2, 2, 2]},
-        "mask2former-decoder": {"dec_layers": 3},
-    }
-)
 PARAMS = [
     pytest.param(
         c,
@@ -170,7 +163,7 @@ def test_deployment_matrix(artifacts, tmp_path, consumer, form, python):
     if consumer == "ort-cuda":
         require("ort-cuda")
     python = _python(python)
-    configs = {name: ONNX2TF_CONFIGS.get(name, {}) if consumer == "onnx2tf" else {} for name in models.names()}
+    configs = {name: {} if (consumer, form) in FULL_SIZE else REDUCED_CONFIGS.get(name, {}) for name in models.names()}
     jobs = [
         {
             "name": name,
@@ -254,7 +247,7 @@ def test_deployment_matrix(artifacts, tmp_path, consumer, form, python):
 def test_files_pass_onnx_full_check_and_strict_shape_inference(artifacts, form):
     """What onnx's own tools say of every model's file (the matrix above exported them already)."""
     for name in models.names():
-        model = onnx.load(str(artifacts.file(name, form, {})))
+        model = onnx.load(str(artifacts.file(name, form, REDUCED_CONFIGS.get(name, {}))))
         onnx.checker.check_model(model, full_check=True)
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
         assert not any(f.overload for f in model.functions), name  # converters drop or merge overloads

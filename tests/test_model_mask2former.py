@@ -95,9 +95,8 @@ def test_cli_export_check_exits_0_with_parity_on_ort_and_openvino(exported):
 
 
 def test_masks_computed_in_the_graph_are_labelled_so(small):
-    from edgeattn.export.registered import _summary
-
     from edgeattn.export.exporter import ExportResult
+    from edgeattn.registered import _summary
 
     path, _ = small
     meta = onnxfile.read_metadata(onnx.load(str(path), load_external_data=False))

@@ -1,5 +1,7 @@
 """Every registered model on the edge targets: dynamic batch at 1, 3 and 8, fp16, and int8 (smaller, within cosine),
-on onnxruntime CPU and OpenVINO CPU."""
+on onnxruntime CPU and OpenVINO CPU.  The large models run at ``conftest.REDUCED_CONFIGS`` (every kind of block, fewer
+per stage) and moba-block at 2,048 tokens (16 blocks to route among): batching and precision do not depend on depth
+or length, and the eager reference at batch 8 is what these tests spend their time on."""
 
 import re
 
@@ -8,12 +10,14 @@ import torch
 
 from edgeattn import load, models, parity
 
-from conftest import CPU_RUNTIMES, judge_modulo_ties
+from conftest import CPU_RUNTIMES, REDUCED_CONFIGS, judge_modulo_ties
+
+CONFIGS = {**REDUCED_CONFIGS, "moba-block": {"seq_len": 2048}}
 
 
 def batched_inputs(name, size):
     """``size`` different example inputs of the model (seeds 100...) stacked along each input's batch axis."""
-    parts = [models.example_inputs(name, seed=100 + i) for i in range(size)]
+    parts = [models.example_inputs(name, seed=100 + i, **CONFIGS.get(name, {})) for i in range(size)]
     axes = models.REGISTRY[name].batch_axes
     return {k: torch.cat([p[k] for p in parts], dim=axes.get(k, 0)) for k in parts[0]}
 
@@ -22,13 +26,13 @@ def batched_inputs(name, size):
 def exported(registered_file):
     """(name, precision) -> path: fp32 with a dynamic batch axis, fp16 or int8 (each exported once per run)."""
     options = {"fp32": {"dynamic_batch": True}, "fp16": {"dtype": "fp16"}, "int8": {"quantize": "int8"}}
-    return lambda name, precision: registered_file(name, **options[precision])
+    return lambda name, precision: registered_file(name, **options[precision], **CONFIGS.get(name, {}))
 
 
 @pytest.mark.parametrize("name", models.names())
 def test_dynamic_batch_1_3_8(exported, name):
     path = exported(name, "fp32")
-    built = models.build(name)
+    built = models.build(name, **CONFIGS.get(name, {}))
     sessions = {runtime: load(path, runtime) for runtime in CPU_RUNTIMES}
     for size in (1, 3, 8):
         inputs = batched_inputs(name, size)
