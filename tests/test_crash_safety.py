@@ -86,7 +86,9 @@ def test_exports_are_byte_identical(tmp_path, lowering, opset, runtimes, custom_
 # until the test's Ctrl-C, which so always lands in edgeattn's export, whether the exporter is fast or slow.  (Sent
 # while torch was still tracing, the interrupt did not always reach the CLI: the child ran on, past the timeout.)
 EXPORT_WITH_A_HOOK = """
-import sys, time, torch
+import signal, sys, time, torch
+# Ctrl-C as in a terminal: started from a shell's background job (as CI may be), a process inherits SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 export = torch.onnx.export
 
 def exporting(*args, **kwargs):
