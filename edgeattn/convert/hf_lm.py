@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..attention import masked_attention
-from ..errors import EdgeAttnError, RuntimeUnavailable
+from ..errors import EdgeAttnError, InvalidArgument, RuntimeUnavailable
 from ..layers import MaskTable
 from ..masks.base import custom
 
@@ -187,6 +187,37 @@ def is_causal_lm(module: nn.Module) -> bool:
         and module.can_generate()
         and not getattr(module.config, "is_encoder_decoder", False)
     )
+
+
+def refuse_part(module: nn.Module) -> None:
+    """Refuse a part of a transformers model that holds its attention (``LlamaAttention``, a decoder layer): the
+    model computes their mask and position embeddings and hands them down, and ``"edgeattn"`` is switched on the
+    model, so the model is what convert takes.  Recognised by what transformers' decoder attention has (``is_causal``
+    True, ``layer_idx``), on a module of transformers' modeling code that is not a model itself."""
+    transformers = sys.modules.get("transformers")  # not imported: the module cannot be one of its parts
+    if (
+        transformers is None
+        or isinstance(module, transformers.PreTrainedModel)
+        or not type(module).__module__.startswith("transformers.")
+    ):
+        return
+    attention = next(
+        (
+            m
+            for m in module.modules()
+            if getattr(m, "is_causal", False) is True
+            and hasattr(m, "layer_idx")
+            and type(m).__module__.startswith("transformers.")
+        ),
+        None,
+    )
+    if attention is not None:
+        who = "it" if attention is module else f"its {type(attention).__name__}"
+        raise InvalidArgument(
+            f"{type(module).__name__} is part of a transformers model: {who} gets the attention mask and "
+            f"position embeddings from the model that holds it, so convert that model instead, "
+            f"convert(model, input_ids) on the ...ForCausalLM"
+        )
 
 
 def convert(module: nn.Module, example_inputs: tuple, layout: str) -> list[str]:

@@ -9,7 +9,8 @@ so no roll or partition.  -100 becomes a true mask: a query always sees its own 
 below exp(-100) of it, under float32 rounding.  transformers resets the shift to 0 (and the window to the map) on a
 map no larger than the window; the layer's window and shift are read after one run on the example inputs, which also
 records each layer's grid.  A map smaller than the window is refused: transformers keeps the bias of the full
-window there and fails itself.
+window there and fails itself.  A bare ``SwinLayer`` converts too (:func:`edgeattn.convert` gives it a parent, see
+:func:`is_layer`), with example inputs ``(hidden_states, (height, width))`` as transformers calls it.
 
 Mask2Former (``Mask2FormerMaskedAttentionDecoder``'s mask predictor, each decoder layer's ``cross_attn``): the
 predictor's ``sigmoid(mask logits) < 0.5`` is declared a hard decision (:mod:`edgeattn.decisions`) so parity can
@@ -48,6 +49,11 @@ def convert(module: nn.Module, example_inputs: tuple, layout: str) -> list[str]:
     if MASK2FORMER in sys.modules:
         lines += _convert_mask2former(module, sys.modules[MASK2FORMER])
     return lines
+
+
+def is_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is itself a transformers ``SwinLayer``, which :func:`convert` replaces in its parent."""
+    return SWIN in sys.modules and isinstance(module, sys.modules[SWIN].SwinLayer)
 
 
 def _replace(module: nn.Module, name: str, new: nn.Module) -> None:

@@ -15,7 +15,8 @@ today's torch, and a module is what it holds, not where it came from.
   0.14 3-D module keeps the depth's as ``kernel_size_d`` / ``dilation_d``); ``is_causal`` from 0.15 on;
   ``attn_drop`` on the attention weights.
 
-Every module is replaced in its parent by :class:`NeighborhoodAttention`, which takes over the original's ``qkv``,
+Every module is replaced in its parent by :class:`NeighborhoodAttention` (a module given to :func:`edgeattn.convert`
+that is itself a NATTEN module gets a parent there, see :func:`is_layer`), which takes over the original's ``qkv``,
 ``proj`` and ``rpb`` as they are, so state-dict keys and values are unchanged.  Its grid is the one the module saw
 when the model ran once on the example inputs (a forward pre-hook records it): tables are static.
 
@@ -115,6 +116,11 @@ def convert(module: nn.Module, example_inputs: tuple, layout: str) -> list[str]:
     return lines
 
 
+def is_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is itself a NATTEN module, which :func:`convert` replaces in its parent."""
+    return _natten_class(module) is not None
+
+
 def _natten_class(m: nn.Module) -> Optional[type]:
     """The NATTEN class ``m`` is (or subclasses), or None."""
     return next((cls for cls in type(m).__mro__ if cls.__name__ in CLASS_NAMES), None)
@@ -128,10 +134,10 @@ def _find(module: nn.Module) -> list[tuple[list[str], nn.Module, int]]:
         if cls is None:
             continue
         name = type(m).__name__
-        if not path:
+        if not path:  # edgeattn.convert gives such a module a parent first (is_layer)
             raise InvalidArgument(
-                f"the module given to convert is itself a NATTEN {name}: convert replaces NATTEN "
-                f"modules inside their parent, so wrap it (torch.nn.Sequential(module))"
+                f"this converter replaces NATTEN modules inside their parent and was given a {name} "
+                f"itself: call edgeattn.convert(module, x), which returns its replacement"
             )
         if type(m).forward is not cls.forward:
             raise ExportFailed(
@@ -303,4 +309,4 @@ def _fmt(grid) -> str:
     return "x".join(map(str, grid))
 
 
-__all__ = ["NeighborhoodAttention", "convert"]
+__all__ = ["NeighborhoodAttention", "convert", "is_layer"]

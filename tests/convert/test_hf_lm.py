@@ -18,6 +18,7 @@ import torch
 import edgeattn
 from edgeattn import EdgeAttnError, runtimes
 from edgeattn.convert import hf_lm
+from edgeattn.errors import InvalidArgument
 from edgeattn.export import export_lm
 
 transformers = pytest.importorskip("transformers")
@@ -222,6 +223,14 @@ def test_bad_inputs_get_one_clear_error():
         edgeattn.convert(model, torch.zeros((1, 8)))
     with pytest.raises(EdgeAttnError, match="0 < prompt_len < max_cache_len"):
         export_lm(model, 32, 16, "unused")
+    # a layer's attention gets its mask and position embeddings from the model: the model is what converts
+    hidden = torch.randn(1, 8, TINY["hidden_size"])
+    for part, who in ((model.model.layers[0].self_attn, "it"), (model.model.layers[0], "its LlamaAttention")):
+        with pytest.raises(InvalidArgument) as info:
+            edgeattn.convert(part, hidden)
+        message = str(info.value)
+        assert message.startswith(f"{type(part).__name__} is part of a transformers model: {who} gets")
+        assert "convert that model instead" in message and "\n" not in message
 
 
 def test_import_leaves_transformers_and_the_import_system_alone():

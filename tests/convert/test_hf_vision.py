@@ -177,6 +177,42 @@ def test_swin_refuses_what_it_cannot_reproduce():
         converted(pixels, output_attentions=True)
 
 
+class GridLayer(nn.Module):
+    """A Swin layer called at one grid, as its stage calls it: hidden states (B, H * W, C) -> (B, H * W, C)."""
+
+    def __init__(self, layer, grid):
+        super().__init__()
+        self.layer, self.grid = layer, grid
+
+    def forward(self, hidden_states):
+        return self.layer(hidden_states, self.grid)[0]
+
+
+def test_bare_swin_layer_converts_to_its_replacement_and_exports(tmp_path):
+    """A SwinLayer given to convert itself (shifted, on a grid padded to the window): the converted layer."""
+    torch.manual_seed(0)
+    config = transformers.SwinConfig(embed_dim=16, window_size=4, num_heads=[2])
+    layer = transformers.models.swin.modeling_swin.SwinLayer(config, 16, (6, 8), num_heads=2, shift_size=2).eval()
+    with torch.no_grad():
+        layer.attention.relative_position_bias.relative_position_bias_table.normal_(0, 1.0)  # zeros at init
+    hidden = torch.randn(2, 48, 16)
+    with torch.no_grad():
+        want = layer(hidden, (6, 8))[0]
+        converted, lines = edgeattn.convert(layer, hidden, (6, 8), report=True)
+        got, weights = converted(hidden, (6, 8))
+    assert isinstance(converted, hf_vision.SwinGridLayer) and weights is None
+    assert lines == [
+        "(module): transformers SwinLayer -> masked attention window_4_shift2_rpb on 6x8 tokens, padded to 8x8, "
+        "blocked table"
+    ]
+    assert converted.state_dict().keys() == layer.state_dict().keys()
+    assert_close([got], [want])
+    path = tmp_path / "layer.onnx"
+    edgeattn.export_onnx(GridLayer(converted, (6, 8)), (hidden,), path, input_names=["x"], output_names=["y"])
+    (y,) = edgeattn.load(path, runtime="ort-cpu").run({"x": hidden.numpy()}).values()
+    np.testing.assert_allclose(y, want.numpy(), atol=1e-4, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def swin_file(tmp_path_factory):
     model, pixels = tiny_swin((64, 64), seed=1)

@@ -157,6 +157,49 @@ def test_dense_layout_shared_module_and_grads():
     assert converted[0].rpb.grad is not None and converted[0].rpb.grad.abs().sum() > 0
 
 
+# ----------------------------------------------------------------------------- a bare module, converted and exported
+BARE = {  # id -> (constructor, grid): the module itself given to convert
+    "1d-k3": (lambda: natten.NeighborhoodAttention1D(DIM, HEADS, 3), (8,)),
+    "2d-k3-d2": (lambda: natten.NeighborhoodAttention2D(DIM, HEADS, 3, dilation=2), (6, 6)),
+    "3d-k3": (lambda: natten.NeighborhoodAttention3D(DIM, HEADS, 3), (3, 4, 4)),
+    "legacy-2d-k3-rpb": (lambda: legacy(2, 3), (6, 6)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BARE))
+def test_bare_module_converts_to_its_replacement_and_exports(case, tmp_path):
+    make, grid = BARE[case]
+    module = make().eval()
+    x = torch.randn(1, *grid, DIM)
+    with torch.no_grad():
+        want = module(x)
+        converted, lines = edgeattn.convert(module, x, report=True)
+        got = converted(x)
+    assert isinstance(converted, NeighborhoodAttention) and not converted.training
+    assert len(lines) == 1 and lines[0].startswith(f"(module): natten.{type(module).__name__}")
+    assert f"({'x'.join(map(str, grid))}, " in lines[0]
+    assert converted.state_dict().keys() == module.state_dict().keys()
+    assert converted.qkv is not module.qkv  # a copy: the original is untouched
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    path = edgeattn.export_onnx(converted, [x], tmp_path / "na.onnx", input_names=["x"], output_names=["y"]).path
+    require("ort-cpu")
+    y = edgeattn.load(path, "ort-cpu").run({"x": x.numpy()})["y"]
+    assert float(np.abs(y - want.numpy()).max()) <= runtimes.get("ort-cpu").tolerance().atol
+
+
+def test_bare_module_inplace_shares_its_weights():
+    module, x = natten.NeighborhoodAttention2D(DIM, HEADS, 3).eval(), torch.randn(1, 6, 6, DIM)
+    with torch.no_grad():
+        want = module(x)
+        converted = edgeattn.convert(module, x, inplace=True)
+        # the object given cannot become another class: it stays as it was, the result holds its own Linears
+        assert type(module) is natten.NeighborhoodAttention2D and converted.qkv is module.qkv
+        torch.testing.assert_close(converted(x), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(module(x), want)
+    with pytest.raises(EdgeAttnError, match=r"pass the inputs it will be exported with, convert\(module, \*inputs\)"):
+        edgeattn.convert(module)
+
+
 # ----------------------------------------------------------------------------- a NAT-like model, exported
 class TinyNAT(nn.Module):
     """Linear embedding, two pre-norm neighborhood-attention blocks, LayerNorm, Linear head: (B, H, W, 8) -> 10."""
@@ -263,7 +306,6 @@ def _error(model, x) -> str:
 
 def test_errors_name_the_module_and_the_fix():
     x = torch.randn(1, 6, 6, DIM)
-    assert "wrap it (torch.nn.Sequential(module))" in _error(legacy(2, 3), x)
     # NATTEN 0.14 zero-pads inputs smaller than kernel x dilation; refused rather than computed differently
     message = _error(nn.Sequential(legacy(2, 3, dilation=3)), x)
     assert message.startswith("0: grid 6x6 is smaller than kernel x dilation 9x9") and "pads" in message
