@@ -1,8 +1,9 @@
 """The one attention op every edgeattn layer calls, ``edgeattn::masked_attention``.
 
 In eager PyTorch it runs the reference kernel below.  Under ``torch.onnx.export`` it becomes one node of the
-``edgeattn`` ONNX domain (``MaskedAttention``, version 1) that :mod:`edgeattn.export` gives a model-local function
-body made of standard ops.
+``edgeattn`` ONNX domain (``MaskedAttention``, see :mod:`edgeattn.signature`) to which :mod:`edgeattn.export` gives
+a body made of standard ops: inlined into the file by default, or kept as a model-local function of an
+``edgeattn`` node with ``custom_op=True``, where the file's node version is 2, or 3 when a node is soft-capped.
 
 Semantics: ``softmax(cap(q k^T * scale) + bias, masked to the table) v``, where ``cap(s)`` is ``softcap *
 tanh(s / softcap)`` when ``softcap`` is set (Gemma 2, FlexAttention's soft-capping score_mod: the scaled scores are
