@@ -36,7 +36,8 @@ LAYOUTS = ("dense", "blocked", "auto")
 # "auto" takes the block table when it scores at most this fraction of what a dense table scores
 AUTO_BLOCKED_MAX_WORK = 0.5
 # ... and otherwise the bucketed block table when it scores at most this fraction (each bucket is one more
-# attention node; causal N=2048 in 8 buckets scores 56%: benchmarks/RESULTS.md)
+# attention node; the bound admits causal masks in 8 buckets, which then run faster than a dense table:
+# benchmarks/RESULTS.md, 2026-11-30 (bucketed block tables for LM masks))
 AUTO_BUCKETED_MAX_WORK = 0.7
 # ... and a sparse block table is bucketed when that cuts its work to this fraction or less (document masks)
 AUTO_BUCKETED_GAIN = 0.6
@@ -45,13 +46,15 @@ AUTO_BUCKETED_MIN_PAIRS = 1024 * 1024
 MAX_BUCKETS = 8
 # A sparse block table whose float32 scores (one head, batch 1) exceed this runs in chunks of consecutive tiles
 # (tables.chunked), one node each of about CHUNK_BYTES of scores: each op of a chunk then reads what the op before
-# it wrote while it is still in cache.  Sliding window 256 at 64k tokens: 1.15x faster on onnxruntime, 1.33x on
-# OpenVINO; at 4k tokens (5 MB of scores) chunks were 15% slower on onnxruntime (benchmarks/RESULTS.md).
+# it wrote while it is still in cache.  Chunks made a long sliding window faster on both runtimes and a short one
+# slower on onnxruntime, hence the threshold: benchmarks/RESULTS.md, 2026-12-01 (flat per-token cost to 64k tokens).
 AUTO_CHUNK_BYTES = 8 * 2**20
 CHUNK_BYTES = 1.5 * 2**20
 DEFAULT_TILE = {1: 64, 2: 8, 3: (1, 8, 8)}  # queries per tile per grid axis when the mask gives no tiling hint
 # A hinted tile larger than this many queries is flattened from its leading axes: a 3x7x7 neighborhood on 8x28x28
-# runs fastest with 1x7x7 tiles (ORT 8.2 ms against 11.2 ms for 3x7x7 tiles; benchmarks/bench_attention.py).
+# ran faster on onnxruntime with 1x7x7 tiles than with 3x7x7 ones (commit 428157a, benchmarks/bench_attention.py),
+# and no other tile beat 1x7x7 beyond noise since: benchmarks/RESULTS.md, 2026-12-01 (second session), na3d-block
+# tiles, and 2026-12-01 (third session), sliding-block and na3d-block.
 MAX_HINTED_TILE = 64
 
 # The tables reuse() has built, by (id(mask), shape, heads, layout, tile); each entry keeps its mask alive so the

@@ -40,7 +40,8 @@ from conftest import REDUCED_CONFIGS, judge_modulo_ties, require
 ROOT = Path(__file__).resolve().parents[1]
 CONSUME = Path(__file__).with_name("deploy") / "consume.py"
 ATOL = 1e-4  # fp32 against torch, for every consumer (onnxruntime's and OpenVINO's fp32 gate; onnx2tf's target;
-# ort-cuda with TF32 off: 8.1e-6 at worst on an H200, benchmarks/RESULTS.md)
+# ort-cuda with TF32 off, every registered model well inside it on an H200: benchmarks/RESULTS.md, 2026-11-30
+# (onnxruntime CUDA, first run))
 # The edgeattn runtime on each consumer's engine: a file with declared hard decisions (mask2former-decoder's mask
 # threshold) that misses ATOL is judged as `edgeattn check` judges it, modulo decisions that flipped at a tie, with
 # the flipped decisions read from that runtime (conftest.judge_modulo_ties).  onnx2tf's LiteRT has none: plain ATOL.

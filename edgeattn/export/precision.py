@@ -27,8 +27,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 QUANTIZE = ("int8", "int8-static")
 DEFAULT_CALIBRATION_SAMPLES = 16
 # 7-bit weights: onnxruntime's x86 u8s8 kernels without VNNI (AVX2, AVX-512F) add pairs of products in int16 with
-# saturation (VPMADDUBSW); full-range int8 weights overflow it.  Measured on an AVX2-only CPU: na2d-block int8 cosine
-# 0.9933 with 8-bit weights (out of tolerance), 0.99994 with 7-bit.  A file must be right on every x86 CPU.
+# saturation (VPMADDUBSW); full-range int8 weights overflow it.  On an AVX2-only CPU na2d-block int8 missed its cosine
+# gate with 8-bit weights and met it with 7-bit (benchmarks/RESULTS.md, 2026-11-30 (architecture refactor ... and
+# 7-bit int8 weights)).  A file must be right on every x86 CPU.
 REDUCE_RANGE = True
 # ONNX gave Conv, Pooling and others bfloat16 at opset 22; a bf16 file below it fails the checker on convolutions
 DTYPE_MIN_OPSET = {"bf16": 22}

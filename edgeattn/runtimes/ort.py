@@ -86,8 +86,9 @@ def flushed_denormals() -> Iterator[None]:
 
     Masked keys reach Softmax as -inf, and onnxruntime's exp turns each one into a denormal on its way to zero;
     on x86, denormal arithmetic is slow.  Flushing them on every thread that runs the session (onnxruntime's pool and
-    the caller, which takes a share of each parallel loop) ran nat-tiny 1.66x and na3d-block 2.51x faster here, with
-    bitwise equal outputs on every registered model (benchmarks/RESULTS.md).  Only values below 1.2e-38 can change.
+    the caller, which takes a share of each parallel loop) made masked models faster on onnxruntime with bitwise
+    equal outputs (benchmarks/RESULTS.md, 2026-12-01 (second session), sliding-block against compiled
+    FlexAttention).  Only values below 1.2e-38 can change.
     A no-op where the CPU has no such flags (torch.set_flush_denormal returns False)."""
     had = bool(np.float32(1e-39) * np.float32(1.0) == 0)  # what the thread does now
     torch.set_flush_denormal(True)
@@ -116,8 +117,8 @@ class OrtCpu(Runtime):
         "bf16": "onnxruntime's CPU provider has no bfloat16 kernels (Conv, MatMul...); run bf16 "
         "files on openvino-cpu or ort-cuda"
     }
-    # Dense-table nodes of auto files run as the fused contrib MultiHeadAttention (causal N=2048, 2 heads x 32:
-    # 4.2 ms against 12.2 ms for MatMul/Softmax and 6.5 ms for Attention-23).
+    # Dense-table nodes of auto files run as the fused contrib MultiHeadAttention, faster on causal-block than the
+    # MatMul/Add/Softmax body (benchmarks/RESULTS.md, 2026-11-30 (portable files ...): the cost of portability).
     runs_as = {"dense": "contrib", "attention": "contrib"}
     provider = "CPUExecutionProvider"
     install = "install it with: pip install 'edgeattn[ort]'"
@@ -144,12 +145,13 @@ class OrtCuda(OrtCpu):
     name = "ort-cuda"
     description = "onnxruntime, CUDA execution provider"
     # TF32 is off below, so fp32 parity holds the CPU runtimes' 1e-4: kernels differ from the CPU in summation
-    # order only (8.1e-6 at worst over every registered model on an H200, benchmarks/RESULTS.md).
+    # order only (every registered model well inside it on an H200: benchmarks/RESULTS.md, 2026-11-30 (onnxruntime
+    # CUDA, first run)).
     tolerances = {"fp32": Tolerance(atol=1e-4, min_cosine=0.9999), **REDUCED_PRECISION}
     refused_precisions = {}
-    # Keeps the file's bodies (H200, onnxruntime-gpu 1.31, benchmarks/RESULTS.md): MultiHeadAttention was 5-24% slower
-    # than the dense MatMul/Softmax body on every sparse case and 12% faster only on causal N=2048; Attention-23
-    # was 3-4x slower at 3-6k tokens.
+    # Keeps the file's bodies: on CUDA, MultiHeadAttention was slower than the dense MatMul/Softmax body on every
+    # sparse case and faster only on causal N=2048, and Attention-23 slower still (benchmarks/RESULTS.md, 2026-11-30
+    # (onnxruntime CUDA, first run), what was chosen from these figures).
     runs_as = {}
     provider = "CUDAExecutionProvider"
     # the CUDA provider ships in the onnxruntime-gpu package only: the plain [ort] extra never has it
