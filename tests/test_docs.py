@@ -80,7 +80,7 @@ def test_every_block_says_how_it_runs():
                 assert block["background"].startswith("http") and "\n" not in block["code"], block["where"]
 
 
-@pytest.mark.parametrize("page", _params())
+@pytest.mark.parametrize("page", list(_params()))
 def test_page_examples_run(page, tmp_path):
     runnable = [b for b in blocks(page) if b["lang"] in RUN and b["mark"] != "skip"]
     if not runnable:

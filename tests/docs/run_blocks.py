@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import traceback
+import types
 import urllib.request
 from pathlib import Path
 
@@ -35,11 +36,14 @@ def wait_for(url: str, process: subprocess.Popen, timeout: float = 240.0) -> Non
 def main() -> int:
     blocks = json.load(sys.stdin)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    namespace: dict = {"__name__": "__main__"}
+    # the blocks' namespace is __main__'s, as when they are pasted into one script
+    script = types.ModuleType("__main__")
+    sys.modules["__main__"] = script
+    namespace = script.__dict__
     background: list[subprocess.Popen] = []
     try:
         for block in blocks:
-            print(f"--- {block['where']} ({block['lang']})", flush=True)
+            started = time.monotonic()
             try:
                 if block["lang"] == "python":
                     exec(compile(block["code"], block["where"], "exec"), namespace)
@@ -53,6 +57,7 @@ def main() -> int:
                 traceback.print_exc()
                 print(f"FAILED: the block at {block['where']}", file=sys.stderr, flush=True)
                 return 1
+            print(f"--- {block['where']} ({block['lang']}): {time.monotonic() - started:.1f} s", flush=True)
     finally:
         for process in background:
             os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C would
