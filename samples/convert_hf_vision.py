@@ -51,6 +51,8 @@ def export_and_compare(title, original, pixels, path, *names):
         got = edgeattn.load(path, runtime=runtime).run({"pixel_values": pixels.numpy()})
         errors = ", ".join(f"{n} {np.abs(g - w).max():.1e}" for n, g, w in zip(names, got.values(), want))
         print(f"  {runtime}: max abs difference from transformers: {errors}")
+        if any(np.abs(g - w).max() > 1e-4 for g, w in zip(got.values(), want)):
+            raise SystemExit(f"{title} on {runtime} differs from transformers by more than 1e-4")
 
 
 def main():

@@ -45,7 +45,10 @@ def main():
         print(f"{name:14s} output {y.shape}, first values {y[0, 0, :3]}")
 
     # 4. Check parity and latency against PyTorch.
-    print(parity.format_table(parity.compare_model(model, [tokens], result.path)))
+    results = parity.compare_model(model, [tokens], result.path)
+    print(parity.format_table(results))
+    if not all(r.ok for r in results):
+        raise SystemExit("a runtime is out of tolerance (table above)")
 
 
 if __name__ == "__main__":
