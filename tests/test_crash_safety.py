@@ -17,7 +17,7 @@ from edgeattn.layers import MaskedSelfAttention
 
 from conftest import LOWERING_LIST
 
-# threads, signals and servers: these run one after another on one xdist worker (README: the suite)
+# threads, signals and servers: these run one after another on one xdist worker (docs/getting-started.md, running the tests)
 pytestmark = pytest.mark.xdist_group("serial")
 
 

@@ -35,7 +35,7 @@ def run_onnxruntime(path, feeds, providers=("CPUExecutionProvider",)):
 def run_openvino(model, feeds):
     import openvino as ov
 
-    # The one setting the README's Deploy section asks for: on CPUs with AVX512-BF16 or AMX, OpenVINO runs fp32
+    # The one setting docs/deploy/openvino.md asks for: on CPUs with AVX512-BF16 or AMX, OpenVINO runs fp32
     # models in bf16 unless told f32 (errors to 7e-1 on this matrix), and its CPU plugin ignores the hint an IR
     # records.  Nothing else is configured, as in `benchmark_app -infer_precision f32` or a C++ app.
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
