@@ -12,6 +12,7 @@ it runs:
   PATH), in CI's onnx2tf job (``-m onnx2tf``).
 """
 
+import argparse
 import json
 import os
 import re
@@ -20,6 +21,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from edgeattn.cli import _parser
 
 ROOT = Path(__file__).resolve().parents[1]
 O2T_VENV = Path(os.environ.get("EDGEATTN_ONNX2TF_VENV", ROOT / ".venv-onnx2tf"))
@@ -104,3 +107,25 @@ def test_page_examples_run(page, tmp_path):
         timeout=600,
     )
     assert done.returncode == 0, f"{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
+
+
+def test_cli_page_names_every_option():
+    """docs/cli.md names every command of the parser edgeattn.cli builds (``edgeattn masks show``...) and every option
+    string of each (``-o`` and ``--output``; hidden ones too, such as export's ``--inline``), so an option added to the
+    CLI cannot go undocumented.  An option counts only as a whole word: ``--inputs`` does not name ``--input``."""
+    page = (ROOT / "docs" / "cli.md").read_text()
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, command: str) -> None:
+        for action in parser._actions:
+            for option in action.option_strings:
+                if not re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", page):
+                    missing.append(f"{command} {option}")
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    if f"{command} {name}" not in page:
+                        missing.append(f"{command} {name}")
+                    walk(sub, f"{command} {name}")
+
+    walk(_parser(), "edgeattn")
+    assert not missing, f"docs/cli.md does not name: {', '.join(missing)}"
