@@ -53,6 +53,19 @@ def test_reduced_precision_keeps_fully_masked_rows_zero(tmp_path, dtype, lowerin
         np.testing.assert_allclose(y[:, ::3], np.broadcast_to(expected, y[:, ::3].shape), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_reduced_precision_with_a_dynamic_batch(tmp_path, dtype):
+    """fp16 and bf16 wrap the model to cast its inputs and outputs: its batch axis stays dynamic through the wrap."""
+    layer, path = _layer(), tmp_path / "m.onnx"
+    export_onnx(layer, [torch.randn(1, 24, 32)], path, dtype=dtype, dynamic_batch=True, input_names=["x"])
+    x = torch.randn(3, 24, 32)
+    (runtime,) = _runnable(dtype)[:1]
+    (y,) = load(path, runtime=runtime).run({"x": x.numpy()}).values()
+    with torch.no_grad():
+        want = layer(x).numpy()
+    assert y.shape == want.shape and np.abs(y - want).max() < 5e-2 * np.abs(want).max()
+
+
 def test_bf16_is_refused_where_it_cannot_run(tmp_path, capsys):
     layer, x = _layer(), torch.randn(1, 24, 32)
     with pytest.raises(EdgeAttnError, match="ort-cpu cannot run bf16 files: onnxruntime's CPU provider has no"):

@@ -136,6 +136,8 @@ def export_checked(
             applied(model, request.lowering, request.opset, precision.name_prefix(request.dtype)) as plan,
         ):
             traced = precision.in_dtype(model, request.dtype)
+            if dynamic is not None and isinstance(traced, precision.CastIO):
+                dynamic = (dynamic,)  # CastIO.forward takes the inputs as *inputs: one entry holding them all
             # bf16 skips the exporter's optimizer: its constant folding goes through numpy (no bfloat16) and left
             # float32 Conv weights in bf16 graphs; the runtimes optimize the graph themselves
             program = torch.onnx.export(
