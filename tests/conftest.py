@@ -121,8 +121,9 @@ def registered_file(tmp_path_factory):
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """Under ``-n N --dist loadgroup`` (the README's test command), xdist sends each xdist_group to one worker by a suffix it adds to the
-    test ids; a pytest that ignores the suffix would run the serial group's tests on several workers at once."""
+    """Under ``-n N --dist loadgroup`` (the README's test command), xdist sends each xdist_group to one worker by a
+    suffix it adds to the test ids; a pytest that ignores the suffix would run the serial group's tests on several
+    workers at once."""
     if os.environ.get("PYTEST_XDIST_WORKER") and config.getoption("dist", None) == "loadgroup":
         lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
         if lost:

@@ -14,7 +14,7 @@ from edgeattn.layers import MaskedSelfAttention
 
 from conftest import CPU_RUNTIMES, require
 
-# threads, signals and servers: these run one after another on one xdist worker (docs/getting-started.md, running the tests)
+# threads, signals and servers: these run one after another on one xdist worker (docs/getting-started.md)
 pytestmark = pytest.mark.xdist_group("serial")
 
 THREADS, RUNS_PER_THREAD, SESSIONS, RUNS_PER_SESSION = 8, 100, 4, 50  # 8 x 100 + 4 x 50 = 1,000 runs

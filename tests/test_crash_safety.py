@@ -17,7 +17,7 @@ from edgeattn.layers import MaskedSelfAttention
 
 from conftest import LOWERING_LIST
 
-# threads, signals and servers: these run one after another on one xdist worker (docs/getting-started.md, running the tests)
+# threads, signals and servers: these run one after another on one xdist worker (docs/getting-started.md)
 pytestmark = pytest.mark.xdist_group("serial")
 
 
