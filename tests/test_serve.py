@@ -336,7 +336,8 @@ def test_served_model_under_load_answers_every_request_like_a_direct_run(tmp_pat
 
 def test_two_models_share_a_ray_cluster_and_leave_it_one_by_one(tmp_path):
     """The fleet path of docs/deploy/serve.md: `ray start --head`, then `edgeattn serve --address` twice on the same
-    Serve proxy (an OpenVINO IR on openvino-cpu and an ONNX file on ort-cpu); stopping one leaves the other and the cluster."""
+    Serve proxy (an OpenVINO IR on openvino-cpu and an ONNX file on ort-cpu); stopping one leaves the other and the
+    cluster."""
     import secrets
 
     import openvino as ov
