@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "edgeattn"
 
 # bottom-up; a module (or package) name relative to edgeattn -> its floor.  "" is the package root, the front door.
 FLOORS = [
-    ("base", ["errors", "files", "signature", "version"]),
+    ("base", ["errors", "files", "signature", "version", "lmloop"]),
     ("core", ["masks", "tables", "attention", "layers", "routing", "decisions"]),
     ("converters", ["convert"]),
     ("file format", ["onnxfile"]),

@@ -37,16 +37,19 @@ from ..masks.base import custom
 NAME = "edgeattn"
 # convert's calibration run: attention module -> the HFMask it attended with
 _RECORDING: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("edgeattn_hf_recording", default=None)
+# a fixed-shape LM step (edgeattn.convert.lm_step) attends itself: (module, q, k, v, scaling, softcap, kwargs) -> out
+STEP: contextvars.ContextVar[Optional[Callable]] = contextvars.ContextVar("edgeattn_hf_step", default=None)
 
 
 @dataclass(frozen=True, eq=False)
 class HFMask:
     """What the mask interface returns: transformers' mask function, its key when it is a static pattern of the
-    positions only (None when it depends on the input: padding, a cache offset), and the dense (B, 1, Nq, Nkv) mask."""
+    positions only (None when it depends on the input: padding, a cache offset), and the dense (B, 1, Nq, Nkv) mask
+    (None inside an LM step, which builds its masks from positions)."""
 
     mask_function: Callable
     key: Optional[tuple]
-    dense: torch.Tensor
+    dense: Optional[torch.Tensor]
 
 
 def mask_key(fn) -> Optional[tuple]:
@@ -83,6 +86,8 @@ def edgeattn_mask(
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     mask_function = mask_function or causal_mask_function
+    if STEP.get() is not None:
+        return HFMask(mask_function, None, None)
     kwargs.pop("allow_is_causal_skip", None)  # we always need the mask itself, never sdpa's is_causal shortcut
     kwargs.pop("allow_is_bidirectional_skip", None)
     dense = sdpa_mask(
@@ -140,6 +145,9 @@ def edgeattn_attention(
             "edgeattn's attention does not return attention weights; use attn_implementation="
             "'eager' for output_attentions=True"
         )
+    step = STEP.get()
+    if step is not None:
+        return step(module, query, key, value, scaling, softcap, kwargs).transpose(1, 2).contiguous(), None
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: each key/value head serves `groups` consecutive query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -151,6 +159,7 @@ def edgeattn_attention(
             recording = _RECORDING.get()
             if recording is not None:
                 recording[module] = attention_mask
+            assert attention_mask.dense is not None  # None only inside an LM step
             out = masked_attention(query, key, value, attention_mask.dense, scale=scaling, softcap=softcap)
     elif isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
         out = masked_attention(query, key, value, attention_mask, scale=scaling, softcap=softcap)

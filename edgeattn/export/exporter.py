@@ -3,6 +3,7 @@ asked, save atomically."""
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,8 +137,8 @@ def export_checked(
             applied(model, request.lowering, request.opset, precision.name_prefix(request.dtype)) as plan,
         ):
             traced = precision.in_dtype(model, request.dtype)
-            if dynamic is not None and isinstance(traced, precision.CastIO):
-                dynamic = (dynamic,)  # CastIO.forward takes the inputs as *inputs: one entry holding them all
+            if dynamic is not None:
+                dynamic = _as_signature(traced, dynamic)
             # bf16 skips the exporter's optimizer: its constant folding goes through numpy (no bfloat16) and left
             # float32 Conv weights in bf16 graphs; the runtimes optimize the graph themselves
             program = torch.onnx.export(
@@ -218,3 +219,13 @@ def _random_feeds(example_inputs, names, count: int) -> list[dict]:
         }
         for _ in range(count)
     ]
+
+
+def _as_signature(model: torch.nn.Module, dynamic: tuple) -> tuple:
+    """torch.export wants dynamic shapes in the structure of ``forward``'s parameters: the entries of the inputs
+    that a ``*args`` parameter takes (CastIO's ``*inputs``, an LM step's ``*past``) go in one tuple."""
+    kinds = [p.kind for p in inspect.signature(model.forward).parameters.values()]
+    if inspect.Parameter.VAR_POSITIONAL not in kinds:
+        return dynamic
+    at = kinds.index(inspect.Parameter.VAR_POSITIONAL)
+    return (*dynamic[:at], tuple(dynamic[at:]))

@@ -1,64 +1,87 @@
-"""A transformers causal LM -> ``prefill.onnx`` and ``decode.onnx``: the LM export workflow, over the converter
-(:mod:`edgeattn.convert.hf_lm`: the attention implementation, the static prefill tables, the export cache) and
-:func:`edgeattn.export.export_onnx`."""
+"""A transformers causal LM -> a folder of fixed-shape files: ``prefill.onnx`` (a chunk of tokens per call),
+``decode.onnx`` (one token) and ``edgeattn_lm.json``; the LM export workflow over :mod:`edgeattn.convert.lm_step`
+(the step, its caches and masks) and :func:`edgeattn.export.export_onnx`."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Optional
 
 import torch
-from torch import nn
 
-from ..convert import convert
-from ..convert.hf_lm import DecodeStep, Prefill, cache_names, is_causal_lm
+from .. import lmloop
+from ..convert.lm_step import Step, cache_names, cache_plan, prepare
 from ..errors import InvalidArgument
+from ..files import atomic_write
 from .exporter import export_onnx
 
 
 def export_lm(
-    model: nn.Module, prompt_len: int, max_cache_len: int, folder, layout: str = "auto", **export_kwargs
-) -> tuple[Path, Path]:
-    """Export a transformers causal LM as ``prefill.onnx`` and ``decode.onnx`` in ``folder`` for greedy generation
-    with a static cache of ``max_cache_len`` tokens.
+    model: torch.nn.Module,
+    folder,
+    *,
+    chunk: int = 16,
+    max_cache_len: int = 256,
+    caches: str = "window",
+    batch: Optional[int] = None,
+    **export_kwargs,
+) -> Path:
+    """Export a transformers causal LM to ``folder`` for :func:`edgeattn.generate` (or :mod:`edgeattn.lmloop` on a
+    device): any prompt length through fixed shapes.
 
-    prefill: ``input_ids`` (1, prompt_len) -> ``logits`` (1, prompt_len, vocab), ``present.N.key/value`` (1,
-    kv_heads, max_cache_len, head_dim), the prompt's keys in the first prompt_len slots.  decode: ``input_ids``
-    (1, 1), ``cache_position`` (1,) (the token's position: prompt_len for the first step), ``past_key_values.N
-    .key/value`` -> ``logits`` (1, 1, vocab) and the ``present.N.key/value`` to feed to the next step.  The prefill
-    attends through static tables (see :func:`convert`), the decode step over a mask computed from cache_position.
-    ``export_kwargs`` go to :func:`edgeattn.export_onnx` (opset, lowering, runtimes...)."""
-    if not is_causal_lm(model):
+    ``prefill.onnx`` takes ``chunk`` tokens per row and call (a prompt goes in chunks, the last one padded),
+    ``decode.onnx`` one; both take ``input_ids`` (B, C), ``position`` (B,): each row's first position, and
+    ``past_key_values.N.key/value``, and return ``logits`` (B, C, vocab) and ``present.N.key/value``: the C new keys
+    and values only, which the host writes into its cache.  Each layer's cache is sized by its own attention
+    (``caches="window"``): a ring of its window where it slides (Mistral, Gemma's local layers), ``max_cache_len``
+    slots where it is global, so a sliding layer's cost per token does not grow with the context; ``caches="full"``
+    gives every layer ``max_cache_len`` slots.  ``batch`` fixes the batch size (what NPUs want; default: any).
+    ``edgeattn_lm.json`` records the caches, the chunk and the stop tokens.  ``export_kwargs`` go to
+    :func:`edgeattn.export_onnx` (opset, lowering, dtype...).  Returns the folder."""
+    if not (isinstance(chunk, int) and isinstance(max_cache_len, int) and 0 < chunk <= max_cache_len):
         raise InvalidArgument(
-            f"export_lm exports transformers causal LMs (AutoModelForCausalLM), got {type(model).__name__}"
+            f"export_lm needs integers 0 < chunk <= max_cache_len, got chunk={chunk!r}, max_cache_len={max_cache_len!r}"
         )
-    if not (isinstance(prompt_len, int) and isinstance(max_cache_len, int) and 0 < prompt_len < max_cache_len):
-        raise InvalidArgument(
-            f"export_lm needs integers 0 < prompt_len < max_cache_len (the cache holds the prompt "
-            f"and the generated tokens), got prompt_len={prompt_len!r}, "
-            f"max_cache_len={max_cache_len!r}"
-        )
+    if caches not in ("window", "full"):
+        raise InvalidArgument(f"caches must be 'window' (each layer's own window) or 'full', got {caches!r}")
+    if batch is not None and not (isinstance(batch, int) and batch > 0):
+        raise InvalidArgument(f"batch must be a positive integer (or None: any batch), got {batch!r}")
+    for taken in ("input_names", "output_names", "dynamic_batch", "batch_axes"):
+        if taken in export_kwargs:
+            raise InvalidArgument(f"export_lm sets {taken} itself; leave it out")
+    step = Step(prepare(model), cache_plan(model.config, max_cache_len, caches))
+    text = model.config.get_text_config()
+    kv_heads = text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    rows = batch or 1
+    past = [torch.zeros(rows, kv_heads, layer.slots, head_dim) for layer in step.plan for _ in ("key", "value")]
+    layers = len(step.plan)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    prompt = torch.zeros((1, prompt_len), dtype=torch.long)
-    converted = convert(model, prompt, layout=layout).eval()
-    layers = converted.config.get_text_config().num_hidden_layers
-    with torch.no_grad():  # example past keys/values: the shapes the prefill returns
-        past = [torch.zeros_like(t) for t in Prefill(converted, max_cache_len)(prompt)[1:]]
-    export_onnx(
-        Prefill(converted, max_cache_len),
-        (prompt,),
-        folder / "prefill.onnx",
-        input_names=["input_ids"],
-        output_names=["logits", *cache_names(layers, "present")],
-        **export_kwargs,
-    )
-    step = (torch.zeros((1, 1), dtype=torch.long), torch.tensor([prompt_len]), *past)
-    export_onnx(
-        DecodeStep(converted, max_cache_len),
-        step,
-        folder / "decode.onnx",
-        input_names=["input_ids", "cache_position", *cache_names(layers, "past_key_values")],
-        output_names=["logits", *cache_names(layers, "present")],
-        **export_kwargs,
-    )
-    return folder / "prefill.onnx", folder / "decode.onnx"
+    for name, tokens in (("prefill", chunk), ("decode", 1)):
+        export_onnx(
+            step,
+            (torch.zeros(rows, tokens, dtype=torch.long), torch.zeros(rows, dtype=torch.long), *past),
+            folder / f"{name}.onnx",
+            input_names=["input_ids", "position", *cache_names(layers, "past_key_values")],
+            output_names=["logits", *cache_names(layers, "present")],
+            dynamic_batch=batch is None,
+            **export_kwargs,
+        )
+    generation = getattr(model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None) if generation is not None else text.eos_token_id
+    pad = getattr(generation, "pad_token_id", None) if generation is not None else None
+    config = {
+        "chunk": chunk,
+        "max_cache_len": max_cache_len,
+        "batch": batch,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": text.vocab_size,
+        "eos_token_id": [] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+        "pad_token_id": pad if pad is not None else text.pad_token_id or 0,
+        "layers": [{"window": layer.window, "slots": layer.slots} for layer in step.plan],
+    }
+    atomic_write(folder / lmloop.CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+    return folder

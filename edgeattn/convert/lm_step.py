@@ -1,0 +1,171 @@
+"""One fixed-shape step of a transformers causal LM: C new tokens per row at per-row positions, over a cache sized by
+each layer's own attention.  Exported twice by :func:`edgeattn.export.export_lm`: C = the chunk (prefill) and C = 1
+(decode).
+
+Caches (:func:`cache_plan`): a sliding layer of window W keeps a ring of W slots, the key of position p at slot
+``p mod W`` (it holds the last W positions, all a query may see); a global layer keeps ``max_cache_len`` slots, the
+key of position p at slot p.  The step never writes the cache: it returns only the chunk's new keys and values, and
+the host writes them (:mod:`edgeattn.lmloop`), so nothing the size of the cache leaves the graph per token.
+
+Masks: a query at position q = p + i (p the row's position, i < C) sees the cache slots whose position k is valid
+(written: k < p) and within its window (q - k < W), computed in the graph from p, and the chunk's own keys j <= i
+within the window, a constant (C, C) table (dense: at chunk sizes a blocked table has nothing to skip).  A row's
+padding (a last chunk shorter than C) comes after its tokens, so causality keeps it out of every real query, and
+the host writes only real tokens' keys.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..attention import masked_attention
+from ..errors import EdgeAttnError, InvalidArgument
+from . import hf_lm
+
+
+@dataclass(frozen=True)
+class LayerCache:
+    """One layer's cache: ``window`` keys a query sees back, itself included (None: all), in ``slots`` slots, a
+    ring written at ``position mod slots`` when ``ring``."""
+
+    window: Optional[int]
+    slots: int
+
+    @property
+    def ring(self) -> bool:
+        return self.window is not None and self.slots == self.window
+
+
+def layer_windows(config) -> list[Optional[int]]:
+    """Each layer's sliding window as the config declares it (``layer_types`` where it has them: Gemma 2 and 3,
+    Qwen2; else ``sliding_window`` on every layer: Mistral), None for a global layer."""
+    config = config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    layers = config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        unknown = set(types) - {"sliding_attention", "full_attention"}
+        if unknown:
+            raise InvalidArgument(
+                f"{type(config).__name__} has layer types {sorted(unknown)}; export_lm knows sliding_attention "
+                f"and full_attention layers"
+            )
+        return [window if t == "sliding_attention" else None for t in types[:layers]]
+    return [window] * layers
+
+
+def cache_plan(config, max_cache_len: int, caches: str = "window") -> list[LayerCache]:
+    """Each layer's cache: a ring of its window where it slides and the window is shorter than ``max_cache_len``
+    (``caches="window"``), else ``max_cache_len`` slots (every layer with ``caches="full"``)."""
+    plan = []
+    for window in layer_windows(config):
+        ring = caches == "window" and window is not None and window < max_cache_len
+        plan.append(LayerCache(window, window if ring else max_cache_len))
+    return plan
+
+
+class StepCache:
+    """What transformers' layers see as their cache while a step runs: ``update`` keeps the new keys and values
+    (the step's outputs) and hands attention the past slots followed by them."""
+
+    def __init__(self, past_keys, past_values):
+        self.past_keys, self.past_values = list(past_keys), list(past_values)
+        self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.new[layer_idx] = (key, value)
+        past_key, past_value = self.past_keys[layer_idx], self.past_values[layer_idx]
+        return torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
+
+    # the sizes transformers asks for to build masks, which the step builds itself (see edgeattn_mask)
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return query_length, 0
+
+    def outputs(self) -> list[torch.Tensor]:
+        return [t for i in sorted(self.new) for t in self.new[i]]
+
+
+def step_mask(layer: LayerCache, position: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(B, 1, C, slots + C) boolean: which cache slots, then which of the chunk's keys, each query may see."""
+    p = position[:, None]  # (B, 1)
+    slot = torch.arange(layer.slots, device=position.device)[None]  # (1, S)
+    if layer.ring:  # slot s holds the newest position before p that is s mod S
+        key_pos = p - 1 - torch.remainder(p - 1 - slot, layer.slots)
+        cached = key_pos >= 0
+    else:
+        key_pos = slot
+        cached = slot < p
+    i = torch.arange(chunk, device=position.device)
+    query_pos = p + i[None]  # (B, C)
+    seen = cached[:, None, :].expand(-1, chunk, -1)
+    inside = i[None, :] <= i[:, None]  # a constant: the chunk's own keys, causal
+    if layer.window is not None:
+        seen = seen & (query_pos[:, :, None] - key_pos[:, None, :] < layer.window)
+        inside = inside & (i[:, None] - i[None, :] < layer.window)
+    return torch.cat([seen, inside[None].expand(position.shape[0], -1, -1)], dim=2)[:, None]
+
+
+class Step(nn.Module):
+    """input_ids (B, C), position (B,): each row's first position, past keys and values (B, kv_heads, slots, D) in
+    the order of :func:`cache_names` -> logits (B, C, vocab), the chunk's keys and values (B, kv_heads, C, D)."""
+
+    def __init__(self, model: nn.Module, plan: list[LayerCache]):
+        super().__init__()
+        self.model, self.plan = model, plan
+
+    def forward(self, input_ids: torch.Tensor, position: torch.Tensor, *past: torch.Tensor):
+        chunk = input_ids.shape[1]
+        masks = {}  # one per distinct layer cache, shared by the layers that have it
+
+        def attend(module, query, key, value, scaling, softcap, kwargs):
+            layer = self.plan[module.layer_idx]
+            declared = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+            if declared != layer.window:
+                raise EdgeAttnError(
+                    f"layer {module.layer_idx} ({type(module).__name__}) attends with sliding_window={declared}, "
+                    f"its config declares {layer.window}: export_lm cannot size its cache"
+                )
+            if layer not in masks:
+                masks[layer] = step_mask(layer, position, chunk)
+            groups = query.shape[1] // key.shape[1]
+            if groups > 1:  # grouped-query attention: each key/value head serves `groups` consecutive query heads
+                key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+            return masked_attention(query, key, value, masks[layer], scale=scaling, softcap=softcap)
+
+        cache = StepCache(past[0::2], past[1::2])
+        positions = position[:, None] + torch.arange(chunk, device=input_ids.device)[None]
+        token = hf_lm.STEP.set(attend)
+        try:
+            logits = self.model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True).logits
+        finally:
+            hf_lm.STEP.reset(token)
+        return (logits, *cache.outputs())
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """A copy of the transformers causal LM on the ``"edgeattn"`` attention implementation, in eval mode."""
+    if not hf_lm.is_causal_lm(model):
+        raise InvalidArgument(
+            f"export_lm exports transformers causal LMs (AutoModelForCausalLM), got {type(model).__name__}"
+        )
+    hf_lm.register()
+    model = copy.deepcopy(model).eval()
+    model.set_attn_implementation(hf_lm.NAME)
+    return model
+
+
+def cache_names(layers: int, prefix: str) -> list[str]:
+    """Optimum's names: ``past_key_values.N.key`` / ``.value`` (inputs), ``present.N.key`` / ``.value`` (outputs:
+    here the chunk's new keys and values only)."""
+    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
