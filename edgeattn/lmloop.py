@@ -114,11 +114,11 @@ def generate(
     logits = np.stack(last)
     for step in range(max_new_tokens):
         chosen = choose(logits, rng, temperature, top_k, top_p)
-        for b in np.flatnonzero(~done):
-            tokens[b].append(int(chosen[b]))
+        for row in map(int, np.flatnonzero(~done)):
+            tokens[row].append(int(chosen[row]))
             if on_token is not None:
-                on_token(int(b), int(chosen[b]))
-            done[b] = int(chosen[b]) in stop_tokens
+                on_token(row, int(chosen[row]))
+            done[row] = int(chosen[row]) in stop_tokens
         if done.all() or step == max_new_tokens - 1:
             break
         positions = lengths + step  # the position of the token fed now, the last one chosen

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -65,7 +65,7 @@ def cache_plan(config, max_cache_len: int, caches: str = "window") -> list[Layer
     plan = []
     for window in layer_windows(config):
         ring = caches == "window" and window is not None and window < max_cache_len
-        plan.append(LayerCache(window, window if ring else max_cache_len))
+        plan.append(LayerCache(window, window if ring and window is not None else max_cache_len))
     return plan
 
 
@@ -160,9 +160,9 @@ def prepare(model: nn.Module) -> nn.Module:
             f"export_lm exports transformers causal LMs (AutoModelForCausalLM), got {type(model).__name__}"
         )
     hf_lm.register()
-    model = copy.deepcopy(model).eval()
-    model.set_attn_implementation(hf_lm.NAME)
-    return model
+    copied: Any = copy.deepcopy(model).eval()  # a transformers PreTrainedModel
+    copied.set_attn_implementation(hf_lm.NAME)
+    return copied
 
 
 def cache_names(layers: int, prefix: str) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -50,8 +50,9 @@ def export_lm(
     for taken in ("input_names", "output_names", "dynamic_batch", "batch_axes"):
         if taken in export_kwargs:
             raise InvalidArgument(f"export_lm sets {taken} itself; leave it out")
-    step = Step(prepare(model), cache_plan(model.config, max_cache_len, caches))
-    text = model.config.get_text_config()
+    config: Any = getattr(model, "config", None)  # a transformers config (prepare refuses anything else)
+    step = Step(prepare(model), cache_plan(config, max_cache_len, caches))
+    text = config.get_text_config()
     kv_heads = text.num_key_value_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     rows = batch or 1
@@ -72,7 +73,7 @@ def export_lm(
     generation = getattr(model, "generation_config", None)
     eos = getattr(generation, "eos_token_id", None) if generation is not None else text.eos_token_id
     pad = getattr(generation, "pad_token_id", None) if generation is not None else None
-    config = {
+    described = {
         "chunk": chunk,
         "max_cache_len": max_cache_len,
         "batch": batch,
@@ -83,5 +84,5 @@ def export_lm(
         "pad_token_id": pad if pad is not None else text.pad_token_id or 0,
         "layers": [{"window": layer.window, "slots": layer.slots} for layer in step.plan],
     }
-    atomic_write(folder / lmloop.CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+    atomic_write(folder / lmloop.CONFIG, (json.dumps(described, indent=2) + "\n").encode())
     return folder

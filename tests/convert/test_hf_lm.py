@@ -1,8 +1,9 @@
 """transformers causal LMs on edgeattn's "edgeattn" attention implementation, against transformers' eager model.
 
 Tiny random models (weights cannot be downloaded; the code path is what is tested): 2 layers, 4 query heads on 2
-key/value heads, a 32-token prompt and a sliding window of 8 where the architecture has one, so windows bite.  Each
-model is exported once (prefill + static-cache decode step) and its files are checked on onnxruntime and OpenVINO.
+key/value heads and a sliding window of 8 where the architecture has one, so windows bite.  Each model is exported
+once by export_lm (chunks of 8 tokens, a cache of 48) and generates 26 tokens (3x the window) after three prompts of
+13, 6 and 16 tokens in one batch on onnxruntime and OpenVINO.
 """
 
 import json
@@ -16,8 +17,8 @@ import pytest
 import torch
 
 import edgeattn
-from edgeattn import EdgeAttnError, runtimes
-from edgeattn.convert import hf_lm
+from edgeattn import EdgeAttnError, lmloop, runtimes
+from edgeattn.convert import hf_lm, lm_step
 from edgeattn.errors import InvalidArgument
 from edgeattn.export import export_lm
 
@@ -25,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import CPU_RUNTIMES, require  # noqa: E402
 
-PROMPT, CACHE, NEW_TOKENS, WINDOW = 32, 48, 8, 8
+CHUNK, CACHE, NEW_TOKENS, WINDOW = 8, 48, 26, 8
 TINY = dict(
     vocab_size=128,
     hidden_size=64,
@@ -57,6 +58,9 @@ CONFIGS = {
     ),
 }
 SLIDING = ("mistral", "gemma3", "gemma2")
+PROMPTS = [
+    torch.randint(0, TINY["vocab_size"], (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (13, 6, 16)
+]
 PLAIN = Path(__file__).with_name("plain_generate.py")
 
 
@@ -65,6 +69,7 @@ def build(name: str, attn: str = "eager", state=None, **config):
         hf_lm.register()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](**config), attn_implementation=attn).eval()
+    model.generation_config.eos_token_id = None  # random weights: generate the same number of tokens as the loop
     if state is not None:
         model.load_state_dict(state)
     return model
@@ -77,72 +82,66 @@ def logits(model, ids):
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def lm(request, tmp_path_factory):
-    """(name, eager model, prompt, folder with prefill.onnx and decode.onnx)."""
+    """(name, eager model, prompts, folder written by export_lm)."""
     name = request.param
     model = build(name)
-    prompt = torch.randint(0, TINY["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(1))
-    folder = tmp_path_factory.mktemp(name)
-    export_lm(model, PROMPT, CACHE, folder)
-    return name, model, prompt, folder
+    folder = export_lm(model, tmp_path_factory.mktemp(name), chunk=CHUNK, max_cache_len=CACHE)
+    return name, model, PROMPTS, folder
 
 
 def test_edgeattn_logits_match_eager(lm):
-    name, model, prompt, _ = lm
+    name, model, prompts, _ = lm
+    prompt = torch.tensor([prompts[0]])
     want = logits(model, prompt)
     direct = build(name, "edgeattn", model.state_dict())  # attn_implementation="edgeattn", dense masks
     converted, lines = edgeattn.convert(model, prompt, report=True)  # static tables for the prompt length
     torch.testing.assert_close(logits(direct, prompt), want, atol=1e-5, rtol=0)
     torch.testing.assert_close(logits(converted, prompt), want, atol=1e-5, rtol=0)
     kinds = {
-        "mistral": ["sliding_window_8"] * 2,
-        "gemma3": ["sliding_window_8", "causal"],
-        "gemma2": ["sliding_window_8", "causal"],
+        "mistral": [f"sliding_window_{WINDOW}"] * 2,
+        "gemma3": [f"sliding_window_{WINDOW}", "causal"],
+        "gemma2": [f"sliding_window_{WINDOW}", "causal"],
     }.get(name, ["causal"] * 2)
     assert [line.split(" -> edgeattn ")[1].split(" (")[0] for line in lines] == kinds, lines
-    assert lines[0].startswith("model.layers.0.self_attn: transformers ") and f"({PROMPT} tokens, " in lines[0]
+    assert lines[0].startswith("model.layers.0.self_attn: transformers ") and f"({len(prompts[0])} tokens, " in lines[0]
     assert model.config._attn_implementation == "eager"  # the original is untouched
 
 
-@pytest.mark.parametrize("runtime", CPU_RUNTIMES)
-def test_prefill_file_matches_eager(lm, runtime):
-    require(runtime)
-    _, model, prompt, folder = lm
-    got = edgeattn.load(folder / "prefill.onnx", runtime).run({"input_ids": prompt.numpy()})["logits"]
-    atol = runtimes.get(runtime).tolerance("fp32").atol
-    np.testing.assert_allclose(got, logits(model, prompt).numpy(), atol=atol, rtol=0)
-
-
-def greedy(session, decode, prompt):
-    """Greedy tokens from an edgeattn Session of prefill.onnx and one of decode.onnx, and the logits each token was
-    chosen from (1, vocab): the prefill's last position, then each decode step's."""
-    out = session.run({"input_ids": prompt.numpy()})
-    steps = [out["logits"][:, -1]]
-    tokens = [int(steps[-1][0].argmax())]
-    for step in range(NEW_TOKENS - 1):
-        feeds = {"input_ids": np.array([[tokens[-1]]]), "cache_position": np.array([PROMPT + step])}
-        feeds.update({k.replace("present", "past_key_values"): v for k, v in out.items() if k != "logits"})
-        out = decode.run(feeds)
-        steps.append(out["logits"][:, -1])
-        tokens.append(int(steps[-1][0].argmax()))
-    return tokens, steps
-
-
 def reference_generation(model, prompt):
-    """transformers' greedy ``generate``: the new tokens and its logits at each step (raw, (1, vocab) each)."""
+    """transformers' greedy ``generate`` on one prompt alone: the new tokens and its logits at each step."""
     with torch.no_grad():
         out = model.generate(
-            prompt, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True
+            torch.tensor([prompt]),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
-    return out.sequences[0, PROMPT:].tolist(), [step.numpy() for step in out.logits]
+    return out.sequences[0, len(prompt) :].tolist(), [step[0].numpy() for step in out.logits]
 
 
-def reference_tokens(model, prompt):
-    return reference_generation(model, prompt)[0]
+def recorded(run, log: list):
+    """A step runner that also keeps each call's logits."""
+
+    def call(feeds):
+        out = run(feeds)
+        log.append(out["logits"])
+        return out
+
+    return call
+
+
+def steps_of(prefill_log, decode_log, prompts):
+    """Per row, the logits each generated token was chosen from: its last prompt position, then each decode step."""
+    rows = []
+    for b, prompt in enumerate(prompts):
+        last_chunk, at = divmod(len(prompt) - 1, CHUNK)
+        rows.append([prefill_log[last_chunk][b, at]] + [step[b, 0] for step in decode_log])
+    return rows
 
 
 def assert_steps_match(tokens, steps, want_tokens, want_steps, atol, label):
     """Every step's logits within ``atol`` of transformers' (while the tokens fed so far agree), then the tokens."""
-    assert len(steps) == len(want_steps) == NEW_TOKENS, label
     for step, (got, want) in enumerate(zip(steps, want_steps)):
         if tokens[:step] != want_tokens[:step]:
             break  # this step was fed another token: the token comparison below reports it
@@ -150,56 +149,102 @@ def assert_steps_match(tokens, steps, want_tokens, want_steps, atol, label):
     assert tokens == want_tokens, label
 
 
+@pytest.fixture(scope="module")
+def references(lm):
+    return [reference_generation(lm[1], prompt) for prompt in lm[2]]
+
+
 @pytest.mark.parametrize("runtime", CPU_RUNTIMES)
-def test_greedy_generation_matches_generate(lm, runtime):
-    """The prefill's and every decode step's logits within the runtime's fp32 tolerance of transformers' own in
-    ``generate``, and the same greedy tokens."""
+def test_batched_generation_matches_generate(lm, references, runtime):
+    """Three prompts of different lengths (one chunk and a bit, less than a chunk, two chunks exactly) in one
+    batch, generating 3x the window: each row's tokens are transformers' for that prompt alone, and every step's
+    logits within the runtime's fp32 tolerance."""
     require(runtime)
-    _, model, prompt, folder = lm
-    sessions = [edgeattn.load(folder / f"{part}.onnx", runtime) for part in ("prefill", "decode")]
+    name, model, prompts, folder = lm
+    prefill_log, decode_log = [], []
+    runs = [
+        recorded(edgeattn.load(folder / f"{p}.onnx", runtime, accuracy=True).run, log)
+        for p, log in (("prefill", prefill_log), ("decode", decode_log))
+    ]
+    got = lmloop.generate(*runs, lmloop.read_config(folder), prompts, NEW_TOKENS)
     atol = runtimes.get(runtime).tolerance("fp32").atol
-    assert_steps_match(*greedy(*sessions, prompt), *reference_generation(model, prompt), atol, runtime)
+    for b, (prompt, row, steps) in enumerate(zip(prompts, got, steps_of(prefill_log, decode_log, prompts))):
+        assert row[: len(prompt)] == prompt
+        assert_steps_match(row[len(prompt) :], steps, *references[b], atol, f"{name} row {b} on {runtime}")
 
 
 @pytest.mark.parametrize("lm", SLIDING, indirect=True)  # the architectures with a sliding window (not a skip)
-def test_sliding_window_is_in_the_file(lm):
-    """The prompt is 4 windows long: full causal attention would give other logits, the file gives eager's, and
-    its metadata names the sliding-window table."""
-    name, model, prompt, folder = lm
-    full = build(name, state=model.state_dict(), window=4 * PROMPT)  # same weights, window beyond the prompt
-    want = logits(model, prompt).numpy()
-    assert np.abs(logits(full, prompt).numpy() - want).max() > 1e-2
-    got = edgeattn.load(folder / "prefill.onnx", "ort-cpu").run({"input_ids": prompt.numpy()})["logits"]
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
-    props = {p.key: p.value for p in onnx.load(str(folder / "prefill.onnx"), load_external_data=False).metadata_props}
-    assert f"sliding_window_{WINDOW}" in {m["mask"] for m in json.loads(props["edgeattn.masks"])}
+def test_sliding_layers_keep_a_ring_of_their_window(lm, references):
+    """A sliding layer's cache is its window, a global layer's max_cache_len, in the config and the files; and the
+    window bites: the same weights with a window beyond the sequence give other logits."""
+    name, model, prompts, folder = lm
+    windows = lm_step.layer_windows(model.config)
+    slots = [w or CACHE for w in windows]
+    assert [layer["slots"] for layer in lmloop.read_config(folder)["layers"]] == slots
+    for part in ("prefill", "decode"):
+        inputs = {i.name: i for i in onnx.load(str(folder / f"{part}.onnx"), load_external_data=False).graph.input}
+        for layer, size in enumerate(slots):
+            dims = inputs[f"past_key_values.{layer}.key"].type.tensor_type.shape.dim
+            assert dims[2].dim_value == size, (part, layer)
+    sequence = torch.tensor([prompts[0] + references[0][0]])
+    full = build(name, state=model.state_dict(), window=4 * sequence.shape[1])
+    assert np.abs(logits(full, sequence).numpy() - logits(model, sequence).numpy()).max() > 1e-2
 
 
 # one model is enough here: local and global layers, GQA, query_pre_attn_scalar
 @pytest.mark.parametrize("lm", ["gemma3"], indirect=True)
-def test_plain_runtimes_generate_without_edgeattn(lm, tmp_path):
-    """A deployment's view: plain onnxruntime and plain OpenVINO, in a process that cannot import edgeattn."""
-    name, model, prompt, folder = lm
-    np.save(tmp_path / "prompt.npy", prompt.numpy())
+def test_plain_runtimes_generate_without_edgeattn(lm, references, tmp_path):
+    """A deployment's view: lmloop.py carried alone, over plain onnxruntime and plain OpenVINO, in a process that
+    cannot import edgeattn."""
+    name, model, prompts, folder = lm
     done = subprocess.run(
-        [
-            sys.executable,
-            str(PLAIN),
-            str(folder),
-            str(tmp_path / "prompt.npy"),
-            str(NEW_TOKENS),
-            str(tmp_path / "out.json"),
-        ],
+        [sys.executable, str(PLAIN), str(folder), json.dumps(prompts), str(NEW_TOKENS)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((tmp_path / "out.json").read_text())
-    (want_tokens, want_steps), want_logits = reference_generation(model, prompt), logits(model, prompt).numpy()
-    for runtime, result in results.items():
-        assert_steps_match(result["tokens"], list(np.load(result["steps"])), want_tokens, want_steps, 1e-4, runtime)
-        np.testing.assert_allclose(np.load(result["logits"]), want_logits, atol=1e-4, rtol=0, err_msg=runtime)
+    results = json.loads(done.stdout)
+    assert set(results) == {"onnxruntime", "openvino"}
+    for runtime, rows in results.items():
+        assert [row[len(p) :] for p, row in zip(prompts, rows)] == [tokens for tokens, _ in references], runtime
+
+
+@pytest.mark.parametrize("lm", ["llama"], indirect=True)
+def test_sampling_stop_tokens_and_streaming(lm, references):
+    """Sampling is reproducible from its seed and follows top_k (top_k=1 is greedy); a stop token ends its row
+    (kept); on_token sees each row's tokens in order."""
+    _, _, prompts, folder = lm
+    greedy = [p + tokens for p, (tokens, _) in zip(prompts, references)]
+    options = dict(max_new_tokens=NEW_TOKENS, runtime="ort-cpu", temperature=0.8, top_p=0.9)
+    first, again = (edgeattn.generate(folder, prompts, seed=7, **options) for _ in range(2))
+    assert first == again
+    assert first != edgeattn.generate(folder, prompts, seed=8, **options)
+    assert edgeattn.generate(folder, prompts, seed=7, top_k=1, **options) == greedy
+    stop = references[0][0][2]  # row 0's third token
+    seen: dict = {}
+    rows = edgeattn.generate(
+        folder,
+        prompts,
+        NEW_TOKENS,
+        "ort-cpu",
+        stop_tokens=[stop],
+        on_token=lambda b, t: seen.setdefault(b, []).append(t),
+    )
+    for b, (prompt, row) in enumerate(zip(prompts, rows)):
+        want = greedy[b][len(prompt) :]
+        cut = want.index(stop) + 1 if stop in want else len(want)
+        assert row == prompt + want[:cut] and seen[b] == want[:cut], b
+
+
+def test_a_fixed_batch_takes_the_prompts_in_groups(tmp_path):
+    """batch=2: static shapes everywhere; three prompts go as two groups, the last filled and the filler dropped."""
+    model = build("mistral")
+    folder = export_lm(model, tmp_path, chunk=CHUNK, max_cache_len=CACHE, batch=2)
+    shape = onnx.load(str(folder / "decode.onnx"), load_external_data=False).graph.input[0].type.tensor_type.shape
+    assert [d.dim_value for d in shape.dim] == [2, 1]
+    got = edgeattn.generate(folder, PROMPTS, 8, "ort-cpu")
+    assert [row[len(p) :] for p, row in zip(PROMPTS, got)] == [reference_generation(model, p)[0][:8] for p in PROMPTS]
 
 
 def test_softcapping_is_applied():
@@ -221,8 +266,12 @@ def test_bad_inputs_get_one_clear_error():
     model = build("llama")
     with pytest.raises(EdgeAttnError, match="input_ids, an integer tensor"):
         edgeattn.convert(model, torch.zeros((1, 8)))
-    with pytest.raises(EdgeAttnError, match="0 < prompt_len < max_cache_len"):
-        export_lm(model, 32, 16, "unused")
+    with pytest.raises(InvalidArgument, match="0 < chunk <= max_cache_len"):
+        export_lm(model, "unused", chunk=32, max_cache_len=16)
+    with pytest.raises(InvalidArgument, match="caches must be"):
+        export_lm(model, "unused", caches="ring")
+    with pytest.raises(InvalidArgument, match="export_lm exports transformers causal LMs"):
+        export_lm(torch.nn.Linear(2, 2), "unused")
     # a layer's attention gets its mask and position embeddings from the model: the model is what converts
     hidden = torch.randn(1, 8, TINY["hidden_size"])
     for part, who in ((model.model.layers[0].self_attn, "it"), (model.model.layers[0], "its LlamaAttention")):
@@ -231,6 +280,25 @@ def test_bad_inputs_get_one_clear_error():
         message = str(info.value)
         assert message.startswith(f"{type(part).__name__} is part of a transformers model: {who} gets")
         assert "convert that model instead" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("lm", ["llama"], indirect=True)
+def test_generate_refuses_bad_input_in_one_line(lm, tmp_path):
+    folder = lm[3]
+    cases = [
+        ((tmp_path, [[1]]), "is not a folder written by export_lm"),
+        ((folder, [1, 2, 3]), "prompt 0 must be a non-empty list of token ids in [0, 128)"),
+        ((folder, [[1], []]), "prompt 1 must be"),
+        ((folder, [[1, 999]]), "prompt 0 must be"),
+        ((folder, [[1]], 0), "max_new_tokens must be a positive integer"),
+        ((folder, [[1] * 40], 20), "do not fit the global layers' cache of 48 positions"),
+    ]
+    for args, message in cases:
+        with pytest.raises(EdgeAttnError) as info:
+            edgeattn.generate(*args)
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+    with pytest.raises(InvalidArgument, match="0 < top_p <= 1"):
+        edgeattn.generate(folder, [[1]], top_p=0)
 
 
 def test_import_leaves_transformers_and_the_import_system_alone():
