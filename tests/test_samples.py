@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the arguments that keep each sample small; a sample not listed runs with its defaults
 SMALL = {
     "classify_image.py": ["--model", "nat-tiny"],
-    "convert_hf_lm.py": ["--prompt-len", "8", "--new-tokens", "4"],
+    "convert_hf_lm.py": ["--new-tokens", "8"],
     "lm_generate.py": ["--tokens", "4"],
     "video_block.py": ["--frames", "4", "--runs", "2"],
 }

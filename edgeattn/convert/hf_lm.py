@@ -11,12 +11,8 @@ padding...), its key (see :func:`mask_key`) and the dense boolean mask.  :func:`
 example length, compiles one :class:`~edgeattn.layers.MaskTable` per distinct mask (``model.edgeattn_masks``, so
 export's plan sees and lowers them: blocked for sparse sliding windows) and from then on a prefill of that length
 attends through the tables.  Any other call (another length, a cache offset, padding) attends over the dense mask,
-which export keeps as a graph computation: that is how the static-cache decode step of
-:func:`edgeattn.export.export_lm` works.
-
-Export a converted model with :func:`edgeattn.export.export_lm` (or its :class:`Prefill` wrapper) to get the tables
-in the file: a plain ``export_onnx(model, (input_ids,))`` is correct but computes its masks in the graph, since under
-tracing transformers cannot tell whether position ids pack several sequences and wraps the mask in a packing test.
+which export keeps as a graph computation.  Inside an LM step (:mod:`edgeattn.convert.lm_step`, what
+:func:`edgeattn.export_lm` exports) the step builds the masks itself, from positions and each layer's cache.
 """
 
 from __future__ import annotations
@@ -297,72 +293,3 @@ def _label(pattern: torch.Tensor) -> str:
     if torch.equal(pattern, (kv <= q) & (kv > q - window)):
         return f"sliding_window_{window}"
     return "mask"
-
-
-# ----------------------------------------------------------------------------- export: prefill and decode step
-class ExportCache:
-    """A functional static cache that transformers' layers update while export traces them (no in-place state).
-
-    Prefill (``position`` None): attention sees the prompt's own keys (the static tables) and the cache comes out
-    padded to ``max_len``.  Decode (``position`` a (1,) tensor): each layer writes its new key/value at that slot
-    of the past (1, kv_heads, max_len, head_dim) tensors and attends over all of them through the mask transformers
-    builds from the query offset, so slots after the position (zeros or stale) are masked out."""
-
-    def __init__(self, max_len: int, position: Optional[torch.Tensor] = None, keys=(), values=()):
-        self.max_len, self.position = max_len, position
-        self.keys, self.values = list(keys), list(values)
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if self.position is None:
-            pad = (0, 0, 0, self.max_len - key.shape[2])
-            self.keys.append(nn.functional.pad(key, pad))
-            self.values.append(nn.functional.pad(value, pad))
-            return key, value
-        slot = (torch.arange(self.max_len, device=key.device) == self.position).view(1, 1, -1, 1)
-        self.keys[layer_idx] = torch.where(slot, key, self.keys[layer_idx])
-        self.values[layer_idx] = torch.where(slot, value, self.values[layer_idx])
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def get_seq_length(self, layer_idx: int = 0):
-        return 0 if self.position is None else self.position
-
-    def get_query_offset(self, layer_idx: int = 0):
-        return self.get_seq_length(layer_idx)
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return (query_length if self.position is None else self.max_len), 0
-
-    def outputs(self) -> list[torch.Tensor]:
-        return [t for pair in zip(self.keys, self.values) for t in pair]
-
-
-class Prefill(nn.Module):
-    """input_ids (1, L) -> logits (1, L, V), then each layer's key and value (1, kv_heads, max_len, head_dim)."""
-
-    def __init__(self, model: nn.Module, max_len: int):
-        super().__init__()
-        self.model, self.max_len = model, max_len
-
-    def forward(self, input_ids: torch.Tensor):
-        cache = ExportCache(self.max_len)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        logits = self.model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True).logits
-        return (logits, *cache.outputs())
-
-
-class DecodeStep(nn.Module):
-    """input_ids (1, 1), cache_position (1,), past keys and values -> logits (1, 1, V), updated keys and values."""
-
-    def __init__(self, model: nn.Module, max_len: int):
-        super().__init__()
-        self.model, self.max_len = model, max_len
-
-    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor, *past: torch.Tensor):
-        cache = ExportCache(self.max_len, cache_position, past[0::2], past[1::2])
-        logits = self.model(input_ids=input_ids, position_ids=cache_position[None], cache=cache, use_cache=True).logits
-        return (logits, *cache.outputs())
-
-
-def cache_names(layers: int, prefix: str) -> list[str]:
-    """Optimum's names: ``past_key_values.N.key`` / ``.value`` (inputs), ``present.N.key`` / ``.value`` (outputs)."""
-    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
