@@ -116,6 +116,22 @@ def step_mask(layer: LayerCache, position: torch.Tensor, chunk: int) -> torch.Te
     return torch.cat([seen, inside[None].expand(position.shape[0], -1, -1)], dim=2)[:, None]
 
 
+def written(layer: LayerCache, past: torch.Tensor, new: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """The cache after a chunk: ``past`` (B, H, slots, D) with the chunk's C keys ``new`` (B, H, C, D) of positions
+    position[b] + j written at their slots (a ring keeps the newest of each slot)."""
+    chunk = new.shape[2]
+    p = position[:, None]  # (B, 1)
+    slot = torch.arange(layer.slots, device=past.device)[None]  # (1, S)
+    if layer.ring:  # the newest position of the chunk that lands on each slot
+        last = p + chunk - 1
+        index = last - torch.remainder(last - slot, layer.slots) - p
+    else:
+        index = slot - p
+    fresh = (index >= 0) & (index < chunk)
+    index = index.clamp(0, chunk - 1)[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3])
+    return torch.where(fresh[:, None, :, None], torch.gather(new, 2, index), past)
+
+
 class Step(nn.Module):
     """input_ids (B, C), position (B,): each row's first position, past keys and values (B, kv_heads, slots, D) in
     the order of :func:`cache_names` -> logits (B, C, vocab), the chunk's keys and values (B, kv_heads, C, D)."""
@@ -125,6 +141,9 @@ class Step(nn.Module):
         self.model, self.plan = model, plan
 
     def forward(self, input_ids: torch.Tensor, position: torch.Tensor, *past: torch.Tensor):
+        return self.step(input_ids, position, past)
+
+    def step(self, input_ids: torch.Tensor, position: torch.Tensor, past) -> tuple:
         chunk = input_ids.shape[1]
         masks = {}  # one per distinct layer cache, shared by the layers that have it
 
@@ -151,6 +170,19 @@ class Step(nn.Module):
         finally:
             hf_lm.STEP.reset(token)
         return (logits, *cache.outputs())
+
+
+class StatefulStep(Step):
+    """The step as a stateful model keeps it (OpenVINO GenAI's ``LLMPipeline``): input_ids (B, C), attention_mask,
+    position_ids (B, C) and the caches -> logits and the caches with the chunk written in (which the runtime keeps
+    as its state, in place).  Rows start at position_ids[:, 0]; attention_mask is taken for the pipeline's sake
+    (positions and each layer's cache say which keys a query sees)."""
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        position = position_ids[:, 0]
+        logits, *new = self.step(input_ids, position, past)
+        caches = [written(self.plan[i // 2], past[i], t, position) for i, t in enumerate(new)]
+        return (logits, *caches)
 
 
 def prepare(model: nn.Module) -> nn.Module:

@@ -107,8 +107,11 @@ def export_checked(
     output_names=None,
     metadata_props=None,
     calibration=None,
+    named_axes: Optional[Sequence[Optional[dict[int, str]]]] = None,
 ) -> ExportResult:
-    """:func:`export_onnx` for a request already checked (and a writable ``path``)."""
+    """:func:`export_onnx` for a request already checked (and a writable ``path``).  ``named_axes``: per input, its
+    symbolic axes by name ({0: "batch", 1: "tokens"}), for exports with more than a dynamic batch (an LM step
+    whose prompt length varies); example sizes of 1 on those axes are the caller's to avoid."""
     clash = sorted(set(metadata_props or {}) & set(onnxfile.RESERVED_METADATA))
     if clash:
         raise InvalidArgument(f"metadata_props may not set {clash}: edgeattn writes those keys itself")
@@ -116,7 +119,15 @@ def export_checked(
         example_inputs = [example_inputs]
     was_training = model.training
     dynamic = None
-    if request.dynamic_batch:
+    if named_axes is not None:
+        dims: dict[str, Any] = {}
+        dynamic = tuple(
+            None
+            if axes is None
+            else {a: dims.setdefault(n, torch.export.Dim(n, min=1, max=65536)) for a, n in axes.items()}
+            for axes in named_axes
+        )
+    elif request.dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=65536)
         axes = list(batch_axes) if batch_axes is not None else [0 if t.ndim else None for t in example_inputs]
         if len(axes) != len(example_inputs):

@@ -5,16 +5,22 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from .. import lmloop
-from ..convert.lm_step import Step, cache_names, cache_plan, prepare
+from ..convert.lm_step import StatefulStep, Step, cache_names, cache_plan, prepare
 from ..errors import InvalidArgument
 from ..files import atomic_write
-from .exporter import export_onnx
+from . import genai
+from .exporter import export_checked, export_onnx
+from .request import check_request
+
+
+GENAI_OPTIONS = ("dtype", "opset", "lowering")  # the export options the OpenVINO GenAI IR takes
 
 
 def export_lm(
@@ -25,6 +31,8 @@ def export_lm(
     max_cache_len: int = 256,
     caches: str = "window",
     batch: Optional[int] = None,
+    openvino_genai: bool = False,
+    tokenizer=None,
     **export_kwargs,
 ) -> Path:
     """Export a transformers causal LM to ``folder`` for :func:`edgeattn.generate` (or :mod:`edgeattn.lmloop` on a
@@ -37,8 +45,12 @@ def export_lm(
     (``caches="window"``): a ring of its window where it slides (Mistral, Gemma's local layers), ``max_cache_len``
     slots where it is global, so a sliding layer's cost per token does not grow with the context; ``caches="full"``
     gives every layer ``max_cache_len`` slots.  ``batch`` fixes the batch size (what NPUs want; default: any).
-    ``edgeattn_lm.json`` records the caches, the chunk and the stop tokens.  ``export_kwargs`` go to
-    :func:`edgeattn.export_onnx` (opset, lowering, dtype...).  Returns the folder."""
+    ``edgeattn_lm.json`` records the caches, the chunk and the stop tokens.
+
+    ``openvino_genai=True`` also writes the folder OpenVINO GenAI's ``LLMPipeline`` runs: ``openvino_model.xml``, a
+    stateful IR whose variables are these same caches (written in place by the runtime), ``generation_config.json``
+    and, given the transformers ``tokenizer``, its OpenVINO tokenizer IRs (see :mod:`edgeattn.export.genai`).
+    ``export_kwargs`` go to :func:`edgeattn.export_onnx` (opset, lowering, dtype...).  Returns the folder."""
     if not (isinstance(chunk, int) and isinstance(max_cache_len, int) and 0 < chunk <= max_cache_len):
         raise InvalidArgument(
             f"export_lm needs integers 0 < chunk <= max_cache_len, got chunk={chunk!r}, max_cache_len={max_cache_len!r}"
@@ -51,6 +63,8 @@ def export_lm(
         if taken in export_kwargs:
             raise InvalidArgument(f"export_lm sets {taken} itself; leave it out")
     config: Any = getattr(model, "config", None)  # a transformers config (prepare refuses anything else)
+    if tokenizer is not None and not openvino_genai:
+        raise InvalidArgument("a tokenizer goes with openvino_genai=True (export_lm converts it for OpenVINO GenAI)")
     step = Step(prepare(model), cache_plan(config, max_cache_len, caches))
     text = config.get_text_config()
     kv_heads = text.num_key_value_heads
@@ -84,5 +98,30 @@ def export_lm(
         "pad_token_id": pad if pad is not None else text.pad_token_id or 0,
         "layers": [{"window": layer.window, "slots": layer.slots} for layer in step.plan],
     }
+    if openvino_genai:
+        stateful = StatefulStep(step.model, step.plan)
+        rows, tokens = batch or 2, 3  # sizes of 1 would be traced as constants
+        example = (
+            torch.zeros(rows, tokens, dtype=torch.long),
+            torch.ones(rows, tokens + 5, dtype=torch.long),
+            torch.arange(5, 5 + tokens).expand(rows, tokens),
+            *(t.expand(rows, *t.shape[1:]) for t in past),
+        )
+        rows_axis = {} if batch else {0: "batch"}
+        axes = [{**rows_axis, 1: "tokens"}, {**rows_axis, 1: "total"}, {**rows_axis, 1: "tokens"}]
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path = Path(tmp) / "stateful.onnx"
+            export_checked(
+                stateful,
+                example,
+                onnx_path,
+                # the precision and lowering asked for; the IR is built from standard ops (no edgeattn node)
+                check_request(path=onnx_path, **{k: v for k, v in export_kwargs.items() if k in GENAI_OPTIONS}),
+                input_names=["input_ids", "attention_mask", "position_ids", *cache_names(layers, "past_key_values")],
+                output_names=["logits", *cache_names(layers, "present")],
+                named_axes=axes + [rows_axis or None] * len(past),
+            )
+            generation = {"eos_token_id": described["eos_token_id"], "pad_token_id": described["pad_token_id"]}
+            genai.write(onnx_path, folder, generation, tokenizer)
     atomic_write(folder / lmloop.CONFIG, (json.dumps(described, indent=2) + "\n").encode())
     return folder

@@ -73,7 +73,7 @@ class OpenVinoSession(Session):
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()
         try:
-            results = request.infer(feeds)
+            results = request.infer(feeds, share_inputs=True)  # the arrays are not touched while it runs
         except Exception as e:
             raise EdgeAttnError(f"OpenVINO ({self.runtime}) failed to run: {ov_error(e)}") from e
         return {name: results[port].copy() for name, port in zip(self._names, self._ports)}
