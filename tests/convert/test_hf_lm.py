@@ -62,6 +62,7 @@ PROMPTS = [
     torch.randint(0, TINY["vocab_size"], (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (13, 6, 16)
 ]
 PLAIN = Path(__file__).with_name("plain_generate.py")
+GENAI = Path(__file__).with_name("genai_generate.py")
 
 
 def build(name: str, attn: str = "eager", state=None, **config):
@@ -85,8 +86,21 @@ def lm(request, tmp_path_factory):
     """(name, eager model, prompts, folder written by export_lm)."""
     name = request.param
     model = build(name)
-    folder = export_lm(model, tmp_path_factory.mktemp(name), chunk=CHUNK, max_cache_len=CACHE)
+    genai = dict(openvino_genai=True, tokenizer=tiny_tokenizer()) if name == "gemma3" else {}
+    folder = export_lm(model, tmp_path_factory.mktemp(name), chunk=CHUNK, max_cache_len=CACHE, **genai)
     return name, model, PROMPTS, folder
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny models' vocabulary, built here (nothing is downloaded): t2 -> 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "</s>": 1, **{f"t{i}": i for i in range(2, TINY["vocab_size"])}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<pad>", pad_token="<pad>", eos_token="</s>"
+    )
 
 
 def test_edgeattn_logits_match_eager(lm):
@@ -208,6 +222,23 @@ def test_plain_runtimes_generate_without_edgeattn(lm, references, tmp_path):
     assert set(results) == {"onnxruntime", "openvino"}
     for runtime, rows in results.items():
         assert [row[len(p) :] for p, row in zip(prompts, rows)] == [tokens for tokens, _ in references], runtime
+
+
+@pytest.mark.parametrize("lm", ["gemma3"], indirect=True)
+def test_openvino_genai_llm_pipeline_generates_the_same_tokens(lm, references):
+    """The folder in OpenVINO GenAI's LLMPipeline (its stateful IR keeps the window-sized caches as variables), in a
+    process that cannot import edgeattn: from token ids and from text through the converted tokenizer."""
+    name, model, prompts, folder = lm
+    done = subprocess.run(
+        [sys.executable, str(GENAI), str(folder), json.dumps(prompts), str(NEW_TOKENS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout)
+    assert results["tokens"] == [tokens for tokens, _ in references]
+    assert results["text"] == " ".join(f"t{t}" for t in references[0][0])
 
 
 @pytest.mark.parametrize("lm", ["llama"], indirect=True)
