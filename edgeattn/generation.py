@@ -45,7 +45,7 @@ def generate(
             f"got temperature={temperature!r}, top_k={top_k!r}, top_p={top_p!r}"
         )
     longest = max(len(p) for p in prompts)
-    fixed = [layer["slots"] for layer in config["layers"] if layer["window"] != layer["slots"]]
+    fixed = [layer["slots"] for layer in config["layers"] if not lmloop.is_ring(layer)]
     if fixed and longest + max_new_tokens > min(fixed):
         raise InvalidArgument(
             f"a prompt of {longest} tokens and {max_new_tokens} new ones do not fit the global layers' cache of "

@@ -7,7 +7,7 @@ row), ``decode.onnx`` (one token per row) and ``edgeattn_lm.json``.  Both files 
 ``position`` (B,): each row's first position, and ``past_key_values.N.key/value`` (B, kv_heads, slots, head_dim);
 they return ``logits`` (B, C, vocab) and ``present.N.key/value`` (B, kv_heads, C, head_dim), the chunk's new keys
 and values only, which :class:`Cache` writes in place: at slot ``position`` in a global layer, at ``position mod
-slots`` in a sliding layer's ring.
+window`` in a sliding layer's ring (after its sinks, when it keeps some).
 
 Prompts of different lengths share a batch: chunk t feeds tokens [tC, tC + C) of every row, padded after a row's
 end; a row's generation starts from the logits of its last prompt token; then each decode step feeds every row
@@ -31,6 +31,11 @@ def read_config(folder) -> dict:
     return json.loads((Path(folder) / CONFIG).read_text())
 
 
+def is_ring(layer: dict) -> bool:
+    """A sliding layer's ring: its sinks, then position p >= sinks at slot ``sinks + (p - sinks) mod window``."""
+    return layer["window"] is not None and layer["slots"] == layer.get("sinks", 0) + layer["window"]
+
+
 class Cache:
     """Each layer's keys and values for a batch, (B, kv_heads, slots, head_dim), written in place."""
 
@@ -47,14 +52,18 @@ class Cache:
         """Write each row's first ``counts[b]`` new keys and values (positions[b] onwards); returns bytes written."""
         written = 0
         for i, layer in enumerate(self.layers):
-            slots, ring = layer["slots"], layer["window"] == layer["slots"]
+            sinks, window = layer.get("sinks", 0), layer["window"]
             for kind in ("key", "value"):
                 new, cache = outputs[f"present.{i}.{kind}"], self.arrays[f"past_key_values.{i}.{kind}"]
                 for b, n in enumerate(counts):
-                    first = max(0, n - slots) if ring else 0  # a ring keeps only its last `slots` positions
-                    pos = positions[b] + np.arange(first, n)
-                    cache[b, :, pos % slots if ring else pos] = new[b, :, first:n].transpose(1, 0, 2)
-                    written += new[b, :, first:n].nbytes
+                    pos = positions[b] + np.arange(n)
+                    keep, slots = np.ones(n, bool), pos
+                    if is_ring(layer) and n:  # the sinks, and of the rest only the last `window` positions
+                        keep = (pos < sinks) | (pos > max(pos[-1] - window, sinks - 1))
+                        slots = np.where(pos < sinks, pos, sinks + (pos - sinks) % window)
+                    kept = new[b, :, :n][:, keep]  # (kv_heads, kept, head_dim)
+                    cache[b, :, slots[keep]] = kept.transpose(1, 0, 2)
+                    written += kept.nbytes
         return written
 
 

@@ -3,13 +3,16 @@ each layer's own attention.  Exported twice by :func:`edgeattn.export.export_lm`
 (decode).
 
 Caches (:func:`cache_plan`): a sliding layer of window W keeps a ring of W slots, the key of position p at slot
-``p mod W`` (it holds the last W positions, all a query may see); a global layer keeps ``max_cache_len`` slots, the
-key of position p at slot p.  The step never writes the cache: it returns only the chunk's new keys and values, and
-the host writes them (:mod:`edgeattn.lmloop`), so nothing the size of the cache leaves the graph per token.
+``p mod W`` (it holds the last W positions, all a query may see); with S attention sinks (StreamingLLM) it keeps
+S + W slots, the first S positions in the first S slots and the ring after them; a global layer keeps
+``max_cache_len`` slots, the key of position p at slot p.  The step never writes the cache: it returns only the
+chunk's new keys and values, and the host writes them (:mod:`edgeattn.lmloop`), so nothing the size of the cache
+leaves the graph per token.
 
 Masks: a query at position q = p + i (p the row's position, i < C) sees the cache slots whose position k is valid
 (written: k < p) and within its window (q - k < W), computed in the graph from p, and the chunk's own keys j <= i
-within the window, a constant (C, C) table (dense: at chunk sizes a blocked table has nothing to skip).  A row's
+within the window, a constant (C, C) table (dense: at chunk sizes a blocked table has nothing to skip); sinks are
+seen from everywhere.  A row's
 padding (a last chunk shorter than C) comes after its tokens, so causality keeps it out of every real query, and
 the host writes only real tokens' keys.
 """
@@ -23,22 +26,33 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..attention import masked_attention
 from ..errors import EdgeAttnError, InvalidArgument
 from . import hf_lm
 
 
 @dataclass(frozen=True)
 class LayerCache:
-    """One layer's cache: ``window`` keys a query sees back, itself included (None: all), in ``slots`` slots, a
-    ring written at ``position mod slots`` when ``ring``."""
+    """One layer's cache: ``window`` keys a query sees back, itself included (None: all), and the first ``sinks``
+    positions (StreamingLLM's attention sinks), in ``slots`` slots.  A ``ring`` keeps the sinks in the first slots
+    and position p >= sinks at slot ``sinks + (p - sinks) mod window``."""
 
     window: Optional[int]
     slots: int
+    sinks: int = 0
 
     @property
     def ring(self) -> bool:
-        return self.window is not None and self.slots == self.window
+        return self.window is not None and self.slots == self.sinks + self.window
+
+    def slot_positions(self, position: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+        """(B, slots): the position each slot holds once positions up to ``end`` - 1 (B, 1) are written, for
+        ``position`` (B, 1) <= end; a ring slot not reached yet gets a position below its sinks' end (or 0)."""
+        slot = torch.arange(self.slots, device=position.device)[None]
+        if not self.ring:
+            return slot.expand(position.shape[0], -1)
+        assert self.window is not None
+        newest = end - 1 - torch.remainder(end - 1 - slot, self.window)  # the newest position of the slot's class
+        return torch.where(slot < self.sinks, slot, newest)
 
 
 def layer_windows(config) -> list[Optional[int]]:
@@ -59,19 +73,24 @@ def layer_windows(config) -> list[Optional[int]]:
     return [window] * layers
 
 
-def cache_plan(config, max_cache_len: int, caches: str = "window") -> list[LayerCache]:
-    """Each layer's cache: a ring of its window where it slides and the window is shorter than ``max_cache_len``
-    (``caches="window"``), else ``max_cache_len`` slots (every layer with ``caches="full"``)."""
+def cache_plan(config, max_cache_len: int, caches: str = "window", sinks: int = 0) -> list[LayerCache]:
+    """Each layer's cache: a ring of its sinks and window where it slides and they are shorter than
+    ``max_cache_len`` (``caches="window"``), else ``max_cache_len`` slots (every layer with ``caches="full"``).
+    ``sinks`` apply to sliding layers (a global layer sees every position anyway)."""
     plan = []
     for window in layer_windows(config):
-        ring = caches == "window" and window is not None and window < max_cache_len
-        plan.append(LayerCache(window, window if ring and window is not None else max_cache_len))
+        if window is None:
+            plan.append(LayerCache(None, max_cache_len))
+            continue
+        ring = caches == "window" and sinks + window < max_cache_len
+        plan.append(LayerCache(window, sinks + window if ring else max_cache_len, sinks))
     return plan
 
 
 class StepCache:
     """What transformers' layers see as their cache while a step runs: ``update`` keeps the new keys and values
-    (the step's outputs) and hands attention the past slots followed by them."""
+    (the step's outputs) and hands them on; attention takes the past from here (:func:`cached_attention`), so the
+    cache is never concatenated with them (a copy of it per token)."""
 
     def __init__(self, past_keys, past_values):
         self.past_keys, self.past_values = list(past_keys), list(past_values)
@@ -79,8 +98,7 @@ class StepCache:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         self.new[layer_idx] = (key, value)
-        past_key, past_value = self.past_keys[layer_idx], self.past_values[layer_idx]
-        return torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
+        return key, value
 
     # the sizes transformers asks for to build masks, which the step builds itself (see edgeattn_mask)
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -99,21 +117,23 @@ class StepCache:
 def step_mask(layer: LayerCache, position: torch.Tensor, chunk: int) -> torch.Tensor:
     """(B, 1, C, slots + C) boolean: which cache slots, then which of the chunk's keys, each query may see."""
     p = position[:, None]  # (B, 1)
-    slot = torch.arange(layer.slots, device=position.device)[None]  # (1, S)
-    if layer.ring:  # slot s holds the newest position before p that is s mod S
-        key_pos = p - 1 - torch.remainder(p - 1 - slot, layer.slots)
-        cached = key_pos >= 0
-    else:
-        key_pos = slot
-        cached = slot < p
+    key_pos = layer.slot_positions(p, p)  # what each slot holds before this chunk
+    cached = (key_pos < p) & (key_pos >= 0)
+    if layer.ring:  # a ring slot holds a position of its class only once one at or past the sinks was written
+        slot = torch.arange(layer.slots, device=position.device)[None]
+        cached = cached & ((slot < layer.sinks) | (key_pos >= layer.sinks))
     i = torch.arange(chunk, device=position.device)
     query_pos = p + i[None]  # (B, C)
     seen = cached[:, None, :].expand(-1, chunk, -1)
-    inside = i[None, :] <= i[:, None]  # a constant: the chunk's own keys, causal
+    inside = (i[None, :] <= i[:, None])[None]  # the chunk's own keys, causal: a constant
     if layer.window is not None:
         seen = seen & (query_pos[:, :, None] - key_pos[:, None, :] < layer.window)
         inside = inside & (i[:, None] - i[None, :] < layer.window)
-    return torch.cat([seen, inside[None].expand(position.shape[0], -1, -1)], dim=2)[:, None]
+        if layer.sinks:  # and the sinks, whatever the distance
+            seen = seen | (cached & (key_pos < layer.sinks))[:, None, :]
+            inside = inside | ((i[None, :] <= i[:, None]) & (query_pos[:, None, :] < layer.sinks))
+    inside = inside.expand(position.shape[0], -1, -1)
+    return torch.cat([seen, inside], dim=2)[:, None]
 
 
 def written(layer: LayerCache, past: torch.Tensor, new: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -121,15 +141,39 @@ def written(layer: LayerCache, past: torch.Tensor, new: torch.Tensor, position: 
     position[b] + j written at their slots (a ring keeps the newest of each slot)."""
     chunk = new.shape[2]
     p = position[:, None]  # (B, 1)
-    slot = torch.arange(layer.slots, device=past.device)[None]  # (1, S)
-    if layer.ring:  # the newest position of the chunk that lands on each slot
-        last = p + chunk - 1
-        index = last - torch.remainder(last - slot, layer.slots) - p
-    else:
-        index = slot - p
+    key_pos = layer.slot_positions(p, p + chunk)  # the newest position of the chunk that lands on each slot
+    index = key_pos - p
     fresh = (index >= 0) & (index < chunk)
+    if layer.ring:  # positions below the sinks' end go to the sink slots only
+        slot = torch.arange(layer.slots, device=past.device)[None]
+        fresh = fresh & ((slot < layer.sinks) | (key_pos >= layer.sinks))
     index = index.clamp(0, chunk - 1)[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3])
     return torch.where(fresh[:, None, :, None], torch.gather(new, 2, index), past)
+
+
+def cached_attention(query, keys: tuple, values: tuple, mask, scale: Optional[float], softcap: Optional[float]):
+    """Attention of query (B, H, C, D) over the cache's keys and the chunk's, ``keys`` = (past (B, Hkv, S, D), new
+    (B, Hkv, C, D)) and the same for ``values``, with ``mask`` (B, 1, C, S + C): one softmax over both parts without
+    concatenating them, and grouped-query heads by reshaping the queries, so the cache is read, never copied.  Query
+    head h uses key/value head h // (H / Hkv), as transformers' repeat_kv has it; softcap before the mask."""
+    batch, heads, chunk, dim = query.shape
+    kv_heads = keys[0].shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads * chunk, dim) * (dim**-0.5 if scale is None else scale)
+    scores, edge = [], 0
+    for key in keys:
+        score = (grouped @ key.transpose(-1, -2)).reshape(batch, heads, chunk, key.shape[2])
+        if softcap:
+            score = softcap * torch.tanh(score / softcap)
+        scores.append(score.masked_fill(~mask[..., edge : edge + key.shape[2]], float("-inf")))
+        edge += key.shape[2]
+    top = torch.maximum(scores[0].amax(-1, keepdim=True), scores[1].amax(-1, keepdim=True))  # finite: a query
+    weights = [torch.exp(score - top) for score in scores]  # sees itself
+    total = weights[0].sum(-1, keepdim=True) + weights[1].sum(-1, keepdim=True)
+    out = sum(
+        (w.reshape(batch, kv_heads, -1, w.shape[-1]) @ v).reshape(batch, heads, chunk, dim)
+        for w, v in zip(weights, values)
+    )
+    return out / total
 
 
 class Step(nn.Module):
@@ -157,10 +201,8 @@ class Step(nn.Module):
                 )
             if layer not in masks:
                 masks[layer] = step_mask(layer, position, chunk)
-            groups = query.shape[1] // key.shape[1]
-            if groups > 1:  # grouped-query attention: each key/value head serves `groups` consecutive query heads
-                key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-            return masked_attention(query, key, value, masks[layer], scale=scaling, softcap=softcap)
+            past_key, past_value = cache.past_keys[module.layer_idx], cache.past_values[module.layer_idx]
+            return cached_attention(query, (past_key, key), (past_value, value), masks[layer], scaling, softcap)
 
         cache = StepCache(past[0::2], past[1::2])
         positions = position[:, None] + torch.arange(chunk, device=input_ids.device)[None]
@@ -172,16 +214,20 @@ class Step(nn.Module):
         return (logits, *cache.outputs())
 
 
-class StatefulStep(Step):
-    """The step as a stateful model keeps it (OpenVINO GenAI's ``LLMPipeline``): input_ids (B, C), attention_mask,
-    position_ids (B, C) and the caches -> logits and the caches with the chunk written in (which the runtime keeps
-    as its state, in place).  Rows start at position_ids[:, 0]; attention_mask is taken for the pipeline's sake
-    (positions and each layer's cache say which keys a query sees)."""
+class StatefulStep(nn.Module):
+    """A :class:`Step` as a stateful model keeps it (OpenVINO GenAI's ``LLMPipeline``): input_ids (B, C),
+    attention_mask, position_ids (B, C) and the caches -> logits and the caches with the chunk written in (which the
+    runtime keeps as its state, in place).  Rows start at position_ids[:, 0]; attention_mask is taken for the
+    pipeline's sake (positions and each layer's cache say which keys a query sees)."""
+
+    def __init__(self, step: Step):
+        super().__init__()
+        self.inner = step
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         position = position_ids[:, 0]
-        logits, *new = self.step(input_ids, position, past)
-        caches = [written(self.plan[i // 2], past[i], t, position) for i, t in enumerate(new)]
+        logits, *new = self.inner.step(input_ids, position, past)
+        caches = [written(self.inner.plan[i // 2], past[i], t, position) for i, t in enumerate(new)]
         return (logits, *caches)
 
 

@@ -19,7 +19,6 @@ from . import genai
 from .exporter import export_checked, export_onnx
 from .request import check_request
 
-
 GENAI_OPTIONS = ("dtype", "opset", "lowering")  # the export options the OpenVINO GenAI IR takes
 
 
@@ -31,6 +30,7 @@ def export_lm(
     max_cache_len: int = 256,
     caches: str = "window",
     batch: Optional[int] = None,
+    sinks: int = 0,
     openvino_genai: bool = False,
     tokenizer=None,
     **export_kwargs,
@@ -45,18 +45,23 @@ def export_lm(
     (``caches="window"``): a ring of its window where it slides (Mistral, Gemma's local layers), ``max_cache_len``
     slots where it is global, so a sliding layer's cost per token does not grow with the context; ``caches="full"``
     gives every layer ``max_cache_len`` slots.  ``batch`` fixes the batch size (what NPUs want; default: any).
+    ``sinks`` > 0 makes every sliding layer also keep and see the first ``sinks`` positions (StreamingLLM's
+    attention sinks), which changes what the model computes once a prompt outgrows the window.
     ``edgeattn_lm.json`` records the caches, the chunk and the stop tokens.
 
     ``openvino_genai=True`` also writes the folder OpenVINO GenAI's ``LLMPipeline`` runs: ``openvino_model.xml``, a
     stateful IR whose variables are these same caches (written in place by the runtime), ``generation_config.json``
     and, given the transformers ``tokenizer``, its OpenVINO tokenizer IRs (see :mod:`edgeattn.export.genai`).
-    ``export_kwargs`` go to :func:`edgeattn.export_onnx` (opset, lowering, dtype...).  Returns the folder."""
+    ``export_kwargs`` go to :func:`edgeattn.export_onnx` (opset, lowering, dtype...; the IR takes dtype, opset and
+    lowering).  Returns the folder."""
     if not (isinstance(chunk, int) and isinstance(max_cache_len, int) and 0 < chunk <= max_cache_len):
         raise InvalidArgument(
             f"export_lm needs integers 0 < chunk <= max_cache_len, got chunk={chunk!r}, max_cache_len={max_cache_len!r}"
         )
     if caches not in ("window", "full"):
         raise InvalidArgument(f"caches must be 'window' (each layer's own window) or 'full', got {caches!r}")
+    if not (isinstance(sinks, int) and sinks >= 0):
+        raise InvalidArgument(f"sinks must be a non-negative integer, got {sinks!r}")
     if batch is not None and not (isinstance(batch, int) and batch > 0):
         raise InvalidArgument(f"batch must be a positive integer (or None: any batch), got {batch!r}")
     for taken in ("input_names", "output_names", "dynamic_batch", "batch_axes"):
@@ -65,63 +70,74 @@ def export_lm(
     config: Any = getattr(model, "config", None)  # a transformers config (prepare refuses anything else)
     if tokenizer is not None and not openvino_genai:
         raise InvalidArgument("a tokenizer goes with openvino_genai=True (export_lm converts it for OpenVINO GenAI)")
-    step = Step(prepare(model), cache_plan(config, max_cache_len, caches))
+    step = Step(prepare(model), cache_plan(config, max_cache_len, caches, sinks))
     text = config.get_text_config()
-    kv_heads = text.num_key_value_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    rows = batch or 1
-    past = [torch.zeros(rows, kv_heads, layer.slots, head_dim) for layer in step.plan for _ in ("key", "value")]
+    shape = (batch or 1, text.num_key_value_heads, head_dim)
+    past = [torch.zeros(shape[0], shape[1], layer.slots, shape[2]) for layer in step.plan for _ in ("key", "value")]
     layers = len(step.plan)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, tokens in (("prefill", chunk), ("decode", 1)):
         export_onnx(
             step,
-            (torch.zeros(rows, tokens, dtype=torch.long), torch.zeros(rows, dtype=torch.long), *past),
+            (torch.zeros(shape[0], tokens, dtype=torch.long), torch.zeros(shape[0], dtype=torch.long), *past),
             folder / f"{name}.onnx",
             input_names=["input_ids", "position", *cache_names(layers, "past_key_values")],
             output_names=["logits", *cache_names(layers, "present")],
             dynamic_batch=batch is None,
             **export_kwargs,
         )
+    described = _described(model, step.plan, chunk=chunk, max_cache_len=max_cache_len, batch=batch)
+    if openvino_genai:
+        genai_kwargs = {k: v for k, v in export_kwargs.items() if k in GENAI_OPTIONS}
+        _export_stateful(StatefulStep(step), past, batch, folder, described, tokenizer, genai_kwargs)
+    atomic_write(folder / lmloop.CONFIG, (json.dumps(described, indent=2) + "\n").encode())
+    return folder
+
+
+def _described(model, plan, **fields) -> dict:
+    """What ``edgeattn_lm.json`` holds: the export's settings, the cache shapes and the stop and padding tokens."""
+    text = model.config.get_text_config()
     generation = getattr(model, "generation_config", None)
     eos = getattr(generation, "eos_token_id", None) if generation is not None else text.eos_token_id
     pad = getattr(generation, "pad_token_id", None) if generation is not None else None
-    described = {
-        "chunk": chunk,
-        "max_cache_len": max_cache_len,
-        "batch": batch,
-        "kv_heads": kv_heads,
-        "head_dim": head_dim,
+    return {
+        **fields,
+        "kv_heads": text.num_key_value_heads,
+        "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
         "vocab_size": text.vocab_size,
         "eos_token_id": [] if eos is None else [eos] if isinstance(eos, int) else list(eos),
         "pad_token_id": pad if pad is not None else text.pad_token_id or 0,
-        "layers": [{"window": layer.window, "slots": layer.slots} for layer in step.plan],
+        "layers": [{"window": layer.window, "slots": layer.slots, "sinks": layer.sinks} for layer in plan],
     }
-    if openvino_genai:
-        stateful = StatefulStep(step.model, step.plan)
-        rows, tokens = batch or 2, 3  # sizes of 1 would be traced as constants
-        example = (
-            torch.zeros(rows, tokens, dtype=torch.long),
-            torch.ones(rows, tokens + 5, dtype=torch.long),
-            torch.arange(5, 5 + tokens).expand(rows, tokens),
-            *(t.expand(rows, *t.shape[1:]) for t in past),
+
+
+def _export_stateful(step, past, batch, folder: Path, described: dict, tokenizer, export_kwargs: dict) -> None:
+    """The OpenVINO GenAI files: the stateful step exported with any number of tokens (the pipeline feeds a whole
+    prompt, then one token), turned into the stateful IR."""
+    rows, tokens = batch or 2, 3  # sizes of 1 would be traced as constants
+    example = (
+        torch.zeros(rows, tokens, dtype=torch.long),
+        torch.ones(rows, tokens + 5, dtype=torch.long),  # attention_mask: past and new tokens
+        torch.arange(5, 5 + tokens).expand(rows, tokens),
+        *(t.expand(rows, *t.shape[1:]) for t in past),
+    )
+    rows_axis = {} if batch else {0: "batch"}
+    axes = [{**rows_axis, 1: "tokens"}, {**rows_axis, 1: "total"}, {**rows_axis, 1: "tokens"}]
+    layers = len(past) // 2
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "stateful.onnx"
+        export_checked(
+            step,
+            example,
+            onnx_path,
+            check_request(path=onnx_path, **export_kwargs),  # standard ops: the IR has no edgeattn node
+            input_names=["input_ids", "attention_mask", "position_ids", *cache_names(layers, "past_key_values")],
+            output_names=["logits", *cache_names(layers, "present")],
+            named_axes=axes + [rows_axis or None] * len(past),
         )
-        rows_axis = {} if batch else {0: "batch"}
-        axes = [{**rows_axis, 1: "tokens"}, {**rows_axis, 1: "total"}, {**rows_axis, 1: "tokens"}]
-        with tempfile.TemporaryDirectory() as tmp:
-            onnx_path = Path(tmp) / "stateful.onnx"
-            export_checked(
-                stateful,
-                example,
-                onnx_path,
-                # the precision and lowering asked for; the IR is built from standard ops (no edgeattn node)
-                check_request(path=onnx_path, **{k: v for k, v in export_kwargs.items() if k in GENAI_OPTIONS}),
-                input_names=["input_ids", "attention_mask", "position_ids", *cache_names(layers, "past_key_values")],
-                output_names=["logits", *cache_names(layers, "present")],
-                named_axes=axes + [rows_axis or None] * len(past),
-            )
-            generation = {"eos_token_id": described["eos_token_id"], "pad_token_id": described["pad_token_id"]}
-            genai.write(onnx_path, folder, generation, tokenizer)
-    atomic_write(folder / lmloop.CONFIG, (json.dumps(described, indent=2) + "\n").encode())
-    return folder
+        generation = {"pad_token_id": described["pad_token_id"]}
+        if described["eos_token_id"]:
+            generation["eos_token_id"] = described["eos_token_id"]
+        genai.write(onnx_path, folder, generation, tokenizer)

@@ -268,6 +268,40 @@ def test_sampling_stop_tokens_and_streaming(lm, references):
         assert row == prompt + want[:cut] and seen[b] == want[:cut], b
 
 
+def sinks_reference(model, prompt, sinks):
+    """Greedy tokens and the logits they were chosen from, with every sliding layer also seeing the first ``sinks``
+    positions (StreamingLLM): transformers' eager model over the whole sequence, given that mask as a 4-D one."""
+    sequence, steps = list(prompt), []
+    for _ in range(NEW_TOKENS):
+        q = torch.arange(len(sequence))[:, None]
+        k = torch.arange(len(sequence))[None]
+        allowed = (k <= q) & ((q - k < WINDOW) | (k < sinks))
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+        with torch.no_grad():
+            steps.append(model(torch.tensor([sequence]), attention_mask=mask).logits[0, -1].numpy())
+        sequence.append(int(steps[-1].argmax()))
+    return sequence[len(prompt) :], steps
+
+
+def test_attention_sinks_keep_the_first_positions(tmp_path):
+    """sinks=4 on Mistral (window 8): each sliding layer's ring is 4 + 8 slots and every query also sees positions
+    0-3, as the reference with that mask computes; without the sinks the logits differ."""
+    model = build("mistral")
+    folder = export_lm(model, tmp_path, chunk=CHUNK, max_cache_len=CACHE, sinks=4)
+    assert [layer["slots"] for layer in lmloop.read_config(folder)["layers"]] == [12, 12]
+    prefill_log, decode_log = [], []
+    runs = [
+        recorded(edgeattn.load(folder / f"{p}.onnx", "ort-cpu", accuracy=True).run, log)
+        for p, log in (("prefill", prefill_log), ("decode", decode_log))
+    ]
+    got = lmloop.generate(*runs, lmloop.read_config(folder), PROMPTS, NEW_TOKENS)
+    for b, (prompt, row, steps) in enumerate(zip(PROMPTS, got, steps_of(prefill_log, decode_log, PROMPTS))):
+        want_tokens, want_steps = sinks_reference(model, prompt, 4)
+        assert_steps_match(row[len(prompt) :], steps, want_tokens, want_steps, 1e-4, f"row {b}")
+    plain_tokens, plain_steps = reference_generation(model, PROMPTS[0])
+    assert np.abs(np.array(plain_steps) - np.array(sinks_reference(model, PROMPTS[0], 4)[1])).max() > 1e-3
+
+
 def test_a_fixed_batch_takes_the_prompts_in_groups(tmp_path):
     """batch=2: static shapes everywhere; three prompts go as two groups, the last filled and the filler dropped."""
     model = build("mistral")
