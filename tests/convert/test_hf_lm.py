@@ -81,7 +81,11 @@ def logits(model, ids):
         return model(ids).logits
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
+# each model's tests on one xdist worker, so that its folder is exported once
+LM = {name: pytest.param(name, marks=pytest.mark.xdist_group(f"lm-{name}")) for name in CONFIGS}
+
+
+@pytest.fixture(scope="module", params=LM.values())
 def lm(request, tmp_path_factory):
     """(name, eager model, prompts, folder written by export_lm)."""
     name = request.param
@@ -187,7 +191,9 @@ def test_batched_generation_matches_generate(lm, references, runtime):
         assert_steps_match(row[len(prompt) :], steps, *references[b], atol, f"{name} row {b} on {runtime}")
 
 
-@pytest.mark.parametrize("lm", SLIDING, indirect=True)  # the architectures with a sliding window (not a skip)
+@pytest.mark.parametrize(
+    "lm", [LM[name] for name in SLIDING], indirect=True
+)  # the architectures with a sliding window (not a skip)
 def test_sliding_layers_keep_a_ring_of_their_window(lm, references):
     """A sliding layer's cache is its window, a global layer's max_cache_len, in the config and the files; and the
     window bites: the same weights with a window beyond the sequence give other logits."""
@@ -205,8 +211,6 @@ def test_sliding_layers_keep_a_ring_of_their_window(lm, references):
     assert np.abs(logits(full, sequence).numpy() - logits(model, sequence).numpy()).max() > 1e-2
 
 
-# one model is enough here: local and global layers, GQA, query_pre_attn_scalar
-@pytest.mark.parametrize("lm", ["gemma3"], indirect=True)
 def test_plain_runtimes_generate_without_edgeattn(lm, references, tmp_path):
     """A deployment's view: lmloop.py carried alone, over plain onnxruntime and plain OpenVINO, in a process that
     cannot import edgeattn."""
@@ -224,7 +228,7 @@ def test_plain_runtimes_generate_without_edgeattn(lm, references, tmp_path):
         assert [row[len(p) :] for p, row in zip(prompts, rows)] == [tokens for tokens, _ in references], runtime
 
 
-@pytest.mark.parametrize("lm", ["gemma3"], indirect=True)
+@pytest.mark.parametrize("lm", [LM["gemma3"]], indirect=True)
 def test_openvino_genai_llm_pipeline_generates_the_same_tokens(lm, references):
     """The folder in OpenVINO GenAI's LLMPipeline (its stateful IR keeps the window-sized caches as variables), in a
     process that cannot import edgeattn: from token ids and from text through the converted tokenizer."""
@@ -241,7 +245,7 @@ def test_openvino_genai_llm_pipeline_generates_the_same_tokens(lm, references):
     assert results["text"] == " ".join(f"t{t}" for t in references[0][0])
 
 
-@pytest.mark.parametrize("lm", ["llama"], indirect=True)
+@pytest.mark.parametrize("lm", [LM["llama"]], indirect=True)
 def test_sampling_stop_tokens_and_streaming(lm, references):
     """Sampling is reproducible from its seed and follows top_k (top_k=1 is greedy); a stop token ends its row
     (kept); on_token sees each row's tokens in order."""
@@ -347,7 +351,7 @@ def test_bad_inputs_get_one_clear_error():
         assert "convert that model instead" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("lm", ["llama"], indirect=True)
+@pytest.mark.parametrize("lm", [LM["llama"]], indirect=True)
 def test_generate_refuses_bad_input_in_one_line(lm, tmp_path):
     folder = lm[3]
     cases = [
