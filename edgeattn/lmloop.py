@@ -41,9 +41,9 @@ class Cache:
 
     def __init__(self, config: dict, batch: int):
         self.layers = config["layers"]
-        shape = (batch, config["kv_heads"], 0, config["head_dim"])
+        heads, dim = config["kv_heads"], config["head_dim"]
         self.arrays = {
-            f"past_key_values.{i}.{kind}": np.zeros(shape[:2] + (layer["slots"],) + shape[3:], np.float32)
+            f"past_key_values.{i}.{kind}": np.zeros((batch, heads, layer["slots"], dim), np.float32)
             for i, layer in enumerate(self.layers)
             for kind in ("key", "value")
         }

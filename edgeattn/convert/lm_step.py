@@ -12,9 +12,9 @@ leaves the graph per token.
 Masks: a query at position q = p + i (p the row's position, i < C) sees the cache slots whose position k is valid
 (written: k < p) and within its window (q - k < W), computed in the graph from p, and the chunk's own keys j <= i
 within the window, a constant (C, C) table (dense: at chunk sizes a blocked table has nothing to skip); sinks are
-seen from everywhere.  A row's
-padding (a last chunk shorter than C) comes after its tokens, so causality keeps it out of every real query, and
-the host writes only real tokens' keys.
+seen from everywhere.  A row's padding (a last chunk shorter than C) comes after its tokens, so causality keeps it
+out of every real query, and the host writes only real tokens' keys.  Attention (:func:`cached_attention`) reads
+the cache where it lies: one softmax over the cache and the chunk, grouped-query heads by reshaping the queries.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ class LayerCache:
         return self.window is not None and self.slots == self.sinks + self.window
 
     def slot_positions(self, position: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-        """(B, slots): the position each slot holds once positions up to ``end`` - 1 (B, 1) are written, for
-        ``position`` (B, 1) <= end; a ring slot not reached yet gets a position below its sinks' end (or 0)."""
+        """(B, slots): the position each slot holds once positions up to ``end`` - 1 (B, 1) are written (for a
+        ring, the newest of its class); a ring slot whose class has no position yet gets one below ``sinks``, which
+        may be negative: callers compare with the sinks and 0."""
         slot = torch.arange(self.slots, device=position.device)[None]
         if not self.ring:
             return slot.expand(position.shape[0], -1)
@@ -166,8 +167,9 @@ def cached_attention(query, keys: tuple, values: tuple, mask, scale: Optional[fl
             score = softcap * torch.tanh(score / softcap)
         scores.append(score.masked_fill(~mask[..., edge : edge + key.shape[2]], float("-inf")))
         edge += key.shape[2]
-    top = torch.maximum(scores[0].amax(-1, keepdim=True), scores[1].amax(-1, keepdim=True))  # finite: a query
-    weights = [torch.exp(score - top) for score in scores]  # sees itself
+    # finite: every query sees itself among the chunk's keys
+    top = torch.maximum(scores[0].amax(-1, keepdim=True), scores[1].amax(-1, keepdim=True))
+    weights = [torch.exp(score - top) for score in scores]
     total = weights[0].sum(-1, keepdim=True) + weights[1].sum(-1, keepdim=True)
     out = sum(
         (w.reshape(batch, kv_heads, -1, w.shape[-1]) @ v).reshape(batch, heads, chunk, dim)
