@@ -192,6 +192,7 @@ def cmd_serve(args) -> int:
         replicas=args.replicas,
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,
+        max_body_mb=args.max_body_mb,
         address=args.address,
         name=args.name,
         log=lambda line: print(line, flush=True),
@@ -442,6 +443,12 @@ def _parser() -> argparse.ArgumentParser:
         help="requests run together at most (default 8); a file exported with --dynamic-batch runs them as one batch",
     )
     s.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5)")
+    s.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=256.0,
+        help="the largest request body in MiB (default 256); a larger one gets a 400",
+    )
     s.add_argument(
         "--address",
         help="a running Ray cluster to deploy on (auto: the one `ray start` joined here); "

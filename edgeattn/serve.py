@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -83,10 +84,24 @@ class Request:
 
 
 def parse_request(
-    body: bytes, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo], header_length: Optional[str] = None
+    body: bytes,
+    inputs: Sequence[TensorInfo],
+    outputs: Sequence[TensorInfo],
+    header_length: Optional[str] = None,
+    max_batch_size: Optional[int] = None,
 ) -> Request:
     """A KServe v2 infer request -> :class:`Request`, or :class:`BadRequest`.  ``header_length`` is the
-    ``Inference-Header-Content-Length`` header: the JSON is that many bytes, binary tensors follow."""
+    ``Inference-Header-Content-Length`` header: the JSON is that many bytes, binary tensors follow.  A request of a
+    batch above ``max_batch_size`` is refused, as Triton refuses one above its ``max_batch_size``."""
+    try:
+        return _parsed(body, inputs, outputs, header_length, max_batch_size)
+    except BadRequest:
+        raise
+    except Exception as e:  # whatever else a body makes the parser raise is the body's fault: one line, 400
+        raise BadRequest(f"the request could not be read: {type(e).__name__}: {first_line(e)}") from None
+
+
+def _parsed(body, inputs, outputs, header_length, max_batch_size) -> Request:
     binary = b""
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
@@ -96,6 +111,8 @@ def parse_request(
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"the request body is not JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("the request body is JSON nested too deeply to read") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise BadRequest('the request must be a JSON object with an "inputs" list')
     expected = {t.name: t for t in inputs}
@@ -123,7 +140,12 @@ def parse_request(
         if len(shape) != len(info.shape) or any(isinstance(d, int) and d != s for d, s in zip(info.shape, shape)):
             model = [d if isinstance(d, int) else -1 for d in info.shape]
             raise BadRequest(f"input {name!r}: shape {shape}, the model takes {model} (-1: any)")
-        count = int(np.prod(shape))
+        if max_batch_size and shape and batchable(inputs, outputs) and shape[0] > max_batch_size:
+            raise BadRequest(
+                f"input {name!r}: a batch of {shape[0]} is above this server's --max-batch-size {max_batch_size}; "
+                f"send at most {max_batch_size} rows per request"
+            )
+        count = math.prod(shape)  # Python ints: numpy would wrap a huge shape around to a small count
         if size is not None:
             if not isinstance(size, int) or size != count * info.dtype.itemsize or size > len(binary):
                 raise BadRequest(
@@ -208,7 +230,7 @@ class Model:
             return [{n: a[lo:hi] for n, a in merged.items()} for lo, hi in itertools.pairwise(bounds)]
 
 
-def deployment(name: str, runtime: str, max_batch_size: int, batch_wait_s: float):
+def deployment(name: str, runtime: str, max_batch_size: int, batch_wait_s: float, max_body_bytes: int):
     """The Ray Serve deployment for one model, to bind to ``files`` (Ray is imported here, so ``import edgeattn``
     does not need it)."""
     import asyncio
@@ -251,10 +273,20 @@ def deployment(name: str, runtime: str, max_batch_size: int, batch_wait_s: float
                 )
             if request.method != "POST":
                 return JSONResponse({"error": f"{path} takes POST"}, status_code=405)
+            declared = request.headers.get("content-length", "")
+            too_big = f"above this server's --max-body-mb {max_body_bytes / 2**20:g}: send fewer rows per request"
+            if declared.isdigit() and int(declared) > max_body_bytes:  # refused before it is read
+                return JSONResponse({"error": f"a {int(declared)}-byte body is {too_big}"}, status_code=400)
             body = await request.body()
+            if len(body) > max_body_bytes:
+                return JSONResponse({"error": f"a {len(body)}-byte body is {too_big}"}, status_code=400)
             try:
                 parsed = parse_request(
-                    body, self.model.inputs, self.model.outputs, request.headers.get("inference-header-content-length")
+                    body,
+                    self.model.inputs,
+                    self.model.outputs,
+                    request.headers.get("inference-header-content-length"),
+                    max_batch_size,
                 )
             except BadRequest as e:
                 return JSONResponse({"error": str(e)}, status_code=e.status)
@@ -334,6 +366,7 @@ def serve(
     replicas: int = 1,
     max_batch_size: int = 8,
     batch_wait_ms: float = 5.0,
+    max_body_mb: float = 256.0,
     address: Optional[str] = None,
     name: Optional[str] = None,
     log: Callable[[str], None] = print,
@@ -348,8 +381,10 @@ def serve(
     name = name or model_name(head.metadata)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise EdgeAttnError(f"--name {name!r}: a model name in a URL takes letters, digits and _ . - only")
-    if replicas < 1 or max_batch_size < 1 or batch_wait_ms < 0:
-        raise EdgeAttnError("--replicas and --max-batch-size must be at least 1, --batch-wait-ms at least 0")
+    if replicas < 1 or max_batch_size < 1 or batch_wait_ms < 0 or not max_body_mb > 0:
+        raise EdgeAttnError(
+            "--replicas and --max-batch-size must be at least 1, --batch-wait-ms at least 0, --max-body-mb above 0"
+        )
     if address is None and replicas > (os.cpu_count() or 1):
         raise EdgeAttnError(
             f"--replicas {replicas} needs {replicas} CPUs and this machine has {os.cpu_count()}: "
@@ -385,7 +420,7 @@ def serve(
         for s in previous:  # Ray may have installed its own
             signal.signal(s, on_signal)
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines would bury ours
-        app = deployment(name, runtime, max_batch_size, batch_wait_ms / 1000)
+        app = deployment(name, runtime, max_batch_size, batch_wait_ms / 1000, int(max_body_mb * 2**20))
         if not stop.is_set():
             start_serve(ray_serve, host, port)
             if address is not None and name in ray_serve.status().applications:

@@ -67,6 +67,24 @@ def test_bad_requests_are_one_line_each(body, message):
         parse_request(body, INPUTS, OUTPUTS)
 
 
+def test_a_batch_above_the_cap_and_a_body_that_breaks_the_parser_are_refused():
+    """A request of 64 rows on a server whose --max-batch-size is 8 (Triton refuses one above max_batch_size), JSON
+    nested past Python's recursion limit, a shape whose size overflows int64, parameters that are not an object:
+    400s, never a 500."""
+    many = _request(shape=[64, 64, 32], data=[0.5] * (64 * 64 * 32))
+    with pytest.raises(BadRequest, match="a batch of 64 is above this server's --max-batch-size 8"):
+        parse_request(many, INPUTS, OUTPUTS, max_batch_size=8)
+    assert parse_request(many, INPUTS, OUTPUTS).feeds["x"].shape == (64, 64, 32)  # no cap: taken
+    with pytest.raises(BadRequest, match="nested too deeply"):
+        parse_request(b"[" * 100_000 + b"]" * 100_000, INPUTS, OUTPUTS)
+    with pytest.raises(
+        BadRequest, match=r"1 values for shape \[4611686018427387904, 64, 32\] \(9444732965739290427392\)"
+    ):
+        parse_request(_request(shape=[2**62, 64, 32], data=[0.5]), INPUTS, OUTPUTS)
+    with pytest.raises(BadRequest, match="could not be read: AttributeError"):
+        parse_request(_request(parameters=[1]), INPUTS, OUTPUTS)
+
+
 @pytest.mark.parametrize(
     "body,length,message",
     [
@@ -281,7 +299,8 @@ def test_served_model_under_load_answers_every_request_like_a_direct_run(tmp_pat
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     for _ in range(3):  # a port taken between choosing it and binding it: another port
         port = _free_port()
-        started = _serve([path, "--replicas", "2", "--max-batch-size", "8", "--name", "nbr"], env, port)
+        argv = [path, "--replicas", "2", "--max-batch-size", "8", "--max-body-mb", "1", "--name", "nbr"]
+        started = _serve(argv, env, port)
         if started:
             break
     assert started, "three free ports were taken before the server could bind them"
@@ -316,6 +335,9 @@ def test_served_model_under_load_answers_every_request_like_a_direct_run(tmp_pat
             (_request(datatype="INT64"), 400, "the model takes FP32"),
             (b'{"inputs": []}', 400, "missing input 'x'"),
             (b"{", 400, "not JSON"),
+            (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+            (_request(shape=[64, 64, 32], data=[0.5] * (64 * 64 * 32)), 400, "above this server's --max-batch-size 8"),
+            (_request(data=[0.5] * 2**19), 400, "above this server's --max-body-mb 1"),
         ]
         for body, want, message in bad:
             status, answer, _ = post(f"{base}/infer", body)
