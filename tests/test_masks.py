@@ -331,3 +331,61 @@ def test_a_mask_indexing_a_captured_tensor_out_of_range_says_so():
     ids = torch.arange(4)
     with pytest.raises(ValueError, match=r"mask_mod of mask custom indexes out of range \(index 4 is out of bounds"):
         tables.build(lambda b, h, q_idx, kv_idx: ids[q_idx] == ids[kv_idx], q_len=8, layout="blocked")
+
+
+# --------------------------------------------------------------- a user's mask_mod means what it means in FlexAttention
+def reads_across_pairs_with_if(b, h, q_idx, kv_idx):
+    if (q_idx - kv_idx).max() > 0:  # on one pair: is this pair below the diagonal
+        return q_idx >= kv_idx
+    return q_idx == q_idx
+
+
+@pytest.mark.parametrize(
+    "fn,message",
+    [
+        (reads_across_pairs_with_if, "gives False for the pair (q_idx=0, kv_idx=8, head 0) on broadcast index"),
+        (
+            lambda b, h, q_idx, kv_idx: torch.isin(kv_idx, torch.nonzero(q_idx.flatten() % 2 == 0).flatten()),
+            "gives True for the pair (q_idx=0, kv_idx=8, head 0) on broadcast index tensors but False called on",
+        ),
+        (
+            lambda b, h, q_idx, kv_idx: q_idx[..., 0:1] >= kv_idx,
+            "cannot be called on one pair (h=0, q_idx=0, kv_idx=0)",
+        ),
+    ],
+)
+def test_a_mask_mod_that_reads_across_pairs_is_refused_naming_a_pair(fn, message):
+    """Three mask_mods whose broadcast call builds some mask while FlexAttention, one pair at a time, means another
+    (or cannot run them): each refused in one line that names a pair."""
+    with pytest.raises(ValueError) as info:
+        materialize(custom(fn), q_len=12, kv_len=9)
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_a_mask_mod_written_for_vmap_builds_what_flex_attention_builds():
+    """attention-gym's Flamingo cross-attention mask indexes a captured table with kv_idx and reads the interval's
+    ends: FlexAttention's create_mask runs it, and so does a table, with the same mask."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    intervals = torch.tensor([[0, 7], [1, 7], [7, 12]])
+    image_of_key = torch.repeat_interleave(torch.arange(3), 3)
+
+    def flamingo(b, h, q_idx, kv_idx):
+        interval = intervals[image_of_key[kv_idx]]
+        return (q_idx >= interval[0]) & (q_idx < interval[1])
+
+    want = create_mask(flamingo, 1, 1, 12, 9, device="cpu")[0, 0]
+    assert torch.equal(materialize(custom(flamingo), q_len=12, kv_len=9)[0], want)
+    for layout in ("dense", "blocked"):
+        table = tables.build(custom(flamingo), q_len=12, kv_len=9, layout=layout)
+        dense = table if isinstance(table, tables.DenseTable) else table.to_dense()
+        assert torch.equal(dense.mask[0], want), layout
+
+
+def test_a_mask_mod_with_the_wrong_arguments_is_told_which_four_it_needs():
+    with pytest.raises(ValueError) as info:
+        custom(lambda q, kv, h: q >= kv)
+    assert str(info.value) == (
+        "mask_mod takes 3 arguments (q, kv, h); a FlexAttention mask_mod takes four: (b, h, q_idx, kv_idx), the "
+        "batch, head, query and key indices"
+    )

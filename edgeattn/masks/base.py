@@ -1,8 +1,11 @@
 """The mask language: a Mask is a named pair of pure functions over attention indices.
 
 ``mask_mod(b, h, q_idx, kv_idx) -> bool`` and ``bias_mod(b, h, q_idx, kv_idx) -> float`` use FlexAttention's
-signature, so a user's FlexAttention mask_mod works unchanged.  They must evaluate with plain broadcasting over
-index tensors: ``materialize`` calls them once with ``q_idx`` shaped (1, 1, Nq, 1) and ``kv_idx`` (1, 1, 1, Nkv).
+signature, so a user's FlexAttention mask_mod works unchanged, and means what it means there: FlexAttention applies
+it to one pair at a time (through vmap).  :func:`evaluate` calls a function once on broadcast index tensors
+(``q_idx`` shaped (1, 1, Nq, 1), ``kv_idx`` (1, 1, 1, Nkv)), which is fast; a user's function (:func:`custom`) is
+also called on a sample of pairs one at a time, and where the broadcast call fails or disagrees with them it is
+evaluated as FlexAttention does, through vmap, or refused in one line naming a pair.
 
 Masks on token grids (neighborhood, windows) need the grid to turn flat indices into coordinates, so a Mask holds
 a factory ``mods(shape) -> (mask_mod, bias_mod)`` that is called once the :class:`Shape` is known.
@@ -95,15 +98,37 @@ class Mask:
         return or_masks(other, self)
 
 
+class UserMod:
+    """A user's mask_mod or bias_mod: :func:`evaluate` checks it pair by pair (FlexAttention's semantics)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.__name__ = getattr(fn, "__name__", "custom")
+
+    def __call__(self, *index):
+        return self.fn(*index)
+
+
 def custom(mask_mod: Optional[MaskMod] = None, bias_mod: Optional[BiasMod] = None, name: Optional[str] = None) -> Mask:
     """Wrap a user's FlexAttention-style ``mask_mod`` (and/or ``bias_mod``) as a Mask."""
     for label, fn in (("mask_mod", mask_mod), ("bias_mod", bias_mod)):
-        if fn is not None and (not callable(fn) or _arity(fn) not in (4, None)):
+        if fn is None:
+            continue
+        if not callable(fn):
             raise InvalidArgument(f"{label} must be a callable (b, h, q_idx, kv_idx), got {fn!r}")
+        arity = _arity(fn)
+        if arity not in (4, None):
+            params = ", ".join(inspect.signature(fn).parameters)
+            raise InvalidArgument(
+                f"{label} takes {arity} argument{'s' if arity != 1 else ''} ({params}); a FlexAttention {label} "
+                f"takes four: (b, h, q_idx, kv_idx), the batch, head, query and key indices"
+            )
     if mask_mod is None and bias_mod is None:
         raise InvalidArgument("custom() needs a mask_mod, a bias_mod or both")
     name = name or getattr(mask_mod or bias_mod, "__name__", "custom").replace("<lambda>", "custom")
-    return Mask(name, lambda shape: (mask_mod or allow_all, bias_mod))
+    user_mask = UserMod(mask_mod) if mask_mod is not None else allow_all
+    user_bias = UserMod(bias_mod) if bias_mod is not None else None
+    return Mask(name, lambda shape: (user_mask, user_bias))
 
 
 def as_mask(obj) -> Mask:
@@ -151,6 +176,11 @@ def _combine(masks, sep, op) -> Mask:
 
         biases = [bm for _, bm in parts if bm is not None]
         bias_mod = (lambda b, h, q, kv: sum(bm(b, h, q, kv) for bm in biases)) if biases else None
+        # a combination holding a user's function is checked pair by pair as that function would be
+        if any(isinstance(mm, UserMod) for mm, _ in parts):
+            mask_mod = UserMod(mask_mod)
+        if bias_mod is not None and any(isinstance(bm, UserMod) for bm in biases):
+            bias_mod = UserMod(bias_mod)
         return mask_mod, bias_mod
 
     name = sep.join(f"({m.name})" if ("&" in m.name or "|" in m.name) else m.name for m in masks)
@@ -175,11 +205,111 @@ def index_grid(
 
 
 def evaluate(fn, index, heads: int, label: str = "mask_mod", name: str = "") -> torch.Tensor:
-    """Call a mask_mod (bool) or bias_mod (numbers) once on ``index_grid`` tensors -> (heads or 1, Nq, Nkv).
+    """A mask_mod (bool) or bias_mod (numbers) on ``index_grid`` tensors -> (heads or 1, Nq, Nkv), as FlexAttention
+    would compute it.
 
-    The head axis stays 1 when the function does not depend on the head.  ``name``: the mask's, for errors."""
+    The head axis stays 1 when the function does not depend on the head.  ``name``: the mask's, for errors.  A
+    user's function (:class:`UserMod`) is checked on a sample of pairs called one at a time; where the broadcast call
+    fails or disagrees, it is evaluated through vmap (as FlexAttention's create_mask does) or refused."""
+    if not isinstance(fn, UserMod):
+        return _broadcast(fn, index, heads, label, name)
+    try:
+        out = _broadcast(fn, index, heads, label, name)
+        failure = None
+    except InvalidArgument as e:
+        out, failure = None, e
+    try:
+        pairs = _pairs(fn, index, heads, label, name)
+    except InvalidArgument as e:  # the broadcast call's own failure, when it has one, names the cause best
+        raise failure or e from None
+    if out is not None and _agrees(out, pairs, label) is None:
+        return out
+    try:
+        mapped = _vmapped(fn, index, heads, label, name)
+    except InvalidArgument as e:
+        differs = _agrees(out, pairs, label) if out is not None else None
+        if differs is not None:
+            raise InvalidArgument(
+                f"{_what(label, name)} {differs}; through vmap, as FlexAttention runs it, it fails: {e}"
+            ) from None
+        raise failure or e from None
+    differs = _agrees(mapped, pairs, label)
+    if differs is not None:
+        raise InvalidArgument(f"{_what(label, name)} through vmap {differs}")
+    return mapped
+
+
+def _what(label: str, name: str) -> str:
+    return f"{label} of mask {name}" if name else label
+
+
+def _pairs(fn, index, heads: int, label: str, name: str) -> list[tuple[tuple[int, int, int], torch.Tensor]]:
+    """((h, q_idx, kv_idx), value) for a sample of pairs, each from a call on that pair alone (0-d tensors), as
+    FlexAttention calls a mask_mod: the corners, the diagonal's ends and 24 drawn with a fixed seed."""
+    _, h, q, kv = index
+    hs, qs, ks = h.flatten(), q.flatten(), kv.flatten()
+    picks = {(0, 0, 0), (0, len(qs) - 1, len(ks) - 1), (0, 0, len(ks) - 1), (0, len(qs) - 1, 0)}
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(24):
+        hi, qi, ki = (int(torch.randint(n, (), generator=generator)) for n in (len(hs), len(qs), len(ks)))
+        picks.add((hi, qi, ki))
+    pairs = []
+    for hi, qi, ki in sorted(picks):
+        at = (int(hs[hi]), int(qs[qi]), int(ks[ki]))
+        try:
+            value = fn(*(torch.tensor(v) for v in (0, *at)))
+        except Exception as e:
+            raise InvalidArgument(
+                f"{_what(label, name)} cannot be called on one pair (h={at[0]}, q_idx={at[1]}, kv_idx={at[2]}) as "
+                f"FlexAttention calls it: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise InvalidArgument(
+                f"{_what(label, name)} called on one pair (h={at[0]}, q_idx={at[1]}, kv_idx={at[2]}) returns "
+                f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}, not one value: "
+                f"it reads across pairs, which FlexAttention's one-pair-at-a-time calls do not allow"
+            )
+        pairs.append(((hi, qi, ki), value.reshape(())))
+    return pairs
+
+
+def _agrees(out: torch.Tensor, pairs, label: str) -> Optional[str]:
+    """None, or which sampled pair ``out`` (heads or 1, Nq, Nkv) gives otherwise than that pair's own call."""
+    for (hi, qi, ki), want in pairs:
+        got = out[min(hi, out.shape[0] - 1), qi, ki]
+        same = bool(got == want) if label == "mask_mod" else bool(torch.isclose(got.float(), want.float(), 1e-5, 1e-6))
+        if not same:
+            return (
+                f"gives {got.item()} for the pair (q_idx={qi}, kv_idx={ki}, head {hi}) on broadcast index tensors "
+                f"but {want.item()} called on that pair alone, as FlexAttention calls it: it reads across pairs "
+                f"(a reduction, a Python if, indexing a whole axis); write it for one pair"
+            )
+    return None
+
+
+def _vmapped(fn, index, heads: int, label: str, name: str) -> torch.Tensor:
+    """The function over every (head, query, key) through nested vmap, FlexAttention's way -> (heads, Nq, Nkv)."""
     b, h, q, kv = index
-    what = f"{label} of mask {name}" if name else label
+    mapped = fn
+    for axis in (3, 2, 1):  # keys innermost, as create_mask nests them
+        mapped = torch.vmap(mapped, in_dims=tuple(0 if i == axis else None for i in range(4)))
+    try:
+        out = mapped(b, h.flatten(), q.flatten(), kv.flatten())
+    except Exception as e:  # vmap's own messages go on to ask for an issue: their first sentence says it
+        raise InvalidArgument(
+            f"{type(e).__name__}: {str(e).split('. ')[0].splitlines()[0] if str(e) else ''}"
+        ) from None
+    if out.shape != (h.numel(), q.numel(), kv.numel()):  # extra axes: it used b, whose probe holds 2 rows
+        raise InvalidArgument(
+            f"{_what(label, name)} depends on the batch index b: a static table is shared by every batch element"
+        )
+    return _broadcast(lambda *_: out[None], index, heads, label, name)
+
+
+def _broadcast(fn, index, heads: int, label: str, name: str) -> torch.Tensor:
+    """``fn`` called once on the broadcast index tensors, checked -> (heads or 1, Nq, Nkv)."""
+    b, h, q, kv = index
+    what = _what(label, name)
     try:
         out = fn(b, h, q, kv)
     except IndexError as e:
@@ -190,9 +320,10 @@ def evaluate(fn, index, heads: int, label: str = "mask_mod", name: str = "") -> 
     except (RuntimeError, TypeError) as e:
         raise InvalidArgument(
             f"{what} cannot be evaluated on index tensors ({type(e).__name__}: {str(e).splitlines()[0]}). It is "
-            f"called once with tensors holding every index (b {tuple(b.shape)}, h {tuple(h.shape)}, q_idx "
-            f"{tuple(q.shape)}, kv_idx {tuple(kv.shape)}), not once per pair: write conditions with &, |, ~ and "
-            f"torch.where instead of Python if/and/or, and do not call .item(), int() or bool() on them"
+            f"called with tensors of indices (once on all of them: b {tuple(b.shape)}, h {tuple(h.shape)}, q_idx "
+            f"{tuple(q.shape)}, kv_idx {tuple(kv.shape)}; or through vmap, as FlexAttention does), not on Python "
+            f"numbers: write conditions with &, |, ~ and torch.where instead of Python if/and/or, and do not call "
+            f".item(), int() or bool() on them"
         ) from e
     if not isinstance(out, torch.Tensor):
         raise InvalidArgument(
