@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..convert import convert, hf_lm
+from ..convert.lm_step import StepCache
 from ..errors import EdgeAttnError
 
 DTYPES = {
@@ -143,12 +144,16 @@ def build_module(spec: str, inputs: dict[str, torch.Tensor]):
 
 
 class PromptLogits(torch.nn.Module):
-    """A converted transformers causal LM as ``input_ids -> logits`` through its prefill path (which attends
-    through the static tables; see :mod:`edgeattn.convert.hf_lm`)."""
+    """A converted transformers causal LM as ``input_ids -> logits`` for a prompt from position 0, attending through
+    the static tables compiled for its length (see :mod:`edgeattn.convert.hf_lm`).  The positions and an empty step
+    cache are passed so that, under tracing, transformers builds the prompt's mask from its positions alone (without
+    them it tests whether the positions pack several sequences, and that mask is no static pattern)."""
 
     def __init__(self, model: torch.nn.Module, prompt_len: int):
         super().__init__()
-        self.prefill = hf_lm.Prefill(model, prompt_len)
+        self.model, self.prompt_len = model, prompt_len
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.prefill(input_ids)[0]
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        cache = StepCache((), ())  # hands each layer its own keys: attention over the prompt alone
+        return self.model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True).logits
