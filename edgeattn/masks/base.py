@@ -243,9 +243,9 @@ def _what(label: str, name: str) -> str:
     return f"{label} of mask {name}" if name else label
 
 
-def _pairs(fn, index, heads: int, label: str, name: str) -> list[tuple[tuple[int, int, int], torch.Tensor]]:
-    """((h, q_idx, kv_idx), value) for a sample of pairs, each from a call on that pair alone (0-d tensors), as
-    FlexAttention calls a mask_mod: the corners, the diagonal's ends and 24 drawn with a fixed seed."""
+def _pairs(fn, index, heads: int, label: str, name: str) -> list[tuple[tuple[int, int, int], tuple, torch.Tensor]]:
+    """(where in the output, (h, q_idx, kv_idx), value) for a sample of pairs, each from a call on that pair alone
+    (0-d tensors), as FlexAttention calls a mask_mod: the four corners and 24 drawn with a fixed seed."""
     _, h, q, kv = index
     hs, qs, ks = h.flatten(), q.flatten(), kv.flatten()
     picks = {(0, 0, 0), (0, len(qs) - 1, len(ks) - 1), (0, 0, len(ks) - 1), (0, len(qs) - 1, 0)}
@@ -263,24 +263,29 @@ def _pairs(fn, index, heads: int, label: str, name: str) -> list[tuple[tuple[int
                 f"{_what(label, name)} cannot be called on one pair (h={at[0]}, q_idx={at[1]}, kv_idx={at[2]}) as "
                 f"FlexAttention calls it: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             ) from None
-        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        pair = f"one pair (h={at[0]}, q_idx={at[1]}, kv_idx={at[2]})"
+        if not isinstance(value, torch.Tensor):
             raise InvalidArgument(
-                f"{_what(label, name)} called on one pair (h={at[0]}, q_idx={at[1]}, kv_idx={at[2]}) returns "
-                f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}, not one value: "
-                f"it reads across pairs, which FlexAttention's one-pair-at-a-time calls do not allow"
+                f"{_what(label, name)} called on {pair} returns a {type(value).__name__}, not a tensor computed "
+                f"from its index arguments"
             )
-        pairs.append(((hi, qi, ki), value.reshape(())))
+        if value.numel() != 1:
+            raise InvalidArgument(
+                f"{_what(label, name)} called on {pair} returns shape {tuple(value.shape)}, not one value: it reads "
+                f"across pairs, which FlexAttention's one-pair-at-a-time calls do not allow"
+            )
+        pairs.append(((hi, qi, ki), at, value.reshape(())))
     return pairs
 
 
 def _agrees(out: torch.Tensor, pairs, label: str) -> Optional[str]:
     """None, or which sampled pair ``out`` (heads or 1, Nq, Nkv) gives otherwise than that pair's own call."""
-    for (hi, qi, ki), want in pairs:
+    for (hi, qi, ki), (h, q, kv), want in pairs:
         got = out[min(hi, out.shape[0] - 1), qi, ki]
         same = bool(got == want) if label == "mask_mod" else bool(torch.isclose(got.float(), want.float(), 1e-5, 1e-6))
         if not same:
             return (
-                f"gives {got.item()} for the pair (q_idx={qi}, kv_idx={ki}, head {hi}) on broadcast index tensors "
+                f"gives {got.item()} for the pair (q_idx={q}, kv_idx={kv}, head {h}) on broadcast index tensors "
                 f"but {want.item()} called on that pair alone, as FlexAttention calls it: it reads across pairs "
                 f"(a reduction, a Python if, indexing a whole axis); write it for one pair"
             )
