@@ -78,6 +78,8 @@ def export_lm(
     layers = len(step.plan)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # written last: until then no config claims the folder, so an export cut short is never taken for a whole one
+    (folder / lmloop.CONFIG).unlink(missing_ok=True)
     for name, tokens in (("prefill", chunk), ("decode", 1)):
         export_onnx(
             step,
