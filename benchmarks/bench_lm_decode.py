@@ -107,7 +107,6 @@ def main():
     p.add_argument("--runtimes", nargs="+", default=["ort-cpu", "openvino-cpu"])
     p.add_argument("--runs", type=int, default=20)
     args = p.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; python {sys.version.split()[0]}")
     for name in args.models:
         model = build(name)

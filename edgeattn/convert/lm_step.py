@@ -44,16 +44,18 @@ class LayerCache:
     def ring(self) -> bool:
         return self.window is not None and self.slots == self.sinks + self.window
 
-    def slot_positions(self, position: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-        """(B, slots): the position each slot holds once positions up to ``end`` - 1 (B, 1) are written (for a
-        ring, the newest of its class); a ring slot whose class has no position yet gets one below ``sinks``, which
-        may be negative: callers compare with the sinks and 0."""
+    def slot_positions(self, position: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, slots) each: the position each slot holds once positions up to ``end`` - 1 (B, 1) are written (for a
+        ring, the newest of its class), and whether it holds one yet (a ring slot's class may have no position at
+        or past the sinks yet: those below go to the sink slots)."""
         slot = torch.arange(self.slots, device=position.device)[None]
         if not self.ring:
-            return slot.expand(position.shape[0], -1)
+            key_pos = slot.expand(position.shape[0], -1)
+            return key_pos, key_pos < end
         assert self.window is not None
         newest = end - 1 - torch.remainder(end - 1 - slot, self.window)  # the newest position of the slot's class
-        return torch.where(slot < self.sinks, slot, newest)
+        key_pos = torch.where(slot < self.sinks, slot, newest)
+        return key_pos, (key_pos >= 0) & (key_pos < end) & ((slot < self.sinks) | (key_pos >= self.sinks))
 
 
 def layer_windows(config) -> list[Optional[int]]:
@@ -118,11 +120,7 @@ class StepCache:
 def step_mask(layer: LayerCache, position: torch.Tensor, chunk: int) -> torch.Tensor:
     """(B, 1, C, slots + C) boolean: which cache slots, then which of the chunk's keys, each query may see."""
     p = position[:, None]  # (B, 1)
-    key_pos = layer.slot_positions(p, p)  # what each slot holds before this chunk
-    cached = (key_pos < p) & (key_pos >= 0)
-    if layer.ring:  # a ring slot holds a position of its class only once one at or past the sinks was written
-        slot = torch.arange(layer.slots, device=position.device)[None]
-        cached = cached & ((slot < layer.sinks) | (key_pos >= layer.sinks))
+    key_pos, cached = layer.slot_positions(p, p)  # what each slot holds before this chunk
     i = torch.arange(chunk, device=position.device)
     query_pos = p + i[None]  # (B, C)
     seen = cached[:, None, :].expand(-1, chunk, -1)
@@ -142,12 +140,9 @@ def written(layer: LayerCache, past: torch.Tensor, new: torch.Tensor, position: 
     position[b] + j written at their slots (a ring keeps the newest of each slot)."""
     chunk = new.shape[2]
     p = position[:, None]  # (B, 1)
-    key_pos = layer.slot_positions(p, p + chunk)  # the newest position of the chunk that lands on each slot
+    key_pos, held = layer.slot_positions(p, p + chunk)  # the newest position that lands on each slot
     index = key_pos - p
-    fresh = (index >= 0) & (index < chunk)
-    if layer.ring:  # positions below the sinks' end go to the sink slots only
-        slot = torch.arange(layer.slots, device=past.device)[None]
-        fresh = fresh & ((slot < layer.sinks) | (key_pos >= layer.sinks))
+    fresh = held & (index >= 0)  # one of the chunk's
     index = index.clamp(0, chunk - 1)[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3])
     return torch.where(fresh[:, None, :, None], torch.gather(new, 2, index), past)
 

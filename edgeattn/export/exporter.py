@@ -118,8 +118,18 @@ def export_checked(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = [example_inputs]
     was_training = model.training
+    if named_axes is None and request.dynamic_batch:
+        axes = list(batch_axes) if batch_axes is not None else [0 if t.ndim else None for t in example_inputs]
+        if len(axes) != len(example_inputs):
+            raise InvalidArgument(f"batch_axes has {len(axes)} entries for {len(example_inputs)} inputs")
+        named_axes = [None if a is None else {a: "batch"} for a in axes]
+        # torch.export specializes a size-1 example axis to the constant 1: trace with a batch of 2 instead
+        example_inputs = [
+            t if a is None or t.shape[a] != 1 else t.expand(*t.shape[:a], 2, *t.shape[a + 1 :])
+            for t, a in zip(example_inputs, axes)
+        ]
     dynamic = None
-    if named_axes is not None:
+    if named_axes is not None:  # one Dim per name, shared by the inputs that name it
         dims: dict[str, Any] = {}
         dynamic = tuple(
             None
@@ -127,17 +137,6 @@ def export_checked(
             else {a: dims.setdefault(n, torch.export.Dim(n, min=1, max=65536)) for a, n in axes.items()}
             for axes in named_axes
         )
-    elif request.dynamic_batch:
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        axes = list(batch_axes) if batch_axes is not None else [0 if t.ndim else None for t in example_inputs]
-        if len(axes) != len(example_inputs):
-            raise InvalidArgument(f"batch_axes has {len(axes)} entries for {len(example_inputs)} inputs")
-        dynamic = tuple(None if a is None else {a: batch} for a in axes)
-        # torch.export specializes a size-1 example axis to the constant 1: trace with a batch of 2 instead
-        example_inputs = [
-            t if a is None or t.shape[a] != 1 else t.expand(*t.shape[:a], 2, *t.shape[a + 1 :])
-            for t, a in zip(example_inputs, axes)
-        ]
     try:
         # the plan switches the model's table layouts; a reduced-precision copy is made of the switched model;
         # flex_attention calls of an unconverted model get tables for the time of the export

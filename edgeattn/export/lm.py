@@ -71,9 +71,8 @@ def export_lm(
     if tokenizer is not None and not openvino_genai:
         raise InvalidArgument("a tokenizer goes with openvino_genai=True (export_lm converts it for OpenVINO GenAI)")
     step = Step(prepare(model), cache_plan(config, max_cache_len, caches, sinks))
-    text = config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    shape = (batch or 1, text.num_key_value_heads, head_dim)
+    described = _described(model, step.plan, chunk=chunk, max_cache_len=max_cache_len, batch=batch)
+    shape = (batch or 1, described["kv_heads"], described["head_dim"])
     past = [torch.zeros(shape[0], shape[1], layer.slots, shape[2]) for layer in step.plan for _ in ("key", "value")]
     layers = len(step.plan)
     folder = Path(folder)
@@ -90,7 +89,6 @@ def export_lm(
             dynamic_batch=batch is None,
             **export_kwargs,
         )
-    described = _described(model, step.plan, chunk=chunk, max_cache_len=max_cache_len, batch=batch)
     if openvino_genai:
         genai_kwargs = {k: v for k, v in export_kwargs.items() if k in GENAI_OPTIONS}
         _export_stateful(StatefulStep(step), past, batch, folder, described, tokenizer, genai_kwargs)

@@ -211,18 +211,23 @@ def test_sliding_layers_keep_a_ring_of_their_window(lm, references):
     assert np.abs(logits(full, sequence).numpy() - logits(model, sequence).numpy()).max() > 1e-2
 
 
-def test_plain_runtimes_generate_without_edgeattn(lm, references, tmp_path):
-    """A deployment's view: lmloop.py carried alone, over plain onnxruntime and plain OpenVINO, in a process that
-    cannot import edgeattn."""
-    name, model, prompts, folder = lm
+def run_alone(script: Path, folder: Path, prompts: list) -> dict:
+    """What ``script`` (which blocks importing edgeattn) prints as JSON, generating NEW_TOKENS after ``prompts``."""
     done = subprocess.run(
-        [sys.executable, str(PLAIN), str(folder), json.dumps(prompts), str(NEW_TOKENS)],
+        [sys.executable, str(script), str(folder), json.dumps(prompts), str(NEW_TOKENS)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+def test_plain_runtimes_generate_without_edgeattn(lm, references, tmp_path):
+    """A deployment's view: lmloop.py carried alone, over plain onnxruntime and plain OpenVINO, in a process that
+    cannot import edgeattn."""
+    name, model, prompts, folder = lm
+    results = run_alone(PLAIN, folder, prompts)
     assert set(results) == {"onnxruntime", "openvino"}
     for runtime, rows in results.items():
         assert [row[len(p) :] for p, row in zip(prompts, rows)] == [tokens for tokens, _ in references], runtime
@@ -233,14 +238,7 @@ def test_openvino_genai_llm_pipeline_generates_the_same_tokens(lm, references):
     """The folder in OpenVINO GenAI's LLMPipeline (its stateful IR keeps the window-sized caches as variables), in a
     process that cannot import edgeattn: from token ids and from text through the converted tokenizer."""
     name, model, prompts, folder = lm
-    done = subprocess.run(
-        [sys.executable, str(GENAI), str(folder), json.dumps(prompts), str(NEW_TOKENS)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout)
+    results = run_alone(GENAI, folder, prompts)
     assert results["tokens"] == [tokens for tokens, _ in references]
     assert results["text"] == " ".join(f"t{t}" for t in references[0][0])
 
