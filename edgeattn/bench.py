@@ -63,12 +63,14 @@ def run(
     forms: Optional[Sequence[str]] = None,
     inputs: Optional[dict[str, str]] = None,
     trust_code: bool = False,
+    source=None,
 ) -> list[BenchRow]:
     """Benchmark a registered model or an exported file (.onnx, .xml, .ort: as is) on each runtime that loads it.
 
     A model is exported with each of ``lowerings`` in each of ``precisions`` and ``forms`` (default: every lowering
     in fp32, both forms; with precisions named, the auto lowering in each).  A user's model ``module:callable``
-    takes ``inputs`` ({name: "SHAPE[:DTYPE]"}); a file exported from one is rebuilt only with ``trust_code``."""
+    takes ``inputs`` ({name: "SHAPE[:DTYPE]"}); a file exported from one is rebuilt only with ``trust_code``.
+    ``source``: the edgeattn file a given file was converted from (a .tflite from onnx2tf), for its metadata."""
     names = [n for n in (runtime_names or runtimes.available()) if not runtimes.get(n).reference]
     reference = [n for n, r in runtimes.RUNTIMES.items() if r.reference]
     is_file = target not in models.REGISTRY and not models.user.is_spec(target)
@@ -83,11 +85,14 @@ def run(
         raise InvalidArgument(
             f"unknown precision or form {unknown[0]!r}; choose from: {', '.join(PRECISIONS)} / {', '.join(FORMS)}"
         )
+    if not is_file and not runtime_names:  # a model is exported to ONNX files
+        names = [n for n in names if "onnx" in runtimes.get(n).file_formats]
     every_lowering = not is_file and not lowerings and not precisions  # the default list, not asked for by name
     with tempfile.TemporaryDirectory(prefix="edgeattn-bench-") as tmp:
         given = None  # a given file's header is read once, here; a model's files are exported below
         if is_file:  # (lowering, precision, opset, form, file)
             given = formats.header(target)
+            given = formats.converted_from(given, source) if source is not None else given
             built, meta = models.from_metadata(given.metadata, target, trust_code), given.metadata
             if not runtime_names:  # by default, the runtimes that load the file's format
                 names = [n for n in names if given.format in runtimes.get(n).file_formats]

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from . import bench, inspection, masks, models, parity, plots, runtimes
+from . import bench, conformance, inspection, masks, models, parity, plots, runtimes
 from .errors import EdgeAttnError, InvalidArgument
 from .export import DEFAULT_OPSET, LOWERING_CHOICES, precision
 from .files import atomic_write, check_writable
@@ -69,12 +69,31 @@ def cmd_masks_show(args) -> int:
 
 
 def cmd_runtimes(args) -> int:
-    for name, runtime in runtimes.RUNTIMES.items():
+    rows = []
+    for name in [*runtimes.RUNTIMES, *runtimes.discovered()]:
+        runtime = runtimes.get(name)
         reasons = runtime.machine_reasons()
+        fp32 = runtime.tolerances.get("fp32")
+        rows.append(
+            {
+                "name": name,
+                "available": not reasons,
+                "description": runtime.description,
+                "why_not": "; ".join(reasons),
+                "tolerances": {p: t.describe() for p, t in runtime.tolerances.items()},
+            }
+        )
         print(
-            f"{name:14s} {'available' if not reasons else 'unavailable'}  {runtime.description}"
+            f"{name:28s} {'available' if not reasons else 'unavailable':11s}  {runtime.description}"
+            + (f"; fp32 gate {fp32.describe()}" if fp32 else "")
             + (f" ({'; '.join(reasons)})" if reasons else "")
         )
+    print(
+        "any other onnxruntime provider: --runtime ort:<ExecutionProvider>[,key=value...]; any OpenVINO device: "
+        "--runtime openvino:<DEVICE>"
+    )
+    if args.json:
+        atomic_write(args.json, (json.dumps(rows, indent=2) + "\n").encode())
     return 0
 
 
@@ -125,8 +144,9 @@ def cmd_check(args) -> int:
         progress=lambda n: _log(f"checking on {n} ..."),
         inputs=args.inputs,
         trust_code=args.trust_code,
+        source=args.source,
     )
-    return _report(parity.describe_check(args.file, results), results)
+    return _report(parity.describe_check(args.file, results, args.source), results)
 
 
 def cmd_bench(args) -> int:
@@ -144,6 +164,7 @@ def cmd_bench(args) -> int:
         forms=args.form,
         inputs=_user_inputs(args).get("inputs"),
         trust_code=args.trust_code,
+        source=args.source,
     )
     print(bench.format_table(rows))
     if args.json:
@@ -179,6 +200,22 @@ def _report(description: str, results) -> int:
     failed = [r.runtime for r in results if not r.ok]
     if failed:
         print(f"parity gate FAILED on: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_conformance(args) -> int:
+    results = conformance.run(
+        args.runtime,
+        args.dtype,
+        output=args.output,
+        report=args.json,
+        progress=lambda n: _log(f"probing {n} ..."),
+    )
+    print(conformance.format_table(results))
+    wrong = sorted({f"{r.probe} on {r.runtime}" for r in results if r.status == "wrong"})
+    if wrong:
+        print(f"conformance: wrong results: {', '.join(wrong)}", file=sys.stderr)
         return 1
     return 0
 
@@ -246,7 +283,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     show.add_argument("-o", "--output", metavar="FILE.png", help="picture to write (default: <mask name>.png)")
     show.set_defaults(func=cmd_masks_show)
-    sub.add_parser("runtimes", help="list runtimes and whether they can run here").set_defaults(func=cmd_runtimes)
+    r = sub.add_parser(
+        "runtimes",
+        help="list runtimes (the named ones, each onnxruntime provider and OpenVINO device here) and whether "
+        "they can run here",
+    )
+    r.add_argument("--json", metavar="FILE", help="write the list, with each runtime's tolerances, as JSON")
+    r.set_defaults(func=cmd_runtimes)
 
     def user_inputs(cmd):
         cmd.add_argument(
@@ -265,13 +308,22 @@ def _parser() -> argparse.ArgumentParser:
             "rebuild the PyTorch reference (default: its runtimes are compared with each other)",
         )
 
+    def source(cmd):
+        cmd.add_argument(
+            "--source",
+            metavar="FILE.onnx",
+            help="the edgeattn file the given file was converted from (a .tflite from onnx2tf carries no "
+            "metadata): its metadata names the PyTorch reference",
+        )
+
     def gate_options(cmd, targets=""):
         cmd.add_argument(
             "--runtime",
             action="append",
             metavar="NAME",
-            help=f"runtime {targets}to check on, repeatable ({', '.join(runtimes.runtime_names())}); "
-            "default: torch and every available ONNX runtime",
+            help=f"runtime {targets}to check on, repeatable ({', '.join(runtimes.runtime_names())}, "
+            "ort:<ExecutionProvider>[,key=value...], openvino:<DEVICE>); default: torch and every available "
+            "ONNX runtime",
         )
         cmd.add_argument(
             "--runs", type=_positive, help=f"timed runs per runtime after 3 warm-ups (default {DEFAULT_RUNS})"
@@ -394,6 +446,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--runs", type=_positive, help=f"timed runs per row after 3 warm-ups (default {DEFAULT_RUNS})")
     b.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
+    source(b)
     b.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
     b.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
     b.add_argument("--plot", metavar="FILE.png", help="write a latency bar chart (needs matplotlib)")
@@ -412,7 +465,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="compare a file on runtimes with its PyTorch reference, or with each other")
     c.add_argument(
         "file",
-        help="an .onnx, .xml or .ort file: one from `edgeattn export` is compared with the PyTorch "
+        help="an .onnx, .xml, .ort or .tflite file: one from `edgeattn export` is compared with the PyTorch "
         "model its metadata names; any other (e.g. exported from Python) on each runtime with "
         "the first (ort-cpu when available)",
     )
@@ -422,9 +475,31 @@ def _parser() -> argparse.ArgumentParser:
         help="inputs to feed, one array per input name (numpy.savez(FILE, name=array, ...)); default: "
         "the model's example inputs, or generated ones (normal floats, small ints, batch 1)",
     )
+    source(c)
     trust_code(c)
     gate_options(c)
     c.set_defaults(func=cmd_check)
+
+    k = sub.add_parser(
+        "conformance",
+        help="run small probe files, each pinning one semantic of masked attention, on each runtime against PyTorch",
+    )
+    k.add_argument(
+        "--runtime",
+        action="append",
+        metavar="NAME",
+        help="runtime to probe, repeatable (a name from `edgeattn runtimes`, ort:<ExecutionProvider>[,key=value...], "
+        "openvino:<DEVICE>); default: every available ONNX runtime",
+    )
+    k.add_argument(
+        "--dtype",
+        action="append",
+        choices=["fp32", "fp16", "bf16"],
+        help="run the probes of these precisions, repeatable (default: all three)",
+    )
+    k.add_argument("-o", "--output", metavar="DIR", help="keep the probe files in DIR (to check them elsewhere)")
+    k.add_argument("--json", metavar="FILE", help="write the results as a JSON list")
+    k.set_defaults(func=cmd_conformance)
 
     s = sub.add_parser(
         "serve",

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import decisions, models, onnxfile, runtimes
-from .errors import BadFile, EdgeAttnError, first_line
+from .errors import BadFile, EdgeAttnError, InvalidArgument, first_line
 from .files import atomic_write, check_writable
 from .onnxfile import formats
 from .runtimes.base import check_feeds, nonfinite_inputs
@@ -197,6 +197,7 @@ def check_file(
     report=None,
     inputs=None,
     trust_code: bool = False,
+    source=None,
 ) -> list[ParityResult]:
     """What ``edgeattn check`` runs.  A file from ``edgeattn export`` names its registered model in its metadata: the
     model is rebuilt and every runtime compared with it (the torch reference runtime's row times eager PyTorch; its
@@ -208,10 +209,18 @@ def check_file(
 
     ``inputs``: an ``.npz`` path or a mapping of input name -> array, fed to every runtime (and the torch reference);
     default: the registered model's example inputs, or :func:`generated_feeds`.  ``report``: a JSON path for the
-    results, checked before the work."""
+    results, checked before the work.  ``source``: the edgeattn file ``path`` was converted from (a TFLite model
+    from onnx2tf), whose metadata stands for the file's own."""
     if report is not None:
         check_writable(report)
     file = formats.header(path)
+    if source is not None:
+        file = formats.converted_from(file, source)
+    elif file.format == "tflite":
+        raise InvalidArgument(
+            f"{path}: a TFLite model carries no edgeattn metadata; name the .onnx file it was converted from: "
+            f"edgeattn check {path} --source MODEL.onnx"
+        )
     feeds = None if inputs is None else load_inputs(inputs, file)
     if "model" not in file.metadata or (models.user.is_spec(file.metadata["model"]) and not trust_code):
         results = compare_runtimes(path, feeds, runtime_names, runs, progress, file=file)
@@ -326,10 +335,11 @@ def compare_model(
     runs: int = 20,
     progress: Optional[Callable[[str], None]] = None,
     file: Optional[formats.Header] = None,
+    accuracy: bool = True,
 ) -> list[ParityResult]:
     """Compare an exported file (.onnx, .xml or .ort) with the module it came from, on the given inputs (Python API
     for any model).  ``runtime_names`` default to :func:`default_runtimes`; ``file``: its header, if already
-    read."""
+    read; ``accuracy=False`` loads the runtimes as a deployment would (see :func:`check_sessions`)."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = [example_inputs]
     file = file or formats.header(path)
@@ -337,7 +347,15 @@ def compare_model(
     feeds, reference = reference_outputs(module, example_inputs, path, file)
     names = list(runtime_names) if runtime_names else default_runtimes(meta)
     return check_sessions(
-        reference, feeds, path, names, runs, progress=progress, module=module, contents=onnxfile.Contents.of(meta)
+        reference,
+        feeds,
+        path,
+        names,
+        runs,
+        progress=progress,
+        accuracy=accuracy,
+        module=module,
+        contents=onnxfile.Contents.of(meta),
     )
 
 
@@ -389,11 +407,12 @@ def describe(path, meta: Optional[Mapping] = None) -> str:
     return "\n".join(lines + onnxfile.attention_lines(nodes))
 
 
-def describe_check(path, results: Sequence[ParityResult]) -> str:
-    """:func:`describe`, and for a file without a PyTorch reference, which runtime the others were compared with."""
+def describe_check(path, results: Sequence[ParityResult], source=None) -> str:
+    """:func:`describe`, and for a file without a PyTorch reference, which runtime the others were compared with
+    (``source``: the file ``path`` was converted from, as given to :func:`check_file`)."""
     reference = next((r.runtime for r in results if r.tolerance == REFERENCE), None)
     if reference is None:
-        return describe(path)
+        return describe(path, formats.converted_from(formats.header(path), source).metadata if source else None)
     compared = len(results) > 1  # one runtime (an IR: OpenVINO only) ran it and was compared with nothing
     return describe(path) + (
         f"\nno PyTorch reference: runtimes compared with {reference}"

@@ -18,7 +18,21 @@ FLOORS = [
     ("runtimes", ["runtimes"]),
     ("export", ["export"]),
     ("models", ["models"]),
-    ("tools", ["parity", "registered", "bench", "inspection", "plots", "serve", "generation", "cli", "__main__"]),
+    (
+        "tools",
+        [
+            "parity",
+            "registered",
+            "bench",
+            "conformance",
+            "inspection",
+            "plots",
+            "serve",
+            "generation",
+            "cli",
+            "__main__",
+        ],
+    ),
     ("front door", [""]),
 ]
 

@@ -23,9 +23,9 @@ def small_model(tmp_path_factory):
 
 
 def test_registry_names_and_reasons(small_model):
-    assert runtimes.runtime_names() == ["torch", "ort-cpu", "ort-cuda", "openvino-cpu"]
+    assert runtimes.runtime_names() == ["torch", "ort-cpu", "ort-cuda", "openvino-cpu", "litert"]
     path, x, expected, _ = small_model
-    for runtime in runtimes.RUNTIMES.values():
+    for runtime in (r for r in runtimes.RUNTIMES.values() if r.reference or "onnx" in r.file_formats):
         reasons = runtime.not_supported_reasons()
         if runtime.reference:
             assert reasons == []  # the PyTorch reference runs wherever edgeattn imports
@@ -42,6 +42,37 @@ def test_registry_names_and_reasons(small_model):
         assert runtime.tolerance("fp32").atol >= 0
     with pytest.raises(EdgeAttnError, match="unknown runtime 'tensorrt'; choose one of"):
         runtimes.get("tensorrt")
+
+
+def test_runtimes_by_provider_and_device(small_model):
+    """ort:<ExecutionProvider>[,options] and openvino:<DEVICE>: the common three keep their names, the others run
+    the file on what they name (OpenVINO's AUTO and HETERO:CPU here), and what this machine lacks is one line."""
+    path, x, expected, _ = small_model
+    assert runtimes.get("ort:CPU") is runtimes.get("ort:CPUExecutionProvider") is runtimes.get("ort-cpu")
+    assert runtimes.get("ort:CUDAExecutionProvider") is runtimes.get("ort-cuda")
+    assert runtimes.get("openvino:CPU") is runtimes.get("openvino-cpu")
+    with_options = runtimes.get("ort:OpenVINO,device_type=CPU,precision=FP32")
+    assert with_options.name == "ort:OpenVINOExecutionProvider,device_type=CPU,precision=FP32"
+    assert with_options._providers()[0] == ("OpenVINOExecutionProvider", {"device_type": "CPU", "precision": "FP32"})
+    for name in ("openvino:AUTO", "openvino:HETERO:CPU"):
+        got = edgeattn.load(path, name).run({"x": x})["y"]
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+    for name, message in [
+        ("openvino:NPU", "runtime openvino:NPU is not available: OpenVINO here has no NPU device \\(it has CPU"),
+        ("openvino:HETERO:GPU,CPU", "OpenVINO here has no GPU device"),
+        ("ort:QNN", "QNNExecutionProvider is not among onnxruntime's providers .* onnxruntime-qnn package"),
+    ]:
+        with pytest.raises(EdgeAttnError, match=message) as e:
+            edgeattn.load(path, name)
+        assert "\n" not in str(e.value)
+    for name, message in [
+        ("ort:Foo", "onnxruntime has no provider FooExecutionProvider"),
+        ("ort:OpenVINO,fast", "provider options are key=value"),
+        ("openvino:", "name a device"),
+        ("tensorrt:x", "unknown runtime 'tensorrt:x'"),
+    ]:
+        with pytest.raises(EdgeAttnError, match=message):
+            runtimes.get(name)
 
 
 def test_ort_cuda_explains_why_not(small_model):

@@ -4,7 +4,19 @@ A model is rebuilt exactly from (name, config, seed): weights are initialised un
 and example inputs are drawn from a generator seeded with the same seed.
 """
 
-from . import bench_blocks, dit, mask2former, moba, nat, ppma, rmt, segment_lm, swin, user  # each registers its models
+from . import (
+    bench_blocks,
+    dit,
+    mask2former,
+    moba,
+    nat,
+    ppma,
+    probes,
+    rmt,
+    segment_lm,
+    swin,
+    user,
+)  # each registers its models
 from .registry import REGISTRY, BuiltModel, ModelSpec, build, example_inputs, from_metadata, names, register
 
 __all__ = [
@@ -22,6 +34,7 @@ __all__ = [
     "moba",
     "nat",
     "ppma",
+    "probes",
     "rmt",
     "segment_lm",
     "swin",

@@ -26,6 +26,7 @@ class ModelSpec:
     outputs: tuple[str, ...]  # output names in the exported file
     config: dict = field(default_factory=dict)
     batch_axes: dict = field(default_factory=dict)  # input name -> its batch axis (None: none); default 0
+    listed: bool = True  # in `edgeattn models` (conformance probes are not: see edgeattn.models.probes)
 
 
 @dataclass
@@ -55,17 +56,20 @@ def register(
     inputs: Callable[..., dict[str, object]],
     outputs=("output",),
     batch_axes: Optional[dict] = None,
+    listed: bool = True,
     **config,
 ):
     def decorate(make):
-        REGISTRY[name] = ModelSpec(name, description, make, inputs, tuple(outputs), config, dict(batch_axes or {}))
+        spec = ModelSpec(name, description, make, inputs, tuple(outputs), config, dict(batch_axes or {}), listed)
+        REGISTRY[name] = spec
         return make
 
     return decorate
 
 
 def names() -> list[str]:
-    return sorted(REGISTRY)
+    """The reference models (``edgeattn models``), without the conformance probes."""
+    return sorted(name for name, spec in REGISTRY.items() if spec.listed)
 
 
 def build(name: str, seed: int = 0, **overrides) -> BuiltModel:

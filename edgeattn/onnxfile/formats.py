@@ -4,13 +4,15 @@ format (``.ort``, onnxruntime's mobile and minimal builds).  Each carries the sa
 
 - ONNX: ``metadata_props``;
 - OpenVINO IR: the model's ``rt_info`` section ``edgeattn`` (:data:`IR_SECTION`), values encoded as in ONNX;
-- ORT format: the ONNX model's ``metadata_props``, which the conversion keeps.
+- ORT format: the ONNX model's ``metadata_props``, which the conversion keeps;
+- TFLite (``.tflite``, from onnx2tf): none; :func:`converted_from` reads it from the ONNX file it came from.
 
 :func:`header` reads what every consumer needs first (format, metadata, inputs, outputs) without loading weights.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,7 +31,7 @@ from . import (
     strip_prefix,
 )
 
-FORMATS = {"onnx": ".onnx", "openvino": ".xml", "ort": ".ort"}
+FORMATS = {"onnx": ".onnx", "openvino": ".xml", "ort": ".ort", "tflite": ".tflite"}
 # model server repositories (folders): the file format inside is onnx or openvino (see edgeattn.export.repository)
 REPOSITORIES = {"triton": "Triton Inference Server", "ovms": "OpenVINO Model Server"}
 IR_SECTION = "edgeattn"
@@ -67,7 +69,31 @@ def header(path) -> Header:
         return Header(path, kind, read_metadata(model), graph_inputs(model), graph_outputs(model))
     if not path.is_file():
         raise BadFile(f"{path}: no such file")
+    if kind == "tflite":
+        return _tflite_header(path)
     return ir_header(path, read_ir(path)) if kind == "openvino" else _ort_header(path)
+
+
+def converted_from(file: Header, source) -> Header:
+    """``file``'s header with the metadata of the edgeattn file it was converted from (``source``: a TFLite model
+    from onnx2tf carries none of its own), but for its target runtimes, and its inputs and outputs in the source's
+    order (what example inputs follow); each must be there by name."""
+    given = header(source)
+    inputs, outputs = {i.name: i for i in file.inputs}, {o.name: o for o in file.outputs}
+    missing = [t.name for t in given.inputs + given.outputs if t.name not in inputs and t.name not in outputs]
+    if missing:
+        raise BadFile(
+            f"{file.path}: has no tensor named {', '.join(missing)}, which {source} has (it has "
+            f"{', '.join([*inputs, *outputs])}); was it converted from {source}?"
+        )
+    metadata = {k: v for k, v in given.metadata.items() if k != "targets"}  # what loads the new format runs it
+    return Header(
+        file.path,
+        file.format,
+        {**metadata, "format": file.format},
+        [inputs[i.name] for i in given.inputs],
+        [outputs[o.name] for o in given.outputs],
+    )
 
 
 def write_ir_metadata(ov_model, values: Mapping[str, Any]) -> None:
@@ -125,6 +151,43 @@ _ORT_TYPES = {
     "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
 }
+
+
+def tflite_interpreter(path: Path):
+    """A LiteRT interpreter on ``path`` and its signature runner, or one clear error."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        raise RuntimeUnavailable(
+            f"{path}: reading TFLite needs ai-edge-litert: pip install 'edgeattn[litert]'"
+        ) from None
+
+    if not path.is_file():
+        raise BadFile(f"{path}: no such file")
+    try:
+        made = Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
+    except Exception as e:
+        raise BadFile(f"{path}: not a readable TFLite model: {first_line(e)}") from None
+    if not made.get_signature_list():
+        raise BadFile(
+            f"{path}: the TFLite model has no signature, so its inputs have no names to feed; convert it with "
+            "onnx2tf, which writes one with the ONNX names"
+        )
+    return made, made.get_signature_runner()
+
+
+def tflite_io(runner) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    def infos(details: dict) -> list[TensorInfo]:
+        return [
+            TensorInfo(name, tuple(int(n) for n in d["shape"]), np.dtype(d["dtype"])) for name, d in details.items()
+        ]
+
+    return infos(runner.get_input_details()), infos(runner.get_output_details())
+
+
+def _tflite_header(path: Path) -> Header:
+    inputs, outputs = tflite_io(tflite_interpreter(path)[1])
+    return Header(path, "tflite", {}, inputs, outputs)
 
 
 def _ort_header(path: Path) -> Header:

@@ -5,26 +5,63 @@ from __future__ import annotations
 from ..errors import EdgeAttnError, InvalidArgument, RuntimeUnavailable
 from ..onnxfile import Contents, formats
 from .base import Runtime, Session, TensorInfo, Tolerance
-from .openvino import OpenVinoCpu
-from .ort import OrtCpu, OrtCuda
+from .litert import LiteRt
+from .openvino import OpenVinoCpu, device_runtime
+from .ort import OrtCpu, OrtCuda, provider_runtime
 from .reference import TorchRuntime
 
-RUNTIMES: dict[str, Runtime] = {r.name: r for r in (TorchRuntime(), OrtCpu(), OrtCuda(), OpenVinoCpu())}
+RUNTIMES: dict[str, Runtime] = {r.name: r for r in (TorchRuntime(), OrtCpu(), OrtCuda(), OpenVinoCpu(), LiteRt())}
 # `auto` takes the first available of these that runs the file; the torch reference runs the module a file came
 # from (a registered model, rebuilt from the metadata, or the module given to parity.compare_model).
-AUTO_ORDER = ("ort-cuda", "ort-cpu", "openvino-cpu")
-# what a file is for when no target is named: every runtime that runs the file itself
-ONNX_RUNTIMES = tuple(name for name, runtime in RUNTIMES.items() if not runtime.reference)
+AUTO_ORDER = ("ort-cuda", "ort-cpu", "openvino-cpu", "litert")
+# what an ONNX file is for when no target is named: every runtime that runs ONNX files itself
+ONNX_RUNTIMES = tuple(n for n, r in RUNTIMES.items() if not r.reference and "onnx" in r.file_formats)
 
 
 def runtime_names() -> list[str]:
     return list(RUNTIMES)
 
 
+# runtimes named by provider or device (ort:<ExecutionProvider>, openvino:<DEVICE>), made when first named
+FAMILIES = {"ort": provider_runtime, "openvino": device_runtime}
+_named: dict[str, Runtime] = {}
+
+
 def get(name: str) -> Runtime:
-    if name not in RUNTIMES:
-        raise InvalidArgument(f"unknown runtime {name!r}; choose one of: {', '.join(RUNTIMES)}")
-    return RUNTIMES[name]
+    """The runtime ``name``: one of :data:`RUNTIMES`, ``ort:<ExecutionProvider>[,key=value...]`` (provider options)
+    or ``openvino:<DEVICE>``; ``ort:CPUExecutionProvider`` is ``ort-cpu``, ``ort:CUDAExecutionProvider``
+    ``ort-cuda`` and ``openvino:CPU`` ``openvino-cpu``."""
+    if name in RUNTIMES:
+        return RUNTIMES[name]
+    family, colon, spec = name.partition(":")
+    if not colon or family not in FAMILIES:
+        raise InvalidArgument(
+            f"unknown runtime {name!r}; choose one of: {', '.join(RUNTIMES)}, ort:<ExecutionProvider> or "
+            "openvino:<DEVICE> (`edgeattn runtimes` lists those here)"
+        )
+    if name not in _named:
+        made = FAMILIES[family](spec)
+        _named[name] = RUNTIMES.get(made.name, made)
+    return _named[name]
+
+
+def discovered() -> list[str]:
+    """Runtimes this machine has beyond the named ones: each provider the installed onnxruntime reports, each device
+    OpenVINO sees, and OpenVINO's AUTO."""
+    names = []
+    try:
+        import onnxruntime as ort
+
+        names += [f"ort:{p}" for p in ort.get_available_providers()]
+    except ImportError:
+        pass
+    try:
+        import openvino as ov
+
+        names += [f"openvino:{d}" for d in [*ov.Core().available_devices, "AUTO"]]
+    except ImportError:
+        pass
+    return [n for n in names if get(n).name not in RUNTIMES]
 
 
 def available() -> list[str]:
@@ -52,9 +89,10 @@ def resolve(name: str, path=None) -> Runtime:
 
 
 def load(path, runtime: str = "auto", accuracy: bool = False, module=None) -> Session:
-    """Load an ONNX file, OpenVINO IR (.xml) or ORT-format file (.ort) on a runtime (``auto``: the first available
-    of ort-cuda, ort-cpu, openvino-cpu that runs it: a bf16 file skips onnxruntime's CPU provider, an IR goes to
-    OpenVINO).
+    """Load an ONNX file, OpenVINO IR (.xml), ORT-format file (.ort) or TFLite model (.tflite) on a runtime
+    (``auto``: the first available of ort-cuda, ort-cpu, openvino-cpu, litert that runs it: a bf16 file skips
+    onnxruntime's CPU provider, an IR goes to OpenVINO, a TFLite model to LiteRT).  ``runtime``: a name from
+    :data:`RUNTIMES`, ``ort:<ExecutionProvider>[,key=value...]`` or ``openvino:<DEVICE>`` (see :func:`get`).
 
     ``accuracy=True`` keeps the runtime from computing below the file's precision (what parity checks use).
     ``module``: for the ``torch`` runtime, the PyTorch module the file came from (it runs that module)."""
@@ -69,6 +107,7 @@ __all__ = [
     "TensorInfo",
     "Tolerance",
     "available",
+    "discovered",
     "get",
     "load",
     "runtime_names",

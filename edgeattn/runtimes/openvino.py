@@ -23,7 +23,7 @@ import onnx
 import onnx.inliner
 
 from .. import onnxfile
-from ..errors import EdgeAttnError, ExportFailed, first_line
+from ..errors import EdgeAttnError, ExportFailed, InvalidArgument, first_line
 from ..onnxfile import DOMAIN, formats
 from .base import REDUCED_PRECISION, Runtime, Session, Tolerance
 
@@ -90,9 +90,20 @@ def _config(core, device: str, precision: str, accuracy: bool) -> dict:
     if accuracy:
         return {"EXECUTION_MODE_HINT": "ACCURACY"}
     hint, capability = _INFERENCE_PRECISION.get(precision, ("f32", "FP32"))
-    if capability not in core.get_property(device, "OPTIMIZATION_CAPABILITIES"):
+    try:  # a virtual device (AUTO:..., HETERO:...) answers for the first device it names
+        capabilities = core.get_property(devices(device)[0], "OPTIMIZATION_CAPABILITIES")
+    except Exception:
+        capabilities = []
+    if capability not in capabilities:
         hint = "f32"
     return {"INFERENCE_PRECISION_HINT": hint}
+
+
+def devices(device: str) -> list[str]:
+    """The devices a device name stands for: ``HETERO:GPU,CPU`` -> GPU, CPU; ``BATCH:GPU(4)`` -> GPU; ``AUTO``,
+    ``GPU.1`` -> themselves."""
+    virtual, _, listed = device.partition(":")
+    return [d.split("(")[0] for d in listed.split(",") if d] if listed else [virtual]
 
 
 def _converts_to_sdpa(node: onnx.NodeProto, runtime: Runtime) -> bool:
@@ -199,6 +210,7 @@ class OpenVinoCpu(Runtime):
     # every dense-table node becomes OpenVINO's ScaledDotProductAttention (see the module docstring)
     runs_as = {"dense": "sdpa", "attention": "sdpa"}
     runs_as_always = True
+    device = "CPU"
 
     @functools.cache
     def machine_reasons(self) -> list[str]:
@@ -206,9 +218,36 @@ class OpenVinoCpu(Runtime):
             import openvino as ov
         except ImportError:
             return ["openvino is not installed; install it with: pip install 'edgeattn[openvino]'"]
-        if "CPU" not in ov.Core().available_devices:
-            return ["OpenVINO reports no CPU device"]
+        have = ov.Core().available_devices
+        wanted = [d for d in devices(self.device) if d not in VIRTUAL_DEVICES]
+        missing = [d for d in wanted if not any(h == d or h.split(".")[0] == d for h in have)]
+        if missing:
+            return [
+                f"OpenVINO here has no {', '.join(missing)} device (it has {', '.join(have) or 'none'}); a GPU or "
+                "NPU needs its driver installed"
+            ]
         return []
 
     def _load(self, path, accuracy, module, observe=()):
-        return OpenVinoSession(self, path, "CPU", accuracy, observe)
+        return OpenVinoSession(self, path, self.device, accuracy, observe)
+
+
+# devices that stand for others: they run wherever those run
+VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")
+
+
+class OpenVinoDevice(OpenVinoCpu):
+    """``openvino:<DEVICE>``: any device OpenVINO names (CPU, GPU, GPU.1, NPU, AUTO, AUTO:GPU,CPU, HETERO:GPU,CPU).
+    fp32 files are compiled in f32 and held to the CPU's gate, so a device that computes them lower fails it."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.name = f"openvino:{device}"
+        self.description = f"OpenVINO, {device} device"
+
+
+def device_runtime(device: str) -> Runtime:
+    """The runtime named ``openvino:<device>`` (``openvino:CPU`` is ``openvino-cpu``)."""
+    if not device or device.endswith(":"):
+        raise InvalidArgument(f"openvino:{device}: name a device, e.g. openvino:CPU, openvino:GPU, openvino:AUTO")
+    return OpenVinoCpu() if device == "CPU" else OpenVinoDevice(device)

@@ -12,7 +12,7 @@ import onnx
 import torch
 
 from .. import onnxfile
-from ..errors import EdgeAttnError, RuntimeUnavailable, first_line
+from ..errors import EdgeAttnError, InvalidArgument, RuntimeUnavailable, first_line
 from ..onnxfile import bodies, formats
 from .base import REDUCED_PRECISION, Runtime, Session, Tolerance
 
@@ -179,33 +179,99 @@ class OrtCuda(OrtCpu):
 
     @functools.cache
     def machine_reasons(self) -> list[str]:
-        reasons = super().machine_reasons()
-        if reasons:
-            return reasons
         # onnxruntime-gpu lists the CUDA EP even without a GPU or CUDA libraries; only a session tells.
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
+        return super().machine_reasons() or started(self._providers())
 
-        try:  # CUDA and cuDNN from pip's nvidia-* packages ([ort-gpu]), where installed; the probe below tells
-            ort.preload_dlls()
-        except Exception:
-            pass
-        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-        # IR 8 / opset 13: any onnxruntime since 1.10 reads it (onnx's default IR can be newer than the runtime's)
-        probe = helper.make_model(
-            helper.make_graph(
-                [helper.make_node("Identity", ["x"], ["y"])],
-                "probe",
-                [x],
-                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-            ),
-            ir_version=8,
-            opset_imports=[helper.make_opsetid("", 13)],
-        )
-        try:
-            session = ort.InferenceSession(probe.SerializeToString(), providers=self._providers())
-        except Exception as e:
-            return [f"the CUDA execution provider could not start: {first_line(e)}"]
-        if session.get_providers()[0] != self.provider:
-            return ["the CUDA execution provider could not start (no GPU, or CUDA/cuDNN libraries missing)"]
-        return []
+
+def started(providers: list) -> list[str]:
+    """Why a session on ``providers`` (the first the one wanted) does not start, from a one-node model; empty when
+    it does.  Providers are listed by onnxruntime whether or not their device and libraries are there."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    try:  # CUDA and cuDNN from pip's nvidia-* packages ([ort-gpu]), where installed; the probe below tells
+        ort.preload_dlls()
+    except Exception:
+        pass
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    # IR 8 / opset 13: any onnxruntime since 1.10 reads it (onnx's default IR can be newer than the runtime's)
+    probe = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            "probe",
+            [x],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        ),
+        ir_version=8,
+        opset_imports=[helper.make_opsetid("", 13)],
+    )
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=providers)
+    except Exception as e:
+        return [f"{wanted} could not start: {first_line(e)}"]
+    if session.get_providers()[0] != wanted:
+        return [f"{wanted} could not start (its device or libraries are missing)"]
+    return []
+
+
+# the package that brings each execution provider, for the message when the onnxruntime here lacks it
+PROVIDER_PACKAGES = {
+    "CUDAExecutionProvider": "onnxruntime-gpu",
+    "TensorrtExecutionProvider": "onnxruntime-gpu",
+    "OpenVINOExecutionProvider": "onnxruntime-openvino",  # each of these replaces the onnxruntime package
+    "DmlExecutionProvider": "onnxruntime-directml",
+    "QNNExecutionProvider": "onnxruntime-qnn",
+    "CoreMLExecutionProvider": "onnxruntime (macOS)",
+}
+
+
+class OrtProvider(OrtCpu):
+    """``ort:<ExecutionProvider>[,key=value...]``: any provider the installed onnxruntime reports, with its provider
+    options (onnxruntime falls back to the CPU provider for the nodes the provider does not take).  Files keep their
+    bodies (no swap to the CPU provider's contrib ops); fp32 is held to the CPU runtimes' gate, so a provider that
+    computes an fp32 file at a lower precision fails it and says by how much."""
+
+    refused_precisions = {}
+    runs_as = {}
+
+    def __init__(self, provider: str, options: dict[str, str]) -> None:
+        self.provider, self.options = provider, dict(options)
+        self.name = "ort:" + ",".join([provider, *(f"{k}={v}" for k, v in options.items())])
+        self.description = f"onnxruntime, {provider}"
+        package = PROVIDER_PACKAGES.get(provider)
+        self.install = f"it comes with the {package} package" if package else "see onnxruntime's list of providers"
+
+    def _providers(self):
+        return [(self.provider, self.options), "CPUExecutionProvider"]
+
+    @functools.cache
+    def machine_reasons(self) -> list[str]:
+        return super().machine_reasons() or started(self._providers())
+
+
+def provider_runtime(spec: str) -> Runtime:
+    """The runtime named ``ort:<spec>``: ``Provider[,key=value...]``; ``CUDA`` is short for
+    ``CUDAExecutionProvider``.  The plain CPU and CUDA providers are ``ort-cpu`` and ``ort-cuda``."""
+    provider, *pairs = spec.split(",")
+    if not provider:
+        raise InvalidArgument("ort:<ExecutionProvider> needs a provider name, e.g. ort:OpenVINOExecutionProvider")
+    if not provider.endswith("ExecutionProvider"):
+        provider += "ExecutionProvider"
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise InvalidArgument(f"ort:{spec}: provider options are key=value, separated by commas; got {bad[0]!r}")
+    options = dict(p.split("=", 1) for p in pairs)
+    try:
+        import onnxruntime as ort
+
+        known = ort.get_all_providers()
+    except ImportError:
+        known = [provider]
+    if provider not in known:
+        raise InvalidArgument(f"ort:{spec}: onnxruntime has no provider {provider} (it knows {', '.join(known)})")
+    if not options and provider == OrtCpu.provider:
+        return OrtCpu()
+    if not options and provider == OrtCuda.provider:
+        return OrtCuda()
+    return OrtProvider(provider, options)
