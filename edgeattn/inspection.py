@@ -18,9 +18,17 @@ import onnx
 from . import onnxfile
 from .errors import BadFile
 from .onnxfile import attention_lines, formats, mask_label
+from .runtimes.openvino import plain_compile_note
 
 
 def inspect_file(path) -> dict:
+    info = _inspect(path)
+    # what a plain OpenVINO compile computes the file in here, when below its precision (empty otherwise)
+    info["openvino_note"] = plain_compile_note(info["metadata"].get("precision", "fp32"))
+    return info
+
+
+def _inspect(path) -> dict:
     kind = formats.format_of(path)
     if kind == "openvino":
         return _inspect_ir(Path(path))
@@ -176,6 +184,8 @@ def _tail(info: dict) -> list[str]:
     ]
     if info["mask_table_bytes"] is not None:
         lines.append(f"mask tables: {info['mask_table_bytes'] / 1e6:.2f} MB")
+    if info["openvino_note"]:
+        lines.append(f"OpenVINO: {info['openvino_note']}")
     nodes = info["metadata"].get("masks", [])
     if nodes:  # the same lines as `check`: each node's mask, lowering, why, and what a runtime swaps it for
         lines.append(f"attention nodes: {len(nodes)}")

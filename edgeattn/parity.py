@@ -30,6 +30,7 @@ from .errors import BadFile, EdgeAttnError, InvalidArgument, first_line
 from .files import atomic_write, check_writable
 from .onnxfile import formats
 from .runtimes.base import check_feeds, nonfinite_inputs
+from .runtimes.openvino import plain_compile_note
 from .runtimes.reference import TorchSession
 
 
@@ -408,23 +409,32 @@ def describe(path, meta: Optional[Mapping] = None) -> str:
 
 
 def describe_check(path, results: Sequence[ParityResult], source=None) -> str:
-    """:func:`describe`, and for a file without a PyTorch reference, which runtime the others were compared with
+    """:func:`describe`; for a file without a PyTorch reference, which runtime the others were compared with; and
+    when OpenVINO ran it, what a plain OpenVINO compile computes it in here if that is below the file's precision
     (``source``: the file ``path`` was converted from, as given to :func:`check_file`)."""
+    meta = (formats.converted_from(formats.header(path), source) if source else formats.header(path)).metadata
+    lines = [describe(path, meta)]
     reference = next((r.runtime for r in results if r.tolerance == REFERENCE), None)
-    if reference is None:
-        return describe(path, formats.converted_from(formats.header(path), source).metadata if source else None)
-    compared = len(results) > 1  # one runtime (an IR: OpenVINO only) ran it and was compared with nothing
-    return describe(path) + (
-        f"\nno PyTorch reference: runtimes compared with {reference}"
-        if compared
-        else f"\nno PyTorch reference and no other runtime to compare with: {reference} only ran it"
-    )
+    if reference is not None and len(results) > 1:
+        lines.append(f"no PyTorch reference: runtimes compared with {reference}")
+    elif reference is not None:  # one runtime (an IR: OpenVINO only) ran it and was compared with nothing
+        lines.append(f"no PyTorch reference and no other runtime to compare with: {reference} only ran it")
+    if any(r.runtime.startswith("openvino") and r.status in ("ok", "fail") for r in results):
+        note = plain_compile_note(meta.get("precision", "fp32"))
+        lines += [f"OpenVINO: {note}"] if note else []
+    return "\n".join(lines)
 
 
 def _form(meta: Mapping) -> str:
-    """How the attention is stored: standard ops (the default), custom op, or a deployment format."""
+    """How the attention is stored: standard ops (the default), custom op, or a deployment format (and an IR's
+    fp16-compressed weights)."""
     form = formats.form_of(meta)
-    return f" ({ {'standard': 'standard ops', 'custom-op': 'custom op'}.get(form, form + ' format') })"
+    weights = (
+        ", fp16 weights: ovc compresses them by default, --compress_to_fp16=False keeps fp32"
+        if meta.get("weights") == "fp16"
+        else ""
+    )
+    return f" ({ {'standard': 'standard ops', 'custom-op': 'custom op'}.get(form, form + ' format') }{weights})"
 
 
 def format_table(results: Sequence[ParityResult]) -> str:

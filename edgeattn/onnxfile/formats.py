@@ -102,9 +102,30 @@ def write_ir_metadata(ov_model, values: Mapping[str, Any]) -> None:
 
 
 def read_ir_metadata(ov_model) -> dict[str, Any]:
-    if not ov_model.has_rt_info([IR_SECTION]):
+    """An IR's edgeattn metadata: the ``edgeattn`` section edgeattn writes, or the ``framework`` section where
+    ``ovc`` and ``openvino.convert_model`` keep an ONNX file's ``metadata_props`` (``edgeattn.*`` keys).  An IR whose
+    weights ``ovc`` compressed to fp16 (its default) says so under ``weights``."""
+    if ov_model.has_rt_info([IR_SECTION]):
+        metadata = decode_metadata({k: v.astype(str) for k, v in ov_model.get_rt_info()[IR_SECTION].items()})
+    elif ov_model.has_rt_info(["framework"]):
+        framework = strip_prefix({k: v.astype(str) for k, v in ov_model.get_rt_info()["framework"].items()})
+        # the ONNX file's targets do not carry over: an IR runs on OpenVINO
+        metadata = {k: v for k, v in framework.items() if k != "targets"}
+        metadata = {**metadata, "format": "openvino"} if framework else {}
+    else:
         return {}
-    return decode_metadata({k: v.astype(str) for k, v in ov_model.get_rt_info()[IR_SECTION].items()})
+    if metadata.get("precision", "fp32") == "fp32" and _fp16_weights(ov_model):
+        metadata["weights"] = "fp16"
+    return metadata
+
+
+def _fp16_weights(ov_model) -> bool:
+    """Whether an IR stores float weights as f16 constants decompressed to f32 at load (ovc's compress_to_fp16)."""
+    import openvino as ov
+
+    return any(
+        op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.f16 for op in ov_model.get_ordered_ops()
+    )
 
 
 def read_ir(path, core=None):

@@ -99,6 +99,26 @@ def _config(core, device: str, precision: str, accuracy: bool) -> dict:
     return {"INFERENCE_PRECISION_HINT": hint}
 
 
+def plain_compile_note(precision: str = "fp32", device: str = "CPU") -> str:
+    """What a plain ``core.compile_model(model, device)`` computes a file of ``precision`` in on this machine, when
+    that is below the file's: OpenVINO's CPU plugin runs fp32 models in bf16 on CPUs that have it, and no IR setting
+    changes that (its rt_info runtime_options do not carry the precision hint, and per-node DisablePrecisionConversion
+    marks are lost when the plugin fuses MatMuls: tried with OpenVINO 2026.4).  Empty otherwise."""
+    try:
+        import openvino as ov
+
+        hint = ov.Core().get_property(device, "INFERENCE_PRECISION_HINT").to_string()  # f32, bf16, f16
+    except Exception:
+        return ""
+    if precision != "fp32" or hint == "f32":
+        return ""
+    return (
+        f"a plain compile_model(model, {device!r}) computes this fp32 file in {hint} on this machine (OpenVINO's "
+        f"default here); pass {{'INFERENCE_PRECISION_HINT': 'f32'}} to compile_model, or set it on the Core, to "
+        "compute in f32 (edgeattn.load does)"
+    )
+
+
 def devices(device: str) -> list[str]:
     """The devices a device name stands for: ``HETERO:GPU,CPU`` -> GPU, CPU; ``BATCH:GPU(4)`` -> GPU; ``AUTO``,
     ``GPU.1`` -> themselves."""
