@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, cast
 
@@ -50,7 +51,7 @@ class OrtSession(Session):
             with flushed_denormals():  # the option also sets the creating thread's flags: restore them after
                 self._session = ort.InferenceSession(source, options, providers=providers)
         except Exception as e:
-            raise EdgeAttnError(f"{path}: onnxruntime could not load the model: {first_line(e)}") from e
+            raise EdgeAttnError(f"{path}: onnxruntime could not load the model: {ort_error(e)}") from e
         wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
         if self._session.get_providers()[0] != wanted:  # ORT silently falls back to CPU otherwise
             raise RuntimeUnavailable(f"onnxruntime did not enable {wanted} (got {self._session.get_providers()})")
@@ -78,6 +79,15 @@ class OrtSession(Session):
             binding.bind_output(name, self._device, 0)
         self._session.run_with_iobinding(binding)
         return dict(zip(self._names, binding.copy_outputs_to_cpu()))
+
+
+def ort_error(e: Exception) -> str:
+    """What an onnxruntime error says failed: a provider's error (OpenVINO's, for one) stacks C++ source locations
+    in its first lines and says what failed last, so: the last line that names no source location, else the
+    first."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    plain = [line for line in lines if not re.search(r"\.(cc|cpp|h):\d+", line) and not line.endswith(":")]
+    return plain[-1] if plain else first_line(e)
 
 
 @contextlib.contextmanager
