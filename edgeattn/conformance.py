@@ -178,6 +178,7 @@ def _run_probe(probe: Probe, names: list[str], path: Path, kept: bool) -> list[P
     results = []
     for name in names:
         r = checked[name]
+        r.detail = r.detail.replace(f"{path}: ", "")  # the probe is named in its row
         if r.status == "ok":
             results.append(ProbeResult(probe.name, name, "ok", f"max abs err {r.max_abs_err:.1e}", r.max_abs_err, file))
         elif r.status == "fail":
