@@ -57,7 +57,10 @@ def select_blocks(scores: torch.Tensor, allowed: torch.Tensor, count: int, name:
     # an additive 0 / -inf table rather than masked_fill: runtimes broadcast an Add much faster than a Where
     never = torch.where(allowed, 0.0, float("-inf")).to(scores.dtype)
     values, index = decisions.top_k(scores + never, count, name)
-    return torch.where(values > float("-inf"), index, -1)
+    # a chosen block is kept by the table, not by its score being finite: weight compression to fp16 (ovc's
+    # default) turns the table's -inf into -65504, and a finite score must not let a disallowed block in
+    kept = torch.gather(allowed.expand(*scores.shape[:-1], allowed.shape[-1]), -1, index)
+    return torch.where(kept, index, -1)
 
 
 def check_routing(block: int, top_k: int, n: Optional[int] = None) -> None:

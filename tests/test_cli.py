@@ -270,6 +270,22 @@ def test_inspect_text_shows_each_attention_node(capsys, py_file):
     assert "\ninputs: x float32 [batch, 20, 32]\noutputs: y float32 [batch, 20, 32]\n" in out, out
 
 
+def test_inspect_and_check_say_what_a_plain_openvino_compile_computes_in(capsys, nat_file, tmp_path):
+    """On a CPU with bf16, OpenVINO's CPU plugin runs fp32 files in bf16 unless told: both commands say so there,
+    and neither says it where a plain compile computes in f32."""
+    import openvino as ov
+
+    plain = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+    code, out, _ = run_cli(capsys, "inspect", nat_file, "--json", tmp_path / "i.json")
+    said = f"OpenVINO: a plain compile_model(model, 'CPU') computes this fp32 file in {plain} on this machine"
+    assert code == 0 and (said in out) == (plain != "f32"), out
+    assert json.loads((tmp_path / "i.json").read_text())["openvino_note"].startswith("a plain") == (plain != "f32")
+    code, out, _ = run_cli(capsys, "check", nat_file, "--runtime", "openvino-cpu", "--runs", "1")
+    assert code == 0 and (said in out) == (plain != "f32"), out
+    code, out, _ = run_cli(capsys, "check", nat_file, "--runtime", "ort-cpu", "--runs", "1")
+    assert "OpenVINO:" not in out  # OpenVINO did not run it
+
+
 def test_console_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "edgeattn", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("edgeattn ")

@@ -127,3 +127,24 @@ def test_an_opset_torch_onnx_cannot_write_is_one_clear_error(tmp_path):
     with pytest.raises(EdgeAttnError, match="torch.onnx wrote opset 18, not the 17 asked for.*--opset 18"):
         export_onnx(Routed(32, 3), qkv(128), tmp_path / "x.onnx", opset=17)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_an_ir_with_fp16_weights_keeps_the_disallowed_blocks_out(tmp_path, capsys):
+    """ovc's default compression stores weights in fp16 and turns the routing table's -inf into -65504: the blocks a
+    query may not take must stay out (they once came in, 0.64 from torch), and `check` says the weights are fp16 and
+    how many decisions flipped."""
+    import openvino as ov
+
+    from edgeattn.cli import main
+    from edgeattn.registered import export_registered
+
+    onnx_file = tmp_path / "moba.onnx"
+    export_registered("moba-block", onnx_file, seq_len=512, block=32, dim=32, heads=2)
+    ov.save_model(ov.convert_model(str(onnx_file)), str(tmp_path / "ovc.xml"))  # compress_to_fp16, as ovc
+    capsys.readouterr()
+    main(["check", str(tmp_path / "ovc.xml"), "--runtime", "openvino-cpu", "--runtime", "torch", "--runs", "1"])
+    out = capsys.readouterr().out
+    assert "model moba-block" in out and "fp16 weights: ovc compresses them by default" in out
+    row = next(line for line in out.splitlines() if line.startswith("openvino-cpu"))
+    assert float(row.split()[2]) < 1e-2, out  # fp16 weights' rounding, not a wrong block
+    assert "decisions flipped" in out or " ok " in row

@@ -78,7 +78,8 @@ def resolve(name: str, path=None) -> Runtime:
         raise RuntimeUnavailable("no ONNX runtime is available; install one: pip install 'edgeattn[all]'")
     if path is None:
         return get(names[0])
-    contents = Contents.of(formats.header(path).metadata)
+    file = formats.header(path)
+    contents = Contents.of({**file.metadata, "format": file.format})  # a file from elsewhere has no metadata
     refused = {n: get(n).not_supported_reasons(contents) for n in names}
     able = [n for n in names if not refused[n]]
     if not able:

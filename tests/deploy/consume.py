@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -202,6 +203,7 @@ def main():
     for job in jobs:
         Path(job["work"]).mkdir(parents=True, exist_ok=True)
         feeds = dict(np.load(job["feeds"]))
+        start = time.perf_counter()
         try:
             outputs = CONSUMERS[consumer](job, feeds)
             target = Path(job["work"]) / "outputs.npz"
@@ -210,6 +212,7 @@ def main():
         except Exception as e:  # one line per failure: the matrix shows it
             last = traceback.format_exception_only(type(e), e)[-1].strip()
             results[job["name"]] = {"error": " ".join(last.split())[:400]}
+        results[job["name"]]["seconds"] = round(time.perf_counter() - start, 1)  # what each model costs the column
     assert "edgeattn" not in {m.split(".")[0] for m, v in sys.modules.items() if v is not None}
     Path(sys.argv[3]).write_text(json.dumps(results, indent=1))
 
