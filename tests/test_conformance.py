@@ -63,3 +63,15 @@ def test_bad_arguments_are_one_line(capsys, tmp_path):
     assert "runtime openvino:NPU is not available" in capsys.readouterr().err
     assert main(["conformance", "--runtime", "litert"]) == 2
     assert "no runtime to probe" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_every_probe_on_the_cuda_provider(tmp_path):
+    from conftest import require
+
+    require("ort-cuda")
+    code = main(["conformance", "--runtime", "ort-cuda", "--runtime", "ort:CUDA,use_tf32=0", "--json",
+                 str(tmp_path / "cuda.json")])  # fmt: skip
+    rows = json.loads((tmp_path / "cuda.json").read_text())
+    assert code == 0 and {r["probe"] for r in rows} == {p.name for p in conformance.PROBES}
+    assert not [r for r in rows if r["status"] == "wrong"]  # refused ones (a lowering, a precision) say why

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.xdist_group("serial")
 
 tritonclient_http = pytest.importorskip("tritonclient.http")  # in the test extra: Triton's own HTTP client
 
-LOAD_SECONDS = 20
+LOAD_SECONDS = 8
 CLIENTS = 8
 INPUTS = [TensorInfo("x", ("batch", 64, 32), np.dtype(np.float32))]
 OUTPUTS = [TensorInfo("y", ("batch", 64, 32), np.dtype(np.float32))]
@@ -358,8 +358,8 @@ def test_served_model_under_load_answers_every_request_like_a_direct_run(tmp_pat
 
 def test_two_models_share_a_ray_cluster_and_leave_it_one_by_one(tmp_path):
     """The fleet path of docs/deploy/serve.md: `ray start --head`, then `edgeattn serve --address` twice on the same
-    Serve proxy (an OpenVINO IR on openvino-cpu and an ONNX file on ort-cpu); stopping one leaves the other and the
-    cluster."""
+    Serve proxy (an OpenVINO IR on openvino:HETERO:CPU, a device named, and an ONNX file on ort-cpu); stopping one
+    leaves the other and the cluster."""
     import secrets
 
     import openvino as ov
@@ -426,7 +426,7 @@ def test_two_models_share_a_ray_cluster_and_leave_it_one_by_one(tmp_path):
     for _ in range(3):  # Serve's port taken between choosing it and its proxy binding it: another cluster and port
         with _ray_cluster(env, ray_tmp, tmp_path / "ray-start.log") as address:
             port = _free_port()
-            first = _serve([ir, "--address", address, "--runtime", "openvino-cpu"], env, port)
+            first = _serve([ir, "--address", address, "--runtime", "openvino:HETERO:CPU"], env, port)
             if first:
                 fleet(address, port, first)
                 break
