@@ -85,8 +85,6 @@ def run(
         raise InvalidArgument(
             f"unknown precision or form {unknown[0]!r}; choose from: {', '.join(PRECISIONS)} / {', '.join(FORMS)}"
         )
-    if not is_file and not runtime_names:  # a model is exported to ONNX files
-        names = [n for n in names if "onnx" in runtimes.get(n).file_formats]
     every_lowering = not is_file and not lowerings and not precisions  # the default list, not asked for by name
     with tempfile.TemporaryDirectory(prefix="edgeattn-bench-") as tmp:
         given = None  # a given file's header is read once, here; a model's files are exported below
@@ -95,7 +93,7 @@ def run(
             given = formats.converted_from(given, source) if source is not None else given
             built, meta = models.from_metadata(given.metadata, target, trust_code), given.metadata
             if not runtime_names:  # by default, the runtimes that load the file's format
-                names = [n for n in names if given.format in runtimes.get(n).file_formats]
+                names = runtimes.available(given.format)
             plan = [
                 (
                     meta.get("lowering", "?"),

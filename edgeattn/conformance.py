@@ -136,7 +136,7 @@ def run(
     available ONNX runtime).  ``output``: a folder to keep the probe files in; ``report``: a JSON path."""
     if report is not None:
         check_writable(report)
-    names = [runtimes.get(n).name for n in runtime_names] if runtime_names else list(runtimes.available())
+    names = [runtimes.get(n).name for n in runtime_names] if runtime_names else runtimes.available()
     names = [n for n in dict.fromkeys(names) if "onnx" in runtimes.get(n).file_formats]
     if not names:
         raise InvalidArgument("no runtime to probe: name ONNX runtimes (`edgeattn runtimes` lists them)")

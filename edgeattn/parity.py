@@ -378,9 +378,7 @@ def default_runtimes(metadata: Optional[Mapping] = None) -> list[str]:
     targets = (metadata or {}).get("targets")
     reference = [n for n, r in runtimes.RUNTIMES.items() if r.reference]
     format = (metadata or {}).get("format", "onnx")
-    return reference + [
-        n for n in runtimes.available() if (not targets or n in targets) and format in runtimes.get(n).file_formats
-    ]
+    return reference + [n for n in runtimes.available(format) if not targets or n in targets]
 
 
 def check_available(names: Sequence[str]) -> list[str]:

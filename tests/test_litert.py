@@ -51,11 +51,13 @@ def test_litert_runs_a_tflite_file_by_its_signature(tmp_path):
     np.testing.assert_array_equal(session.run({"x": x})["y"], 2 * x)
     with pytest.raises(EdgeAttnError, match=r"input 'x': expected shape \(1, 4\), got \(1, 5\)"):
         session.run({"x": np.zeros((1, 5), np.float32)})
-    assert "onnx" not in runtimes.get("litert").file_formats  # ONNX files are not LiteRT's
+    assert runtimes.available("tflite") == ["litert"] and "litert" not in runtimes.available()  # ONNX by default
 
 
 def test_tflite_files_litert_cannot_use_are_one_line_errors(tmp_path, registered_file, capsys):
     require("litert")
+    with pytest.raises(EdgeAttnError, match="litert does not load onnx files \\(it loads tflite\\)"):
+        edgeattn.load(registered_file("na2d-block"), "litert")
     (tmp_path / "junk.tflite").write_bytes(b"not a flatbuffer")
     with pytest.raises(EdgeAttnError, match="junk.tflite: not a readable TFLite model"):
         edgeattn.load(tmp_path / "junk.tflite", "litert")

@@ -5,6 +5,8 @@ any device like any exported model."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -30,7 +32,8 @@ PROBE_MASKS = {
 
 class ProbeAttention(nn.Module):
     """``out = attention(q, k, v)`` under the named mask; ``kv_heads < heads`` repeats each key/value head for its
-    group of query heads (GQA); ``softcap`` caps the scaled scores before the mask."""
+    group of query heads (GQA); ``softcap`` caps the scaled scores before the mask.  ``head_dim``, ``scale_inputs``
+    and ``value_offset`` shape the example inputs only (:func:`_inputs`)."""
 
     def __init__(
         self,
@@ -65,7 +68,7 @@ class ProbeAttention(nn.Module):
 
 def _inputs(heads, kv_heads, q_len, kv_len, grid, head_dim, scale_inputs, value_offset, **_):
     if grid:
-        q_len = kv_len = int(torch.tensor(grid).prod())
+        q_len = kv_len = math.prod(grid)
 
     def normal(*shape, times=1.0, plus=0.0):
         return lambda g: torch.randn(*shape, generator=g) * times + plus

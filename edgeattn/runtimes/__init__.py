@@ -64,21 +64,24 @@ def discovered() -> list[str]:
     return [n for n in names if get(n).name not in RUNTIMES]
 
 
-def available() -> list[str]:
-    """Names of the ONNX runtimes that can run here, in ``auto`` preference order."""
-    return [n for n in AUTO_ORDER if get(n).is_available()]
+def available(format: str = "onnx") -> list[str]:
+    """Names of the runtimes that can run here and load files of ``format`` (onnx, openvino, ort, tflite), in
+    ``auto`` preference order."""
+    return [n for n in AUTO_ORDER if format in get(n).file_formats and get(n).is_available()]
 
 
 def resolve(name: str, path=None) -> Runtime:
     """The runtime ``name``; ``auto``: the first available one that runs the file at ``path`` (if given)."""
     if name != "auto":
         return get(name)
-    names = available()
+    file = formats.header(path) if path is not None else None
+    names = available(file.format if file else "onnx")
     if not names:
-        raise RuntimeUnavailable("no ONNX runtime is available; install one: pip install 'edgeattn[all]'")
-    if path is None:
+        raise RuntimeUnavailable(
+            f"no runtime here loads {file.format if file else 'onnx'} files; install one: pip install 'edgeattn[all]'"
+        )
+    if file is None:
         return get(names[0])
-    file = formats.header(path)
     contents = Contents.of({**file.metadata, "format": file.format})  # a file from elsewhere has no metadata
     refused = {n: get(n).not_supported_reasons(contents) for n in names}
     able = [n for n in names if not refused[n]]

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from ..errors import EdgeAttnError, InvalidArgument, RuntimeUnavailable
-from ..onnxfile import LOWERINGS, Contents, TensorInfo
+from ..onnxfile import LOWERINGS, Contents, TensorInfo, formats
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,11 @@ class Runtime:
         reasons = self.machine_reasons()
         if reasons:
             raise RuntimeUnavailable(f"runtime {self.name} is not available: {'; '.join(reasons)}")
+        format = formats.format_of(path)
+        if not self.reference and format not in self.file_formats:
+            raise InvalidArgument(
+                f"{path}: {self.name} does not load {format} files (it loads {', '.join(sorted(self.file_formats))})"
+            )
         return self._load(Path(path), accuracy, module, tuple(observe))
 
     def _load(self, path: Path, accuracy: bool, module: Any, observe: tuple[str, ...] = ()) -> Session:
