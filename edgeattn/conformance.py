@@ -23,6 +23,9 @@ from .registered import export_registered
 
 @dataclass(frozen=True)
 class Probe:
+    """One probe: the export of ``model`` (with ``config``, ``lowering`` and ``dtype``) whose outputs pin a
+    semantic."""
+
     name: str
     pins: str  # the semantic, and where a runtime got it wrong
     config: dict = field(default_factory=dict)  # probe-attention config
@@ -114,6 +117,9 @@ PROBES = [
 
 @dataclass
 class ProbeResult:
+    """One probe on one runtime: ``ok``, ``wrong`` (``detail`` says by how much) or ``refused`` (``detail`` says
+    why); ``file`` is the probe file when kept (``output``)."""
+
     probe: str
     runtime: str
     status: str  # ok | wrong | refused
