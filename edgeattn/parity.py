@@ -387,7 +387,7 @@ def check_available(names: Sequence[str]) -> list[str]:
         reasons = runtimes.get(name).machine_reasons()
         if reasons:
             raise EdgeAttnError(f"runtime {name} is not available: {'; '.join(reasons)}")
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(runtimes.get(n).name for n in names))  # ort:CPU is ort-cpu: one row
 
 
 def describe(path, meta: Optional[Mapping] = None) -> str:
