@@ -182,7 +182,6 @@ def tflite_interpreter(path: Path):
         raise RuntimeUnavailable(
             f"{path}: reading TFLite needs ai-edge-litert: pip install 'edgeattn[litert]'"
         ) from None
-
     if not path.is_file():
         raise BadFile(f"{path}: no such file")
     try:
