@@ -138,7 +138,7 @@ def measure(name, runs, folder):
         out.append((name, "plain torch.onnx", None, f"export fails: {_cause(e)}", {}))
     converted = edgeattn.convert(model, *inputs)
     if hf_lm.is_causal_lm(model):  # what `edgeattn export` does with an LM: logits through the prefill tables
-        converted = PromptLogits(converted, inputs[0].shape[-1])
+        converted = PromptLogits(converted)
     path = Path(folder) / f"{name}-edgeattn.onnx"
     result = edgeattn.export_onnx(converted, list(inputs), path, input_names=names)
     lowerings = ", ".join(sorted({m["lowering"] for m in result.masks}))

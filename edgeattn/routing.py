@@ -56,7 +56,7 @@ def select_blocks(scores: torch.Tensor, allowed: torch.Tensor, count: int, name:
     parity explains choices that differ only among scores within rounding of each other."""
     # an additive 0 / -inf table rather than masked_fill: runtimes broadcast an Add much faster than a Where
     never = torch.where(allowed, 0.0, float("-inf")).to(scores.dtype)
-    values, index = decisions.top_k(scores + never, count, name)
+    _, index = decisions.top_k(scores + never, count, name)
     # a chosen block is kept by the table, not by its score being finite: weight compression to fp16 (ovc's
     # default) turns the table's -inf into -65504, and a finite score must not let a disallowed block in
     kept = torch.gather(allowed.expand(*scores.shape[:-1], allowed.shape[-1]), -1, index)

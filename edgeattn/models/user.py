@@ -139,7 +139,7 @@ def build_module(spec: str, inputs: dict[str, torch.Tensor]):
     converted = convert(made, *inputs.values(), strict=False)
     if hf_lm.is_causal_lm(made):  # a transformers LM: logits for a prompt of the example's length, static tables
         made.config.use_cache = False  # the reference returns logits only, as the file does
-        converted = PromptLogits(converted, next(iter(inputs.values())).shape[-1])
+        converted = PromptLogits(converted)
     return made, converted
 
 
@@ -149,9 +149,9 @@ class PromptLogits(torch.nn.Module):
     cache are passed so that, under tracing, transformers builds the prompt's mask from its positions alone (without
     them it tests whether the positions pack several sequences, and that mask is no static pattern)."""
 
-    def __init__(self, model: torch.nn.Module, prompt_len: int):
+    def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.model, self.prompt_len = model, prompt_len
+        self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]

@@ -110,8 +110,8 @@ def read_ir_metadata(ov_model) -> dict[str, Any]:
     elif ov_model.has_rt_info(["framework"]):
         framework = strip_prefix({k: v.astype(str) for k, v in ov_model.get_rt_info()["framework"].items()})
         # the ONNX file's targets do not carry over: an IR runs on OpenVINO
-        metadata = {k: v for k, v in framework.items() if k != "targets"}
-        metadata = {**metadata, "format": "openvino"} if framework else {}
+        metadata = {**framework, "format": "openvino"} if framework else {}
+        metadata.pop("targets", None)
     else:
         return {}
     if metadata.get("precision", "fp32") == "fp32" and _fp16_weights(ov_model):

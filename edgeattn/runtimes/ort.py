@@ -52,7 +52,7 @@ class OrtSession(Session):
                 self._session = ort.InferenceSession(source, options, providers=providers)
         except Exception as e:
             raise EdgeAttnError(f"{path}: onnxruntime could not load the model: {ort_error(e)}") from e
-        wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+        wanted = wanted_provider(providers)
         if self._session.get_providers()[0] != wanted:  # ORT silently falls back to CPU otherwise
             raise RuntimeUnavailable(f"onnxruntime did not enable {wanted} (got {self._session.get_providers()})")
         self._names = [o.name for o in self.outputs] + list(observe)
@@ -79,6 +79,11 @@ class OrtSession(Session):
             binding.bind_output(name, self._device, 0)
         self._session.run_with_iobinding(binding)
         return dict(zip(self._names, binding.copy_outputs_to_cpu()))
+
+
+def wanted_provider(providers: list) -> str:
+    """The name of the provider a session is asked for: the first of ``providers`` (a name, or (name, options))."""
+    return providers[0][0] if isinstance(providers[0], tuple) else providers[0]
 
 
 def ort_error(e: Exception) -> str:
@@ -199,7 +204,7 @@ def started(providers: list) -> list[str]:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    wanted = wanted_provider(providers)
     try:  # CUDA and cuDNN from pip's nvidia-* packages ([ort-gpu]), where installed; the probe below tells
         ort.preload_dlls()
     except Exception:
