@@ -1,0 +1,43 @@
+"""edgeattn's native kernels: paths to the libraries this package built.
+
+``openvino_library()`` is an OpenVINO extension: ``core.add_extension(openvino_library())`` before reading an
+``edgeattn --custom-op`` file runs its attention nodes with the fused kernel.  ``cpu_library()`` holds the same
+kernel behind a C API (edgeattn's tests and benchmarks call it through ctypes).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ._built import OPENVINO_VERSION
+
+_HERE = Path(__file__).parent
+_SUFFIX = {"win32": ".dll", "darwin": ".so"}.get(sys.platform, ".so")
+_PREFIX = "" if sys.platform == "win32" else "lib"
+
+
+def cpu_library() -> Path:
+    return _library("edgeattn_cpu")
+
+
+def openvino_library() -> Path:
+    """The OpenVINO extension; raises RuntimeError when it was not built or the installed OpenVINO is not the one
+    it was built against (an extension only loads into that version)."""
+    if not OPENVINO_VERSION:
+        raise RuntimeError("edgeattn-kernels was built without OpenVINO (openvino was not installed at build time)")
+    import openvino
+
+    if openvino.__version__.split("-")[0] != OPENVINO_VERSION.split("-")[0]:
+        raise RuntimeError(
+            f"edgeattn-kernels' OpenVINO extension was built against OpenVINO {OPENVINO_VERSION}, this is "
+            f"{openvino.__version__}; rebuild it: pip install --no-build-isolation --force-reinstall edgeattn-kernels"
+        )
+    return _library("edgeattn_openvino")
+
+
+def _library(name: str) -> Path:
+    path = _HERE / f"{_PREFIX}{name}{_SUFFIX}"
+    if not path.exists():
+        raise RuntimeError(f"edgeattn-kernels has no {path.name}; reinstall it")
+    return path

@@ -1,0 +1,48 @@
+// edgeattn's fused CPU attention over static mask tables (fp32).
+//
+// One pass per (batch, head, query tile): the tile's keys are packed once, transposed, into a per-thread buffer
+// (what a GEMM packs, not a gathered copy of k), then each group of up to four query rows scores only the 16-key
+// chunks its mask rows allow, softmaxes in place and accumulates v rows straight from the input; scores never
+// leave that buffer.  Semantics are edgeattn.attention's: scores = (q . k) * scale, then softcap * tanh(s / softcap)
+// when softcap > 0, then + bias, masked keys excluded, and a query with no allowed key gets zeros.
+#pragma once
+
+#include <cstdint>
+
+namespace edgeattn {
+
+// q (B, H, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), out (B, H, Nq, Dv); Hk divides H (grouped heads), all
+// contiguous.
+struct Qkv {
+    const float* q;
+    const float* k;
+    const float* v;
+    float* out;
+    int64_t B, H, Hk, Nq, Nk, D, Dv;
+    float scale, softcap;
+};
+
+// A block table (edgeattn.tables.BlockTable): T tiles of tq queries over K keys; mask (P, mh, tq, K) as bytes,
+// bias (P, bh, tq, K) or null; mh and bh are 1 or H.
+struct Blocked {
+    const int64_t* q_index;   // (T, tq)
+    const int64_t* kv_index;  // (T, K)
+    const int64_t* q_pos;     // (Nq,)
+    const uint8_t* bank;      // (P, mh, tq, K)
+    const int64_t* block;     // (T,)
+    const float* bias;        // (P, bh, tq, K) or null
+    int64_t T, tq, K, P, mh, bh;
+};
+
+// A dense table: mask (mh, Nq, Nk) as bytes, bias (bh, Nq, Nk) or null.
+struct Dense {
+    const uint8_t* mask;
+    const float* bias;
+    int64_t mh, bh;
+};
+
+// Returns 0, or a nonzero code when an index is out of range (nothing is read out of bounds).
+int blocked_attention(const Qkv& x, const Blocked& t, int threads);
+int dense_attention(const Qkv& x, const Dense& t, int threads);
+
+}  // namespace edgeattn
