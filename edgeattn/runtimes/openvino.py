@@ -7,16 +7,19 @@ custom-domain nodes (it ignores model-local functions), so before it reads a ``-
 - dense-table nodes (lowerings dense and attention) stay edgeattn nodes, and a ConversionExtension turns each one
   into OpenVINO's own ``ScaledDotProductAttention`` op, so each device plugin picks its attention kernel (the CPU
   plugin currently lowers it to the same fused MHA kernel it builds for the standard-op body);
-- every other node (blocked tables; contrib, which OpenVINO cannot run; nodes that soft-cap their scores, which SDPA
-  cannot) is inlined into its standard-op function body.
+- blocked-table nodes run edgeattn's fused kernel on the CPU device when the ``edgeattn-kernels`` package is
+  installed (its OpenVINO extension converts them; ``EDGEATTN_KERNELS=0`` turns it off, ``=1`` makes it required);
+- every other node (blocked tables otherwise; contrib, which OpenVINO cannot run; nodes that soft-cap their scores,
+  which SDPA cannot) is inlined into its standard-op function body.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import onnx
@@ -31,7 +34,8 @@ _BIAS = onnxfile.bias_position("dense")  # dense-table node inputs: q, k, v, mas
 
 
 class OpenVinoSession(Session):
-    fused_sdpa: int  # how many edgeattn nodes became OpenVINO ScaledDotProductAttention ops (the rest were inlined)
+    fused_sdpa: int  # how many edgeattn nodes became OpenVINO ScaledDotProductAttention ops
+    fused_kernel: int  # how many ran edgeattn's fused kernel (edgeattn-kernels); the rest were inlined
 
     def __init__(
         self, runtime: Runtime, path: Path, device: str, accuracy: bool = False, observe: Sequence[str] = ()
@@ -52,12 +56,12 @@ class OpenVinoSession(Session):
         runtime.check_file(metadata, path)
         try:
             if not is_ir:
-                ov_model = to_openvino(model, runtime, core)
+                ov_model = to_openvino(model, runtime, core, kernel_extension(device))
             if observe:  # extra results, after the file's outputs
                 ov_model.add_outputs(list(observe))
-            self.fused_sdpa = sum(
-                op.get_type_name() == "ScaledDotProductAttention" for op in ov_model.get_ordered_ops()
-            )
+            ops = [op.get_type_name() for op in ov_model.get_ordered_ops()]
+            self.fused_sdpa = ops.count("ScaledDotProductAttention")
+            self.fused_kernel = ops.count("MaskedAttention")
             self.config = _config(core, device, metadata.get("precision", "fp32"), accuracy)
             self._compiled = core.compile_model(ov_model, device, self.config)
         except EdgeAttnError as e:  # the same kind of error, naming the file
@@ -135,13 +139,36 @@ def _converts_to_sdpa(node: onnx.NodeProto, runtime: Runtime) -> bool:
     )
 
 
-def to_openvino(model: onnx.ModelProto, runtime: Runtime, core=None):
+def kernel_extension(device: str) -> Optional[Path]:
+    """The OpenVINO extension of edgeattn-kernels when it is installed, runs on ``device`` (the CPU) and is not
+    turned off (``EDGEATTN_KERNELS=0``); ``EDGEATTN_KERNELS=1`` makes its absence an error."""
+    wanted = os.environ.get("EDGEATTN_KERNELS", "auto")
+    if wanted not in ("auto", "0", "1"):
+        raise InvalidArgument(f"EDGEATTN_KERNELS is {wanted!r}; use 0 (off), 1 (required) or leave it unset")
+    if wanted == "0" or device != "CPU":
+        return None
+    try:
+        import edgeattn_kernels
+
+        return edgeattn_kernels.openvino_library()
+    except (ImportError, RuntimeError) as e:
+        if wanted == "1":
+            detail = "edgeattn-kernels is not installed" if isinstance(e, ImportError) else first_line(e)
+            raise EdgeAttnError(f"EDGEATTN_KERNELS=1 but {detail}; see the docs page Native kernels") from e
+        return None
+
+
+def to_openvino(model: onnx.ModelProto, runtime: Runtime, core=None, kernel: Optional[Path] = None):
     """The ``openvino.Model`` of an edgeattn ONNX model: dense-table attention nodes become OpenVINO's
-    ScaledDotProductAttention, every other attention node its standard-op body (a default file has none left)."""
+    ScaledDotProductAttention, blocked-table nodes the fused kernel of the extension ``kernel`` when given, every
+    other attention node its standard-op body (a default file has none left)."""
     import openvino as ov
     from openvino.frontend.onnx import ConversionExtension
 
-    model = _inline_all_but_sdpa(model, runtime)
+    core = core or ov.Core()
+    if kernel is not None and any(_runs_kernel(n) for n in onnxfile.attention_nodes(model)):
+        core.add_extension(str(kernel))  # converts the blocked-table nodes kept below
+    model = _inline_all_but_kept(model, runtime, kernel is not None)
     errors = []
 
     def convert(context):  # OpenVINO reports a converter's exception inside a long log: keep it to report
@@ -151,8 +178,7 @@ def to_openvino(model: onnx.ModelProto, runtime: Runtime, core=None):
             errors.append(e)
             raise
 
-    core = core or ov.Core()
-    for name in sorted({n.op_type for n in onnxfile.attention_nodes(model)}):
+    for name in sorted({n.op_type for n in onnxfile.attention_nodes(model) if not _runs_kernel(n)}):
         core.add_extension(ConversionExtension(name, DOMAIN, convert))  # only applies to later reads
     try:
         return core.read_model(model.SerializeToString(), b"")
@@ -173,13 +199,17 @@ def ov_error(e: Exception) -> str:
     return (said or located or lines or [repr(e)])[0]
 
 
-def _inline_all_but_sdpa(model: onnx.ModelProto, runtime: Runtime) -> onnx.ModelProto:
-    """Inline the function bodies of the edgeattn nodes the extension does not convert.
+def _runs_kernel(node: onnx.NodeProto) -> bool:
+    return onnxfile.attributes(node).get("layout") == "blocked"
+
+
+def _inline_all_but_kept(model: onnx.ModelProto, runtime: Runtime, kernel: bool) -> onnx.ModelProto:
+    """Inline the function bodies of the edgeattn nodes no extension converts.
 
     Each body is its own op type and function: dropping the functions of the converted nodes leaves exactly those
     nodes in place when the inliner expands the rest."""
     nodes = onnxfile.attention_nodes(model)
-    kept = {n.op_type for n in nodes if _converts_to_sdpa(n, runtime)}
+    kept = {n.op_type for n in nodes if _converts_to_sdpa(n, runtime) or (kernel and _runs_kernel(n))}
     if all(n.op_type in kept for n in nodes):
         return model
     functions = [f for f in model.functions if not (f.domain == DOMAIN and f.name in kept)]

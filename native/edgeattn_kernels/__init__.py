@@ -1,8 +1,6 @@
-"""edgeattn's native kernels: paths to the libraries this package built.
-
-``openvino_library()`` is an OpenVINO extension: ``core.add_extension(openvino_library())`` before reading an
-``edgeattn --custom-op`` file runs its attention nodes with the fused kernel.  ``cpu_library()`` holds the same
-kernel behind a C API (edgeattn's tests and benchmarks call it through ctypes).
+"""edgeattn's native kernels: ``openvino_library()`` is the path of an OpenVINO extension;
+``core.add_extension(str(openvino_library()))`` before reading an ``edgeattn export --custom-op`` file runs its
+dense- and blocked-table attention nodes with edgeattn's fused CPU kernel.
 """
 
 from __future__ import annotations
@@ -17,15 +15,9 @@ _SUFFIX = {"win32": ".dll", "darwin": ".so"}.get(sys.platform, ".so")
 _PREFIX = "" if sys.platform == "win32" else "lib"
 
 
-def cpu_library() -> Path:
-    return _library("edgeattn_cpu")
-
-
 def openvino_library() -> Path:
     """The OpenVINO extension; raises RuntimeError when it was not built or the installed OpenVINO is not the one
     it was built against (an extension only loads into that version)."""
-    if not OPENVINO_VERSION:
-        raise RuntimeError("edgeattn-kernels was built without OpenVINO (openvino was not installed at build time)")
     import openvino
 
     if openvino.__version__.split("-")[0] != OPENVINO_VERSION.split("-")[0]:

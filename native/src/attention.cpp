@@ -57,7 +57,9 @@ EA_INLINE vf exp_nonpositive(vf x) {
     p = p * r + 1.0f;
     p = p * r + 1.0f;
     const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-    return x < -87.0f ? splat(0.0f) : p * reinterpret_cast<const vf&>(bits);
+    vf two_n;
+    std::memcpy(&two_n, &bits, sizeof two_n);
+    return x < -87.0f ? splat(0.0f) : p * two_n;
 }
 
 // One query row of a tile: where its q, mask row, bias row (or null) and output row are.
