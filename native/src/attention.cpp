@@ -84,17 +84,24 @@ EA_INLINE bool any_byte(const uint8_t* p) {
     return (lanes[0] | lanes[1]) != 0;
 }
 
-// out[r] = (sum over the live chunks' keys j of p[r][j] v[j]) * inv[r] for the n rows of a group, NE x 16 output
-// channels at a time, held in registers (4 rows x NE accumulators).
+// out[r] = (sum over the live chunks' keys j of p[r][j] v[j]) * inv[r] for the n rows of a group, on NE x 16 output
+// channels from e0 (the last `width` of them when width < 16: a v shorter than 16 channels), held in registers
+// (4 rows x NE accumulators).
 template <int NE>
 EA_INLINE void probs_times_v(const float* s, int64_t Kc, const std::vector<int64_t>& live, int64_t K, const int64_t* ids,
-                   const float* vb_, int64_t Dv, int64_t e0, const float* inv, const Row* rg, int64_t n) {
+                             const float* vb_, int64_t Dv, int64_t e0, int64_t width, const float* inv, const Row* rg,
+                             int64_t n) {
     vf a[R][NE] = {};
     for (int64_t c : live) {
         for (int64_t j = c * C, end = std::min(K, c * C + C); j < end; ++j) {
             const float* value = vb_ + (ids ? ids[j] : j) * Dv + e0;
             vf vv[NE];
-            for (int e = 0; e < NE; ++e) vv[e] = load(value + e * C);
+            if (width == C) {
+                for (int e = 0; e < NE; ++e) vv[e] = load(value + e * C);
+            } else {
+                vv[0] = vf{};
+                for (int64_t e = 0; e < width; ++e) vv[0][e] = value[e];
+            }
             for (int64_t r = 0; r < R; ++r) {
                 const float p = s[r * Kc + j];
                 for (int e = 0; e < NE; ++e) a[r][e] += p * vv[e];
@@ -102,7 +109,8 @@ EA_INLINE void probs_times_v(const float* s, int64_t Kc, const std::vector<int64
         }
     }
     for (int64_t r = 0; r < n; ++r)
-        for (int e = 0; e < NE; ++e) store(rg[r].out + e0 + e * C, a[r][e] * inv[r]);
+        for (int e = 0; e < NE; ++e)
+            for (int64_t lane = 0; lane < width; ++lane) rg[r].out[e0 + e * C + lane] = a[r][e][lane] * inv[r];
 }
 
 // Attention of `nrows` rows over the K keys `ids` (null: keys 0..K-1) of one (batch, head).
@@ -201,16 +209,18 @@ EA_CLONES void tile(const Qkv& x, const float* kb, const float* vb_, const int64
             inv[r] = 1.0f / total;
         }
 
-        // 3. probabilities x v, up to 64 output channels per pass over the keys
-        for (int64_t e0 = 0; e0 < Dv; e0 += 4 * C) {
+        // 3. probabilities x v, up to 64 output channels per pass over the keys, then the last Dv % 16 channels
+        int64_t e0 = 0;
+        for (; Dv - e0 >= C; e0 += 4 * C) {
             switch (std::min<int64_t>(4, (Dv - e0) / C)) {
-                case 4: probs_times_v<4>(s, Kc, w.chunks, K, ids, vb_, Dv, e0, inv, rg, n); break;
-                case 3: probs_times_v<3>(s, Kc, w.chunks, K, ids, vb_, Dv, e0, inv, rg, n); break;
-                case 2: probs_times_v<2>(s, Kc, w.chunks, K, ids, vb_, Dv, e0, inv, rg, n); break;
-                case 1: probs_times_v<1>(s, Kc, w.chunks, K, ids, vb_, Dv, e0, inv, rg, n); break;
-                default: break;  // Dv % 16 != 0: refused by the callers
+                case 4: probs_times_v<4>(s, Kc, w.chunks, K, ids, vb_, Dv, e0, C, inv, rg, n); break;
+                case 3: probs_times_v<3>(s, Kc, w.chunks, K, ids, vb_, Dv, e0, C, inv, rg, n); break;
+                case 2: probs_times_v<2>(s, Kc, w.chunks, K, ids, vb_, Dv, e0, C, inv, rg, n); break;
+                default: probs_times_v<1>(s, Kc, w.chunks, K, ids, vb_, Dv, e0, C, inv, rg, n); break;
             }
         }
+        e0 = Dv - Dv % C;
+        if (e0 < Dv) probs_times_v<1>(s, Kc, w.chunks, K, ids, vb_, Dv, e0, Dv - e0, inv, rg, n);
     }
 }
 
@@ -242,7 +252,7 @@ void parallel(int64_t count, int threads, Work work) {
 }  // namespace
 
 int blocked_attention(const Qkv& x, const Blocked& t, int threads) {
-    if (x.Hk <= 0 || x.H % x.Hk || x.Dv % C || (t.mh != 1 && t.mh != x.H) || (t.bias && t.bh != 1 && t.bh != x.H)) return 1;
+    if (x.Hk <= 0 || x.H % x.Hk || (t.mh != 1 && t.mh != x.H) || (t.bias && t.bh != 1 && t.bh != x.H)) return 1;
     if (!in_range(t.q_index, t.T * t.tq, x.Nq) || !in_range(t.kv_index, t.T * t.K, x.Nk) ||
         !in_range(t.q_pos, x.Nq, t.T * t.tq) || !in_range(t.block, t.T, t.P))
         return 2;
@@ -268,7 +278,7 @@ int blocked_attention(const Qkv& x, const Blocked& t, int threads) {
 }
 
 int dense_attention(const Qkv& x, const Dense& t, int threads) {
-    if (x.Hk <= 0 || x.H % x.Hk || x.Dv % C || (t.mh != 1 && t.mh != x.H) || (t.bias && t.bh != 1 && t.bh != x.H)) return 1;
+    if (x.Hk <= 0 || x.H % x.Hk || (t.mh != 1 && t.mh != x.H) || (t.bias && t.bh != 1 && t.bh != x.H)) return 1;
     constexpr int64_t tq = 64;
     const int64_t tiles = (x.Nq + tq - 1) / tq, group = x.H / x.Hk;
     parallel(x.B * x.H * tiles, threads, [&](int64_t item, Scratch& w) {

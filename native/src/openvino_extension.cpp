@@ -93,7 +93,7 @@ public:
         }
         OPENVINO_ASSERT(rc == 0, "edgeattn::MaskedAttention: ",
                         rc == 2 ? "a table index is out of range for these inputs"
-                                : "unsupported shapes (heads must divide evenly, v's width be a multiple of 16)");
+                                : "q's heads are not a multiple of k's, or a table has neither 1 nor q's heads");
         return true;
     }
 
