@@ -6,6 +6,7 @@ runs in a process of its own (this script, ``--flex-row CASE``): torch.compile's
     python benchmarks/bench_attention.py --json results.json
     python benchmarks/bench_attention.py --cases na2d-block swin-block --runs 10 --no-flex
     python benchmarks/bench_attention.py --runtimes ort-cuda --device cuda --json gpu.json
+    python benchmarks/bench_attention.py --attention-only --cases na2d-block sliding-block
 
 Every row runs the same function (qkv linear -> masked attention -> output projection, the registered block's
 weights) on the same input, and is checked against eager.  Columns: median ms over --runs after 3 warm-ups (the
@@ -15,6 +16,11 @@ torch rows the naive version is eager SDPA with the dense mask); "vs flex" = com
 measured fp32 GEMM peak; "load s" = loading the file on the runtime; "+peak MB" = the peak resident memory of load
 plus the first run above what the process held before (Linux's VmHWM, reset per row); "file MB".  ``--json`` keeps
 every figure, with the machine and versions.
+
+``--attention-only`` times the attention alone: q, k, v in (random, (1, heads, N, head dim)), no qkv or output
+projection, and a roofline of the allowed pairs' FLOPs alone.  The rows whose label starts with ``kernel`` run the
+``--custom-op`` file (blocked table) on OpenVINO with edgeattn-kernels' fused kernel (``pip install
+--no-build-isolation ./native``; the row says so when it is not installed).
 """
 
 import argparse
@@ -40,6 +46,7 @@ from torch import nn
 import edgeattn
 from edgeattn import models
 from edgeattn.errors import first_line
+from edgeattn.export import export_onnx
 from edgeattn.layers import split_qkv
 from edgeattn.masks import Shape
 from edgeattn.registered import export_registered
@@ -125,6 +132,28 @@ class Block(nn.Module):
         return self.proj(self.attend(q, k, v).transpose(1, 2).reshape(B, N, C))
 
 
+class Attend(nn.Module):
+    """The attention alone: (q, k, v) -> attend(q, k, v)."""
+
+    def __init__(self, attend):
+        super().__init__()
+        self.attend = attend
+
+    def forward(self, q, k, v):
+        return self.attend(q, k, v)
+
+
+class NaiveAttend(nn.Module):
+    """The naive dense export of the attention alone: an N x N additive mask shipped in the file."""
+
+    def __init__(self, dense):
+        super().__init__()
+        self.register_buffer("bias", torch.zeros(dense.shape).masked_fill(~dense, float("-inf")))
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+
+
 class NaiveDense(Block):
     """What users export today: an N x N float additive mask (0 / -inf) as a buffer, shipped in the file."""
 
@@ -151,15 +180,15 @@ def peak_memory(row):
     row["peak_rss_mb"] = (_status_kb("VmHWM") - before) / 1024
 
 
-def load_checked(row, path, x, ref):
-    """Load one file on ``row["runtime"]``, run it once on ``x`` and record ``load_s`` and ``max_abs_err`` against
-    ``ref`` in ``row``; returns a function that runs it again, or None when that failed (``row["error"]`` says why:
-    a failure is the row's, not the script's)."""
+def load_checked(row, path, xs, ref):
+    """Load one file on ``row["runtime"]``, run it once on the inputs ``xs`` and record ``load_s`` and
+    ``max_abs_err`` against ``ref`` in ``row``; returns a function that runs it again, or None when that failed
+    (``row["error"]`` says why: a failure is the row's, not the script's)."""
     try:
         start = time.perf_counter()
         session = edgeattn.load(path, row["runtime"])
         row["load_s"] = time.perf_counter() - start
-        feeds = {session.inputs[0].name: x.numpy()}
+        feeds = {info.name: x.numpy() for info, x in zip(session.inputs, xs)}
         out = next(iter(session.run(feeds).values()))
         row["max_abs_err"] = float(abs(torch.from_numpy(out) - ref).max())
         return lambda: session.run(feeds)
@@ -168,13 +197,13 @@ def load_checked(row, path, x, ref):
         return None
 
 
-def load_onnx(rows, timed, name, runtime, path, x, ref, **extra):
+def load_onnx(rows, timed, name, runtime, path, xs, ref, **extra):
     """Load one file on one runtime and check it; a failure becomes the row's error, not the script's.  The row
     goes to ``rows``, and with the function that runs it to ``timed``, to be timed with the others in turns."""
     row = dict(row=name, runtime=runtime, **extra)
     rows.append(row)
     with peak_memory(row):  # of the load and the first run
-        run = load_checked(row, path, x, ref)
+        run = load_checked(row, path, xs, ref)
     if run is not None:
         timed.append((row, run))
 
@@ -204,39 +233,53 @@ def guarded(row, run):
     return call
 
 
-def case_inputs(name):
-    """The registered block, its input, grid, dense mask and the eager reference every row is checked against."""
+def case_inputs(name, attention_only=False):
+    """The registered block's attention, the inputs (the block's tokens, or q, k and v for the attention alone),
+    grid, dense mask, the eager module and the eager reference every row is checked against."""
     built = models.build(name, seed=0)
     attn, x, cfg = built.module.attn, built.inputs["tokens"], built.config
     grid = tuple(cfg["grid"]) if cfg.get("grid") else None
     n = x.shape[1]
     dense = edgeattn.materialize(attn.mask, grid=grid) if grid else edgeattn.materialize(attn.mask, q_len=n)
-    eager = Block(attn, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)).eval()
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+
+    if attention_only:
+        generator = torch.Generator().manual_seed(0)
+        xs = tuple(torch.randn(1, attn.heads, n, attn.head_dim, generator=generator) for _ in range(3))
+        eager = Attend(sdpa).eval()
+    else:
+        xs, eager = (x,), Block(attn, sdpa).eval()
     with torch.inference_mode():
-        ref = eager(x)
-    return attn, x, grid, dense, eager, ref
+        ref = eager(*xs)
+    return attn, xs, grid, dense, eager, ref
 
 
-def flex_row(name, runs, device):
+def flex_row(name, runs, device, attention_only=False):
     """Compiled FlexAttention on one case (run in its own process): the block mask skips empty 128x128 tiles, the
     kernel masks inside the rest."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    attn, x, grid, _, _, ref = case_inputs(name)
-    n = x.shape[1]
+    attn, xs, grid, _, _, ref = case_inputs(name, attention_only)
+    n = attn.seq_len
     row = dict(row="flex compiled", runtime=torch_runtime(device))
     try:
         with peak_memory(row):
             mask_mod, _ = attn.mask.mods(Shape.of(grid=grid) if grid else Shape.of(q_len=n))
             block_mask = create_block_mask(mask_mod, None, None, n, n, device=device)
-            block = Block(attn, lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask)).eval().to(device)
-            flex, x = torch.compile(block), x.to(device)
+
+            def attend(q, k, v):
+                return flex_attention(q, k, v, block_mask=block_mask)
+
+            block = Attend(attend) if attention_only else Block(attn, attend)
+            flex, xs = torch.compile(block.eval().to(device)), [x.to(device) for x in xs]
             with torch.inference_mode():
                 start = time.perf_counter()
-                out = flex(x)  # the first call compiles; its time is reported apart from the medians
+                out = flex(*xs)  # the first call compiles; its time is reported apart from the medians
                 row["compile_s"] = time.perf_counter() - start
                 row["max_abs_err"] = float((out.cpu() - ref).abs().max())
-                row["ms"] = median_ms(lambda: flex(x), runs, synchronizer(device))
+                row["ms"] = median_ms(lambda: flex(*xs), runs, synchronizer(device))
     except Exception as e:
         row["error"] = first_line(e)
     return row
@@ -253,9 +296,10 @@ def json_of_process(command, failed_row):
         return dict(failed_row, error=f"its process failed (exit {proc.returncode}): {tail}")
 
 
-def flex_in_subprocess(name, runs, device):
+def flex_in_subprocess(name, runs, device, attention_only):
     return json_of_process(
-        [sys.executable, __file__, "--flex-row", name, "--runs", str(runs), "--device", device],
+        [sys.executable, __file__, "--flex-row", name, "--runs", str(runs), "--device", device]
+        + (["--attention-only"] if attention_only else []),
         dict(row="flex compiled", runtime=torch_runtime(device)),
     )
 
@@ -265,13 +309,16 @@ def torch_runtime(device):
 
 
 def bench_case(name, args, peak, tmp):
-    attn, x, grid, dense, eager, ref = case_inputs(name)
-    n = x.shape[1]
+    attn, xs, grid, dense, eager, ref = case_inputs(name, args.attention_only)
+    n = attn.seq_len
     allowed = int(dense.sum())
-    dim = x.shape[-1]
-    flops = 2 * n * dim * 3 * dim + 2 * n * dim * dim + 4 * attn.heads * attn.head_dim * allowed
+    dim = attn.heads * attn.head_dim
+    flops = 4 * attn.heads * attn.head_dim * allowed  # the allowed pairs' q.k and p.v
+    if not args.attention_only:
+        flops += 2 * n * dim * 3 * dim + 2 * n * dim * dim  # the qkv and output projections
     case = dict(
         case=name,
+        attention_only=args.attention_only,
         tokens=n,
         dim=dim,
         heads=attn.heads,
@@ -287,19 +334,23 @@ def bench_case(name, args, peak, tmp):
     # 1. eager with the dense bool mask: the reference every other row is checked against (on the CPU)
     with torch.inference_mode():
         if args.device == "cpu":
-            ms = median_ms(lambda: eager(x), args.runs)
+            ms = median_ms(lambda: eager(*xs), args.runs)
             rows.append(dict(row="eager dense", runtime="torch", max_abs_err=0.0, ms=ms))
         else:
-            mask, x_on = dense.to(args.device), x.to(args.device)
-            on = Block(attn, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)).to(args.device)
-            err = float((on(x_on).cpu() - ref).abs().max())
-            ms = median_ms(lambda: on(x_on), args.runs, synchronizer(args.device))
+            mask, xs_on = dense.to(args.device), [x.to(args.device) for x in xs]
+
+            def sdpa(q, k, v):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+            on = (Attend(sdpa) if args.attention_only else Block(attn, sdpa)).to(args.device)
+            err = float((on(*xs_on).cpu() - ref).abs().max())
+            ms = median_ms(lambda: on(*xs_on), args.runs, synchronizer(args.device))
             rows.append(dict(row="eager dense", runtime=torch_runtime(args.device), max_abs_err=err, ms=ms))
             on.to("cpu")
 
     # 2. FlexAttention, compiled, in a process of its own
     if not args.no_flex:
-        rows.append(flex_in_subprocess(name, args.runs, args.device))
+        rows.append(flex_in_subprocess(name, args.runs, args.device, args.attention_only))
 
     # 3. the naive dense export (one self-contained file, so its size is the whole cost of shipping the table)
     timed = []
@@ -311,11 +362,10 @@ def bench_case(name, args, peak, tmp):
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                NaiveDense(attn, dense).eval(), (x,), str(path), dynamo=True, opset_version=18, external_data=False
-            )
+            naive = NaiveAttend(dense) if args.attention_only else NaiveDense(attn, dense)
+            torch.onnx.export(naive.eval(), xs, str(path), dynamo=True, opset_version=18, external_data=False)
         for runtime in args.runtimes:
-            load_onnx(rows, timed, "naive export", runtime, path, x, ref, file_mb=path.stat().st_size / 1e6)
+            load_onnx(rows, timed, "naive export", runtime, path, xs, ref, file_mb=path.stat().st_size / 1e6)
     except LookupError:
         pass
     except Exception as e:
@@ -328,9 +378,7 @@ def bench_case(name, args, peak, tmp):
         if not targets:
             continue
         try:
-            result = export_registered(
-                name, path, lowering=lowering, opset=23 if lowering == "attention" else 18, runtimes=targets
-            )
+            result = export_case(name, attn, xs, path, args, lowering=lowering, runtimes=targets)
         except Exception as e:
             rows.append(dict(row=lowering, runtime="-", error=f"export failed: {first_line(e)}"))
             continue
@@ -344,17 +392,46 @@ def bench_case(name, args, peak, tmp):
                 lowering if lowering != "auto" else f"auto ({chosen})",
                 runtime,
                 path,
-                x,
+                xs,
                 ref,
                 lowering=chosen,
                 file_mb=result.file_bytes / 1e6,
                 table_mb=result.table_bytes / 1e6,
             )
+    # 5. the --custom-op file with a blocked table on OpenVINO, its nodes run by edgeattn-kernels' fused kernel
+    if "openvino-cpu" in args.runtimes:
+        path = Path(tmp) / f"{name}-kernel.onnx"
+        row = dict(row="kernel (blocked table)", runtime="openvino-cpu")
+        try:
+            result = export_case(name, attn, xs, path, args, lowering="blocked", custom_op=True)
+            os.environ["EDGEATTN_KERNELS"] = "1"  # an error row, not the function body, when it is missing
+            load_onnx(rows, timed, row["row"], row["runtime"], path, xs, ref, file_mb=result.file_bytes / 1e6)
+        except Exception as e:
+            rows.append(dict(row, error=first_line(e)))
+        finally:
+            os.environ.pop("EDGEATTN_KERNELS", None)
     time_in_turns(timed, args.runs)
     del timed  # the sessions
 
     add_ratios(case)
     return case
+
+
+def export_case(name, attn, xs, path, args, lowering, runtimes=None, custom_op=False):
+    """edgeattn's export of the case: the registered block, or its attention alone (q, k, v in)."""
+    opset = 23 if lowering == "attention" else 18
+    if args.attention_only:
+        return export_onnx(
+            Attend(attn.table).eval(),
+            xs,
+            path,
+            lowering=lowering,
+            opset=opset,
+            runtimes=runtimes,
+            custom_op=custom_op,
+            input_names=["q", "k", "v"],
+        )
+    return export_registered(name, path, lowering=lowering, opset=opset, runtimes=runtimes, custom_op=custom_op)
 
 
 def add_ratios(case):
@@ -379,7 +456,8 @@ def fmt(value, spec, suffix=""):
 
 def report(case):
     print(
-        f"\n{case['case']}: {case['mask']}, {case['tokens']} tokens, dim {case['dim']}, {case['heads']} heads, "
+        f"\n{case['case']}{' (attention alone)' if case.get('attention_only') else ''}: {case['mask']}, "
+        f"{case['tokens']} tokens, dim {case['dim']}, {case['heads']} heads, "
         f"{case['density']:.1%} of pairs allowed, roofline {case['roofline_ms']:.3f} ms"
     )
     print(
@@ -427,6 +505,9 @@ def main():
         help="ONNX runtimes (default: %(default)s; none named: the torch rows alone)",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the torch rows run")
+    p.add_argument(
+        "--attention-only", action="store_true", help="time the attention alone (q, k, v in, no projections)"
+    )
     p.add_argument("--flex-row", choices=CASES, help=argparse.SUPPRESS)  # the FlexAttention row's own process
     args = p.parse_args()
     # Denormals flushed to zero in both processes, as edgeattn.load does while onnxruntime runs: -inf scores make
@@ -434,7 +515,7 @@ def main():
     # without, 7.2-7.6 ms with; benchmarks/RESULTS.md)
     torch.set_flush_denormal(True)
     if args.flex_row:
-        print(json.dumps(flex_row(args.flex_row, args.runs, args.device)))
+        print(json.dumps(flex_row(args.flex_row, args.runs, args.device, args.attention_only)))
         return
 
     peak = peak_gflops(args.device)
