@@ -6,13 +6,10 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(EA_NOCLONE)
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define EA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define EA_CLONES
@@ -26,6 +23,7 @@ namespace {
 constexpr int64_t C = 16;  // keys per chunk: one AVX-512 register of scores
 constexpr int64_t R = 4;   // query rows scored together: each packed key chunk is loaded once for four rows
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+const std::vector<int64_t> kNoChunks;
 
 // 16 floats: GCC and Clang lower each operation to one AVX-512 instruction, two AVX2 or four SSE ones.
 typedef float vf __attribute__((vector_size(64)));
@@ -63,18 +61,75 @@ EA_INLINE vf exp_nonpositive(vf x) {
 }
 
 // One query row of a tile: where its q, mask row, bias row (or null) and output row are.
+// `add`, when given, is the row's mask and bias in one: bias (or 0) where a key is allowed, -inf elsewhere.
 struct Row {
     const float* q;
     const uint8_t* mask;
     const float* bias;
     float* out;
+    const float* add = nullptr;
 };
 
 struct Scratch {
     std::vector<float> kt;        // (D, Kc): the tile's keys, transposed and zero-padded to whole chunks
     std::vector<float> s;         // (R, Kc): scores, then probabilities (0 for masked keys)
     std::vector<int64_t> chunks;  // the live chunks
+    std::vector<Row> rows;        // the rows of the tile being computed
 };
+
+// Transposes 16 rows of 16 floats in registers: four butterfly stages of two-input shuffles (blocks of 8, 4, 2, 1).
+template <int B, int... E>
+constexpr vi low_mask(std::integer_sequence<int, E...>) {
+    return vi{((E / B) % 2 == 0 ? E : 16 + E - B)...};
+}
+template <int B, int... E>
+constexpr vi high_mask(std::integer_sequence<int, E...>) {
+    return vi{((E / B) % 2 == 0 ? E + B : 16 + E)...};
+}
+
+template <int B>
+EA_INLINE void butterfly(vf* rows) {
+    constexpr vi lo = low_mask<B>(std::make_integer_sequence<int, 16>{});
+    constexpr vi hi = high_mask<B>(std::make_integer_sequence<int, 16>{});
+    for (int i = 0; i < 16; ++i) {
+        if ((i / B) % 2) continue;
+        const vf a = rows[i], b = rows[i + B];
+        rows[i] = __builtin_shuffle(a, b, lo);
+        rows[i + B] = __builtin_shuffle(a, b, hi);
+    }
+}
+
+EA_INLINE void transpose16(vf* rows) {
+    butterfly<8>(rows);
+    butterfly<4>(rows);
+    butterfly<2>(rows);
+    butterfly<1>(rows);
+}
+
+// The sum and the maximum of a vector's 16 lanes, in four halving steps.
+constexpr vi kHalves[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7},
+                           {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11},
+                           {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13},
+                           {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}};
+EA_INLINE float lane_sum(vf v) {
+    for (const vi& half : kHalves) v += __builtin_shuffle(v, half);
+    return v[0];
+}
+EA_INLINE float lane_max(vf v) {
+    for (const vi& half : kHalves) {
+        const vf other = __builtin_shuffle(v, half);
+        v = v > other ? v : other;
+    }
+    return v[0];
+}
+
+// 16 entries of an additive row from j0: the last chunk of a row ends at K, the rest is -inf.
+EA_INLINE vf additive_chunk(const float* add, int64_t j0, int64_t K, bool whole) {
+    if (whole) return load(add + j0);
+    vf v = splat(kNegInf);
+    for (int64_t j = j0; j < K; ++j) v[j - j0] = add[j];
+    return v;
+}
 
 EA_INLINE bool any_byte(const uint8_t* p) {
     vb m;
@@ -117,10 +172,22 @@ EA_INLINE void probs_times_v(const float* s, int64_t Kc, const std::vector<int64
 EA_CLONES void tile(const Qkv& x, const float* kb, const float* vb_, const int64_t* ids, int64_t K, const Row* rows,
                     int64_t nrows, Scratch& w) {
     const int64_t D = x.D, Dv = x.Dv, chunks = (K + C - 1) / C, Kc = chunks * C;
-    w.kt.assign(D * Kc, 0.0f);
-    for (int64_t j = 0; j < K; ++j) {
-        const float* key = kb + (ids ? ids[j] : j) * D;
-        for (int64_t d = 0; d < D; ++d) w.kt[d * Kc + j] = key[d];
+    // pack the keys transposed, 16 keys x 16 channels at a time through registers, the rest one by one
+    w.kt.resize(D * Kc);
+    float* packed = w.kt.data();
+    const int64_t D16 = D - D % C;
+    for (int64_t j0 = 0; j0 < Kc; j0 += C) {
+        const float* key[C];
+        const int64_t valid = std::min(C, K - j0);
+        for (int64_t jj = 0; jj < C; ++jj) key[jj] = jj < valid ? kb + (ids ? ids[j0 + jj] : j0 + jj) * D : nullptr;
+        for (int64_t d0 = 0; d0 < D16; d0 += C) {
+            vf block[C];
+            for (int64_t jj = 0; jj < C; ++jj) block[jj] = key[jj] ? load(key[jj] + d0) : vf{};
+            transpose16(block);
+            for (int64_t dd = 0; dd < C; ++dd) store(packed + (d0 + dd) * Kc + j0, block[dd]);
+        }
+        for (int64_t d = D16; d < D; ++d)
+            for (int64_t jj = 0; jj < C; ++jj) packed[d * Kc + j0 + jj] = key[jj] ? key[jj][d] : 0.0f;
     }
     w.s.resize(R * Kc);
     const float* kt = w.kt.data();
@@ -135,7 +202,12 @@ EA_CLONES void tile(const Qkv& x, const float* kb, const float* vb_, const int64
         for (int64_t r = 0; r < R; ++r) q[r] = rg[std::min(r, n - 1)].q;  // a short group repeats its last row
 
         // 1. the chunks where some row of the group allows a key, and their scores: 4 rows x 16 keys per pass
-        //    over the head dimension
+        //    over the head dimension; rows with an additive table (and no softcap) get it added here, and their
+        //    running maximum taken, so that step 2 is their exponentials alone
+        const bool fused = !cap && rg[0].add;
+        const float* add[R];
+        for (int64_t r = 0; r < R; ++r) add[r] = rg[std::min(r, n - 1)].add;
+        vf top[R] = {splat(kNegInf), splat(kNegInf), splat(kNegInf), splat(kNegInf)};
         w.chunks.clear();
         for (int64_t c = 0; c < chunks; ++c) {
             bool any = false;
@@ -156,10 +228,14 @@ EA_CLONES void tile(const Qkv& x, const float* kb, const float* vb_, const int64
                 a2 += q[2][d] * kd;
                 a3 += q[3][d] * kd;
             }
-            store(s + 0 * Kc + c * C, a0 * x.scale);
-            store(s + 1 * Kc + c * C, a1 * x.scale);
-            store(s + 2 * Kc + c * C, a2 * x.scale);
-            store(s + 3 * Kc + c * C, a3 * x.scale);
+            vf a[R] = {a0 * x.scale, a1 * x.scale, a2 * x.scale, a3 * x.scale};
+            if (fused) {
+                for (int64_t r = 0; r < R; ++r) {
+                    a[r] += additive_chunk(add[r], c * C, K, c < full);  // -inf + a finite score is -inf
+                    top[r] = top[r] > a[r] ? top[r] : a[r];
+                }
+            }
+            for (int64_t r = 0; r < R; ++r) store(s + r * Kc + c * C, a[r]);
         }
 
         // 2. softcap, bias, mask and softmax in place, unnormalized (the output is scaled by inv at the end); a
@@ -171,11 +247,19 @@ EA_CLONES void tile(const Qkv& x, const float* kb, const float* vb_, const int64
                 for (int64_t c : w.chunks) store(sr + c * C, splat(0.0f));
                 continue;
             }
-            vf top = splat(kNegInf);
-            for (int64_t c : w.chunks) {
+            for (int64_t c : fused ? kNoChunks : w.chunks) {
                 const int64_t j0 = c * C;
+                vf v = load(sr + j0);
+                if (cap)
+                    for (int64_t jj = 0; jj < C; ++jj) v[jj] = x.softcap * std::tanh(v[jj] / x.softcap);
+                if (rg[r].add) {
+                    v += additive_chunk(rg[r].add, j0, K, c < full);
+                    store(sr + j0, v);
+                    top[r] = top[r] > v ? top[r] : v;
+                    continue;
+                }
                 vb m;
-                vf v = load(sr + j0), bias{};
+                vf bias{};
                 if (c < full) {
                     std::memcpy(&m, rg[r].mask + j0, sizeof m);
                     if (rg[r].bias) bias = load(rg[r].bias + j0);
@@ -186,14 +270,11 @@ EA_CLONES void tile(const Qkv& x, const float* kb, const float* vb_, const int64
                         if (rg[r].bias) bias[j - j0] = rg[r].bias[j];
                     }
                 }
-                if (cap)
-                    for (int64_t jj = 0; jj < C; ++jj) v[jj] = x.softcap * std::tanh(v[jj] / x.softcap);
                 v = __builtin_convertvector(m, vi) != 0 ? v + bias : splat(kNegInf);
                 store(sr + j0, v);
-                top = top > v ? top : v;
+                top[r] = top[r] > v ? top[r] : v;
             }
-            float best = kNegInf;
-            for (int64_t jj = 0; jj < C; ++jj) best = std::max(best, top[jj]);
+            const float best = lane_max(top[r]);
             if (best == kNegInf) {  // no allowed key: zeros, as torch gives
                 for (int64_t c : w.chunks) store(sr + c * C, splat(0.0f));
                 continue;
@@ -204,9 +285,7 @@ EA_CLONES void tile(const Qkv& x, const float* kb, const float* vb_, const int64
                 store(sr + c * C, p);
                 sum += p;
             }
-            float total = 0.0f;
-            for (int64_t jj = 0; jj < C; ++jj) total += sum[jj];
-            inv[r] = 1.0f / total;
+            inv[r] = 1.0f / lane_sum(sum);
         }
 
         // 3. probabilities x v, up to 64 output channels per pass over the keys, then the last Dv % 16 channels
@@ -230,46 +309,61 @@ bool in_range(const int64_t* ids, int64_t count, int64_t limit) {
     return true;
 }
 
-int max_threads() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-// Runs work(item, scratch) for items 0..count-1 over `threads` threads (0: OpenMP's default).
+// Runs work(item, scratch) for items 0..count-1, worker w taking items w, w + workers, ... (neighbouring tiles cost
+// alike, so interleaving balances tables whose rows differ in length, as causal ones do).
 template <class Work>
-void parallel(int64_t count, int threads, Work work) {
-#pragma omp parallel num_threads(threads > 0 ? threads : max_threads())
-    {
+void parallel(int64_t count, const Parallel& run, Work work) {
+    run([&](int worker, int workers) {
+        if (workers < 1) workers = 1;
         Scratch scratch;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < count; ++item) work(item, scratch);
-    }
+        for (int64_t item = worker; item < count; item += workers) work(item, scratch);
+    });
 }
 
 }  // namespace
 
-int blocked_attention(const Qkv& x, const Blocked& t, int threads) {
+std::vector<float> additive_table(const Blocked& t) {
+    const int64_t heads = std::max(t.mh, t.bias ? t.bh : 1);
+    if (t.P * heads * t.tq * t.K * sizeof(float) > (size_t{4} << 20)) return {};
+    std::vector<float> add(t.P * heads * t.tq * t.K);
+    for (int64_t p = 0; p < t.P; ++p)
+        for (int64_t h = 0; h < heads; ++h)
+            for (int64_t i = 0; i < t.tq; ++i) {
+                const uint8_t* mask = t.bank + ((p * t.mh + (t.mh > 1 ? h : 0)) * t.tq + i) * t.K;
+                const float* bias = t.bias ? t.bias + ((p * t.bh + (t.bh > 1 ? h : 0)) * t.tq + i) * t.K : nullptr;
+                float* out = add.data() + ((p * heads + h) * t.tq + i) * t.K;
+                for (int64_t j = 0; j < t.K; ++j) out[j] = mask[j] ? (bias ? bias[j] : 0.0f) : kNegInf;
+            }
+    return add;
+}
+
+int blocked_attention(const Qkv& x, const Blocked& t, const Parallel& run) {
     if (x.Hk <= 0 || x.H % x.Hk || (t.mh != 1 && t.mh != x.H) || (t.bias && t.bh != 1 && t.bh != x.H)) return 1;
     if (!in_range(t.q_index, t.T * t.tq, x.Nq) || !in_range(t.kv_index, t.T * t.K, x.Nk) ||
         !in_range(t.q_pos, x.Nq, t.T * t.tq) || !in_range(t.block, t.T, t.P))
         return 2;
     const int64_t group = x.H / x.Hk;
-    parallel(x.B * x.H * t.T, threads, [&](int64_t item, Scratch& w) {
+    std::vector<float> built;
+    const float* add = t.add;
+    if (!add) {
+        built = additive_table(t);
+        add = built.empty() ? nullptr : built.data();
+    }
+    const int64_t heads = std::max(t.mh, t.bias ? t.bh : 1);
+    parallel(x.B * x.H * t.T, run, [&](int64_t item, Scratch& w) {
         const int64_t tile_id = item % t.T, bh = item / t.T, h = bh % x.H, b = bh / x.H;
         const int64_t kvh = b * x.Hk + h / group;
-        std::vector<Row> rows;
-        rows.reserve(t.tq);
+        std::vector<Row>& rows = w.rows;
+        rows.clear();
         const int64_t p = t.block[tile_id];
         for (int64_t i = 0; i < t.tq; ++i) {
             const int64_t flat = tile_id * t.tq + i, query = t.q_index[flat];
             if (t.q_pos[query] != flat) continue;  // a padding row repeating a query computed elsewhere
             const int64_t mrow = ((p * t.mh + (t.mh > 1 ? h : 0)) * t.tq + i) * t.K;
             const int64_t brow = ((p * t.bh + (t.bh > 1 ? h : 0)) * t.tq + i) * t.K;
+            const float* add_row = add ? add + ((p * heads + (heads > 1 ? h : 0)) * t.tq + i) * t.K : nullptr;
             rows.push_back(Row{x.q + (bh * x.Nq + query) * x.D, t.bank + mrow, t.bias ? t.bias + brow : nullptr,
-                               x.out + (bh * x.Nq + query) * x.Dv});
+                               x.out + (bh * x.Nq + query) * x.Dv, add_row});
         }
         tile(x, x.k + kvh * x.Nk * x.D, x.v + kvh * x.Nk * x.Dv, t.kv_index + tile_id * t.K, t.K, rows.data(),
              static_cast<int64_t>(rows.size()), w);
@@ -277,11 +371,11 @@ int blocked_attention(const Qkv& x, const Blocked& t, int threads) {
     return 0;
 }
 
-int dense_attention(const Qkv& x, const Dense& t, int threads) {
+int dense_attention(const Qkv& x, const Dense& t, const Parallel& run) {
     if (x.Hk <= 0 || x.H % x.Hk || (t.mh != 1 && t.mh != x.H) || (t.bias && t.bh != 1 && t.bh != x.H)) return 1;
     constexpr int64_t tq = 64;
     const int64_t tiles = (x.Nq + tq - 1) / tq, group = x.H / x.Hk;
-    parallel(x.B * x.H * tiles, threads, [&](int64_t item, Scratch& w) {
+    parallel(x.B * x.H * tiles, run, [&](int64_t item, Scratch& w) {
         const int64_t tile_id = item % tiles, bh = item / tiles, h = bh % x.H, b = bh / x.H;
         const int64_t kvh = b * x.Hk + h / group;
         Row rows[tq];

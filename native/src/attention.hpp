@@ -8,6 +8,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <vector>
 
 namespace edgeattn {
 
@@ -32,7 +34,13 @@ struct Blocked {
     const int64_t* block;     // (T,)
     const float* bias;        // (P, bh, tq, K) or null
     int64_t T, tq, K, P, mh, bh;
+    const float* add = nullptr;  // additive_table(*this), when the caller keeps one; built per call otherwise
 };
+
+// The bank and its bias as one additive table, (P, max(mh, bh), tq, K): the bias (or 0) where a key is allowed,
+// -inf elsewhere, which the kernel adds to the scores instead of reading mask bytes and bias.  Empty above 4 MB
+// (a causal table's would cost more to read than the bytes it replaces).
+std::vector<float> additive_table(const Blocked& t);
 
 // A dense table: mask (mh, Nq, Nk) as bytes, bias (bh, Nq, Nk) or null.
 struct Dense {
@@ -41,8 +49,12 @@ struct Dense {
     int64_t mh, bh;
 };
 
+// How the kernel gets its threads: run(body) calls body(worker, workers) once on each of `workers` threads (the
+// host's pool: OpenVINO's TBB arena in the extension, so no second pool competes with it for the cores).
+using Parallel = std::function<void(const std::function<void(int, int)>&)>;
+
 // Returns 0, or a nonzero code when an index is out of range (nothing is read out of bounds).
-int blocked_attention(const Qkv& x, const Blocked& t, int threads);
-int dense_attention(const Qkv& x, const Dense& t, int threads);
+int blocked_attention(const Qkv& x, const Blocked& t, const Parallel& run);
+int dense_attention(const Qkv& x, const Dense& t, const Parallel& run);
 
 }  // namespace edgeattn

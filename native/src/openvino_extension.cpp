@@ -4,16 +4,22 @@
 // file.  The op computes in float32: fp16 and bf16 nodes get Convert nodes around it.
 #include <openvino/core/extension.hpp>
 #include <openvino/core/op_extension.hpp>
+#include <openvino/core/parallel.hpp>
 #include <openvino/frontend/onnx/extension/conversion.hpp>
 #include <openvino/op/convert.hpp>
 #include <openvino/op/op.hpp>
 
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
 #include "attention.hpp"
 
 namespace edgeattn {
+
+// The kernel's threads: OpenVINO's own pool (TBB), the one its CPU plugin runs every other node on.
+void on_openvino_threads(const std::function<void(int, int)>& body) { ov::parallel_nt(0, body); }
 
 class MaskedAttention : public ov::op::Op {
 public:
@@ -82,14 +88,16 @@ public:
                       dim(inputs[3].get_shape()[0]), dim(inputs[3].get_shape()[1]),
                       dim(inputs[4].get_shape()[1]), dim(bank[0]), dim(bank[1]),
                       bias ? dim(inputs[8].get_shape()[1]) : 1};
-            rc = blocked_attention(x, t, 0);
+            const auto add = additive(t, inputs[6].data(), bias ? inputs[8].data() : nullptr);
+            t.add = add->empty() ? nullptr : add->data();
+            rc = blocked_attention(x, t, on_openvino_threads);
         } else {
             const bool bias = inputs.size() > 4;
             const ov::Shape& mask = inputs[3].get_shape();
             Dense t{reinterpret_cast<const uint8_t*>(inputs[3].data()), bias ? inputs[4].data<const float>() : nullptr,
                     mask.size() == 3 ? dim(mask[0]) : 1,
                     bias && inputs[4].get_shape().size() == 3 ? dim(inputs[4].get_shape()[0]) : 1};
-            rc = dense_attention(x, t, 0);
+            rc = dense_attention(x, t, on_openvino_threads);
         }
         OPENVINO_ASSERT(rc == 0, "edgeattn::MaskedAttention: ",
                         rc == 2 ? "a table index is out of range for these inputs"
@@ -98,6 +106,24 @@ public:
     }
 
 private:
+    // The table's additive form (additive_table), built on the first run and kept while the bank and bias stay
+    // where they are: they are the model's constants, so it is built once.
+    // The caller holds the returned pointer while it runs, so a concurrent rebuild cannot free it.
+    std::shared_ptr<const std::vector<float>> additive(const Blocked& t, const void* bank, const void* bias) const {
+        std::lock_guard<std::mutex> lock(m_mutex);
+        if (bank != m_bank || bias != m_bias || !m_add) {
+            m_add = std::make_shared<const std::vector<float>>(additive_table(t));
+            m_bank = bank;
+            m_bias = bias;
+        }
+        return m_add;
+    }
+
+    mutable std::mutex m_mutex;
+    mutable std::shared_ptr<const std::vector<float>> m_add;
+    mutable const void* m_bank = nullptr;
+    mutable const void* m_bias = nullptr;
+
     // The file's int64 indices, which the CPU plugin may hand over as int32 (it computes integers in 32 bits).
     static const int64_t* index(const ov::Tensor& t, std::vector<int64_t>& copy) {
         if (t.get_element_type() == ov::element::i64) return t.data<const int64_t>();
