@@ -124,10 +124,13 @@ def check_sessions(
             session = runtime.load(path, accuracy=accuracy, module=module)
             metrics = compare(reference, session.run(feeds))
             p50, p90 = latency(lambda: session.run(feeds), runs=runs)
-            notes, not_ties = [], 0
+            fused = getattr(session, "fused_kernel", 0)  # OpenVINO with edgeattn-kernels
+            notes = [f"{fused} attention node(s) ran edgeattn-kernels' fused kernel"] if fused else []
+            not_ties = 0
             if not passes(metrics, tol) and module is not None and not runtime.reference:
                 del session
-                metrics, notes, not_ties = modulo_ties(runtime, path, feeds, module, tol, accuracy, metrics)
+                metrics, tie_notes, not_ties = modulo_ties(runtime, path, feeds, module, tol, accuracy, metrics)
+                notes += tie_notes
         except EdgeAttnError as e:
             results.append(ParityResult(name, "error", detail=str(e)))
             continue

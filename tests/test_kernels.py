@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgeattn import EdgeAttnError, InvalidArgument, export_onnx, load, masks
+from edgeattn import EdgeAttnError, InvalidArgument, export_onnx, load, masks, parity
 from edgeattn.layers import MaskedSelfAttention, MaskTable
 
 from conftest import require
@@ -100,6 +100,13 @@ def test_softcap_and_fp16(tmp_path, monkeypatch):
     assert fused == 1 and np.abs(got - want).max() <= 1e-5
     fused, half = _run(_export(tmp_path, model, qkv, "half", lowering="blocked", dtype="fp16"), qkv, monkeypatch)
     assert fused == 1 and np.abs(half - want).max() <= 2e-2  # fp16 inputs; the kernel itself is fp32
+
+
+def test_check_says_which_nodes_ran_the_kernel(tmp_path):
+    layer = MaskedSelfAttention(32, 2, masks.neighborhood(3), grid=(6, 6), layout="blocked").eval()
+    x = torch.randn(1, 36, 32)
+    [result] = parity.compare_model(layer, [x], _export(tmp_path, layer, [x], "na"), ["openvino-cpu"], runs=1)
+    assert result.ok and result.detail == "1 attention node(s) ran edgeattn-kernels' fused kernel"
 
 
 def test_settings_are_one_line_errors(tmp_path, monkeypatch):
