@@ -7,10 +7,11 @@ import sys
 import textwrap
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
-from edgeattn import EdgeAttnError, InvalidArgument, export_onnx, load, masks, parity
+from edgeattn import EdgeAttnError, InvalidArgument, export_onnx, load, masks, parity, tables
 from edgeattn.layers import MaskedSelfAttention, MaskTable
 
 from conftest import require
@@ -100,6 +101,32 @@ def test_softcap_and_fp16(tmp_path, monkeypatch):
     assert fused == 1 and np.abs(got - want).max() <= 1e-5
     fused, half = _run(_export(tmp_path, model, qkv, "half", lowering="blocked", dtype="fp16"), qkv, monkeypatch)
     assert fused == 1 and np.abs(half - want).max() <= 2e-2  # fp16 inputs; the kernel itself is fp32
+
+
+def test_buckets_of_a_table_each_run_the_kernel(tmp_path, monkeypatch):
+    """A bucketed table's nodes each compute their bucket's rows (fewer than q's)."""
+    layer = MaskedSelfAttention(32, 2, masks.sliding_window(40), seq_len=300, layout="blocked").eval()
+    layer.table.use_layout("bucketed", tables.chunked(layer.table.table, 2))
+    x = torch.randn(1, 300, 32)
+    with torch.no_grad():
+        want = layer(x).numpy()
+    fused, got = _run(_export(tmp_path, layer, [x], "buckets"), [x], monkeypatch)
+    assert fused == 3 and np.abs(got - want).max() <= 1e-5
+
+
+def test_a_bad_table_is_one_clear_error(tmp_path, monkeypatch):
+    layer = MaskedSelfAttention(32, 2, masks.neighborhood(3), grid=(6, 6), layout="blocked").eval()
+    x = torch.randn(1, 36, 32)
+    path = _export(tmp_path, layer, [x], "na")
+    model = onnx.load(path)
+    node = next(n for n in model.graph.node if n.domain == "edgeattn")
+    q_pos = next(i for i in model.graph.initializer if i.name == node.input[5])
+    values = onnx.numpy_helper.to_array(q_pos).copy()
+    values[0] = 10**6  # past the table's tile rows
+    q_pos.CopyFrom(onnx.numpy_helper.from_array(values, q_pos.name))
+    onnx.save(model, path)
+    with pytest.raises(EdgeAttnError, match="failed to run: edgeattn::MaskedAttention: a table index is out of range"):
+        _run(path, [x], monkeypatch)
 
 
 def test_check_says_which_nodes_ran_the_kernel(tmp_path):

@@ -194,6 +194,9 @@ def ov_error(e: Exception) -> str:
     """OpenVINO's exceptions stack C++ source locations ("Exception from src/...cpp:117:", "Check '...' failed at
     src/...cpp:34:") above the line that says what failed: return that line."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("edgeattn::")]  # the fused kernel's own message
+    if ours:
+        return ours[-1]
     located = [line for line in lines if not line.startswith("Exception from")]
     said = [line for line in located if not (line.startswith("Check '") and line.endswith(":"))]
     return (said or located or lines or [repr(e)])[0]

@@ -340,9 +340,20 @@ std::vector<float> additive_table(const Blocked& t) {
 int blocked_attention(const Qkv& x, const Blocked& t, const Parallel& run) {
     if (x.Hk <= 0 || x.H % x.Hk || (t.mh != 1 && t.mh != x.H) || (t.bias && t.bh != 1 && t.bh != x.H)) return 1;
     if (!in_range(t.q_index, t.T * t.tq, x.Nq) || !in_range(t.kv_index, t.T * t.K, x.Nk) ||
-        !in_range(t.q_pos, x.Nq, t.T * t.tq) || !in_range(t.block, t.T, t.P))
+        !in_range(t.q_pos, t.M, t.T * t.tq) || !in_range(t.block, t.T, t.P))
         return 2;
     const int64_t group = x.H / x.Hk;
+    // the output row of each tile row (-1: a padding row, or one no output row reads); an output row reading a
+    // tile row another one already reads is copied from it at the end
+    std::vector<int64_t> row_of(t.T * t.tq, -1);
+    std::vector<std::pair<int64_t, int64_t>> copies;
+    for (int64_t m = 0; m < t.M; ++m) {
+        int64_t& first = row_of[t.q_pos[m]];
+        if (first < 0)
+            first = m;
+        else
+            copies.emplace_back(m, first);
+    }
     std::vector<float> built;
     const float* add = t.add;
     if (!add) {
@@ -357,17 +368,20 @@ int blocked_attention(const Qkv& x, const Blocked& t, const Parallel& run) {
         rows.clear();
         const int64_t p = t.block[tile_id];
         for (int64_t i = 0; i < t.tq; ++i) {
-            const int64_t flat = tile_id * t.tq + i, query = t.q_index[flat];
-            if (t.q_pos[query] != flat) continue;  // a padding row repeating a query computed elsewhere
+            const int64_t flat = tile_id * t.tq + i, query = t.q_index[flat], m = row_of[flat];
+            if (m < 0) continue;
             const int64_t mrow = ((p * t.mh + (t.mh > 1 ? h : 0)) * t.tq + i) * t.K;
             const int64_t brow = ((p * t.bh + (t.bh > 1 ? h : 0)) * t.tq + i) * t.K;
             const float* add_row = add ? add + ((p * heads + (heads > 1 ? h : 0)) * t.tq + i) * t.K : nullptr;
             rows.push_back(Row{x.q + (bh * x.Nq + query) * x.D, t.bank + mrow, t.bias ? t.bias + brow : nullptr,
-                               x.out + (bh * x.Nq + query) * x.Dv, add_row});
+                               x.out + (bh * t.M + m) * x.Dv, add_row});
         }
         tile(x, x.k + kvh * x.Nk * x.D, x.v + kvh * x.Nk * x.Dv, t.kv_index + tile_id * t.K, t.K, rows.data(),
              static_cast<int64_t>(rows.size()), w);
     });
+    for (const auto& [m, first] : copies)
+        for (int64_t bh = 0; bh < x.B * x.H; ++bh)
+            std::memcpy(x.out + (bh * t.M + m) * x.Dv, x.out + (bh * t.M + first) * x.Dv, x.Dv * sizeof(float));
     return 0;
 }
 

@@ -13,8 +13,8 @@
 
 namespace edgeattn {
 
-// q (B, H, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), out (B, H, Nq, Dv); Hk divides H (grouped heads), all
-// contiguous.
+// q (B, H, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), out (B, H, Nq, Dv) (a block table's M rows instead of Nq);
+// Hk divides H (grouped heads); all contiguous.
 struct Qkv {
     const float* q;
     const float* k;
@@ -25,15 +25,16 @@ struct Qkv {
 };
 
 // A block table (edgeattn.tables.BlockTable): T tiles of tq queries over K keys; mask (P, mh, tq, K) as bytes,
-// bias (P, bh, tq, K) or null; mh and bh are 1 or H.
+// bias (P, bh, tq, K) or null; mh and bh are 1 or H.  The output has M rows, (B, H, M, Dv): row m is the tile row
+// q_pos[m] (M = Nq for a whole table, fewer for one bucket of a bucketed table).
 struct Blocked {
     const int64_t* q_index;   // (T, tq)
     const int64_t* kv_index;  // (T, K)
-    const int64_t* q_pos;     // (Nq,)
+    const int64_t* q_pos;     // (M,)
     const uint8_t* bank;      // (P, mh, tq, K)
     const int64_t* block;     // (T,)
     const float* bias;        // (P, bh, tq, K) or null
-    int64_t T, tq, K, P, mh, bh;
+    int64_t T, tq, K, P, mh, bh, M;
     const float* add = nullptr;  // additive_table(*this), when the caller keeps one; built per call otherwise
 };
 

@@ -42,11 +42,14 @@ public:
             NODE_VALIDATION_CHECK(this, get_input_element_type(i) == ov::element::f32,
                                   "edgeattn::MaskedAttention computes in f32, input ", i, " is ",
                                   get_input_element_type(i));
+        // (B, H, rows, Dv): q's rows, or a block table's q_pos count (a bucket of a bucketed table has fewer)
         ov::PartialShape out = get_input_partial_shape(0);
         const ov::PartialShape& v = get_input_partial_shape(2);
         if (out.rank().is_static() && v.rank().is_static() && out.rank().get_length() == 4 &&
-            v.rank().get_length() == 4)
+            v.rank().get_length() == 4) {
             out[3] = v[3];
+            if (m_layout == "blocked") out[2] = get_input_partial_shape(5)[0];
+        }
         set_output_type(0, ov::element::f32, out);
     }
 
@@ -69,7 +72,8 @@ public:
         const ov::Shape& vs = inputs[2].get_shape();
         OPENVINO_ASSERT(qs.size() == 4 && ks.size() == 4 && vs.size() == 4,
                         "edgeattn::MaskedAttention takes (B, H, N, D) q, k and v");
-        outputs[0].set_shape({qs[0], qs[1], qs[2], vs[3]});
+        const size_t rows = m_layout == "blocked" ? inputs[5].get_shape()[0] : qs[2];
+        outputs[0].set_shape({qs[0], qs[1], rows, vs[3]});
         const auto dim = [](size_t d) { return static_cast<int64_t>(d); };
         Qkv x{inputs[0].data<const float>(),
               inputs[1].data<const float>(),
@@ -87,7 +91,7 @@ public:
                       bias ? inputs[8].data<const float>() : nullptr,
                       dim(inputs[3].get_shape()[0]), dim(inputs[3].get_shape()[1]),
                       dim(inputs[4].get_shape()[1]), dim(bank[0]), dim(bank[1]),
-                      bias ? dim(inputs[8].get_shape()[1]) : 1};
+                      bias ? dim(inputs[8].get_shape()[1]) : 1, dim(rows)};
             const auto add = additive(t, inputs[6].data(), bias ? inputs[8].data() : nullptr);
             t.add = add->empty() ? nullptr : add->data();
             rc = blocked_attention(x, t, on_openvino_threads);
