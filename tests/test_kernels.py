@@ -129,6 +129,33 @@ def test_a_bad_table_is_one_clear_error(tmp_path, monkeypatch):
         _run(path, [x], monkeypatch)
 
 
+def test_dense_masks_with_a_batch_run_per_batch(tmp_path):
+    """A dense mask computed in the graph may carry the batch (B, 1, Nq, Nk), as Mask2Former's does: the extension
+    reads each batch's own mask (and gives zeros for a row without keys)."""
+    import openvino as ov
+    from onnx import TensorProto, helper
+
+    B, H, N, D = 2, 2, 24, 16
+    node = helper.make_node(
+        "MaskedAttention_dense", ["q", "k", "v", "mask"], ["y"], domain="edgeattn", scale=D**-0.5, layout="dense"
+    )
+    qkv = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [B, H, N, D]) for name in "qkv"]
+    mask = helper.make_tensor_value_info("mask", TensorProto.BOOL, [B, 1, N, N])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, H, N, D])
+    graph = helper.make_graph([node], "g", [*qkv, mask], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("edgeattn", 2)])
+    onnx.save(model, tmp_path / "dense.onnx")
+    q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
+    allowed = torch.rand(B, 1, N, N) < 0.4
+    allowed[1, 0, 5] = False  # a row without keys
+    core = ov.Core()
+    core.add_extension(str(kernels.openvino_library()))
+    compiled = core.compile_model(core.read_model(tmp_path / "dense.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got = compiled({"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "mask": allowed.numpy()})[0]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed).nan_to_num(0.0)
+    assert np.abs(got - want.numpy()).max() <= 1e-5 and (got[1, :, 5] == 0).all()
+
+
 def test_check_says_which_nodes_ran_the_kernel(tmp_path):
     layer = MaskedSelfAttention(32, 2, masks.neighborhood(3), grid=(6, 6), layout="blocked").eval()
     x = torch.randn(1, 36, 32)

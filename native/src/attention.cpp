@@ -40,7 +40,7 @@ EA_INLINE vf splat(float x) { return vf{} + x; }
 
 // exp(x) for x <= 0 (a softmax's shifted scores) on 16 lanes, branch-free: x = n ln2 + r with |r| <= ln2/2, e^r by
 // its Taylor series to r^7 (relative error below 1e-8 there), 2^n put into the exponent bits.  Below -87 the
-// result is 0 (e^-87 is a denormal, and masked keys come in as -inf).
+// result is 0 (e^-87 is about the smallest normal float; masked keys come in as -inf).
 EA_INLINE vf exp_nonpositive(vf x) {
     const vf xc = x < -87.0f ? splat(-87.0f) : x;
     const vf t = xc * 1.44269504088896341f;
@@ -144,12 +144,12 @@ EA_INLINE bool any_byte(const uint8_t* p) {
 // (4 rows x NE accumulators).
 template <int NE>
 EA_INLINE void probs_times_v(const float* s, int64_t Kc, const std::vector<int64_t>& live, int64_t K, const int64_t* ids,
-                             const float* vb_, int64_t Dv, int64_t e0, int64_t width, const float* inv, const Row* rg,
+                             const float* values, int64_t Dv, int64_t e0, int64_t width, const float* inv, const Row* rg,
                              int64_t n) {
     vf a[R][NE] = {};
     for (int64_t c : live) {
         for (int64_t j = c * C, end = std::min(K, c * C + C); j < end; ++j) {
-            const float* value = vb_ + (ids ? ids[j] : j) * Dv + e0;
+            const float* value = values + (ids ? ids[j] : j) * Dv + e0;
             vf vv[NE];
             if (width == C) {
                 for (int e = 0; e < NE; ++e) vv[e] = load(value + e * C);
@@ -169,7 +169,7 @@ EA_INLINE void probs_times_v(const float* s, int64_t Kc, const std::vector<int64
 }
 
 // Attention of `nrows` rows over the K keys `ids` (null: keys 0..K-1) of one (batch, head).
-EA_CLONES void tile(const Qkv& x, const float* kb, const float* vb_, const int64_t* ids, int64_t K, const Row* rows,
+EA_CLONES void tile(const Qkv& x, const float* kb, const float* values, const int64_t* ids, int64_t K, const Row* rows,
                     int64_t nrows, Scratch& w) {
     const int64_t D = x.D, Dv = x.Dv, chunks = (K + C - 1) / C, Kc = chunks * C;
     // pack the keys transposed, 16 keys x 16 channels at a time through registers, the rest one by one
@@ -292,14 +292,14 @@ EA_CLONES void tile(const Qkv& x, const float* kb, const float* vb_, const int64
         int64_t e0 = 0;
         for (; Dv - e0 >= C; e0 += 4 * C) {
             switch (std::min<int64_t>(4, (Dv - e0) / C)) {
-                case 4: probs_times_v<4>(s, Kc, w.chunks, K, ids, vb_, Dv, e0, C, inv, rg, n); break;
-                case 3: probs_times_v<3>(s, Kc, w.chunks, K, ids, vb_, Dv, e0, C, inv, rg, n); break;
-                case 2: probs_times_v<2>(s, Kc, w.chunks, K, ids, vb_, Dv, e0, C, inv, rg, n); break;
-                default: probs_times_v<1>(s, Kc, w.chunks, K, ids, vb_, Dv, e0, C, inv, rg, n); break;
+                case 4: probs_times_v<4>(s, Kc, w.chunks, K, ids, values, Dv, e0, C, inv, rg, n); break;
+                case 3: probs_times_v<3>(s, Kc, w.chunks, K, ids, values, Dv, e0, C, inv, rg, n); break;
+                case 2: probs_times_v<2>(s, Kc, w.chunks, K, ids, values, Dv, e0, C, inv, rg, n); break;
+                default: probs_times_v<1>(s, Kc, w.chunks, K, ids, values, Dv, e0, C, inv, rg, n); break;
             }
         }
         e0 = Dv - Dv % C;
-        if (e0 < Dv) probs_times_v<1>(s, Kc, w.chunks, K, ids, vb_, Dv, e0, Dv - e0, inv, rg, n);
+        if (e0 < Dv) probs_times_v<1>(s, Kc, w.chunks, K, ids, values, Dv, e0, Dv - e0, inv, rg, n);
     }
 }
 
@@ -387,6 +387,7 @@ int blocked_attention(const Qkv& x, const Blocked& t, const Parallel& run) {
 
 int dense_attention(const Qkv& x, const Dense& t, const Parallel& run) {
     if (x.Hk <= 0 || x.H % x.Hk || (t.mh != 1 && t.mh != x.H) || (t.bias && t.bh != 1 && t.bh != x.H)) return 1;
+    if ((t.mb != 1 && t.mb != x.B) || (t.bias && t.bb != 1 && t.bb != x.B)) return 1;
     constexpr int64_t tq = 64;
     const int64_t tiles = (x.Nq + tq - 1) / tq, group = x.H / x.Hk;
     parallel(x.B * x.H * tiles, run, [&](int64_t item, Scratch& w) {
@@ -396,8 +397,9 @@ int dense_attention(const Qkv& x, const Dense& t, const Parallel& run) {
         const int64_t first = tile_id * tq, n = std::min(tq, x.Nq - first);
         for (int64_t i = 0; i < n; ++i) {
             const int64_t query = first + i;
-            rows[i] = Row{x.q + (bh * x.Nq + query) * x.D, t.mask + ((t.mh > 1 ? h : 0) * x.Nq + query) * x.Nk,
-                          t.bias ? t.bias + ((t.bh > 1 ? h : 0) * x.Nq + query) * x.Nk : nullptr,
+            const int64_t mrow = (((t.mb > 1 ? b : 0) * t.mh + (t.mh > 1 ? h : 0)) * x.Nq + query) * x.Nk;
+            const int64_t brow = (((t.bb > 1 ? b : 0) * t.bh + (t.bh > 1 ? h : 0)) * x.Nq + query) * x.Nk;
+            rows[i] = Row{x.q + (bh * x.Nq + query) * x.D, t.mask + mrow, t.bias ? t.bias + brow : nullptr,
                           x.out + (bh * x.Nq + query) * x.Dv};
         }
         tile(x, x.k + kvh * x.Nk * x.D, x.v + kvh * x.Nk * x.Dv, nullptr, x.Nk, rows, n, w);

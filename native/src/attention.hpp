@@ -43,11 +43,12 @@ struct Blocked {
 // (a causal table's would cost more to read than the bytes it replaces).
 std::vector<float> additive_table(const Blocked& t);
 
-// A dense table: mask (mh, Nq, Nk) as bytes, bias (bh, Nq, Nk) or null.
+// A dense table: mask (mb, mh, Nq, Nk) as bytes, bias (bb, bh, Nq, Nk) or null; batches 1 or B (a mask computed in
+// the graph, as Mask2Former's, carries the batch), heads 1 or H.
 struct Dense {
     const uint8_t* mask;
     const float* bias;
-    int64_t mh, bh;
+    int64_t mh, bh, mb = 1, bb = 1;
 };
 
 // How the kernel gets its threads: run(body) calls body(worker, workers) once on each of `workers` threads (the

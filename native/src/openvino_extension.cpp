@@ -85,6 +85,13 @@ public:
         if (m_layout == "blocked") {
             const ov::Shape& bank = inputs[6].get_shape();
             const bool bias = inputs.size() > 8;
+            const ov::Shape &q_index = inputs[3].get_shape(), &kv_index = inputs[4].get_shape();
+            OPENVINO_ASSERT(q_index.size() == 2 && kv_index.size() == 2 && kv_index[0] == q_index[0] &&
+                                inputs[5].get_shape().size() == 1 && bank.size() == 4 && bank[2] == q_index[1] &&
+                                bank[3] == kv_index[1] && inputs[7].get_shape() == ov::Shape{q_index[0]} &&
+                                (!bias || (inputs[8].get_shape().size() == 4 && inputs[8].get_shape()[0] == bank[0] &&
+                                           inputs[8].get_shape()[2] == bank[2] && inputs[8].get_shape()[3] == bank[3])),
+                            "edgeattn::MaskedAttention: the block table's shapes do not fit together");
             std::vector<int64_t> copies[4];
             Blocked t{index(inputs[3], copies[0]), index(inputs[4], copies[1]), index(inputs[5], copies[2]),
                       reinterpret_cast<const uint8_t*>(inputs[6].data()), index(inputs[7], copies[3]),
@@ -97,19 +104,28 @@ public:
             rc = blocked_attention(x, t, on_openvino_threads);
         } else {
             const bool bias = inputs.size() > 4;
-            const ov::Shape& mask = inputs[3].get_shape();
+            const auto [mb, mh] = batch_and_heads(inputs[3].get_shape(), qs[2], ks[2]);
+            const auto [bb, bh] = bias ? batch_and_heads(inputs[4].get_shape(), qs[2], ks[2]) : std::pair<int64_t, int64_t>{1, 1};
             Dense t{reinterpret_cast<const uint8_t*>(inputs[3].data()), bias ? inputs[4].data<const float>() : nullptr,
-                    mask.size() == 3 ? dim(mask[0]) : 1,
-                    bias && inputs[4].get_shape().size() == 3 ? dim(inputs[4].get_shape()[0]) : 1};
+                    mh, bh, mb, bb};
             rc = dense_attention(x, t, on_openvino_threads);
         }
         OPENVINO_ASSERT(rc == 0, "edgeattn::MaskedAttention: ",
                         rc == 2 ? "a table index is out of range for these inputs"
-                                : "q's heads are not a multiple of k's, or a table has neither 1 nor q's heads");
+                                : "q's heads are not a multiple of k's, or a table has neither 1 nor q's heads "
+                                  "(or batch)");
         return true;
     }
 
 private:
+    // A dense mask's or bias's (batch, heads): (Nq, Nk), (heads, Nq, Nk) or (batch, heads, Nq, Nk).
+    static std::pair<int64_t, int64_t> batch_and_heads(const ov::Shape& s, size_t nq, size_t nk) {
+        OPENVINO_ASSERT(s.size() >= 2 && s.size() <= 4 && s[s.size() - 2] == nq && s[s.size() - 1] == nk,
+                        "edgeattn::MaskedAttention: a dense table is (Nq, Nk), (heads, Nq, Nk) or (batch, heads, Nq, "
+                        "Nk) with Nq = ", nq, " and Nk = ", nk, ", got ", s);
+        return {s.size() == 4 ? static_cast<int64_t>(s[0]) : 1, s.size() >= 3 ? static_cast<int64_t>(s[s.size() - 3]) : 1};
+    }
+
     // The table's additive form (additive_table), built on the first run and kept while the bank and bias stay
     // where they are: they are the model's constants, so it is built once.
     // The caller holds the returned pointer while it runs, so a concurrent rebuild cannot free it.
