@@ -144,7 +144,8 @@ class Attend(nn.Module):
 
 
 class NaiveAttend(nn.Module):
-    """The naive dense export of the attention alone: an N x N additive mask shipped in the file."""
+    """What users export today: an N x N float additive mask (0 / -inf) as a buffer, shipped in the file (around
+    the block's projections: ``Block(attn, NaiveAttend(dense))``)."""
 
     def __init__(self, dense):
         super().__init__()
@@ -152,15 +153,6 @@ class NaiveAttend(nn.Module):
 
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
-
-
-class NaiveDense(Block):
-    """What users export today: an N x N float additive mask (0 / -inf) as a buffer, shipped in the file."""
-
-    def __init__(self, attn, dense):
-        super().__init__(attn, None)
-        self.register_buffer("bias", torch.zeros(dense.shape).masked_fill(~dense, float("-inf")))
-        self.attend = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
 
 
 def _status_kb(key):
@@ -362,7 +354,7 @@ def bench_case(name, args, peak, tmp):
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            naive = NaiveAttend(dense) if args.attention_only else NaiveDense(attn, dense)
+            naive = NaiveAttend(dense) if args.attention_only else Block(attn, NaiveAttend(dense))
             torch.onnx.export(naive.eval(), xs, str(path), dynamo=True, opset_version=18, external_data=False)
         for runtime in args.runtimes:
             load_onnx(rows, timed, "naive export", runtime, path, xs, ref, file_mb=path.stat().st_size / 1e6)
@@ -402,6 +394,7 @@ def bench_case(name, args, peak, tmp):
     if "openvino-cpu" in args.runtimes:
         path = Path(tmp) / f"{name}-kernel.onnx"
         row = dict(row="kernel (blocked table)", runtime="openvino-cpu")
+        before = os.environ.get("EDGEATTN_KERNELS")
         try:
             result = export_case(name, attn, xs, path, args, lowering="blocked", custom_op=True)
             os.environ["EDGEATTN_KERNELS"] = "1"  # an error row, not the function body, when it is missing
@@ -410,6 +403,8 @@ def bench_case(name, args, peak, tmp):
             rows.append(dict(row, error=first_line(e)))
         finally:
             os.environ.pop("EDGEATTN_KERNELS", None)
+            if before is not None:
+                os.environ["EDGEATTN_KERNELS"] = before
     time_in_turns(timed, args.runs)
     del timed  # the sessions
 
