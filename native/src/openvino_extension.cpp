@@ -42,6 +42,11 @@ public:
             NODE_VALIDATION_CHECK(this, get_input_element_type(i) == ov::element::f32,
                                   "edgeattn::MaskedAttention computes in f32, input ", i, " is ",
                                   get_input_element_type(i));
+        // the bank, or the dense mask, read as bytes: boolean in the file, u8 once the CPU plugin has converted it
+        const size_t mask = m_layout == "blocked" ? 6 : 3;
+        const auto mask_type = get_input_element_type(mask);
+        NODE_VALIDATION_CHECK(this, mask_type == ov::element::boolean || mask_type == ov::element::u8,
+                              "edgeattn::MaskedAttention takes a boolean mask, input ", mask, " is ", mask_type);
         // (B, H, rows, Dv): q's rows, or a block table's q_pos count (a bucket of a bucketed table has fewer)
         ov::PartialShape out = get_input_partial_shape(0);
         const ov::PartialShape& v = get_input_partial_shape(2);
@@ -72,7 +77,9 @@ public:
         const ov::Shape& vs = inputs[2].get_shape();
         OPENVINO_ASSERT(qs.size() == 4 && ks.size() == 4 && vs.size() == 4,
                         "edgeattn::MaskedAttention takes (B, H, N, D) q, k and v");
-        const size_t rows = m_layout == "blocked" ? inputs[5].get_shape()[0] : qs[2];
+        const bool blocked = m_layout == "blocked";
+        if (blocked) check_block_table(inputs);
+        const size_t rows = blocked ? inputs[5].get_shape()[0] : qs[2];
         outputs[0].set_shape({qs[0], qs[1], rows, vs[3]});
         const auto dim = [](size_t d) { return static_cast<int64_t>(d); };
         Qkv x{inputs[0].data<const float>(),
@@ -82,22 +89,15 @@ public:
               dim(qs[0]), dim(qs[1]), dim(ks[1]), dim(qs[2]), dim(ks[2]), dim(qs[3]), dim(vs[3]),
               m_scale, m_softcap};
         int rc = 0;
-        if (m_layout == "blocked") {
+        if (blocked) {
+            const ov::Shape &q_index = inputs[3].get_shape(), &kv_index = inputs[4].get_shape();
             const ov::Shape& bank = inputs[6].get_shape();
             const bool bias = inputs.size() > 8;
-            const ov::Shape &q_index = inputs[3].get_shape(), &kv_index = inputs[4].get_shape();
-            OPENVINO_ASSERT(q_index.size() == 2 && kv_index.size() == 2 && kv_index[0] == q_index[0] &&
-                                inputs[5].get_shape().size() == 1 && bank.size() == 4 && bank[2] == q_index[1] &&
-                                bank[3] == kv_index[1] && inputs[7].get_shape() == ov::Shape{q_index[0]} &&
-                                (!bias || (inputs[8].get_shape().size() == 4 && inputs[8].get_shape()[0] == bank[0] &&
-                                           inputs[8].get_shape()[2] == bank[2] && inputs[8].get_shape()[3] == bank[3])),
-                            "edgeattn::MaskedAttention: the block table's shapes do not fit together");
             std::vector<int64_t> copies[4];
             Blocked t{index(inputs[3], copies[0]), index(inputs[4], copies[1]), index(inputs[5], copies[2]),
                       reinterpret_cast<const uint8_t*>(inputs[6].data()), index(inputs[7], copies[3]),
                       bias ? inputs[8].data<const float>() : nullptr,
-                      dim(inputs[3].get_shape()[0]), dim(inputs[3].get_shape()[1]),
-                      dim(inputs[4].get_shape()[1]), dim(bank[0]), dim(bank[1]),
+                      dim(q_index[0]), dim(q_index[1]), dim(kv_index[1]), dim(bank[0]), dim(bank[1]),
                       bias ? dim(inputs[8].get_shape()[1]) : 1, dim(rows)};
             const auto add = additive(t, inputs[6].data(), bias ? inputs[8].data() : nullptr);
             t.add = add->empty() ? nullptr : add->data();
@@ -118,6 +118,21 @@ public:
     }
 
 private:
+    // q_index (T, tq), kv_index (T, K), q_pos (M), bank (P, mh, tq, K), block (T), bias (P, bh, tq, K): checked
+    // before any of them is read.
+    static void check_block_table(const ov::TensorVector& inputs) {
+        const ov::Shape &q_index = inputs[3].get_shape(), &kv_index = inputs[4].get_shape();
+        const ov::Shape& bank = inputs[6].get_shape();
+        const auto fits = [&](const ov::Shape& table) {
+            return table.size() == 4 && table[0] == bank[0] && table[2] == q_index[1] && table[3] == kv_index[1];
+        };
+        OPENVINO_ASSERT(q_index.size() == 2 && kv_index.size() == 2 && kv_index[0] == q_index[0] &&
+                            inputs[5].get_shape().size() == 1 && fits(bank) &&
+                            inputs[7].get_shape() == ov::Shape{q_index[0]} &&
+                            (inputs.size() <= 8 || fits(inputs[8].get_shape())),
+                        "edgeattn::MaskedAttention: the block table's shapes do not fit together");
+    }
+
     // A dense mask's or bias's (batch, heads): (Nq, Nk), (heads, Nq, Nk) or (batch, heads, Nq, Nk).
     static std::pair<int64_t, int64_t> batch_and_heads(const ov::Shape& s, size_t nq, size_t nk) {
         OPENVINO_ASSERT(s.size() >= 2 && s.size() <= 4 && s[s.size() - 2] == nq && s[s.size() - 1] == nk,
